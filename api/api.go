@@ -1,0 +1,69 @@
+// Package api holds the wire types of strata's HTTP API and a client for it.
+// The server (server/), the CLI (cmd/strata) and the builder agent (builder/)
+// all speak it; the paths and JSON field names are a stable interface.
+//
+//	GET    /v1/generations                  -> GenerationList
+//	GET    /v1/generations/N                -> Generation
+//	GET    /v1/generations/N/registration   -> text/plain, nix-store --dump-db format
+//	GET    /v1/generations/N/delta?from=M   -> Delta
+//	POST   /v1/publish                      -> PublishResult        (mutating)
+//	POST   /v1/generations/N/pin?name=X     -> Generation           (mutating)
+//	DELETE /v1/generations/N/pin            -> Generation           (mutating)
+//	GET    /v1/status                       -> any role's status JSON
+//	GET    /healthz                         -> "ok"
+//	GET    /metrics                         -> Prometheus text
+//
+// Errors are JSON Error bodies with a non-2xx status. Mutating calls need
+// "Authorization: Bearer TOKEN" unless they arrive on the unix socket.
+package api
+
+import "time"
+
+// Generation is the manifest of one live generation.
+type Generation struct {
+	ID       uint64    `json:"id"`
+	Snapshot string    `json:"snapshot"`
+	Created  time.Time `json:"created"`
+	// Parent is the generation published before this one, 0 for the first.
+	Parent uint64 `json:"parent"`
+	// Paths is the number of valid store paths registered.
+	Paths int `json:"paths"`
+	// NarBytes is the sum of the registered paths' NAR sizes.
+	NarBytes uint64 `json:"nar_bytes"`
+	// RegistrationSHA256 is the hex SHA-256 of the registration text.
+	RegistrationSHA256 string `json:"registration_sha256"`
+	Pinned             bool   `json:"pinned"`
+	PinName            string `json:"pin_name,omitempty"`
+	// MountPath is the NFS MOUNT path of the generation ("/gen/N").
+	MountPath string `json:"mount_path"`
+}
+
+// GenerationList is the answer of GET /v1/generations, oldest first.
+type GenerationList struct {
+	Generations []Generation `json:"generations"`
+	// NFS is the address builders mount from (host:port).
+	NFS string `json:"nfs,omitempty"`
+}
+
+// Delta is the answer of GET /v1/generations/N/delta?from=M.
+type Delta struct {
+	From uint64 `json:"from"`
+	To   uint64 `json:"to"`
+	// Added is the registration (dump-db format) of the paths valid in To
+	// and not in From.
+	Added string `json:"added"`
+	// Removed lists the paths valid in From and not in To.
+	Removed []string `json:"removed"`
+}
+
+// PublishResult is the answer of POST /v1/publish.
+type PublishResult struct {
+	Published  bool        `json:"published"`
+	Reason     string      `json:"reason,omitempty"`
+	Generation *Generation `json:"generation,omitempty"`
+}
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	Error string `json:"error"`
+}

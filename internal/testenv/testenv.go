@@ -1,0 +1,82 @@
+// Package testenv gates tests on what the machine offers (root, commands,
+// loop devices, btrfs) and builds real loop-backed filesystems for them.
+//
+// A missing requirement skips the test on a developer's machine, but fails it
+// when CI=true: tests of the real data path must run in CI, never vanish.
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// InCI reports whether the tests run under CI (CI=true).
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Require skips t (fails it under CI) when ok is false, naming why.
+func Require(t testing.TB, ok bool, why string) {
+	t.Helper()
+	if ok {
+		return
+	}
+	if InCI() {
+		t.Fatalf("required under CI=true: %s", why)
+	}
+	t.Skipf("skipping: %s", why)
+}
+
+// RequireRoot needs uid 0.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	Require(t, os.Geteuid() == 0, "needs root")
+}
+
+// RequireCommands needs every named command on PATH.
+func RequireCommands(t testing.TB, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		_, err := exec.LookPath(n)
+		Require(t, err == nil, fmt.Sprintf("needs command %q on PATH", n))
+	}
+}
+
+// Run runs a command and fails t with its output if it fails. It returns
+// the combined output.
+func Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// LoopBtrfs creates a sparse image of size (e.g. "1G") in a temp dir, formats
+// it as btrfs on a loop device, mounts it and returns the mountpoint. Cleanup
+// unmounts it and frees the loop device.
+func LoopBtrfs(t testing.TB, size string) string {
+	t.Helper()
+	RequireRoot(t)
+	RequireCommands(t, "losetup", "mkfs.btrfs", "btrfs")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "btrfs.img")
+	mnt := filepath.Join(dir, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	Run(t, "truncate", "-s", size, img)
+	Run(t, "mkfs.btrfs", "-q", "-f", img)
+	loop := strings.TrimSpace(Run(t, "losetup", "--find", "--show", img))
+	t.Cleanup(func() { _ = exec.Command("losetup", "-d", loop).Run() })
+	Run(t, "mount", "-t", "btrfs", loop, mnt)
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", "-l", mnt).CombinedOutput(); err != nil {
+			t.Logf("umount %s: %v %s", mnt, err, out)
+		}
+	})
+	return mnt
+}
