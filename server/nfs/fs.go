@@ -1,0 +1,460 @@
+package nfs
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	billy "github.com/go-git/go-billy/v5"
+	"golang.org/x/sys/unix"
+)
+
+// btrfs kernel handle types (include/linux/exportfs.h): every one starts with
+// u64 objectid, u64 root_objectid (the subvolume), u32 generation, little endian.
+const (
+	fileidBtrfsWithoutParent    = 0x4d
+	fileidBtrfsWithParent       = 0x4e
+	fileidBtrfsWithParentRoot   = 0x4f
+	btrfsRootObjectidOffset     = 8
+	btrfsMinHandle              = 20
+	openByHandleFlags           = unix.O_CLOEXEC | unix.O_NOFOLLOW
+	errNeedsCapDacReadSearchFmt = "open_by_handle_at needs CAP_DAC_READ_SEARCH: %w"
+)
+
+// gen is one exported generation: an O_RDONLY directory fd on its store
+// directory (the mount fd for open_by_handle_at; it must not be O_PATH), and
+// the identity every resolved object must share.
+type gen struct {
+	id   uint64
+	dir  string
+	e    *Export
+	mu   sync.RWMutex // held for reading while the fd is in use; Remove takes it for writing
+	root *os.File     // nil once removed
+	dev  uint64       // st_dev of the store directory: every object must be on it
+	ino  uint64       // st_ino of the store directory
+	// subvol is the btrfs subvolume (root objectid) of the store directory,
+	// or 0 when it is not on btrfs. On btrfs any fd of the filesystem opens
+	// any subvolume's handle, so a handle must name this subvolume.
+	subvol     uint64
+	rootHandle []byte // sealed handle of the store directory
+}
+
+func isBtrfsHandle(t int32) bool {
+	return t == fileidBtrfsWithoutParent || t == fileidBtrfsWithParent || t == fileidBtrfsWithParentRoot
+}
+
+func btrfsSubvol(t int32, kh []byte) (uint64, bool) {
+	if !isBtrfsHandle(t) || len(kh) < btrfsMinHandle {
+		return 0, false
+	}
+	return binary.LittleEndian.Uint64(kh[btrfsRootObjectidOffset:]), true
+}
+
+// owns reports whether kernel handle kh may belong to this generation
+// (checked before opening; the st_dev check after opening is the other half).
+func (g *gen) owns(s sealed) bool {
+	if s.gen != g.id {
+		return false
+	}
+	if g.subvol != 0 {
+		sv, ok := btrfsSubvol(s.ktype, s.kh)
+		return ok && sv == g.subvol
+	}
+	return true
+}
+
+// acquire returns the root fd, or an error once the generation is removed.
+// The caller must call g.mu.RUnlock when done with the fd.
+func (g *gen) acquire() (int, error) {
+	g.mu.RLock()
+	if g.root == nil {
+		g.mu.RUnlock()
+		return -1, fmt.Errorf("generation %d: %w", g.id, syscall.ESTALE)
+	}
+	return int(g.root.Fd()), nil
+}
+
+// openHandle opens the object sealed in h with flags (plus O_CLOEXEC,
+// O_NOFOLLOW) and checks it is this generation's. Symlinks open only with
+// O_PATH; directories and files with any read flags.
+func (g *gen) openHandle(h []byte, flags int) (int, error) {
+	s, err := unseal(g.e.key, h)
+	if err != nil || !g.owns(s) {
+		return -1, syscall.ESTALE
+	}
+	rootfd, err := g.acquire()
+	if err != nil {
+		return -1, err
+	}
+	defer g.mu.RUnlock()
+	fd, err := unix.OpenByHandleAt(rootfd, unix.NewFileHandle(s.ktype, s.kh), flags|openByHandleFlags)
+	if err != nil {
+		if errors.Is(err, unix.EPERM) {
+			return -1, fmt.Errorf(errNeedsCapDacReadSearchFmt, err)
+		}
+		return -1, err
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	if st.Dev != g.dev {
+		unix.Close(fd)
+		return -1, syscall.ESTALE
+	}
+	return fd, nil
+}
+
+// openRef opens what r names: the object itself (flags), its parent directory
+// or, for an entry name, its directory (O_RDONLY|O_DIRECTORY; the caller uses
+// *at calls with r.name).
+func (g *gen) openRef(r ref, flags int) (int, error) {
+	switch {
+	case r.root:
+		return g.openHandle(g.rootHandle, flags)
+	case r.name != "":
+		return g.openHandle(r.handle, unix.O_RDONLY|unix.O_DIRECTORY)
+	case r.parent:
+		fd, err := g.openHandle(r.handle, unix.O_RDONLY|unix.O_DIRECTORY)
+		if err != nil {
+			return -1, err
+		}
+		defer unix.Close(fd)
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return -1, err
+		}
+		if st.Ino == g.ino { // the generation root is its own parent
+			return unix.Openat(fd, ".", flags|unix.O_CLOEXEC, 0)
+		}
+		pfd, err := unix.Openat(fd, "..", flags|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+		if err != nil {
+			return -1, err
+		}
+		if err := unix.Fstat(pfd, &st); err != nil || st.Dev != g.dev {
+			unix.Close(pfd)
+			return -1, syscall.ESTALE
+		}
+		return pfd, nil
+	default:
+		return g.openHandle(r.handle, flags)
+	}
+}
+
+// handleOf returns the sealed handle for path p (ToHandle).
+func (g *gen) handleOf(p string) ([]byte, error) {
+	r, err := parseRef(p)
+	if err != nil {
+		return nil, err
+	}
+	if r.root {
+		return g.rootHandle, nil
+	}
+	if !r.parent && r.name == "" {
+		return r.handle, nil // already sealed and checked by FromHandle
+	}
+	fd, err := g.openRef(r, unix.O_PATH)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	flags := unix.AT_EMPTY_PATH
+	name := ""
+	if r.name != "" {
+		flags, name = 0, r.name // 0: never follows a final symlink
+	}
+	fh, _, err := unix.NameToHandleAt(fd, name, flags)
+	if err != nil {
+		return nil, err
+	}
+	if g.subvol != 0 {
+		if sv, ok := btrfsSubvol(fh.Type(), fh.Bytes()); !ok || sv != g.subvol {
+			// a nested subvolume or mount: not part of this generation
+			return nil, syscall.EXDEV
+		}
+	}
+	return seal(g.e.key, g.id, fh.Type(), fh.Bytes())
+}
+
+// genFS is the billy.Filesystem go-nfs sees for one generation: read-only and
+// fd-relative. Every name it gets is a token path (see name.go); it never
+// follows a symlink (open_by_handle_at never does; openat uses O_NOFOLLOW,
+// fstatat AT_SYMLINK_NOFOLLOW; readlinkat reads the link itself).
+type genFS struct {
+	g *gen
+	// mountHandle is the handle MOUNT returned for this view (the generation
+	// root, or a directory below it for MOUNT /gen/N/sub/dir).
+	mountHandle []byte
+}
+
+var _ billy.Filesystem = (*genFS)(nil)
+var _ billy.Capable = (*genFS)(nil)
+
+func pathErr(op, p string, err error) error {
+	if _, ok := err.(*os.PathError); ok {
+		return err
+	}
+	if errors.Is(err, errBadName) {
+		err = syscall.ENOENT
+	}
+	return &os.PathError{Op: op, Path: p, Err: err}
+}
+
+// Capabilities has no WriteCapability: go-nfs answers every mutating procedure
+// with NFS3ERR_ROFS (COMMIT with NFS3ERR_SERVERFAULT, a go-nfs choice).
+func (f *genFS) Capabilities() billy.Capability {
+	return billy.ReadCapability | billy.SeekCapability
+}
+
+// Join joins elements with "/" and nothing else: no cleaning, so ".." and
+// empty names reach parseRef and are judged there.
+func (f *genFS) Join(elem ...string) string { return strings.Join(elem, "/") }
+
+// Lstat stats the object without following a symlink.
+func (f *genFS) Lstat(p string) (os.FileInfo, error) {
+	r, err := parseRef(p)
+	if err != nil {
+		return nil, pathErr("lstat", p, err)
+	}
+	fd, err := f.g.openRef(r, unix.O_PATH)
+	if err != nil {
+		return nil, pathErr("lstat", p, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	name := r.name
+	if name == "" {
+		err = unix.Fstat(fd, &st)
+	} else {
+		err = unix.Fstatat(fd, name, &st, unix.AT_SYMLINK_NOFOLLOW)
+	}
+	if err != nil {
+		return nil, pathErr("lstat", p, err)
+	}
+	if st.Dev != f.g.dev {
+		return nil, pathErr("lstat", p, syscall.ENOENT) // a mount point inside: not exported
+	}
+	return newInfo(name, &st), nil
+}
+
+// Stat is Lstat: the export never follows symlinks server-side.
+func (f *genFS) Stat(p string) (os.FileInfo, error) { return f.Lstat(p) }
+
+// Readlink returns a symlink's target verbatim.
+func (f *genFS) Readlink(p string) (string, error) {
+	r, err := parseRef(p)
+	if err != nil {
+		return "", pathErr("readlink", p, err)
+	}
+	fd, err := f.g.openRef(r, unix.O_PATH)
+	if err != nil {
+		return "", pathErr("readlink", p, err)
+	}
+	defer unix.Close(fd)
+	buf := make([]byte, unix.PathMax)
+	n, err := unix.Readlinkat(fd, r.name, buf) // "" reads the O_PATH fd's own link
+	if err != nil {
+		return "", pathErr("readlink", p, err)
+	}
+	return string(buf[:n]), nil
+}
+
+// Open opens a regular file for reading. Directories, symlinks and special
+// files are refused, so READ never returns data from anything else.
+func (f *genFS) Open(p string) (billy.File, error) {
+	r, err := parseRef(p)
+	if err != nil {
+		return nil, pathErr("open", p, err)
+	}
+	var fd int
+	if r.name == "" {
+		fd, err = f.g.openRef(r, unix.O_RDONLY|unix.O_NONBLOCK)
+	} else {
+		var dfd int
+		dfd, err = f.g.openRef(r, 0)
+		if err == nil {
+			fd, err = unix.Openat(dfd, r.name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+			unix.Close(dfd)
+		}
+	}
+	if err != nil {
+		return nil, pathErr("open", p, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return nil, pathErr("open", p, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != f.g.dev {
+		unix.Close(fd)
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			return nil, pathErr("open", p, syscall.EISDIR)
+		}
+		return nil, pathErr("open", p, syscall.EACCES)
+	}
+	return &roFile{f: os.NewFile(uintptr(fd), p), m: f.g.e.metrics}, nil
+}
+
+// OpenFile opens for reading only; any write flag is EROFS.
+func (f *genFS) OpenFile(p string, flag int, _ os.FileMode) (billy.File, error) {
+	if flag&(os.O_WRONLY|os.O_RDWR|os.O_CREATE|os.O_TRUNC|os.O_APPEND) != 0 {
+		return nil, pathErr("open", p, syscall.EROFS)
+	}
+	return f.Open(p)
+}
+
+// ReadDir lists a directory with lstat information, sorted by name. Names
+// come from getdents, attributes from fstatat(AT_SYMLINK_NOFOLLOW) relative
+// to the directory fd.
+func (f *genFS) ReadDir(p string) ([]os.FileInfo, error) {
+	r, err := parseRef(p)
+	if err != nil {
+		return nil, pathErr("readdir", p, err)
+	}
+	var fd int
+	if r.name == "" {
+		fd, err = f.g.openRef(r, unix.O_RDONLY|unix.O_DIRECTORY)
+	} else {
+		var dfd int
+		dfd, err = f.g.openRef(r, 0)
+		if err == nil {
+			fd, err = unix.Openat(dfd, r.name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+			unix.Close(dfd)
+		}
+	}
+	if err != nil {
+		return nil, pathErr("readdir", p, err)
+	}
+	dir := os.NewFile(uintptr(fd), p)
+	defer dir.Close()
+	names, err := dir.Readdirnames(-1)
+	if err != nil {
+		return nil, pathErr("readdir", p, err)
+	}
+	sort.Strings(names)
+	out := make([]os.FileInfo, 0, len(names))
+	var st unix.Stat_t
+	for _, n := range names {
+		if err := unix.Fstatat(fd, n, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			return nil, pathErr("readdir", p+"/"+n, err)
+		}
+		out = append(out, newInfo(n, &st))
+	}
+	return out, nil
+}
+
+// Every mutating call is EROFS. go-nfs does not call them on a filesystem
+// without WriteCapability; they exist to satisfy billy.Filesystem.
+func (f *genFS) Create(p string) (billy.File, error) { return nil, pathErr("create", p, syscall.EROFS) }
+func (f *genFS) Rename(a, _ string) error            { return pathErr("rename", a, syscall.EROFS) }
+func (f *genFS) Remove(p string) error               { return pathErr("remove", p, syscall.EROFS) }
+func (f *genFS) MkdirAll(p string, _ os.FileMode) error {
+	return pathErr("mkdir", p, syscall.EROFS)
+}
+func (f *genFS) Symlink(_, l string) error { return pathErr("symlink", l, syscall.EROFS) }
+func (f *genFS) TempFile(d, _ string) (billy.File, error) {
+	return nil, pathErr("tempfile", d, syscall.EROFS)
+}
+func (f *genFS) Chroot(p string) (billy.Filesystem, error) {
+	return nil, pathErr("chroot", p, billy.ErrNotSupported)
+}
+func (f *genFS) Root() string { return "/" }
+
+// roFile is an open regular file, read-only.
+type roFile struct {
+	f *os.File
+	m *metrics
+}
+
+func (r *roFile) Name() string { return r.f.Name() }
+func (r *roFile) Read(b []byte) (int, error) {
+	n, err := r.f.Read(b)
+	r.m.readBytes.Add(float64(n))
+	return n, err
+}
+func (r *roFile) ReadAt(b []byte, off int64) (int, error) {
+	n, err := r.f.ReadAt(b, off)
+	r.m.readBytes.Add(float64(n))
+	return n, err
+}
+func (r *roFile) Seek(off int64, whence int) (int64, error) { return r.f.Seek(off, whence) }
+func (r *roFile) Close() error                              { return r.f.Close() }
+func (r *roFile) Write([]byte) (int, error)                 { return 0, syscall.EROFS }
+func (r *roFile) Truncate(int64) error                      { return syscall.EROFS }
+func (r *roFile) Lock() error                               { return nil }
+func (r *roFile) Unlock() error                             { return nil }
+
+var _ io.ReaderAt = (*roFile)(nil)
+
+// info is a compact lstat result. go-nfs reads nlink, uid, gid, rdev and the
+// inode (its fileid) from Sys(), which must be a *syscall.Stat_t.
+type info struct {
+	name  string
+	mode  uint32 // st_mode
+	nlink uint32
+	uid   uint32
+	gid   uint32
+	size  int64
+	mtime int64 // seconds
+	mnsec int32
+	ino   uint64
+	rdev  uint64
+}
+
+func newInfo(name string, st *unix.Stat_t) *info {
+	return &info{
+		name: name, mode: st.Mode, nlink: uint32(st.Nlink), uid: st.Uid, gid: st.Gid,
+		size: st.Size, mtime: st.Mtim.Sec, mnsec: int32(st.Mtim.Nsec), ino: st.Ino, rdev: st.Rdev,
+	}
+}
+
+func (i *info) Name() string       { return i.name }
+func (i *info) Size() int64        { return i.size }
+func (i *info) ModTime() time.Time { return time.Unix(i.mtime, int64(i.mnsec)) }
+func (i *info) IsDir() bool        { return i.mode&unix.S_IFMT == unix.S_IFDIR }
+
+// Mode is the Go file mode with one deliberate extension: the setuid, setgid
+// and sticky bits are kept as raw Unix bits 0o7000 (unused by os.FileMode),
+// because go-nfs sends uint32(Mode()) as the NFS mode and would otherwise
+// drop them. Perm() is unaffected.
+func (i *info) Mode() fs.FileMode {
+	m := fs.FileMode(i.mode & 0o7777)
+	switch i.mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		m |= fs.ModeDir
+	case unix.S_IFLNK:
+		m |= fs.ModeSymlink
+	case unix.S_IFCHR:
+		m |= fs.ModeDevice | fs.ModeCharDevice
+	case unix.S_IFBLK:
+		m |= fs.ModeDevice
+	case unix.S_IFIFO:
+		m |= fs.ModeNamedPipe
+	case unix.S_IFSOCK:
+		m |= fs.ModeSocket
+	}
+	return m
+}
+
+func (i *info) Sys() any {
+	return &syscall.Stat_t{
+		Ino: i.ino, Nlink: uint64(i.nlink), Mode: i.mode, Uid: i.uid, Gid: i.gid,
+		Rdev: i.rdev, Size: i.size,
+		Mtim: syscall.Timespec{Sec: i.mtime, Nsec: int64(i.mnsec)},
+	}
+}
+
+// weight is the approximate memory an info holds, for the listing cache.
+func (i *info) weight() int { return 80 + len(i.name) }

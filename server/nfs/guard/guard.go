@@ -1,0 +1,418 @@
+// Package guard is the front guard of strata's NFS listener: a net.Listener
+// wrapper that admits only allowed clients, caps concurrent connections,
+// closes idle and stalled connections, and checks every ONC RPC record before
+// go-nfs reads a byte of it.
+//
+// Why it exists: go-nfs v0.0.4 decodes XDR lengths without bounds (a 48-byte
+// call with a credential length of 0x7ffffff0 makes it allocate gigabytes),
+// has no recover in its per-connection goroutines (a panic there kills the
+// whole server, and a wrapper cannot recover a goroutine it does not own),
+// no deadlines and no connection limit, and leaves a connection open after
+// a decode error. The record check below is therefore the protection: a
+// record reaches go-nfs only once it is complete, single-fragment, within the
+// size cap, a well-formed RPC call, and — for NFSv3 and MOUNTv3 — has every
+// variable-length argument go-nfs will read inside its bounds (see ParseCall).
+//
+// A violating connection is closed and counted by reason; everyone else keeps
+// being served.
+package guard
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Defaults for the zero fields of Options.
+const (
+	// DefaultMaxConns is enough for hundreds of builders using nconnect.
+	DefaultMaxConns = 4096
+	// DefaultIdleTimeout exceeds the Linux client's own 5-minute idle
+	// disconnect, so well-behaved clients close first (as with knfsd's 6).
+	DefaultIdleTimeout = 6 * time.Minute
+	// DefaultRecordTimeout bounds how long one record may take to arrive
+	// once its first byte has (slowloris).
+	DefaultRecordTimeout = 30 * time.Second
+	// DefaultMaxRecord caps one call record. Calls to a read-only export are
+	// small (a handle, a name, at most 800 bytes of auth); the cap leaves
+	// room for a 1 MiB WRITE, which go-nfs answers with NFS3ERR_ROFS.
+	DefaultMaxRecord = 1<<20 + 4<<10
+	// DefaultMaxBuffered bounds the bytes all connections together may hold
+	// in records being received; a connection that would exceed it is
+	// closed as a bad record. Small records (up to smallRecord) are always
+	// admitted.
+	DefaultMaxBuffered = 64 << 20
+
+	smallRecord = 64 << 10
+	logEvery    = time.Minute
+	maxLogAddrs = 4096
+)
+
+// Options configure a guard. Zero values take the defaults above.
+type Options struct {
+	// Allow lists the client networks admitted (config key nfs.allow). An
+	// empty list admits every client; firewall the port then.
+	Allow []netip.Prefix
+	// MaxConns is the most concurrent connections; more are closed at accept.
+	MaxConns int
+	// IdleTimeout closes a connection that starts no record for this long.
+	IdleTimeout time.Duration
+	// RecordTimeout closes a connection whose record does not complete
+	// within this long of its first byte.
+	RecordTimeout time.Duration
+	// MaxRecord is the largest record accepted, in bytes.
+	MaxRecord int
+	// MaxBuffered bounds the bytes of partly received records over all
+	// connections.
+	MaxBuffered int64
+}
+
+// ParseAllow parses CIDR prefixes (or single addresses) as written in the
+// nfs.allow config key. The error names the first bad entry.
+func ParseAllow(entries []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(entries))
+	for _, e := range entries {
+		p, err := netip.ParsePrefix(e)
+		if err != nil {
+			a, aerr := netip.ParseAddr(e)
+			if aerr != nil {
+				return nil, fmt.Errorf("parse nfs.allow entry %q: not a CIDR prefix or address", e)
+			}
+			p = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+		}
+		if p.Addr().Is4In6() {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.MaxConns < 0 || o.IdleTimeout < 0 || o.RecordTimeout < 0 || o.MaxRecord < 0 || o.MaxBuffered < 0 {
+		return o, errors.New("guard options: negative limit")
+	}
+	if o.MaxConns == 0 {
+		o.MaxConns = DefaultMaxConns
+	}
+	if o.IdleTimeout == 0 {
+		o.IdleTimeout = DefaultIdleTimeout
+	}
+	if o.RecordTimeout == 0 {
+		o.RecordTimeout = DefaultRecordTimeout
+	}
+	if o.MaxRecord == 0 {
+		o.MaxRecord = DefaultMaxRecord
+	}
+	if o.MaxRecord < MinCall {
+		return o, fmt.Errorf("guard options: max record %d is below the smallest call (%d bytes)", o.MaxRecord, MinCall)
+	}
+	if o.MaxBuffered == 0 {
+		o.MaxBuffered = DefaultMaxBuffered
+	}
+	return o, nil
+}
+
+// Reason is why the guard closed a connection; it labels the rejected metric.
+type Reason int
+
+const (
+	ReasonAllowlist Reason = iota // client address not in Options.Allow
+	ReasonCap                     // Options.MaxConns reached
+	ReasonIdle                    // idle or record timeout
+	ReasonRecord                  // a record failed the check
+)
+
+func (r Reason) String() string {
+	switch r {
+	case ReasonAllowlist:
+		return "allowlist"
+	case ReasonCap:
+		return "cap"
+	case ReasonIdle:
+		return "idle"
+	case ReasonRecord:
+		return "record"
+	}
+	return fmt.Sprintf("reason(%d)", int(r))
+}
+
+// Listener is the guarded listener. Accept returns only admitted
+// connections, whose Read hands out checked records only.
+type Listener struct {
+	inner net.Listener
+	opts  Options
+	log   *slog.Logger
+	m     *metrics
+
+	allow    atomic.Pointer[[]netip.Prefix]
+	active   atomic.Int64
+	buffered atomic.Int64
+
+	logMu   sync.Mutex
+	logSeen map[string]*logState
+}
+
+type logState struct {
+	last       time.Time
+	suppressed int
+}
+
+// Listen wraps inner. log may be nil (logs are dropped); reg may be nil
+// (metrics are kept but not registered). Registering the metrics twice in
+// one registry reuses the first set.
+func Listen(inner net.Listener, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Listener, error) {
+	o, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	l := &Listener{inner: inner, opts: o, log: log, m: m, logSeen: map[string]*logState{}}
+	l.SetAllow(o.Allow)
+	if len(o.Allow) == 0 {
+		log.Warn("nfs guard admits every client: nfs.allow is empty", "addr", inner.Addr().String())
+	}
+	return l, nil
+}
+
+// SetAllow replaces the allowlist for connections accepted from now on
+// (e.g. after a config reload); open connections are not re-checked.
+func (l *Listener) SetAllow(allow []netip.Prefix) {
+	a := append([]netip.Prefix(nil), allow...)
+	l.allow.Store(&a)
+}
+
+// Active returns the number of open guarded connections.
+func (l *Listener) Active() int { return int(l.active.Load()) }
+
+// Addr returns the inner listener's address.
+func (l *Listener) Addr() net.Addr { return l.inner.Addr() }
+
+// Close closes the inner listener; open connections stay open.
+func (l *Listener) Close() error { return l.inner.Close() }
+
+// Accept waits for the next admitted connection. Refused connections are
+// closed here, counted and logged (once per address per minute); they never
+// reach the caller. Errors are the inner listener's.
+func (l *Listener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.inner.Accept()
+		if err != nil {
+			return nil, err
+		}
+		addr := remoteAddr(c)
+		if !l.allowed(addr) {
+			c.Close()
+			l.m.rejected.WithLabelValues(ReasonAllowlist.String()).Inc()
+			l.logRefusal(addr, ReasonAllowlist, "client not in nfs.allow")
+			continue
+		}
+		if n := l.active.Add(1); n > int64(l.opts.MaxConns) {
+			l.active.Add(-1)
+			c.Close()
+			l.m.rejected.WithLabelValues(ReasonCap.String()).Inc()
+			l.logRefusal(addr, ReasonCap, fmt.Sprintf("connection cap of %d reached", l.opts.MaxConns))
+			continue
+		}
+		l.m.accepted.Inc()
+		l.m.current.Inc()
+		return &conn{Conn: c, l: l, addr: addr}, nil
+	}
+}
+
+func remoteAddr(c net.Conn) netip.Addr {
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+func (l *Listener) allowed(a netip.Addr) bool {
+	allow := *l.allow.Load()
+	if len(allow) == 0 {
+		return true
+	}
+	for _, p := range allow {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// logRefusal logs a refusal at most once per address per logEvery, with
+// the number of refusals suppressed since the last line.
+func (l *Listener) logRefusal(a netip.Addr, r Reason, msg string) {
+	key := a.String()
+	now := time.Now()
+	l.logMu.Lock()
+	s := l.logSeen[key]
+	if s != nil && now.Sub(s.last) < logEvery {
+		s.suppressed++
+		l.logMu.Unlock()
+		return
+	}
+	if s == nil {
+		if len(l.logSeen) >= maxLogAddrs {
+			for k, v := range l.logSeen {
+				if now.Sub(v.last) >= logEvery {
+					delete(l.logSeen, k)
+				}
+			}
+			if len(l.logSeen) >= maxLogAddrs {
+				l.logMu.Unlock()
+				return // flooded from too many addresses: the metric still counts
+			}
+		}
+		s = &logState{}
+		l.logSeen[key] = s
+	}
+	suppressed := s.suppressed
+	s.last, s.suppressed = now, 0
+	l.logMu.Unlock()
+	l.log.Warn("nfs guard closed connection", "client", key, "reason", r.String(), "detail", msg, "suppressed", suppressed)
+}
+
+// errClosedByGuard is what Read returns after the guard closed a connection.
+var errClosedByGuard = errors.New("connection closed by nfs guard")
+
+// conn hands its reader one checked record at a time.
+type conn struct {
+	net.Conn
+	l    *Listener
+	addr netip.Addr
+
+	out  []byte // checked record (marker included) not yet read
+	buf  []byte // receive buffer, reused for small records
+	once sync.Once
+	dead error
+}
+
+// Read returns bytes of the current checked record; when it is used up it
+// receives, checks and buffers the next one. On a bad record or a timeout
+// the connection is closed and an error returned.
+func (c *conn) Read(p []byte) (int, error) {
+	if len(c.out) == 0 {
+		if c.dead != nil {
+			return 0, c.dead
+		}
+		if err := c.next(); err != nil {
+			c.dead = err
+			return 0, err
+		}
+	}
+	n := copy(p, c.out)
+	c.out = c.out[n:]
+	return n, nil
+}
+
+func (c *conn) next() error {
+	l := c.l
+	var hdr [4]byte
+	c.Conn.SetReadDeadline(time.Now().Add(l.opts.IdleTimeout))
+	if _, err := io.ReadFull(c.Conn, hdr[:1]); err != nil {
+		return c.readFailed(err, "waiting for a record")
+	}
+	c.Conn.SetReadDeadline(time.Now().Add(l.opts.RecordTimeout))
+	if _, err := io.ReadFull(c.Conn, hdr[1:]); err != nil {
+		return c.readFailed(err, "record marker")
+	}
+	marker := uint32(hdr[0])<<24 | uint32(hdr[1])<<16 | uint32(hdr[2])<<8 | uint32(hdr[3])
+	n, err := CheckMarker(marker, l.opts.MaxRecord)
+	if err != nil {
+		return c.reject(err)
+	}
+	total := 4 + n
+	if total > smallRecord {
+		if l.buffered.Add(int64(total)) > l.opts.MaxBuffered {
+			l.buffered.Add(-int64(total))
+			return c.reject(&RecordError{Problem: ProblemSize, Detail: fmt.Sprintf("record of %d bytes: receive buffers of all connections are full", n)})
+		}
+		defer l.buffered.Add(-int64(total))
+	}
+	// Grow the buffer as bytes arrive, never by the declared length alone.
+	buf := c.buf[:0]
+	buf = append(buf, hdr[:]...)
+	for len(buf) < total {
+		chunk := min(total-len(buf), smallRecord)
+		if cap(buf)-len(buf) < chunk {
+			nb := make([]byte, len(buf), len(buf)+chunk+len(buf)/2)
+			copy(nb, buf)
+			buf = nb
+		}
+		m, err := io.ReadFull(c.Conn, buf[len(buf):len(buf)+chunk])
+		buf = buf[:len(buf)+m]
+		if err != nil {
+			return c.readFailed(err, "record body")
+		}
+	}
+	if _, err := ParseCall(buf[4:]); err != nil {
+		return c.reject(err)
+	}
+	if cap(buf) <= smallRecord+4 {
+		c.buf = buf // keep small buffers; let large ones go
+	} else {
+		c.buf = nil
+	}
+	c.out = buf
+	return nil
+}
+
+// readFailed turns a read error into the error go-nfs sees: io.EOF for a
+// clean close between records (go-nfs then closes the connection itself),
+// otherwise the connection is closed here, since go-nfs leaves it open.
+func (c *conn) readFailed(err error, during string) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		c.l.m.rejected.WithLabelValues(ReasonIdle.String()).Inc()
+		c.l.log.Debug("nfs guard closed connection", "client", c.addr.String(), "reason", ReasonIdle.String(), "during", during)
+		c.Close()
+		return fmt.Errorf("nfs guard %s: timeout %s: %w", c.addr, during, errClosedByGuard)
+	}
+	if during == "waiting for a record" && errors.Is(err, io.EOF) {
+		return io.EOF
+	}
+	c.Close()
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+func (c *conn) reject(err error) error {
+	var re *RecordError
+	problem := "other"
+	if errors.As(err, &re) {
+		problem = re.Problem.String()
+	}
+	c.l.m.rejected.WithLabelValues(ReasonRecord.String()).Inc()
+	c.l.m.badRecords.WithLabelValues(problem).Inc()
+	c.l.logRefusal(c.addr, ReasonRecord, err.Error())
+	c.Close()
+	return fmt.Errorf("nfs guard %s: %w: %w", c.addr, err, errClosedByGuard)
+}
+
+// Close closes the connection once and releases its slot.
+func (c *conn) Close() error {
+	err := net.ErrClosed
+	c.once.Do(func() {
+		err = c.Conn.Close()
+		c.l.active.Add(-1)
+		c.l.m.current.Dec()
+	})
+	return err
+}

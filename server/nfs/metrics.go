@@ -1,0 +1,257 @@
+package nfs
+
+import (
+	"encoding/binary"
+	"net"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the export's Prometheus collectors. Requests and errors are
+// counted from the RPC byte stream (sniffConn), because go-nfs has no per-call
+// hook: each request's procedure is read from its call header, and each
+// reply's RPC and NFS/MOUNT status from its reply header.
+type metrics struct {
+	requests    *prometheus.CounterVec // proc
+	errors      *prometheus.CounterVec // proc, status
+	readBytes   prometheus.Counter
+	conns       prometheus.Gauge
+	generations prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "strata", Subsystem: "nfs", Name: "requests_total",
+			Help: "NFS and MOUNT requests received, by procedure (e.g. NFS3_READ, MOUNT3_MNT).",
+		}, []string{"proc"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "strata", Subsystem: "nfs", Name: "errors_total",
+			Help: "Replies that were not OK, by procedure and status (NFS3ERR_*, MNT3ERR_*, or an RPC-level PROC_UNAVAIL, GARBAGE_ARGS, SYSTEM_ERR, DENIED).",
+		}, []string{"proc", "status"}),
+		readBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "strata", Subsystem: "nfs", Name: "read_bytes_total",
+			Help: "File bytes read from generations for READ replies.",
+		}),
+		conns: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "strata", Subsystem: "nfs", Name: "connections",
+			Help: "Open client connections.",
+		}),
+		generations: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "strata", Subsystem: "nfs", Name: "generations",
+			Help: "Generations currently exported.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.requests, m.errors, m.readBytes, m.conns, m.generations} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+const (
+	progNFS   = 100003
+	progMount = 100005
+)
+
+var nfsProcNames = [...]string{"NULL", "GETATTR", "SETATTR", "LOOKUP", "ACCESS", "READLINK", "READ",
+	"WRITE", "CREATE", "MKDIR", "SYMLINK", "MKNOD", "REMOVE", "RMDIR", "RENAME", "LINK", "READDIR",
+	"READDIRPLUS", "FSSTAT", "FSINFO", "PATHCONF", "COMMIT"}
+
+var mountProcNames = [...]string{"NULL", "MNT", "DUMP", "UMNT", "UMNTALL", "EXPORT"}
+
+// procName is a bounded label for (prog, proc).
+func procName(prog, proc uint32) string {
+	switch {
+	case prog == progNFS && proc < uint32(len(nfsProcNames)):
+		return "NFS3_" + nfsProcNames[proc]
+	case prog == progMount && proc < uint32(len(mountProcNames)):
+		return "MOUNT3_" + mountProcNames[proc]
+	}
+	return "other"
+}
+
+var nfsStatNames = map[uint32]string{
+	1: "NFS3ERR_PERM", 2: "NFS3ERR_NOENT", 5: "NFS3ERR_IO", 6: "NFS3ERR_NXIO", 13: "NFS3ERR_ACCES",
+	17: "NFS3ERR_EXIST", 18: "NFS3ERR_XDEV", 19: "NFS3ERR_NODEV", 20: "NFS3ERR_NOTDIR",
+	21: "NFS3ERR_ISDIR", 22: "NFS3ERR_INVAL", 27: "NFS3ERR_FBIG", 28: "NFS3ERR_NOSPC",
+	30: "NFS3ERR_ROFS", 31: "NFS3ERR_MLINK", 63: "NFS3ERR_NAMETOOLONG", 66: "NFS3ERR_NOTEMPTY",
+	69: "NFS3ERR_DQUOT", 70: "NFS3ERR_STALE", 71: "NFS3ERR_REMOTE", 10001: "NFS3ERR_BADHANDLE",
+	10002: "NFS3ERR_NOT_SYNC", 10003: "NFS3ERR_BAD_COOKIE", 10004: "NFS3ERR_NOTSUPP",
+	10005: "NFS3ERR_TOOSMALL", 10006: "NFS3ERR_SERVERFAULT", 10007: "NFS3ERR_BADTYPE",
+	10008: "NFS3ERR_JUKEBOX",
+}
+
+var mountStatNames = map[uint32]string{
+	1: "MNT3ERR_PERM", 2: "MNT3ERR_NOENT", 5: "MNT3ERR_IO", 13: "MNT3ERR_ACCES", 20: "MNT3ERR_NOTDIR",
+	22: "MNT3ERR_INVAL", 63: "MNT3ERR_NAMETOOLONG", 10004: "MNT3ERR_NOTSUPP", 10006: "MNT3ERR_SERVERFAULT",
+}
+
+var acceptStatNames = [...]string{"SUCCESS", "PROG_UNAVAIL", "PROG_MISMATCH", "PROC_UNAVAIL", "GARBAGE_ARGS", "SYSTEM_ERR"}
+
+func statName(names map[uint32]string, s uint32) string {
+	if n, ok := names[s]; ok {
+		return n
+	}
+	return "other"
+}
+
+// recordSniffer follows RPC record marking (RFC 5531 §11) in one direction
+// of a byte stream and hands the first bytes of each fragment to report. It
+// keeps O(1) state and never alters the stream.
+type recordSniffer struct {
+	hdr      [4]byte
+	hdrN     int
+	left     uint32 // bytes left in the current fragment
+	prefix   [64]byte
+	prefN    int
+	reported bool
+	report   func(prefix []byte)
+}
+
+func (s *recordSniffer) feed(b []byte) {
+	for len(b) > 0 {
+		if s.left == 0 {
+			k := copy(s.hdr[s.hdrN:], b)
+			s.hdrN += k
+			b = b[k:]
+			if s.hdrN < 4 {
+				return
+			}
+			s.hdrN = 0
+			s.left = binary.BigEndian.Uint32(s.hdr[:]) & 0x7fffffff
+			s.prefN, s.reported = 0, false
+			continue
+		}
+		k := uint32(len(b))
+		if k > s.left {
+			k = s.left
+		}
+		if !s.reported {
+			s.prefN += copy(s.prefix[s.prefN:], b[:k])
+			if s.prefN == len(s.prefix) {
+				s.report(s.prefix[:])
+				s.reported = true
+			}
+		}
+		s.left -= k
+		b = b[k:]
+		if s.left == 0 && !s.reported {
+			s.report(s.prefix[:s.prefN])
+			s.reported = true
+		}
+	}
+}
+
+type call struct{ prog, proc uint32 }
+
+// maxPending bounds the xid -> call map per connection (go-nfs answers each
+// connection's calls in order, one at a time, so only a few are ever pending).
+const maxPending = 1024
+
+// sniffConn counts a connection's calls and reply statuses.
+type sniffConn struct {
+	net.Conn
+	m        *metrics
+	in, out  recordSniffer
+	mu       sync.Mutex
+	pending  map[uint32]call
+	closeOne sync.Once
+	onClose  func()
+}
+
+func newSniffConn(c net.Conn, m *metrics, onClose func()) *sniffConn {
+	s := &sniffConn{Conn: c, m: m, pending: make(map[uint32]call), onClose: onClose}
+	s.in.report = s.onCall
+	s.out.report = s.onReply
+	m.conns.Inc()
+	return s
+}
+
+func (s *sniffConn) Read(b []byte) (int, error) {
+	n, err := s.Conn.Read(b)
+	s.in.feed(b[:n])
+	return n, err
+}
+
+func (s *sniffConn) Write(b []byte) (int, error) {
+	n, err := s.Conn.Write(b)
+	s.out.feed(b[:n])
+	return n, err
+}
+
+func (s *sniffConn) Close() error {
+	s.closeOne.Do(func() {
+		s.m.conns.Dec()
+		if s.onClose != nil {
+			s.onClose()
+		}
+	})
+	return s.Conn.Close()
+}
+
+func be(b []byte, i int) uint32 { return binary.BigEndian.Uint32(b[i:]) }
+
+func (s *sniffConn) onCall(p []byte) {
+	// xid, msg_type=0, rpcvers, prog, vers, proc
+	if len(p) < 24 || be(p, 4) != 0 {
+		return
+	}
+	c := call{prog: be(p, 12), proc: be(p, 20)}
+	s.m.requests.WithLabelValues(procName(c.prog, c.proc)).Inc()
+	s.mu.Lock()
+	if len(s.pending) >= maxPending {
+		clear(s.pending)
+	}
+	s.pending[be(p, 0)] = c
+	s.mu.Unlock()
+}
+
+func (s *sniffConn) onReply(p []byte) {
+	// xid, msg_type=1, reply_stat, [verf flavor, verf len, verf body], accept_stat, results
+	if len(p) < 12 || be(p, 4) != 1 {
+		return
+	}
+	s.mu.Lock()
+	c, ok := s.pending[be(p, 0)]
+	delete(s.pending, be(p, 0))
+	s.mu.Unlock()
+	if !ok {
+		return
+	}
+	proc := procName(c.prog, c.proc)
+	if be(p, 8) != 0 {
+		s.m.errors.WithLabelValues(proc, "DENIED").Inc()
+		return
+	}
+	if len(p) < 20 {
+		return
+	}
+	off := 20 + pad4(int(min(be(p, 16), 400)))
+	if len(p) < off+4 {
+		return
+	}
+	if as := be(p, off); as != 0 {
+		name := "SYSTEM_ERR"
+		if as < uint32(len(acceptStatNames)) {
+			name = acceptStatNames[as]
+		}
+		s.m.errors.WithLabelValues(proc, name).Inc()
+		return
+	}
+	if c.proc == 0 || len(p) < off+8 {
+		return // NULL has no status
+	}
+	st := be(p, off+4)
+	if st == 0 {
+		return
+	}
+	switch {
+	case c.prog == progNFS:
+		s.m.errors.WithLabelValues(proc, statName(nfsStatNames, st)).Inc()
+	case c.prog == progMount && c.proc == 1:
+		s.m.errors.WithLabelValues(proc, statName(mountStatNames, st)).Inc()
+	}
+}
