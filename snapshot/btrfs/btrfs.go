@@ -1,0 +1,422 @@
+// Package btrfs is the snapshot.Backend for a central store on a btrfs
+// subvolume. It drives the btrfs-progs CLI (no cgo) for every change and
+// reads subvolume facts with two read-only ioctls.
+//
+// Layout: root is a subvolume root holding store/ and var/nix/db/ in that
+// same subvolume, so one snapshot captures files and database together.
+// Generation N is the read-only snapshot snapshotDir/strata-N, made with
+// `btrfs subvolume snapshot -r`, and that directory is its Path. snapshotDir
+// is a directory on the same btrfs filesystem, outside root.
+//
+// Crash safety: a snapshot is taken under the temporary name
+// snapshotDir/.tmp-strata-N and renamed (RENAME_NOREPLACE) to strata-N only
+// once it exists in full, then the directory is fsynced. List never shows a
+// temporary name; New deletes leftovers from a crash. List shows only read-
+// only subvolume roots named strata-N: a plain directory or writable
+// subvolume of that name made by hand is skipped with a warning.
+package btrfs
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/strata-nix/strata/snapshot"
+)
+
+// tmpPrefix starts the name of a snapshot that is still being made.
+const tmpPrefix = ".tmp-"
+
+// Backend snapshots one central store on btrfs. It is safe for concurrent
+// use; Create and Destroy are serialised.
+type Backend struct {
+	root    string
+	snapDir string
+	log     *slog.Logger
+	mu      sync.Mutex
+}
+
+var _ snapshot.Backend = (*Backend)(nil)
+
+// New returns the backend for the central store at root whose snapshots
+// live in snapshotDir (created if missing). It fails, wrapping
+// snapshot.ErrUnsupported and naming the offending path, when root is not on
+// btrfs, root is not a subvolume root, store/ or var/nix/db (or var, var/nix)
+// is missing, not a directory, a nested subvolume or a mount point, or
+// snapshotDir is not on the same btrfs filesystem or lies inside root.
+// It deletes half-made snapshots (.tmp-strata-N) left by a crash.
+func New(root, snapshotDir string, log *slog.Logger) (*Backend, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	var err error
+	if root, err = realDir(root); err != nil {
+		return nil, fmt.Errorf("btrfs store root: %w", err)
+	}
+	if err := checkRoot(root); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(snapshotDir, 0o755); err != nil {
+		return nil, fmt.Errorf("btrfs snapshot dir: %w", err)
+	}
+	if snapshotDir, err = realDir(snapshotDir); err != nil {
+		return nil, fmt.Errorf("btrfs snapshot dir: %w", err)
+	}
+	if err := checkSnapDir(root, snapshotDir); err != nil {
+		return nil, err
+	}
+	b := &Backend{root: root, snapDir: snapshotDir, log: log.With("backend", "btrfs", "root", root)}
+	if err := b.removeLeftovers(context.Background()); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// realDir returns the absolute, symlink-free form of dir.
+func realDir(dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	return filepath.EvalSymlinks(abs)
+}
+
+func unsupported(path, format string, args ...any) error {
+	return fmt.Errorf("btrfs %s: %s: %w", path, fmt.Sprintf(format, args...), snapshot.ErrUnsupported)
+}
+
+func checkRoot(root string) error {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(root, &sfs); err != nil {
+		return fmt.Errorf("btrfs statfs %s: %w", root, err)
+	}
+	if uint32(sfs.Type) != superMagic {
+		return unsupported(root, "store root is not on btrfs (filesystem magic %#x)", uint32(sfs.Type))
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(root, &st); err != nil {
+		return fmt.Errorf("btrfs stat %s: %w", root, err)
+	}
+	if st.Ino != firstFreeObjectID {
+		return unsupported(root, "store root is not a subvolume root (inode %d, want %d); make it with `btrfs subvolume create`", st.Ino, firstFreeObjectID)
+	}
+	mounts, err := mountPoints()
+	if err != nil {
+		return err
+	}
+	for _, rel := range []string{"store", "var", "var/nix", "var/nix/db"} {
+		p := filepath.Join(root, rel)
+		var cst unix.Stat_t
+		if err := unix.Lstat(p, &cst); err != nil {
+			return unsupported(p, "store root must hold store/ and var/nix/db/: %v", err)
+		}
+		if cst.Mode&unix.S_IFMT != unix.S_IFDIR {
+			return unsupported(p, "not a directory")
+		}
+		if cst.Dev != st.Dev || cst.Ino == firstFreeObjectID {
+			return unsupported(p, "is a nested subvolume or another filesystem, not part of the store root's subvolume %s (a snapshot would not capture it)", root)
+		}
+		if mounts[p] {
+			return unsupported(p, "is a mount point, not part of the store root's subvolume %s (a snapshot would not capture it)", root)
+		}
+	}
+	return nil
+}
+
+func checkSnapDir(root, dir string) error {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(dir, &sfs); err != nil {
+		return fmt.Errorf("btrfs statfs %s: %w", dir, err)
+	}
+	if uint32(sfs.Type) != superMagic {
+		return unsupported(dir, "snapshot dir is not on btrfs (filesystem magic %#x)", uint32(sfs.Type))
+	}
+	rootFS, err := fsID(root)
+	if err != nil {
+		return err
+	}
+	dirFS, err := fsID(dir)
+	if err != nil {
+		return err
+	}
+	if rootFS != dirFS {
+		return unsupported(dir, "snapshot dir is on another btrfs filesystem than store root %s", root)
+	}
+	if rel, err := filepath.Rel(root, dir); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		return unsupported(dir, "snapshot dir is inside store root %s (every snapshot would show the older ones)", root)
+	}
+	return nil
+}
+
+// mountPoints returns the mount points of this mount namespace.
+func mountPoints() (map[string]bool, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("read mountinfo: %w", err)
+	}
+	defer f.Close()
+	m := map[string]bool{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 {
+			m[unescapeMount(fields[4])] = true
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read mountinfo: %w", err)
+	}
+	return m, nil
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for space etc.).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, ok := octal3(s[i+1 : i+4]); ok {
+				b.WriteByte(v)
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func octal3(s string) (byte, bool) {
+	if len(s) != 3 {
+		return 0, false
+	}
+	var v int
+	for _, c := range s {
+		if c < '0' || c > '7' {
+			return 0, false
+		}
+		v = v*8 + int(c-'0')
+	}
+	if v > 255 {
+		return 0, false
+	}
+	return byte(v), true
+}
+
+// Kind returns "btrfs".
+func (b *Backend) Kind() string { return "btrfs" }
+
+// Root returns the central store root (absolute, symlinks resolved).
+func (b *Backend) Root() string { return b.root }
+
+// SnapshotDir returns the directory holding the snapshots.
+func (b *Backend) SnapshotDir() string { return b.snapDir }
+
+func (b *Backend) path(id uint64) string { return filepath.Join(b.snapDir, snapshot.Name(id)) }
+
+// Create takes the read-only snapshot snapshotDir/strata-N of the store
+// root. It fails with snapshot.ErrExists if anything named strata-N exists.
+func (b *Backend) Create(ctx context.Context, id uint64) (snapshot.Snapshot, error) {
+	if err := snapshot.ValidID(id); err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create: %w", err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	name := snapshot.Name(id)
+	final := b.path(id)
+	if _, err := os.Lstat(final); err == nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, snapshot.ErrExists)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
+	}
+	tmp := filepath.Join(b.snapDir, tmpPrefix+name)
+	if err := b.removeTmp(ctx, tmp); err != nil {
+		return snapshot.Snapshot{}, err
+	}
+	if err := ctx.Err(); err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
+	}
+	if err := b.run(ctx, "subvolume", "snapshot", "-r", b.root, tmp); err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
+	}
+	// From here on the snapshot exists under its temporary name; it must
+	// become strata-N or disappear. Cleanup ignores ctx: a cancelled
+	// caller must not leave a half-made snapshot behind.
+	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, final, unix.RENAME_NOREPLACE); err != nil {
+		if derr := b.run(context.WithoutCancel(ctx), "subvolume", "delete", tmp); derr != nil {
+			b.log.Error("remove half-made snapshot", "path", tmp, "err", derr)
+		}
+		if errors.Is(err, unix.EEXIST) {
+			return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, snapshot.ErrExists)
+		}
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: rename %s: %w", final, tmp, err)
+	}
+	if err := syncDir(b.snapDir); err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
+	}
+	info, err := getSubvolInfo(final)
+	if err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
+	}
+	if !info.ReadOnly {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: snapshot is not read-only", final)
+	}
+	b.log.Info("snapshot created", "id", id, "path", final)
+	return snapshot.Snapshot{ID: id, Name: name, Path: final, Created: info.Created}, nil
+}
+
+// List returns the read-only subvolumes named strata-N in snapshotDir,
+// ordered by N.
+func (b *Backend) List(ctx context.Context) ([]snapshot.Snapshot, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("btrfs list %s: %w", b.snapDir, err)
+	}
+	entries, err := os.ReadDir(b.snapDir)
+	if err != nil {
+		return nil, fmt.Errorf("btrfs list %s: %w", b.snapDir, err)
+	}
+	var out []snapshot.Snapshot
+	for _, e := range entries {
+		id, ok := snapshot.ParseName(e.Name())
+		if !ok {
+			continue
+		}
+		p := filepath.Join(b.snapDir, e.Name())
+		info, err := b.snapshotInfo(p)
+		if err != nil {
+			b.log.Warn("not listing snapshot", "path", p, "err", err)
+			continue
+		}
+		out = append(out, snapshot.Snapshot{ID: id, Name: e.Name(), Path: p, Created: info.Created})
+	}
+	slices.SortFunc(out, func(a, b snapshot.Snapshot) int {
+		switch {
+		case a.ID < b.ID:
+			return -1
+		case a.ID > b.ID:
+			return 1
+		}
+		return 0
+	})
+	return out, nil
+}
+
+// snapshotInfo checks that p is a read-only subvolume root and describes it.
+func (b *Backend) snapshotInfo(p string) (subvolInfo, error) {
+	var st unix.Stat_t
+	if err := unix.Lstat(p, &st); err != nil {
+		return subvolInfo{}, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Ino != firstFreeObjectID {
+		return subvolInfo{}, errors.New("not a btrfs subvolume")
+	}
+	info, err := getSubvolInfo(p)
+	if err != nil {
+		return subvolInfo{}, err
+	}
+	if !info.ReadOnly {
+		return subvolInfo{}, errors.New("subvolume is not read-only")
+	}
+	return info, nil
+}
+
+// Destroy deletes generation id's snapshot with `btrfs subvolume delete`
+// and waits for the deletion to be committed.
+func (b *Backend) Destroy(ctx context.Context, id uint64) error {
+	if err := snapshot.ValidID(id); err != nil {
+		return fmt.Errorf("btrfs destroy: %w", err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	p := b.path(id)
+	if _, err := os.Lstat(p); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("btrfs destroy %s: %w", p, snapshot.ErrNotFound)
+	}
+	if _, err := b.snapshotInfo(p); err != nil {
+		return fmt.Errorf("btrfs destroy %s: refusing: %w", p, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("btrfs destroy %s: %w", p, err)
+	}
+	if err := b.run(ctx, "subvolume", "delete", "--commit-after", p); err != nil {
+		return fmt.Errorf("btrfs destroy %s: %w", p, err)
+	}
+	b.log.Info("snapshot destroyed", "id", id, "path", p)
+	return nil
+}
+
+// removeLeftovers deletes the temporary snapshots of Creates that a crash
+// interrupted.
+func (b *Backend) removeLeftovers(ctx context.Context) error {
+	entries, err := os.ReadDir(b.snapDir)
+	if err != nil {
+		return fmt.Errorf("btrfs read %s: %w", b.snapDir, err)
+	}
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), tmpPrefix)
+		if _, isOurs := snapshot.ParseName(rest); !ok || !isOurs {
+			continue
+		}
+		if err := b.removeTmp(ctx, filepath.Join(b.snapDir, e.Name())); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// removeTmp deletes a half-made snapshot at tmp, if there is one.
+func (b *Backend) removeTmp(ctx context.Context, tmp string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(tmp, &st); errors.Is(err, unix.ENOENT) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("btrfs stat %s: %w", tmp, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Ino != firstFreeObjectID {
+		return fmt.Errorf("btrfs remove half-made snapshot %s: not a subvolume, remove it by hand", tmp)
+	}
+	b.log.Warn("removing half-made snapshot from an interrupted create", "path", tmp)
+	if err := b.run(ctx, "subvolume", "delete", tmp); err != nil {
+		return fmt.Errorf("btrfs remove half-made snapshot %s: %w", tmp, err)
+	}
+	return nil
+}
+
+// run runs btrfs(8) and returns its output in the error when it fails.
+func (b *Backend) run(ctx context.Context, args ...string) error {
+	cmd := exec.CommandContext(ctx, "btrfs", args...)
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("btrfs %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	b.log.Debug("btrfs", "args", args)
+	return nil
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,205 @@
+//go:build integration
+
+package btrfs
+
+import (
+	"errors"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/snapshot"
+	"github.com/strata-nix/strata/snapshot/snapshottest"
+)
+
+func testLog(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// newStore makes a loop-backed btrfs with the subvolume central/ holding
+// store/ and var/nix/db/, and returns its mountpoint.
+func newStore(t *testing.T) (mnt, root, snaps string) {
+	t.Helper()
+	mnt = testenv.LoopBtrfs(t, "256M")
+	root = filepath.Join(mnt, "central")
+	testenv.Run(t, "btrfs", "subvolume", "create", root)
+	for _, d := range []string{"store", "var/nix/db"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return mnt, root, filepath.Join(mnt, "snapshots")
+}
+
+func TestConformance(t *testing.T) {
+	snapshottest.Run(t, func(t *testing.T) snapshottest.Env {
+		_, root, snaps := newStore(t)
+		b, err := New(root, snaps, testLog(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return snapshottest.Env{
+			Backend: b,
+			Root:    root,
+			Reopen: func(t *testing.T) snapshot.Backend {
+				b, err := New(root, snaps, testLog(t))
+				if err != nil {
+					t.Fatalf("New after restart: %v", err)
+				}
+				return b
+			},
+			Foreign: func(t *testing.T, name string) func() bool {
+				p := filepath.Join(snaps, name)
+				testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", root, p)
+				return func() bool { _, err := os.Stat(filepath.Join(p, "store")); return err == nil }
+			},
+		}
+	})
+}
+
+// A crash between taking the snapshot and renaming it leaves
+// .tmp-strata-N: it is never listed, and the next New deletes it.
+func TestHalfMadeSnapshot(t *testing.T) {
+	_, root, snaps := newStore(t)
+	b, err := New(root, snaps, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := filepath.Join(snaps, ".tmp-strata-4")
+	testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", root, tmp)
+	// Not a subvolume / not read-only: a hand-made strata-N is not listed.
+	if err := os.Mkdir(filepath.Join(snaps, "strata-5"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(snaps, "strata-6"))
+	l, err := b.List(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(l) != 0 {
+		t.Errorf("List = %+v, want nothing (half-made, plain dir, writable subvolume)", l)
+	}
+	if _, err := New(root, snaps, testLog(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(tmp); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("half-made snapshot %s still there after New: %v", tmp, err)
+	}
+	// Create of a half-made id also works after a crash without restart.
+	testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", root, filepath.Join(snaps, ".tmp-strata-7"))
+	s, err := b.Create(t.Context(), 7)
+	if err != nil {
+		t.Fatalf("Create(7) over a half-made snapshot: %v", err)
+	}
+	if s.Path != filepath.Join(snaps, "strata-7") {
+		t.Errorf("Path = %s", s.Path)
+	}
+	// Destroy refuses what is not a read-only snapshot.
+	if err := b.Destroy(t.Context(), 5); err == nil || errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("Destroy of a plain directory strata-5: err = %v, want a refusal", err)
+	}
+	if _, err := os.Stat(filepath.Join(snaps, "strata-5")); err != nil {
+		t.Errorf("plain directory strata-5 removed: %v", err)
+	}
+}
+
+func TestNewLayoutErrors(t *testing.T) {
+	testenv.RequireRoot(t)
+	mnt, root, snaps := newStore(t)
+
+	tmpfs := t.TempDir()
+	testenv.Run(t, "mount", "-t", "tmpfs", "tmpfs", tmpfs)
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", tmpfs).Run() })
+	for _, d := range []string{"store", "var/nix/db"} {
+		if err := os.MkdirAll(filepath.Join(tmpfs, "central", d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	plain := filepath.Join(mnt, "plain")
+	for _, d := range []string{"store", "var/nix/db"} {
+		if err := os.MkdirAll(filepath.Join(plain, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	nested := filepath.Join(mnt, "nested")
+	testenv.Run(t, "btrfs", "subvolume", "create", nested)
+	if err := os.MkdirAll(filepath.Join(nested, "store"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(nested, "var/nix"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(nested, "var/nix/db"))
+
+	mounted := filepath.Join(mnt, "mounted")
+	testenv.Run(t, "btrfs", "subvolume", "create", mounted)
+	for _, d := range []string{"store", "var/nix/db"} {
+		if err := os.MkdirAll(filepath.Join(mounted, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.Run(t, "mount", "--bind", filepath.Join(mounted, "var"), filepath.Join(mounted, "store"))
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", filepath.Join(mounted, "store")).Run() })
+
+	nodb := filepath.Join(mnt, "nodb")
+	testenv.Run(t, "btrfs", "subvolume", "create", nodb)
+	if err := os.MkdirAll(filepath.Join(nodb, "store"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, c := range []struct {
+		name, root, snaps, wantPath, wantText string
+	}{
+		{"root on tmpfs", filepath.Join(tmpfs, "central"), snaps, filepath.Join(tmpfs, "central"), "not on btrfs"},
+		{"root not a subvolume", plain, snaps, plain, "not a subvolume root"},
+		{"db in a nested subvolume", nested, snaps, filepath.Join(nested, "var/nix/db"), "nested subvolume"},
+		{"store is a mount point", mounted, snaps, filepath.Join(mounted, "store"), "mount point"},
+		{"no database", nodb, snaps, filepath.Join(nodb, "var"), "must hold store/ and var/nix/db/"},
+		{"snapshot dir on tmpfs", root, filepath.Join(tmpfs, "snaps"), filepath.Join(tmpfs, "snaps"), "not on btrfs"},
+		{"snapshot dir inside root", root, filepath.Join(root, "snaps"), filepath.Join(root, "snaps"), "inside store root"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := New(c.root, c.snaps, testLog(t))
+			if err == nil {
+				t.Fatal("New succeeded, want an error")
+			}
+			if !errors.Is(err, snapshot.ErrUnsupported) {
+				t.Errorf("err = %v, want it to wrap ErrUnsupported", err)
+			}
+			if !strings.Contains(err.Error(), c.wantPath) || !strings.Contains(err.Error(), c.wantText) {
+				t.Errorf("err = %q, want it to name %s and say %q", err, c.wantPath, c.wantText)
+			}
+		})
+	}
+
+	// A snapshot dir on a second btrfs filesystem is refused too.
+	other := testenv.LoopBtrfs(t, "256M")
+	if _, err := New(root, other, testLog(t)); !errors.Is(err, snapshot.ErrUnsupported) || !strings.Contains(err.Error(), other) {
+		t.Errorf("snapshot dir on another btrfs: err = %v, want ErrUnsupported naming %s", err, other)
+	}
+	// The good layout works, through a symlink too.
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(root, link); err != nil {
+		t.Fatal(err)
+	}
+	b, err := New(link, snaps, testLog(t))
+	if err != nil {
+		t.Fatalf("New on a good layout: %v", err)
+	}
+	if b.Root() != root {
+		t.Errorf("Root() = %s, want %s", b.Root(), root)
+	}
+}
