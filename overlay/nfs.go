@@ -1,0 +1,188 @@
+package overlay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"path"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultNFSPort is the strata server's default NFS (and MOUNT) port.
+const DefaultNFSPort = 2049
+
+// NFSOptions are the options of a builder's NFS mount of a generation. This
+// is the one place in strata that writes NFS mount options. String renders
+//
+//	vers=3,proto=tcp,port=P,mountport=P,mountproto=tcp,nolock,noacl,ro,hard[,nconnect=N][,nosharecache],addr=IP,mountaddr=IP[,extra...]
+//
+// and every option is there for a reason:
+//   - vers=3,proto=tcp: the strata server speaks NFSv3 over TCP only.
+//   - port=P,mountport=P,mountproto=tcp: the server answers the MOUNT and
+//     NFS programs on one TCP port and runs no portmapper, so the kernel must
+//     not ask rpcbind for either port.
+//   - nolock: no NLM lock manager on the server; the export is read-only, so
+//     locks are kept local to the client.
+//   - noacl: no NFSACL program on the server; without it the kernel probes
+//     for it on every mount and logs errors.
+//   - ro: the export is read-only (writes would get NFS3ERR_ROFS anyway);
+//     the mount is also made with MS_RDONLY.
+//   - hard: an operation retries forever while the server is away instead
+//     of failing with EIO, so a server restart stalls builds instead of
+//     breaking them (invariant 5; file handles survive the restart).
+//   - nconnect=N: N TCP connections per mount. The server handles each
+//     connection's requests one at a time, so parallel readers need several.
+//     Omitted when NConnect is 0 or 1.
+//   - nosharecache: by default the kernel shares one superblock and cache
+//     between mounts of the same server with the same fsid, and the server
+//     reports fsid 0 for every generation; during a rotation a builder
+//     mounts two generations at once, which must not share a cache. Present
+//     unless ShareCache is true.
+//   - addr=IP,mountaddr=IP: the kernel's text mount data takes numeric
+//     addresses only (name resolution is mount.nfs's job, which is not
+//     used), so MountNFS resolves the server name first.
+type NFSOptions struct {
+	// Port is the server's NFS and MOUNT port; 0 means DefaultNFSPort.
+	Port int
+	// NConnect is the number of TCP connections (1-16); 0 means 1.
+	NConnect int
+	// Addr is the server's numeric IP address. Empty: MountNFS resolves it
+	// from the server name.
+	Addr string
+	// ShareCache lets mounts of the same server share one superblock
+	// (omits nosharecache). Leave false on builders.
+	ShareCache bool
+	// Extra options are appended as given (e.g. "timeo=600"); none may
+	// contain a comma.
+	Extra []string
+}
+
+// Validate checks ranges and syntax (not reachability).
+func (o NFSOptions) Validate() error {
+	if o.Port < 0 || o.Port > 65535 {
+		return fmt.Errorf("nfs options: port %d out of range 1-65535", o.Port)
+	}
+	if o.NConnect < 0 || o.NConnect > 16 {
+		return fmt.Errorf("nfs options: nconnect %d out of range 1-16", o.NConnect)
+	}
+	if o.Addr != "" {
+		if _, err := netip.ParseAddr(o.Addr); err != nil {
+			return fmt.Errorf("nfs options: addr %q is not a numeric IP address", o.Addr)
+		}
+	}
+	for _, e := range o.Extra {
+		if e == "" || strings.ContainsAny(e, ", \t\n") {
+			return fmt.Errorf("nfs options: extra option %q is empty or contains a comma or space", e)
+		}
+	}
+	return nil
+}
+
+// String renders the mount data given to mount(2). Addr must be set for a
+// usable result (MountNFS sets it).
+func (o NFSOptions) String() string {
+	port := o.Port
+	if port == 0 {
+		port = DefaultNFSPort
+	}
+	p := strconv.Itoa(port)
+	opts := []string{"vers=3", "proto=tcp", "port=" + p, "mountport=" + p, "mountproto=tcp",
+		"nolock", "noacl", "ro", "hard"}
+	if o.NConnect > 1 {
+		opts = append(opts, "nconnect="+strconv.Itoa(o.NConnect))
+	}
+	if !o.ShareCache {
+		opts = append(opts, "nosharecache")
+	}
+	if o.Addr != "" {
+		opts = append(opts, "addr="+o.Addr, "mountaddr="+o.Addr)
+	}
+	opts = append(opts, o.Extra...)
+	return strings.Join(opts, ",")
+}
+
+// NFSSource returns the mount source "server:/export" ("[v6addr]:/export"
+// for an IPv6 literal), as mountinfo shows it.
+func NFSSource(server, exportPath string) string {
+	if a, err := netip.ParseAddr(server); err == nil && a.Is6() && !a.Is4In6() {
+		return "[" + server + "]:" + exportPath
+	}
+	return server + ":" + exportPath
+}
+
+// ResolveNFSAddr returns server as a numeric address: itself if it already
+// is one, else the first IPv4 address the resolver gives (an IPv6 one if
+// there is none).
+func ResolveNFSAddr(ctx context.Context, server string) (string, error) {
+	if a, err := netip.ParseAddr(server); err == nil {
+		return a.String(), nil
+	}
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", server)
+	if err != nil {
+		return "", fmt.Errorf("resolve nfs server %s: %w", server, err)
+	}
+	for _, a := range addrs {
+		if a.Unmap().Is4() {
+			return a.Unmap().String(), nil
+		}
+	}
+	if len(addrs) == 0 {
+		return "", fmt.Errorf("resolve nfs server %s: no address", server)
+	}
+	return addrs[0].String(), nil
+}
+
+// MountNFS mounts exportPath (e.g. "/gen/7") of the strata NFS server at
+// server (a host name or IP) read-only on target, with the kernel's NFS
+// client: mount(2) with source "server:/gen/7", type "nfs", MS_RDONLY and
+// opts rendered by NFSOptions.String. When opts.Addr is empty the server
+// name is resolved first.
+//
+// ctx bounds the name resolution only. The mount syscall itself cannot be
+// cancelled; the kernel gives up on an unreachable server after its own
+// MOUNT RPC timeout. Unmount with Detach, which never touches the server.
+func MountNFS(ctx context.Context, server, exportPath, target string, opts NFSOptions) error {
+	fail := func(err error) error {
+		return fmt.Errorf("mount nfs %s on %s: %w", NFSSource(server, exportPath), target, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	if server == "" || strings.ContainsAny(server, ",: \t\n/") && !isIP(server) {
+		return fail(fmt.Errorf("bad server name %q", server))
+	}
+	if !path.IsAbs(exportPath) || strings.ContainsAny(exportPath, ", \t\n") {
+		return fail(fmt.Errorf("export path %q must be absolute, without commas or spaces", exportPath))
+	}
+	if err := opts.Validate(); err != nil {
+		return fail(err)
+	}
+	if opts.Addr == "" {
+		a, err := ResolveNFSAddr(ctx, server)
+		if err != nil {
+			return fail(err)
+		}
+		opts.Addr = a
+	}
+	data := opts.String()
+	err := retryEINTR(func() error {
+		return unix.Mount(NFSSource(server, exportPath), target, "nfs", unix.MS_RDONLY, data)
+	})
+	if errors.Is(err, unix.ENODEV) {
+		return fail(fmt.Errorf("%w (no NFS client in this kernel: load the nfs module)", err))
+	}
+	if err != nil {
+		return fail(fmt.Errorf("%w (options %s)", err, data))
+	}
+	return nil
+}
+
+func isIP(s string) bool {
+	_, err := netip.ParseAddr(s)
+	return err == nil
+}
