@@ -1,0 +1,134 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Client calls a strata daemon's HTTP API over TCP or a unix socket.
+type Client struct {
+	base  string
+	token string
+	hc    *http.Client
+}
+
+// NewClient returns a client for addr: "host:port", "http://host:port" or
+// "unix:/path/to/api.sock". token is sent as a bearer token when non-empty.
+func NewClient(addr, token string) *Client {
+	c := &Client{token: token, hc: &http.Client{Timeout: 10 * time.Minute}}
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		c.base = "http://unix"
+		c.hc.Transport = &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}}
+		return c
+	}
+	if !strings.Contains(addr, "://") {
+		addr = "http://" + addr
+	}
+	c.base = strings.TrimRight(addr, "/")
+	return c
+}
+
+// Do sends a request and decodes a JSON answer into out (nil: discard). A
+// non-2xx answer is an error carrying the server's message.
+func (c *Client) Do(ctx context.Context, method, path string, out any) error {
+	body, err := c.raw(ctx, method, path)
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+	if out == nil {
+		_, err = io.Copy(io.Discard, body)
+		return err
+	}
+	if err := json.NewDecoder(body).Decode(out); err != nil {
+		return fmt.Errorf("%s %s: decode answer: %w", method, path, err)
+	}
+	return nil
+}
+
+func (c *Client) raw(ctx context.Context, method, path string) (io.ReadCloser, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		var e Error
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return nil, fmt.Errorf("%s %s: %s (%s)", method, path, e.Error, resp.Status)
+		}
+		return nil, fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(b)))
+	}
+	return resp.Body, nil
+}
+
+// Generations lists the live generations.
+func (c *Client) Generations(ctx context.Context) (GenerationList, error) {
+	var l GenerationList
+	return l, c.Do(ctx, http.MethodGet, "/v1/generations", &l)
+}
+
+// Generation returns generation id's manifest.
+func (c *Client) Generation(ctx context.Context, id uint64) (Generation, error) {
+	var g Generation
+	return g, c.Do(ctx, http.MethodGet, "/v1/generations/"+strconv.FormatUint(id, 10), &g)
+}
+
+// Registration returns generation id's full registration text.
+func (c *Client) Registration(ctx context.Context, id uint64) ([]byte, error) {
+	body, err := c.raw(ctx, http.MethodGet, "/v1/generations/"+strconv.FormatUint(id, 10)+"/registration")
+	if err != nil {
+		return nil, err
+	}
+	defer body.Close()
+	return io.ReadAll(body)
+}
+
+// Delta returns what changed from generation from to generation to.
+func (c *Client) Delta(ctx context.Context, from, to uint64) (Delta, error) {
+	var d Delta
+	return d, c.Do(ctx, http.MethodGet, fmt.Sprintf("/v1/generations/%d/delta?from=%d", to, from), &d)
+}
+
+// Publish asks the server to publish a generation now.
+func (c *Client) Publish(ctx context.Context) (PublishResult, error) {
+	var r PublishResult
+	return r, c.Do(ctx, http.MethodPost, "/v1/publish", &r)
+}
+
+// Pin protects generation id from retention.
+func (c *Client) Pin(ctx context.Context, id uint64, name string) (Generation, error) {
+	var g Generation
+	return g, c.Do(ctx, http.MethodPost, fmt.Sprintf("/v1/generations/%d/pin?name=%s", id, url.QueryEscape(name)), &g)
+}
+
+// Unpin removes generation id's pin.
+func (c *Client) Unpin(ctx context.Context, id uint64) (Generation, error) {
+	var g Generation
+	return g, c.Do(ctx, http.MethodDelete, fmt.Sprintf("/v1/generations/%d/pin", id), &g)
+}
+
+// Status returns the daemon's status document.
+func (c *Client) Status(ctx context.Context) (map[string]any, error) {
+	var m map[string]any
+	return m, c.Do(ctx, http.MethodGet, "/v1/status", &m)
+}

@@ -1,0 +1,238 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/strata-nix/strata/api"
+)
+
+// clientFlags are shared by the commands that call a local daemon.
+type clientFlags struct {
+	api       string
+	tokenFile string
+	jsonOut   bool
+}
+
+const defaultSocket = "/var/lib/strata/server/api.sock"
+
+func (f *clientFlags) add(cmd *cobra.Command, withJSON bool) {
+	cmd.Flags().StringVar(&f.api, "api", "", `daemon API: host:port or unix:/path (default: unix:`+defaultSocket+` if it exists, else 127.0.0.1:7480; env STRATA_API)`)
+	cmd.Flags().StringVar(&f.tokenFile, "token-file", "", "bearer token file for mutating TCP calls (default /etc/strata/api-token if readable; env STRATA_API_TOKEN_FILE)")
+	if withJSON {
+		cmd.Flags().BoolVar(&f.jsonOut, "json", false, "print JSON")
+	}
+}
+
+func (f *clientFlags) client() *api.Client {
+	addr := f.api
+	if addr == "" {
+		addr = os.Getenv("STRATA_API")
+	}
+	if addr == "" {
+		if _, err := os.Stat(defaultSocket); err == nil {
+			addr = "unix:" + defaultSocket
+		} else {
+			addr = "127.0.0.1:7480"
+		}
+	}
+	tf := f.tokenFile
+	if tf == "" {
+		tf = os.Getenv("STRATA_API_TOKEN_FILE")
+	}
+	if tf == "" {
+		tf = "/etc/strata/api-token"
+	}
+	var token string
+	if b, err := os.ReadFile(tf); err == nil {
+		token = strings.TrimSpace(string(b))
+	}
+	return api.NewClient(addr, token)
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func parseGen(s string) (uint64, error) {
+	id, err := strconv.ParseUint(s, 10, 64)
+	if err != nil || id == 0 {
+		return 0, usageError{fmt.Errorf("generation %q: want a positive integer", s)}
+	}
+	return id, nil
+}
+
+func clientCommands() []*cobra.Command {
+	var pf, gf, pinf, unpf, sf, df clientFlags
+
+	publish := &cobra.Command{
+		Use:   "publish",
+		Short: "Publish a generation now if the central store changed",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			res, err := pf.client().Publish(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if pf.jsonOut {
+				return printJSON(cmd.OutOrStdout(), res)
+			}
+			if res.Published {
+				g := res.Generation
+				fmt.Fprintf(cmd.OutOrStdout(), "published generation %d: %d paths, %d NAR bytes (parent %d)\n", g.ID, g.Paths, g.NarBytes, g.Parent)
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "nothing published: %s\n", res.Reason)
+			}
+			return nil
+		},
+	}
+	pf.add(publish, true)
+
+	gens := &cobra.Command{
+		Use:   "generations",
+		Short: "List the live generations",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			l, err := gf.client().Generations(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if gf.jsonOut {
+				return printJSON(cmd.OutOrStdout(), l)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT")
+			for _, g := range l.Generations {
+				pin := "-"
+				if g.Pinned {
+					pin = "pinned"
+					if g.PinName != "" {
+						pin += ":" + g.PinName
+					}
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\t%s\n", g.ID, g.Created.Format("2006-01-02 15:04:05Z"), g.Parent, g.Paths, g.NarBytes, pin, g.MountPath)
+			}
+			return tw.Flush()
+		},
+	}
+	gf.add(gens, true)
+
+	var pinName string
+	pin := &cobra.Command{
+		Use:   "pin N",
+		Short: "Protect generation N from retention",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseGen(args[0])
+			if err != nil {
+				return err
+			}
+			g, err := pinf.client().Pin(cmd.Context(), id, pinName)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "pinned generation %d\n", g.ID)
+			return nil
+		},
+	}
+	pin.Flags().StringVar(&pinName, "name", "", "a name for the pin")
+	pinf.add(pin, false)
+
+	unpin := &cobra.Command{
+		Use:   "unpin N",
+		Short: "Let retention destroy generation N again",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseGen(args[0])
+			if err != nil {
+				return err
+			}
+			g, err := unpf.client().Unpin(cmd.Context(), id)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "unpinned generation %d\n", g.ID)
+			return nil
+		},
+	}
+	unpf.add(unpin, false)
+
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "Show the local daemon's status",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := sf.client().Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if sf.jsonOut {
+				return printJSON(cmd.OutOrStdout(), st)
+			}
+			return printStatus(cmd.OutOrStdout(), st)
+		},
+	}
+	sf.add(status, true)
+
+	var from uint64
+	delta := &cobra.Command{
+		Use:   "delta N --from M",
+		Short: "Show the paths added and removed from generation M to N",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseGen(args[0])
+			if err != nil {
+				return err
+			}
+			d, err := df.client().Delta(cmd.Context(), from, id)
+			if err != nil {
+				return err
+			}
+			if df.jsonOut {
+				return printJSON(cmd.OutOrStdout(), d)
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "delta %d -> %d\n", d.From, d.To)
+			for _, line := range addedPaths(d.Added) {
+				fmt.Fprintf(w, "+ %s\n", line)
+			}
+			for _, p := range d.Removed {
+				fmt.Fprintf(w, "- %s\n", p)
+			}
+			return nil
+		},
+	}
+	delta.Flags().Uint64Var(&from, "from", 0, "the older generation")
+	delta.MarkFlagRequired("from")
+	df.add(delta, true)
+
+	return []*cobra.Command{publish, gens, pin, unpin, status, delta}
+}
+
+func addedPaths(reg string) []string {
+	paths, err := parseRegistrationText(reg)
+	if err != nil {
+		return []string{"(unreadable registration: " + err.Error() + ")"}
+	}
+	return paths
+}
+
+func printStatus(w io.Writer, st map[string]any) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, k := range []string{"role", "latest", "generation", "server", "state", "nfs", "backend", "last_rotation", "last_error"} {
+		if v, ok := st[k]; ok && v != nil && v != "" {
+			fmt.Fprintf(tw, "%s:\t%v\n", k, v)
+		}
+	}
+	return tw.Flush()
+}
+

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/strata-nix/strata/config"
+	"github.com/strata-nix/strata/server"
+)
+
+func newLogger(level string) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(level))
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}
+
+// configFlags adds --config and one flag per key, and returns a loader.
+func configFlags(cmd *cobra.Command, keys []config.Key, defaultFile string) (*config.Loader, *string) {
+	file := cmd.Flags().String("config", defaultFile, "YAML configuration file")
+	l := config.New(keys)
+	l.BindFlags(cmd.Flags())
+	return l, file
+}
+
+// loadConfig reads the file (it must exist when --config was given).
+func loadConfig(cmd *cobra.Command, l *config.Loader, file string) (config.Values, error) {
+	v, err := l.Load(file, cmd.Flags().Changed("config"))
+	if err != nil {
+		return v, usageError{err}
+	}
+	return v, nil
+}
+
+func newServerCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run the server daemon: publish, retain and export generations",
+		Long: `Run the server daemon. It snapshots the central store (store.root, a btrfs
+subvolume or ZFS dataset holding store/ and var/nix/db/) into generations when
+it changed, verifies each one, serves their metadata on the HTTP API and their
+files over NFSv3 at /gen/N. Every key of the YAML file is also an environment
+variable STRATA_SECTION_KEY and a flag --section-key.`,
+		Args: cobra.NoArgs,
+	}
+	loader, file := configFlags(cmd, server.Keys, server.DefaultConfigFile)
+	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration and exit")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		v, err := loadConfig(cmd, loader, *file)
+		if err != nil {
+			return err
+		}
+		cfg, err := server.ConfigFrom(v)
+		if err != nil {
+			return usageError{err}
+		}
+		if *checkOnly {
+			fmt.Fprintln(cmd.OutOrStdout(), "configuration ok")
+			return nil
+		}
+		return server.Daemon(cmd.Context(), cfg, newLogger(cfg.LogLevel))
+	}
+	return cmd
+}

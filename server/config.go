@@ -1,0 +1,159 @@
+package server
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/strata-nix/strata/config"
+)
+
+// DefaultConfigFile is where `strata server` reads its settings.
+const DefaultConfigFile = "/etc/strata/server.yaml"
+
+// Keys is the server's configuration table: every key is a YAML key, a
+// STRATA_* environment variable and a flag (see package config).
+var Keys = []config.Key{
+	{Name: "store.root", Kind: config.String, Default: "/nix", Usage: "central-store root: holds store/ and var/nix/db/, one btrfs subvolume or ZFS dataset"},
+	{Name: "store.dir", Kind: config.String, Default: "/nix/store", Usage: "logical Nix store dir the registered paths are named in"},
+	{Name: "snapshot.backend", Kind: config.String, Default: "btrfs", Usage: "snapshot backend: btrfs or zfs"},
+	{Name: "snapshot.dataset", Kind: config.String, Default: "", Usage: "zfs: dataset that holds the central store (mounted at store.root)"},
+	{Name: "snapshot.snapshot_dir", Kind: config.String, Default: "", Usage: "btrfs: directory on the same filesystem for snapshots (default <store.root>/.strata)"},
+	{Name: "snapshot.mount_dir", Kind: config.String, Default: "", Usage: "zfs: where snapshots are mounted read-only (default <state_dir>/mnt)"},
+	{Name: "state_dir", Kind: config.String, Default: "/var/lib/strata/server", Usage: "server state: manifests, registrations, pins, NFS handle key, API socket"},
+	{Name: "publish.interval", Kind: config.Duration, Default: "5m", Usage: "publish a new generation this often when the store changed (0 disables)"},
+	{Name: "retention.keep", Kind: config.Int, Default: 10, Usage: "keep the newest N generations (plus pinned and in-use ones)"},
+	{Name: "api.listen", Kind: config.String, Default: "127.0.0.1:7480", Usage: "HTTP API address (empty disables TCP)"},
+	{Name: "api.token_file", Kind: config.String, Default: "/etc/strata/api-token", Usage: "file with the bearer token mutating TCP calls need"},
+	{Name: "api.socket", Kind: config.String, Default: "", Usage: "unix socket for the API; calls on it need no token (default <state_dir>/api.sock)"},
+	{Name: "nfs.listen", Kind: config.String, Default: "0.0.0.0:2049", Usage: "NFSv3 + MOUNT TCP address (empty disables the export)"},
+	{Name: "nfs.allow", Kind: config.List, Default: []string{"127.0.0.0/8"}, Usage: "client networks (CIDR) allowed to connect to the export"},
+	{Name: "nfs.max_conns", Kind: config.Int, Default: 1024, Usage: "maximum concurrent NFS connections"},
+	{Name: "nfs.idle_timeout", Kind: config.Duration, Default: "15m", Usage: "close NFS connections idle this long"},
+	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error"},
+}
+
+// Config is the validated server configuration.
+type Config struct {
+	StoreRoot       string
+	StoreDir        string
+	Backend         string
+	Dataset         string
+	SnapshotDir     string
+	MountDir        string
+	StateDir        string
+	PublishInterval time.Duration
+	Keep            int
+	APIListen       string
+	TokenFile       string
+	Socket          string
+	NFSListen       string
+	NFSAllow        []netip.Prefix
+	NFSMaxConns     int
+	NFSIdleTimeout  time.Duration
+	LogLevel        string
+}
+
+// ConfigFrom validates loaded values and fills derived defaults. Each error
+// names the key, the value and what was expected.
+func ConfigFrom(v config.Values) (Config, error) {
+	c := Config{
+		StoreRoot:       v.String("store.root"),
+		StoreDir:        v.String("store.dir"),
+		Backend:         v.String("snapshot.backend"),
+		Dataset:         v.String("snapshot.dataset"),
+		SnapshotDir:     v.String("snapshot.snapshot_dir"),
+		MountDir:        v.String("snapshot.mount_dir"),
+		StateDir:        v.String("state_dir"),
+		PublishInterval: v.Duration("publish.interval"),
+		Keep:            v.Int("retention.keep"),
+		APIListen:       v.String("api.listen"),
+		TokenFile:       v.String("api.token_file"),
+		Socket:          v.String("api.socket"),
+		NFSListen:       v.String("nfs.listen"),
+		NFSMaxConns:     v.Int("nfs.max_conns"),
+		NFSIdleTimeout:  v.Duration("nfs.idle_timeout"),
+		LogLevel:        v.String("log.level"),
+	}
+	bad := func(key string, val any, want string) error {
+		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
+	}
+	for key, p := range map[string]string{"store.root": c.StoreRoot, "store.dir": c.StoreDir, "state_dir": c.StateDir} {
+		if !filepath.IsAbs(p) {
+			return c, bad(key, p, "an absolute path")
+		}
+	}
+	switch c.Backend {
+	case "btrfs":
+		if c.SnapshotDir == "" {
+			c.SnapshotDir = filepath.Join(c.StoreRoot, ".strata")
+		}
+		if !filepath.IsAbs(c.SnapshotDir) {
+			return c, bad("snapshot.snapshot_dir", c.SnapshotDir, "an absolute path")
+		}
+	case "zfs":
+		if c.Dataset == "" {
+			return c, fmt.Errorf("config: missing required key %q: snapshot.backend is zfs", "snapshot.dataset")
+		}
+		if strings.ContainsAny(c.Dataset, "@ ") || strings.HasPrefix(c.Dataset, "/") {
+			return c, bad("snapshot.dataset", c.Dataset, "a ZFS dataset name such as tank/nix")
+		}
+		if c.MountDir == "" {
+			c.MountDir = filepath.Join(c.StateDir, "mnt")
+		}
+	default:
+		return c, bad("snapshot.backend", c.Backend, "btrfs or zfs")
+	}
+	if c.PublishInterval < 0 || (c.PublishInterval > 0 && c.PublishInterval < time.Second) {
+		return c, bad("publish.interval", c.PublishInterval, "0 (disabled) or at least 1s")
+	}
+	if c.Keep < 1 {
+		return c, bad("retention.keep", c.Keep, "at least 1")
+	}
+	if c.APIListen != "" {
+		if _, _, err := net.SplitHostPort(c.APIListen); err != nil {
+			return c, bad("api.listen", c.APIListen, "host:port")
+		}
+	}
+	if c.Socket == "" {
+		c.Socket = filepath.Join(c.StateDir, "api.sock")
+	}
+	if c.NFSListen != "" {
+		if _, _, err := net.SplitHostPort(c.NFSListen); err != nil {
+			return c, bad("nfs.listen", c.NFSListen, "host:port")
+		}
+	}
+	for _, s := range v.List("nfs.allow") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			if a, err2 := netip.ParseAddr(s); err2 == nil {
+				p = netip.PrefixFrom(a, a.BitLen())
+			} else {
+				return c, bad("nfs.allow", s, "a CIDR such as 10.0.0.0/8")
+			}
+		}
+		c.NFSAllow = append(c.NFSAllow, p.Masked())
+	}
+	if c.NFSMaxConns < 1 {
+		return c, bad("nfs.max_conns", c.NFSMaxConns, "at least 1")
+	}
+	if c.NFSIdleTimeout < time.Second {
+		return c, bad("nfs.idle_timeout", c.NFSIdleTimeout, "at least 1s")
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return c, bad("log.level", c.LogLevel, "debug, info, warn or error")
+	}
+	return c, nil
+}
+
+// PhysicalStore is the directory under a central-store root (live or a
+// snapshot of it) that holds the store paths.
+func PhysicalStore(root string) string { return filepath.Join(root, "store") }
+
+// DBDir is the directory under a central-store root that holds db.sqlite.
+func DBDir(root string) string { return filepath.Join(root, "var", "nix", "db") }

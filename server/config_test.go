@@ -1,0 +1,106 @@
+package server
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/spf13/pflag"
+
+	"github.com/strata-nix/strata/config"
+)
+
+func load(t *testing.T, yaml string, env map[string]string, args ...string) (Config, error) {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "server.yaml")
+	if err := os.WriteFile(f, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range env {
+		t.Setenv(k, v)
+	}
+	l := config.New(Keys)
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	l.BindFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	v, err := l.Load(f, true)
+	if err != nil {
+		return Config{}, err
+	}
+	return ConfigFrom(v)
+}
+
+func TestConfigErrorsNameTheKey(t *testing.T) {
+	cases := []struct {
+		name, yaml string
+		env        map[string]string
+		args       []string
+		want       []string // substrings of the error
+	}{
+		{"unknown key", "nfs:\n  alow: [10.0.0.0/8]\n", nil, nil, []string{`unknown key "nfs.alow"`, "nfs.allow"}},
+		{"unknown section", "stor:\n  root: /nix\n", nil, nil, []string{`unknown key "stor.root"`}},
+		{"wrong type int", "retention:\n  keep: ten\n", nil, nil, []string{`"retention.keep"`, `"ten"`, "an integer"}},
+		{"wrong type duration", "publish:\n  interval: often\n", nil, nil, []string{`"publish.interval"`, `"often"`, "duration"}},
+		{"wrong type list", "nfs:\n  allow: {a: b}\n", nil, nil, []string{`"nfs.allow"`, "list"}},
+		{"wrong type in env", "", map[string]string{"STRATA_RETENTION_KEEP": "1.5"}, nil, []string{`"retention.keep"`, "STRATA_RETENTION_KEEP", `"1.5"`}},
+		{"wrong type in flag", "", nil, []string{"--nfs-max-conns=lots"}, []string{`"nfs.max_conns"`, "--nfs-max-conns", `"lots"`}},
+		{"missing required", "snapshot:\n  backend: zfs\n", nil, nil, []string{`missing required key "snapshot.dataset"`}},
+		{"impossible keep", "retention:\n  keep: 0\n", nil, nil, []string{`"retention.keep"`, `"0"`, "at least 1"}},
+		{"impossible backend", "snapshot:\n  backend: ext4\n", nil, nil, []string{`"snapshot.backend"`, `"ext4"`, "btrfs or zfs"}},
+		{"relative path", "store:\n  root: nix\n", nil, nil, []string{`"store.root"`, `"nix"`, "absolute path"}},
+		{"bad cidr", "nfs:\n  allow: [10.0.0.0/33]\n", nil, nil, []string{`"nfs.allow"`, `"10.0.0.0/33"`, "CIDR"}},
+		{"bad listen", "nfs:\n  listen: 2049\n", nil, nil, []string{`"nfs.listen"`, `"2049"`, "host:port"}},
+		{"tiny interval", "publish:\n  interval: 1ms\n", nil, nil, []string{`"publish.interval"`, "at least 1s"}},
+		{"bad yaml", "store: [\n", nil, nil, []string{"server.yaml"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := load(t, tc.yaml, tc.env, tc.args...)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestConfigPrecedence(t *testing.T) {
+	yaml := "retention:\n  keep: 3\nnfs:\n  listen: 0.0.0.0:2049\n  allow: [10.1.0.0/16]\n"
+	c, err := load(t, yaml, map[string]string{"STRATA_NFS_LISTEN": "127.0.0.1:3049"}, "--retention-keep=7")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Keep != 7 {
+		t.Errorf("keep %d: flag should win", c.Keep)
+	}
+	if c.NFSListen != "127.0.0.1:3049" {
+		t.Errorf("nfs.listen %q: env should beat the file", c.NFSListen)
+	}
+	if len(c.NFSAllow) != 1 || c.NFSAllow[0].String() != "10.1.0.0/16" {
+		t.Errorf("nfs.allow %v", c.NFSAllow)
+	}
+	if c.SnapshotDir != "/nix/.strata" || c.Socket != "/var/lib/strata/server/api.sock" || c.PublishInterval.String() != "5m0s" {
+		t.Errorf("derived defaults: %+v", c)
+	}
+}
+
+func TestConfigMissingFile(t *testing.T) {
+	l := config.New(Keys)
+	if _, err := l.Load(filepath.Join(t.TempDir(), "nope.yaml"), true); err == nil || !strings.Contains(err.Error(), "nope.yaml") {
+		t.Fatalf("error %v, want one naming the file", err)
+	}
+	v, err := l.Load(filepath.Join(t.TempDir(), "nope.yaml"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ConfigFrom(v); err != nil {
+		t.Fatalf("defaults do not validate: %v", err)
+	}
+}

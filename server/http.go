@@ -1,0 +1,168 @@
+package server
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/strata-nix/strata/api"
+)
+
+type ctxKey int
+
+const viaSocket ctxKey = 1
+
+// Handler returns the HTTP API (see package api for the routes). Mutating
+// calls need "Authorization: Bearer <token>" unless the request came in on
+// the unix socket (ConnContext marks those); an empty token refuses every
+// mutating TCP call.
+func (s *Server) Handler(token string, reg *prometheus.Registry, status func() any) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
+	if reg != nil {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	}
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, status()) })
+	mux.HandleFunc("GET /v1/generations", func(w http.ResponseWriter, r *http.Request) {
+		gs := s.Generations()
+		if gs == nil {
+			gs = []api.Generation{}
+		}
+		writeJSON(w, http.StatusOK, api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen})
+	})
+	mux.HandleFunc("GET /v1/generations/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		g, found := s.Generation(id)
+		if !found {
+			writeErr(w, http.StatusNotFound, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration))
+			return
+		}
+		writeJSON(w, http.StatusOK, g)
+	})
+	mux.HandleFunc("GET /v1/generations/{id}/registration", func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		b, err := s.Registration(id)
+		if err != nil {
+			writeErr(w, statusOf(err), err)
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		w.Write(b)
+	})
+	mux.HandleFunc("GET /v1/generations/{id}/delta", func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		from, err := strconv.ParseUint(r.URL.Query().Get("from"), 10, 64)
+		if err != nil {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("query parameter from=%q: want a generation id", r.URL.Query().Get("from")))
+			return
+		}
+		d, err := s.Delta(from, id)
+		if err != nil {
+			writeErr(w, statusOf(err), err)
+			return
+		}
+		writeJSON(w, http.StatusOK, d)
+	})
+	mutating := func(h http.HandlerFunc) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			if r.Context().Value(viaSocket) == nil && !validToken(r, token) {
+				writeErr(w, http.StatusUnauthorized, errors.New("mutating call needs a bearer token (api.token_file) or the unix socket"))
+				return
+			}
+			h(w, r)
+		}
+	}
+	mux.HandleFunc("POST /v1/publish", mutating(func(w http.ResponseWriter, r *http.Request) {
+		res, err := s.Publish(r.Context())
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+	}))
+	mux.HandleFunc("POST /v1/generations/{id}/pin", mutating(func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		g, err := s.Pin(id, r.URL.Query().Get("name"))
+		if err != nil {
+			writeErr(w, statusOf(err), err)
+			return
+		}
+		writeJSON(w, http.StatusOK, g)
+	}))
+	mux.HandleFunc("DELETE /v1/generations/{id}/pin", mutating(func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		g, err := s.Unpin(id)
+		if err != nil {
+			writeErr(w, statusOf(err), err)
+			return
+		}
+		writeJSON(w, http.StatusOK, g)
+	}))
+	return mux
+}
+
+// SocketConnContext marks requests that arrive on the unix socket.
+func SocketConnContext(ctx context.Context, _ net.Conn) context.Context {
+	return context.WithValue(ctx, viaSocket, true)
+}
+
+func validToken(r *http.Request, token string) bool {
+	if token == "" {
+		return false
+	}
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	return ok && subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(token)) == 1
+}
+
+func pathID(w http.ResponseWriter, r *http.Request) (uint64, bool) {
+	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
+	if err != nil || id == 0 {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("generation id %q: want a positive integer", r.PathValue("id")))
+		return 0, false
+	}
+	return id, true
+}
+
+func statusOf(err error) int {
+	if errors.Is(err, ErrUnknownGeneration) {
+		return http.StatusNotFound
+	}
+	return http.StatusInternalServerError
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, code int, err error) {
+	writeJSON(w, code, api.Error{Error: err.Error()})
+}

@@ -1,0 +1,426 @@
+// Package server is strata's server daemon: it publishes generations of the
+// central store (snapshot, read the snapshot's DB, verify, make live),
+// retains the newest ones, serves their metadata over an HTTP API and their
+// files over the NFS export.
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/nixstore"
+	"github.com/strata-nix/strata/snapshot"
+)
+
+// Exporter makes generations reachable by builders (the NFS export).
+type Exporter interface {
+	// Add makes generation id's store directory mountable as /gen/<id>.
+	Add(id uint64, storeDir string) error
+	// Remove makes generation id unreachable; its handles go stale.
+	Remove(id uint64)
+}
+
+// InUse reports generations that live builders have mounted; retention
+// never destroys them. Gossip provides it; nil means none are known.
+type InUse func() map[uint64]bool
+
+// Server publishes, retains and describes generations.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	backend snapshot.Backend
+	state   state
+	export  Exporter
+	inUse   InUse
+
+	mu   sync.Mutex // serialises publish, pin, unpin, retention
+	gens map[uint64]*generation
+
+	metrics *metrics
+}
+
+type generation struct {
+	api.Generation
+	path string // snapshot root on this host
+}
+
+// Options are the parts a Server is built from.
+type Options struct {
+	Config   Config
+	Logger   *slog.Logger
+	Backend  snapshot.Backend
+	Export   Exporter // may be nil
+	InUse    InUse    // may be nil
+	Registry *prometheus.Registry
+}
+
+// New loads the state dir, reconciles it with the backend's snapshots and
+// makes every generation found there live again (a restart serves what it
+// served before). A snapshot without a complete manifest (a crash during a
+// publish) is destroyed; a manifest without its snapshot is dropped.
+func New(ctx context.Context, o Options) (*Server, error) {
+	s := &Server{cfg: o.Config, log: o.Logger, backend: o.Backend, state: state{dir: o.Config.StateDir},
+		export: o.Export, inUse: o.InUse, gens: map[uint64]*generation{}}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.metrics = newMetrics(o.Registry, s)
+	if err := s.state.init(); err != nil {
+		return nil, err
+	}
+	stored, err := s.state.generations()
+	if err != nil {
+		return nil, err
+	}
+	snaps, err := s.backend.List(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	byID := map[uint64]snapshot.Snapshot{}
+	var maxID uint64
+	for _, sn := range snaps {
+		byID[sn.ID] = sn
+		maxID = max(maxID, sn.ID)
+	}
+	pins, err := s.state.pins()
+	if err != nil {
+		return nil, err
+	}
+	for _, g := range stored {
+		maxID = max(maxID, g.ID)
+		sn, ok := byID[g.ID]
+		if !ok {
+			s.log.Error("generation has no snapshot; dropping it", "generation", g.ID, "snapshot", snapshot.Name(g.ID))
+			if err := s.state.removeGeneration(g.ID); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		delete(byID, g.ID)
+		gen := &generation{Generation: g, path: sn.Path}
+		gen.PinName, gen.Pinned = pins[g.ID], hasKey(pins, g.ID)
+		s.gens[g.ID] = gen
+	}
+	for id := range byID {
+		s.log.Warn("destroying snapshot left by an interrupted publish", "snapshot", snapshot.Name(id))
+		if err := s.backend.Destroy(ctx, id); err != nil {
+			return nil, fmt.Errorf("destroy orphan snapshot %s: %w", snapshot.Name(id), err)
+		}
+	}
+	next, err := s.state.nextID(maxID + 1)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.state.setNextID(next); err != nil {
+		return nil, err
+	}
+	if s.export != nil {
+		for _, g := range s.sorted() {
+			if err := s.export.Add(g.ID, PhysicalStore(g.path)); err != nil {
+				return nil, fmt.Errorf("export generation %d: %w", g.ID, err)
+			}
+		}
+	}
+	return s, nil
+}
+
+func hasKey[K comparable, V any](m map[K]V, k K) bool { _, ok := m[k]; return ok }
+
+func (s *Server) sorted() []*generation {
+	out := make([]*generation, 0, len(s.gens))
+	for _, g := range s.gens {
+		out = append(out, g)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Generations returns the live generations, oldest first.
+func (s *Server) Generations() []api.Generation {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []api.Generation
+	for _, g := range s.sorted() {
+		out = append(out, g.Generation)
+	}
+	return out
+}
+
+// Generation returns one live generation.
+func (s *Server) Generation(id uint64) (api.Generation, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g, ok := s.gens[id]
+	if !ok {
+		return api.Generation{}, false
+	}
+	return g.Generation, true
+}
+
+// Latest returns the newest live generation, if any.
+func (s *Server) Latest() (api.Generation, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.latestLocked()
+}
+
+func (s *Server) latestLocked() (api.Generation, bool) {
+	gs := s.sorted()
+	if len(gs) == 0 {
+		return api.Generation{}, false
+	}
+	return gs[len(gs)-1].Generation, true
+}
+
+// ErrUnknownGeneration is returned for ids that are not live.
+var ErrUnknownGeneration = errors.New("no such generation")
+
+// Registration returns generation id's registration text.
+func (s *Server) Registration(id uint64) ([]byte, error) {
+	if _, ok := s.Generation(id); !ok {
+		return nil, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
+	}
+	return s.state.readRegistration(id)
+}
+
+// Delta returns the paths added and removed from generation from to to.
+func (s *Server) Delta(from, to uint64) (api.Delta, error) {
+	parse := func(id uint64) ([]nixstore.PathInfo, error) {
+		b, err := s.Registration(id)
+		if err != nil {
+			return nil, err
+		}
+		infos, err := nixstore.ParseRegistration(bytes.NewReader(b))
+		if err != nil {
+			return nil, fmt.Errorf("generation %d: %w", id, err)
+		}
+		nixstore.Sort(infos)
+		return infos, nil
+	}
+	a, err := parse(from)
+	if err != nil {
+		return api.Delta{}, err
+	}
+	b, err := parse(to)
+	if err != nil {
+		return api.Delta{}, err
+	}
+	added, removed := nixstore.Delta(a, b)
+	var buf bytes.Buffer
+	if err := nixstore.WriteRegistration(&buf, added); err != nil {
+		return api.Delta{}, err
+	}
+	if removed == nil {
+		removed = []string{}
+	}
+	return api.Delta{From: from, To: to, Added: buf.String(), Removed: removed}, nil
+}
+
+// Publish takes a snapshot of the central store and makes it generation N
+// when its valid paths differ from the newest generation's. The snapshot's
+// own DB gives the registration; it is verified (every registered path
+// exists in the snapshot, every reference is registered) before anything
+// goes live. On any error the snapshot is destroyed and the previous
+// generations stay as they were.
+func (s *Server) Publish(ctx context.Context) (api.PublishResult, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	start := time.Now()
+	res, err := s.publishLocked(ctx)
+	s.metrics.observePublish(res, err, time.Since(start))
+	if err != nil {
+		s.log.Error("publish failed", "err", err)
+		return res, err
+	}
+	if res.Published {
+		s.log.Info("published generation", "generation", res.Generation.ID, "paths", res.Generation.Paths,
+			"nar_bytes", res.Generation.NarBytes, "took", time.Since(start).Round(time.Millisecond))
+		s.retainLocked(ctx)
+	} else {
+		s.log.Debug("nothing to publish", "reason", res.Reason)
+	}
+	return res, nil
+}
+
+func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
+	latest, haveLatest := s.latestLocked()
+	// Cheap check first: the live DB's valid paths equal the newest
+	// generation's, so a snapshot would publish nothing.
+	if haveLatest {
+		if live, err := nixstore.ReadDB(ctx, DBDir(s.cfg.StoreRoot)); err == nil {
+			if sum, _, err := registrationOf(live); err == nil && sum == latest.RegistrationSHA256 {
+				return api.PublishResult{Reason: fmt.Sprintf("store unchanged since generation %d", latest.ID)}, nil
+			}
+		}
+	}
+	id, err := s.state.nextID(1)
+	if err != nil {
+		return api.PublishResult{}, err
+	}
+	// Reserve the id before the snapshot exists: ids are never reused.
+	if err := s.state.setNextID(id + 1); err != nil {
+		return api.PublishResult{}, err
+	}
+	snap, err := s.backend.Create(ctx, id)
+	if err != nil {
+		return api.PublishResult{}, fmt.Errorf("publish: snapshot: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			if err := s.backend.Destroy(context.WithoutCancel(ctx), id); err != nil {
+				s.log.Error("destroy unpublished snapshot", "snapshot", snap.Name, "err", err)
+			}
+		}
+	}()
+	infos, err := nixstore.ReadDB(ctx, DBDir(snap.Path))
+	if err != nil {
+		return api.PublishResult{}, fmt.Errorf("publish: read snapshot db: %w", err)
+	}
+	sum, text, err := registrationOf(infos)
+	if err != nil {
+		return api.PublishResult{}, err
+	}
+	if haveLatest && sum == latest.RegistrationSHA256 {
+		return api.PublishResult{Reason: fmt.Sprintf("store unchanged since generation %d", latest.ID)}, nil
+	}
+	if err := nixstore.Verify(PhysicalStore(snap.Path), s.cfg.StoreDir, infos); err != nil {
+		return api.PublishResult{}, fmt.Errorf("publish generation %d: %w", id, err)
+	}
+	g := api.Generation{ID: id, Snapshot: snap.Name, Created: snap.Created.UTC(), Paths: len(infos),
+		RegistrationSHA256: sum, MountPath: fmt.Sprintf("/gen/%d", id)}
+	if haveLatest {
+		g.Parent = latest.ID
+	}
+	for _, in := range infos {
+		g.NarBytes += in.NarSize
+	}
+	if err := s.state.writeGeneration(g, text); err != nil {
+		return api.PublishResult{}, err
+	}
+	if s.export != nil {
+		if err := s.export.Add(id, PhysicalStore(snap.Path)); err != nil {
+			s.state.removeGeneration(id)
+			return api.PublishResult{}, fmt.Errorf("publish generation %d: export: %w", id, err)
+		}
+	}
+	ok = true
+	s.gens[id] = &generation{Generation: g, path: snap.Path}
+	return api.PublishResult{Published: true, Generation: &g}, nil
+}
+
+// registrationOf renders infos (sorted by path) and returns the text and
+// its hex sha256.
+func registrationOf(infos []nixstore.PathInfo) (string, []byte, error) {
+	var buf bytes.Buffer
+	if err := nixstore.WriteRegistration(&buf, infos); err != nil {
+		return "", nil, fmt.Errorf("write registration: %w", err)
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	return hex.EncodeToString(sum[:]), buf.Bytes(), nil
+}
+
+// Pin protects generation id from retention, with an optional name.
+func (s *Server) Pin(id uint64, name string) (api.Generation, error) {
+	return s.setPin(id, name, true)
+}
+
+// Unpin lets retention destroy generation id again.
+func (s *Server) Unpin(id uint64) (api.Generation, error) {
+	return s.setPin(id, "", false)
+}
+
+func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g, ok := s.gens[id]
+	if !ok {
+		return api.Generation{}, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
+	}
+	pins, err := s.state.pins()
+	if err != nil {
+		return api.Generation{}, err
+	}
+	if pinned {
+		pins[id] = name
+	} else {
+		delete(pins, id)
+	}
+	if err := s.state.setPins(pins); err != nil {
+		return api.Generation{}, err
+	}
+	g.Pinned, g.PinName = pinned, name
+	if !pinned {
+		s.retainLocked(context.Background())
+	}
+	return g.Generation, nil
+}
+
+// Retain destroys generations that are older than the newest retention.keep,
+// not pinned and not in use by a live builder.
+func (s *Server) Retain(ctx context.Context) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.retainLocked(ctx)
+}
+
+func (s *Server) retainLocked(ctx context.Context) {
+	gs := s.sorted()
+	if len(gs) <= s.cfg.Keep {
+		return
+	}
+	var inUse map[uint64]bool
+	if s.inUse != nil {
+		inUse = s.inUse()
+	}
+	for _, g := range gs[:len(gs)-s.cfg.Keep] {
+		if g.Pinned || inUse[g.ID] {
+			continue
+		}
+		if s.export != nil {
+			s.export.Remove(g.ID)
+		}
+		if err := s.backend.Destroy(ctx, g.ID); err != nil && !errors.Is(err, snapshot.ErrNotFound) {
+			s.log.Error("retention: destroy snapshot", "generation", g.ID, "err", err)
+			if s.export != nil {
+				_ = s.export.Add(g.ID, PhysicalStore(g.path))
+			}
+			continue
+		}
+		if err := s.state.removeGeneration(g.ID); err != nil {
+			s.log.Error("retention: remove state", "generation", g.ID, "err", err)
+		}
+		delete(s.gens, g.ID)
+		s.log.Info("retention destroyed generation", "generation", g.ID)
+	}
+}
+
+// Run publishes every publish.interval until ctx ends. It returns nil on
+// cancellation.
+func (s *Server) Run(ctx context.Context) error {
+	if s.cfg.PublishInterval <= 0 {
+		<-ctx.Done()
+		return nil
+	}
+	t := time.NewTicker(s.cfg.PublishInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			_, _ = s.Publish(ctx)
+		}
+	}
+}

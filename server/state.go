@@ -1,0 +1,167 @@
+package server
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/atomicfile"
+)
+
+// state is the server's on-disk record of live generations:
+//
+//	<state_dir>/next-id                      next generation id (ids are never reused)
+//	<state_dir>/generations/N/manifest.json  api.Generation without pin fields
+//	<state_dir>/generations/N/registration   dump-db text of generation N
+//	<state_dir>/pins.json                    {"N": "name"}
+//
+// A generation directory is built as generations/.N.tmp and renamed into
+// place, so a crash never leaves a half-written generation.
+type state struct {
+	dir string
+}
+
+func (s state) gensDir() string { return filepath.Join(s.dir, "generations") }
+func (s state) genDir(id uint64) string {
+	return filepath.Join(s.gensDir(), strconv.FormatUint(id, 10))
+}
+func (s state) registration(id uint64) string { return filepath.Join(s.genDir(id), "registration") }
+
+func (s state) init() error {
+	if err := os.MkdirAll(s.gensDir(), 0o755); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	// Leftovers of a crash while writing a generation.
+	tmps, _ := filepath.Glob(filepath.Join(s.gensDir(), ".*.tmp"))
+	for _, t := range tmps {
+		os.RemoveAll(t)
+	}
+	return nil
+}
+
+// nextID returns the id the next generation gets, at least floor.
+func (s state) nextID(floor uint64) (uint64, error) {
+	b, err := os.ReadFile(filepath.Join(s.dir, "next-id"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, fmt.Errorf("read next-id: %w", err)
+	}
+	n := uint64(1)
+	if len(b) > 0 {
+		n, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("read next-id: %q is not a number", b)
+		}
+	}
+	return max(n, floor, 1), nil
+}
+
+func (s state) setNextID(n uint64) error {
+	return atomicfile.WriteFile(filepath.Join(s.dir, "next-id"), []byte(strconv.FormatUint(n, 10)+"\n"), 0o644)
+}
+
+// writeGeneration stores a generation's manifest and registration.
+func (s state) writeGeneration(g api.Generation, registration []byte) error {
+	tmp := filepath.Join(s.gensDir(), fmt.Sprintf(".%d.tmp", g.ID))
+	os.RemoveAll(tmp)
+	if err := os.Mkdir(tmp, 0o755); err != nil {
+		return fmt.Errorf("write generation %d: %w", g.ID, err)
+	}
+	g.Pinned, g.PinName = false, ""
+	m, err := json.MarshalIndent(g, "", "  ")
+	if err != nil {
+		return err
+	}
+	for name, data := range map[string][]byte{"manifest.json": append(m, '\n'), "registration": registration} {
+		if err := atomicfile.WriteFile(filepath.Join(tmp, name), data, 0o644); err != nil {
+			os.RemoveAll(tmp)
+			return fmt.Errorf("write generation %d: %w", g.ID, err)
+		}
+	}
+	if err := os.Rename(tmp, s.genDir(g.ID)); err != nil {
+		os.RemoveAll(tmp)
+		return fmt.Errorf("write generation %d: %w", g.ID, err)
+	}
+	return atomicfile.SyncDir(s.gensDir())
+}
+
+func (s state) removeGeneration(id uint64) error {
+	if err := os.RemoveAll(s.genDir(id)); err != nil {
+		return fmt.Errorf("remove generation %d state: %w", id, err)
+	}
+	return atomicfile.SyncDir(s.gensDir())
+}
+
+// generations reads every stored manifest, oldest first.
+func (s state) generations() ([]api.Generation, error) {
+	ents, err := os.ReadDir(s.gensDir())
+	if err != nil {
+		return nil, fmt.Errorf("read generations: %w", err)
+	}
+	var out []api.Generation
+	for _, e := range ents {
+		id, err := strconv.ParseUint(e.Name(), 10, 64)
+		if err != nil || id == 0 {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(s.genDir(id), "manifest.json"))
+		if err != nil {
+			return nil, fmt.Errorf("read generation %d: %w", id, err)
+		}
+		var g api.Generation
+		if err := json.Unmarshal(b, &g); err != nil || g.ID != id {
+			return nil, fmt.Errorf("read generation %d: bad manifest.json", id)
+		}
+		out = append(out, g)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+func (s state) pins() (map[uint64]string, error) {
+	b, err := os.ReadFile(filepath.Join(s.dir, "pins.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return map[uint64]string{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read pins: %w", err)
+	}
+	var raw map[string]string
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return nil, fmt.Errorf("read pins: %w", err)
+	}
+	out := map[uint64]string{}
+	for k, v := range raw {
+		id, err := strconv.ParseUint(k, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("read pins: bad generation %q", k)
+		}
+		out[id] = v
+	}
+	return out, nil
+}
+
+func (s state) setPins(p map[uint64]string) error {
+	raw := map[string]string{}
+	for k, v := range p {
+		raw[strconv.FormatUint(k, 10)] = v
+	}
+	b, err := json.MarshalIndent(raw, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(filepath.Join(s.dir, "pins.json"), append(b, '\n'), 0o644)
+}
+
+func (s state) readRegistration(id uint64) ([]byte, error) {
+	b, err := os.ReadFile(s.registration(id))
+	if err != nil {
+		return nil, fmt.Errorf("read registration of generation %d: %w", id, err)
+	}
+	return b, nil
+}
