@@ -79,7 +79,7 @@ func checkPath(role, p string, lower bool) error {
 		bad += ":"
 	}
 	if i := strings.IndexAny(p, bad); i >= 0 {
-		return fmt.Errorf("overlay layers: %s %q contains %q, which overlay mount options cannot carry", role, p, p[i])
+		return fmt.Errorf("overlay layers: %s %q contains %q, which overlay mount options cannot carry", role, p, string(p[i]))
 	}
 	return nil
 }
@@ -92,6 +92,39 @@ func (l Layers) String() string {
 		s += ",upperdir=" + l.Upper + ",workdir=" + l.Work
 	}
 	return s
+}
+
+// checkOnDisk checks what the kernel would otherwise refuse with a bare
+// EINVAL or ENOENT (overlayfs writes its reasons only to the kernel log):
+// every layer is an existing directory, and Work is on the same mount as
+// Upper.
+func (l Layers) checkOnDisk() error {
+	dirs := append([]string(nil), l.Lower...)
+	if l.Upper != "" {
+		dirs = append(dirs, l.Upper, l.Work)
+	}
+	for _, d := range dirs {
+		var st unix.Stat_t
+		if err := unix.Stat(d, &st); err != nil {
+			return fmt.Errorf("overlay layer %s: %w", d, err)
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			return fmt.Errorf("overlay layer %s: not a directory", d)
+		}
+	}
+	if l.Upper == "" {
+		return nil
+	}
+	var up, wk unix.Statx_t
+	if unix.Statx(unix.AT_FDCWD, l.Upper, 0, unix.STATX_MNT_ID, &up) != nil ||
+		unix.Statx(unix.AT_FDCWD, l.Work, 0, unix.STATX_MNT_ID, &wk) != nil ||
+		up.Mask&unix.STATX_MNT_ID == 0 || wk.Mask&unix.STATX_MNT_ID == 0 {
+		return nil // kernel before 5.8: let the mount decide
+	}
+	if up.Mnt_id != wk.Mnt_id {
+		return fmt.Errorf("overlay workdir %s is not on the same mount as upperdir %s (mount %d vs %d)", l.Work, l.Upper, wk.Mnt_id, up.Mnt_id)
+	}
+	return nil
 }
 
 // newOverlay builds a detached overlay mount for l with
@@ -189,6 +222,9 @@ func Mount(ctx context.Context, target string, l Layers) error {
 	}
 	if !filepath.IsAbs(target) {
 		return fmt.Errorf("mount overlay on %s: target is not an absolute path", target)
+	}
+	if err := l.checkOnDisk(); err != nil {
+		return fmt.Errorf("mount overlay on %s: %w", target, err)
 	}
 	mfd, err := newOverlay(l)
 	if errors.Is(err, unix.ENOSYS) {

@@ -208,6 +208,10 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 		}
 	}
 
+	if err := next.checkOnDisk(); err != nil {
+		return fail(err)
+	}
+
 	method := opts.Method
 	switch method {
 	case MethodAuto:
