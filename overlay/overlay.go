@@ -191,7 +191,7 @@ func fsLog(fsfd int) string {
 		msgs = append(msgs, msg)
 	}
 	if len(msgs) == 0 {
-		return ""
+		return " (overlayfs gives its reason in the kernel log: dmesg)"
 	}
 	return " (kernel: " + strings.Join(msgs, "; ") + ")"
 }

@@ -109,9 +109,9 @@ func mountinfo(t *testing.T) []MountInfo {
 // tmpfs, and an upper with its workdirs on a third tmpfs.
 type env struct {
 	base, srv, target string
-	lowers              string
-	upper, works        string
-	staging             string
+	lowers            string
+	upper, works      string
+	staging           string
 }
 
 func newEnv(t *testing.T, gens int) *env {
