@@ -114,7 +114,12 @@ type env struct {
 	staging           string
 }
 
-func newEnv(t *testing.T, gens int) *env {
+func newEnv(t *testing.T, gens int) *env { return newEnvLowers(t, gens, false) }
+
+// newEnvLowers makes the lowers on tmpfs, or with btrfs as read-only
+// snapshots gen0..genN of one subvolume changed between snapshots, the way
+// a strata server makes generations.
+func newEnvLowers(t *testing.T, gens int, btrfs bool) *env {
 	t.Helper()
 	base := t.TempDir()
 	e := &env{base: base}
@@ -123,14 +128,32 @@ func newEnv(t *testing.T, gens int) *env {
 	if err := os.Mkdir(e.target, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	e.lowers = mountTmpfs(t, filepath.Join(base, "lowers"), "lowers")
-	for g := 0; g <= gens; g++ {
-		d := e.gen(g)
+	fill := func(d string, g int) {
 		writeFile(t, filepath.Join(d, "common"), fmt.Sprintf("gen %d\n", g))
 		writeFile(t, filepath.Join(d, "sub", "deep"), fmt.Sprintf("deep %d\n", g))
 		writeFile(t, filepath.Join(d, "sub", "remove-me"), "whiteout me\n")
 	}
-	writeFile(t, filepath.Join(e.gen(0), "held"), strings.Repeat("held bytes of gen 0\n", 200))
+	held := strings.Repeat("held bytes of gen 0\n", 200)
+	if btrfs {
+		e.lowers = testenv.LoopBtrfs(t, "256M")
+		live := filepath.Join(e.lowers, "live")
+		testenv.Run(t, "btrfs", "subvolume", "create", live)
+		for g := 0; g <= gens; g++ {
+			fill(live, g)
+			if g == 0 {
+				writeFile(t, filepath.Join(live, "held"), held)
+			} else if g == 1 {
+				_ = os.Remove(filepath.Join(live, "held"))
+			}
+			testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", live, e.gen(g))
+		}
+	} else {
+		e.lowers = mountTmpfs(t, filepath.Join(base, "lowers"), "lowers")
+		for g := 0; g <= gens; g++ {
+			fill(e.gen(g), g)
+		}
+		writeFile(t, filepath.Join(e.gen(0), "held"), held)
+	}
 	up := mountTmpfs(t, filepath.Join(base, "upperfs"), "upperfs")
 	e.upper = filepath.Join(up, "upper")
 	e.works = filepath.Join(up, "work")
@@ -375,6 +398,20 @@ func TestSwapAuto(t *testing.T) {
 	runSwaps(t, MethodAuto, want, 5, false)
 }
 
+// Lowers that are read-only btrfs snapshots of one changing subvolume, as
+// a btrfs strata server exports them: same inode numbers in every
+// generation, different st_dev.
+func TestSwapBtrfsLowers(t *testing.T) {
+	requireOverlay(t)
+	const n = 50
+	e := newEnvLowers(t, n, true)
+	want := MethodPropagation
+	if BeneathSupported() {
+		want = MethodBeneath
+	}
+	runSwapsOn(t, e, MethodAuto, want, n, false)
+}
+
 // Namespaces that are slaves of the target's parent (systemd services,
 // containers) must see the swap too, without a failed lookup.
 func TestSwapSlaveNamespace(t *testing.T) {
@@ -391,9 +428,12 @@ func TestSwapSlaveNamespace(t *testing.T) {
 // opens and reads paths present in every generation and holds a file of
 // gen0 open, and checks the mount table and the contents after each swap.
 func runSwaps(t *testing.T, method, wantMethod Method, n int, slave bool) {
+	runSwapsOn(t, newEnv(t, n), method, wantMethod, n, slave)
+}
+
+func runSwapsOn(t *testing.T, e *env, method, wantMethod Method, n int, slave bool) {
 	ctx := context.Background()
 	bin := buildStatloop(t)
-	e := newEnv(t, n)
 	if slave {
 		// The slave namespace must exist before the swaps and receive
 		// propagation from the target's parent.
