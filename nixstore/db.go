@@ -3,6 +3,7 @@ package nixstore
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"io"
@@ -27,13 +28,15 @@ const (
 // with sorted references and a base16 NAR hash — the records
 // `nix-store --dump-db` would print, without running Nix.
 //
-// dbDir must not change while ReadDB runs (a snapshot never does). ReadDB
-// copies db.sqlite and its write-ahead log db.sqlite-wal, if present, into a
-// private temporary directory and reads the copy: SQLite must write the WAL
-// index to replay the log, which a read-only snapshot does not allow, and a
-// -shm left behind by the live store means nothing to another reader. It
-// reads each table with one query. A missing or corrupt database, or one
-// whose tables lack the columns of Nix's schema, is an error.
+// dbDir must not change while ReadDB runs (a snapshot never does). When
+// dbDir holds a non-empty write-ahead log (db.sqlite-wal), ReadDB copies
+// db.sqlite and the log into a private temporary directory and reads the
+// copy: SQLite must write a WAL index to replay the log, which a read-only
+// snapshot does not allow, and a -shm left behind by the live store means
+// nothing to another reader. Without a log it reads db.sqlite in place as
+// an immutable file. It reads each table with one query, the two in
+// parallel. A missing or corrupt database, or one whose tables lack the
+// columns of Nix's schema, is an error.
 func ReadDB(ctx context.Context, dbDir string) ([]PathInfo, error) {
 	infos, err := readDB(ctx, dbDir)
 	if err != nil {
@@ -43,47 +46,119 @@ func ReadDB(ctx context.Context, dbDir string) ([]PathInfo, error) {
 }
 
 func readDB(ctx context.Context, dbDir string) ([]PathInfo, error) {
-	tmp, err := os.MkdirTemp("", "strata-nixdb-")
-	if err != nil {
+	src := filepath.Join(dbDir, dbFile)
+	if _, err := os.Stat(src); err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(tmp)
-	if err := copyFile(filepath.Join(dbDir, dbFile), filepath.Join(tmp, dbFile)); err != nil {
+	var dsn string
+	wal, err := os.Stat(src + walSuffix)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) || err == nil && wal.Size() == 0:
+		// No log to replay: read the file where it is. immutable=1 tells
+		// SQLite that nothing changes it, so it takes no locks and needs
+		// no -shm (a read-only snapshot could not hold one).
+		dsn = sqliteURI(src, "mode=ro&immutable=1")
+	case err != nil:
 		return nil, err
-	}
-	err = copyFile(filepath.Join(dbDir, dbFile+walSuffix), filepath.Join(tmp, dbFile+walSuffix))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, err
+	default:
+		tmp, err := os.MkdirTemp("", "strata-nixdb-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(tmp)
+		dst := filepath.Join(tmp, dbFile)
+		if err := copyFile(src, dst); err != nil {
+			return nil, err
+		}
+		if err := copyFile(src+walSuffix, dst+walSuffix); err != nil {
+			return nil, err
+		}
+		// The copy is private, so SQLite may build its WAL index (-shm)
+		// next to it; query_only keeps it from writing anything else.
+		dsn = sqliteURI(dst, "_pragma=query_only(1)")
 	}
 
-	// The copy is private, so SQLite may build its WAL index (-shm) next to
-	// it; query_only keeps the reader from changing anything else.
-	dsn := "file:" + (&url.URL{Path: filepath.Join(tmp, dbFile)}).EscapedPath() +
-		"?_pragma=query_only(1)&_pragma=busy_timeout(5000)"
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, err
 	}
 	defer db.Close()
-	db.SetMaxOpenConns(1)
-	conn, err := db.Conn(ctx)
+	db.SetMaxOpenConns(2)
+	paths, err := db.Conn(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", dbFile, err)
 	}
-	defer conn.Close()
-
-	if err := checkSchema(ctx, conn); err != nil {
+	defer paths.Close()
+	if err := checkSchema(ctx, paths); err != nil {
 		return nil, err
 	}
-	infos, byID, err := readValidPaths(ctx, conn)
+	refsConn, err := db.Conn(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", dbFile, err)
+	}
+	defer refsConn.Close()
+
+	// One query per table, each on its own connection, in parallel; then
+	// join the reference ids to paths in memory.
+	var (
+		refs    []int64
+		refsErr error
+		done    = make(chan struct{})
+	)
+	go func() {
+		defer close(done)
+		refs, refsErr = readRefs(ctx, refsConn)
+	}()
+	infos, ids, err := readValidPaths(ctx, paths)
+	<-done
 	if err != nil {
 		return nil, err
 	}
-	if err := readRefs(ctx, conn, infos, byID); err != nil {
+	if refsErr != nil {
+		return nil, refsErr
+	}
+	if err := joinRefs(infos, ids, refs); err != nil {
 		return nil, err
 	}
 	slices.SortFunc(infos, func(a, b PathInfo) int { return strings.Compare(a.Path, b.Path) })
 	return infos, nil
+}
+
+func sqliteURI(path, query string) string {
+	return "file:" + (&url.URL{Path: path}).EscapedPath() + "?" + query
+}
+
+// rawQuery runs query on conn through the driver directly, calling row for
+// each row: database/sql's per-row locking and conversions cost more than
+// SQLite's own work on tables of 10^5–10^6 rows.
+func rawQuery(ctx context.Context, conn *sql.Conn, query string, ncol int, row func([]driver.Value) error) error {
+	return conn.Raw(func(dc any) error {
+		q, ok := dc.(driver.QueryerContext)
+		if !ok {
+			return fmt.Errorf("sqlite driver cannot query directly")
+		}
+		rows, err := q.QueryContext(ctx, query, nil)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		if n := len(rows.Columns()); n != ncol {
+			return fmt.Errorf("query returned %d columns, want %d", n, ncol)
+		}
+		vals := make([]driver.Value, ncol)
+		for {
+			err := rows.Next(vals)
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			if err := row(vals); err != nil {
+				return err
+			}
+		}
+	})
 }
 
 // schemaColumns are the columns ReadDB needs, per table. Nix has kept them
@@ -129,72 +204,129 @@ func checkSchema(ctx context.Context, conn *sql.Conn) error {
 	return nil
 }
 
-func readValidPaths(ctx context.Context, conn *sql.Conn) ([]PathInfo, map[int64]int, error) {
-	rows, err := conn.QueryContext(ctx, "SELECT id, path, hash, deriver, narSize FROM ValidPaths")
-	if err != nil {
-		return nil, nil, fmt.Errorf("read ValidPaths: %w", err)
-	}
-	defer rows.Close()
-	var (
-		infos []PathInfo
-		byID  = make(map[int64]int)
-	)
-	for rows.Next() {
-		var (
-			id      int64
-			in      PathInfo
-			hash    string
-			deriver sql.NullString
-			narSize sql.NullInt64
-		)
-		if err := rows.Scan(&id, &in.Path, &hash, &deriver, &narSize); err != nil {
-			return nil, nil, fmt.Errorf("read ValidPaths: %w", err)
-		}
-		if in.NarHash, err = dbHash(hash); err != nil {
-			return nil, nil, fmt.Errorf("read ValidPaths: path %s: %w", in.Path, err)
-		}
-		if narSize.Int64 < 0 {
-			return nil, nil, fmt.Errorf("read ValidPaths: path %s: negative narSize %d", in.Path, narSize.Int64)
-		}
-		in.NarSize = uint64(narSize.Int64)
-		in.Deriver = deriver.String
-		byID[id] = len(infos)
-		infos = append(infos, in)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("read ValidPaths: %w", err)
-	}
-	return infos, byID, nil
+// idIndex maps ValidPaths ids to indexes into the records.
+type idIndex struct {
+	dense []int32 // dense[id] = index+1, when ids are compact
+	m     map[int64]int
 }
 
-func readRefs(ctx context.Context, conn *sql.Conn, infos []PathInfo, byID map[int64]int) error {
-	rows, err := conn.QueryContext(ctx, "SELECT referrer, reference FROM Refs")
-	if err != nil {
-		return fmt.Errorf("read Refs: %w", err)
+func (x *idIndex) get(id int64) (int, bool) {
+	if x.dense != nil {
+		if id < 0 || id >= int64(len(x.dense)) || x.dense[id] == 0 {
+			return 0, false
+		}
+		return int(x.dense[id]) - 1, true
 	}
-	defer rows.Close()
-	for rows.Next() {
-		var from, to int64
-		if err := rows.Scan(&from, &to); err != nil {
-			return fmt.Errorf("read Refs: %w", err)
-		}
-		i, ok := byID[from]
+	i, ok := x.m[id]
+	return i, ok
+}
+
+func readValidPaths(ctx context.Context, conn *sql.Conn) ([]PathInfo, *idIndex, error) {
+	var (
+		infos []PathInfo
+		ids   []int64
+	)
+	err := rawQuery(ctx, conn, "SELECT id, path, hash, deriver, narSize FROM ValidPaths", 5, func(v []driver.Value) error {
+		id, ok := v[0].(int64)
 		if !ok {
-			return fmt.Errorf("read Refs: referrer id %d is not in ValidPaths", from)
+			return fmt.Errorf("id %v is not an integer", v[0])
 		}
-		j, ok := byID[to]
+		var in PathInfo
+		if in.Path, ok = text(v[1]); !ok || in.Path == "" {
+			return fmt.Errorf("id %d: path %v is not text", id, v[1])
+		}
+		hash, ok := text(v[2])
 		if !ok {
-			return fmt.Errorf("read Refs: path %s refers to id %d, which is not in ValidPaths", infos[i].Path, to)
+			return fmt.Errorf("path %s: hash %v is not text", in.Path, v[2])
+		}
+		var err error
+		if in.NarHash, err = dbHash(hash); err != nil {
+			return fmt.Errorf("path %s: %w", in.Path, err)
+		}
+		if v[3] != nil {
+			if in.Deriver, ok = text(v[3]); !ok {
+				return fmt.Errorf("path %s: deriver %v is not text", in.Path, v[3])
+			}
+		}
+		if v[4] != nil {
+			n, ok := v[4].(int64)
+			if !ok || n < 0 {
+				return fmt.Errorf("path %s: narSize %v is not a size", in.Path, v[4])
+			}
+			in.NarSize = uint64(n)
+		}
+		ids = append(ids, id)
+		infos = append(infos, in)
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("read ValidPaths: %w", err)
+	}
+	x := &idIndex{}
+	maxID := int64(0)
+	for _, id := range ids {
+		maxID = max(maxID, id)
+	}
+	if maxID < int64(4*len(ids)+1024) && len(ids) < 1<<31-1 {
+		x.dense = make([]int32, maxID+1)
+		for i, id := range ids {
+			if id >= 0 {
+				x.dense[id] = int32(i + 1)
+			}
+		}
+	} else {
+		x.m = make(map[int64]int, len(ids))
+		for i, id := range ids {
+			x.m[id] = i
+		}
+	}
+	return infos, x, nil
+}
+
+// readRefs returns the Refs table as referrer, reference id pairs.
+func readRefs(ctx context.Context, conn *sql.Conn) ([]int64, error) {
+	var pairs []int64
+	err := rawQuery(ctx, conn, "SELECT referrer, reference FROM Refs", 2, func(v []driver.Value) error {
+		from, ok1 := v[0].(int64)
+		to, ok2 := v[1].(int64)
+		if !ok1 || !ok2 {
+			return fmt.Errorf("row (%v, %v) is not a pair of ids", v[0], v[1])
+		}
+		pairs = append(pairs, from, to)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read Refs: %w", err)
+	}
+	return pairs, nil
+}
+
+func joinRefs(infos []PathInfo, ids *idIndex, pairs []int64) error {
+	for k := 0; k < len(pairs); k += 2 {
+		i, ok := ids.get(pairs[k])
+		if !ok {
+			return fmt.Errorf("read Refs: referrer id %d is not in ValidPaths", pairs[k])
+		}
+		j, ok := ids.get(pairs[k+1])
+		if !ok {
+			return fmt.Errorf("read Refs: path %s refers to id %d, which is not in ValidPaths", infos[i].Path, pairs[k+1])
 		}
 		infos[i].References = append(infos[i].References, infos[j].Path)
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("read Refs: %w", err)
 	}
 	for i := range infos {
 		slices.Sort(infos[i].References)
 	}
 	return nil
+}
+
+func text(v driver.Value) (string, bool) {
+	switch t := v.(type) {
+	case string:
+		return t, true
+	case []byte:
+		return string(t), true
+	}
+	return "", false
 }
 
 // dbHash converts ValidPaths.hash ("sha256:<base16>" as Nix writes it, or
