@@ -198,10 +198,10 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 	if err != nil {
 		return fail(err)
 	}
-	parent, ok := ByID(mounts, top.ParentID)
-	if !ok {
-		return fail(fmt.Errorf("parent mount %d of mount %d is not visible", top.ParentID, top.ID))
-	}
+	// The parent is invisible when it lies outside the caller's root
+	// (chroot); then only MethodBeneath can work, and the ns-root check is
+	// moot (the namespace root is outside the root as well).
+	parent, parentVisible := ByID(mounts, top.ParentID)
 	if next.Work != "" {
 		if err := freshWorkdir(next.Work, old.Work, mounts); err != nil {
 			return fail(err)
@@ -218,7 +218,7 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 		switch {
 		case !BeneathSupported():
 			method = MethodPropagation
-		case parent.IsNamespaceRoot():
+		case parentVisible && parent.IsNamespaceRoot():
 			log.Info("target's parent is the mount namespace root; cannot mount beneath there", "target", target)
 			method = MethodPropagation
 		default:
@@ -228,7 +228,7 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 		if !BeneathSupported() {
 			return fail(ErrBeneathUnsupported)
 		}
-		if parent.IsNamespaceRoot() {
+		if parentVisible && parent.IsNamespaceRoot() {
 			return fail(fmt.Errorf("parent mount %d (%s) is the mount namespace root, where the kernel refuses to mount beneath: mount a filesystem on %s first",
 				parent.ID, parent.Mountpoint, filepath.Dir(target)))
 		}
@@ -265,6 +265,9 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 		}
 	}
 	if method == MethodPropagation {
+		if !parentVisible {
+			return fail(fmt.Errorf("parent mount %d of mount %d is outside this process's root; the propagation method needs it", top.ParentID, top.ID))
+		}
 		staging := opts.StagingDir
 		if staging == "" {
 			staging = DefaultStagingDir
