@@ -1,0 +1,316 @@
+package guard
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	gonfs "github.com/willscott/go-nfs"
+	"github.com/willscott/go-nfs/helpers"
+	"github.com/willscott/go-nfs/helpers/memfs"
+	nfsc "github.com/willscott/go-nfs-client/nfs"
+	"github.com/willscott/go-nfs-client/nfs/rpc"
+)
+
+// served is a go-nfs server on an in-memory tree behind a guard on a real
+// loopback TCP listener.
+type served struct {
+	l   *Listener
+	reg *prometheus.Registry
+}
+
+func serve(t *testing.T, opts Options) *served {
+	t.Helper()
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	l, err := Listen(inner, opts, nil, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := memfs.New()
+	f, err := mem.Create("/hello.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write([]byte("hello through the guard\n"))
+	f.Close()
+	h := helpers.NewCachingHandler(helpers.NewNullAuthHandler(mem), 1024)
+	go gonfs.Serve(l, h)
+	t.Cleanup(func() { l.Close() })
+	return &served{l: l, reg: reg}
+}
+
+// metric returns the value of a counter or gauge (with one label value, or
+// none) from the registry.
+func (s *served) metric(t *testing.T, name, label string) float64 {
+	t.Helper()
+	mfs, err := s.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if label != "" && (len(m.GetLabel()) == 0 || m.GetLabel()[0].GetValue() != label) {
+				continue
+			}
+			if m.GetCounter() != nil {
+				return m.GetCounter().GetValue()
+			}
+			return m.GetGauge().GetValue()
+		}
+	}
+	return 0
+}
+
+// readHello mounts "/" with go-nfs-client and reads hello.txt.
+func readHello(t *testing.T, addr string) error {
+	t.Helper()
+	c, err := rpc.DialTCP("tcp", addr, false)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	m := nfsc.Mount{Client: c}
+	target, err := m.Mount("/", rpc.NewAuthUnix("guard-test", 0, 0).Auth())
+	if err != nil {
+		return err
+	}
+	f, err := target.Open("/hello.txt")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return err
+	}
+	if string(b) != "hello through the guard\n" {
+		return errors.New("read wrong content: " + string(b))
+	}
+	return nil
+}
+
+// closedByServer reports whether the server closes c within a second
+// (reads end with EOF or a reset rather than a timeout).
+func closedByServer(c net.Conn) bool {
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	_, err := io.Copy(io.Discard, c)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return false
+	}
+	return true
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+func TestRealClientThroughGuard(t *testing.T) {
+	s := serve(t, Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
+	if err := readHello(t, s.l.Addr().String()); err != nil {
+		t.Fatalf("legitimate client failed: %v", err)
+	}
+	if got := s.metric(t, "strata_nfs_guard_connections_accepted_total", ""); got != 1 {
+		t.Errorf("accepted = %v, want 1", got)
+	}
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "record"); got != 0 {
+		t.Errorf("rejected{record} = %v, want 0", got)
+	}
+	waitFor(t, "connection count back to 0", func() bool { return s.l.Active() == 0 })
+}
+
+func TestBadRecordsCloseOnlyTheirConnection(t *testing.T) {
+	s := serve(t, Options{})
+	addr := s.l.Addr().String()
+	bad := map[string][]byte{
+		"cred 0x7ffffff0": frame((&xb{}).u32(1, 0, 2, ProgNFS, 3, 0, AuthUnix, 0x7ffffff0, 0, 0, 0, 0).b),
+		"no last bit":     binary.BigEndian.AppendUint32(nil, 60),
+		"huge record":     binary.BigEndian.AppendUint32(nil, lastFragment|0x7fffffff),
+		"reply":           frame((&xb{}).u32(1, 1, 0, 0, 0, 0, 0, 0, 0, 0).b),
+		"lookup name 2G":  frame(header(ProgNFS, 3, nfsLookup, AuthNone, nil).opaque(fh32).u32(0x7ffffff0).b),
+	}
+	// A legitimate connection stays open across all of it.
+	good, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer good.Close()
+	for name, rec := range bad {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write(rec)
+		if !closedByServer(c) {
+			t.Errorf("%s: connection not closed", name)
+		}
+		c.Close()
+	}
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "record"); got != float64(len(bad)) {
+		t.Errorf("rejected{record} = %v, want %d", got, len(bad))
+	}
+	if got := s.metric(t, "strata_nfs_guard_bad_records_total", "cred"); got != 1 {
+		t.Errorf("bad_records{cred} = %v, want 1", got)
+	}
+	// NFS NULL on the connection that stayed open gets a reply.
+	good.Write(frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).b))
+	good.SetReadDeadline(time.Now().Add(2 * time.Second))
+	var hdr [8]byte
+	if _, err := io.ReadFull(good, hdr[:]); err != nil {
+		t.Fatalf("legitimate connection got no reply: %v", err)
+	}
+	if xid := binary.BigEndian.Uint32(hdr[4:]); xid != 0x1234 {
+		t.Errorf("reply xid %#x", xid)
+	}
+	if err := readHello(t, addr); err != nil {
+		t.Fatalf("legitimate client failed after attacks: %v", err)
+	}
+}
+
+func frame(rec []byte) []byte {
+	return append(binary.BigEndian.AppendUint32(nil, lastFragment|uint32(len(rec))), rec...)
+}
+
+func TestAllowlist(t *testing.T) {
+	s := serve(t, Options{Allow: []netip.Prefix{netip.MustParsePrefix("10.213.0.0/30")}})
+	addr := s.l.Addr().String()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !closedByServer(c) {
+		t.Fatal("client outside nfs.allow was not closed")
+	}
+	c.Close()
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "allowlist"); got != 1 {
+		t.Errorf("rejected{allowlist} = %v, want 1", got)
+	}
+	s.l.SetAllow([]netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")})
+	if err := readHello(t, addr); err != nil {
+		t.Fatalf("allowed client failed: %v", err)
+	}
+}
+
+func TestConnectionCap(t *testing.T) {
+	s := serve(t, Options{MaxConns: 2})
+	addr := s.l.Addr().String()
+	var held []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		held = append(held, c)
+	}
+	waitFor(t, "two admitted connections", func() bool { return s.l.Active() == 2 })
+	over, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !closedByServer(over) {
+		t.Fatal("connection over the cap was not closed")
+	}
+	over.Close()
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "cap"); got != 1 {
+		t.Errorf("rejected{cap} = %v, want 1", got)
+	}
+	if got := s.metric(t, "strata_nfs_guard_connections", ""); got != 2 {
+		t.Errorf("current connections = %v, want 2", got)
+	}
+	held[0].Close()
+	waitFor(t, "slot freed", func() bool { return s.l.Active() == 1 })
+	if err := readHello(t, addr); err != nil {
+		t.Fatalf("client after a slot freed: %v", err)
+	}
+}
+
+func TestIdleAndSlowRecordTimeouts(t *testing.T) {
+	s := serve(t, Options{IdleTimeout: 200 * time.Millisecond, RecordTimeout: 200 * time.Millisecond})
+	addr := s.l.Addr().String()
+
+	idle, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	slow, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	rec := frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).b)
+	slow.Write(rec[:10]) // slowloris: never finishes the record
+
+	start := time.Now()
+	if !closedByServer(idle) || !closedByServer(slow) {
+		t.Fatal("idle or stalled connection not closed")
+	}
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Errorf("closed after %v, before the timeout", d)
+	}
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "idle"); got != 2 {
+		t.Errorf("rejected{idle} = %v, want 2", got)
+	}
+	// A client that keeps talking is not idle.
+	if err := readHello(t, addr); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestParseAllow(t *testing.T) {
+	got, err := ParseAllow([]string{"10.0.0.0/8", "192.168.1.7", "::ffff:127.0.0.1", "fd00::/8"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"10.0.0.0/8", "192.168.1.7/32", "127.0.0.1/32", "fd00::/8"}
+	for i, p := range got {
+		if p.String() != want[i] {
+			t.Errorf("entry %d = %s, want %s", i, p, want[i])
+		}
+	}
+	if _, err := ParseAllow([]string{"10.0.0.0/8", "10.0.0/33"}); err == nil || !contains(err.Error(), `"10.0.0/33"`) {
+		t.Errorf("bad entry error %v does not name the entry", err)
+	}
+}
+
+func TestOptionsRejectNonsense(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inner.Close()
+	if _, err := Listen(inner, Options{MaxRecord: 10}, nil, nil); err == nil {
+		t.Error("max record below a call header accepted")
+	}
+	if _, err := Listen(inner, Options{MaxConns: -1}, nil, nil); err == nil {
+		t.Error("negative cap accepted")
+	}
+}
+
+func contains(s, sub string) bool {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return true
+		}
+	}
+	return false
+}
