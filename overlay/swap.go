@@ -285,8 +285,7 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 	if !ok || now.FSType != "overlay" {
 		return fail(fmt.Errorf("after %s swap no overlay is visible", method))
 	}
-	if w, _ := now.Option("workdir"); filepath.Clean(w) != filepath.Clean(next.Work) {
-		nowLayers, _ := now.OverlayLayers()
+	if nowLayers, err := now.OverlayLayers(); err != nil || !sameLayers(nowLayers, next) {
 		return fail(fmt.Errorf("after %s swap the visible overlay is mount %d with layers %s, not the new one", method, now.ID, nowLayers))
 	}
 	log.Info("swapped overlay", "target", target, "method", method.String(),
@@ -413,4 +412,16 @@ func ensureStaging(dir string) error {
 		return fmt.Errorf("make staging %s private: %w", dir, err)
 	}
 	return nil
+}
+
+func sameLayers(a, b Layers) bool {
+	if len(a.Lower) != len(b.Lower) || filepath.Clean(a.Upper) != filepath.Clean(b.Upper) || filepath.Clean(a.Work) != filepath.Clean(b.Work) {
+		return false
+	}
+	for i := range a.Lower {
+		if filepath.Clean(a.Lower[i]) != filepath.Clean(b.Lower[i]) {
+			return false
+		}
+	}
+	return true
 }
