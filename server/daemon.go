@@ -17,6 +17,7 @@ import (
 
 	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/btrfs"
+	"github.com/strata-nix/strata/snapshot/zfs"
 )
 
 // OpenBackend returns the snapshot backend the configuration names.
@@ -31,7 +32,7 @@ func OpenBackend(cfg Config, log *slog.Logger) (snapshot.Backend, error) {
 		if err := os.MkdirAll(cfg.MountDir, 0o755); err != nil {
 			return nil, fmt.Errorf("create mount dir: %w", err)
 		}
-		return nil, fmt.Errorf("zfs backend: ZFSPENDING")
+		return zfs.New(cfg.Dataset, cfg.MountDir, log)
 	}
 	return nil, fmt.Errorf("snapshot backend %q: want btrfs or zfs", cfg.Backend)
 }
