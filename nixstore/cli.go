@@ -40,8 +40,9 @@ func (e *ExecError) Error() string {
 func (e *ExecError) Unwrap() error { return e.Err }
 
 // maxArgBytes bounds the bytes of store paths passed in one command line,
-// well under Linux's ARG_MAX (128 KiB per string, 2 MiB in total).
-const maxArgBytes = 256 << 10
+// well under Linux's ARG_MAX (2 MiB for arguments and environment). A
+// variable so tests can make batches small.
+var maxArgBytes = 256 << 10
 
 func (c CLI) run(ctx context.Context, stdin io.Reader, args ...string) ([]byte, error) {
 	bin := c.Bin
