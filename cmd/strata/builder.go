@@ -1,18 +1,92 @@
 package main
 
 import (
-	"errors"
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/builder"
 )
 
+const defaultBuilderSocket = "/var/lib/strata/builder/api.sock"
+
 func newBuilderCmd() *cobra.Command {
-	return &cobra.Command{
+	cmd := &cobra.Command{
 		Use:   "builder",
 		Short: "Run the builder agent: mount the newest generation under the store dir and rotate",
-		Args:  cobra.NoArgs,
+		Long: `Run the builder agent. It mounts the server's newest generation read-only over
+NFS as the lower layer of an overlay on store.dir (upper and workdirs in
+state_dir), registers its paths with nix-store --load-db, tells systemd
+READY=1, and rotates atomically to each newer generation. Every key of the
+YAML file is also an environment variable STRATA_SECTION_KEY and a flag
+--section-key.`,
+		Args: cobra.NoArgs,
+	}
+	loader, file := configFlags(cmd, builder.Keys, builder.DefaultConfigFile)
+	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration and exit")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		v, err := loadConfig(cmd, loader, *file)
+		if err != nil {
+			return err
+		}
+		cfg, err := builder.ConfigFrom(v)
+		if err != nil {
+			return usageError{err}
+		}
+		if *checkOnly {
+			fmt.Fprintln(cmd.OutOrStdout(), "configuration ok")
+			return nil
+		}
+		return builder.Daemon(cmd.Context(), cfg, newLogger(cfg.LogLevel))
+	}
+	cmd.AddCommand(newBuilderRotateCmd())
+	return cmd
+}
+
+func newBuilderRotateCmd() *cobra.Command {
+	var addr, tokenFile string
+	var jsonOut bool
+	cmd := &cobra.Command{
+		Use:   "rotate",
+		Short: "Make the local builder agent rotate to the server's newest generation now",
+		Long: `Ask the local builder agent to check for a newer generation and rotate to it
+now, whatever rotate.policy says, and wait for the result.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return errors.New("builder: not implemented yet")
+			if addr == "" {
+				addr = os.Getenv("STRATA_API")
+			}
+			if addr == "" {
+				addr = "unix:" + defaultBuilderSocket
+			}
+			var token string
+			if tokenFile != "" {
+				b, err := os.ReadFile(tokenFile)
+				if err != nil {
+					return fmt.Errorf("read token: %w", err)
+				}
+				token = strings.TrimSpace(string(b))
+			}
+			var st builder.Status
+			c := api.NewClient(addr, token)
+			if err := c.Do(context.WithoutCancel(cmd.Context()), http.MethodPost, "/v1/rotate", &st); err != nil {
+				return err
+			}
+			if jsonOut {
+				return printJSON(cmd.OutOrStdout(), st)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "generation %d (%s), last rotation took %s, %d paths imported\n",
+				st.Generation, st.State, st.LastRotationDuration, st.PathsImported)
+			return nil
 		},
 	}
+	cmd.Flags().StringVar(&addr, "api", "", "builder API: unix:/path or host:port (default unix:"+defaultBuilderSocket+"; env STRATA_API)")
+	cmd.Flags().StringVar(&tokenFile, "token-file", "", "bearer token file, for TCP")
+	cmd.Flags().BoolVar(&jsonOut, "json", false, "print the status as JSON")
+	return cmd
 }

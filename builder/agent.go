@@ -1,0 +1,342 @@
+// Package builder is the strata builder agent. It mounts the newest
+// generation of the central store read-only (NFS) as the lower layer of an
+// overlay on the local store dir, with a persistent local upper for local
+// builds, registers the generation's paths in the local Nix database, and
+// rotates atomically to each newer generation.
+//
+// Layout under state_dir:
+//
+//	upper/        the overlay's upper: local builds, kept for ever
+//	work/gen<N>-* one fresh overlay workdir per mounted overlay (same fs as upper/)
+//	lower/<N>/    mountpoint of generation N's NFS mount
+//	state.json    the agent's State, replaced atomically after each transition
+//	api.sock      the agent's API (GET /v1/status, POST /v1/rotate)
+//
+// Mount namespace: the agent must run in the mount namespace whose store
+// dir users see (the host's; a systemd unit without PrivateMounts). A swap
+// with MOVE_MOUNT_BENEATH needs the store dir's parent mount not to be the
+// namespace root (true on every installed system: / is the root, the store
+// dir's parent is /nix or /); the propagation fallback (kernels < 6.5)
+// makes that parent mount shared if it is not, and keeps a small private
+// tmpfs at swap.staging_dir (see overlay.MethodPropagation for what this
+// means for other mount namespaces). The agent sets up nothing else.
+//
+// Invariants kept (DESIGN.md): every path valid in the local DB is readable
+// under the store dir at every instant (paths leaving are invalidated
+// before the swap, while still readable; new paths are registered after
+// it, once readable); path lookups never fail during a swap; the upper
+// survives rotation, restarts and reboots.
+package builder
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/nixstore"
+	"github.com/strata-nix/strata/overlay"
+)
+
+// Server is what the agent asks the strata server. *api.Client is one.
+type Server interface {
+	Generations(ctx context.Context) (api.GenerationList, error)
+	Registration(ctx context.Context, id uint64) ([]byte, error)
+	Delta(ctx context.Context, from, to uint64) (api.Delta, error)
+}
+
+// Options are the parts an Agent is built from.
+type Options struct {
+	Config  Config
+	Logger  *slog.Logger
+	Server  Server
+	Mounter Mounter
+	Nix     Nix
+	// Busy reports whether a build runs (idle policy); nil means Busy on
+	// the store dir and upper.
+	Busy func() (bool, string, error)
+	// Notify sends a systemd notification such as "READY=1"; nil: none.
+	Notify func(state string)
+	// OnTransition is called after each transition is persisted, on the
+	// agent's goroutine. Tests use it to stop the agent at a given state.
+	OnTransition func(State)
+}
+
+// Agent is the builder agent. Run drives it; Status and RequestRotation
+// may be called from other goroutines.
+type Agent struct {
+	cfg          Config
+	log          *slog.Logger
+	srv          Server
+	m            Mounter
+	nix          Nix
+	busy         func() (bool, string, error)
+	notify       func(string)
+	onTransition func(State)
+
+	mu        sync.Mutex
+	st        State
+	ready     bool
+	method    overlay.Method
+	nfs       string // advertised by the server
+	latest    uint64 // newest generation the server listed
+	waitSince time.Time
+
+	rotateReq chan chan error
+}
+
+// New creates the state dir layout and loads the state file. It mounts
+// nothing.
+func New(o Options) (*Agent, error) {
+	if o.Server == nil || o.Mounter == nil || o.Nix == nil {
+		return nil, errors.New("new builder agent: Server, Mounter and Nix are required")
+	}
+	a := &Agent{cfg: o.Config, log: o.Logger, srv: o.Server, m: o.Mounter, nix: o.Nix, busy: o.Busy,
+		notify: o.Notify, onTransition: o.OnTransition, rotateReq: make(chan chan error)}
+	if a.log == nil {
+		a.log = slog.New(slog.DiscardHandler)
+	}
+	if a.notify == nil {
+		a.notify = func(string) {}
+	}
+	if a.busy == nil {
+		a.busy = func() (bool, string, error) { return Busy(a.cfg.StoreDir, a.cfg.upperDir()) }
+	}
+	if err := mkdirs(a.cfg.StateDir, a.cfg.upperDir(), a.cfg.workRoot(), a.cfg.lowerRoot()); err != nil {
+		return nil, fmt.Errorf("new builder agent: state dir: %w", err)
+	}
+	st, err := loadState(a.cfg.stateFile())
+	if err != nil {
+		return nil, fmt.Errorf("new builder agent: %w", err)
+	}
+	a.st = st
+	return a, nil
+}
+
+// State returns a copy of the agent's state.
+func (a *Agent) State() State {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.st
+	s.Lowers = slices.Clone(s.Lowers)
+	s.Next = slices.Clone(s.Next)
+	return s
+}
+
+// Ready reports whether the store dir serves a generation.
+func (a *Agent) Ready() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.ready
+}
+
+// AdvertisedNFS is the NFS address the server last advertised.
+func (a *Agent) AdvertisedNFS() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.nfs
+}
+
+// transition changes the state, persists it, logs it and calls the hook.
+// A failure to persist is returned: the caller stops its step.
+func (a *Agent) transition(f func(*State)) error {
+	a.mu.Lock()
+	f(&a.st)
+	s := a.st
+	a.mu.Unlock()
+	if err := saveState(a.cfg.stateFile(), s); err != nil {
+		return fmt.Errorf("persist state %s: %w", s, err)
+	}
+	a.log.Debug("state", "state", s.String())
+	if a.onTransition != nil {
+		a.onTransition(s)
+	}
+	return nil
+}
+
+func (a *Agent) setError(err error) {
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if perr := a.transition(func(s *State) { s.LastError = msg }); perr != nil {
+		a.log.Error("persist state", "err", perr)
+	}
+}
+
+// generations asks the server for its live generations and remembers the
+// advertised NFS address.
+func (a *Agent) generations(ctx context.Context) (api.GenerationList, error) {
+	l, err := a.srv.Generations(ctx)
+	if err != nil {
+		return l, fmt.Errorf("list generations at %s: %w", a.cfg.ServerAPI, err)
+	}
+	a.mu.Lock()
+	a.nfs = l.NFS
+	if n := len(l.Generations); n > 0 {
+		a.latest = l.Generations[n-1].ID
+	}
+	a.mu.Unlock()
+	return l, nil
+}
+
+func (a *Agent) registration(ctx context.Context, gen uint64) ([]nixstore.PathInfo, error) {
+	b, err := a.srv.Registration(ctx, gen)
+	if err != nil {
+		return nil, fmt.Errorf("fetch registration of generation %d: %w", gen, err)
+	}
+	infos, err := nixstore.ParseRegistration(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("registration of generation %d: %w", gen, err)
+	}
+	return infos, nil
+}
+
+// ourOverlays returns the agent's overlays at the store dir (upper is ours),
+// in mountinfo order, and the visible one.
+func (a *Agent) ourOverlays(ms []overlay.MountInfo) (all []overlay.MountInfo, top overlay.MountInfo, hasTop bool) {
+	upper := filepath.Clean(a.cfg.upperDir())
+	for _, m := range overlay.MountsAt(ms, a.cfg.StoreDir) {
+		if m.FSType != "overlay" {
+			continue
+		}
+		if u, ok := m.Option("upperdir"); ok && filepath.Clean(u) == upper {
+			all = append(all, m)
+		}
+	}
+	t, ok := overlay.TopMount(ms, a.cfg.StoreDir)
+	if ok && slices.ContainsFunc(all, func(m overlay.MountInfo) bool { return m.ID == t.ID }) {
+		return all, t, true
+	}
+	return all, overlay.MountInfo{}, false
+}
+
+// lowersOf reads the generations of an overlay's lowers (lower/<N> paths).
+func (a *Agent) lowersOf(m overlay.MountInfo) ([]uint64, string, error) {
+	l, err := m.OverlayLayers()
+	if err != nil {
+		return nil, "", err
+	}
+	var out []uint64
+	for _, d := range l.Lower {
+		if filepath.Dir(filepath.Clean(d)) != filepath.Clean(a.cfg.lowerRoot()) {
+			return nil, "", fmt.Errorf("overlay %d: lower %s is not under %s", m.ID, d, a.cfg.lowerRoot())
+		}
+		g, err := strconv.ParseUint(filepath.Base(d), 10, 64)
+		if err != nil || g == 0 {
+			return nil, "", fmt.Errorf("overlay %d: lower %s is not a generation", m.ID, d)
+		}
+		out = append(out, g)
+	}
+	return out, l.Work, nil
+}
+
+func (a *Agent) layers(ls []Lower, work string) overlay.Layers {
+	l := overlay.Layers{Upper: a.cfg.upperDir(), Work: work}
+	for _, x := range ls {
+		l.Lower = append(l.Lower, a.cfg.lowerDir(x.Gen))
+	}
+	return l
+}
+
+// ensureLower mounts generation g at lower/<g> unless something is
+// mounted there already.
+func (a *Agent) ensureLower(ctx context.Context, g uint64) error {
+	ms, err := a.m.Mounts()
+	if err != nil {
+		return err
+	}
+	dir := a.cfg.lowerDir(g)
+	if len(overlay.MountsAt(ms, dir)) > 0 {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("mount generation %d: %w", g, err)
+	}
+	if err := a.m.MountGeneration(ctx, g, dir); err != nil {
+		return fmt.Errorf("mount generation %d at %s: %w", g, dir, err)
+	}
+	a.log.Info("mounted generation", "generation", g, "dir", dir)
+	return nil
+}
+
+// releaseLowers detaches every mount under lower/ that is not one of keep,
+// and all but one mount stacked on a kept one, then removes empty
+// mountpoints of released generations. Detach never touches the NFS
+// server, so it works while the server is down; the kernel frees a lower
+// once the last overlay (even a detached one still in use) lets go.
+func (a *Agent) releaseLowers(ctx context.Context, keep []uint64) error {
+	ms, err := a.m.Mounts()
+	if err != nil {
+		return err
+	}
+	root := filepath.Clean(a.cfg.lowerRoot())
+	count := map[string]int{}
+	for _, m := range overlay.Under(ms, root) {
+		count[m.Mountpoint]++
+	}
+	var errs []error
+	for dir, n := range count {
+		if filepath.Dir(dir) != root {
+			continue
+		}
+		g, _ := strconv.ParseUint(filepath.Base(dir), 10, 64)
+		want := 0
+		if slices.Contains(keep, g) {
+			want = 1
+		}
+		for ; n > want; n-- {
+			if err := a.m.Detach(ctx, dir); err != nil {
+				errs = append(errs, err)
+				break
+			}
+			a.log.Info("released generation mount", "dir", dir)
+		}
+		if want == 0 {
+			_ = os.Remove(dir)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// pruneWorkdirs removes workdirs no visible overlay uses, except keep.
+func (a *Agent) pruneWorkdirs(keep ...string) {
+	ms, err := a.m.Mounts()
+	if err != nil {
+		a.log.Warn("prune workdirs", "err", err)
+		return
+	}
+	used := map[string]bool{}
+	for _, k := range keep {
+		if k != "" {
+			used[filepath.Clean(k)] = true
+		}
+	}
+	for _, m := range ms {
+		if w, ok := m.Option("workdir"); ok && m.FSType == "overlay" {
+			used[filepath.Clean(w)] = true
+		}
+	}
+	ents, err := os.ReadDir(a.cfg.workRoot())
+	if err != nil {
+		a.log.Warn("prune workdirs", "err", err)
+		return
+	}
+	for _, e := range ents {
+		p := filepath.Join(a.cfg.workRoot(), e.Name())
+		if used[p] || !e.IsDir() {
+			continue
+		}
+		if err := overlay.RemoveWorkdir(p); err != nil {
+			a.log.Warn("prune workdir", "dir", p, "err", err)
+		}
+	}
+}

@@ -1,0 +1,87 @@
+package builder
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/strata-nix/strata/overlay"
+)
+
+// Mounter is every mount operation the agent makes. The kernel's mount
+// table (Mounts) is the truth the agent reconciles its state file with.
+// System is the real one; unit tests use a fake.
+type Mounter interface {
+	// MountGeneration mounts generation gen read-only at dir (an existing
+	// directory).
+	MountGeneration(ctx context.Context, gen uint64, dir string) error
+	// MountOverlay mounts an overlay of l at target.
+	MountOverlay(ctx context.Context, target string, l overlay.Layers) error
+	// Swap atomically replaces the overlay at target by one of l and
+	// returns the method used.
+	Swap(ctx context.Context, target string, l overlay.Layers) (overlay.Method, error)
+	// Detach lazily unmounts the top mount at target.
+	Detach(ctx context.Context, target string) error
+	// Mounts returns the mount table of the agent's mount namespace.
+	Mounts() ([]overlay.MountInfo, error)
+}
+
+// GenerationMounter mounts generation gen read-only at dir. NFSGenerations
+// returns the production one; tests substitute a bind mount of the
+// server's snapshot (same semantics as the read-only NFS lower, minus NFS).
+type GenerationMounter func(ctx context.Context, gen uint64, dir string) error
+
+// NFSGenerations mounts /gen/<N> from the strata NFS server at host:port
+// with overlay.MountNFS (nosharecache, since two generations are mounted
+// during a rotation).
+func NFSGenerations(host string, port, nconnect int, extra []string) GenerationMounter {
+	return func(ctx context.Context, gen uint64, dir string) error {
+		return overlay.MountNFS(ctx, host, fmt.Sprintf("/gen/%d", gen), dir,
+			overlay.NFSOptions{Port: port, NConnect: nconnect, Extra: extra})
+	}
+}
+
+// System is the Mounter of a real host: generations through Generation,
+// overlays and swaps through package overlay.
+type System struct {
+	Generation  GenerationMounter
+	SwapOptions overlay.SwapOptions
+}
+
+var _ Mounter = (*System)(nil)
+
+// NewSystem returns a System that mounts generations with gen and swaps
+// with method, staging propagation swaps under stagingDir.
+func NewSystem(gen GenerationMounter, method overlay.Method, stagingDir string, log *slog.Logger) *System {
+	return &System{Generation: gen, SwapOptions: overlay.SwapOptions{Method: method, StagingDir: stagingDir, Logger: log}}
+}
+
+func (s *System) MountGeneration(ctx context.Context, gen uint64, dir string) error {
+	if s.Generation == nil {
+		return fmt.Errorf("mount generation %d: no generation mounter", gen)
+	}
+	return s.Generation(ctx, gen, dir)
+}
+
+func (s *System) MountOverlay(ctx context.Context, target string, l overlay.Layers) error {
+	return overlay.Mount(ctx, target, l)
+}
+
+func (s *System) Swap(ctx context.Context, target string, l overlay.Layers) (overlay.Method, error) {
+	res, err := overlay.Swap(ctx, target, l, s.SwapOptions)
+	return res.Method, err
+}
+
+func (s *System) Detach(ctx context.Context, target string) error { return overlay.Detach(ctx, target) }
+
+func (s *System) Mounts() ([]overlay.MountInfo, error) { return overlay.ReadMountInfo() }
+
+func mkdirs(dirs ...string) error {
+	for _, d := range dirs {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,199 @@
+package builder
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"net/url"
+	"path/filepath"
+	"strings"
+
+	_ "modernc.org/sqlite" // the cgo-free "sqlite" driver
+
+	"github.com/strata-nix/strata/nixstore"
+)
+
+// Nix is what the agent needs from the local Nix store. NixStore is the
+// real one.
+type Nix interface {
+	// Load registers the records not valid yet (nix-store --load-db) and
+	// returns how many it registered.
+	Load(ctx context.Context, infos []nixstore.PathInfo) (int, error)
+	// Referrers reports, for each of paths, whether it is valid and which
+	// valid paths (other than itself) refer to it.
+	Referrers(ctx context.Context, paths []string) (valid map[string]bool, referrers map[string][]string, err error)
+	// Invalidate removes paths from the local DB without touching files.
+	// No valid path outside paths may refer to any of them.
+	Invalidate(ctx context.Context, paths []string) error
+}
+
+// NixStore is the local Nix store: registration with the nix-store CLI,
+// invalidation directly in its SQLite database.
+//
+// Why invalidation does not use Nix: `nix-store --delete` removes the files
+// too, which on the overlay writes whiteouts into the upper, hiding the
+// path in every later generation that brings it back; `nix-store --verify`
+// only invalidates paths whose files are already gone, which would mean
+// swapping first and leaving valid-but-unreadable paths until it runs
+// (invariant 2). So the agent does what Nix's own invalidatePath does: in
+// one SQLite transaction with foreign keys on, DELETE FROM ValidPaths for
+// each path, referrers before the paths they refer to (Refs rows of a
+// deleted referrer and DerivationOutputs rows of a deleted .drv go by ON
+// DELETE CASCADE; a reference from a surviving path is refused by ON DELETE
+// RESTRICT, so the DB cannot lose closure). SQLite's own locking makes this
+// safe next to a running nix-daemon; Nix keeps no cache of validity across
+// operations that this would invalidate, except for an in-process path-info
+// cache of a long-lived nix-daemon worker, which only lives for one client
+// connection.
+type NixStore struct {
+	CLI nixstore.CLI
+	// DB is the path of db.sqlite (<nix.state_dir>/db/db.sqlite).
+	DB string
+}
+
+// NewNixStore returns the store of cfg.
+func NewNixStore(cfg Config) *NixStore {
+	cli := nixstore.CLI{Bin: cfg.NixBin}
+	if cfg.NixStore != "" {
+		cli.Args = []string{"--store", cfg.NixStore}
+	}
+	return &NixStore{CLI: cli, DB: filepath.Join(cfg.NixStateDir, "db", "db.sqlite")}
+}
+
+func (n *NixStore) Load(ctx context.Context, infos []nixstore.PathInfo) (int, error) {
+	return n.CLI.LoadDB(ctx, infos)
+}
+
+func (n *NixStore) open(ctx context.Context) (*sql.Conn, func(), error) {
+	// Nix opens its DB in WAL mode with foreign keys on; match it.
+	dsn := "file:" + (&url.URL{Path: n.DB}).EscapedPath() +
+		"?_pragma=foreign_keys(1)&_pragma=busy_timeout(60000)"
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open nix db %s: %w", n.DB, err)
+	}
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		db.Close()
+		return nil, nil, fmt.Errorf("open nix db %s: %w", n.DB, err)
+	}
+	return conn, func() { conn.Close(); db.Close() }, nil
+}
+
+func (n *NixStore) Referrers(ctx context.Context, paths []string) (map[string]bool, map[string][]string, error) {
+	valid := map[string]bool{}
+	refs := map[string][]string{}
+	if len(paths) == 0 {
+		return valid, refs, nil
+	}
+	conn, done, err := n.open(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer done()
+	for _, p := range paths {
+		var id int64
+		err := conn.QueryRowContext(ctx, "SELECT id FROM ValidPaths WHERE path = ?", p).Scan(&id)
+		if err == sql.ErrNoRows {
+			continue
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("query nix db %s: %w", n.DB, err)
+		}
+		valid[p] = true
+		rows, err := conn.QueryContext(ctx,
+			"SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer WHERE r.reference = ? AND r.referrer != ?", id, id)
+		if err != nil {
+			return nil, nil, fmt.Errorf("query nix db %s: %w", n.DB, err)
+		}
+		for rows.Next() {
+			var r string
+			if err := rows.Scan(&r); err != nil {
+				rows.Close()
+				return nil, nil, fmt.Errorf("query nix db %s: %w", n.DB, err)
+			}
+			refs[p] = append(refs[p], r)
+		}
+		if err := rows.Close(); err != nil {
+			return nil, nil, fmt.Errorf("query nix db %s: %w", n.DB, err)
+		}
+	}
+	return valid, refs, nil
+}
+
+func (n *NixStore) Invalidate(ctx context.Context, paths []string) error {
+	if len(paths) == 0 {
+		return nil
+	}
+	conn, done, err := n.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	_, refs, err := n.Referrers(ctx, paths)
+	if err != nil {
+		return err
+	}
+	order, err := referrersFirst(paths, refs)
+	if err != nil {
+		return fmt.Errorf("invalidate: %w", err)
+	}
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("invalidate: %w", err)
+	}
+	defer tx.Rollback()
+	for _, p := range order {
+		if _, err := tx.ExecContext(ctx, "DELETE FROM ValidPaths WHERE path = ?", p); err != nil {
+			return fmt.Errorf("invalidate %s: %w", p, err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("invalidate: %w", err)
+	}
+	return nil
+}
+
+// referrersFirst orders paths so that every path comes after the paths of
+// the set that refer to it. A referrer outside the set is an error (the
+// DB would refuse it anyway); so is a reference cycle, which Nix stores
+// cannot have apart from self-references.
+func referrersFirst(paths []string, refs map[string][]string) ([]string, error) {
+	in := map[string]bool{}
+	for _, p := range paths {
+		in[p] = true
+	}
+	for _, p := range paths {
+		for _, r := range refs[p] {
+			if !in[r] {
+				return nil, fmt.Errorf("path %s is still referred to by %s", p, r)
+			}
+		}
+	}
+	var out []string
+	state := map[string]int{} // 1 visiting, 2 done
+	var visit func(p string, stack []string) error
+	visit = func(p string, stack []string) error {
+		switch state[p] {
+		case 1:
+			return fmt.Errorf("reference cycle: %s", strings.Join(append(stack, p), " -> "))
+		case 2:
+			return nil
+		}
+		state[p] = 1
+		for _, r := range refs[p] {
+			if err := visit(r, append(stack, p)); err != nil {
+				return err
+			}
+		}
+		state[p] = 2
+		out = append(out, p)
+		return nil
+	}
+	for _, p := range paths {
+		if err := visit(p, nil); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,172 @@
+package builder
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/strata-nix/strata/nixstore"
+)
+
+// Rotate moves the store dir from the current generation N to gen:
+//
+//  1. Mounting(gen): fetch the delta N→gen, mount gen at lower/<gen>.
+//  2. Invalidating(gen): decide for every path leaving (the delta's removed
+//     paths, and paths kept by older lowers that gen does not bring back):
+//     invalidate it in the local DB, unless the upper holds it, or a path
+//     that stays valid refers to it — then its generation stays mounted as
+//     an extra lower below gen (planRemoval). Invalidation happens while
+//     the paths are still readable.
+//  3. Swapping(gen): overlay.Swap to lowers [gen, kept...] with the same
+//     upper and a fresh workdir.
+//  4. Importing(gen): register the delta's added paths (nix-store
+//     --load-db, only those not valid yet), now that they are readable.
+//  5. Releasing(gen): detach lowers no longer used (N's NFS mount, once
+//     the old overlay is detached; a detached overlay still in use keeps
+//     it alive in the kernel), prune workdirs but the current and previous.
+//
+// An error before the swap leaves the old overlay in place: the new lower
+// is detached again and the error is recorded in the state (LastError).
+// Paths invalidated before a failed swap stay invalid (they were leaving,
+// and the DB stays closed under references). An error while importing
+// leaves the new overlay with the state at Importing; the next Check
+// imports the full registration again.
+func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
+	st := a.State()
+	if st.Phase != PhaseIdle {
+		return fmt.Errorf("rotate to generation %d: agent is %s, not idle", gen, st)
+	}
+	if gen <= st.Generation {
+		return fmt.Errorf("rotate to generation %d: not newer than the mounted generation %d", gen, st.Generation)
+	}
+	began := time.Now()
+	cur := st.Generation
+	swapped := false
+	defer func() {
+		if err == nil {
+			return
+		}
+		err = fmt.Errorf("rotate %d -> %d: %w", cur, gen, err)
+		a.log.Error("rotation failed", "from", cur, "to", gen, "err", err)
+		if !swapped {
+			if terr := a.transition(func(s *State) {
+				s.Phase, s.Target, s.Next, s.LastError = PhaseReleasing, 0, nil, err.Error()
+			}); terr != nil {
+				a.log.Error("persist state", "err", terr)
+				return
+			}
+			if rerr := a.release(context.WithoutCancel(ctx)); rerr != nil {
+				a.log.Error("release after failed rotation", "err", rerr)
+			}
+		} else {
+			a.setError(err)
+		}
+	}()
+
+	d, err := a.srv.Delta(ctx, cur, gen)
+	if err != nil {
+		return fmt.Errorf("fetch delta: %w", err)
+	}
+	added, err := nixstore.ParseRegistration(bytes.NewReader([]byte(d.Added)))
+	if err != nil {
+		return fmt.Errorf("delta: %w", err)
+	}
+	if err := a.transition(func(s *State) { s.Phase, s.Target = PhaseMounting, gen }); err != nil {
+		return err
+	}
+	if err := a.ensureLower(ctx, gen); err != nil {
+		return err
+	}
+
+	// Paths leaving, each with the generation whose lower holds it.
+	cands := map[string]uint64{}
+	for _, p := range d.Removed {
+		cands[p] = cur
+	}
+	for _, l := range st.Lowers[1:] {
+		for _, p := range l.Kept {
+			cands[p] = l.Gen
+		}
+	}
+	for _, in := range added {
+		delete(cands, in.Path)
+	}
+	paths := make([]string, 0, len(cands))
+	for p := range cands {
+		paths = append(paths, p)
+	}
+	slices.Sort(paths)
+	valid, refs, err := a.nix.Referrers(ctx, paths)
+	if err != nil {
+		return err
+	}
+	plan := planRemoval(cands, valid, refs, func(p string) bool { return upperHolds(a.cfg.upperDir(), p) })
+	next := []Lower{{Gen: gen}}
+	var keptGens []uint64
+	for g := range plan.Keep {
+		keptGens = append(keptGens, g)
+	}
+	slices.Sort(keptGens)
+	slices.Reverse(keptGens)
+	for _, g := range keptGens {
+		next = append(next, Lower{Gen: g, Kept: plan.Keep[g]})
+	}
+	if err := a.transition(func(s *State) { s.Phase, s.Next = PhaseInvalidating, next }); err != nil {
+		return err
+	}
+	if err := a.nix.Invalidate(ctx, plan.Invalidate); err != nil {
+		return err
+	}
+	if len(plan.Invalidate)+len(plan.InUpper)+len(keptGens) > 0 {
+		a.log.Info("paths left the central store", "invalidated", len(plan.Invalidate),
+			"kept_in_upper", len(plan.InUpper), "kept_through_old_lowers", keptGens)
+	}
+	for _, x := range next[1:] {
+		if err := a.ensureLower(ctx, x.Gen); err != nil {
+			return err
+		}
+	}
+	work, err := newWorkdir(a.cfg, gen)
+	if err != nil {
+		return err
+	}
+	if err := a.transition(func(s *State) { s.Phase, s.PathsInvalidated = PhaseSwapping, len(plan.Invalidate) }); err != nil {
+		os.Remove(work)
+		return err
+	}
+	method, err := a.m.Swap(ctx, a.cfg.StoreDir, a.layers(next, work))
+	if err != nil {
+		return err
+	}
+	swapped = true
+	swapTook := time.Since(began)
+	a.mu.Lock()
+	a.method = method
+	a.mu.Unlock()
+	a.log.Info("swapped overlay", "from", cur, "to", gen, "method", method.String(), "lowers", gens(next))
+	if err := a.transition(func(s *State) {
+		s.Phase, s.Generation, s.Lowers, s.PrevWork, s.Work = PhaseImporting, gen, next, s.Work, work
+	}); err != nil {
+		return err
+	}
+	n, err := a.nix.Load(ctx, added)
+	if err != nil {
+		return fmt.Errorf("import: %w", err)
+	}
+	if err := a.transition(func(s *State) {
+		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, ""
+		s.LastRotation, s.LastRotationDuration = time.Now(), time.Since(began)
+	}); err != nil {
+		return err
+	}
+	if err := a.release(ctx); err != nil {
+		return err
+	}
+	a.notify(fmt.Sprintf("STATUS=serving generation %d", gen))
+	a.log.Info("rotated", "from", cur, "to", gen, "imported", n, "invalidated", len(plan.Invalidate),
+		"until_swap", swapTook.Round(time.Millisecond), "took", time.Since(began).Round(time.Millisecond))
+	return nil
+}

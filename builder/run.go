@@ -1,0 +1,125 @@
+package builder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Run starts the agent (Start, retried with exponential backoff from 1 s to
+// 1 min while the server is unreachable or a mount fails; the agent is not
+// READY meanwhile), sends READY=1, then checks for a newer generation every
+// rotate.check_interval and on RequestRotation until ctx ends. It returns
+// nil when ctx is cancelled: mounts stay for the next start.
+func (a *Agent) Run(ctx context.Context) error {
+	backoff := time.Second
+	for {
+		err := a.Start(ctx)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		a.setError(err)
+		a.log.Error("builder not ready; retrying", "err", err, "retry_in", backoff)
+		a.notify("STATUS=not ready: " + err.Error())
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Minute)
+	}
+	a.log.Info("ready", "generation", a.State().Generation, "store", a.cfg.StoreDir)
+
+	t := time.NewTicker(a.cfg.CheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			a.notify("STOPPING=1")
+			return nil
+		case <-t.C:
+			if err := a.Check(ctx, false); err != nil && ctx.Err() == nil {
+				a.log.Warn("check for a newer generation", "err", err)
+			}
+		case reply := <-a.rotateReq:
+			reply <- a.Check(ctx, true)
+		}
+	}
+}
+
+// ErrBusy is returned by Check when the idle policy defers a rotation.
+var ErrBusy = errors.New("a build is running; rotation deferred")
+
+// Check asks the server for its newest generation and rotates to it when
+// it is newer than the mounted one. With the idle policy it first waits
+// for no build to run (Busy), at most rotate.max_wait from the first time
+// it deferred; force skips the policy. An import left unfinished by an
+// earlier failure is retried first.
+func (a *Agent) Check(ctx context.Context, force bool) error {
+	if st := a.State(); st.Phase == PhaseImporting {
+		if err := a.importFull(ctx, st.Generation); err != nil {
+			a.setError(err)
+			return err
+		}
+		if err := a.release(ctx); err != nil {
+			return err
+		}
+	}
+	l, err := a.generations(ctx)
+	if err != nil {
+		a.setError(err)
+		return err
+	}
+	if len(l.Generations) == 0 {
+		return nil
+	}
+	newest := l.Generations[len(l.Generations)-1].ID
+	if newest <= a.State().Generation {
+		return nil
+	}
+	if !force && a.cfg.Policy == PolicyIdle {
+		busy, why, err := a.busy()
+		if err != nil {
+			return err
+		}
+		a.mu.Lock()
+		if a.waitSince.IsZero() {
+			a.waitSince = time.Now()
+		}
+		waited := time.Since(a.waitSince)
+		a.mu.Unlock()
+		if busy && waited < a.cfg.MaxWait {
+			a.log.Info("newer generation waits for builds to end", "generation", newest, "lock", why,
+				"waited", waited.Round(time.Second), "max_wait", a.cfg.MaxWait)
+			return fmt.Errorf("rotate to generation %d: %w (%s)", newest, ErrBusy, why)
+		}
+		if busy {
+			a.log.Warn("rotating although a build runs: rotate.max_wait reached", "generation", newest, "lock", why)
+		}
+	}
+	a.mu.Lock()
+	a.waitSince = time.Time{}
+	a.mu.Unlock()
+	return a.Rotate(ctx, newest)
+}
+
+// RequestRotation asks the running agent to check for a newer generation
+// now and rotate to it regardless of the policy, and waits for the result.
+func (a *Agent) RequestRotation(ctx context.Context) error {
+	reply := make(chan error, 1)
+	select {
+	case a.rotateReq <- reply:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-reply:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

@@ -1,0 +1,233 @@
+package builder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/overlay"
+)
+
+// Start brings the store dir to a consistent, served generation, once:
+//
+//   - It reconciles the state file with the mount table. An overlay of the
+//     agent's (its upperdir is state_dir/upper) visible at the store dir is
+//     re-adopted as it is, without remounting. If a rotation was cut short
+//     after its swap began, and the new overlay is mounted beneath the old
+//     one, the old one is detached, which completes the swap atomically.
+//     A rotation cut short before its swap is abandoned: the overlay stays,
+//     the new generation's lower is detached (the next check starts the
+//     rotation again; invalidation already done is not redone).
+//   - With no overlay of its own at the store dir (first start, or a
+//     reboot), it mounts the generation the state names (or the server's
+//     newest on first start) with a fresh workdir and the same upper.
+//   - The registration is imported (only paths not valid yet) on first
+//     start, after a reboot, and when a cut-short rotation had swapped but
+//     not finished importing.
+//   - Lowers the overlay does not use are detached, unused workdirs pruned.
+//
+// Until the overlay is mounted the store dir is untouched. Start needs the
+// server only when it must mount or import; an error leaves everything
+// mounted so far in place for the next attempt.
+func (a *Agent) Start(ctx context.Context) error {
+	ms, err := a.m.Mounts()
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	st := a.State()
+	// A swap may have happened iff the rotation reached Swapping.
+	forward := st.Target != 0 && (st.Phase == PhaseSwapping || st.Phase == PhaseImporting ||
+		(st.Phase == PhaseMounting && st.Generation == 0))
+
+	all, top, hasTop := a.ourOverlays(ms)
+	if hasTop && forward {
+		if g, _, err := a.lowersOf(top); err == nil && g[0] != st.Target {
+			for _, m := range all {
+				if mg, _, err := a.lowersOf(m); err == nil && m.ID != top.ID && mg[0] == st.Target {
+					a.log.Warn("completing an interrupted swap: detaching the old overlay above the new one",
+						"old", g[0], "new", st.Target)
+					if err := a.m.Detach(ctx, a.cfg.StoreDir); err != nil {
+						return fmt.Errorf("start: complete interrupted swap: %w", err)
+					}
+					if ms, err = a.m.Mounts(); err != nil {
+						return fmt.Errorf("start: %w", err)
+					}
+					all, top, hasTop = a.ourOverlays(ms)
+					break
+				}
+			}
+		}
+	}
+	if len(all) > 1 {
+		a.log.Warn("more than one strata overlay at the store dir; only the visible one is used", "count", len(all))
+	}
+
+	if hasTop {
+		lg, work, err := a.lowersOf(top)
+		if err != nil {
+			return fmt.Errorf("start: adopt overlay at %s: %w", a.cfg.StoreDir, err)
+		}
+		lowers := lowersFor(lg, st)
+		if st.Generation != 0 && lg[0] == st.Generation && lg[0] != st.Target {
+			if st.Phase == PhaseIdle || st.Phase == PhaseReleasing {
+				a.log.Info("re-adopted mounted overlay", "generation", lg[0], "lowers", lg, "mount_id", top.ID)
+			} else {
+				a.log.Warn("re-adopted mounted overlay; abandoning the interrupted rotation", "generation", lg[0],
+					"state", st.String())
+			}
+			if err := a.transition(func(s *State) {
+				s.Phase, s.Lowers, s.Work, s.Target, s.Next = PhaseReleasing, lowers, work, 0, nil
+			}); err != nil {
+				return err
+			}
+		} else {
+			// The swap to Target happened (or the state file does not know
+			// this overlay): finish importing.
+			a.log.Warn("re-adopted mounted overlay; finishing its import", "generation", lg[0], "state", st.String())
+			prev := st.Work
+			if prev == work {
+				prev = st.PrevWork
+			}
+			if err := a.transition(func(s *State) {
+				s.Phase, s.Generation, s.Lowers, s.Work, s.PrevWork, s.Target = PhaseImporting, lg[0], lowers, work, prev, lg[0]
+			}); err != nil {
+				return err
+			}
+			if err := a.importFull(ctx, lg[0]); err != nil {
+				return fmt.Errorf("start: %w", err)
+			}
+		}
+		a.setReady()
+		return a.release(ctx)
+	}
+
+	// Nothing of ours is mounted: first start or reboot. Mount.
+	var want []Lower
+	switch {
+	case forward && len(st.Next) > 0:
+		want = st.Next
+	case st.Generation != 0 && len(st.Lowers) > 0:
+		want = st.Lowers
+	}
+	l, err := a.generations(ctx)
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	if len(want) > 0 && !slices.ContainsFunc(l.Generations, func(g api.Generation) bool { return g.ID == want[0].Gen }) {
+		a.log.Warn("the generation this builder had mounted is no longer live on the server; mounting the newest",
+			"generation", want[0].Gen)
+		want = nil
+	}
+	if len(want) == 0 {
+		if len(l.Generations) == 0 {
+			return errors.New("start: the server has no generation yet")
+		}
+		want = []Lower{{Gen: l.Generations[len(l.Generations)-1].ID}}
+	}
+	g := want[0].Gen
+	began := time.Now()
+	if err := a.transition(func(s *State) { s.Phase, s.Target, s.Next = PhaseMounting, g, want }); err != nil {
+		return err
+	}
+	if err := a.releaseLowers(ctx, gens(want)); err != nil {
+		a.log.Warn("release stale lowers", "err", err)
+	}
+	for _, x := range want {
+		if err := a.ensureLower(ctx, x.Gen); err != nil {
+			return fmt.Errorf("start: %w", err)
+		}
+	}
+	work, err := newWorkdir(a.cfg, g)
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	if err := mkdirs(a.cfg.StoreDir); err != nil {
+		return fmt.Errorf("start: store dir: %w", err)
+	}
+	if err := a.m.MountOverlay(ctx, a.cfg.StoreDir, a.layers(want, work)); err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	a.log.Info("mounted overlay", "store", a.cfg.StoreDir, "generation", g, "lowers", gens(want))
+	if err := a.transition(func(s *State) {
+		s.Phase, s.Generation, s.Lowers, s.PrevWork, s.Work = PhaseImporting, g, want, "", work
+	}); err != nil {
+		return err
+	}
+	if err := a.importFull(ctx, g); err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	if err := a.transition(func(s *State) {
+		s.LastRotation, s.LastRotationDuration = time.Now(), time.Since(began)
+	}); err != nil {
+		return err
+	}
+	a.setReady()
+	return a.release(ctx)
+}
+
+// lowersFor pairs the generations of a mounted overlay with the kept
+// paths the state knows for them.
+func lowersFor(gs []uint64, st State) []Lower {
+	known := map[uint64][]string{}
+	for _, l := range append(slices.Clone(st.Lowers), st.Next...) {
+		if len(l.Kept) > 0 {
+			known[l.Gen] = l.Kept
+		}
+	}
+	out := make([]Lower, len(gs))
+	for i, g := range gs {
+		out[i] = Lower{Gen: g}
+		if i > 0 {
+			out[i].Kept = known[g]
+		}
+	}
+	return out
+}
+
+// importFull registers generation g's whole registration (only paths not
+// valid yet are loaded), then marks the state Idle.
+func (a *Agent) importFull(ctx context.Context, g uint64) error {
+	infos, err := a.registration(ctx, g)
+	if err != nil {
+		return err
+	}
+	began := time.Now()
+	n, err := a.nix.Load(ctx, infos)
+	if err != nil {
+		return fmt.Errorf("import generation %d: %w", g, err)
+	}
+	a.log.Info("imported registration", "generation", g, "paths", len(infos), "new", n, "took", time.Since(began).Round(time.Millisecond))
+	return a.transition(func(s *State) {
+		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, ""
+	})
+}
+
+// release detaches lowers the overlay no longer uses, prunes workdirs and
+// marks the state Idle.
+func (a *Agent) release(ctx context.Context) error {
+	st := a.State()
+	if err := a.releaseLowers(ctx, gens(st.Lowers)); err != nil {
+		a.log.Warn("release old lowers", "err", err)
+	}
+	a.pruneWorkdirs(st.Work, st.PrevWork)
+	return a.transition(func(s *State) { s.Phase, s.Target, s.Next = PhaseIdle, 0, nil })
+}
+
+func (a *Agent) setReady() {
+	a.mu.Lock()
+	first := !a.ready
+	a.ready = true
+	g := a.st.Generation
+	a.mu.Unlock()
+	if first {
+		a.notify("READY=1")
+	}
+	a.notify(fmt.Sprintf("STATUS=serving generation %d", g))
+}
+
+func newWorkdir(cfg Config, g uint64) (string, error) {
+	return overlay.NewWorkdir(cfg.workRoot(), fmt.Sprintf("gen%d-", g))
+}
