@@ -1,0 +1,89 @@
+package main
+
+import (
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestMain runs the real main when re-executed by a test.
+func TestMain(m *testing.M) {
+	if os.Getenv("STRATA_TEST_RUN_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func runStrata(t *testing.T, env []string, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(append(os.Environ(), "STRATA_TEST_RUN_MAIN=1"), env...)
+	out, err := cmd.CombinedOutput()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return string(out), code
+}
+
+func TestServerRefusesBadConfigAndStartsNothing(t *testing.T) {
+	dir := t.TempDir()
+	// A free port: if the server started anything, it would bind it.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().String()
+	l.Close()
+	state := filepath.Join(dir, "state")
+	cases := map[string]struct {
+		yaml string
+		env  []string
+		args []string
+		want string
+	}{
+		"unknown key":    {"store:\n  roots: /nix\n", nil, nil, `unknown key "store.roots"`},
+		"wrong type":     {"retention:\n  keep: many\n", nil, nil, `"retention.keep"`},
+		"missing zfs ds": {"snapshot:\n  backend: zfs\n", nil, nil, `missing required key "snapshot.dataset"`},
+		"bad env":        {"", []string{"STRATA_PUBLISH_INTERVAL=soon"}, nil, "STRATA_PUBLISH_INTERVAL"},
+		"bad flag":       {"", nil, []string{"--nfs-allow=300.1.2.3/8"}, `"nfs.allow"`},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			f := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".yaml")
+			os.WriteFile(f, []byte(tc.yaml+"state_dir: "+state+"\napi:\n  listen: "+port+"\n"), 0o644)
+			out, code := runStrata(t, tc.env, append([]string{"server", "--config", f}, tc.args...)...)
+			if code != 2 || !strings.Contains(out, tc.want) {
+				t.Fatalf("exit %d, output %q; want exit 2 and %q", code, out, tc.want)
+			}
+			if _, err := os.Stat(state); !os.IsNotExist(err) {
+				t.Fatalf("state dir was created: %v", err)
+			}
+		})
+	}
+	if _, code := runStrata(t, nil, "server", "--config", filepath.Join(dir, "missing.yaml")); code != 2 {
+		t.Fatalf("missing --config file: exit %d, want 2", code)
+	}
+}
+
+func TestVersionAndHelp(t *testing.T) {
+	out, code := runStrata(t, nil, "version")
+	if code != 0 || !strings.HasPrefix(out, "strata ") {
+		t.Fatalf("version: %d %q", code, out)
+	}
+	out, code = runStrata(t, nil, "server", "--help")
+	for _, flag := range []string{"--config", "--store-root", "--nfs-allow", "--retention-keep", "STRATA_NFS_LISTEN"} {
+		if code != 0 || !strings.Contains(out, flag) {
+			t.Errorf("server --help lacks %s", flag)
+		}
+	}
+	if out, code := runStrata(t, nil, "pin", "zero"); code != 2 || !strings.Contains(out, `"zero"`) {
+		t.Errorf("pin zero: %d %q", code, out)
+	}
+}
