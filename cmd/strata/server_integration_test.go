@@ -1,0 +1,124 @@
+//go:build integration
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/internal/testenv"
+)
+
+// notifications collects sd_notify datagrams sent to a NOTIFY_SOCKET.
+func notifications(t *testing.T) (string, <-chan string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	ch := make(chan string, 64)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return
+			}
+			ch <- string(buf[:n])
+		}
+	}()
+	return path, ch
+}
+
+func waitFor(t *testing.T, ch <-chan string, want string) {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case m := <-ch:
+			if strings.Contains(m, want) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no %q from sd_notify", want)
+		}
+	}
+}
+
+// TestServerDaemon runs the real `strata server` on a btrfs central store:
+// sd_notify READY/STATUS/STOPPING, the CLI against its socket, and a restart
+// that serves the same generations.
+func TestServerDaemon(t *testing.T) {
+	mnt := testenv.LoopBtrfs(t, "1G")
+	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
+	st := nixtest.New(t, mnt)
+	st.Fill(t)
+	state := filepath.Join(t.TempDir(), "state")
+	cfg := filepath.Join(t.TempDir(), "server.yaml")
+	os.WriteFile(cfg, []byte(`store:
+  root: `+st.NixRoot()+`
+snapshot:
+  snapshot_dir: `+filepath.Join(mnt, "snaps")+`
+state_dir: `+state+`
+publish:
+  interval: 0s
+api:
+  listen: ""
+nfs:
+  listen: 127.0.0.1:0
+`), 0o644)
+
+	start := func() (*exec.Cmd, <-chan string) {
+		sock, ch := notifications(t)
+		cmd := exec.Command(os.Args[0], "server", "--config", cfg)
+		cmd.Env = append(os.Environ(), "STRATA_TEST_RUN_MAIN=1", "NOTIFY_SOCKET="+sock)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		waitFor(t, ch, "READY=1")
+		return cmd, ch
+	}
+	cmd, ch := start()
+	waitFor(t, ch, "STATUS=serving generation 1")
+
+	apiAddr := "unix:" + filepath.Join(state, "api.sock")
+	out, code := runStrata(t, nil, "generations", "--json", "--api", apiAddr)
+	var l api.GenerationList
+	if code != 0 || json.Unmarshal([]byte(out), &l) != nil || len(l.Generations) != 1 || l.Generations[0].ID != 1 {
+		t.Fatalf("generations: exit %d %q", code, out)
+	}
+	st.AddText(t, "new", "new path\n")
+	if out, code := runStrata(t, nil, "publish", "--api", apiAddr); code != 0 || !strings.Contains(out, "published generation 2") {
+		t.Fatalf("publish: exit %d %q", code, out)
+	}
+	if out, code := runStrata(t, nil, "pin", "1", "--name", "keep", "--api", apiAddr); code != 0 {
+		t.Fatalf("pin: exit %d %q", code, out)
+	}
+
+	cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, ch, "STOPPING=1")
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("server exit after SIGTERM: %v", err)
+	}
+
+	start()
+	c := api.NewClient(apiAddr, "")
+	l, err := c.Generations(context.Background())
+	if err != nil || len(l.Generations) != 2 || !l.Generations[0].Pinned || l.Generations[0].PinName != "keep" {
+		t.Fatalf("after restart: %+v %v", l, err)
+	}
+}
