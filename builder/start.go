@@ -100,8 +100,11 @@ func (a *Agent) Start(ctx context.Context) error {
 				return fmt.Errorf("start: %w", err)
 			}
 		}
+		if err := a.release(ctx); err != nil {
+			return err
+		}
 		a.setReady()
-		return a.release(ctx)
+		return nil
 	}
 
 	// Nothing of ours is mounted: first start or reboot. Mount.
@@ -164,8 +167,11 @@ func (a *Agent) Start(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	if err := a.release(ctx); err != nil {
+		return err
+	}
 	a.setReady()
-	return a.release(ctx)
+	return nil
 }
 
 // lowersFor pairs the generations of a mounted overlay with the kept
