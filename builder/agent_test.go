@@ -1,0 +1,442 @@
+package builder
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/strata-nix/strata/config"
+	"github.com/strata-nix/strata/nixstore"
+	"github.com/strata-nix/strata/overlay"
+)
+
+// overlayLowers returns the generations of the visible overlay at the
+// store dir in the fake mount table, and how many overlays are there.
+func (u *unitEnv) overlayLowers(t *testing.T, a *Agent) ([]uint64, int) {
+	t.Helper()
+	ms, _ := u.m.Mounts()
+	all, top, ok := a.ourOverlays(ms)
+	if !ok {
+		return nil, len(all)
+	}
+	g, _, err := a.lowersOf(top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g, len(all)
+}
+
+func (u *unitEnv) lowerMounts(a *Agent) map[string]int {
+	ms, _ := u.m.Mounts()
+	out := map[string]int{}
+	for _, m := range overlay.Under(ms, a.cfg.lowerRoot()) {
+		out[filepath.Base(m.Mountpoint)]++
+	}
+	return out
+}
+
+func TestStartImportsAndPersists(t *testing.T) {
+	u := newUnitEnv(t)
+	a1, b1 := info("a"), info("bb")
+	u.srv.publish(a1, b1)
+	a := u.agent(t)
+	var seen []string
+	a.onTransition = func(s State) { seen = append(seen, s.String()) }
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"mounting(1)", "importing(1)", "releasing(1)", "releasing(1)", "idle(1)"}; !slices.Equal(seen, want) {
+		t.Fatalf("transitions %v, want %v", seen, want)
+	}
+	if !u.nix.isValid(a1.Path) || !u.nix.isValid(b1.Path) {
+		t.Fatal("registration not imported")
+	}
+	if g, n := u.overlayLowers(t, a); !slices.Equal(g, []uint64{1}) || n != 1 {
+		t.Fatalf("overlay lowers %v (%d overlays), want [1] once", g, n)
+	}
+	st, err := loadState(u.cfg.stateFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.String() != "idle(1)" || st.PathsImported != 2 || st.Work == "" {
+		t.Fatalf("persisted state %+v", st)
+	}
+	if !a.Ready() {
+		t.Fatal("not ready after start")
+	}
+}
+
+func TestServerDownLeavesStoreDirAlone(t *testing.T) {
+	u := newUnitEnv(t)
+	u.srv.publish(info("a"))
+	u.srv.down = true
+	a := u.agent(t)
+	err := a.Start(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("start with the server down: %v, want the connection error", err)
+	}
+	if len(u.m.calls) != 0 || a.Ready() {
+		t.Fatalf("mount calls %v, ready %v: want nothing before the server answers", u.m.calls, a.Ready())
+	}
+	u.srv.down = false
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRotateRemovesAndKeeps(t *testing.T) {
+	u := newUnitEnv(t)
+	lib, gone, same := info("lib"), info("gone"), info("same")
+	u.srv.publish(lib, gone, same)
+	a := u.agent(t)
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// A local build refers to lib.
+	local := info("local-out", lib.Path)
+	u.nix.Load(context.Background(), []nixstore.PathInfo{local})
+	fresh := info("fresh")
+	u.srv.publish(same, fresh)
+	if err := a.Check(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	st := a.State()
+	if st.String() != "idle(2)" {
+		t.Fatalf("state %s, want idle(2)", st)
+	}
+	if !u.nix.isValid(lib.Path) || u.nix.isValid(gone.Path) || !u.nix.isValid(fresh.Path) || !u.nix.isValid(local.Path) {
+		t.Fatalf("validity lib=%v gone=%v fresh=%v local=%v, want true false true true",
+			u.nix.isValid(lib.Path), u.nix.isValid(gone.Path), u.nix.isValid(fresh.Path), u.nix.isValid(local.Path))
+	}
+	if g, _ := u.overlayLowers(t, a); !slices.Equal(g, []uint64{2, 1}) {
+		t.Fatalf("overlay lowers %v, want [2 1]", g)
+	}
+	if m := u.lowerMounts(a); m["1"] != 1 || m["2"] != 1 || len(m) != 2 {
+		t.Fatalf("lower mounts %v", m)
+	}
+	s := a.Status()
+	if len(s.Mounts) != 2 || s.Mounts[1].Generation != 1 || s.Mounts[1].Kept != 1 || s.PathsInvalidated != 1 {
+		t.Fatalf("status %+v", s)
+	}
+	// The local referrer goes; the next rotation releases generation 1.
+	u.nix.Invalidate(context.Background(), []string{local.Path})
+	u.srv.publish(same, fresh, info("third"))
+	if err := a.Check(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if g, _ := u.overlayLowers(t, a); !slices.Equal(g, []uint64{3}) {
+		t.Fatalf("overlay lowers %v, want [3]", g)
+	}
+	if m := u.lowerMounts(a); m["3"] != 1 || len(m) != 1 {
+		t.Fatalf("lower mounts %v, want only 3", m)
+	}
+	if u.nix.isValid(lib.Path) {
+		t.Fatal("lib still valid after its referrer went")
+	}
+}
+
+func TestRotateFailureKeepsOldGeneration(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		inject func(u *unitEnv)
+		want   string
+	}{
+		{"server gone", func(u *unitEnv) { u.srv.failDelta = errDown }, "connection refused"},
+		{"mount fails", func(u *unitEnv) { u.m.failGen = errors.New("mount: no route to host") }, "no route to host"},
+		{"swap fails", func(u *unitEnv) { u.m.failSwap = errors.New("move_mount: no space left on device") }, "no space left"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u := newUnitEnv(t)
+			a1 := info("a")
+			u.srv.publish(a1)
+			a := u.agent(t)
+			if err := a.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			u.srv.publish(a1, info("b"))
+			tc.inject(u)
+			err := a.Check(context.Background(), false)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("check: %v, want an error with %q", err, tc.want)
+			}
+			st := a.State()
+			if st.String() != "idle(1)" || !strings.Contains(st.LastError, tc.want) {
+				t.Fatalf("state %s, last error %q: want idle(1) and the error", st, st.LastError)
+			}
+			if g, n := u.overlayLowers(t, a); !slices.Equal(g, []uint64{1}) || n != 1 {
+				t.Fatalf("overlay lowers %v (%d), want [1]", g, n)
+			}
+			if m := u.lowerMounts(a); m["1"] != 1 || len(m) != 1 {
+				t.Fatalf("lower mounts %v, want only 1", m)
+			}
+			if s := a.Status(); !strings.Contains(s.LastError, tc.want) {
+				t.Fatalf("status last_error %q", s.LastError)
+			}
+		})
+	}
+}
+
+// Restart: a healthy overlay is re-adopted without any mount call; after a
+// "reboot" (empty mount table) it is rebuilt with the same upper.
+func TestRestartAdoptsAndReboots(t *testing.T) {
+	u := newUnitEnv(t)
+	u.srv.publish(info("a"))
+	a := u.agent(t)
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	u.m.calls = nil
+	u.srv.down = true // adoption needs no server
+	b := u.agent(t)
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if len(u.m.calls) != 0 || b.State().String() != "idle(1)" || !b.Ready() {
+		t.Fatalf("restart made calls %v, state %s", u.m.calls, b.State())
+	}
+	// Reboot.
+	u.m = newFakeMounter()
+	u.srv.down = false
+	c := u.agent(t)
+	if err := c.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if g, n := u.overlayLowers(t, c); !slices.Equal(g, []uint64{1}) || n != 1 {
+		t.Fatalf("after reboot: overlay lowers %v (%d)", g, n)
+	}
+	ms, _ := u.m.Mounts()
+	top, _ := overlay.TopMount(ms, u.cfg.StoreDir)
+	if up, _ := top.Option("upperdir"); up != u.cfg.upperDir() {
+		t.Fatalf("after reboot the upper is %s, want %s", up, u.cfg.upperDir())
+	}
+}
+
+// A kill between move_mount beneath and the detach leaves the new overlay
+// beneath the old one: the next start completes the swap and the import.
+func TestRestartCompletesInterruptedSwap(t *testing.T) {
+	u := newUnitEnv(t)
+	a1, b1 := info("a"), info("bb")
+	u.srv.publish(a1)
+	a := u.agent(t)
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	u.srv.publish(a1, b1)
+	// Stop the agent right after the swap's move_mount: state Swapping(2),
+	// gen 2's overlay beneath gen 1's.
+	stop := errors.New("killed")
+	a.m = &killMounter{fakeMounter: u.m, kill: stop}
+	if err := a.Check(context.Background(), true); !errors.Is(err, stop) {
+		t.Fatalf("check: %v", err)
+	}
+	// The deferred failure handling of a dead process never ran: restore
+	// the state as the killed process left it.
+	st := a.State()
+	st.Phase, st.Target, st.LastError = PhaseSwapping, 2, ""
+	st.Next = []Lower{{Gen: 2}}
+	if err := saveState(u.cfg.stateFile(), st); err != nil {
+		t.Fatal(err)
+	}
+	ms, _ := u.m.Mounts()
+	if all, _, _ := a.ourOverlays(ms); len(all) != 2 {
+		t.Fatalf("%d overlays before restart, want old and new", len(all))
+	}
+	b := u.agent(t)
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if b.State().String() != "idle(2)" || !u.nix.isValid(b1.Path) {
+		t.Fatalf("after restart %s, new path valid %v", b.State(), u.nix.isValid(b1.Path))
+	}
+	if g, n := u.overlayLowers(t, b); !slices.Equal(g, []uint64{2}) || n != 1 {
+		t.Fatalf("overlay lowers %v (%d overlays), want [2] once", g, n)
+	}
+	if m := u.lowerMounts(b); m["2"] != 1 || len(m) != 1 {
+		t.Fatalf("lower mounts %v, want only 2", m)
+	}
+}
+
+// killMounter mounts the new overlay beneath and then "dies" before the
+// detach: later calls of the dead process change nothing.
+type killMounter struct {
+	*fakeMounter
+	kill error
+}
+
+func (k *killMounter) Detach(context.Context, string) error { return k.kill }
+
+func (k *killMounter) Swap(_ context.Context, target string, l overlay.Layers) (overlay.Method, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := k.beneath(target, l); err != nil {
+		return 0, err
+	}
+	return 0, k.kill
+}
+
+func TestIdlePolicyWaitsForBuilds(t *testing.T) {
+	u := newUnitEnv(t)
+	u.cfg.Policy = PolicyIdle
+	u.srv.publish(info("a"))
+	busy := true
+	a := u.agent(t, func(o *Options) { o.Busy = func() (bool, string, error) { return busy, "/nix/store/x.lock", nil } })
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	u.srv.publish(info("a"), info("b"))
+	if err := a.Check(context.Background(), false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("check while busy: %v, want ErrBusy", err)
+	}
+	if a.State().Generation != 1 {
+		t.Fatal("rotated while a build ran")
+	}
+	if err := a.Check(context.Background(), true); err != nil {
+		t.Fatalf("forced check: %v", err)
+	}
+	if a.State().Generation != 2 {
+		t.Fatal("forced rotation did not happen")
+	}
+	u.srv.publish(info("a"), info("b"), info("ccc"))
+	a.cfg.MaxWait = 0
+	if err := a.Check(context.Background(), false); err != nil || a.State().Generation != 3 {
+		t.Fatalf("max_wait 0: %v, generation %d, want a rotation to 3", err, a.State().Generation)
+	}
+	busy = false
+	a.cfg.MaxWait = 1 << 60
+	u.srv.publish(info("a"), info("dddd"))
+	if err := a.Check(context.Background(), false); err != nil || a.State().Generation != 4 {
+		t.Fatalf("idle: %v, generation %d, want a rotation to 4", err, a.State().Generation)
+	}
+}
+
+func TestPlanRemoval(t *testing.T) {
+	cands := map[string]uint64{"x": 1, "y": 1, "z": 1, "u": 1, "w": 2, "inv": 1}
+	valid := map[string]bool{"x": true, "y": true, "z": true, "u": true, "w": true}
+	refs := map[string][]string{
+		"x": {"local"}, // a local path refers to x
+		"y": {"x"},     // y is kept through x
+		"z": {"zz"},    // zz is leaving too and not valid... but not a candidate: stays
+		"w": {"y"},
+	}
+	r := planRemoval(cands, valid, refs, func(p string) bool { return p == "u" })
+	if !slices.Equal(r.Keep[1], []string{"x", "y", "z"}) || !slices.Equal(r.Keep[2], []string{"w"}) {
+		t.Fatalf("keep %v", r.Keep)
+	}
+	if len(r.Invalidate) != 0 || !slices.Equal(r.InUpper, []string{"u"}) {
+		t.Fatalf("invalidate %v in upper %v", r.Invalidate, r.InUpper)
+	}
+	r = planRemoval(map[string]uint64{"a": 1, "b": 1}, map[string]bool{"a": true, "b": true},
+		map[string][]string{"a": {"b"}}, func(string) bool { return false })
+	if !slices.Equal(r.Invalidate, []string{"a", "b"}) || len(r.Keep) != 0 {
+		t.Fatalf("chain of leaving paths: invalidate %v keep %v", r.Invalidate, r.Keep)
+	}
+}
+
+func TestReferrersFirst(t *testing.T) {
+	order, err := referrersFirst([]string{"lib", "app", "tool"}, map[string][]string{"lib": {"app", "tool"}, "tool": {"app"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx := func(p string) int { return slices.Index(order, p) }
+	if idx("app") > idx("tool") || idx("tool") > idx("lib") {
+		t.Fatalf("order %v: referrers must come first", order)
+	}
+	if _, err := referrersFirst([]string{"lib"}, map[string][]string{"lib": {"outside"}}); err == nil || !strings.Contains(err.Error(), "outside") {
+		t.Fatalf("referrer outside the set: %v", err)
+	}
+}
+
+func TestStateJSON(t *testing.T) {
+	s := State{Version: stateVersion, Phase: PhaseSwapping, Generation: 3, Target: 4, Lowers: []Lower{{Gen: 3}}}
+	b, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"phase":"swapping"`) {
+		t.Fatalf("phase not written by name: %s", b)
+	}
+	var back State
+	if err := json.Unmarshal(b, &back); err != nil || back.String() != "swapping(4)" {
+		t.Fatalf("round trip: %v %s", err, back)
+	}
+	if err := json.Unmarshal([]byte(`{"phase":"dancing"}`), &back); err == nil {
+		t.Fatal("unknown phase accepted")
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "state.json"), []byte(`{"version":1,`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadState(filepath.Join(dir, "state.json")); err == nil {
+		t.Fatal("truncated state file accepted")
+	}
+}
+
+func TestConfigErrorsNameKeys(t *testing.T) {
+	for _, tc := range []struct{ env, val, key string }{
+		{"STRATA_ROTATE_POLICY", "sometimes", "rotate.policy"},
+		{"STRATA_SERVER_API", "central:7480", "server.api"},
+		{"STRATA_SERVER_NFS", "central", "server.nfs"},
+		{"STRATA_STORE_DIR", "nix/store", "store.dir"},
+		{"STRATA_MOUNT_NCONNECT", "32", "mount.nconnect"},
+		{"STRATA_MOUNT_OPTIONS", "timeo=600 retrans=2", "mount.options"},
+		{"STRATA_SWAP_METHOD", "sideways", "swap.method"},
+		{"STRATA_ROTATE_CHECK_INTERVAL", "1ms", "rotate.check_interval"},
+		{"STRATA_STATE_DIR", "/nix/store/strata", "state_dir"},
+	} {
+		t.Run(tc.key, func(t *testing.T) {
+			t.Setenv(tc.env, tc.val)
+			v, err := config.New(Keys).Load("", false)
+			if err == nil {
+				_, err = ConfigFrom(v)
+			}
+			if err == nil || !strings.Contains(err.Error(), `"`+tc.key+`"`) {
+				t.Fatalf("%s=%s: error %v, want one naming %q", tc.env, tc.val, err, tc.key)
+			}
+		})
+	}
+	dir := t.TempDir()
+	f := filepath.Join(dir, "builder.yaml")
+	os.WriteFile(f, []byte("rotate:\n  polcy: idle\n"), 0o644)
+	if _, err := config.New(Keys).Load(f, true); err == nil || !strings.Contains(err.Error(), "rotate.polcy") {
+		t.Fatalf("unknown key: %v", err)
+	}
+	v, err := config.New(Keys).Load("", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ConfigFrom(v)
+	if err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	if c.Socket != "/var/lib/strata/builder/api.sock" || c.Policy != PolicyImmediate || c.NConnect != 4 {
+		t.Fatalf("defaults %+v", c)
+	}
+}
+
+func TestNFSAddress(t *testing.T) {
+	c := Config{ServerAPI: "http://central.example:7480"}
+	for _, tc := range []struct {
+		set, adv, host string
+		port           int
+	}{
+		{"", "0.0.0.0:2049", "central.example", 2049},
+		{"", ":2050", "central.example", 2050},
+		{"", "10.1.2.3:2049", "10.1.2.3", 2049},
+		{"nfs.example:3049", "0.0.0.0:2049", "nfs.example", 3049},
+	} {
+		c.ServerNFS = tc.set
+		h, p, err := c.NFSAddress(tc.adv)
+		if err != nil || h != tc.host || p != tc.port {
+			t.Errorf("NFSAddress(set %q, advertised %q) = %s %d %v, want %s %d", tc.set, tc.adv, h, p, err, tc.host, tc.port)
+		}
+	}
+	c.ServerNFS = ""
+	if _, _, err := c.NFSAddress(""); err == nil {
+		t.Error("no address accepted")
+	}
+}

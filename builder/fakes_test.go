@@ -1,0 +1,296 @@
+package builder
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/nixstore"
+	"github.com/strata-nix/strata/overlay"
+)
+
+// fakeMounter keeps a mount table in memory with the kernel's parent
+// links, so overlay.TopMount works on it as on the real one.
+type fakeMounter struct {
+	mu       sync.Mutex
+	mounts   []overlay.MountInfo
+	next     int
+	failGen  error
+	failSwap error
+	calls    []string
+}
+
+func newFakeMounter() *fakeMounter {
+	return &fakeMounter{next: 100, mounts: []overlay.MountInfo{{ID: 1, ParentID: 0, Mountpoint: "/", FSType: "ext4", Source: "/dev/root"}}}
+}
+
+func (f *fakeMounter) add(target, fstype, source, opts string) overlay.MountInfo {
+	parent := 1
+	if t, ok := overlay.TopMount(f.mounts, target); ok {
+		parent = t.ID
+	}
+	f.next++
+	m := overlay.MountInfo{ID: f.next, ParentID: parent, Mountpoint: filepath.Clean(target), FSType: fstype, Source: source, SuperOptions: opts}
+	f.mounts = append(f.mounts, m)
+	return m
+}
+
+func (f *fakeMounter) MountGeneration(_ context.Context, gen uint64, dir string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, fmt.Sprintf("mountgen %d", gen))
+	if f.failGen != nil {
+		return f.failGen
+	}
+	f.add(dir, "nfs", fmt.Sprintf("server:/gen/%d", gen), "ro")
+	return nil
+}
+
+func (f *fakeMounter) MountOverlay(_ context.Context, target string, l overlay.Layers) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "overlay "+l.String())
+	f.add(target, "overlay", overlay.Source, "rw,"+l.String())
+	return nil
+}
+
+// Swap mounts the new overlay beneath the top one and detaches the top,
+// as MOVE_MOUNT_BENEATH does.
+func (f *fakeMounter) Swap(_ context.Context, target string, l overlay.Layers) (overlay.Method, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "swap "+l.String())
+	if f.failSwap != nil {
+		return 0, f.failSwap
+	}
+	if err := f.beneath(target, l); err != nil {
+		return 0, err
+	}
+	return overlay.MethodBeneath, f.detach(target)
+}
+
+func (f *fakeMounter) beneath(target string, l overlay.Layers) error {
+	top, ok := overlay.TopMount(f.mounts, target)
+	if !ok {
+		return errors.New("nothing mounted")
+	}
+	f.next++
+	m := overlay.MountInfo{ID: f.next, ParentID: top.ParentID, Mountpoint: top.Mountpoint, FSType: "overlay",
+		Source: overlay.Source, SuperOptions: "rw," + l.String()}
+	for i := range f.mounts {
+		if f.mounts[i].ID == top.ID {
+			f.mounts[i].ParentID = m.ID
+		}
+	}
+	f.mounts = append(f.mounts, m)
+	return nil
+}
+
+func (f *fakeMounter) Detach(_ context.Context, target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "detach "+target)
+	return f.detach(target)
+}
+
+func (f *fakeMounter) detach(target string) error {
+	top, ok := overlay.TopMount(f.mounts, target)
+	if !ok {
+		return fmt.Errorf("detach %s: not mounted", target)
+	}
+	f.mounts = slices.DeleteFunc(f.mounts, func(m overlay.MountInfo) bool { return m.ID == top.ID })
+	for i := range f.mounts {
+		if f.mounts[i].ParentID == top.ID {
+			f.mounts[i].ParentID = top.ParentID
+		}
+	}
+	return nil
+}
+
+func (f *fakeMounter) Mounts() ([]overlay.MountInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.mounts), nil
+}
+
+// fakeNix is a local Nix DB in memory.
+type fakeNix struct {
+	mu       sync.Mutex
+	valid    map[string]nixstore.PathInfo
+	loads    int
+	failLoad error
+}
+
+func newFakeNix() *fakeNix { return &fakeNix{valid: map[string]nixstore.PathInfo{}} }
+
+func (n *fakeNix) Load(_ context.Context, infos []nixstore.PathInfo) (int, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.failLoad != nil {
+		return 0, n.failLoad
+	}
+	c := 0
+	for _, in := range infos {
+		if _, ok := n.valid[in.Path]; !ok {
+			n.valid[in.Path] = in
+			c++
+		}
+	}
+	n.loads++
+	return c, nil
+}
+
+func (n *fakeNix) Referrers(_ context.Context, paths []string) (map[string]bool, map[string][]string, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	valid, refs := map[string]bool{}, map[string][]string{}
+	for _, p := range paths {
+		if _, ok := n.valid[p]; !ok {
+			continue
+		}
+		valid[p] = true
+		for q, in := range n.valid {
+			if q != p && slices.Contains(in.References, p) {
+				refs[p] = append(refs[p], q)
+			}
+		}
+		sort.Strings(refs[p])
+	}
+	return valid, refs, nil
+}
+
+func (n *fakeNix) Invalidate(_ context.Context, paths []string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, p := range paths {
+		for q, in := range n.valid {
+			if q != p && !slices.Contains(paths, q) && slices.Contains(in.References, p) {
+				return fmt.Errorf("invalidate %s: referred to by %s", p, q)
+			}
+		}
+	}
+	for _, p := range paths {
+		delete(n.valid, p)
+	}
+	return nil
+}
+
+func (n *fakeNix) isValid(p string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	_, ok := n.valid[p]
+	return ok
+}
+
+// fakeServer serves generations from memory.
+type fakeServer struct {
+	mu        sync.Mutex
+	gens      map[uint64][]nixstore.PathInfo
+	down      bool
+	failDelta error
+}
+
+func (s *fakeServer) publish(infos ...nixstore.PathInfo) uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.gens == nil {
+		s.gens = map[uint64][]nixstore.PathInfo{}
+	}
+	id := uint64(len(s.gens) + 1)
+	c := slices.Clone(infos)
+	nixstore.Sort(c)
+	s.gens[id] = c
+	return id
+}
+
+var errDown = errors.New("dial tcp: connection refused")
+
+func (s *fakeServer) Generations(context.Context) (api.GenerationList, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		return api.GenerationList{}, errDown
+	}
+	l := api.GenerationList{NFS: "0.0.0.0:2049"}
+	for id := uint64(1); id <= uint64(len(s.gens)); id++ {
+		l.Generations = append(l.Generations, api.Generation{ID: id, Paths: len(s.gens[id])})
+	}
+	return l, nil
+}
+
+func (s *fakeServer) Registration(_ context.Context, id uint64) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		return nil, errDown
+	}
+	var b bytes.Buffer
+	if err := nixstore.WriteRegistration(&b, s.gens[id]); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+func (s *fakeServer) Delta(_ context.Context, from, to uint64) (api.Delta, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		return api.Delta{}, errDown
+	}
+	if s.failDelta != nil {
+		return api.Delta{}, s.failDelta
+	}
+	added, removed := nixstore.Delta(s.gens[from], s.gens[to])
+	var b bytes.Buffer
+	if err := nixstore.WriteRegistration(&b, added); err != nil {
+		return api.Delta{}, err
+	}
+	return api.Delta{From: from, To: to, Added: b.String(), Removed: removed}, nil
+}
+
+func info(name string, refs ...string) nixstore.PathInfo {
+	p := "/nix/store/" + fmt.Sprintf("%032d", len(name)) + "-" + name
+	in := nixstore.PathInfo{Path: p, NarHash: fmt.Sprintf("%064x", len(name)), NarSize: 120}
+	for _, r := range refs {
+		in.References = append(in.References, r)
+	}
+	sort.Strings(in.References)
+	return in
+}
+
+type unitEnv struct {
+	cfg Config
+	m   *fakeMounter
+	nix *fakeNix
+	srv *fakeServer
+}
+
+func newUnitEnv(t *testing.T) *unitEnv {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := Config{ServerAPI: "http://central:7480", StoreDir: filepath.Join(dir, "store"), NixStateDir: filepath.Join(dir, "var"),
+		NixBin: "nix-store", StateDir: filepath.Join(dir, "state"), NConnect: 4, CheckInterval: time.Second, MaxWait: time.Hour,
+		StagingDir: filepath.Join(dir, "staging"), LogLevel: "info"}
+	return &unitEnv{cfg: cfg, m: newFakeMounter(), nix: newFakeNix(), srv: &fakeServer{}}
+}
+
+func (u *unitEnv) agent(t *testing.T, opts ...func(*Options)) *Agent {
+	t.Helper()
+	o := Options{Config: u.cfg, Server: u.srv, Mounter: u.m, Nix: u.nix}
+	for _, f := range opts {
+		f(&o)
+	}
+	a, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
