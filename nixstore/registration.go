@@ -70,7 +70,7 @@ func WriteRegistration(w io.Writer, infos []PathInfo) error {
 	if err := CheckInfos(infos); err != nil {
 		return fmt.Errorf("write registration: %w", err)
 	}
-	bw := bufio.NewWriterSize(w, 64<<10)
+	bw := bufio.NewWriterSize(w, 32<<10)
 	var num [20]byte
 	for i := range infos {
 		in := &infos[i]
@@ -105,6 +105,9 @@ func CheckInfos(infos []PathInfo) error {
 		return nil
 	}
 	dir := path.Dir(infos[0].Path)
+	if err := checkStoreDir(infos[0].Path, dir); err != nil {
+		return fmt.Errorf("record 1: path: %w", err)
+	}
 	seen := make(map[string]struct{}, len(infos))
 	for i := range infos {
 		in := &infos[i]
@@ -140,7 +143,7 @@ func CheckInfos(infos []PathInfo) error {
 // input gives a *SyntaxError naming the line and what was expected there,
 // and no records.
 func ParseRegistration(r io.Reader) ([]PathInfo, error) {
-	p := parser{br: bufio.NewReaderSize(r, maxLine), seen: map[string]int{}}
+	p := parser{br: bufio.NewReaderSize(r, 16<<10), seen: map[string]int{}}
 	var infos []PathInfo
 	for {
 		info, ok, err := p.record()
@@ -168,12 +171,22 @@ var errEOF = errors.New("end of input")
 // should hold, for errors.
 func (p *parser) next(what string) (string, error) {
 	b, err := p.br.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		// A line longer than the buffer: gather it, up to maxLine.
+		long := append([]byte(nil), b...)
+		for errors.Is(err, bufio.ErrBufferFull) && len(long) <= maxLine {
+			b, err = p.br.ReadSlice('\n')
+			long = append(long, b...)
+		}
+		if len(long) > maxLine {
+			return "", p.errorf(p.line+1, "line longer than %d bytes, expected %s", maxLine, what)
+		}
+		b = long
+	}
 	switch {
 	case err == nil:
 		p.line++
 		return string(b[:len(b)-1]), nil
-	case errors.Is(err, bufio.ErrBufferFull):
-		return "", p.errorf(p.line+1, "line longer than %d bytes, expected %s", maxLine, what)
 	case errors.Is(err, io.EOF) && len(b) == 0:
 		return "", errEOF
 	case errors.Is(err, io.EOF):
@@ -196,22 +209,29 @@ func (p *parser) errorf(line int, format string, args ...any) error {
 	return &SyntaxError{Line: line, Msg: fmt.Sprintf(format, args...)}
 }
 
-func (p *parser) storePath(s, what string) error {
+// storePath checks that line s is a store path; what() names what the line
+// should hold (built only for an error message).
+func (p *parser) storePath(s string, what func() string) error {
 	if s == "" {
-		return p.errorf(p.line, "empty line, expected %s", what)
+		return p.errorf(p.line, "empty line, expected %s", what())
 	}
 	if p.dir == "" {
 		// The first path fixes the store directory for the rest.
 		if !strings.HasPrefix(s, "/") {
-			return p.errorf(p.line, "expected %s, got %q: not an absolute path", what, clip(s))
+			return p.errorf(p.line, "expected %s, got %q: not an absolute path", what(), clip(s))
+		}
+		if err := checkStoreDir(s, path.Dir(s)); err != nil {
+			return p.errorf(p.line, "expected %s: %v", what(), err)
 		}
 		p.dir = path.Dir(s)
 	}
 	if err := checkStorePath(s, p.dir); err != nil {
-		return p.errorf(p.line, "expected %s: %v", what, err)
+		return p.errorf(p.line, "expected %s: %v", what(), err)
 	}
 	return nil
 }
+
+func is(what string) func() string { return func() string { return what } }
 
 func (p *parser) number(what string) (uint64, error) {
 	s, err := p.need(what)
@@ -234,7 +254,7 @@ func (p *parser) record() (PathInfo, bool, error) {
 	if err != nil {
 		return in, false, err
 	}
-	if err := p.storePath(s, "store path"); err != nil {
+	if err := p.storePath(s, is("store path")); err != nil {
 		return in, false, err
 	}
 	if first, dup := p.seen[s]; dup {
@@ -243,24 +263,24 @@ func (p *parser) record() (PathInfo, bool, error) {
 	p.seen[s] = p.line
 	in.Path = s
 
-	if in.NarHash, err = p.need("NAR hash of " + s); err != nil {
+	if in.NarHash, err = p.need("NAR hash"); err != nil {
 		return in, false, err
 	}
 	if !isBase16SHA256(in.NarHash) {
 		return in, false, p.errorf(p.line, "expected NAR hash of %s (64 lowercase hex digits), got %q", s, clip(in.NarHash))
 	}
-	if in.NarSize, err = p.number("NAR size of " + s); err != nil {
+	if in.NarSize, err = p.number("NAR size"); err != nil {
 		return in, false, err
 	}
-	if in.Deriver, err = p.need("deriver of " + s + " (a store path or an empty line)"); err != nil {
+	if in.Deriver, err = p.need("deriver (a store path or an empty line)"); err != nil {
 		return in, false, err
 	}
 	if in.Deriver != "" {
-		if err := p.storePath(in.Deriver, "deriver of "+s+" (a store path or an empty line)"); err != nil {
+		if err := p.storePath(in.Deriver, is("deriver of "+s+" (a store path or an empty line)")); err != nil {
 			return in, false, err
 		}
 	}
-	n, err := p.number("reference count of " + s)
+	n, err := p.number("reference count")
 	if err != nil {
 		return in, false, err
 	}
@@ -276,7 +296,7 @@ func (p *parser) record() (PathInfo, bool, error) {
 		if err != nil {
 			return in, false, err
 		}
-		if err := p.storePath(r, fmt.Sprintf("reference %d of %d of %s", i+1, n, s)); err != nil {
+		if err := p.storePath(r, func() string { return fmt.Sprintf("reference %d of %d of %s", i+1, n, s) }); err != nil {
 			return in, false, err
 		}
 		if i > 0 && in.References[i-1] >= r {
@@ -287,8 +307,19 @@ func (p *parser) record() (PathInfo, bool, error) {
 	return in, true, nil
 }
 
+// checkStoreDir checks a store directory taken from a path with path.Dir.
+func checkStoreDir(p, dir string) error {
+	if !strings.HasPrefix(dir, "/") {
+		return fmt.Errorf("%q is not an absolute path", clip(p))
+	}
+	if dir == "/" || path.Clean(dir) != dir {
+		return fmt.Errorf("%s: store directory %q is not supported", clip(p), dir)
+	}
+	return nil
+}
+
 // checkStorePath checks that p is dir/<32 nix32 chars>-<name> with a valid
-// Nix store path name.
+// Nix store path name; dir has passed checkStoreDir.
 func checkStorePath(p, dir string) error {
 	if !strings.HasPrefix(p, "/") {
 		return fmt.Errorf("%q is not an absolute path", clip(p))
@@ -296,15 +327,14 @@ func checkStorePath(p, dir string) error {
 	if len(p) <= len(dir)+1 || p[:len(dir)] != dir || p[len(dir)] != '/' {
 		return fmt.Errorf("%s is not in store directory %s", clip(p), dir)
 	}
+	// The base name is made of characters that exclude '/', and dir is
+	// clean, so p is a clean path directly under dir.
 	base := p[len(dir)+1:]
-	if path.Clean(dir) != dir {
-		return fmt.Errorf("store directory %q is not a clean path", dir)
-	}
 	if len(base) < 34 || base[32] != '-' {
 		return fmt.Errorf("%s is not a store path (want %s/<32-char hash>-<name>)", clip(p), dir)
 	}
 	for i := 0; i < 32; i++ {
-		if strings.IndexByte(nix32Alphabet, base[i]) < 0 {
+		if !nix32Char[base[i]] {
 			return fmt.Errorf("%s is not a store path: hash part has %q", clip(p), base[i])
 		}
 	}
@@ -313,14 +343,24 @@ func checkStorePath(p, dir string) error {
 		return fmt.Errorf("%s is not a store path: name longer than %d bytes", clip(p), maxStoreName)
 	}
 	for i := 0; i < len(name); i++ {
-		c := name[i]
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' ||
-			strings.IndexByte("+-._?=", c) >= 0) {
-			return fmt.Errorf("%s is not a store path: name has %q", clip(p), c)
+		if !nameChar[name[i]] {
+			return fmt.Errorf("%s is not a store path: name has %q", clip(p), name[i])
 		}
 	}
 	return nil
 }
+
+// nix32Char and nameChar are the bytes allowed in a store path's hash part
+// and name (Nix's checkName).
+var nix32Char, nameChar = func() (h, n [256]bool) {
+	for i := 0; i < len(nix32Alphabet); i++ {
+		h[nix32Alphabet[i]] = true
+	}
+	for c := 0; c < 256; c++ {
+		n[c] = '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || strings.IndexByte("+-._?=", byte(c)) >= 0
+	}
+	return h, n
+}()
 
 func isBase16SHA256(s string) bool {
 	if len(s) != 64 {

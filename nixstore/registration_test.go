@@ -96,6 +96,8 @@ func TestParseRegistrationErrors(t *testing.T) {
 		{"empty reference", rec(pA, h1, "1", "", "1", ""), 6, "empty line, expected reference 1 of 1"},
 		{"relative path", rec("nix/store/0c8gwfdh1p3frkn4i8xaxw5qs8fvqzqm-a", h1, "1", "", "0"), 1, "not an absolute path"},
 		{"path not a store path", rec("/nix/store/a", h1, "1", "", "0"), 1, "not a store path"},
+		{"unclean path", rec("/nix//store/0c8gwfdh1p3frkn4i8xaxw5qs8fvqzqm-a", h1, "1", "", "0"), 1, "not in store directory /nix/store"},
+		{"root store dir", rec("//0c8gwfdh1p3frkn4i8xaxw5qs8fvqzqm-a", h1, "1", "", "0"), 1, "not supported"},
 		{"path in a subdirectory", rec(pA, h1, "1", "", "0", pA+"/bin", h1, "1", "", "0"), 6, "not a store path"},
 		{"second path in another store dir", aRec + rec("/other/store/1jbn2cmk7hqlkpr3rsi3f4mhs6wrvdqn-b", h1, "1", "", "0"), 6, "not in store directory /nix/store"},
 		{"reference in another store dir", rec(pA, h1, "1", "", "1", "/gnu/store/1jbn2cmk7hqlkpr3rsi3f4mhs6wrvdqn-b"), 6, "not in store directory"},
@@ -109,6 +111,8 @@ func TestParseRegistrationErrors(t *testing.T) {
 		{"trailing empty line", aRec + "\n", 6, "empty line, expected store path"},
 		{"CRLF", strings.ReplaceAll(aRec, "\n", "\r\n"), 1, "name has"},
 		{"huge line", strings.Repeat("/", maxLine+10) + "\n", 1, "line longer than"},
+		{"huge line without newline", strings.Repeat("/", maxLine+10), 1, "line longer than"},
+		{"long line within bounds", strings.Repeat("/", 40000) + "\n", 1, "not supported"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -213,4 +217,27 @@ func FuzzParseRegistration(f *testing.F) {
 			t.Fatalf("parse∘write∘parse differs: %v", err)
 		}
 	})
+}
+
+func BenchmarkWriteRegistration(b *testing.B) {
+	infos := fakeInfos("/nix/store", 100_000, 10, 42)
+	var buf bytes.Buffer
+	for b.Loop() {
+		buf.Reset()
+		if err := WriteRegistration(&buf, infos); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkParseRegistration(b *testing.B) {
+	var buf bytes.Buffer
+	if err := WriteRegistration(&buf, fakeInfos("/nix/store", 100_000, 10, 42)); err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if _, err := ParseRegistration(bytes.NewReader(buf.Bytes())); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
