@@ -4,6 +4,8 @@ package builder
 
 import (
 	"context"
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -263,4 +265,61 @@ func TestServerDownAtStart(t *testing.T) {
 			t.Fatalf("not ready 20s after the server came back; state %s, error %q", a.State(), a.Status().LastError)
 		}
 	}
+}
+
+// Busy sees a running nix-build through its output lock, and stops seeing
+// it once the build is over; an idle-policy check defers meanwhile.
+func TestBusyDetectsRunningBuild(t *testing.T) {
+	e := newEnv(t)
+	e.central.Fill(t)
+	e.publish(t)
+	e.startServer(t)
+	e.cfg.Policy = PolicyIdle
+	a := e.agent(t)
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if busy, why, err := Busy(e.cfg.StoreDir, e.cfg.upperDir()); err != nil || busy {
+		t.Fatalf("busy before any build: %v %s %v", busy, why, err)
+	}
+	expr := filepath.Join(t.TempDir(), "slow.nix")
+	os.WriteFile(expr, []byte(`derivation { name = "slow"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "sleep 4; echo done > $out" ]; }`), 0o644)
+	sh, _ := filepath.EvalSymlinks("/usr/bin/busybox")
+	cmd := e.builder.Command("nix-build", expr, "--no-out-link", "--option", "sandbox-paths", "/bin/sh="+sh)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(4 * time.Second)
+	seen := ""
+	for time.Now().Before(deadline) {
+		if busy, why, _ := Busy(e.cfg.StoreDir, e.cfg.upperDir()); busy {
+			seen = why
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if seen == "" {
+		t.Fatal("Busy never saw the running build")
+	}
+	e.central.AddText(t, "next", "next\n")
+	e.publish(t)
+	if err := a.Check(context.Background(), false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("idle-policy check during a build: %v, want ErrBusy", err)
+	}
+	b, _ := io.ReadAll(out)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("nix-build: %v", err)
+	}
+	if busy, why, err := Busy(e.cfg.StoreDir, e.cfg.upperDir()); err != nil || busy {
+		t.Fatalf("busy after the build (%s): %v %s %v", b, busy, why, err)
+	}
+	if err := a.Check(context.Background(), false); err != nil || a.State().Generation != 2 {
+		t.Fatalf("idle-policy check after the build: %v, generation %d", err, a.State().Generation)
+	}
+	t.Logf("lock seen: %s", seen)
 }
