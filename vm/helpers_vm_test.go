@@ -180,4 +180,3 @@ func requireChecks(t *testing.T, res Result, want int) {
 	}
 }
 
-func splitLines(s string) []string { return strings.Split(s, "\n") }
