@@ -3,6 +3,7 @@ package nixstore
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -338,5 +339,30 @@ func BenchmarkReadDB(b *testing.B) {
 		if err != nil || len(got) != len(infos) {
 			b.Fatal(err)
 		}
+	}
+}
+
+func TestReadDBEmptyWAL(t *testing.T) {
+	infos := fakeInfos("/nix/store", 50, 3, 6)
+	dir := newTestDB(t, infos, prefixed)
+	// A store whose writer checkpointed and truncated its log leaves an
+	// empty -wal behind; it is read in place.
+	if err := os.WriteFile(filepath.Join(dir, dbFile+walSuffix), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o555)
+	t.Cleanup(func() { os.Chmod(dir, 0o755) })
+	got, err := ReadDB(context.Background(), dir)
+	if err != nil || !reflect.DeepEqual(got, infos) {
+		t.Fatalf("ReadDB with empty WAL: %d records, %v", len(got), err)
+	}
+}
+
+func TestReadDBCanceled(t *testing.T) {
+	dir := newTestDB(t, fakeInfos("/nix/store", 50, 3, 6), prefixed)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := ReadDB(ctx, dir); err == nil || !errors.Is(err, context.Canceled) {
+		t.Fatalf("canceled ReadDB: %v", err)
 	}
 }
