@@ -24,7 +24,7 @@ const DefaultCacheDir = "/var/cache/strata/vm"
 
 // layoutVersion changes whenever what the cache holds changes meaning, so that
 // old entries are not reused.
-const layoutVersion = "1"
+const layoutVersion = "2"
 
 // CacheDir returns the cache directory in use.
 func CacheDir() string {
@@ -451,11 +451,22 @@ func (c *cache) nixArchive(ctx context.Context) (string, error) {
 		if err := addDynamic(ctx, a, "/usr/bin/nix"); err != nil {
 			return err
 		}
+		// The nix-* commands and the build hook are symlinks to nix.
 		links, _ := filepath.Glob("/usr/bin/nix-*")
+		hooks, _ := filepath.Glob("/usr/libexec/nix/*")
+		links = append(links, hooks...)
 		sort.Strings(links)
 		for _, l := range links {
 			if target, err := os.Readlink(l); err == nil {
 				if err := a.symlink(l, target); err != nil {
+					return err
+				}
+			}
+		}
+		// Nix dlopens the NSS modules (no DNS in the guest, but no warning).
+		for _, l := range []string{"libnss_dns.so.2", "libnss_files.so.2"} {
+			if p, err := filepath.EvalSymlinks("/lib/x86_64-linux-gnu/" + l); err == nil {
+				if err := a.file("/lib/x86_64-linux-gnu/"+l, p, 0); err != nil {
 					return err
 				}
 			}

@@ -179,4 +179,3 @@ func requireChecks(t *testing.T, res Result, want int) {
 		}
 	}
 }
-
