@@ -487,3 +487,41 @@ func shortHash(parts ...string) string {
 	}
 	return hex.EncodeToString(h.Sum(nil))[:12]
 }
+
+// zfsModules returns spl.ko and zfs.ko for kver, matching the installed
+// OpenZFS userland (zfsutils-linux from bookworm-backports), and the OpenZFS
+// version. They are kept in the cache (zfsmod/KVER-zfsVERSION), so a machine
+// that restores the cache directory skips the DKMS build; otherwise DKMS
+// builds them once.
+func (c *cache) zfsModules(ctx context.Context, kver string) ([]string, string, error) {
+	if err := ensureBackports(ctx, c.log); err != nil {
+		return nil, "", err
+	}
+	if err := aptInstall(ctx, c.log, "zfsutils-linux/bookworm-backports"); err != nil {
+		return nil, "", fmt.Errorf("zfs userland: %w", err)
+	}
+	zver := pkgVersion(ctx, "zfsutils-linux")
+	dir, err := c.entry("zfsmod", kver+"-zfs"+zver, func(tmp string) error {
+		built, err := ensureDKMS(ctx, c.log, kver)
+		if err != nil {
+			return err
+		}
+		if dver := pkgVersion(ctx, "zfs-dkms"); dver != zver {
+			return fmt.Errorf("zfs-dkms %s does not match zfsutils-linux %s", dver, zver)
+		}
+		if err := os.Mkdir(tmp, 0o755); err != nil {
+			return err
+		}
+		for _, p := range built {
+			name, _ := moduleName(filepath.Base(p))
+			if err := decompressModule(ctx, p, filepath.Join(tmp, name+".ko")); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	return []string{filepath.Join(dir, "spl.ko"), filepath.Join(dir, "zfs.ko")}, zver, nil
+}

@@ -168,9 +168,9 @@ func splitRuns(s string) []string {
 
 // pickKernel returns the kernel release to boot for k. STRATA_VM_KERNEL_612
 // or STRATA_VM_KERNEL_61 overrides the choice. For 6.12 it prefers the newest
-// release for which DKMS has already built spl/zfs, so that a new backports
-// upload does not force a 10-minute rebuild.
-func pickKernel(ctx context.Context, log *slog.Logger, k Kernel) (string, error) {
+// release for which spl/zfs are cached or already built by DKMS, so that a
+// new backports upload does not force a 10-minute rebuild.
+func pickKernel(ctx context.Context, log *slog.Logger, k Kernel, cacheDir string) (string, error) {
 	if v := os.Getenv(k.envOverride()); v != "" {
 		return v, nil
 	}
@@ -196,7 +196,8 @@ func pickKernel(ctx context.Context, log *slog.Logger, k Kernel) (string, error)
 	}
 	if k == Kernel612 {
 		for i := len(vers) - 1; i >= 0; i-- {
-			if dkmsModules(vers[i]) != nil {
+			cached, _ := filepath.Glob(filepath.Join(cacheDir, "zfsmod", safeName(vers[i])+"-zfs*"))
+			if len(cached) > 0 || dkmsModules(vers[i]) != nil {
 				return vers[i], nil
 			}
 		}

@@ -113,6 +113,10 @@ type Guest struct {
 	// DiskBytes > 0 attaches an empty sparse virtio disk of that size as
 	// /dev/vda (partition it before zpool create: no udev in the guest).
 	DiskBytes int64
+	// DiskPath, if set, is the host file behind /dev/vda instead of a fresh
+	// one: it is created with DiskBytes if missing and kept, so a second
+	// Boot with the same DiskPath sees what the first wrote (a reboot).
+	DiskPath string
 	// MemoryMB and CPUs default to 2048 and 2.
 	MemoryMB, CPUs int
 	// Timeout bounds the whole run from QEMU start (default 10 minutes).
@@ -189,7 +193,7 @@ func prepare(ctx context.Context, log *slog.Logger, g Guest, dir string) (initrd
 	if err := aptInstall(ctx, log, pkgs...); err != nil {
 		return "", "", err
 	}
-	kver, err := pickKernel(ctx, log, g.Kernel)
+	kver, err := pickKernel(ctx, log, g.Kernel, c.dir)
 	if err != nil {
 		return "", "", err
 	}
@@ -200,10 +204,9 @@ func prepare(ctx context.Context, log *slog.Logger, g Guest, dir string) (initrd
 	var zfsMods []string
 	zfsKey := "none"
 	if g.ZFS {
-		if zfsMods, err = ensureDKMS(ctx, log, kver); err != nil {
+		if zfsMods, zfsKey, err = c.zfsModules(ctx, kver); err != nil {
 			return "", "", err
 		}
-		zfsKey = pkgVersion(ctx, "zfs-dkms")
 	}
 	parts := []string{}
 	base, err := c.baseArchive(ctx, kver, tree, zfsMods, zfsKey)
@@ -388,17 +391,24 @@ func run(ctx context.Context, t testing.TB, g Guest, kernel, initrd string) (Res
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	disk := ""
-	if g.DiskBytes > 0 {
+	disk := g.DiskPath
+	if disk == "" && g.DiskBytes > 0 {
 		disk = filepath.Join(filepath.Dir(initrd), "disk.img")
-		f, err := os.Create(disk)
-		if err != nil {
-			return Result{}, fmt.Errorf("create disk: %w", err)
-		}
-		err = f.Truncate(g.DiskBytes)
-		f.Close()
-		if err != nil {
-			return Result{}, fmt.Errorf("create disk: %w", err)
+	}
+	if disk != "" {
+		if _, err := os.Stat(disk); errors.Is(err, os.ErrNotExist) {
+			if g.DiskBytes <= 0 {
+				return Result{}, fmt.Errorf("create disk %s: DiskBytes not set", disk)
+			}
+			f, err := os.OpenFile(disk, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+			if err != nil {
+				return Result{}, fmt.Errorf("create disk: %w", err)
+			}
+			err = f.Truncate(g.DiskBytes)
+			f.Close()
+			if err != nil {
+				return Result{}, fmt.Errorf("create disk: %w", err)
+			}
 		}
 	}
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", qemuArgs(g, kernel, initrd, disk)...)
