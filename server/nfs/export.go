@@ -262,9 +262,13 @@ func (e *Export) Close() error {
 
 func (e *Export) closeConns() {
 	e.connMu.Lock()
-	defer e.connMu.Unlock()
+	conns := make([]net.Conn, 0, len(e.conns))
 	for c := range e.conns {
-		c.Close()
+		conns = append(conns, c)
+	}
+	e.connMu.Unlock()
+	for _, c := range conns {
+		c.Close() // its onClose removes it from e.conns
 	}
 }
 
