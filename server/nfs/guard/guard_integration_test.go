@@ -242,6 +242,7 @@ func TestAttackWhileServing(t *testing.T) {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(w), 42))
 			for time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond) // bounded: a few thousand connections, not a CPU hog
 				k := rng.IntN(len(attacks))
 				c, err := net.DialTimeout("tcp", srv.addr, time.Second)
 				if err != nil {
