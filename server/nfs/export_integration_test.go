@@ -17,6 +17,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -840,4 +842,95 @@ func rssKB(t testing.TB) int {
 		}
 	}
 	return 0
+}
+
+// TestMemoryBoundedHandles serves N distinct handles (READDIRPLUS mints one
+// per entry, then a GETATTR resolves each) and checks the server's RSS does
+// not grow with N beyond the listing cache's bound. N defaults to 300,000;
+// STRATA_NFS_HANDLES=1000000 runs the full million (about 4 minutes here).
+func TestMemoryBoundedHandles(t *testing.T) {
+	total := 300_000
+	if s := os.Getenv("STRATA_NFS_HANDLES"); s != "" {
+		total, _ = strconv.Atoi(s)
+	}
+	const perDir = 100_000
+	dirs := (total + perDir - 1) / perDir
+	testenv.RequireRoot(t)
+	mnt := testenv.LoopBtrfs(t, "6G")
+	central := filepath.Join(mnt, "central")
+	testenv.Run(t, "btrfs", "subvolume", "create", central)
+	for d := 0; d < dirs; d++ {
+		dir := filepath.Join(central, "store", fmt.Sprintf("d%d", d))
+		os.MkdirAll(dir, 0o755)
+		for i := 0; i < perDir; i++ {
+			f, err := os.OpenFile(filepath.Join(dir, fmt.Sprintf("e%06d", i)), os.O_CREATE|os.O_WRONLY, 0o644)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+		}
+	}
+	testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", central, filepath.Join(mnt, "strata-1"))
+	e, err := New(Options{StateDir: t.TempDir(), DirCacheEntries: 2 * perDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if err := e.Add(1, filepath.Join(mnt, "strata-1/store")); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go e.Serve(ctx, l)
+	rc := raw(t, l.Addr().String())
+	root := mountRaw(t, rc, "/gen/1")
+
+	measure := func() int {
+		runtime.GC()
+		debug.FreeOSMemory()
+		return rssKB(t)
+	}
+	served := 0
+	var base int
+	start := time.Now()
+	for d := 0; d < dirs; d++ {
+		dfh := lookupPath(t, rc, root, fmt.Sprintf("d%d", d))
+		cookie, verf := uint64(0), uint64(0)
+		for {
+			st, ents, v, eof, err := rc.readdirplus(dfh, cookie, verf, 64<<10)
+			if err != nil || st != nfs3OK {
+				t.Fatalf("READDIRPLUS d%d: %d %v", d, st, err)
+			}
+			for _, en := range ents {
+				if en.name == "." || en.name == ".." {
+					continue
+				}
+				if st, _, err := rc.getattr(en.fh); err != nil || st != nfs3OK {
+					t.Fatalf("GETATTR %s: %d %v", en.name, st, err)
+				}
+				served++
+			}
+			if eof {
+				break
+			}
+			cookie, verf = ents[len(ents)-1].cookie, v
+		}
+		if d == 0 {
+			base = measure()
+			t.Logf("RSS after %d handles: %d KiB", served, base)
+		}
+	}
+	end := measure()
+	t.Logf("RSS after %d handles: %d KiB (%v)", served, end, time.Since(start))
+	if served != dirs*perDir {
+		t.Fatalf("served %d handles, want %d", served, dirs*perDir)
+	}
+	// The cache may hold a second 100k listing (~15 MB); handles hold nothing.
+	if grow := end - base; grow > 48<<10 {
+		t.Errorf("RSS grew by %d KiB from %d to %d handles; handles must cost no memory", grow, perDir, served)
+	}
 }
