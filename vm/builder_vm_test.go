@@ -1,0 +1,186 @@
+//go:build vm
+
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/internal/testenv"
+)
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// TestBuilderRotation runs `strata server` on the host (bin built with
+// CGO_ENABLED=0, a btrfs central store filled with nix-bin) and `strata
+// builder` in a guest with the kernel NFS client, on the 6.12 kernel
+// (swap beneath) and Debian's 6.1 (propagation fallback). In the guest:
+// the first start passes nix-store --verify --check-contents and a local
+// nix-build on a generation-only input copies nothing; then, while a
+// statloop stats paths present in both generations and holds a file of the
+// first open, the guest publishes generation 2 (which drops the local
+// build's input and a path nobody uses, and adds one) and forces a
+// rotation: zero failed stats, the held file reads the same bytes, the new
+// path is valid and readable, the local output and its input stay valid
+// (generation 1 reported as still mounted), the unused path is invalid,
+// and --verify --check-contents is clean.
+func TestBuilderRotation(t *testing.T) {
+	testenv.RequireRoot(t)
+	strata := buildStatic(t, "github.com/strata-nix/strata/cmd/strata")
+	statloop := buildStatic(t, "github.com/strata-nix/strata/internal/cmd/statloop")
+	for _, k := range []struct {
+		kernel Kernel
+		method string
+	}{{Kernel612, "beneath"}, {Kernel61, "propagation"}} {
+		t.Run(k.kernel.String(), func(t *testing.T) {
+			mnt := testenv.LoopBtrfs(t, "1G")
+			testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
+			central := nixtest.New(t, mnt)
+			paths := central.Fill(t)
+			lib := central.AddTree(t, "lib-kept", map[string]string{"lib.txt": "library of generation 1\n"})
+			gone := central.AddText(t, "gone", "nobody uses me\n")
+			held := central.AddTree(t, "held", map[string]string{"big": strings.Repeat("held bytes of generation 1\n", 3000)})
+
+			api, nfsPort := freePort(t), freePort(t)
+			dir := t.TempDir()
+			token := filepath.Join(dir, "token")
+			os.WriteFile(token, []byte("vm-test-token\n"), 0o600)
+			cfg := fmt.Sprintf(`store:
+  root: %s
+snapshot:
+  backend: btrfs
+  snapshot_dir: %s
+state_dir: %s
+publish:
+  interval: 0s
+api:
+  listen: 127.0.0.1:%d
+  token_file: %s
+nfs:
+  listen: 127.0.0.1:%d
+  allow: [127.0.0.0/8]
+`, central.NixRoot(), filepath.Join(mnt, "snaps"), filepath.Join(dir, "server"), api, token, nfsPort)
+			os.MkdirAll(filepath.Join(mnt, "snaps"), 0o755)
+			os.WriteFile(filepath.Join(dir, "server.yaml"), []byte(cfg), 0o644)
+			srv := exec.Command(strata, "server", "--config", filepath.Join(dir, "server.yaml"))
+			srv.Stdout, srv.Stderr = os.Stderr, os.Stderr
+			if err := srv.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+			waitGenerations(t, api, 1)
+			// Generation 2 (published from the guest) drops lib and gone and
+			// adds fresh.
+			central.Delete(t, gone)
+			central.Delete(t, lib)
+			fresh := central.AddText(t, "fresh", "new in generation 2\n")
+
+			res := Boot(context.Background(), t, Guest{
+				Kernel: k.kernel,
+				Nix:    true,
+				Env: map[string]string{"API": strconv.Itoa(api), "NFS": strconv.Itoa(nfsPort), "TOOL": paths[0],
+					"DATA": paths[1], "LIB": lib, "GONE": gone, "HELD": held, "FRESH": fresh, "METHOD": k.method},
+				Files: []File{
+					{Guest: "/bin/strata", Host: strata},
+					{Guest: "/bin/statloop", Host: statloop},
+					{Guest: "/token", Data: []byte("vm-test-token\n")},
+				},
+				Script:  checkFuncs + builderScript,
+				Timeout: 15 * time.Minute,
+			})
+			requireChecks(t, res, 17)
+		})
+	}
+}
+
+func waitGenerations(t *testing.T, port, n int) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/v1/generations", port))
+		if err == nil {
+			var l struct{ Generations []json.RawMessage }
+			json.NewDecoder(resp.Body).Decode(&l)
+			resp.Body.Close()
+			if len(l.Generations) >= n {
+				return
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("server has not published %d generations after 60s", n)
+}
+
+const builderScript = `
+export PAGER=cat
+# nix-build runs the build hook (the nix binary called build-remote), which
+# declines when no remote builders are configured.
+mkdir -p /usr/libexec/nix && ln -sf "$(command -v nix)" /usr/libexec/nix/build-remote
+S=unix:/var/lib/strata/builder/api.sock
+mkdir -p /nix /var/lib/strata /etc/strata
+mount -t tmpfs nix /nix && mkdir -p /nix/store /nix/var/nix
+mount -t tmpfs state /var/lib/strata
+cat > /etc/strata/builder.yaml <<EOF2
+server:
+  api: http://10.0.2.2:$API
+  nfs: 10.0.2.2:$NFS
+rotate:
+  check_interval: 1h
+EOF2
+strata builder --config /etc/strata/builder.yaml > /builder.log 2>&1 &
+BPID=$!
+ready() { strata status --api $S --json 2>/dev/null | grep -q '"ready": true'; }
+i=0; while ! ready && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+check "builder ready on generation 1" sh -c "strata status --api $S --json | grep -q '\"generation\": 1,'"
+check "overlay of the NFS mount on /nix/store" sh -c "grep ' /nix/store overlay ' /proc/mounts && grep -q ' nfs ' /proc/mounts"
+check "nix-store --verify --check-contents passes" sh -c "nix-store --verify --check-contents 2>&1 | tee /tmp/v; ! grep -qiE 'disappeared|modified|error' /tmp/v"
+cat > /local.nix <<EOF2
+derivation { name = "local"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "mkdir \$out; \$in0/bin/run > \$out/said; cat \$in1/lib.txt > \$out/lib" ];
+  in0 = builtins.storePath "$TOOL"; in1 = builtins.storePath "$LIB"; }
+EOF2
+check "nix-build on generation-only inputs" sh -c "nix-build /local.nix --no-out-link > /tmp/out"
+OUT=$(cat /tmp/out)
+check "local output correct" sh -c "[ \"\$(cat $OUT/said)\" = a ]"
+UP=/var/lib/strata/builder/upper
+check "upper holds only the new output and its .drv" sh -c "ls $UP | grep -vE '\\-local(\\.drv)?$' | grep -v '\\.lock$' | wc -l | grep -qx 0 && [ -d $UP/$(basename $OUT) ]"
+statloop -stop /tmp/stop -ready /tmp/ready -hold $HELD/big $DATA/data.txt $TOOL/bin/run > /tmp/loop 2>&1 &
+LPID=$!
+while [ ! -e /tmp/ready ]; do sleep 0.1; done
+check "publish generation 2" sh -c "strata publish --api 10.0.2.2:$API --token-file /token"
+t0=$(cut -d' ' -f1 /proc/uptime)
+check "forced rotation" strata builder rotate --api $S
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "TIMING rotation: $t0 -> $t1 s (guest uptime)"
+sleep 1; touch /tmp/stop; wait $LPID; cat /tmp/loop
+check "statloop: zero failures and held file intact" grep -q 'failures=0 heldfail=0' /tmp/loop
+strata status --api $S --json | tee /tmp/status
+check "status: generation 2 via $METHOD, generation 1 kept mounted" sh -c "grep -q '\"generation\": 2,' /tmp/status && grep -q '\"swap_method\": \"$METHOD\"' /tmp/status && grep -q '\"kept_paths\": 1' /tmp/status"
+check "new path valid and readable" sh -c "nix-store --check-validity $FRESH && [ \"\$(cat $FRESH)\" = 'new in generation 2' ]"
+check "local output and its removed input stay valid and readable" sh -c "nix-store --check-validity $OUT $LIB && grep -q 'generation 1' $LIB/lib.txt"
+check "unused removed path invalid" sh -c "! nix-store --check-validity $GONE 2>/dev/null"
+check "nix-store --verify --check-contents after rotation" sh -c "nix-store --verify --check-contents 2>&1 | tee /tmp/v; ! grep -qiE 'disappeared|modified|error' /tmp/v"
+check "one overlay on /nix/store" sh -c "[ \$(grep -c ' /nix/store overlay ' /proc/mounts) -eq 1 ]"
+check "builder still running" kill -0 $BPID
+check "no NFS errors in dmesg" nfs_dmesg_clean
+tail -20 /builder.log
+`
