@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STRATA=$PWD/bin/strata
 DEMO_DIR=${DEMO_DIR:-$PWD/.demo}
+SERVER_LOG=${SERVER_LOG:-$DEMO_DIR/server.log}
 API=127.0.0.1:${DEMO_API_PORT:-17480}
 NFS=127.0.0.1:${DEMO_NFS_PORT:-12049}
 
@@ -80,7 +81,7 @@ nfs:
 YAML
 echo "config: $DEMO_DIR/server.yaml"
 "$STRATA" server --config "$DEMO_DIR/server.yaml" --check-config
-"$STRATA" server --config "$DEMO_DIR/server.yaml" >"$DEMO_DIR/server.log" 2>&1 &
+"$STRATA" server --config "$DEMO_DIR/server.yaml" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 export STRATA_API=unix:$DEMO_DIR/state/api.sock
 for _ in $(seq 100); do [ -S "$DEMO_DIR/state/api.sock" ] && break; sleep 0.1; done
@@ -93,8 +94,12 @@ btrfs property get "$ROOT/snapshots/strata-1" ro
 echo "registration (nix-store --dump-db format) of generation 1, from GET /v1/generations/1/registration:"
 curl -sf "http://$API/v1/generations/1/registration" | head -n 12
 echo "..."
-echo "NFS export: MOUNT $NFS:/gen/1 (see server.log):"
-grep -E "nfs export listening" "$DEMO_DIR/server.log" || true
+NFSPORT=${NFS##*:}
+NFSURL="version=3&nfsport=$NFSPORT&mountport=$NFSPORT&auto-traverse-mounts=0"
+echo "the NFS export, read with libnfs (a third-party NFSv3 client): nfs-ls nfs://127.0.0.1/gen/1"
+nfs-ls "nfs://127.0.0.1/gen/1?$NFSURL"
+echo "nfs-cat nfs://127.0.0.1/gen/1/${TOOL#/nix/store/}/bin/tool:"
+nfs-cat "nfs://127.0.0.1/gen/1/${TOOL#/nix/store/}/bin/tool?$NFSURL"
 
 step "3. the central store changes; generation 2 and its delta"
 echo "a new input" >"$DEMO_DIR/src/new-input.txt"
@@ -111,5 +116,5 @@ echo "generation 1 is untouched: $(ls "$ROOT/snapshots/strata-1/store" | wc -l) 
 "$STRATA" status
 
 step "done"
-echo "server log: $(wc -l <"$DEMO_DIR/server.log") lines; last:"
-tail -n 5 "$DEMO_DIR/server.log"
+echo "server log: $(wc -l <"$SERVER_LOG") lines; last:"
+tail -n 5 "$SERVER_LOG"
