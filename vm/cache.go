@@ -70,8 +70,13 @@ func (c *cache) entry(kind, key string, build func(tmp string) error) (string, e
 	if err := os.MkdirAll(filepath.Dir(final), 0o755); err != nil {
 		return "", fmt.Errorf("cache %s %s: %w", kind, key, err)
 	}
+	// Leftovers of builds killed midway: nobody else builds while we hold
+	// the lock, so they can go.
+	stale, _ := filepath.Glob(filepath.Join(filepath.Dir(final), ".tmp-"+filepath.Base(final)+"-*"))
+	for _, p := range stale {
+		_ = os.RemoveAll(p)
+	}
 	tmp := filepath.Join(filepath.Dir(final), ".tmp-"+filepath.Base(final)+fmt.Sprintf("-%d", os.Getpid()))
-	_ = os.RemoveAll(tmp)
 	c.log.Info("building vm cache entry", "kind", kind, "key", key)
 	if err := build(tmp); err != nil {
 		_ = os.RemoveAll(tmp)

@@ -3,6 +3,8 @@ package vm
 import (
 	"bytes"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -149,5 +151,47 @@ func TestRunArchiveExportsEnv(t *testing.T) {
 	}
 	if e := a.entries["/d"]; string(e.data) != "x" || e.mode.Perm() != 0o644 {
 		t.Errorf("/d = %+v", e)
+	}
+}
+
+func TestCacheEntryBuildsOnceAndAtomically(t *testing.T) {
+	c := &cache{dir: t.TempDir(), log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	builds := 0
+	build := func(tmp string) error {
+		builds++
+		return os.WriteFile(tmp, []byte("v"), 0o644)
+	}
+	// A leftover of a killed build must not survive or be mistaken for the entry.
+	if err := os.MkdirAll(filepath.Join(c.dir, "kind"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	leftover := filepath.Join(c.dir, "kind", ".tmp-key-999999")
+	if err := os.WriteFile(leftover, []byte("half"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p, err := c.entry("kind", "key", build)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.entry("kind", "key", build); err != nil || builds != 1 {
+		t.Fatalf("second entry: err %v, builds %d; want 1 build", err, builds)
+	}
+	if data, _ := os.ReadFile(p); string(data) != "v" {
+		t.Fatalf("entry holds %q", data)
+	}
+	if _, err := os.Stat(leftover); !os.IsNotExist(err) {
+		t.Errorf("leftover temp entry still there: %v", err)
+	}
+	_, err = c.entry("kind", "bad/key", func(tmp string) error {
+		os.WriteFile(tmp, []byte("partial"), 0o644)
+		return fmt.Errorf("boom")
+	})
+	if err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Fatalf("failed build: err = %v", err)
+	}
+	left, _ := filepath.Glob(filepath.Join(c.dir, "kind", "*bad*"))
+	hidden, _ := filepath.Glob(filepath.Join(c.dir, "kind", ".tmp-*"))
+	if len(left)+len(hidden) != 0 {
+		t.Fatalf("failed build left %v %v", left, hidden)
 	}
 }
