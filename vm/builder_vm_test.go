@@ -61,32 +61,7 @@ func TestBuilderRotation(t *testing.T) {
 			held := central.AddTree(t, "held", map[string]string{"big": strings.Repeat("held bytes of generation 1\n", 3000)})
 
 			api, nfsPort := freePort(t), freePort(t)
-			dir := t.TempDir()
-			token := filepath.Join(dir, "token")
-			os.WriteFile(token, []byte("vm-test-token\n"), 0o600)
-			cfg := fmt.Sprintf(`store:
-  root: %s
-snapshot:
-  backend: btrfs
-  snapshot_dir: %s
-state_dir: %s
-publish:
-  interval: 0s
-api:
-  listen: 127.0.0.1:%d
-  token_file: %s
-nfs:
-  listen: 127.0.0.1:%d
-  allow: [127.0.0.0/8]
-`, central.NixRoot(), filepath.Join(mnt, "snaps"), filepath.Join(dir, "server"), api, token, nfsPort)
-			os.MkdirAll(filepath.Join(mnt, "snaps"), 0o755)
-			os.WriteFile(filepath.Join(dir, "server.yaml"), []byte(cfg), 0o644)
-			srv := exec.Command(strata, "server", "--config", filepath.Join(dir, "server.yaml"))
-			srv.Stdout, srv.Stderr = os.Stderr, os.Stderr
-			if err := srv.Start(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+			startStrataServer(t, strata, mnt, central, api, nfsPort)
 			waitGenerations(t, api, 1)
 			// Generation 2 (published from the guest) drops lib and gone and
 			// adds fresh.
@@ -110,6 +85,40 @@ nfs:
 			requireChecks(t, res, 17)
 		})
 	}
+}
+
+// startStrataServer runs `strata server` on central (publishing its first
+// generation at start) with the API on api and NFS on nfsPort, token
+// "vm-test-token"; it is killed at cleanup.
+func startStrataServer(t *testing.T, strata, mnt string, central nixtest.Store, api, nfsPort int) {
+	t.Helper()
+	dir := t.TempDir()
+	token := filepath.Join(dir, "token")
+	os.WriteFile(token, []byte("vm-test-token\n"), 0o600)
+	cfg := fmt.Sprintf(`store:
+  root: %s
+snapshot:
+  backend: btrfs
+  snapshot_dir: %s
+state_dir: %s
+publish:
+  interval: 0s
+api:
+  listen: 127.0.0.1:%d
+  token_file: %s
+nfs:
+  listen: 127.0.0.1:%d
+  allow: [127.0.0.0/8]
+`, central.NixRoot(), filepath.Join(mnt, "snaps"), filepath.Join(dir, "server"), api, token, nfsPort)
+	os.MkdirAll(filepath.Join(mnt, "snaps"), 0o755)
+	os.WriteFile(filepath.Join(dir, "server.yaml"), []byte(cfg), 0o644)
+	srv := exec.Command(strata, "server", "--config", filepath.Join(dir, "server.yaml"))
+	srv.Stdout, srv.Stderr = os.Stderr, os.Stderr
+	if err := srv.Start(); err != nil {
+		t.Error(err)
+		return
+	}
+	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
 }
 
 func waitGenerations(t *testing.T, port, n int) {
@@ -183,4 +192,89 @@ check "one overlay on /nix/store" sh -c "[ \$(grep -c ' /nix/store overlay ' /pr
 check "builder still running" kill -0 $BPID
 check "no NFS errors in dmesg" nfs_dmesg_clean
 tail -20 /builder.log
+`
+
+// TestBuilderKillAndServerDown (6.12 guest, kernel NFS client): the builder
+// starts while the server is down: it is not ready, leaves /nix/store
+// alone and says why in status; once the host starts the server it
+// becomes ready. Then, three times, the guest publishes a new generation,
+// forces a rotation and kill -9s the agent at a different point of it;
+// the restarted agent converges on the newest generation with one overlay,
+// one NFS mount per lower, every path valid and readable, and a clean
+// nix-store --verify --check-contents.
+func TestBuilderKillAndServerDown(t *testing.T) {
+	testenv.RequireRoot(t)
+	strata := buildStatic(t, "github.com/strata-nix/strata/cmd/strata")
+	mnt := testenv.LoopBtrfs(t, "1G")
+	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
+	central := nixtest.New(t, mnt)
+	central.Fill(t)
+	api, nfsPort := freePort(t), freePort(t)
+	var changes int
+	onLine := func(line string) {
+		switch {
+		case strings.Contains(line, "HOST-START-SERVER"):
+			startStrataServer(t, strata, mnt, central, api, nfsPort)
+		case strings.Contains(line, "HOST-CHANGE-STORE"):
+			changes++
+			f := filepath.Join(t.TempDir(), fmt.Sprintf("change-%d", changes))
+			os.WriteFile(f, []byte(strings.Repeat("change\n", changes)), 0o644)
+			if out, err := central.Command("nix-store", "--add", f).CombinedOutput(); err != nil {
+				t.Errorf("add change %d: %v %s", changes, err, out)
+			}
+		}
+	}
+	res := Boot(context.Background(), t, Guest{
+		Kernel:  Kernel612,
+		Nix:     true,
+		Env:     map[string]string{"API": strconv.Itoa(api), "NFS": strconv.Itoa(nfsPort)},
+		Files:   []File{{Guest: "/bin/strata", Host: strata}, {Guest: "/token", Data: []byte("vm-test-token\n")}},
+		Script:  checkFuncs + killScript,
+		Timeout: 20 * time.Minute,
+		OnLine:  onLine,
+	})
+	requireChecks(t, res, 4+3*6)
+}
+
+const killScript = `
+export PAGER=cat
+S=unix:/var/lib/strata/builder/api.sock
+ST=/var/lib/strata/builder/state.json
+mkdir -p /nix /var/lib/strata /etc/strata
+mount -t tmpfs nix /nix && mkdir -p /nix/store /nix/var/nix
+mount -t tmpfs state /var/lib/strata
+cat > /etc/strata/builder.yaml <<EOF2
+server:
+  api: http://10.0.2.2:$API
+  nfs: 10.0.2.2:$NFS
+rotate:
+  check_interval: 1h
+EOF2
+startb() { strata builder --config /etc/strata/builder.yaml >> /builder.log 2>&1 & BPID=$!; }
+ready() { strata status --api $S --json 2>/dev/null | grep -q '"ready": true'; }
+waitready() { i=0; while ! ready && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; ready; }
+startb
+sleep 4
+check "not ready while the server is down" sh -c "! ready"
+check "store dir untouched while the server is down" sh -c "! grep -q ' /nix/store ' /proc/mounts"
+check "status names the connection error" sh -c "strata status --api $S --json | grep -q 'connection refused'"
+echo HOST-START-SERVER
+check "ready once the server is up" waitready
+for d in 0.3 1.2 2.5; do
+	echo HOST-CHANGE-STORE
+	until strata publish --api 10.0.2.2:$API --token-file /token | grep -q '^published'; do sleep 0.2; done
+	want=$(strata generations --api 10.0.2.2:$API | tail -1 | awk '{print $1}')
+	strata builder rotate --api $S > /dev/null 2>&1 &
+	sleep $d
+	kill -9 $BPID; wait $BPID 2>/dev/null
+	echo "killed after $d s in: $(grep '"phase"' $ST) target $(grep '"target"' $ST)"
+	startb
+	check "restart after kill at $d s is ready" waitready
+	check "converges on generation $want" sh -c "strata builder rotate --api $S && strata status --api $S --json | grep -q '\"generation\": $want,'"
+	check "one overlay on /nix/store" sh -c "[ \$(grep -c ' /nix/store overlay ' /proc/mounts) -eq 1 ]"
+	check "one NFS mount, of generation $want" sh -c "[ \$(grep -c ' nfs ' /proc/mounts) -eq 1 ] && grep -q \"/gen/$want /var/lib/strata/builder/lower/$want nfs\" /proc/mounts"
+	check "new and old paths valid" sh -c "nix-store --check-validity \$(ls -d /nix/store/*-change-* /nix/store/*-tool-a)"
+	check "verify --check-contents clean" sh -c "nix-store --verify --check-contents 2>&1 | tee /tmp/v; ! grep -qiE 'disappeared|modified|error' /tmp/v"
+done
+grep -iE 'level=(warn|error)' /builder.log | tail -20
 `

@@ -213,7 +213,7 @@ mount -t tmpfs copy /copy
 
 # 1. nix copy of the closure from the HTTP binary cache into a fresh store.
 t0=$(up)
-nix --extra-experimental-features nix-command copy --no-check-sigs --from http://10.0.2.2:$CACHE --to /copy $CLOSURE
+nix --extra-experimental-features nix-command copy --no-check-sigs --from http://10.0.2.2:$CACHE --to /copy $CLOSURE 2>/tmp/copy.err || { cat /tmp/copy.err; exit 1; }
 echo "BENCH copy_s=$(since $t0)"
 umount /copy
 
