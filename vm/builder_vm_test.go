@@ -198,7 +198,8 @@ tail -20 /builder.log
 // starts while the server is down: it is not ready, leaves /nix/store
 // alone and says why in status; once the host starts the server it
 // becomes ready. Then, three times, the guest publishes a new generation,
-// forces a rotation and kill -9s the agent at a different point of it;
+// forces a rotation and kill -9s the agent 0.05, 0.2 or 0.6 s into it (the
+// state reached is logged; the host integration test kills at every state);
 // the restarted agent converges on the newest generation with one overlay,
 // one NFS mount per lower, every path valid and readable, and a clean
 // nix-store --verify --check-contents.
@@ -260,7 +261,7 @@ check "store dir untouched while the server is down" sh -c "! grep -q ' /nix/sto
 check "status names the connection error" sh -c "strata status --api $S --json | grep -q 'connection refused'"
 echo HOST-START-SERVER
 check "ready once the server is up" waitready
-for d in 0.3 1.2 2.5; do
+for d in 0.05 0.2 0.6; do
 	echo HOST-CHANGE-STORE
 	until strata publish --api 10.0.2.2:$API --token-file /token | grep -q '^published'; do sleep 0.2; done
 	want=$(strata generations --api 10.0.2.2:$API | tail -1 | awk '{print $1}')
