@@ -59,7 +59,7 @@ func (p *exportProc) kill() {
 
 var progressRE = regexp.MustCompile(`^readloop: reads=(\d+) failures=(\d+)$`)
 
-// TestServerRestart reads files through a 6.12 guest's NFS mount in a loop
+// TestServerRestart reads files through a guest's NFS mount (6.12 and 6.1) in a loop
 // (through fds held open across the restart, with their page cache dropped,
 // and through fresh opens after dropping all caches) while the host kills
 // the export with SIGKILL and starts it again on the same port and state
@@ -70,6 +70,12 @@ func TestServerRestart(t *testing.T) {
 	want := writeManifest(t, store)
 	vmtool := buildStatic(t, "github.com/strata-nix/strata/vm/internal/vmtool")
 	server := buildStatic(t, "github.com/strata-nix/strata/vm/internal/nfsserve")
+	for _, k := range []Kernel{Kernel612, Kernel61} {
+		t.Run(k.String(), func(t *testing.T) { serverRestart(t, k, store, want, vmtool, server) })
+	}
+}
+
+func serverRestart(t *testing.T, k Kernel, store string, want []byte, vmtool, server string) {
 	state := t.TempDir()
 	gens := map[uint64]string{1: store}
 	first, err := startExport(t, server, "127.0.0.1:0", state, gens)
@@ -121,7 +127,7 @@ func TestServerRestart(t *testing.T) {
 		}
 	}
 	res := Boot(context.Background(), t, Guest{
-		Kernel: Kernel612,
+		Kernel: k,
 		Env:    map[string]string{"P": port},
 		Files: []File{
 			{Guest: "/bin/vmtool", Host: vmtool},
