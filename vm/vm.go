@@ -32,6 +32,20 @@
 // busybox-static, kmod, xz-utils; for ZFS bookworm-backports with contrib,
 // linux-headers for the kernel, zfs-dkms and zfsutils-linux; nix-bin for
 // Nix). A warm start takes seconds; /dev/kvm is never used (-accel tcg).
+// STRATA_VM_KERNEL_612 or STRATA_VM_KERNEL_61 (a release such as
+// "6.12.117+deb12-amd64") pins the kernel instead of the newest apt knows.
+//
+// The suites of this package (build tag vm) are:
+//   - TestKernelClient: a btrfs snapshot exported by server/nfs, mounted
+//     with the builders' options by the 6.12 and 6.1 clients: tree and
+//     sha256s, a 20,000-entry directory, read-only, overlay on top, dmesg.
+//   - TestServerRestart: reads through held fds and fresh opens while the
+//     export (a child process) is killed with SIGKILL and restarted.
+//   - TestOpenZFS: snapshot/zfs's tests against a real pool, and a ZFS
+//     snapshot export whose handles survive cache drops, remount, restart.
+//   - TestNixOnMount: overlay on /nix/store over the export, load-db,
+//     verify --check-contents, nix-build into the upper.
+//   - TestBootSmoke: each kernel boots and reports status and kernel log.
 package vm
 
 import (
