@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"unicode"
@@ -191,6 +192,16 @@ func pickKernel(ctx context.Context, log *slog.Logger, k Kernel, cacheDir string
 	if err != nil {
 		return "", fmt.Errorf("pick %s kernel: %w", k, err)
 	}
+	// Kernels already extracted in the cache stay usable after apt's index
+	// has moved on to a newer upload.
+	cached, _ := filepath.Glob(filepath.Join(cacheDir, "kernel", "*"))
+	for _, c := range cached {
+		name := filepath.Base(c)
+		if re.MatchString("linux-image-"+name) && !slices.Contains(vers, name) {
+			vers = append(vers, name)
+		}
+	}
+	sort.Slice(vers, func(i, j int) bool { return versionLess(vers[i], vers[j]) })
 	if len(vers) == 0 {
 		return "", fmt.Errorf("pick %s kernel: apt knows no package matching %s", k, re)
 	}
