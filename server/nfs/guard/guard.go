@@ -18,6 +18,7 @@
 package guard
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -231,7 +232,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 		}
 		l.m.accepted.Inc()
 		l.m.current.Inc()
-		return &conn{Conn: c, l: l, addr: addr}, nil
+		return &conn{Conn: c, l: l, addr: addr, br: bufio.NewReaderSize(c, 4096)}, nil
 	}
 }
 
@@ -296,6 +297,7 @@ type conn struct {
 	net.Conn
 	l    *Listener
 	addr netip.Addr
+	br   *bufio.Reader // batches small records into few read syscalls
 
 	out  []byte // checked record (marker included) not yet read
 	buf  []byte // receive buffer, reused for small records
@@ -325,11 +327,11 @@ func (c *conn) next() error {
 	l := c.l
 	var hdr [4]byte
 	c.Conn.SetReadDeadline(time.Now().Add(l.opts.IdleTimeout))
-	if _, err := io.ReadFull(c.Conn, hdr[:1]); err != nil {
+	if _, err := io.ReadFull(c.br, hdr[:1]); err != nil {
 		return c.readFailed(err, "waiting for a record")
 	}
 	c.Conn.SetReadDeadline(time.Now().Add(l.opts.RecordTimeout))
-	if _, err := io.ReadFull(c.Conn, hdr[1:]); err != nil {
+	if _, err := io.ReadFull(c.br, hdr[1:]); err != nil {
 		return c.readFailed(err, "record marker")
 	}
 	marker := uint32(hdr[0])<<24 | uint32(hdr[1])<<16 | uint32(hdr[2])<<8 | uint32(hdr[3])
@@ -355,7 +357,7 @@ func (c *conn) next() error {
 			copy(nb, buf)
 			buf = nb
 		}
-		m, err := io.ReadFull(c.Conn, buf[len(buf):len(buf)+chunk])
+		m, err := io.ReadFull(c.br, buf[len(buf):len(buf)+chunk])
 		buf = buf[:len(buf)+m]
 		if err != nil {
 			return c.readFailed(err, "record body")
