@@ -100,7 +100,7 @@ var benchLine = regexp.MustCompile(`BENCH (\w+)=([0-9.]+)`)
 
 func BenchmarkBuilder(b *testing.B) {
 	testenv.RequireRoot(b)
-	mb := 256
+	mb := 1024
 	if s := os.Getenv("STRATA_BENCH_CLOSURE_MB"); s != "" {
 		v, err := strconv.Atoi(s)
 		if err != nil || v < 1 {
