@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/strata-nix/strata/internal/nfsdial"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"golang.org/x/sys/unix"
@@ -347,7 +348,7 @@ func remoteTree(t *testing.T, v *nfsc.Target) map[string]entry {
 
 func goClientMount(t *testing.T, addr, path string) *nfsc.Target {
 	t.Helper()
-	c, err := rpc.DialTCP("tcp", addr, false)
+	c, err := nfsdial.Dial(addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/strata-nix/strata/internal/nfsdial"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"golang.org/x/sys/unix"
@@ -174,7 +175,7 @@ func (c *child) stop(t *testing.T) map[string]float64 {
 // checking its sha256 each time. It returns the reads done and the first
 // failure.
 func legit(addr, path string, want [32]byte, stop <-chan struct{}) (int, error) {
-	c, err := rpc.DialTCP("tcp", addr, false)
+	c, err := nfsdial.Dial(addr)
 	if err != nil {
 		return 0, err
 	}
@@ -453,7 +454,7 @@ func TestAllowlistAcrossNamespaces(t *testing.T) {
 	read := func(ns *netns, host string) error {
 		var c *rpc.Client
 		var err error
-		ns.do(t, func() { c, err = rpc.DialTCP("tcp", net.JoinHostPort(host, strconv.Itoa(port)), false) })
+		ns.do(t, func() { c, err = nfsdial.Dial(net.JoinHostPort(host, strconv.Itoa(port))) })
 		if err != nil {
 			return err
 		}

@@ -10,11 +10,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/strata-nix/strata/internal/nfsdial"
 	gonfs "github.com/willscott/go-nfs"
-	"github.com/willscott/go-nfs/helpers"
-	"github.com/willscott/go-nfs/helpers/memfs"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
+	"github.com/willscott/go-nfs/helpers"
+	"github.com/willscott/go-nfs/helpers/memfs"
 )
 
 // served is a go-nfs server on an in-memory tree behind a guard on a real
@@ -76,7 +77,7 @@ func (s *served) metric(t *testing.T, name, label string) float64 {
 // readHello mounts "/" with go-nfs-client and reads hello.txt.
 func readHello(t *testing.T, addr string) error {
 	t.Helper()
-	c, err := rpc.DialTCP("tcp", addr, false)
+	c, err := nfsdial.Dial(addr)
 	if err != nil {
 		return err
 	}

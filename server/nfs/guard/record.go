@@ -99,7 +99,7 @@ func CheckMarker(marker uint32, max int) (int, error) {
 
 // Call is the checked header of one ONC RPC call.
 type Call struct {
-	XID, Prog, Vers, Proc uint32
+	XID, Prog, Vers, Proc  uint32
 	CredFlavor, VerfFlavor uint32
 	// Unix is the parsed credential when CredFlavor is AuthUnix.
 	Unix *UnixCred
