@@ -21,10 +21,11 @@ type clientFlags struct {
 	jsonOut   bool
 }
 
-const defaultSocket = "/var/lib/strata/server/api.sock"
+// defaultSockets are the daemons' default API sockets, tried in order.
+var defaultSockets = []string{"/var/lib/strata/server/api.sock", "/var/lib/strata/builder/api.sock"}
 
 func (f *clientFlags) add(cmd *cobra.Command, withJSON bool) {
-	cmd.Flags().StringVar(&f.api, "api", "", `daemon API: host:port or unix:/path (default: unix:`+defaultSocket+` if it exists, else 127.0.0.1:7480; env STRATA_API)`)
+	cmd.Flags().StringVar(&f.api, "api", "", `daemon API: host:port or unix:/path (default: the server's socket `+defaultSockets[0]+` or the builder's `+defaultSockets[1]+`, whichever exists, else 127.0.0.1:7480; env STRATA_API)`)
 	cmd.Flags().StringVar(&f.tokenFile, "token-file", "", "bearer token file for mutating TCP calls (default /etc/strata/api-token if readable; env STRATA_API_TOKEN_FILE)")
 	if withJSON {
 		cmd.Flags().BoolVar(&f.jsonOut, "json", false, "print JSON")
@@ -36,12 +37,16 @@ func (f *clientFlags) client() *api.Client {
 	if addr == "" {
 		addr = os.Getenv("STRATA_API")
 	}
-	if addr == "" {
-		if _, err := os.Stat(defaultSocket); err == nil {
-			addr = "unix:" + defaultSocket
-		} else {
-			addr = "127.0.0.1:7480"
+	for _, sock := range defaultSockets {
+		if addr != "" {
+			break
 		}
+		if _, err := os.Stat(sock); err == nil {
+			addr = "unix:" + sock
+		}
+	}
+	if addr == "" {
+		addr = "127.0.0.1:7480"
 	}
 	tf := f.tokenFile
 	if tf == "" {
