@@ -116,7 +116,8 @@ func New(opts Options) (*Export, error) {
 		log: log, key: key, metrics: m, dirs: newDirCache(n),
 		gens: make(map[uint64]*gen), conns: make(map[net.Conn]struct{}),
 	}
-	e.dead = &genFS{g: &gen{e: e}} // id 0 owns no handle; root nil: every call fails
+	// id 0 owns no handle; root nil: every call fails
+	e.dead = &genFS{g: &gen{e: e, attrs: newAttrCache(1), fds: newFDCache(1)}}
 	return e, nil
 }
 
@@ -169,7 +170,8 @@ func (e *Export) openGen(id uint64, dir string) (*gen, error) {
 	if err != nil {
 		return nil, fmt.Errorf("name_to_handle_at %s (filesystem without file handles?): %w", dir, err)
 	}
-	g := &gen{id: id, dir: dir, e: e, root: f, dev: st.Dev, ino: st.Ino}
+	g := &gen{id: id, dir: dir, e: e, root: f, dev: st.Dev, ino: st.Ino,
+		attrs: newAttrCache(0), fds: newFDCache(0)}
 	g.subvol, _ = btrfsSubvol(fh.Type(), fh.Bytes())
 	if g.rootHandle, err = seal(e.key, id, fh.Type(), fh.Bytes()); err != nil {
 		return nil, fmt.Errorf("%s: %w", dir, err)
@@ -180,6 +182,7 @@ func (e *Export) openGen(id uint64, dir string) (*gen, error) {
 		return nil, fmt.Errorf("open %s by handle: %w", dir, err)
 	}
 	unix.Close(fd)
+	g.view = &genFS{g: g, mountHandle: g.rootHandle}
 	ok = true
 	return g, nil
 }
@@ -199,6 +202,8 @@ func (e *Export) Remove(id uint64) {
 	g.root.Close()
 	g.root = nil
 	g.mu.Unlock()
+	g.fds.purge() // descriptors in use close when their request ends
+	g.attrs.purge()
 	e.log.Info("nfs export removed", "generation", id)
 }
 
@@ -425,6 +430,15 @@ func (e *Export) ToHandle(f billy.Filesystem, path []string) []byte {
 // FromHandle unseals a handle: a bad MAC, an unknown or removed generation
 // or a handle of another subvolume is an error (NFS3ERR_STALE).
 func (e *Export) FromHandle(b []byte) (billy.Filesystem, []string, error) {
+	if len(b) >= handleHeader && len(b) <= maxHandle {
+		// A handle in the generation's attribute cache was unsealed or
+		// sealed here already: skip the MAC.
+		if g := e.gen(binary.BigEndian.Uint64(b[4:12])); g != nil {
+			if _, ok := g.attrs.get(cacheKey(keyObject, b, "")); ok {
+				return g.view, handlePath(b), nil
+			}
+		}
+	}
 	s, err := unseal(e.key, b)
 	if err != nil {
 		return nil, nil, err
@@ -433,7 +447,7 @@ func (e *Export) FromHandle(b []byte) (billy.Filesystem, []string, error) {
 	if g == nil || !g.owns(s) {
 		return nil, nil, errBadHandle
 	}
-	return &genFS{g: g, mountHandle: g.rootHandle}, handlePath(b), nil
+	return g.view, handlePath(b), nil
 }
 
 // InvalidateHandle does nothing: handles are stateless.

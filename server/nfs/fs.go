@@ -45,6 +45,10 @@ type gen struct {
 	// any subvolume's handle, so a handle must name this subvolume.
 	subvol     uint64
 	rootHandle []byte // sealed handle of the store directory
+
+	attrs *attrCache // what is known about its objects (cache.go)
+	fds   *fdCache   // open descriptors of recently used directories and files
+	view  *genFS     // the generation-root view FromHandle hands go-nfs
 }
 
 func isBtrfsHandle(t int32) bool {
@@ -162,27 +166,143 @@ func (g *gen) handleOf(p string) ([]byte, error) {
 	if !r.parent && r.name == "" {
 		return r.handle, nil // already sealed and checked by FromHandle
 	}
-	fd, err := g.openRef(r, unix.O_PATH)
+	e, err := g.resolve(r)
 	if err != nil {
 		return nil, err
+	}
+	if e.handle == nil {
+		return nil, syscall.EXDEV // a nested subvolume or mount: not part of this generation
+	}
+	return e.handle, nil
+}
+
+// resolve returns the attributes and sealed handle of what r names, from
+// the attribute cache when it can; a miss opens and stats the object
+// (checking MAC, generation and device as openHandle does) and caches it.
+func (g *gen) resolve(r ref) (attrEntry, error) {
+	h := r.handle
+	if r.root {
+		h = g.rootHandle
+	}
+	var key string
+	switch {
+	case r.name != "":
+		key = cacheKey(keyChild, h, r.name)
+	case r.parent:
+		key = cacheKey(keyParent, h, "")
+	default:
+		key = cacheKey(keyObject, h, "")
+	}
+	if e, ok := g.attrs.get(key); ok {
+		return e, nil
+	}
+	var e attrEntry
+	var err error
+	switch {
+	case r.name != "":
+		e, err = g.statChild(h, r.name)
+	case r.parent:
+		e, err = g.statParent(ref{handle: h, parent: true})
+	default:
+		e, err = g.statObject(h)
+	}
+	if err != nil {
+		return attrEntry{}, err
+	}
+	g.attrs.add(key, e)
+	if r.name != "" && e.handle != nil {
+		// The child's own handle is what the client asks about next.
+		obj := *e.info
+		obj.name = ""
+		g.attrs.add(cacheKey(keyObject, e.handle, ""), attrEntry{handle: e.handle, info: &obj})
+	}
+	return e, nil
+}
+
+// statObject stats the object sealed in h without following it.
+func (g *gen) statObject(h []byte) (attrEntry, error) {
+	fd, err := g.openHandle(h, unix.O_PATH)
+	if err != nil {
+		return attrEntry{}, err
 	}
 	defer unix.Close(fd)
-	flags := unix.AT_EMPTY_PATH
-	name := ""
-	if r.name != "" {
-		flags, name = 0, r.name // 0: never follows a final symlink
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return attrEntry{}, err
 	}
-	fh, _, err := unix.NameToHandleAt(fd, name, flags)
+	return attrEntry{handle: h, info: newInfo("", &st)}, nil
+}
+
+// statChild stats entry name of directory h (never following it) and makes
+// its handle.
+func (g *gen) statChild(h []byte, name string) (attrEntry, error) {
+	d, err := g.dirFD(h)
 	if err != nil {
-		return nil, err
+		return attrEntry{}, err
 	}
+	defer g.fds.release(d)
+	var st unix.Stat_t
+	if err := unix.Fstatat(d.fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return attrEntry{}, err
+	}
+	if st.Dev != g.dev {
+		return attrEntry{}, syscall.ENOENT // a mount point inside: not exported
+	}
+	e := attrEntry{info: newInfo(name, &st)}
+	fh, _, err := unix.NameToHandleAt(d.fd, name, 0) // 0: never follows a final symlink
+	if err != nil {
+		return attrEntry{}, err
+	}
+	if e.handle, err = g.sealOwn(fh); err != nil && !errors.Is(err, syscall.EXDEV) {
+		return attrEntry{}, err
+	}
+	return e, nil
+}
+
+// statParent stats the parent directory of r.handle and makes its handle.
+func (g *gen) statParent(r ref) (attrEntry, error) {
+	fd, err := g.openRef(r, unix.O_PATH)
+	if err != nil {
+		return attrEntry{}, err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return attrEntry{}, err
+	}
+	fh, _, err := unix.NameToHandleAt(fd, "", unix.AT_EMPTY_PATH)
+	if err != nil {
+		return attrEntry{}, err
+	}
+	e := attrEntry{info: newInfo("", &st)}
+	if e.handle, err = g.sealOwn(fh); err != nil && !errors.Is(err, syscall.EXDEV) {
+		return attrEntry{}, err
+	}
+	return e, nil
+}
+
+// sealOwn seals a kernel handle of this generation; a handle of another
+// btrfs subvolume (a nested subvolume) is EXDEV.
+func (g *gen) sealOwn(fh unix.FileHandle) ([]byte, error) {
 	if g.subvol != 0 {
 		if sv, ok := btrfsSubvol(fh.Type(), fh.Bytes()); !ok || sv != g.subvol {
-			// a nested subvolume or mount: not part of this generation
 			return nil, syscall.EXDEV
 		}
 	}
 	return seal(g.e.key, g.id, fh.Type(), fh.Bytes())
+}
+
+// dirFD returns an O_RDONLY descriptor of directory h, cached.
+func (g *gen) dirFD(h []byte) (*sharedFD, error) {
+	key := cacheKey(keyDirFD, h, "")
+	if d := g.fds.get(key); d != nil {
+		return d, nil
+	}
+	fd, err := g.openHandle(h, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return nil, err
+	}
+	return g.fds.put(key, fd), nil
 }
 
 // genFS is the billy.Filesystem go-nfs sees for one generation: read-only and
@@ -225,25 +345,11 @@ func (f *genFS) Lstat(p string) (os.FileInfo, error) {
 	if err != nil {
 		return nil, pathErr("lstat", p, err)
 	}
-	fd, err := f.g.openRef(r, unix.O_PATH)
+	e, err := f.g.resolve(r)
 	if err != nil {
 		return nil, pathErr("lstat", p, err)
 	}
-	defer unix.Close(fd)
-	var st unix.Stat_t
-	name := r.name
-	if name == "" {
-		err = unix.Fstat(fd, &st)
-	} else {
-		err = unix.Fstatat(fd, name, &st, unix.AT_SYMLINK_NOFOLLOW)
-	}
-	if err != nil {
-		return nil, pathErr("lstat", p, err)
-	}
-	if st.Dev != f.g.dev {
-		return nil, pathErr("lstat", p, syscall.ENOENT) // a mount point inside: not exported
-	}
-	return newInfo(name, &st), nil
+	return e.info, nil
 }
 
 // Stat is Lstat: the export never follows symlinks server-side.
@@ -269,21 +375,30 @@ func (f *genFS) Readlink(p string) (string, error) {
 }
 
 // Open opens a regular file for reading. Directories, symlinks and special
-// files are refused, so READ never returns data from anything else.
+// files are refused, so READ never returns data from anything else. Files
+// opened by handle stay open in the generation's descriptor cache, so the
+// READs that follow one another on a large file reuse the descriptor.
 func (f *genFS) Open(p string) (billy.File, error) {
 	r, err := parseRef(p)
 	if err != nil {
 		return nil, pathErr("open", p, err)
 	}
+	g := f.g
+	if !r.root && !r.parent && r.name == "" {
+		key := cacheKey(keyFileFD, r.handle, "")
+		if s := g.fds.get(key); s != nil {
+			return &roFile{name: p, s: s, c: g.fds, m: g.e.metrics}, nil
+		}
+	}
 	var fd int
 	if r.name == "" {
-		fd, err = f.g.openRef(r, unix.O_RDONLY|unix.O_NONBLOCK)
+		fd, err = g.openRef(r, unix.O_RDONLY|unix.O_NONBLOCK)
 	} else {
-		var dfd int
-		dfd, err = f.g.openRef(r, 0)
+		var d *sharedFD
+		d, err = g.dirFD(r.handle)
 		if err == nil {
-			fd, err = unix.Openat(dfd, r.name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
-			unix.Close(dfd)
+			fd, err = unix.Openat(d.fd, r.name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+			g.fds.release(d)
 		}
 	}
 	if err != nil {
@@ -294,14 +409,20 @@ func (f *genFS) Open(p string) (billy.File, error) {
 		unix.Close(fd)
 		return nil, pathErr("open", p, err)
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != f.g.dev {
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != g.dev {
 		unix.Close(fd)
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			return nil, pathErr("open", p, syscall.EISDIR)
 		}
 		return nil, pathErr("open", p, syscall.EACCES)
 	}
-	return &roFile{f: os.NewFile(uintptr(fd), p), m: f.g.e.metrics}, nil
+	if r.root || r.parent || r.name != "" {
+		return &roFile{name: p, s: &sharedFD{fd: fd, refs: 1}, c: g.fds, m: g.e.metrics}, nil
+	}
+	// go-nfs's READ stats the file right after opening it: remember it.
+	g.attrs.add(cacheKey(keyObject, r.handle, ""), attrEntry{handle: r.handle, info: newInfo("", &st)})
+	s := g.fds.put(cacheKey(keyFileFD, r.handle, ""), fd)
+	return &roFile{name: p, s: s, c: g.fds, m: g.e.metrics}, nil
 }
 
 // OpenFile opens for reading only; any write flag is EROFS.
@@ -372,29 +493,103 @@ func (f *genFS) Chroot(p string) (billy.Filesystem, error) {
 }
 func (f *genFS) Root() string { return "/" }
 
-// roFile is an open regular file, read-only.
+// roFile is an open regular file, read-only. Its descriptor may be shared
+// with the descriptor cache, so it reads with pread and keeps its own offset.
 type roFile struct {
-	f *os.File
-	m *metrics
+	name string
+	s    *sharedFD
+	c    *fdCache
+	m    *metrics
+	mu   sync.Mutex // guards off and closed
+	off  int64
+	done bool
 }
 
-func (r *roFile) Name() string { return r.f.Name() }
+func (r *roFile) Name() string { return r.name }
+
 func (r *roFile) Read(b []byte) (int, error) {
-	n, err := r.f.Read(b)
-	r.m.readBytes.Add(float64(n))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		return 0, os.ErrClosed
+	}
+	n, err := r.readAt(b, r.off)
+	r.off += int64(n)
 	return n, err
 }
+
+// ReadAt reads len(b) bytes at off, or fewer and io.EOF at the end of the file.
 func (r *roFile) ReadAt(b []byte, off int64) (int, error) {
-	n, err := r.f.ReadAt(b, off)
-	r.m.readBytes.Add(float64(n))
-	return n, err
+	if off < 0 {
+		return 0, syscall.EINVAL
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		return 0, os.ErrClosed
+	}
+	return r.readAt(b, off)
 }
-func (r *roFile) Seek(off int64, whence int) (int64, error) { return r.f.Seek(off, whence) }
-func (r *roFile) Close() error                              { return r.f.Close() }
-func (r *roFile) Write([]byte) (int, error)                 { return 0, syscall.EROFS }
-func (r *roFile) Truncate(int64) error                      { return syscall.EROFS }
-func (r *roFile) Lock() error                               { return nil }
-func (r *roFile) Unlock() error                             { return nil }
+
+func (r *roFile) readAt(b []byte, off int64) (int, error) {
+	n := 0
+	for n < len(b) {
+		m, err := unix.Pread(r.s.fd, b[n:], off+int64(n))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			r.m.readBytes.Add(float64(n))
+			return n, &os.PathError{Op: "read", Path: r.name, Err: err}
+		}
+		if m == 0 {
+			r.m.readBytes.Add(float64(n))
+			return n, io.EOF
+		}
+		n += m
+	}
+	r.m.readBytes.Add(float64(n))
+	return n, nil
+}
+
+func (r *roFile) Seek(off int64, whence int) (int64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		off += r.off
+	case io.SeekEnd:
+		var st unix.Stat_t
+		if err := unix.Fstat(r.s.fd, &st); err != nil {
+			return 0, err
+		}
+		off += st.Size
+	default:
+		return 0, syscall.EINVAL
+	}
+	if off < 0 {
+		return 0, syscall.EINVAL
+	}
+	r.off = off
+	return off, nil
+}
+
+func (r *roFile) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		return os.ErrClosed
+	}
+	r.done = true
+	r.c.release(r.s)
+	return nil
+}
+
+func (r *roFile) Write([]byte) (int, error) { return 0, syscall.EROFS }
+func (r *roFile) Truncate(int64) error      { return syscall.EROFS }
+func (r *roFile) Lock() error               { return nil }
+func (r *roFile) Unlock() error             { return nil }
 
 var _ io.ReaderAt = (*roFile)(nil)
 

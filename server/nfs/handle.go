@@ -1,15 +1,18 @@
 package nfs
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 )
 
 // Sealed NFS file handle layout (all handles are a multiple of 4 bytes and at
@@ -100,10 +103,24 @@ func unseal(key []byte, b []byte) (sealed, error) {
 	}, nil
 }
 
+// macPools keeps keyed HMAC states per key (one key per export in
+// practice), so a MAC costs a Reset instead of hmac.New's key schedule.
+var macPools sync.Map // string(key) -> *sync.Pool of hash.Hash
+
 func mac(key, msg []byte) []byte {
-	h := hmac.New(sha256.New, key)
+	p, ok := macPools.Load(string(key))
+	if !ok {
+		k := bytes.Clone(key)
+		p, _ = macPools.LoadOrStore(string(k), &sync.Pool{New: func() any { return hmac.New(sha256.New, k) }})
+	}
+	pool := p.(*sync.Pool)
+	h := pool.Get().(hash.Hash)
+	h.Reset()
 	h.Write(msg)
-	return h.Sum(nil)[:macLen]
+	var sum [sha256.Size]byte
+	out := h.Sum(sum[:0])
+	pool.Put(h)
+	return bytes.Clone(out[:macLen])
 }
 
 // loadKey returns the handle MAC key kept in dir, creating it (32 random
