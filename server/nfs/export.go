@@ -39,6 +39,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -79,6 +80,10 @@ type Export struct {
 
 	connMu sync.Mutex
 	conns  map[net.Conn]struct{}
+
+	// noFastPath makes go-nfs answer every call (tests compare the two).
+	noFastPath bool
+	fastCalls  atomic.Uint64 // calls the fast path answered
 }
 
 var (
@@ -240,7 +245,7 @@ func (e *Export) Serve(ctx context.Context, l net.Listener) error {
 		}
 	}()
 	e.log.Info("nfs serving", "addr", l.Addr().String())
-	err := srv.Serve(&sniffListener{Listener: l, e: e})
+	err := srv.Serve(&connListener{Listener: l, e: e})
 	if ctx.Err() != nil {
 		return nil
 	}
@@ -277,19 +282,19 @@ func (e *Export) closeConns() {
 	}
 }
 
-type sniffListener struct {
+type connListener struct {
 	net.Listener
 	e *Export
 }
 
-func (l *sniffListener) Accept() (net.Conn, error) {
+func (l *connListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
 	e := l.e
-	var s *sniffConn
-	s = newSniffConn(c, e.metrics, func() {
+	var s *conn
+	s = newConn(c, e, func() {
 		e.connMu.Lock()
 		delete(e.conns, s)
 		e.connMu.Unlock()

@@ -168,12 +168,19 @@ func newFixture(t *testing.T, extra func(store string)) *fixture {
 // serve runs an in-process export of every fixture generation on 127.0.0.1.
 func (fx *fixture) serve(t *testing.T) (*Export, string, *prometheus.Registry) {
 	t.Helper()
+	return fx.serveWith(t, false)
+}
+
+// serveWith is serve; noFastPath makes go-nfs answer every call.
+func (fx *fixture) serveWith(t *testing.T, noFastPath bool) (*Export, string, *prometheus.Registry) {
+	t.Helper()
 	reg := prometheus.NewRegistry()
 	e, err := New(Options{StateDir: fx.stateDir, Registry: reg,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.noFastPath = noFastPath
 	for id, dir := range fx.gen {
 		if err := e.Add(id, dir); err != nil {
 			t.Fatal(err)

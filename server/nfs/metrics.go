@@ -2,20 +2,20 @@ package nfs
 
 import (
 	"encoding/binary"
-	"net"
-	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
 
 // metrics are the export's Prometheus collectors. Requests and errors are
-// counted from the RPC byte stream (sniffConn), because go-nfs has no per-call
-// hook: each request's procedure is read from its call header, and each
-// reply's RPC and NFS/MOUNT status from its reply header.
+// counted from the RPC records (conn), because go-nfs has no per-call hook:
+// each request's procedure is read from its call header, and each reply's
+// RPC and NFS/MOUNT status from its reply header. Calls answered by the fast
+// path are counted there; it only answers successes.
 type metrics struct {
 	requests    *prometheus.CounterVec // proc
 	errors      *prometheus.CounterVec // proc, status
 	readBytes   prometheus.Counter
+	fast        map[uint32]prometheus.Counter // NFS proc -> requests_total counter
 	conns       prometheus.Gauge
 	generations prometheus.Gauge
 }
@@ -42,6 +42,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "strata", Subsystem: "nfs", Name: "generations",
 			Help: "Generations currently exported.",
 		}),
+	}
+	m.fast = map[uint32]prometheus.Counter{}
+	for _, p := range []uint32{nfsProcGetattr, nfsProcLookup, nfsProcRead} {
+		m.fast[p] = m.requests.WithLabelValues(procName(progNFS, p))
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.errors, m.readBytes, m.conns, m.generations} {
 		if err := reg.Register(c); err != nil {
@@ -98,126 +102,38 @@ func statName(names map[uint32]string, s uint32) string {
 	return "other"
 }
 
-// recordSniffer follows RPC record marking (RFC 5531 §11) in one direction
-// of a byte stream and hands the first bytes of each fragment to report. It
-// keeps O(1) state and never alters the stream.
-type recordSniffer struct {
-	hdr      [4]byte
-	hdrN     int
-	left     uint32 // bytes left in the current fragment
-	prefix   [64]byte
-	prefN    int
-	reported bool
-	report   func(prefix []byte)
-}
-
-func (s *recordSniffer) feed(b []byte) {
-	for len(b) > 0 {
-		if s.left == 0 {
-			k := copy(s.hdr[s.hdrN:], b)
-			s.hdrN += k
-			b = b[k:]
-			if s.hdrN < 4 {
-				return
-			}
-			s.hdrN = 0
-			s.left = binary.BigEndian.Uint32(s.hdr[:]) & 0x7fffffff
-			s.prefN, s.reported = 0, false
-			continue
-		}
-		k := uint32(len(b))
-		if k > s.left {
-			k = s.left
-		}
-		if !s.reported {
-			s.prefN += copy(s.prefix[s.prefN:], b[:k])
-			if s.prefN == len(s.prefix) {
-				s.report(s.prefix[:])
-				s.reported = true
-			}
-		}
-		s.left -= k
-		b = b[k:]
-		if s.left == 0 && !s.reported {
-			s.report(s.prefix[:s.prefN])
-			s.reported = true
-		}
-	}
-}
-
 type call struct{ prog, proc uint32 }
 
 // maxPending bounds the xid -> call map per connection (go-nfs answers each
 // connection's calls in order, one at a time, so only a few are ever pending).
 const maxPending = 1024
 
-// sniffConn counts a connection's calls and reply statuses.
-type sniffConn struct {
-	net.Conn
-	m        *metrics
-	in, out  recordSniffer
-	mu       sync.Mutex
-	pending  map[uint32]call
-	closeOne sync.Once
-	onClose  func()
-}
-
-func newSniffConn(c net.Conn, m *metrics, onClose func()) *sniffConn {
-	s := &sniffConn{Conn: c, m: m, pending: make(map[uint32]call), onClose: onClose}
-	s.in.report = s.onCall
-	s.out.report = s.onReply
-	m.conns.Inc()
-	return s
-}
-
-func (s *sniffConn) Read(b []byte) (int, error) {
-	n, err := s.Conn.Read(b)
-	s.in.feed(b[:n])
-	return n, err
-}
-
-func (s *sniffConn) Write(b []byte) (int, error) {
-	n, err := s.Conn.Write(b)
-	s.out.feed(b[:n])
-	return n, err
-}
-
-func (s *sniffConn) Close() error {
-	s.closeOne.Do(func() {
-		s.m.conns.Dec()
-		if s.onClose != nil {
-			s.onClose()
-		}
-	})
-	return s.Conn.Close()
-}
-
 func be(b []byte, i int) uint32 { return binary.BigEndian.Uint32(b[i:]) }
 
-func (s *sniffConn) onCall(p []byte) {
+func (s *conn) onCall(p []byte) {
 	// xid, msg_type=0, rpcvers, prog, vers, proc
 	if len(p) < 24 || be(p, 4) != 0 {
 		return
 	}
 	c := call{prog: be(p, 12), proc: be(p, 20)}
 	s.m.requests.WithLabelValues(procName(c.prog, c.proc)).Inc()
-	s.mu.Lock()
+	s.pmu.Lock()
 	if len(s.pending) >= maxPending {
 		clear(s.pending)
 	}
 	s.pending[be(p, 0)] = c
-	s.mu.Unlock()
+	s.pmu.Unlock()
 }
 
-func (s *sniffConn) onReply(p []byte) {
+func (s *conn) onReply(p []byte) {
 	// xid, msg_type=1, reply_stat, [verf flavor, verf len, verf body], accept_stat, results
 	if len(p) < 12 || be(p, 4) != 1 {
 		return
 	}
-	s.mu.Lock()
+	s.pmu.Lock()
 	c, ok := s.pending[be(p, 0)]
 	delete(s.pending, be(p, 0))
-	s.mu.Unlock()
+	s.pmu.Unlock()
 	if !ok {
 		return
 	}

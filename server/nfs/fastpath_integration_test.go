@@ -1,0 +1,139 @@
+//go:build integration
+
+package nfs
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"testing"
+)
+
+// TestFastPathMatchesGoNFS sends the same GETATTR, LOOKUP and READ calls
+// (good and bad handles, every kind of object, every edge of a READ) to an
+// export with the fast path and to one where go-nfs answers everything, and
+// requires byte-identical replies.
+func TestFastPathMatchesGoNFS(t *testing.T) {
+	fx := newFixture(t, nil)
+	fast, fastAddr, _ := fx.serveWith(t, false)
+	slow, slowAddr, _ := fx.serveWith(t, true)
+	rf, rs := raw(t, fastAddr), raw(t, slowAddr)
+
+	same := func(what string, proc uint32, args *enc) {
+		t.Helper()
+		df, errF := rf.call(progNFS, proc, args.b)
+		ds, errS := rs.call(progNFS, proc, args.b)
+		if errF != nil || errS != nil {
+			t.Fatalf("%s: fast path error %v, go-nfs error %v", what, errF, errS)
+		}
+		if !bytes.Equal(df.b, ds.b) {
+			t.Errorf("%s: fast path reply differs from go-nfs's:\nfast  %x\ngo-nfs %x", what, df.b, ds.b)
+		}
+	}
+
+	paths := []string{"pkg-a", "pkg-a/bin/run", "pkg-a/data.txt", "pkg-a/empty", "pkg-a/suid",
+		"pkg-a/owned", "pkg-a/lib", "pkg-a/escape", "pkg-b/lib/libx.so", "pkg-b/weird name @x",
+		"pkg-b/hardlink", "@at", "many", "many/f123"}
+	for gen := uint64(1); gen <= 2; gen++ {
+		root := mountRaw(t, rf, fmt.Sprintf("/gen/%d", gen))
+		handles := map[string][]byte{"": root}
+		for _, p := range paths {
+			handles[p] = lookupPath(t, rf, root, p)
+		}
+		forged := bytes.Clone(handles["pkg-a/data.txt"])
+		forged[len(forged)-1] ^= 1
+		handles["forged"] = forged
+		handles["short"] = []byte{1, 2, 3, 4}
+		for name, h := range handles {
+			w := fmt.Sprintf("gen %d %q", gen, name)
+			same(w+" GETATTR", 1, (&enc{}).opaque(h))
+			for _, child := range []string{"bin", "data.txt", "lib", "escape", "f007", ".", "..",
+				"missing", "a/b", "", "weird name @x", "libx.so"} {
+				same(fmt.Sprintf("%s LOOKUP %q", w, child), 3, (&enc{}).opaque(h).str(child))
+			}
+			for _, rd := range []struct {
+				off   uint64
+				count uint32
+			}{{0, 0}, {0, 1}, {0, 4096}, {1, 3}, {5, 1 << 20}, {3<<20 + 100, 100}, {3<<20 + 123, 10},
+				{1 << 40, 10}, {0, 1 << 25}, {1 << 63, 1}} {
+				same(fmt.Sprintf("%s READ %d+%d", w, rd.off, rd.count), 6, (&enc{}).opaque(h).u64(rd.off).u32(rd.count))
+			}
+		}
+	}
+	if n := fast.fastCalls.Load(); n == 0 {
+		t.Error("the fast path answered no call")
+	}
+	if n := slow.fastCalls.Load(); n != 0 {
+		t.Errorf("the export without fast path answered %d calls itself", n)
+	}
+}
+
+// TestFastPathRepliesInterleaveWhole pipelines many calls, some answered by
+// the fast path and some by go-nfs (READDIRPLUS), on one connection: every
+// reply must come back whole and matched to its call.
+func TestFastPathRepliesInterleaveWhole(t *testing.T) {
+	fx := newFixture(t, nil)
+	_, addr, _ := fx.serve(t)
+	rc := raw(t, addr)
+	root := mountRaw(t, rc, "/gen/1")
+	many := lookupPath(t, rc, root, "many")
+	big := lookupPath(t, rc, root, "pkg-b/lib/libx.so")
+
+	const n = 200
+	var calls []byte
+	kinds := map[uint32]uint32{} // xid -> proc
+	for i := range n {
+		xid := uint32(1000 + i)
+		var proc uint32
+		var args *enc
+		switch i % 3 {
+		case 0:
+			proc, args = 6, (&enc{}).opaque(big).u64(uint64(i%150)<<14).u32(64<<10)
+		case 1:
+			proc, args = 17, (&enc{}).opaque(many).u64(0).u64(0).u32(4096).u32(32768)
+		default:
+			proc, args = 3, (&enc{}).opaque(many).str(fmt.Sprintf("f%03d", i%300))
+		}
+		kinds[xid] = proc
+		auth := (&enc{}).u32(0).str("t").u32(0).u32(0).u32(0).b
+		msg := (&enc{}).u32(xid).u32(0).u32(2).u32(progNFS).u32(3).u32(proc).u32(1).opaque(auth).u32(0).u32(0).b
+		msg = append(msg, args.b...)
+		calls = append(calls, (&enc{}).u32(uint32(len(msg))|1<<31).b...)
+		calls = append(calls, msg...)
+	}
+	go rc.c.Write(calls)
+	seen := map[uint32]bool{}
+	for range n {
+		var hdr [4]byte
+		if _, err := io.ReadFull(rc.r, hdr[:]); err != nil {
+			t.Fatalf("after %d replies: %v", len(seen), err)
+		}
+		body := make([]byte, binary.BigEndian.Uint32(hdr[:])&0x7fffffff)
+		if _, err := io.ReadFull(rc.r, body); err != nil {
+			t.Fatalf("after %d replies: %v", len(seen), err)
+		}
+		d := &dec{b: body}
+		xid := d.u32()
+		proc, ok := kinds[xid]
+		if !ok || seen[xid] {
+			t.Fatalf("reply with unknown or repeated xid %d", xid)
+		}
+		seen[xid] = true
+		d.u32()
+		d.u32()
+		d.u32()
+		d.opaque()
+		if as, st := d.u32(), d.u32(); as != 0 || st != nfs3OK || d.err != nil {
+			t.Fatalf("xid %d proc %d: accept %d status %d err %v", xid, proc, as, st, d.err)
+		}
+		if proc == 6 {
+			d.postOpAttr()
+			count := d.u32()
+			d.u32()
+			if data := d.opaque(); uint32(len(data)) != count || count != 64<<10 || d.err != nil {
+				t.Fatalf("xid %d READ: count %d, %d data bytes, err %v", xid, count, len(data), d.err)
+			}
+		}
+	}
+}
