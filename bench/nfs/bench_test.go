@@ -12,7 +12,15 @@
 // small files, MB/s for 20 files of 20 MiB, with 1 and 4 connections, and the
 // strata/ganesha ratio; then strata's server RSS after LOOKUP+GETATTR of
 // 10,000 and of STRATA_BENCH_MANY (default 200,000) distinct empty files.
-// STRATA_BENCH_CPUPROFILE=FILE writes a CPU profile of the strata server.
+//
+// Fairness: the snapshot is read once before any measurement, so both
+// servers serve it from the page cache (otherwise whichever runs first pays
+// for the disk), and the order of the two servers alternates from one phase
+// to the next.
+//
+// STRATA_BENCH_CPUPROFILE=PREFIX writes a CPU profile of the strata server
+// per phase: PREFIX-small-j1.pprof, PREFIX-large-j1.pprof, ... and
+// PREFIX-many.pprof (the LOOKUP+GETATTR phase).
 package nfs_test
 
 import (
@@ -62,14 +70,6 @@ func TestMain(m *testing.M) {
 // current network namespace until stdin closes.
 func serve(spec string) error {
 	stateDir, dir, _ := strings.Cut(spec, "|")
-	if p := os.Getenv("STRATA_BENCH_CPUPROFILE"); p != "" {
-		f, err := os.Create(p)
-		if err != nil {
-			return err
-		}
-		pprof.StartCPUProfile(f)
-		defer pprof.StopCPUProfile()
-	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	reg := prometheus.NewRegistry()
 	e, err := nfs.New(nfs.Options{StateDir: stateDir, Logger: log, Registry: reg})
@@ -88,16 +88,58 @@ func serve(spec string) error {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() { io.Copy(io.Discard, os.Stdin); cancel() }()
+	// stdin carries "prof FILE" (start a CPU profile) and "stop" (write it),
+	// each answered "OK"; the server stops when stdin closes.
+	go func() {
+		defer cancel()
+		var prof *os.File
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			cmd, arg, _ := strings.Cut(sc.Text(), " ")
+			switch {
+			case cmd == "prof" && prof == nil:
+				if f, err := os.Create(arg); err == nil && pprof.StartCPUProfile(f) == nil {
+					prof = f
+				}
+			case cmd == "stop" && prof != nil:
+				pprof.StopCPUProfile()
+				prof.Close()
+				prof = nil
+			}
+			fmt.Println("OK")
+		}
+		if prof != nil {
+			pprof.StopCPUProfile()
+			prof.Close()
+		}
+	}()
 	fmt.Printf("LISTEN %s\n", inner.Addr())
 	return e.Serve(ctx, l)
 }
 
 // strataServer is the export in a child process (so its RSS is its own).
 type strataServer struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	addr  string
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	stdout *bufio.Scanner
+	addr   string
+}
+
+// profile starts (name != "") or stops (name == "") a CPU profile of the
+// server when STRATA_BENCH_CPUPROFILE is set.
+func (s *strataServer) profile(b *testing.B, name string) {
+	b.Helper()
+	prefix := os.Getenv("STRATA_BENCH_CPUPROFILE")
+	if prefix == "" {
+		return
+	}
+	cmd := "stop"
+	if name != "" {
+		cmd = "prof " + prefix + "-" + name + ".pprof"
+	}
+	if _, err := fmt.Fprintln(s.stdin, cmd); err != nil || !s.stdout.Scan() || s.stdout.Text() != "OK" {
+		b.Fatalf("strata server: %s: no OK (%v)", cmd, err)
+	}
 }
 
 func startStrata(b *testing.B, ns, dir string) *strataServer {
@@ -117,7 +159,7 @@ func startStrata(b *testing.B, ns, dir string) *strataServer {
 		b.Fatalf("strata server did not start: %q", sc.Text())
 	}
 	s.addr = strings.TrimPrefix(sc.Text(), "LISTEN ")
-	go io.Copy(io.Discard, stdout)
+	s.stdout = sc
 	return s
 }
 
@@ -440,6 +482,9 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	testenv.Run(b, "sync")
 	b.Logf("tree: %d small files in %d dirs, %d x %d MiB, %d empty files; made in %v",
 		nDirs*perDir, nDirs, nBig, bigSize>>20, many, time.Since(t0).Round(time.Second))
+	t0 = time.Now()
+	warm(b, snap)
+	b.Logf("snapshot read once into the page cache in %v", time.Since(t0).Round(time.Millisecond))
 
 	ns := fmt.Sprintf("sbench-%d", os.Getpid()%100000)
 	exec.Command("ip", "netns", "del", ns).Run()
@@ -465,16 +510,35 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	type row struct{ small, large [2]float64 } // per server: files/s, MB/s
 	table := map[int]*row{1: {}, 4: {}}
 	b.ResetTimer()
-	for _, j := range []int{1, 4} {
-		for s, ep := range eps {
-			r := run(b, ns, ep, j, dirs, walkDir)
-			if r.files != nDirs*perDir {
-				b.Fatalf("%s -j %d walked %d files, want %d", ep.name, j, r.files, nDirs*perDir)
+	for ji, j := range []int{1, 4} {
+		for li, load := range []string{"small", "large"} {
+			// Alternate which server goes first: each workload has
+			// strata first at one connection count, ganesha at the other.
+			order := []int{0, 1}
+			if (ji+li)%2 == 1 {
+				order = []int{1, 0}
 			}
-			table[j].small[s] = float64(r.files) / r.elapsed.Seconds()
-			r = run(b, ns, ep, j, bigs, readFile)
-			table[j].large[s] = float64(r.bytes) / 1e6 / r.elapsed.Seconds()
-			b.Logf("%-7s -j %d: small %.0f files/s, large %.1f MB/s", ep.name, j, table[j].small[s], table[j].large[s])
+			for _, s := range order {
+				ep := eps[s]
+				if s == 0 {
+					srv.profile(b, fmt.Sprintf("%s-j%d", load, j))
+				}
+				if load == "small" {
+					r := run(b, ns, ep, j, dirs, walkDir)
+					if r.files != nDirs*perDir {
+						b.Fatalf("%s -j %d walked %d files, want %d", ep.name, j, r.files, nDirs*perDir)
+					}
+					table[j].small[s] = float64(r.files) / r.elapsed.Seconds()
+					b.Logf("%-7s -j %d: small %.0f files/s", ep.name, j, table[j].small[s])
+				} else {
+					r := run(b, ns, ep, j, bigs, readFile)
+					table[j].large[s] = float64(r.bytes) / 1e6 / r.elapsed.Seconds()
+					b.Logf("%-7s -j %d: large %.1f MB/s", ep.name, j, table[j].large[s])
+				}
+				if s == 0 {
+					srv.profile(b, "")
+				}
+			}
 		}
 	}
 	b.StopTimer()
@@ -491,15 +555,39 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 
 	// Server memory against distinct files served.
 	rssBase := srv.rss(b)
+	srv.profile(b, "many")
 	lookupMany(b, ns, eps[0], 0, min(10_000, many))
 	rss10k := srv.rss(b)
 	lookupMany(b, ns, eps[0], min(10_000, many), many)
+	srv.profile(b, "")
 	rssMany := srv.rss(b)
 	fmt.Fprintf(&sb, "strata RSS: %d MiB before, %d MiB after LOOKUP+GETATTR of 10,000 distinct files, %d MiB after %d: %.2fx (goal <= 1.2x)\n",
 		rssBase>>20, rss10k>>20, rssMany>>20, many, float64(rssMany)/float64(rss10k))
 	b.ReportMetric(float64(rssMany)/float64(rss10k), "rss-ratio")
 	b.Log(sb.String())
 	fmt.Print(sb.String())
+}
+
+// warm reads every file under root once, so that neither server pays for
+// reading the tree from disk.
+func warm(b *testing.B, root string) {
+	b.Helper()
+	buf := make([]byte, 1<<20)
+	err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		_, err = io.CopyBuffer(io.Discard, f, buf)
+		return err
+	})
+	if err != nil {
+		b.Fatalf("warm %s: %v", root, err)
+	}
 }
 
 const manyPerDir = 1000
