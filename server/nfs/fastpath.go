@@ -4,12 +4,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"sort"
 	"sync"
 
 	gonfs "github.com/willscott/go-nfs"
 )
 
-// The fast path answers successful NFSv3 GETATTR, LOOKUP and READ calls
+// The fast path answers successful NFSv3 GETATTR, LOOKUP, READ and
+// READDIRPLUS calls, and COMMIT (always NFS3ERR_SERVERFAULT on this
+// read-only export, as go-nfs answers it),
 // without go-nfs (see conn). It uses the same genFS calls go-nfs would make
 // (FromHandle, Lstat, ToHandle, Open, ReadAt), so confinement, generation
 // and MAC checks are the same code; it builds the same reply bytes go-nfs
@@ -21,6 +24,10 @@ const (
 	nfsProcGetattr = 1
 	nfsProcLookup  = 3
 	nfsProcRead    = 6
+	nfsProcRdPlus  = 17
+	nfsProcCommit  = 21
+
+	nfs3ErrServerFault = 10006
 
 	// goNFSMaxRead is go-nfs's MaxRead: READ counts are clamped to it.
 	goNFSMaxRead = 1 << 24
@@ -85,11 +92,17 @@ func (c *conn) fast(rec []byte) (bool, error) {
 		reply = c.lookup(xid, &r)
 	case nfsProcRead:
 		reply = c.read(xid, &r)
+	case nfsProcRdPlus:
+		reply = c.readdirplus(xid, &r)
+	case nfsProcCommit:
+		if reply = c.commit(xid, &r); reply != nil {
+			c.m.errors.WithLabelValues(procName(progNFS, proc), "NFS3ERR_SERVERFAULT").Inc()
+		}
 	}
 	if reply == nil {
 		return false, nil
 	}
-	c.m.fast[proc].Inc()
+	c.m.nfsRequests[proc].Inc()
 	c.e.fastCalls.Add(1)
 	err := c.writeRecord(*reply)
 	putReply(reply)
@@ -228,6 +241,154 @@ func (c *conn) read(xid uint32, r *xdrReader) *[]byte {
 	}
 	binary.BigEndian.PutUint32(*b, uint32(len(*b)-4)|1<<31)
 	return b
+}
+
+// commit: go-nfs answers COMMIT of a valid handle on a filesystem without
+// write capability with NFS3ERR_SERVERFAULT and empty wcc_data. Clients
+// (go-nfs-client on every Close) send it after reading, so it is hot too.
+func (c *conn) commit(xid uint32, r *xdrReader) *[]byte {
+	h := r.opaque(maxHandle)
+	if !r.ok {
+		return nil
+	}
+	if _, _, ok := c.resolveHandle(h); !ok {
+		return nil
+	}
+	n := 4*6 + 4 + 4 + 4
+	b := getReply(4 + n)
+	*b = appendReplyHeader(*b, n, xid)
+	*b = binary.BigEndian.AppendUint32(*b, nfs3ErrServerFault)
+	*b = binary.BigEndian.AppendUint32(*b, 0) // no pre-op attributes
+	*b = binary.BigEndian.AppendUint32(*b, 0) // no post-op attributes
+	return b
+}
+
+// readdirplus: READDIRPLUS3resok is status, post_op_attr directory,
+// verifier, then entries (fileid, name, cookie, post_op_attr, post_op_fh,
+// each preceded by "value follows") and eof. It follows go-nfs's
+// onReadDirPlus step by step: the same sizing (100 bytes plus 512 per
+// entry against maxcount, name plus 20 against dircount), cookies (index
+// plus 2, after "." and ".."), verifier and listing cache; a listing is
+// taken from the cache even for cookie 0, which go-nfs re-reads (a
+// generation never changes, so the listing is the same). Too small counts,
+// bad cookies and unreadable directories are go-nfs's.
+func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
+	h := r.opaque(maxHandle)
+	cookie, cverf, dirCount, maxCount := r.u64(), r.u64(), r.u32(), r.u32()
+	if !r.ok || dirCount < 512 || maxCount < 4096 {
+		return nil
+	}
+	gf, p, ok := c.resolveHandle(h)
+	if !ok {
+		return nil
+	}
+	e := c.e
+	dirPath := gf.Join(p...)
+	verf := verifier(dirPath)
+	if cookie > 0 && cverf > 0 && cverf != verf {
+		return nil // NFS3ERR_BAD_COOKIE
+	}
+	contents := e.dirs.get(verf, dirPath)
+	if contents == nil {
+		list, err := gf.ReadDir(dirPath)
+		if err != nil {
+			return nil
+		}
+		sort.Slice(list, func(i, j int) bool { return list[i].Name() < list[j].Name() })
+		contents = list
+		e.VerifierFor(dirPath, contents)
+	}
+
+	b := getReply(4096)
+	*b = appendReplyHeader(*b, 0, xid)        // length patched below
+	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
+	*b = appendPostOp(*b, gf, dirPath)
+	*b = binary.BigEndian.AppendUint64(*b, verf)
+	follows := len(*b)
+	*b = binary.BigEndian.AppendUint32(*b, 0) // value follows: patched once an entry is written
+	n := 0
+	next := func() {
+		if n == 0 {
+			binary.BigEndian.PutUint32((*b)[follows:], 1)
+		} else {
+			*b = binary.BigEndian.AppendUint32(*b, 1) // previous entry's "next"
+		}
+		n++
+	}
+	started := cookie == 0
+	if started {
+		var dotdot uint64
+		if len(p) > 0 {
+			if info, err := gf.Lstat(gf.Join(p[:len(p)-1]...)); err == nil {
+				dotdot = gonfs.ToFileAttribute(info, "").Fileid
+			}
+		}
+		var dot uint64
+		dinfo, derr := gf.Lstat(dirPath)
+		if derr == nil {
+			dot = gonfs.ToFileAttribute(dinfo, dirPath).Fileid
+		}
+		next()
+		*b = binary.BigEndian.AppendUint64(*b, dot)
+		*b = appendOpaque(*b, []byte("."))
+		*b = binary.BigEndian.AppendUint64(*b, 0)
+		*b = appendPostOp(*b, gf, dirPath)
+		*b = binary.BigEndian.AppendUint32(*b, 0) // no handle
+		next()
+		*b = binary.BigEndian.AppendUint64(*b, dotdot)
+		*b = appendOpaque(*b, []byte(".."))
+		*b = binary.BigEndian.AppendUint64(*b, 1)
+		*b = binary.BigEndian.AppendUint32(*b, 0) // no attributes
+		*b = binary.BigEndian.AppendUint32(*b, 0) // no handle
+	}
+	eof := true
+	maxEntities := e.HandleLimit() / 2
+	dirBytes, maxBytes := uint32(0), uint32(100)
+	for i, ent := range contents {
+		ck := uint64(i + 2)
+		if !started {
+			started = ck == cookie
+			continue
+		}
+		dirBytes += uint32(len(ent.Name()) + 20)
+		maxBytes += 512
+		if dirBytes > dirCount || maxBytes > maxCount || n > maxEntities {
+			eof = false
+			break
+		}
+		child := append(p[:len(p):len(p)], ent.Name())
+		ch := e.ToHandle(gf, child)
+		a := gonfs.ToFileAttribute(ent, "")
+		next()
+		*b = binary.BigEndian.AppendUint64(*b, a.Fileid)
+		*b = appendOpaque(*b, []byte(ent.Name()))
+		*b = binary.BigEndian.AppendUint64(*b, ck)
+		*b = binary.BigEndian.AppendUint32(*b, 1)
+		*b = appendFattr(*b, a)
+		*b = binary.BigEndian.AppendUint32(*b, 1)
+		*b = appendOpaque(*b, ch)
+	}
+	if n > 0 {
+		*b = binary.BigEndian.AppendUint32(*b, 0) // last entry: no next
+	}
+	e32 := uint32(0)
+	if eof {
+		e32 = 1
+	}
+	*b = binary.BigEndian.AppendUint32(*b, e32)
+	binary.BigEndian.PutUint32(*b, uint32(len(*b)-4)|1<<31)
+	return b
+}
+
+// appendPostOp appends post_op_attr for path: the attributes, or "none"
+// when they cannot be read (go-nfs's tryStat).
+func appendPostOp(b []byte, gf *genFS, path string) []byte {
+	info, err := gf.Lstat(path)
+	if err != nil {
+		return binary.BigEndian.AppendUint32(b, 0)
+	}
+	b = binary.BigEndian.AppendUint32(b, 1)
+	return appendFattr(b, gonfs.ToFileAttribute(info, path))
 }
 
 var replyPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}

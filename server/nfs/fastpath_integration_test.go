@@ -10,7 +10,8 @@ import (
 	"testing"
 )
 
-// TestFastPathMatchesGoNFS sends the same GETATTR, LOOKUP and READ calls
+// TestFastPathMatchesGoNFS sends the same GETATTR, LOOKUP, READ,
+// READDIRPLUS and COMMIT calls
 // (good and bad handles, every kind of object, every edge of a READ) to an
 // export with the fast path and to one where go-nfs answers everything, and
 // requires byte-identical replies.
@@ -58,6 +59,18 @@ func TestFastPathMatchesGoNFS(t *testing.T) {
 			}{{0, 0}, {0, 1}, {0, 4096}, {1, 3}, {5, 1 << 20}, {3<<20 + 100, 100}, {3<<20 + 123, 10},
 				{1 << 40, 10}, {0, 1 << 25}, {1 << 63, 1}} {
 				same(fmt.Sprintf("%s READ %d+%d", w, rd.off, rd.count), 6, (&enc{}).opaque(h).u64(rd.off).u32(rd.count))
+			}
+			same(w+" COMMIT", 21, (&enc{}).opaque(h).u64(0).u32(0))
+			verf := verifier(encodeToken(h) + "/../" + encodeToken(h))
+			for _, rd := range []struct {
+				cookie, verf       uint64
+				dircount, maxcount uint32
+			}{{0, 0, 512, 4096}, {0, 0, 8192, 32768}, {0, 0, 1 << 20, 1 << 20}, {0, 12345, 512, 4096},
+				{2, verf, 512, 4096}, {5, verf, 4096, 8192}, {17, 0, 512, 4096}, {150, verf, 512, 4096},
+				{301, verf, 512, 4096}, {302, verf, 512, 4096}, {1000, verf, 512, 4096},
+				{5, verf ^ 2, 512, 4096}, {0, 0, 511, 4096}, {0, 0, 512, 4095}, {3, verf, 100000, 4096}} {
+				same(fmt.Sprintf("%s READDIRPLUS cookie %d verf %x counts %d/%d", w, rd.cookie, rd.verf, rd.dircount, rd.maxcount),
+					17, (&enc{}).opaque(h).u64(rd.cookie).u64(rd.verf).u32(rd.dircount).u32(rd.maxcount))
 			}
 		}
 	}

@@ -15,7 +15,7 @@ type metrics struct {
 	requests    *prometheus.CounterVec // proc
 	errors      *prometheus.CounterVec // proc, status
 	readBytes   prometheus.Counter
-	fast        map[uint32]prometheus.Counter // NFS proc -> requests_total counter
+	nfsRequests [len(nfsProcNames)]prometheus.Counter // requests' children for NFS procs, prebuilt
 	conns       prometheus.Gauge
 	generations prometheus.Gauge
 }
@@ -43,9 +43,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Generations currently exported.",
 		}),
 	}
-	m.fast = map[uint32]prometheus.Counter{}
-	for _, p := range []uint32{nfsProcGetattr, nfsProcLookup, nfsProcRead} {
-		m.fast[p] = m.requests.WithLabelValues(procName(progNFS, p))
+	for p := range m.nfsRequests {
+		m.nfsRequests[p] = m.requests.WithLabelValues(procName(progNFS, uint32(p)))
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.errors, m.readBytes, m.conns, m.generations} {
 		if err := reg.Register(c); err != nil {
