@@ -435,24 +435,26 @@ func (e *Export) ToHandle(f billy.Filesystem, path []string) []byte {
 // FromHandle unseals a handle: a bad MAC, an unknown or removed generation
 // or a handle of another subvolume is an error (NFS3ERR_STALE).
 func (e *Export) FromHandle(b []byte) (billy.Filesystem, []string, error) {
-	if len(b) >= handleHeader && len(b) <= maxHandle {
-		// A handle in the generation's attribute cache was unsealed or
-		// sealed here already: skip the MAC.
-		if g := e.gen(binary.BigEndian.Uint64(b[4:12])); g != nil {
-			if _, ok := g.attrs.get(cacheKey(keyObject, b, "")); ok {
-				return g.view, handlePath(b), nil
-			}
-		}
-	}
-	s, err := unseal(e.key, b)
+	g, err := e.genOf(b)
 	if err != nil {
 		return nil, nil, err
 	}
-	g := e.gen(s.gen)
-	if g == nil || !g.owns(s) {
-		return nil, nil, errBadHandle
-	}
 	return g.view, handlePath(b), nil
+}
+
+// genOf returns the live generation handle b belongs to, or errBadHandle.
+func (e *Export) genOf(b []byte) (*gen, error) {
+	if len(b) < handleHeader || len(b) > maxHandle {
+		return nil, errBadHandle
+	}
+	g := e.gen(binary.BigEndian.Uint64(b[4:12]))
+	if g == nil {
+		return nil, errBadHandle
+	}
+	if _, err := g.unseal(b); err != nil {
+		return nil, err
+	}
+	return g, nil
 }
 
 // InvalidateHandle does nothing: handles are stateless.

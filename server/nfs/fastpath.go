@@ -4,10 +4,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"io/fs"
 	"sort"
 	"sync"
 
 	gonfs "github.com/willscott/go-nfs"
+	"golang.org/x/sys/unix"
 )
 
 // The fast path answers successful NFSv3 GETATTR, LOOKUP, READ and
@@ -109,29 +111,17 @@ func (c *conn) fast(rec []byte) (bool, error) {
 	return true, err
 }
 
-// resolveHandle is FromHandle for the fast path: the generation view and
-// the token path of handle h.
-func (c *conn) resolveHandle(h []byte) (*genFS, []string, bool) {
-	f, p, err := c.e.FromHandle(h)
-	if err != nil {
-		return nil, nil, false
-	}
-	gf, ok := f.(*genFS)
-	return gf, p, ok
-}
-
 // getattr: GETATTR3res is status, fattr3.
 func (c *conn) getattr(xid uint32, r *xdrReader) *[]byte {
 	h := r.opaque(maxHandle)
 	if !r.ok {
 		return nil
 	}
-	gf, p, ok := c.resolveHandle(h)
-	if !ok {
+	g, err := c.e.genOf(h)
+	if err != nil {
 		return nil
 	}
-	full := gf.Join(p...)
-	info, err := gf.Lstat(full)
+	obj, err := g.resolve(ref{handle: h})
 	if err != nil {
 		return nil
 	}
@@ -139,7 +129,7 @@ func (c *conn) getattr(xid uint32, r *xdrReader) *[]byte {
 	b := getReply(4 + n)
 	*b = appendReplyHeader(*b, n, xid)
 	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
-	*b = appendFattr(*b, gonfs.ToFileAttribute(info, full))
+	*b = appendFattr(*b, obj.info)
 	return b
 }
 
@@ -151,34 +141,27 @@ func (c *conn) lookup(xid uint32, r *xdrReader) *[]byte {
 	if !r.ok || !validName(string(name)) {
 		return nil
 	}
-	gf, p, ok := c.resolveHandle(dh)
-	if !ok {
-		return nil
-	}
-	dirPath := gf.Join(p...)
-	dinfo, err := gf.Lstat(dirPath)
-	if err != nil || !dinfo.IsDir() {
-		return nil
-	}
-	child := append(p[:len(p):len(p)], string(name))
-	childPath := gf.Join(child...)
-	cinfo, err := gf.Lstat(childPath)
+	g, err := c.e.genOf(dh)
 	if err != nil {
 		return nil
 	}
-	ch := c.e.ToHandle(gf, child)
-	if len(ch) == 0 {
+	dir, err := g.resolve(ref{handle: dh})
+	if err != nil || !dir.info.IsDir() {
 		return nil
 	}
-	n := 4*6 + 4 + 4 + pad4(len(ch)) + 2*(4+fattrLen)
+	obj, err := g.resolve(ref{handle: dh, name: string(name)})
+	if err != nil || len(obj.handle) == 0 {
+		return nil
+	}
+	n := 4*6 + 4 + 4 + pad4(len(obj.handle)) + 2*(4+fattrLen)
 	b := getReply(4 + n)
 	*b = appendReplyHeader(*b, n, xid)
 	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
-	*b = appendOpaque(*b, ch)
+	*b = appendOpaque(*b, obj.handle)
 	*b = binary.BigEndian.AppendUint32(*b, 1)
-	*b = appendFattr(*b, gonfs.ToFileAttribute(cinfo, childPath))
+	*b = appendFattr(*b, obj.info)
 	*b = binary.BigEndian.AppendUint32(*b, 1)
-	*b = appendFattr(*b, gonfs.ToFileAttribute(dinfo, dirPath))
+	*b = appendFattr(*b, dir.info)
 	return b
 }
 
@@ -190,20 +173,15 @@ func (c *conn) read(xid uint32, r *xdrReader) *[]byte {
 	if !r.ok {
 		return nil
 	}
-	gf, p, ok := c.resolveHandle(h)
-	if !ok {
+	g, err := c.e.genOf(h)
+	if err != nil {
 		return nil
 	}
-	full := gf.Join(p...)
-	f, err := gf.Open(full)
+	f, info, err := g.openFile(h, "")
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
-	info, err := gf.Stat(full)
-	if err != nil {
-		return nil
-	}
 	eof := false
 	size := info.Size()
 	if int64(off) >= size || int64(off) < 0 {
@@ -217,10 +195,10 @@ func (c *conn) read(xid uint32, r *xdrReader) *[]byte {
 	*b = appendReplyHeader(*b, 0, xid)        // length patched below
 	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
 	*b = binary.BigEndian.AppendUint32(*b, 1)
-	*b = appendFattr(*b, gonfs.ToFileAttribute(info, full))
+	*b = appendFattr(*b, info)
 	hdr := len(*b)
 	*b = (*b)[:hdr+12+int(count)]
-	got, err := f.(io.ReaderAt).ReadAt((*b)[hdr+12:], int64(off))
+	got, err := f.ReadAt((*b)[hdr+12:], int64(off))
 	if err != nil && !errors.Is(err, io.EOF) {
 		putReply(b)
 		return nil // go-nfs tries again and reports the error
@@ -251,7 +229,7 @@ func (c *conn) commit(xid uint32, r *xdrReader) *[]byte {
 	if !r.ok {
 		return nil
 	}
-	if _, _, ok := c.resolveHandle(h); !ok {
+	if _, err := c.e.genOf(h); err != nil {
 		return nil
 	}
 	n := 4*6 + 4 + 4 + 4
@@ -278,19 +256,21 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 	if !r.ok || dirCount < 512 || maxCount < 4096 {
 		return nil
 	}
-	gf, p, ok := c.resolveHandle(h)
-	if !ok {
+	e := c.e
+	g, err := e.genOf(h)
+	if err != nil {
 		return nil
 	}
-	e := c.e
-	dirPath := gf.Join(p...)
+	// go-nfs's path of the directory: FromHandle's tokens joined.
+	tok := encodeToken(h)
+	dirPath := tok + "/../" + tok
 	verf := verifier(dirPath)
 	if cookie > 0 && cverf > 0 && cverf != verf {
 		return nil // NFS3ERR_BAD_COOKIE
 	}
 	contents := e.dirs.get(verf, dirPath)
 	if contents == nil {
-		list, err := gf.ReadDir(dirPath)
+		list, err := g.view.ReadDir(dirPath)
 		if err != nil {
 			return nil
 		}
@@ -298,11 +278,12 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 		contents = list
 		e.VerifierFor(dirPath, contents)
 	}
+	dir, derr := g.resolve(ref{handle: h})
 
 	b := getReply(4096)
 	*b = appendReplyHeader(*b, 0, xid)        // length patched below
 	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
-	*b = appendPostOp(*b, gf, dirPath)
+	*b = appendPostOp(*b, dir, derr)
 	*b = binary.BigEndian.AppendUint64(*b, verf)
 	follows := len(*b)
 	*b = binary.BigEndian.AppendUint32(*b, 0) // value follows: patched once an entry is written
@@ -317,22 +298,18 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 	}
 	started := cookie == 0
 	if started {
-		var dotdot uint64
-		if len(p) > 0 {
-			if info, err := gf.Lstat(gf.Join(p[:len(p)-1]...)); err == nil {
-				dotdot = gonfs.ToFileAttribute(info, "").Fileid
-			}
+		var dotdot, dot uint64
+		if parent, err := g.resolve(ref{handle: h, parent: true}); err == nil {
+			dotdot = parent.info.ino
 		}
-		var dot uint64
-		dinfo, derr := gf.Lstat(dirPath)
 		if derr == nil {
-			dot = gonfs.ToFileAttribute(dinfo, dirPath).Fileid
+			dot = dir.info.ino
 		}
 		next()
 		*b = binary.BigEndian.AppendUint64(*b, dot)
 		*b = appendOpaque(*b, []byte("."))
 		*b = binary.BigEndian.AppendUint64(*b, 0)
-		*b = appendPostOp(*b, gf, dirPath)
+		*b = appendPostOp(*b, dir, derr)
 		*b = binary.BigEndian.AppendUint32(*b, 0) // no handle
 		next()
 		*b = binary.BigEndian.AppendUint64(*b, dotdot)
@@ -350,21 +327,30 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 			started = ck == cookie
 			continue
 		}
-		dirBytes += uint32(len(ent.Name()) + 20)
+		name := ent.Name()
+		dirBytes += uint32(len(name) + 20)
 		maxBytes += 512
 		if dirBytes > dirCount || maxBytes > maxCount || n > maxEntities {
 			eof = false
 			break
 		}
-		child := append(p[:len(p):len(p)], ent.Name())
-		ch := e.ToHandle(gf, child)
-		a := gonfs.ToFileAttribute(ent, "")
+		var ch []byte // go-nfs sends an empty handle when ToHandle fails
+		if validName(name) {
+			if child, err := g.resolve(ref{handle: h, name: name}); err == nil {
+				ch = child.handle
+			}
+		}
+		in, ok := ent.(*info)
+		if !ok {
+			putReply(b)
+			return nil
+		}
 		next()
-		*b = binary.BigEndian.AppendUint64(*b, a.Fileid)
-		*b = appendOpaque(*b, []byte(ent.Name()))
+		*b = binary.BigEndian.AppendUint64(*b, in.ino)
+		*b = appendOpaque(*b, []byte(name))
 		*b = binary.BigEndian.AppendUint64(*b, ck)
 		*b = binary.BigEndian.AppendUint32(*b, 1)
-		*b = appendFattr(*b, a)
+		*b = appendFattr(*b, in)
 		*b = binary.BigEndian.AppendUint32(*b, 1)
 		*b = appendOpaque(*b, ch)
 	}
@@ -380,15 +366,14 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 	return b
 }
 
-// appendPostOp appends post_op_attr for path: the attributes, or "none"
-// when they cannot be read (go-nfs's tryStat).
-func appendPostOp(b []byte, gf *genFS, path string) []byte {
-	info, err := gf.Lstat(path)
+// appendPostOp appends post_op_attr: the attributes, or "none" when they
+// could not be read (go-nfs's tryStat).
+func appendPostOp(b []byte, a attrEntry, err error) []byte {
 	if err != nil {
 		return binary.BigEndian.AppendUint32(b, 0)
 	}
 	b = binary.BigEndian.AppendUint32(b, 1)
-	return appendFattr(b, gonfs.ToFileAttribute(info, path))
+	return appendFattr(b, a.info)
 }
 
 var replyPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
@@ -427,20 +412,42 @@ func appendReplyHeader(b []byte, n int, xid uint32) []byte {
 	return binary.BigEndian.AppendUint32(b, 0) // SUCCESS
 }
 
-// appendFattr appends fattr3 as go-nfs encodes its FileAttribute.
-func appendFattr(b []byte, a *gonfs.FileAttribute) []byte {
-	for _, v := range [...]uint32{uint32(a.Type), a.FileMode, a.Nlink, a.UID, a.GID} {
+// appendFattr appends fattr3 for i exactly as go-nfs encodes
+// ToFileAttribute(i): type and mode from Mode(), nlink, uid, gid, size as
+// both size and used, rdev split into major and minor, fsid 0, the inode as
+// fileid, and the modification time as atime, mtime and ctime.
+func appendFattr(b []byte, i *info) []byte {
+	m := i.Mode()
+	var t gonfs.FileType
+	switch {
+	case i.IsDir():
+		t = gonfs.FileTypeDirectory
+	case m&fs.ModeSymlink != 0:
+		t = gonfs.FileTypeLink
+	case m&fs.ModeCharDevice != 0:
+		t = gonfs.FileTypeCharacter
+	case m&fs.ModeDevice != 0:
+		t = gonfs.FileTypeBlock
+	case m&fs.ModeSocket != 0:
+		t = gonfs.FileTypeSocket
+	case m&fs.ModeNamedPipe != 0:
+		t = gonfs.FileTypeFIFO
+	default:
+		t = gonfs.FileTypeRegular
+	}
+	for _, v := range [...]uint32{uint32(t), uint32(m), i.nlink, i.uid, i.gid} {
 		b = binary.BigEndian.AppendUint32(b, v)
 	}
-	b = binary.BigEndian.AppendUint64(b, a.Filesize)
-	b = binary.BigEndian.AppendUint64(b, a.Used)
-	b = binary.BigEndian.AppendUint32(b, a.SpecData[0])
-	b = binary.BigEndian.AppendUint32(b, a.SpecData[1])
-	b = binary.BigEndian.AppendUint64(b, a.FSID)
-	b = binary.BigEndian.AppendUint64(b, a.Fileid)
-	for _, t := range [...]gonfs.FileTime{a.Atime, a.Mtime, a.Ctime} {
-		b = binary.BigEndian.AppendUint32(b, t.Seconds)
-		b = binary.BigEndian.AppendUint32(b, t.Nseconds)
+	b = binary.BigEndian.AppendUint64(b, uint64(i.size))
+	b = binary.BigEndian.AppendUint64(b, uint64(i.size))
+	b = binary.BigEndian.AppendUint32(b, unix.Major(i.rdev))
+	b = binary.BigEndian.AppendUint32(b, unix.Minor(i.rdev))
+	b = binary.BigEndian.AppendUint64(b, 0) // fsid: go-nfs never sets it
+	b = binary.BigEndian.AppendUint64(b, i.ino)
+	tm := gonfs.ToNFSTime(i.ModTime())
+	for range 3 {
+		b = binary.BigEndian.AppendUint32(b, tm.Seconds)
+		b = binary.BigEndian.AppendUint32(b, tm.Nseconds)
 	}
 	return b
 }

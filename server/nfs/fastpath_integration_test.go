@@ -7,7 +7,11 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestFastPathMatchesGoNFS sends the same GETATTR, LOOKUP, READ,
@@ -16,7 +20,29 @@ import (
 // export with the fast path and to one where go-nfs answers everything, and
 // requires byte-identical replies.
 func TestFastPathMatchesGoNFS(t *testing.T) {
-	fx := newFixture(t, nil)
+	fx := newFixture(t, func(store string) {
+		// every file type, for the attribute encoding
+		if err := os.MkdirAll(filepath.Join(store, "special"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []struct {
+			name string
+			mode uint32
+			dev  int
+		}{{"fifo", unix.S_IFIFO | 0o644, 0}, {"null", unix.S_IFCHR | 0o666, int(unix.Mkdev(1, 3))},
+			{"loop", unix.S_IFBLK | 0o660, int(unix.Mkdev(7, 300))}, {"sock", unix.S_IFSOCK | 0o755, 0}} {
+			if err := unix.Mknod(filepath.Join(store, "special", n.name), n.mode, n.dev); err != nil {
+				t.Fatal(err)
+			}
+		}
+		sticky := filepath.Join(store, "special", "sticky")
+		if err := os.Mkdir(sticky, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(sticky, 0o1777|os.ModeSticky); err != nil {
+			t.Fatal(err)
+		}
+	})
 	fast, fastAddr, _ := fx.serveWith(t, false)
 	slow, slowAddr, _ := fx.serveWith(t, true)
 	rf, rs := raw(t, fastAddr), raw(t, slowAddr)
@@ -35,7 +61,8 @@ func TestFastPathMatchesGoNFS(t *testing.T) {
 
 	paths := []string{"pkg-a", "pkg-a/bin/run", "pkg-a/data.txt", "pkg-a/empty", "pkg-a/suid",
 		"pkg-a/owned", "pkg-a/lib", "pkg-a/escape", "pkg-b/lib/libx.so", "pkg-b/weird name @x",
-		"pkg-b/hardlink", "@at", "many", "many/f123"}
+		"pkg-b/hardlink", "@at", "many", "many/f123", "special", "special/fifo", "special/null",
+		"special/loop", "special/sock", "special/sticky"}
 	for gen := uint64(1); gen <= 2; gen++ {
 		root := mountRaw(t, rf, fmt.Sprintf("/gen/%d", gen))
 		handles := map[string][]byte{"": root}

@@ -90,8 +90,37 @@ func (g *gen) acquire() (int, error) {
 // O_NOFOLLOW) and checks it is this generation's. Symlinks open only with
 // O_PATH; directories and files with any read flags.
 func (g *gen) openHandle(h []byte, flags int) (int, error) {
-	s, err := unseal(g.e.key, h)
+	var st unix.Stat_t
+	return g.openHandleStat(h, flags, &st)
+}
+
+// known reports whether h is in the attribute cache: those bytes were
+// unsealed (MAC checked) or sealed here, for this generation.
+func (g *gen) known(h []byte) bool {
+	_, ok := g.attrs.get(cacheKey(keyObject, h, ""))
+	return ok
+}
+
+// unseal is unseal with the generation's checks, skipping the MAC for a
+// known handle.
+func (g *gen) unseal(h []byte) (sealed, error) {
+	var s sealed
+	var err error
+	if g.known(h) {
+		s, err = parseSealed(h)
+	} else {
+		s, err = unseal(g.e.key, h)
+	}
 	if err != nil || !g.owns(s) {
+		return sealed{}, errBadHandle
+	}
+	return s, nil
+}
+
+// openHandleStat is openHandle that also returns the object's fstat.
+func (g *gen) openHandleStat(h []byte, flags int, st *unix.Stat_t) (int, error) {
+	s, err := g.unseal(h)
+	if err != nil {
 		return -1, syscall.ESTALE
 	}
 	rootfd, err := g.acquire()
@@ -106,8 +135,7 @@ func (g *gen) openHandle(h []byte, flags int) (int, error) {
 		}
 		return -1, err
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
+	if err := unix.Fstat(fd, st); err != nil {
 		unix.Close(fd)
 		return -1, err
 	}
@@ -221,15 +249,12 @@ func (g *gen) resolve(r ref) (attrEntry, error) {
 
 // statObject stats the object sealed in h without following it.
 func (g *gen) statObject(h []byte) (attrEntry, error) {
-	fd, err := g.openHandle(h, unix.O_PATH)
+	var st unix.Stat_t
+	fd, err := g.openHandleStat(h, unix.O_PATH, &st)
 	if err != nil {
 		return attrEntry{}, err
 	}
-	defer unix.Close(fd)
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return attrEntry{}, err
-	}
+	unix.Close(fd)
 	return attrEntry{handle: h, info: newInfo("", &st)}, nil
 }
 
@@ -385,10 +410,11 @@ func (f *genFS) Open(p string) (billy.File, error) {
 	}
 	g := f.g
 	if !r.root && !r.parent && r.name == "" {
-		key := cacheKey(keyFileFD, r.handle, "")
-		if s := g.fds.get(key); s != nil {
-			return &roFile{name: p, s: s, c: g.fds, m: g.e.metrics}, nil
+		rf, _, err := g.openFile(r.handle, p)
+		if err != nil {
+			return nil, pathErr("open", p, err)
 		}
+		return rf, nil
 	}
 	var fd int
 	if r.name == "" {
@@ -409,20 +435,48 @@ func (f *genFS) Open(p string) (billy.File, error) {
 		unix.Close(fd)
 		return nil, pathErr("open", p, err)
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != g.dev {
+	if err := g.checkReadable(&st); err != nil {
 		unix.Close(fd)
+		return nil, pathErr("open", p, err)
+	}
+	return &roFile{name: p, s: &sharedFD{fd: fd, refs: 1}, c: g.fds, m: g.e.metrics}, nil
+}
+
+// checkReadable refuses all but regular files of the generation.
+func (g *gen) checkReadable(st *unix.Stat_t) error {
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != g.dev {
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-			return nil, pathErr("open", p, syscall.EISDIR)
+			return syscall.EISDIR
 		}
-		return nil, pathErr("open", p, syscall.EACCES)
+		return syscall.EACCES
 	}
-	if r.root || r.parent || r.name != "" {
-		return &roFile{name: p, s: &sharedFD{fd: fd, refs: 1}, c: g.fds, m: g.e.metrics}, nil
+	return nil
+}
+
+// openFile opens the regular file sealed in h for reading, from the
+// descriptor cache when it can, and returns its attributes (go-nfs's READ
+// stats the file right after opening it: they are cached too).
+func (g *gen) openFile(h []byte, name string) (*roFile, *info, error) {
+	key := cacheKey(keyFileFD, h, "")
+	if s := g.fds.get(key); s != nil {
+		if e, ok := g.attrs.get(cacheKey(keyObject, h, "")); ok {
+			return &roFile{name: name, s: s, c: g.fds, m: g.e.metrics}, e.info, nil
+		}
+		g.fds.release(s)
 	}
-	// go-nfs's READ stats the file right after opening it: remember it.
-	g.attrs.add(cacheKey(keyObject, r.handle, ""), attrEntry{handle: r.handle, info: newInfo("", &st)})
-	s := g.fds.put(cacheKey(keyFileFD, r.handle, ""), fd)
-	return &roFile{name: p, s: s, c: g.fds, m: g.e.metrics}, nil
+	var st unix.Stat_t
+	fd, err := g.openHandleStat(h, unix.O_RDONLY|unix.O_NONBLOCK, &st)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := g.checkReadable(&st); err != nil {
+		unix.Close(fd)
+		return nil, nil, err
+	}
+	in := newInfo("", &st)
+	g.attrs.add(cacheKey(keyObject, h, ""), attrEntry{handle: h, info: in})
+	s := g.fds.put(key, fd)
+	return &roFile{name: name, s: s, c: g.fds, m: g.e.metrics}, in, nil
 }
 
 // OpenFile opens for reading only; any write flag is EROFS.

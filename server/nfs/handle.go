@@ -76,6 +76,21 @@ func seal(key []byte, gen uint64, ktype int32, kh []byte) ([]byte, error) {
 // unseal checks b and returns what it names. It never says why a handle is
 // bad beyond errBadHandle: a forger learns nothing.
 func unseal(key []byte, b []byte) (sealed, error) {
+	s, err := parseSealed(b)
+	if err != nil {
+		return sealed{}, err
+	}
+	k := len(b) - macLen
+	if !hmac.Equal(b[k:], mac(key, b[:k])) {
+		return sealed{}, errBadHandle
+	}
+	return s, nil
+}
+
+// parseSealed checks the layout of b and returns what it names, without
+// checking the MAC: only for bytes already unsealed or sealed by this
+// process (see gen.unseal).
+func parseSealed(b []byte) (sealed, error) {
 	n := len(b)
 	if n < minHandle || n > maxHandle || n%4 != 0 {
 		return sealed{}, errBadHandle
@@ -87,11 +102,7 @@ func unseal(key []byte, b []byte) (sealed, error) {
 	if klen == 0 || handleHeader+pad4(klen)+macLen != n {
 		return sealed{}, errBadHandle
 	}
-	k := n - macLen
-	if !hmac.Equal(b[k:], mac(key, b[:k])) {
-		return sealed{}, errBadHandle
-	}
-	for _, p := range b[handleHeader+klen : k] {
+	for _, p := range b[handleHeader+klen : n-macLen] {
 		if p != 0 {
 			return sealed{}, errBadHandle
 		}
