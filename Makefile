@@ -6,7 +6,7 @@ export GOTOOLCHAIN ?= auto
 GO ?= go
 BIN := bin/strata
 
-.PHONY: all build deps demo test unit integration test-vm bench bench-nfs bench-builder fuzz clean
+.PHONY: all build deps demo demo-host test unit integration test-vm bench bench-nfs bench-builder fuzz clean
 
 all: build
 
@@ -16,8 +16,15 @@ deps:
 build: deps
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/strata
 
-# demo: a real server on a loop-backed btrfs store with real Nix paths.
+# demo: the whole story. A real server on a loop-backed btrfs store with
+# real Nix paths, a builder in a qemu guest (the kernel's NFS client) that
+# builds on generation 1 and rotates to generation 2.
 demo: build
+	scripts/deps.sh vm
+	$(GO) test -count=1 -tags vm,demo -run '^TestDemo$$' -timeout 30m ./vm/ | grep -vE '^(=== RUN|--- PASS|PASS|ok )'
+
+# demo-host: the server half only, no VM (a minute): publish, export, delta.
+demo-host: build
 	scripts/demo.sh
 
 # test: every tier. Under CI=true nothing may skip (internal/testenv).

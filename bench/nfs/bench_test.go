@@ -406,7 +406,7 @@ func readFile(t *nfsc.Target, p string, buf []byte) (int, int64, error) {
 // "resolve_posix_filesystem ... No such file or directory"), so dir is
 // bind-mounted read-only onto a directory inside that mount namespace; it
 // returns that directory (the MOUNT path).
-func startGanesha(b *testing.B, ns, dir string) string {
+func startGanesha(b *testing.B, ns, dir string) (string, int) {
 	b.Helper()
 	testenv.RequireCommands(b, "ganesha.nfsd", "rpcbind", "unshare")
 	w := b.TempDir()
@@ -453,12 +453,51 @@ exec ganesha.nfsd -F -f %[1]s/ganesha.conf -L %[1]s/ganesha.log -p /run/ganesha/
 			b.Fatalf("ganesha refused the export:\n%s", log)
 		}
 		if strings.Contains(string(log), "NFS SERVER INITIALIZED") {
-			return export
+			return export, findProcess(b, cmd.Process.Pid, "ganesha.nfsd")
 		}
 		if time.Now().After(deadline) {
 			b.Fatalf("ganesha did not start:\n%s", log)
 		}
 	}
+}
+
+// findProcess returns the pid of the process named comm in process group
+// pgid (ganesha.nfsd, started through ip netns exec, unshare and sh).
+func findProcess(b *testing.B, pgid int, comm string) int {
+	b.Helper()
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		i := strings.LastIndexByte(string(st), ')')
+		name := string(st[strings.IndexByte(string(st), '(')+1 : i])
+		f := strings.Fields(string(st[i+1:]))
+		if len(f) > 2 && name == comm && f[2] == strconv.Itoa(pgid) {
+			return pid
+		}
+	}
+	b.Fatalf("no %s in process group %d", comm, pgid)
+	return 0
+}
+
+// cpuTime is the user plus system CPU time pid has used (all its threads).
+func cpuTime(b *testing.B, pid int) time.Duration {
+	b.Helper()
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:]))
+	// after the name: state is field 3 of stat(5), utime 14 and stime 15
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+stime) * time.Second / 100 // USER_HZ
 }
 
 func BenchmarkStrataVsGanesha(b *testing.B) {
@@ -493,7 +532,8 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	testenv.Run(b, "ip", "-n", ns, "link", "set", "lo", "up")
 
 	srv := startStrata(b, ns, snap)
-	gexport := startGanesha(b, ns, snap)
+	gexport, gpid := startGanesha(b, ns, snap)
+	pids := [2]int{srv.cmd.Process.Pid, gpid}
 	eps := []endpoint{
 		{name: "strata", mountAddr: srv.addr, dirpath: "/gen/1"},
 		{name: "ganesha", mountAddr: "127.0.0.1:20491", nfsHost: "127.0.0.1", dirpath: gexport},
@@ -507,7 +547,8 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	for i := range bigs {
 		bigs[i] = fmt.Sprintf("big/b%02d.bin", i)
 	}
-	type row struct{ small, large [2]float64 } // per server: files/s, MB/s
+	// per server: files/s, MB/s; server CPU microseconds per file, ms per MB
+	type row struct{ small, large, smallCPU, largeCPU [2]float64 }
 	table := map[int]*row{1: {}, 4: {}}
 	b.ResetTimer()
 	for ji, j := range []int{1, 4} {
@@ -523,17 +564,22 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 				if s == 0 {
 					srv.profile(b, fmt.Sprintf("%s-j%d", load, j))
 				}
+				cpu0 := cpuTime(b, pids[s])
 				if load == "small" {
 					r := run(b, ns, ep, j, dirs, walkDir)
 					if r.files != nDirs*perDir {
 						b.Fatalf("%s -j %d walked %d files, want %d", ep.name, j, r.files, nDirs*perDir)
 					}
+					cpu := cpuTime(b, pids[s]) - cpu0
 					table[j].small[s] = float64(r.files) / r.elapsed.Seconds()
-					b.Logf("%-7s -j %d: small %.0f files/s", ep.name, j, table[j].small[s])
+					table[j].smallCPU[s] = float64(cpu.Microseconds()) / float64(r.files)
+					b.Logf("%-7s -j %d: small %.0f files/s, server CPU %v (%.0f us/file)", ep.name, j, table[j].small[s], cpu, table[j].smallCPU[s])
 				} else {
 					r := run(b, ns, ep, j, bigs, readFile)
+					cpu := cpuTime(b, pids[s]) - cpu0
 					table[j].large[s] = float64(r.bytes) / 1e6 / r.elapsed.Seconds()
-					b.Logf("%-7s -j %d: large %.1f MB/s", ep.name, j, table[j].large[s])
+					table[j].largeCPU[s] = float64(cpu.Microseconds()) / 1e3 / (float64(r.bytes) / 1e6)
+					b.Logf("%-7s -j %d: large %.1f MB/s, server CPU %v (%.2f ms/MB)", ep.name, j, table[j].large[s], cpu, table[j].largeCPU[s])
 				}
 				if s == 0 {
 					srv.profile(b, "")
@@ -551,6 +597,12 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 		fmt.Fprintf(&sb, "%-28s %12.1f %12.1f %7.2fx %6s\n", fmt.Sprintf("large MB/s, %d conn", j), r.large[0], r.large[1], r.large[0]/r.large[1], "1.0x")
 		b.ReportMetric(r.small[0]/r.small[1], fmt.Sprintf("small-ratio-j%d", j))
 		b.ReportMetric(r.large[0]/r.large[1], fmt.Sprintf("large-ratio-j%d", j))
+	}
+	fmt.Fprintf(&sb, "server CPU (user+system, from /proc; not a goal, shows where a ratio near 1 comes from):\n")
+	for _, j := range []int{1, 4} {
+		r := table[j]
+		fmt.Fprintf(&sb, "%-28s %12.0f %12.0f\n", fmt.Sprintf("  us per small file, %d conn", j), r.smallCPU[0], r.smallCPU[1])
+		fmt.Fprintf(&sb, "%-28s %12.2f %12.2f\n", fmt.Sprintf("  ms per large MB, %d conn", j), r.largeCPU[0], r.largeCPU[1])
 	}
 
 	// Server memory against distinct files served.
