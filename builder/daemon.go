@@ -2,17 +2,12 @@ package builder
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
-	"os"
-	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 )
 
 // Daemon runs `strata builder` until ctx ends. Order of start:
@@ -49,56 +44,29 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger) error {
 // Serve runs ag with its API listeners (the unix socket cfg.Socket and,
 // when set, cfg.APIListen) until ctx ends.
 func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger) error {
-	token, err := readToken(cfg.TokenFile)
+	token, err := apiserve.ReadToken(cfg.TokenFile)
 	if err != nil {
 		return err
 	}
-	h := ag.Handler(token)
-	errc := make(chan error, 3)
-	var servers []*http.Server
-	if cfg.APIListen != "" {
-		l, err := net.Listen("tcp", cfg.APIListen)
-		if err != nil {
-			return fmt.Errorf("listen api %s: %w", cfg.APIListen, err)
-		}
-		hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-		servers = append(servers, hs)
-		go func() { errc <- serveHTTP(hs, l) }()
-		log.Info("api listening", "addr", l.Addr().String())
-	}
-	os.Remove(cfg.Socket)
-	ul, err := net.Listen("unix", cfg.Socket)
+	as, err := apiserve.Start(ag.Handler(token), cfg.APIListen, cfg.Socket, log)
 	if err != nil {
-		return fmt.Errorf("listen api socket %s: %w", cfg.Socket, err)
+		return err
 	}
-	os.Chmod(cfg.Socket, 0o660)
-	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ConnContext: SocketConnContext}
-	servers = append(servers, hs)
-	go func() { errc <- serveHTTP(hs, ul) }()
-
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	errc := make(chan error, 1)
 	go func() { errc <- ag.Run(runCtx) }()
 	var runErr error
 	select {
 	case <-ctx.Done():
 		runErr = <-errc
 	case runErr = <-errc:
+	case runErr = <-as.Err():
+		cancel()
+		<-errc
 	}
 	log.Info("shutting down")
 	cancel()
-	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer scancel()
-	for _, s := range servers {
-		s.Shutdown(sctx)
-	}
-	os.Remove(cfg.Socket)
+	as.Shutdown(ctx)
 	return runErr
-}
-
-func serveHTTP(s *http.Server, l net.Listener) error {
-	if err := s.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve api: %w", err)
-	}
-	return nil
 }

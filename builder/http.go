@@ -1,16 +1,12 @@
 package builder
 
 import (
-	"context"
-	"crypto/subtle"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
-	"os"
-	"strings"
 	"time"
+
+	"github.com/strata-nix/strata/internal/apiserve"
 )
 
 // MountStatus is one lower of the builder's overlay as status reports it.
@@ -67,16 +63,6 @@ func (a *Agent) Status() Status {
 	return s
 }
 
-type ctxKey int
-
-const viaSocket ctxKey = 1
-
-// SocketConnContext marks requests that arrived on the unix socket, which
-// need no token.
-func SocketConnContext(ctx context.Context, _ net.Conn) context.Context {
-	return context.WithValue(ctx, viaSocket, true)
-}
-
 // Handler is the agent's HTTP API:
 //
 //	GET  /v1/status  -> Status
@@ -85,7 +71,7 @@ func SocketConnContext(ctx context.Context, _ net.Conn) context.Context {
 //	GET  /healthz    -> "ok" once ready, 503 before
 //
 // Mutating calls need "Authorization: Bearer <token>" unless they arrive on
-// the unix socket (SocketConnContext); an empty token refuses them on TCP.
+// the unix socket (see package apiserve); an empty token refuses them on TCP.
 func (a *Agent) Handler(token string) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -95,50 +81,17 @@ func (a *Agent) Handler(token string) http.Handler {
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, a.Status()) })
-	mux.HandleFunc("POST /v1/rotate", func(w http.ResponseWriter, r *http.Request) {
-		if r.Context().Value(viaSocket) == nil && !validToken(r, token) {
-			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "rotate needs a bearer token or the unix socket"})
-			return
-		}
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { apiserve.WriteJSON(w, http.StatusOK, a.Status()) })
+	mux.HandleFunc("POST /v1/rotate", apiserve.Mutating(token, func(w http.ResponseWriter, r *http.Request) {
 		if !a.Ready() {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "builder is not ready yet: " + a.State().LastError})
+			apiserve.WriteError(w, http.StatusServiceUnavailable, errors.New("builder is not ready yet: "+a.State().LastError))
 			return
 		}
 		if err := a.RequestRotation(r.Context()); err != nil {
-			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+			apiserve.WriteError(w, http.StatusInternalServerError, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, a.Status())
-	})
+		apiserve.WriteJSON(w, http.StatusOK, a.Status())
+	}))
 	return mux
-}
-
-func validToken(r *http.Request, token string) bool {
-	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && token != "" && subtle.ConstantTimeCompare([]byte(got), []byte(token)) == 1
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
-}
-
-// readToken reads the API bearer token; a missing file means mutating TCP
-// calls are refused (the unix socket still works).
-func readToken(file string) (string, error) {
-	if file == "" {
-		return "", nil
-	}
-	b, err := os.ReadFile(file)
-	if errors.Is(err, os.ErrNotExist) {
-		return "", nil
-	}
-	if err != nil {
-		return "", fmt.Errorf("read api.token_file: %w", err)
-	}
-	return strings.TrimSpace(string(b)), nil
 }

@@ -2,19 +2,15 @@ package server
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
-	"strings"
-	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/btrfs"
 	"github.com/strata-nix/strata/snapshot/zfs"
@@ -69,7 +65,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 
-	token, err := readToken(cfg.TokenFile)
+	token, err := apiserve.ReadToken(cfg.TokenFile)
 	if err != nil {
 		return err
 	}
@@ -79,28 +75,11 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger) error {
 			"nfs": cfg.NFSListen, "backend": cfg.Backend}
 	}
 	h := srv.Handler(token, reg, status)
-	var servers []*http.Server
-	errc := make(chan error, 4)
-	if cfg.APIListen != "" {
-		l, err := net.Listen("tcp", cfg.APIListen)
-		if err != nil {
-			return fmt.Errorf("listen api %s: %w", cfg.APIListen, err)
-		}
-		hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-		servers = append(servers, hs)
-		go func() { errc <- serveHTTP(hs, l) }()
-		log.Info("api listening", "addr", l.Addr().String())
-	}
-	os.Remove(cfg.Socket)
-	ul, err := net.Listen("unix", cfg.Socket)
+	as, err := apiserve.Start(h, cfg.APIListen, cfg.Socket, log)
 	if err != nil {
-		return fmt.Errorf("listen api socket %s: %w", cfg.Socket, err)
+		return err
 	}
-	os.Chmod(cfg.Socket, 0o660)
-	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ConnContext: SocketConnContext}
-	servers = append(servers, hs)
-	go func() { errc <- serveHTTP(hs, ul) }()
-
+	errc := make(chan error, 2)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if serveNFS != nil {
@@ -127,42 +106,14 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger) error {
 	select {
 	case <-ctx.Done():
 	case runErr = <-errc:
+	case runErr = <-as.Err():
 	}
 	daemon.SdNotify(false, daemon.SdNotifyStopping)
 	log.Info("shutting down")
 	cancel()
-	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer scancel()
-	for _, s := range servers {
-		s.Shutdown(sctx)
-	}
+	as.Shutdown(ctx)
 	if exp != nil {
 		exp.Close()
 	}
-	os.Remove(cfg.Socket)
 	return runErr
 }
-
-func serveHTTP(s *http.Server, l net.Listener) error {
-	if err := s.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve api: %w", err)
-	}
-	return nil
-}
-
-// readToken reads the API bearer token; a missing file means TCP mutating
-// calls are refused (the unix socket still works).
-func readToken(file string) (string, error) {
-	if file == "" {
-		return "", nil
-	}
-	b, err := os.ReadFile(file)
-	if errors.Is(err, os.ErrNotExist) {
-		return "", nil
-	}
-	if err != nil {
-		return "", fmt.Errorf("read api.token_file: %w", err)
-	}
-	return strings.TrimSpace(string(b)), nil
-}
-

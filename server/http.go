@@ -1,29 +1,21 @@
 package server
 
 import (
-	"context"
-	"crypto/subtle"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"strconv"
-	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 )
-
-type ctxKey int
-
-const viaSocket ctxKey = 1
 
 // Handler returns the HTTP API (see package api for the routes). Mutating
 // calls need "Authorization: Bearer <token>" unless the request came in on
-// the unix socket (ConnContext marks those); an empty token refuses every
+// the unix socket (see package apiserve); an empty token refuses every
 // mutating TCP call.
 func (s *Server) Handler(token string, reg *prometheus.Registry, status func() any) http.Handler {
 	mux := http.NewServeMux()
@@ -82,15 +74,7 @@ func (s *Server) Handler(token string, reg *prometheus.Registry, status func() a
 		}
 		writeJSON(w, http.StatusOK, d)
 	})
-	mutating := func(h http.HandlerFunc) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) {
-			if r.Context().Value(viaSocket) == nil && !validToken(r, token) {
-				writeErr(w, http.StatusUnauthorized, errors.New("mutating call needs a bearer token (api.token_file) or the unix socket"))
-				return
-			}
-			h(w, r)
-		}
-	}
+	mutating := func(h http.HandlerFunc) http.HandlerFunc { return apiserve.Mutating(token, h) }
 	mux.HandleFunc("POST /v1/publish", mutating(func(w http.ResponseWriter, r *http.Request) {
 		res, err := s.Publish(r.Context())
 		if err != nil {
@@ -126,19 +110,6 @@ func (s *Server) Handler(token string, reg *prometheus.Registry, status func() a
 	return mux
 }
 
-// SocketConnContext marks requests that arrive on the unix socket.
-func SocketConnContext(ctx context.Context, _ net.Conn) context.Context {
-	return context.WithValue(ctx, viaSocket, true)
-}
-
-func validToken(r *http.Request, token string) bool {
-	if token == "" {
-		return false
-	}
-	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(token)) == 1
-}
-
 func pathID(w http.ResponseWriter, r *http.Request) (uint64, bool) {
 	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
 	if err != nil || id == 0 {
@@ -155,14 +126,6 @@ func statusOf(err error) int {
 	return http.StatusInternalServerError
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
-}
+func writeJSON(w http.ResponseWriter, code int, v any) { apiserve.WriteJSON(w, code, v) }
 
-func writeErr(w http.ResponseWriter, code int, err error) {
-	writeJSON(w, code, api.Error{Error: err.Error()})
-}
+func writeErr(w http.ResponseWriter, code int, err error) { apiserve.WriteError(w, code, err) }

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -39,7 +40,7 @@ func newTestAPI(t *testing.T) (tcp *httptest.Server, sock string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := &http.Server{Handler: h, ConnContext: SocketConnContext}
+	hs := &http.Server{Handler: h, ConnContext: apiserve.SocketConnContext}
 	go hs.Serve(l)
 	t.Cleanup(func() { hs.Close() })
 	return tcp, sock

@@ -379,4 +379,3 @@ func equalStrings(a, b []string) bool {
 	}
 	return true
 }
-

@@ -14,6 +14,6 @@ import (
 	_ "github.com/willscott/go-nfs"
 	_ "github.com/willscott/go-nfs-client/nfs"
 	_ "golang.org/x/sys/unix"
-	_ "modernc.org/sqlite"
 	_ "gopkg.in/yaml.v3"
+	_ "modernc.org/sqlite"
 )

@@ -240,4 +240,3 @@ func printStatus(w io.Writer, st map[string]any) error {
 	}
 	return tw.Flush()
 }
-

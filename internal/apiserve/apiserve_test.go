@@ -1,0 +1,117 @@
+package apiserve
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// A mutating call over TCP needs the exact bearer token; on the unix socket
+// it needs none; with no token configured TCP is always refused.
+func TestMutatingOverSocketAndTCP(t *testing.T) {
+	for _, tc := range []struct {
+		name, token, header string
+		want               int
+	}{
+		{"no header", "secret", "", http.StatusUnauthorized},
+		{"wrong token", "secret", "Bearer nope", http.StatusUnauthorized},
+		{"not bearer", "secret", "Basic secret", http.StatusUnauthorized},
+		{"right token", "secret", "Bearer secret", http.StatusOK},
+		{"no token configured", "", "Bearer ", http.StatusUnauthorized},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tcp, sock := start(t, tc.token)
+			req, _ := http.NewRequest("POST", "http://"+tcp+"/do", nil)
+			if tc.header != "" {
+				req.Header.Set("Authorization", tc.header)
+			}
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != tc.want {
+				t.Fatalf("TCP: status %d, want %d: %s", res.StatusCode, tc.want, body)
+			}
+			if tc.want == http.StatusUnauthorized && !strings.Contains(string(body), `"error": "mutating call needs a bearer token`) {
+				t.Errorf("TCP refusal does not say why: %s", body)
+			}
+			c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+			}}}
+			res, err = c.Post("http://unix/do", "", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.Body.Close()
+			if res.StatusCode != http.StatusOK {
+				t.Fatalf("socket: status %d, want 200", res.StatusCode)
+			}
+		})
+	}
+}
+
+// Start replaces a stale socket file; Shutdown removes the socket.
+func TestStartReplacesStaleSocketAndShutdownRemovesIt(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	if err := os.WriteFile(sock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Start(http.NotFoundHandler(), "", sock, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket %s: %v %v, want a 0660 socket", sock, fi, err)
+	}
+	s.Shutdown(context.Background())
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("socket still there after Shutdown: %v", err)
+	}
+}
+
+// A TCP address that cannot be bound is an error naming it.
+func TestStartNamesBadAddress(t *testing.T) {
+	_, err := Start(http.NotFoundHandler(), "256.0.0.1:1", filepath.Join(t.TempDir(), "s"), slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), "listen api 256.0.0.1:1") {
+		t.Fatalf("err = %v, want one naming the address", err)
+	}
+}
+
+// ReadToken trims the file and treats a missing file as no token.
+func TestReadToken(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "tok")
+	if tok, err := ReadToken(f); err != nil || tok != "" {
+		t.Fatalf("missing file: %q %v", tok, err)
+	}
+	os.WriteFile(f, []byte("  abc\n"), 0o600)
+	if tok, err := ReadToken(f); err != nil || tok != "abc" {
+		t.Fatalf("ReadToken = %q %v, want abc", tok, err)
+	}
+}
+
+func start(t *testing.T, token string) (tcp, sock string) {
+	t.Helper()
+	sock = filepath.Join(t.TempDir(), "api.sock")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /do", Mutating(token, func(w http.ResponseWriter, r *http.Request) { WriteJSON(w, http.StatusOK, "done") }))
+	s, err := Start(mux, addr, sock, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Shutdown(context.Background()) })
+	return addr, sock
+}
