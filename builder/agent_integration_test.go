@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/overlay"
 )
 
@@ -79,10 +80,7 @@ func TestRotationUnderLoad(t *testing.T) {
 	for _, m := range []overlay.Method{overlay.MethodBeneath, overlay.MethodPropagation} {
 		t.Run(m.String(), func(t *testing.T) {
 			if m == overlay.MethodBeneath {
-				testenv := overlay.BeneathSupported()
-				if !testenv {
-					t.Skip("kernel has no MOVE_MOUNT_BENEATH")
-				}
+				testenv.Require(t, overlay.BeneathSupported(), "kernel has MOVE_MOUNT_BENEATH (Linux 6.5+)")
 			}
 			e := newEnv(t)
 			e.cfg.SwapMethod = m
