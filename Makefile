@@ -21,7 +21,7 @@ build: deps
 # builds on generation 1 and rotates to generation 2.
 demo: build
 	scripts/deps.sh vm
-	$(GO) test -count=1 -tags vm,demo -run '^TestDemo$$' -timeout 30m ./vm/ | grep -vE '^(=== RUN|--- PASS|PASS|ok )'
+	set -o pipefail; $(GO) test -v -count=1 -tags vm,demo -run '^TestDemo$$' -timeout 30m ./vm/ | grep -vE '^(=== RUN|--- PASS|PASS|ok )'
 
 # demo-host: the server half only, no VM (a minute): publish, export, delta.
 demo-host: build

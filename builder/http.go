@@ -3,7 +3,9 @@ package builder
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/strata-nix/strata/internal/apiserve"
@@ -20,11 +22,13 @@ type MountStatus struct {
 
 // Status is the builder's answer to GET /v1/status.
 type Status struct {
-	Role                 string        `json:"role"`
-	Ready                bool          `json:"ready"`
-	Generation           uint64        `json:"generation"`
-	Latest               uint64        `json:"latest"`
-	Server               string        `json:"server"`
+	Role       string `json:"role"`
+	Ready      bool   `json:"ready"`
+	Generation uint64 `json:"generation"`
+	Latest     uint64 `json:"latest"`
+	Server     string `json:"server"`
+	// NFS is the address generations are mounted from: server.nfs, or
+	// what the server advertises.
 	NFS                  string        `json:"nfs,omitempty"`
 	State                string        `json:"state"`
 	Policy               string        `json:"policy"`
@@ -45,9 +49,12 @@ func (a *Agent) Status() Status {
 	defer a.mu.Unlock()
 	st := a.st
 	s := Status{Role: "builder", Ready: a.ready, Generation: st.Generation, Latest: a.latest, Server: a.cfg.ServerAPI,
-		NFS: a.nfs, State: st.String(), Policy: a.cfg.Policy.String(), StoreDir: a.cfg.StoreDir,
+		State: st.String(), Policy: a.cfg.Policy.String(), StoreDir: a.cfg.StoreDir,
 		PathsImported: st.PathsImported, PathsInvalidated: st.PathsInvalidated, LastError: st.LastError,
 		Mounts: []MountStatus{}}
+	if host, port, err := a.cfg.NFSAddress(a.nfs); err == nil {
+		s.NFS = net.JoinHostPort(host, strconv.Itoa(port))
+	}
 	if a.method != 0 {
 		s.SwapMethod = a.method.String()
 	}

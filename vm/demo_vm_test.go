@@ -134,10 +134,11 @@ run cat $OUT/greeting
 d "the upper layer holds only what was built here (nothing was copied):"
 run sh -c "ls /var/lib/strata/builder/upper | grep -v '\.lock$'"
 statloop -stop /tmp/stop -ready /tmp/ready $DATA $TOOL/bin/tool > /tmp/loop 2>&1 &
+LOOP=$!
 while [ ! -e /tmp/ready ]; do sleep 0.1; done
 d "want-generation-2"
 i=0; until strata status --api $S --json | grep -q '"generation": 2,'; do sleep 1; i=$((i+1)); [ $i -lt 180 ] || { d "no rotation"; cat /builder.log; exit 1; }; done
-touch /tmp/stop; wait
+touch /tmp/stop; wait $LOOP # not the builder, which keeps running
 run strata status --api $S
 d "stat loop over paths of both generations during the rotation:"
 run cat /tmp/loop
