@@ -101,7 +101,14 @@ func TestDemo(t *testing.T) {
 const demoScript = `
 set -e
 d() { echo "DEMO $*"; }
-run() { d "\$ $*"; "$@" 2>&1 | while IFS= read -r l; do d "  $l"; done; }
+# run shows a command and its output, and fails the demo when it fails.
+run() {
+	d "\$ $*"
+	if "$@" > /tmp/run.out 2>&1; then rc=0; else rc=$?; fi
+	while IFS= read -r l; do d "  $l"; done < /tmp/run.out
+	[ $rc -eq 0 ] || d "  (exit status $rc)"
+	return $rc
+}
 export PAGER=cat
 mkdir -p /usr/libexec/nix && ln -sf "$(command -v nix)" /usr/libexec/nix/build-remote
 mkdir -p /nix /var/lib/strata /etc/strata
@@ -137,7 +144,7 @@ statloop -stop /tmp/stop -ready /tmp/ready $DATA $TOOL/bin/tool > /tmp/loop 2>&1
 LOOP=$!
 while [ ! -e /tmp/ready ]; do sleep 0.1; done
 d "want-generation-2"
-i=0; until strata status --api $S --json | grep -q '"generation": 2,'; do sleep 1; i=$((i+1)); [ $i -lt 180 ] || { d "no rotation"; cat /builder.log; exit 1; }; done
+i=0; until strata status --api $S --json | grep -q '"state": "idle(2)"'; do sleep 1; i=$((i+1)); [ $i -lt 180 ] || { d "no rotation"; cat /builder.log; exit 1; }; done
 touch /tmp/stop; wait $LOOP # not the builder, which keeps running
 run strata status --api $S
 d "stat loop over paths of both generations during the rotation:"
