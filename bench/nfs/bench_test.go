@@ -10,7 +10,8 @@
 //
 // It prints one table: files/s for a READDIRPLUS walk plus read of 20,000
 // small files, MB/s for 20 files of 20 MiB, with 1 and 4 connections, and the
-// strata/ganesha ratio; then strata's server RSS after LOOKUP+GETATTR of
+// strata/ganesha ratio (medians of STRATA_BENCH_REPS rounds, default 5, and
+// the range of the per-round ratios); then strata's server RSS after LOOKUP+GETATTR of
 // 10,000 and of STRATA_BENCH_MANY (default 200,000) distinct empty files.
 //
 // Fairness: the snapshot is read once before any measurement, so both
@@ -37,6 +38,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -547,62 +549,100 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	for i := range bigs {
 		bigs[i] = fmt.Sprintf("big/b%02d.bin", i)
 	}
-	// per server: files/s, MB/s; server CPU microseconds per file, ms per MB
-	type row struct{ small, large, smallCPU, largeCPU [2]float64 }
-	table := map[int]*row{1: {}, 4: {}}
+	// Each workload runs reps times per server, alternating which server
+	// goes first; the table gives the medians and the median (and range) of
+	// the per-round strata/ganesha ratios. On two cores the client shares
+	// the CPU with the server under test, so single runs vary by ±10%.
+	reps := 5
+	if v := os.Getenv("STRATA_BENCH_REPS"); v != "" {
+		reps, _ = strconv.Atoi(v)
+	}
+	type sample struct{ rate, cpu float64 } // files/s or MB/s; us per file or ms per MB
+	type workload struct {
+		load string
+		j    int
+	}
+	samples := map[workload]*[2][]sample{}
 	b.ResetTimer()
 	for ji, j := range []int{1, 4} {
 		for li, load := range []string{"small", "large"} {
-			// Alternate which server goes first: each workload has
-			// strata first at one connection count, ganesha at the other.
-			order := []int{0, 1}
-			if (ji+li)%2 == 1 {
-				order = []int{1, 0}
-			}
-			for _, s := range order {
-				ep := eps[s]
-				if s == 0 {
-					srv.profile(b, fmt.Sprintf("%s-j%d", load, j))
+			w := workload{load, j}
+			samples[w] = &[2][]sample{}
+			for rep := range reps {
+				order := []int{0, 1}
+				if (ji+li+rep)%2 == 1 {
+					order = []int{1, 0}
 				}
-				cpu0 := cpuTime(b, pids[s])
-				if load == "small" {
-					r := run(b, ns, ep, j, dirs, walkDir)
-					if r.files != nDirs*perDir {
-						b.Fatalf("%s -j %d walked %d files, want %d", ep.name, j, r.files, nDirs*perDir)
+				for _, s := range order {
+					ep := eps[s]
+					if s == 0 && rep == 0 {
+						srv.profile(b, fmt.Sprintf("%s-j%d", load, j))
 					}
-					cpu := cpuTime(b, pids[s]) - cpu0
-					table[j].small[s] = float64(r.files) / r.elapsed.Seconds()
-					table[j].smallCPU[s] = float64(cpu.Microseconds()) / float64(r.files)
-					b.Logf("%-7s -j %d: small %.0f files/s, server CPU %v (%.0f us/file)", ep.name, j, table[j].small[s], cpu, table[j].smallCPU[s])
-				} else {
-					r := run(b, ns, ep, j, bigs, readFile)
-					cpu := cpuTime(b, pids[s]) - cpu0
-					table[j].large[s] = float64(r.bytes) / 1e6 / r.elapsed.Seconds()
-					table[j].largeCPU[s] = float64(cpu.Microseconds()) / 1e3 / (float64(r.bytes) / 1e6)
-					b.Logf("%-7s -j %d: large %.1f MB/s, server CPU %v (%.2f ms/MB)", ep.name, j, table[j].large[s], cpu, table[j].largeCPU[s])
-				}
-				if s == 0 {
-					srv.profile(b, "")
+					cpu0 := cpuTime(b, pids[s])
+					var sm sample
+					if load == "small" {
+						r := run(b, ns, ep, j, dirs, walkDir)
+						if r.files != nDirs*perDir {
+							b.Fatalf("%s -j %d walked %d files, want %d", ep.name, j, r.files, nDirs*perDir)
+						}
+						cpu := cpuTime(b, pids[s]) - cpu0
+						sm = sample{float64(r.files) / r.elapsed.Seconds(), float64(cpu.Microseconds()) / float64(r.files)}
+						b.Logf("%-7s -j %d: small %.0f files/s, server CPU %v (%.0f us/file)", ep.name, j, sm.rate, cpu, sm.cpu)
+					} else {
+						r := run(b, ns, ep, j, bigs, readFile)
+						cpu := cpuTime(b, pids[s]) - cpu0
+						sm = sample{float64(r.bytes) / 1e6 / r.elapsed.Seconds(), float64(cpu.Microseconds()) / 1e3 / (float64(r.bytes) / 1e6)}
+						b.Logf("%-7s -j %d: large %.1f MB/s, server CPU %v (%.2f ms/MB)", ep.name, j, sm.rate, cpu, sm.cpu)
+					}
+					samples[w][s] = append(samples[w][s], sm)
+					if s == 0 && rep == 0 {
+						srv.profile(b, "")
+					}
 				}
 			}
 		}
 	}
 	b.StopTimer()
 
+	median := func(v []float64) float64 {
+		v = slices.Clone(v)
+		slices.Sort(v)
+		if len(v)%2 == 1 {
+			return v[len(v)/2]
+		}
+		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	}
+	col := func(ss []sample, f func(sample) float64) []float64 {
+		out := make([]float64, len(ss))
+		for i, s := range ss {
+			out[i] = f(s)
+		}
+		return out
+	}
+	rate := func(s sample) float64 { return s.rate }
+	cpu := func(s sample) float64 { return s.cpu }
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "\n%-28s %12s %12s %8s %6s\n", "workload", "strata", "ganesha", "ratio", "goal")
+	fmt.Fprintf(&sb, "\nmedians of %d rounds per server\n%-28s %12s %12s %8s %13s %6s\n", reps, "workload", "strata", "ganesha", "ratio", "ratio range", "goal")
 	for _, j := range []int{1, 4} {
-		r := table[j]
-		fmt.Fprintf(&sb, "%-28s %12.0f %12.0f %7.2fx %6s\n", fmt.Sprintf("small files/s, %d conn", j), r.small[0], r.small[1], r.small[0]/r.small[1], "1.3x")
-		fmt.Fprintf(&sb, "%-28s %12.1f %12.1f %7.2fx %6s\n", fmt.Sprintf("large MB/s, %d conn", j), r.large[0], r.large[1], r.large[0]/r.large[1], "1.0x")
-		b.ReportMetric(r.small[0]/r.small[1], fmt.Sprintf("small-ratio-j%d", j))
-		b.ReportMetric(r.large[0]/r.large[1], fmt.Sprintf("large-ratio-j%d", j))
+		for _, load := range []string{"small", "large"} {
+			ss := samples[workload{load, j}]
+			ratios := make([]float64, reps)
+			for i := range ratios {
+				ratios[i] = ss[0][i].rate / ss[1][i].rate
+			}
+			name, format, goal := fmt.Sprintf("small files/s, %d conn", j), "%-28s %12.0f %12.0f %7.2fx %6.2f-%.2fx %6s\n", "1.3x"
+			if load == "large" {
+				name, format, goal = fmt.Sprintf("large MB/s, %d conn", j), "%-28s %12.1f %12.1f %7.2fx %6.2f-%.2fx %6s\n", "1.0x"
+			}
+			fmt.Fprintf(&sb, format, name, median(col(ss[0], rate)), median(col(ss[1], rate)), median(ratios), slices.Min(ratios), slices.Max(ratios), goal)
+			b.ReportMetric(median(ratios), fmt.Sprintf("%s-ratio-j%d", load, j))
+		}
 	}
 	fmt.Fprintf(&sb, "server CPU (user+system, from /proc; not a goal, shows where a ratio near 1 comes from):\n")
 	for _, j := range []int{1, 4} {
-		r := table[j]
-		fmt.Fprintf(&sb, "%-28s %12.0f %12.0f\n", fmt.Sprintf("  us per small file, %d conn", j), r.smallCPU[0], r.smallCPU[1])
-		fmt.Fprintf(&sb, "%-28s %12.2f %12.2f\n", fmt.Sprintf("  ms per large MB, %d conn", j), r.largeCPU[0], r.largeCPU[1])
+		sm, lg := samples[workload{"small", j}], samples[workload{"large", j}]
+		fmt.Fprintf(&sb, "%-28s %12.0f %12.0f\n", fmt.Sprintf("  us per small file, %d conn", j), median(col(sm[0], cpu)), median(col(sm[1], cpu)))
+		fmt.Fprintf(&sb, "%-28s %12.2f %12.2f\n", fmt.Sprintf("  ms per large MB, %d conn", j), median(col(lg[0], cpu)), median(col(lg[1], cpu)))
 	}
 
 	// Server memory against distinct files served.
