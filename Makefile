@@ -43,9 +43,10 @@ integration: build
 	STRATA_ZFS_IN_VM=1 $(GO) test -count=1 -p 1 -tags integration -timeout 40m ./...
 
 # test-vm: the VM tier (qemu, Debian's kernel, kernel NFS client, OpenZFS).
+# -v: every suite prints what it checked ("CHECK ok: ...") and each guest's console.
 test-vm: build
 	scripts/deps.sh vm
-	$(GO) test -count=1 -p 1 -tags vm -timeout 80m ./vm/...
+	$(GO) test -v -count=1 -p 1 -tags vm -timeout 80m ./vm/...
 
 # Benchmarks print tables comparing strata with a named peer in the same run.
 bench: build
