@@ -41,6 +41,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
@@ -202,9 +204,9 @@ func (a *Agent) registration(ctx context.Context, gen uint64) ([]nixstore.PathIn
 
 // ourOverlays returns the agent's overlays at the store dir (upper is ours),
 // in mountinfo order, and the visible one.
-func (a *Agent) ourOverlays(ms []overlay.MountInfo) (all []overlay.MountInfo, top overlay.MountInfo, hasTop bool) {
+func (a *Agent) ourOverlays(ms []mountinfo.Mount) (all []mountinfo.Mount, top mountinfo.Mount, hasTop bool) {
 	upper := filepath.Clean(a.cfg.upperDir())
-	for _, m := range overlay.MountsAt(ms, a.cfg.StoreDir) {
+	for _, m := range mountinfo.At(ms, a.cfg.StoreDir) {
 		if m.FSType != "overlay" {
 			continue
 		}
@@ -212,16 +214,16 @@ func (a *Agent) ourOverlays(ms []overlay.MountInfo) (all []overlay.MountInfo, to
 			all = append(all, m)
 		}
 	}
-	t, ok := overlay.TopMount(ms, a.cfg.StoreDir)
-	if ok && slices.ContainsFunc(all, func(m overlay.MountInfo) bool { return m.ID == t.ID }) {
+	t, ok := mountinfo.Top(ms, a.cfg.StoreDir)
+	if ok && slices.ContainsFunc(all, func(m mountinfo.Mount) bool { return m.ID == t.ID }) {
 		return all, t, true
 	}
-	return all, overlay.MountInfo{}, false
+	return all, mountinfo.Mount{}, false
 }
 
 // lowersOf reads the generations of an overlay's lowers (lower/<N> paths).
-func (a *Agent) lowersOf(m overlay.MountInfo) ([]uint64, string, error) {
-	l, err := m.OverlayLayers()
+func (a *Agent) lowersOf(m mountinfo.Mount) ([]uint64, string, error) {
+	l, err := overlay.LayersOf(m)
 	if err != nil {
 		return nil, "", err
 	}
@@ -255,7 +257,7 @@ func (a *Agent) ensureLower(ctx context.Context, g uint64) error {
 		return err
 	}
 	dir := a.cfg.lowerDir(g)
-	if len(overlay.MountsAt(ms, dir)) > 0 {
+	if len(mountinfo.At(ms, dir)) > 0 {
 		return nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -280,7 +282,7 @@ func (a *Agent) releaseLowers(ctx context.Context, keep []uint64) error {
 	}
 	root := filepath.Clean(a.cfg.lowerRoot())
 	count := map[string]int{}
-	for _, m := range overlay.Under(ms, root) {
+	for _, m := range mountinfo.Under(ms, root) {
 		count[m.Mountpoint]++
 	}
 	var errs []error

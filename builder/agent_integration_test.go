@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/overlay"
 )
@@ -241,8 +243,8 @@ func TestServerDownAtStart(t *testing.T) {
 	if s := a.Status(); !strings.Contains(s.LastError, "connection refused") {
 		t.Fatalf("status last_error %q, want the connection error", s.LastError)
 	}
-	ms, _ := overlay.ReadMountInfo()
-	if len(overlay.MountsAt(ms, e.cfg.StoreDir)) != 0 {
+	ms, _ := mountinfo.Read()
+	if len(mountinfo.At(ms, e.cfg.StoreDir)) != 0 {
 		t.Fatal("store dir mounted while the server is down")
 	}
 	e.startServer(t)

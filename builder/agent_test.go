@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
@@ -34,7 +36,7 @@ func (u *unitEnv) overlayLowers(t *testing.T, a *Agent) ([]uint64, int) {
 func (u *unitEnv) lowerMounts(a *Agent) map[string]int {
 	ms, _ := u.m.Mounts()
 	out := map[string]int{}
-	for _, m := range overlay.Under(ms, a.cfg.lowerRoot()) {
+	for _, m := range mountinfo.Under(ms, a.cfg.lowerRoot()) {
 		out[filepath.Base(m.Mountpoint)]++
 	}
 	return out
@@ -210,7 +212,7 @@ func TestRestartAdoptsAndReboots(t *testing.T) {
 		t.Fatalf("after reboot: overlay lowers %v (%d)", g, n)
 	}
 	ms, _ := u.m.Mounts()
-	top, _ := overlay.TopMount(ms, u.cfg.StoreDir)
+	top, _ := mountinfo.Top(ms, u.cfg.StoreDir)
 	if up, _ := top.Option("upperdir"); up != u.cfg.upperDir() {
 		t.Fatalf("after reboot the upper is %s, want %s", up, u.cfg.upperDir())
 	}

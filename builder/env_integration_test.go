@@ -24,6 +24,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/api"
@@ -181,8 +183,8 @@ func newEnv(t *testing.T) *env {
 		for range 6 {
 			_ = unix.Unmount(e.cfg.StoreDir, unix.MNT_DETACH)
 		}
-		ms, _ := overlay.ReadMountInfo()
-		for _, m := range slices.Backward(overlay.Under(ms, e.node)) {
+		ms, _ := mountinfo.Read()
+		for _, m := range slices.Backward(mountinfo.Under(ms, e.node)) {
 			_ = unix.Unmount(m.Mountpoint, unix.MNT_DETACH)
 		}
 		_ = unix.Unmount(e.node, unix.MNT_DETACH)
@@ -331,15 +333,15 @@ func (e *env) local(p string) string { return filepath.Join(e.cfg.StoreDir, file
 // mount per state lower under lower/, nothing else there.
 func (e *env) checkMounts(t *testing.T, st State) {
 	t.Helper()
-	ms, err := overlay.ReadMountInfo()
+	ms, err := mountinfo.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
-	at := overlay.MountsAt(ms, e.cfg.StoreDir)
+	at := mountinfo.At(ms, e.cfg.StoreDir)
 	if len(at) != 1 || at[0].FSType != "overlay" {
 		t.Fatalf("store dir has %d mounts %+v, want exactly one overlay", len(at), at)
 	}
-	l, err := at[0].OverlayLayers()
+	l, err := overlay.LayersOf(at[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +353,7 @@ func (e *env) checkMounts(t *testing.T, st State) {
 		t.Fatalf("overlay lowers %v, state says %v", l.Lower, want)
 	}
 	got := map[string]int{}
-	for _, m := range overlay.Under(ms, e.cfg.lowerRoot()) {
+	for _, m := range mountinfo.Under(ms, e.cfg.lowerRoot()) {
 		got[m.Mountpoint]++
 	}
 	if len(got) != len(want) {

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
@@ -21,7 +23,7 @@ import (
 // links, so overlay.TopMount works on it as on the real one.
 type fakeMounter struct {
 	mu       sync.Mutex
-	mounts   []overlay.MountInfo
+	mounts   []mountinfo.Mount
 	next     int
 	failGen  error
 	failSwap error
@@ -29,16 +31,16 @@ type fakeMounter struct {
 }
 
 func newFakeMounter() *fakeMounter {
-	return &fakeMounter{next: 100, mounts: []overlay.MountInfo{{ID: 1, ParentID: 0, Mountpoint: "/", FSType: "ext4", Source: "/dev/root"}}}
+	return &fakeMounter{next: 100, mounts: []mountinfo.Mount{{ID: 1, ParentID: 0, Mountpoint: "/", FSType: "ext4", Source: "/dev/root"}}}
 }
 
-func (f *fakeMounter) add(target, fstype, source, opts string) overlay.MountInfo {
+func (f *fakeMounter) add(target, fstype, source, opts string) mountinfo.Mount {
 	parent := 1
-	if t, ok := overlay.TopMount(f.mounts, target); ok {
+	if t, ok := mountinfo.Top(f.mounts, target); ok {
 		parent = t.ID
 	}
 	f.next++
-	m := overlay.MountInfo{ID: f.next, ParentID: parent, Mountpoint: filepath.Clean(target), FSType: fstype, Source: source, SuperOptions: opts}
+	m := mountinfo.Mount{ID: f.next, ParentID: parent, Mountpoint: filepath.Clean(target), FSType: fstype, Source: source, SuperOptions: opts}
 	f.mounts = append(f.mounts, m)
 	return m
 }
@@ -78,12 +80,12 @@ func (f *fakeMounter) Swap(_ context.Context, target string, l overlay.Layers) (
 }
 
 func (f *fakeMounter) beneath(target string, l overlay.Layers) error {
-	top, ok := overlay.TopMount(f.mounts, target)
+	top, ok := mountinfo.Top(f.mounts, target)
 	if !ok {
 		return errors.New("nothing mounted")
 	}
 	f.next++
-	m := overlay.MountInfo{ID: f.next, ParentID: top.ParentID, Mountpoint: top.Mountpoint, FSType: "overlay",
+	m := mountinfo.Mount{ID: f.next, ParentID: top.ParentID, Mountpoint: top.Mountpoint, FSType: "overlay",
 		Source: overlay.Source, SuperOptions: "rw," + l.String()}
 	for i := range f.mounts {
 		if f.mounts[i].ID == top.ID {
@@ -102,11 +104,11 @@ func (f *fakeMounter) Detach(_ context.Context, target string) error {
 }
 
 func (f *fakeMounter) detach(target string) error {
-	top, ok := overlay.TopMount(f.mounts, target)
+	top, ok := mountinfo.Top(f.mounts, target)
 	if !ok {
 		return fmt.Errorf("detach %s: not mounted", target)
 	}
-	f.mounts = slices.DeleteFunc(f.mounts, func(m overlay.MountInfo) bool { return m.ID == top.ID })
+	f.mounts = slices.DeleteFunc(f.mounts, func(m mountinfo.Mount) bool { return m.ID == top.ID })
 	for i := range f.mounts {
 		if f.mounts[i].ParentID == top.ID {
 			f.mounts[i].ParentID = top.ParentID
@@ -115,7 +117,7 @@ func (f *fakeMounter) detach(target string) error {
 	return nil
 }
 
-func (f *fakeMounter) Mounts() ([]overlay.MountInfo, error) {
+func (f *fakeMounter) Mounts() ([]mountinfo.Mount, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return slices.Clone(f.mounts), nil

@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"os"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"github.com/strata-nix/strata/overlay"
 )
 
@@ -24,7 +26,7 @@ type Mounter interface {
 	// Detach lazily unmounts the top mount at target.
 	Detach(ctx context.Context, target string) error
 	// Mounts returns the mount table of the agent's mount namespace.
-	Mounts() ([]overlay.MountInfo, error)
+	Mounts() ([]mountinfo.Mount, error)
 }
 
 // GenerationMounter mounts generation gen read-only at dir. NFSGenerations
@@ -75,7 +77,7 @@ func (s *System) Swap(ctx context.Context, target string, l overlay.Layers) (ove
 
 func (s *System) Detach(ctx context.Context, target string) error { return overlay.Detach(ctx, target) }
 
-func (s *System) Mounts() ([]overlay.MountInfo, error) { return overlay.ReadMountInfo() }
+func (s *System) Mounts() ([]mountinfo.Mount, error) { return mountinfo.Read() }
 
 func mkdirs(dirs ...string) error {
 	for _, d := range dirs {

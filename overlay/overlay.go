@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -296,7 +298,7 @@ func NewWorkdir(dir, prefix string) (string, error) {
 // working after removal, new copy-ups in it fail.
 func RemoveWorkdir(path string) error {
 	path = filepath.Clean(path)
-	mounts, err := ReadMountInfo()
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return fmt.Errorf("remove workdir %s: %w", path, err)
 	}
@@ -309,7 +311,7 @@ func RemoveWorkdir(path string) error {
 	return nil
 }
 
-func workdirUser(mounts []MountInfo, work string) (MountInfo, bool) {
+func workdirUser(mounts []mountinfo.Mount, work string) (mountinfo.Mount, bool) {
 	for _, m := range mounts {
 		if m.FSType != "overlay" {
 			continue
@@ -318,14 +320,14 @@ func workdirUser(mounts []MountInfo, work string) (MountInfo, bool) {
 			return m, true
 		}
 	}
-	return MountInfo{}, false
+	return mountinfo.Mount{}, false
 }
 
 // PruneWorkdirs removes every directory in dir that no visible overlay uses
 // as its workdir, and returns the removed paths. dir must hold nothing but
 // workdirs made by NewWorkdir. Call it at agent start, before any swap.
 func PruneWorkdirs(dir string) ([]string, error) {
-	mounts, err := ReadMountInfo()
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return nil, fmt.Errorf("prune workdirs in %s: %w", dir, err)
 	}

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/mountinfo"
 )
 
 // privateNSEnv marks the re-executed test binary running in its own mount
@@ -96,9 +97,9 @@ func readFile(t *testing.T, path string) string {
 	return string(b)
 }
 
-func mountinfo(t *testing.T) []MountInfo {
+func readMounts(t *testing.T) []mountinfo.Mount {
 	t.Helper()
-	ms, err := ReadMountInfo()
+	ms, err := mountinfo.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -286,11 +287,11 @@ func TestMountUnmount(t *testing.T) {
 	if err := Mount(ctx, e.target, l); err != nil {
 		t.Fatal(err)
 	}
-	top, ok := TopMount(mountinfo(t), e.target)
+	top, ok := mountinfo.Top(readMounts(t), e.target)
 	if !ok || top.FSType != "overlay" || top.Source != Source {
 		t.Fatalf("after Mount the top mount at %s is %+v", e.target, top)
 	}
-	if got, err := top.OverlayLayers(); err != nil || !reflect.DeepEqual(got, l) {
+	if got, err := LayersOf(top); err != nil || !reflect.DeepEqual(got, l) {
 		t.Errorf("mountinfo layers = %+v %v, want %+v", got, err, l)
 	}
 	if got := readFile(t, filepath.Join(e.target, "common")); got != "gen 0\n" {
@@ -321,7 +322,7 @@ func TestMountUnmount(t *testing.T) {
 		}
 	}
 	f.Close()
-	if _, ok := TopMount(mountinfo(t), e.target); ok {
+	if _, ok := mountinfo.Top(readMounts(t), e.target); ok {
 		t.Error("target still mounted after Detach")
 	}
 
@@ -371,7 +372,7 @@ func TestMountBadInput(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("Mount = %v, want an error mentioning %q", err, tc.want)
 			}
-			if _, ok := TopMount(mountinfo(t), e.target); ok {
+			if _, ok := mountinfo.Top(readMounts(t), e.target); ok {
 				t.Error("a failed Mount left a mount at the target")
 			}
 		})
@@ -488,7 +489,7 @@ func runSwapsOn(t *testing.T, e *env, method, wantMethod Method, n int, slave bo
 		checkLoop(t, "watcher in a slave namespace", rs)
 	}
 	if method == MethodPropagation {
-		parent, _ := TopMount(mountinfo(t), e.srv)
+		parent, _ := mountinfo.Top(readMounts(t), e.srv)
 		if parent.PeerGroup() == 0 {
 			t.Errorf("propagation swap left the target's parent %s not shared: %v", e.srv, parent.Optional)
 		}
@@ -508,19 +509,19 @@ func checkLoop(t *testing.T, who string, r loopResult) {
 
 func checkAfterSwap(t *testing.T, e *env, g int, next Layers, res SwapResult) {
 	t.Helper()
-	ms := mountinfo(t)
-	at := MountsAt(ms, e.target)
+	ms := readMounts(t)
+	at := mountinfo.At(ms, e.target)
 	if len(at) != 1 || at[0].FSType != "overlay" {
 		t.Fatalf("swap %d: %d mounts at the target, want exactly one overlay: %+v", g, len(at), at)
 	}
-	got, err := at[0].OverlayLayers()
+	got, err := LayersOf(at[0])
 	if err != nil || !reflect.DeepEqual(got, next) {
 		t.Fatalf("swap %d: overlay layers %+v %v, want %+v", g, got, err, next)
 	}
 	if res.Mount.ID != at[0].ID {
 		t.Errorf("swap %d: result reports mount %d, mountinfo shows %d", g, res.Mount.ID, at[0].ID)
 	}
-	for _, m := range Under(ms, e.staging) {
+	for _, m := range mountinfo.Under(ms, e.staging) {
 		if m.Mountpoint != e.staging {
 			t.Fatalf("swap %d: staging mount leaked: %+v", g, m)
 		}
@@ -580,7 +581,7 @@ func TestSwapBadInputKeepsOverlay(t *testing.T) {
 	if err := Mount(ctx, e.target, cur); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := TopMount(mountinfo(t), e.target)
+	before, _ := mountinfo.Top(readMounts(t), e.target)
 	nonEmpty := e.layers(t, 1).Work
 	writeFile(t, filepath.Join(nonEmpty, "junk"), "x")
 
@@ -607,15 +608,15 @@ func TestSwapBadInputKeepsOverlay(t *testing.T) {
 				if err == nil || !strings.Contains(err.Error(), tc.want) {
 					t.Fatalf("Swap = %v, want an error mentioning %q", err, tc.want)
 				}
-				ms := mountinfo(t)
-				after, _ := TopMount(ms, e.target)
-				if after.ID != before.ID || len(MountsAt(ms, e.target)) != 1 {
-					t.Errorf("failed swap changed the target: mount %d -> %d, %d mounts", before.ID, after.ID, len(MountsAt(ms, e.target)))
+				ms := readMounts(t)
+				after, _ := mountinfo.Top(ms, e.target)
+				if after.ID != before.ID || len(mountinfo.At(ms, e.target)) != 1 {
+					t.Errorf("failed swap changed the target: mount %d -> %d, %d mounts", before.ID, after.ID, len(mountinfo.At(ms, e.target)))
 				}
 				if c := readFile(t, filepath.Join(e.target, "common")); c != "gen 0\n" {
 					t.Errorf("after a failed swap common = %q, want gen 0", c)
 				}
-				for _, m := range Under(ms, e.staging) {
+				for _, m := range mountinfo.Under(ms, e.staging) {
 					if m.Mountpoint != e.staging {
 						t.Errorf("staging mount leaked: %+v", m)
 					}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/strata-nix/strata/mountinfo"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -125,7 +127,7 @@ type SwapResult struct {
 	// reported them.
 	Old Layers
 	// Mount is the new overlay at the target, read back from mountinfo.
-	Mount MountInfo
+	Mount mountinfo.Mount
 }
 
 // Cleanup removes the replaced overlay's workdir (RemoveWorkdir). The old
@@ -183,25 +185,25 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 	if err := next.Validate(); err != nil {
 		return fail(err)
 	}
-	mounts, err := ReadMountInfo()
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return fail(err)
 	}
-	top, ok := TopMount(mounts, target)
+	top, ok := mountinfo.Top(mounts, target)
 	if !ok {
 		return fail(errors.New("nothing is mounted there"))
 	}
 	if top.FSType != "overlay" {
 		return fail(fmt.Errorf("top mount %d is %s, not overlay", top.ID, top.FSType))
 	}
-	old, err := top.OverlayLayers()
+	old, err := LayersOf(top)
 	if err != nil {
 		return fail(err)
 	}
 	// The parent is invisible when it lies outside the caller's root
 	// (chroot); then only MethodBeneath can work, and the ns-root check is
 	// moot (the namespace root is outside the root as well).
-	parent, parentVisible := ByID(mounts, top.ParentID)
+	parent, parentVisible := mountinfo.ByID(mounts, top.ParentID)
 	if next.Work != "" {
 		if err := freshWorkdir(next.Work, old.Work, mounts); err != nil {
 			return fail(err)
@@ -277,15 +279,15 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 		}
 	}
 
-	after, err := ReadMountInfo()
+	after, err := mountinfo.Read()
 	if err != nil {
 		return fail(err)
 	}
-	now, ok := TopMount(after, target)
+	now, ok := mountinfo.Top(after, target)
 	if !ok || now.FSType != "overlay" {
 		return fail(fmt.Errorf("after %s swap no overlay is visible", method))
 	}
-	if nowLayers, err := now.OverlayLayers(); err != nil || !sameLayers(nowLayers, next) {
+	if nowLayers, err := LayersOf(now); err != nil || !sameLayers(nowLayers, next) {
 		return fail(fmt.Errorf("after %s swap the visible overlay is mount %d with layers %s, not the new one", method, now.ID, nowLayers))
 	}
 	log.Info("swapped overlay", "target", target, "method", method.String(),
@@ -295,7 +297,7 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 
 // freshWorkdir creates work if missing and checks it is empty and used by
 // no visible overlay.
-func freshWorkdir(work, current string, mounts []MountInfo) error {
+func freshWorkdir(work, current string, mounts []mountinfo.Mount) error {
 	work = filepath.Clean(work)
 	if current != "" && work == filepath.Clean(current) {
 		return fmt.Errorf("workdir %s is the current overlay's: give each overlay a fresh one (NewWorkdir)", work)
@@ -324,7 +326,7 @@ func freshWorkdir(work, current string, mounts []MountInfo) error {
 // swapPropagation is MethodPropagation (swap-fallback.md, P1). mfd is the
 // detached new overlay, or -1 to mount next with mount(2) on kernels
 // without the new mount API.
-func swapPropagation(target string, top, parent MountInfo, next Layers, mfd int, staging string, log *slog.Logger) error {
+func swapPropagation(target string, top, parent mountinfo.Mount, next Layers, mfd int, staging string, log *slog.Logger) error {
 	if rel, err := filepath.Rel(target, filepath.Clean(staging)); err == nil && !strings.HasPrefix(rel, "..") {
 		return fmt.Errorf("staging dir %s is under the target", staging)
 	}
@@ -396,11 +398,11 @@ func ensureStaging(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("staging dir: %w", err)
 	}
-	mounts, err := ReadMountInfo()
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return err
 	}
-	top, ok := TopMount(mounts, dir)
+	top, ok := mountinfo.Top(mounts, dir)
 	if !ok || top.FSType != "tmpfs" || top.Source != stagingSource {
 		if err := unix.Mount(stagingSource, dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "mode=0700,size=64k,nr_inodes=4096"); err != nil {
 			return fmt.Errorf("mount staging tmpfs on %s: %w", dir, err)

@@ -17,7 +17,7 @@ import (
 func TestMutatingOverSocketAndTCP(t *testing.T) {
 	for _, tc := range []struct {
 		name, token, header string
-		want               int
+		want                int
 	}{
 		{"no header", "secret", "", http.StatusUnauthorized},
 		{"wrong token", "secret", "Bearer nope", http.StatusUnauthorized},

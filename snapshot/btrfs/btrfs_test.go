@@ -25,18 +25,3 @@ func TestIoctlLayout(t *testing.T) {
 		t.Errorf("BTRFS_IOC_GET_SUBVOL_INFO = %#x, want 0x81f8943c", iocGetSubvolInfo)
 	}
 }
-
-func TestUnescapeMount(t *testing.T) {
-	for in, want := range map[string]string{
-		`/mnt/a\040b`: "/mnt/a b",
-		`/plain`:      "/plain",
-		`/tab\011x`:   "/tab\tx",
-		`/bad\09`:     `/bad\09`,
-		`/end\04`:     `/end\04`,
-		`/back\134x`:  `/back\x`,
-	} {
-		if got := unescapeMount(in); got != want {
-			t.Errorf("unescapeMount(%q) = %q, want %q", in, got, want)
-		}
-	}
-}

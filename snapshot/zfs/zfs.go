@@ -18,7 +18,6 @@
 package zfs
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -32,6 +31,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/strata-nix/strata/mountinfo"
 
 	gozfs "github.com/mistifyio/go-zfs/v3"
 
@@ -382,40 +383,15 @@ func (b *Backend) mounts() (map[string]mount, error) {
 		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
 	defer f.Close()
-	out := map[string]mount{}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		fields, tail := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(fields) < 5 || len(tail) < 2 {
-			continue
-		}
-		out[unescapeMount(fields[4])] = mount{fstype: tail[0], source: unescapeMount(tail[1])}
+	ms, err := mountinfo.Parse(f)
+	if err != nil {
+		return nil, err
 	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read mountinfo: %w", err)
+	out := make(map[string]mount, len(ms))
+	for _, m := range ms {
+		out[m.Mountpoint] = mount{fstype: m.FSType, source: m.Source}
 	}
 	return out, nil
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for space etc.).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var sb strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				sb.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		sb.WriteByte(s[i])
-	}
-	return sb.String()
 }
 
 // cmdError is a failed zfs(8) call made through go-zfs: "op object: stderr".

@@ -1,4 +1,4 @@
-package overlay
+package mountinfo
 
 import (
 	"os"
@@ -7,21 +7,21 @@ import (
 	"testing"
 )
 
-func loadFixture(t *testing.T, name string) []MountInfo {
+func loadFixture(t *testing.T, name string) []Mount {
 	t.Helper()
 	f, err := os.Open("testdata/" + name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	ms, err := ParseMountInfo(f)
+	ms, err := Parse(f)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return ms
 }
 
-func TestParseMountInfoFields(t *testing.T) {
+func TestParseFields(t *testing.T) {
 	ms := loadFixture(t, "mountinfo-host.txt")
 	if len(ms) != 14 {
 		t.Fatalf("parsed %d mounts, want 14", len(ms))
@@ -30,7 +30,7 @@ func TestParseMountInfoFields(t *testing.T) {
 	if !ok {
 		t.Fatal("mount 26 missing")
 	}
-	want := MountInfo{
+	want := Mount{
 		ID: 26, ParentID: 22, Major: 0, Minor: 41,
 		Root: "/sub/vol", Mountpoint: "/sysroot/btrfs sub",
 		Options:      "ro,relatime",
@@ -64,7 +64,7 @@ func TestParseMountInfoFields(t *testing.T) {
 	}
 }
 
-func TestParseMountInfoEscapes(t *testing.T) {
+func TestParseEscapes(t *testing.T) {
 	ms := loadFixture(t, "mountinfo-host.txt")
 	m, _ := ByID(ms, 25)
 	if want := "/sysroot/my dir/with\ttab\nnl\\bs"; m.Mountpoint != want {
@@ -73,48 +73,12 @@ func TestParseMountInfoEscapes(t *testing.T) {
 	if m.Source != "my src" {
 		t.Errorf("source %q, want %q", m.Source, "my src")
 	}
-	if got := MountsAt(ms, "/sysroot/my dir/with\ttab\nnl\\bs"); len(got) != 1 || got[0].ID != 25 {
+	if got := At(ms, "/sysroot/my dir/with\ttab\nnl\\bs"); len(got) != 1 || got[0].ID != 25 {
 		t.Errorf("MountsAt escaped path = %v", got)
 	}
 }
 
-func TestOverlayLayers(t *testing.T) {
-	ms := loadFixture(t, "mountinfo-host.txt")
-	tests := []struct {
-		id   int
-		want Layers
-	}{
-		// Captured from Linux 6.18: lowerdir keeps the user's "\:" escape,
-		// with the backslash printed as \134.
-		{68, Layers{
-			Lower: []string{"/tmp/ovx/lo a", "/tmp/ovx/lo:b", `/tmp/ovx/lo\d`},
-			Upper: "/tmp/ovx/up x", Work: "/tmp/ovx/wo=k",
-		}},
-		{71, Layers{Lower: []string{"/gen/2", "/gen/1"}, Upper: "/up/u", Work: "/up/work.2"}},
-		// A colon printed as \072 is part of the path; "::" starts data-only layers.
-		{80, Layers{Lower: []string{"/gen/0:colon", "/data/only"}}},
-	}
-	for _, tc := range tests {
-		m, ok := ByID(ms, tc.id)
-		if !ok {
-			t.Fatalf("mount %d missing", tc.id)
-		}
-		got, err := m.OverlayLayers()
-		if err != nil {
-			t.Errorf("mount %d: %v", tc.id, err)
-			continue
-		}
-		if !reflect.DeepEqual(got, tc.want) {
-			t.Errorf("mount %d layers:\n got %#v\nwant %#v", tc.id, got, tc.want)
-		}
-	}
-	nfs, _ := ByID(ms, 69)
-	if _, err := nfs.OverlayLayers(); err == nil || !strings.Contains(err.Error(), "not overlay") {
-		t.Errorf("OverlayLayers of an nfs mount: err %v, want 'not overlay'", err)
-	}
-}
-
-func TestTopMount(t *testing.T) {
+func TestTop(t *testing.T) {
 	ms := loadFixture(t, "mountinfo-host.txt")
 	tests := []struct {
 		path   string
@@ -131,13 +95,13 @@ func TestTopMount(t *testing.T) {
 		{"/sysroot/run/nothing", 0, false},
 	}
 	for _, tc := range tests {
-		got, ok := TopMount(ms, tc.path)
+		got, ok := Top(ms, tc.path)
 		if ok != tc.ok || got.ID != tc.wantID {
-			t.Errorf("TopMount(%q) = %d %v, want %d %v", tc.path, got.ID, ok, tc.wantID, tc.ok)
+			t.Errorf("Top(%q) = %d %v, want %d %v", tc.path, got.ID, ok, tc.wantID, tc.ok)
 		}
 	}
-	if n := len(MountsAt(ms, "/sysroot/run/store")); n != 2 {
-		t.Errorf("MountsAt(store) = %d mounts, want 2", n)
+	if n := len(At(ms, "/sysroot/run/store")); n != 2 {
+		t.Errorf("At(store) = %d mounts, want 2", n)
 	}
 	var under []int
 	for _, m := range Under(ms, "/sysroot/run/stack") {
@@ -148,7 +112,7 @@ func TestTopMount(t *testing.T) {
 	}
 }
 
-func TestParseMountInfoErrors(t *testing.T) {
+func TestParseErrors(t *testing.T) {
 	tests := []struct{ name, in, want string }{
 		{"no separator", "22 1 8:1 / / rw shared:1 ext4 /dev/sda1 rw\n", "line 1"},
 		{"bad id", "x 1 8:1 / / rw - ext4 /dev/sda1 rw\n", "mount id"},
@@ -158,7 +122,7 @@ func TestParseMountInfoErrors(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := ParseMountInfo(strings.NewReader(tc.in))
+			_, err := Parse(strings.NewReader(tc.in))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("err = %v, want one mentioning %q", err, tc.want)
 			}
@@ -166,13 +130,29 @@ func TestParseMountInfoErrors(t *testing.T) {
 	}
 }
 
-func TestReadMountInfoSelf(t *testing.T) {
-	ms, err := ReadMountInfo()
+func TestReadSelf(t *testing.T) {
+	ms, err := Read()
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Every process sees its root.
-	if _, ok := TopMount(ms, "/"); !ok {
+	if _, ok := Top(ms, "/"); !ok {
 		t.Errorf("no mount at / among %d mounts", len(ms))
+	}
+}
+
+func TestUnescape(t *testing.T) {
+	for in, want := range map[string]string{
+		`/mnt/a\040b`: "/mnt/a b",
+		`/plain`:      "/plain",
+		`/tab\011x`:   "/tab\tx",
+		`/bad\09`:     `/bad\09`,
+		`/end\04`:     `/end\04`,
+		`/back\134x`:  `/back\x`,
+		`/big\400`:    `/big\400`,
+	} {
+		if got := Unescape(in); got != want {
+			t.Errorf("Unescape(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -1,4 +1,8 @@
-package overlay
+// Package mountinfo reads the kernel's mount table, /proc/<pid>/mountinfo
+// (proc(5)): every strata component that must know what is mounted where
+// (the overlay swap, the builder's reconcile, the snapshot backends) reads it
+// through this one parser.
+package mountinfo
 
 import (
 	"bufio"
@@ -11,16 +15,16 @@ import (
 	"strings"
 )
 
-// MountInfo is one line of /proc/<pid>/mountinfo (proc(5)):
+// Mount is one line of /proc/<pid>/mountinfo (proc(5)):
 //
 //	36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue
 //	(1)(2)(3)   (4)   (5)         (6)       (7)     (8) (9)  (10)      (11)
 //
 // Root, Mountpoint and Source have the kernel's octal escapes (\040 for a
 // space, \011, \012, \134) decoded. SuperOptions is kept as the kernel
-// printed it, because its escaping depends on the filesystem; use Option or
-// OverlayLayers to read values from it.
-type MountInfo struct {
+// printed it, because its escaping depends on the filesystem; use Option (or
+// overlay.LayersOf) to read values from it.
+type Mount struct {
 	ID       int // (1) unique mount id (reused after unmount)
 	ParentID int // (2) id of the parent mount; equal to ID for the namespace root
 	Major    uint32
@@ -43,13 +47,13 @@ type MountInfo struct {
 
 // PeerGroup returns the peer group id when the mount is shared (the
 // "shared:N" optional field), or 0 when it is not.
-func (m MountInfo) PeerGroup() int { return m.optionalInt("shared:") }
+func (m Mount) PeerGroup() int { return m.optionalInt("shared:") }
 
 // Master returns the peer group the mount receives propagation from (the
 // "master:N" optional field: the mount is a slave), or 0.
-func (m MountInfo) Master() int { return m.optionalInt("master:") }
+func (m Mount) Master() int { return m.optionalInt("master:") }
 
-func (m MountInfo) optionalInt(prefix string) int {
+func (m Mount) optionalInt(prefix string) int {
 	for _, f := range m.Optional {
 		if v, ok := strings.CutPrefix(f, prefix); ok {
 			n, err := strconv.Atoi(v)
@@ -65,10 +69,10 @@ func (m MountInfo) optionalInt(prefix string) int {
 // namespace (the kernel prints the root's own id as its parent id). It is
 // only listed when the reading process's root is the namespace root, as in
 // an initramfs.
-func (m MountInfo) IsNamespaceRoot() bool { return m.ID == m.ParentID }
+func (m Mount) IsNamespaceRoot() bool { return m.ID == m.ParentID }
 
 // ReadOnly reports whether the mount (not just the superblock) is read-only.
-func (m MountInfo) ReadOnly() bool {
+func (m Mount) ReadOnly() bool {
 	for _, o := range strings.Split(m.Options, ",") {
 		if o == "ro" {
 			return true
@@ -79,77 +83,24 @@ func (m MountInfo) ReadOnly() bool {
 
 // Option returns the value of the superblock option key (octal escapes
 // decoded) and whether it is present. A flag option without "=" has value "".
-func (m MountInfo) Option(key string) (string, bool) {
+func (m Mount) Option(key string) (string, bool) {
 	for _, kv := range strings.Split(m.SuperOptions, ",") {
 		k, v, _ := strings.Cut(kv, "=")
 		if k == key {
-			return unescapeOctal(v), true
+			return Unescape(v), true
 		}
 	}
 	return "", false
 }
 
-// OverlayLayers returns the layers of an overlay mount from its superblock
-// options: lowerdir (top first, as given at mount time), upperdir and
-// workdir. Paths are unescaped the way the kernel escapes them: octal
-// escapes from seq_file (\040 for a space, \134 for a backslash, \054 for a
-// comma, \072 for a colon), and inside lowerdir the mount-option escape "\:"
-// for a colon that is part of a path. Data-only layers (after "::") are
-// appended to Lower.
-func (m MountInfo) OverlayLayers() (Layers, error) {
-	if m.FSType != "overlay" {
-		return Layers{}, fmt.Errorf("overlay layers of %s: filesystem is %s, not overlay", m.Mountpoint, m.FSType)
+// Octal decodes the three octal digits an escape starts s with ("040" for
+// the space of "\040"); ok is false when s does not start with three octal
+// digits that fit a byte.
+func Octal(s string) (b byte, ok bool) {
+	if !isOctal3(s) {
+		return 0, false
 	}
-	var l Layers
-	for _, kv := range strings.Split(m.SuperOptions, ",") {
-		k, v, _ := strings.Cut(kv, "=")
-		switch k {
-		case "lowerdir":
-			l.Lower = splitLowerdir(v)
-		case "upperdir":
-			l.Upper = unescapeOctal(v)
-		case "workdir":
-			l.Work = unescapeOctal(v)
-		}
-	}
-	if len(l.Lower) == 0 {
-		return Layers{}, fmt.Errorf("overlay layers of %s: no lowerdir in %q", m.Mountpoint, m.SuperOptions)
-	}
-	return l, nil
-}
-
-// splitLowerdir splits a raw lowerdir value at its unescaped colons. A colon
-// printed as \072 is part of a path; a backslash (raw or \134) escapes the
-// next character.
-func splitLowerdir(raw string) []string {
-	var out []string
-	var cur strings.Builder
-	escapeNext := false
-	for i := 0; i < len(raw); i++ {
-		c, octal := raw[i], false
-		if c == '\\' && isOctal3(raw[i+1:]) {
-			c, octal = octalByte(raw[i+1:i+4]), true
-			i += 3
-		}
-		switch {
-		case escapeNext:
-			cur.WriteByte(c)
-			escapeNext = false
-		case c == '\\':
-			escapeNext = true
-		case c == ':' && !octal:
-			if cur.Len() > 0 {
-				out = append(out, cur.String())
-			}
-			cur.Reset()
-		default:
-			cur.WriteByte(c)
-		}
-	}
-	if cur.Len() > 0 {
-		out = append(out, cur.String())
-	}
-	return out
+	return octalByte(s[:3]), true
 }
 
 func isOctal3(s string) bool {
@@ -168,8 +119,8 @@ func octalByte(s string) byte {
 	return (s[0]-'0')<<6 | (s[1]-'0')<<3 | (s[2] - '0')
 }
 
-// unescapeOctal decodes the kernel's \NNN octal escapes.
-func unescapeOctal(s string) string {
+// Unescape decodes the kernel's \NNN octal escapes (\040 for a space).
+func Unescape(s string) string {
 	if !strings.Contains(s, `\`) {
 		return s
 	}
@@ -185,10 +136,10 @@ func unescapeOctal(s string) string {
 	return b.String()
 }
 
-// ParseMountInfo parses the mountinfo format of proc(5). A malformed line is
+// Parse parses the mountinfo format of proc(5). A malformed line is
 // an error that names its line number.
-func ParseMountInfo(r io.Reader) ([]MountInfo, error) {
-	var out []MountInfo
+func Parse(r io.Reader) ([]Mount, error) {
+	var out []Mount
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64*1024), 1<<20)
 	for n := 1; sc.Scan(); n++ {
@@ -196,7 +147,7 @@ func ParseMountInfo(r io.Reader) ([]MountInfo, error) {
 		if len(bytes.TrimSpace(line)) == 0 {
 			continue
 		}
-		m, err := parseMountInfoLine(string(line))
+		m, err := parseLine(string(line))
 		if err != nil {
 			return nil, fmt.Errorf("parse mountinfo line %d: %w", n, err)
 		}
@@ -208,7 +159,7 @@ func ParseMountInfo(r io.Reader) ([]MountInfo, error) {
 	return out, nil
 }
 
-func parseMountInfoLine(line string) (MountInfo, error) {
+func parseLine(line string) (Mount, error) {
 	f := strings.Split(line, " ")
 	sep := -1
 	for i := 6; i < len(f); i++ {
@@ -218,54 +169,54 @@ func parseMountInfoLine(line string) (MountInfo, error) {
 		}
 	}
 	if len(f) < 10 || sep < 0 || len(f) < sep+4 {
-		return MountInfo{}, fmt.Errorf("%q: want at least 10 fields with a \"-\" separator", line)
+		return Mount{}, fmt.Errorf("%q: want at least 10 fields with a \"-\" separator", line)
 	}
-	var m MountInfo
+	var m Mount
 	var err error
 	if m.ID, err = strconv.Atoi(f[0]); err != nil {
-		return MountInfo{}, fmt.Errorf("mount id %q: %w", f[0], err)
+		return Mount{}, fmt.Errorf("mount id %q: %w", f[0], err)
 	}
 	if m.ParentID, err = strconv.Atoi(f[1]); err != nil {
-		return MountInfo{}, fmt.Errorf("parent id %q: %w", f[1], err)
+		return Mount{}, fmt.Errorf("parent id %q: %w", f[1], err)
 	}
 	maj, min, ok := strings.Cut(f[2], ":")
 	if !ok {
-		return MountInfo{}, fmt.Errorf("device %q: want major:minor", f[2])
+		return Mount{}, fmt.Errorf("device %q: want major:minor", f[2])
 	}
 	ma, err1 := strconv.ParseUint(maj, 10, 32)
 	mi, err2 := strconv.ParseUint(min, 10, 32)
 	if err1 != nil || err2 != nil {
-		return MountInfo{}, fmt.Errorf("device %q: want major:minor", f[2])
+		return Mount{}, fmt.Errorf("device %q: want major:minor", f[2])
 	}
 	m.Major, m.Minor = uint32(ma), uint32(mi)
-	m.Root = unescapeOctal(f[3])
-	m.Mountpoint = unescapeOctal(f[4])
+	m.Root = Unescape(f[3])
+	m.Mountpoint = Unescape(f[4])
 	m.Options = f[5]
 	if sep > 6 {
 		m.Optional = append([]string(nil), f[6:sep]...)
 	}
 	m.FSType = f[sep+1]
-	m.Source = unescapeOctal(f[sep+2])
+	m.Source = Unescape(f[sep+2])
 	m.SuperOptions = strings.Join(f[sep+3:], " ") // never split by the kernel; be lenient
 	return m, nil
 }
 
-// ReadMountInfo reads /proc/self/mountinfo: the mounts of the calling
+// Read reads /proc/self/mountinfo: the mounts of the calling
 // process's mount namespace, seen from its root.
-func ReadMountInfo() ([]MountInfo, error) {
+func Read() ([]Mount, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
 	defer f.Close()
-	return ParseMountInfo(f)
+	return Parse(f)
 }
 
-// MountsAt returns the mounts whose mountpoint is exactly path (cleaned), in
+// At returns the mounts whose mountpoint is exactly path (cleaned), in
 // mountinfo order: bottom first, the mount visible at path last.
-func MountsAt(mounts []MountInfo, path string) []MountInfo {
+func At(mounts []Mount, path string) []Mount {
 	path = filepath.Clean(path)
-	var out []MountInfo
+	var out []Mount
 	for _, m := range mounts {
 		if m.Mountpoint == path {
 			out = append(out, m)
@@ -274,17 +225,17 @@ func MountsAt(mounts []MountInfo, path string) []MountInfo {
 	return out
 }
 
-// TopMount returns the mount visible at path: the last one listed for that
+// Top returns the mount visible at path: the last one listed for that
 // mountpoint. ok is false when nothing is mounted exactly at path.
 //
 // Mountinfo lists a mount after the mount it covers, except after a mount
 // was tucked beneath another (MOVE_MOUNT_BENEATH or propagation): then the
-// covering mount's parent is the tucked mount. TopMount follows the parent
+// covering mount's parent is the tucked mount. Top follows the parent
 // links, so it returns the true top in both cases.
-func TopMount(mounts []MountInfo, path string) (MountInfo, bool) {
-	at := MountsAt(mounts, path)
+func Top(mounts []Mount, path string) (Mount, bool) {
+	at := At(mounts, path)
 	if len(at) == 0 {
-		return MountInfo{}, false
+		return Mount{}, false
 	}
 	// The top is the mount at path that is no other mount's parent at path.
 	for i := len(at) - 1; i >= 0; i-- {
@@ -303,19 +254,19 @@ func TopMount(mounts []MountInfo, path string) (MountInfo, bool) {
 }
 
 // ByID returns the mount with the given id.
-func ByID(mounts []MountInfo, id int) (MountInfo, bool) {
+func ByID(mounts []Mount, id int) (Mount, bool) {
 	for _, m := range mounts {
 		if m.ID == id {
 			return m, true
 		}
 	}
-	return MountInfo{}, false
+	return Mount{}, false
 }
 
 // Under returns the mounts at dir or below it.
-func Under(mounts []MountInfo, dir string) []MountInfo {
+func Under(mounts []Mount, dir string) []Mount {
 	dir = filepath.Clean(dir)
-	var out []MountInfo
+	var out []Mount
 	for _, m := range mounts {
 		if m.Mountpoint == dir || strings.HasPrefix(m.Mountpoint, dir+"/") || dir == "/" {
 			out = append(out, m)
