@@ -158,6 +158,10 @@ type Result struct {
 // ExitMarker starts the line /init prints after the script: ExitMarker+status.
 const ExitMarker = "STRATA-VM-EXIT="
 
+// initDone starts the line /init prints once the guest is set up, before
+// the script runs.
+const initDone = "STRATA-VM: init done"
+
 // Boot prepares the guest (from the cache, building what is missing), boots
 // it and waits for the script to finish. It fails t if the host lacks root
 // (skips outside CI), the guest cannot be prepared, the run times out or the
@@ -174,7 +178,19 @@ func Boot(ctx context.Context, t testing.TB, g Guest) Result {
 	}
 	prep := time.Since(start)
 	t.Logf("vm: %s guest prepared in %.1fs", g.Kernel, prep.Seconds())
-	res, err := run(ctx, t, g, kernel, initrd)
+	var res Result
+	for attempt := 1; ; attempt++ {
+		res, err = run(ctx, t, g, kernel, initrd)
+		// A kernel that dies before /init ran (seen: an int3 Oops in
+		// early initcalls while TCG's vCPU threads patch kernel text)
+		// is the emulator's fault and ran nothing of the test: boot
+		// again, at most twice.
+		if err == nil || !errors.Is(err, errNoMarker) || strings.Contains(res.Output, initDone) || attempt == 3 {
+			break
+		}
+		t.Logf("vm: %s guest died before its init ran (attempt %d); booting again. Last output:\n%s",
+			g.Kernel, attempt, lastLines(res.Output, 15))
+	}
 	res.Prepare = prep
 	if err != nil {
 		t.Fatalf("%s guest: %v", g.Kernel, err)
@@ -300,7 +316,7 @@ ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
-echo "STRATA-VM: init done after $(cut -d' ' -f1 /proc/uptime)s"
+echo "` + initDone + ` after $(cut -d' ' -f1 /proc/uptime)s"
 cd /
 /bin/sh /test.sh
 rc=$?
