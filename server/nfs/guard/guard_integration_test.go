@@ -207,29 +207,30 @@ func legit(addr, path string, want [32]byte, stop <-chan struct{}) (int, error) 
 		}
 		return body[24:], nil
 	}
-	// status reads the NFS or MOUNT status and then an opaque.
-	statusOpaque := func(b []byte, what string) ([]byte, []byte, error) {
-		if len(b) < 8 || binary.BigEndian.Uint32(b) != 0 {
-			return nil, nil, fmt.Errorf("%s: status % x", what, b[:min(len(b), 4)])
+	// statusOpaque reads an NFS or MOUNT status that must be OK, then an
+	// opaque (a file handle).
+	statusOpaque := func(b []byte, what string) ([]byte, error) {
+		if len(b) < 4 || binary.BigEndian.Uint32(b) != 0 {
+			return nil, fmt.Errorf("%s: status % x", what, b[:min(len(b), 4)])
 		}
-		n := int(binary.BigEndian.Uint32(b[4:]))
-		if len(b) < 8+n {
-			return nil, nil, fmt.Errorf("%s: short reply", what)
+		v, ok := xdrOpaqueAt(b[4:])
+		if !ok {
+			return nil, fmt.Errorf("%s: short reply", what)
 		}
-		return b[8 : 8+n], b[8+(n+3)&^3:], nil
+		return v, nil
 	}
 	res, err := call(100005, 1, xdrOpaque([]byte("/gen/1")))
 	if err != nil {
 		return 0, fmt.Errorf("mount: %w", err)
 	}
-	root, _, err := statusOpaque(res, "mount /gen/1")
+	root, err := statusOpaque(res, "mount /gen/1")
 	if err != nil {
 		return 0, err
 	}
 	if res, err = call(100003, 3, append(xdrOpaque(root), xdrOpaque([]byte(path))...)); err != nil {
 		return 0, fmt.Errorf("lookup %s: %w", path, err)
 	}
-	fh, _, err := statusOpaque(res, "lookup "+path)
+	fh, err := statusOpaque(res, "lookup "+path)
 	if err != nil {
 		return 0, err
 	}
@@ -257,9 +258,9 @@ func legit(addr, path string, want [32]byte, stop <-chan struct{}) (int, error) 
 				return n, fmt.Errorf("read %s (read %d): short reply", path, n)
 			}
 			eof = binary.BigEndian.Uint32(res[skip+4:]) != 0
-			data, _, err := statusOpaque(append(u32s(0), res[skip+8:]...), "read data")
-			if err != nil {
-				return n, fmt.Errorf("read %s (read %d): %w", path, n, err)
+			data, ok := xdrOpaqueAt(res[skip+8:])
+			if !ok {
+				return n, fmt.Errorf("read %s (read %d): short data", path, n)
 			}
 			if len(data) == 0 && !eof {
 				return n, fmt.Errorf("read %s (read %d): empty READ before eof at %d", path, n, off)
@@ -271,6 +272,18 @@ func legit(addr, path string, want [32]byte, stop <-chan struct{}) (int, error) 
 			return n, fmt.Errorf("read %s (read %d): wrong content", path, n)
 		}
 	}
+}
+
+// xdrOpaqueAt decodes the variable-length opaque at the start of b.
+func xdrOpaqueAt(b []byte) ([]byte, bool) {
+	if len(b) < 4 {
+		return nil, false
+	}
+	n := int(binary.BigEndian.Uint32(b))
+	if len(b)-4 < n {
+		return nil, false
+	}
+	return b[4 : 4+n], true
 }
 
 func xdrOpaque(b []byte) []byte {
