@@ -20,13 +20,15 @@
 // to the next.
 //
 // STRATA_BENCH_CPUPROFILE=PREFIX writes a CPU profile of the strata server
-// per phase: PREFIX-small-j1.pprof, PREFIX-large-j1.pprof, ... and
-// PREFIX-many.pprof (the LOOKUP+GETATTR phase).
+// per round: PREFIX-small-j1-r0.pprof, PREFIX-large-j1-r0.pprof, ... and
+// PREFIX-many.pprof (the LOOKUP+GETATTR phase). STRATA_BENCH_CONNS (default
+// "1,4") and STRATA_BENCH_LOADS (default "small,large") pick the phases.
 package nfs_test
 
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -42,6 +44,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,8 +53,11 @@ import (
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"golang.org/x/sys/unix"
 
+	"github.com/strata-nix/strata/internal/nfsdial"
+	"github.com/strata-nix/strata/internal/nfsraw"
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/server/nfs"
+	"github.com/strata-nix/strata/server/nfs/busypoll"
 	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
@@ -85,7 +91,13 @@ func serve(spec string) error {
 	if err != nil {
 		return err
 	}
-	l, err := guard.Listen(inner, guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, log, reg)
+	window := time.Duration(0)
+	if v := os.Getenv("STRATA_BENCH_BUSYPOLL"); v != "" {
+		if window, err = time.ParseDuration(v); err != nil {
+			return err
+		}
+	}
+	l, err := guard.Listen(busypoll.Listen(inner, busypoll.Options{Window: window}), guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, log, reg)
 	if err != nil {
 		return err
 	}
@@ -232,23 +244,32 @@ type endpoint struct {
 	name      string
 	mountAddr string // MOUNT program
 	nfsHost   string // "" = NFS on the MOUNT connection; else a portmapper host
+	nfsAddr   string // NFS program (for the lean client, which has no portmapper)
 	dirpath   string
 }
 
 // mount opens one client connection (plus a MOUNT one for ganesha).
+// go-nfs-client binds a random local port for its portmapper and MOUNT
+// connections and fails when that port is still in TIME_WAIT from an
+// earlier round; such collisions are retried.
 func mount(b *testing.B, ns string, ep endpoint) *nfsc.Target {
 	b.Helper()
 	var t *nfsc.Target
 	var err error
-	inNetns(b, ns, func() {
-		var c *rpc.Client
-		c, err = rpc.DialTCP("tcp", ep.mountAddr, false)
-		if err != nil {
-			return
+	for range 50 {
+		inNetns(b, ns, func() {
+			var c *rpc.Client
+			c, err = nfsdial.Dial(ep.mountAddr)
+			if err != nil {
+				return
+			}
+			m := nfsc.Mount{Client: c, Addr: ep.nfsHost}
+			t, err = m.Mount(ep.dirpath, rpc.NewAuthUnix("bench", 0, 0).Auth())
+		})
+		if !errors.Is(err, syscall.EADDRINUSE) {
+			break
 		}
-		m := nfsc.Mount{Client: c, Addr: ep.nfsHost}
-		t, err = m.Mount(ep.dirpath, rpc.NewAuthUnix("bench", 0, 0).Auth())
-	})
+	}
 	if err != nil {
 		b.Fatalf("mount %s %s: %v", ep.name, ep.dirpath, err)
 	}
@@ -328,16 +349,18 @@ type result struct {
 	elapsed time.Duration
 }
 
-// run splits work items over j connections and times them.
-func run(b *testing.B, ns string, ep endpoint, j int, items []string, work func(*nfsc.Target, string, []byte) (int, int64, error)) result {
+// run splits work items over j connections and times them: open makes one
+// connection (in ns), work does one item on it.
+func run[T any](b *testing.B, ns string, ep endpoint, j int, items []string, open func(*testing.B, string, endpoint) T, closeConn func(T),
+	work func(T, string, []byte) (int, int64, error)) result {
 	b.Helper()
-	targets := make([]*nfsc.Target, j)
+	targets := make([]T, j)
 	for i := range targets {
-		targets[i] = mount(b, ns, ep)
+		targets[i] = open(b, ns, ep)
 	}
 	defer func() {
 		for _, t := range targets {
-			t.Close()
+			closeConn(t)
 		}
 	}()
 	var mu sync.Mutex
@@ -368,6 +391,130 @@ func run(b *testing.B, ns string, ep endpoint, j int, items []string, work func(
 		b.Fatal(firstErr)
 	}
 	return res
+}
+
+func closeTarget(t *nfsc.Target) { t.Close() }
+
+// leanConn is one connection of the lean client and the export's root.
+type leanConn struct {
+	c    *nfsraw.Client
+	root []byte
+}
+
+// dialLean mounts ep with the lean client: MOUNT on ep.mountAddr, then one
+// NFS connection to ep.nfsAddr (the same connection when they are equal).
+func dialLean(b *testing.B, ns string, ep endpoint) *leanConn {
+	b.Helper()
+	var lc *leanConn
+	var err error
+	inNetns(b, ns, func() {
+		var mc *nfsraw.Client
+		if mc, err = nfsraw.Dial(ep.mountAddr); err != nil {
+			return
+		}
+		var st uint32
+		var root []byte
+		if st, root, err = mc.Mount(ep.dirpath); err == nil && st != 0 {
+			err = fmt.Errorf("mount status %d", st)
+		}
+		if err != nil {
+			mc.Close()
+			return
+		}
+		c := mc
+		if ep.nfsAddr != ep.mountAddr {
+			mc.Close()
+			if c, err = nfsraw.Dial(ep.nfsAddr); err != nil {
+				return
+			}
+		}
+		c.SetTimeout(0)
+		lc = &leanConn{c: c, root: root}
+	})
+	if err != nil {
+		b.Fatalf("mount %s %s with the lean client: %v", ep.name, ep.dirpath, err)
+	}
+	return lc
+}
+
+func closeLean(l *leanConn) { l.c.Close() }
+
+// leanWalkDir is the lean client's walk of one directory: LOOKUP it,
+// READDIRPLUS it, then LOOKUP and READ each regular file (what a client that
+// keeps the directory's handle does; go-nfs-client also looks the directory
+// up again from the root for every file and sends a COMMIT after reading).
+func leanWalkDir(l *leanConn, dir string, _ []byte) (int, int64, error) {
+	st, dfh, _, err := l.c.Lookup(l.root, dir)
+	if err == nil && st != nfsraw.NFS3OK {
+		err = fmt.Errorf("lookup: status %d", st)
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	ents, err := l.c.ListAll(dfh, 0, 0, 32<<10)
+	if err != nil {
+		return 0, 0, err
+	}
+	files, total := 0, int64(0)
+	for _, e := range ents {
+		if e.Name == "." || e.Name == ".." || e.Attr.Type != 1 {
+			continue
+		}
+		st, fh, _, err := l.c.Lookup(dfh, e.Name)
+		if err == nil && st != nfsraw.NFS3OK {
+			err = fmt.Errorf("lookup %s: status %d", e.Name, st)
+		}
+		if err != nil {
+			return files, total, err
+		}
+		n, err := leanRead(l, fh)
+		if err != nil {
+			return files, total, fmt.Errorf("%s/%s: %w", dir, e.Name, err)
+		}
+		if uint64(n) != e.Attr.Size {
+			return files, total, fmt.Errorf("%s/%s: read %d bytes, size %d", dir, e.Name, n, e.Attr.Size)
+		}
+		files++
+		total += n
+	}
+	return files, total, nil
+}
+
+// leanRead reads a file to its end with 1 MiB READs.
+func leanRead(l *leanConn, fh []byte) (int64, error) {
+	var n int64
+	for {
+		st, data, eof, err := l.c.ReadView(fh, uint64(n), 1<<20)
+		if err == nil && st != nfsraw.NFS3OK {
+			err = fmt.Errorf("read: status %d", st)
+		}
+		if err != nil {
+			return n, err
+		}
+		n += int64(len(data))
+		if eof || len(data) == 0 {
+			return n, nil
+		}
+	}
+}
+
+func leanReadFile(l *leanConn, p string, _ []byte) (int, int64, error) {
+	dir, name, _ := strings.Cut(p, "/")
+	st, dfh, _, err := l.c.Lookup(l.root, dir)
+	if err == nil && st == nfsraw.NFS3OK {
+		var fh []byte
+		if st, fh, _, err = l.c.Lookup(dfh, name); err == nil && st == nfsraw.NFS3OK {
+			n, err := leanRead(l, fh)
+			if err == nil && n != bigSize {
+				err = fmt.Errorf("read %d bytes, want %d", n, bigSize)
+			}
+			return 1, n, err
+		}
+	}
+	if err == nil {
+		err = fmt.Errorf("lookup: status %d", st)
+	}
+	return 0, 0, err
 }
 
 // walkDir lists a directory with READDIRPLUS and reads every regular file.
@@ -537,8 +684,8 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	gexport, gpid := startGanesha(b, ns, snap)
 	pids := [2]int{srv.cmd.Process.Pid, gpid}
 	eps := []endpoint{
-		{name: "strata", mountAddr: srv.addr, dirpath: "/gen/1"},
-		{name: "ganesha", mountAddr: "127.0.0.1:20491", nfsHost: "127.0.0.1", dirpath: gexport},
+		{name: "strata", mountAddr: srv.addr, nfsAddr: srv.addr, dirpath: "/gen/1"},
+		{name: "ganesha", mountAddr: "127.0.0.1:20491", nfsHost: "127.0.0.1", nfsAddr: "127.0.0.1:20490", dirpath: gexport},
 	}
 
 	dirs := make([]string, nDirs)
@@ -559,45 +706,70 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	}
 	type sample struct{ rate, cpu float64 } // files/s or MB/s; us per file or ms per MB
 	type workload struct {
-		load string
-		j    int
+		client, load string
+		j            int
 	}
+	var order []workload
 	samples := map[workload]*[2][]sample{}
-	b.ResetTimer()
-	for ji, j := range []int{1, 4} {
-		for li, load := range []string{"small", "large"} {
-			w := workload{load, j}
-			samples[w] = &[2][]sample{}
-			for rep := range reps {
-				order := []int{0, 1}
-				if (ji+li+rep)%2 == 1 {
-					order = []int{1, 0}
+	conns, loads := benchList("STRATA_BENCH_CONNS", "1,4"), benchList("STRATA_BENCH_LOADS", "small,large")
+	clients := benchList("STRATA_BENCH_CLIENTS", "lean,go-nfs-client")
+	for _, client := range clients {
+		if client != "lean" && client != "go-nfs-client" {
+			b.Fatalf("STRATA_BENCH_CLIENTS: %q is not lean or go-nfs-client", client)
+		}
+		for _, js := range conns {
+			j, err := strconv.Atoi(js)
+			if err != nil || j < 1 {
+				b.Fatalf("STRATA_BENCH_CONNS: %q is not a connection count", js)
+			}
+			for _, load := range loads {
+				if load != "small" && load != "large" {
+					b.Fatalf("STRATA_BENCH_LOADS: %q is not small or large", load)
 				}
-				for _, s := range order {
-					ep := eps[s]
-					if s == 0 && rep == 0 {
-						srv.profile(b, fmt.Sprintf("%s-j%d", load, j))
+				order = append(order, workload{client, load, j})
+			}
+		}
+	}
+	b.ResetTimer()
+	for wi, w := range order {
+		samples[w] = &[2][]sample{}
+		for rep := range reps {
+			first := []int{0, 1}
+			if (wi+rep)%2 == 1 {
+				first = []int{1, 0}
+			}
+			for _, s := range first {
+				ep := eps[s]
+				if s == 0 {
+					srv.profile(b, fmt.Sprintf("%s-%s-j%d-r%d", w.client, w.load, w.j, rep))
+				}
+				cpu0 := cpuTime(b, pids[s])
+				var r result
+				switch {
+				case w.client == "lean" && w.load == "small":
+					r = run(b, ns, ep, w.j, dirs, dialLean, closeLean, leanWalkDir)
+				case w.client == "lean":
+					r = run(b, ns, ep, w.j, bigs, dialLean, closeLean, leanReadFile)
+				case w.load == "small":
+					r = run(b, ns, ep, w.j, dirs, mount, closeTarget, walkDir)
+				default:
+					r = run(b, ns, ep, w.j, bigs, mount, closeTarget, readFile)
+				}
+				cpu := cpuTime(b, pids[s]) - cpu0
+				var sm sample
+				if w.load == "small" {
+					if r.files != nDirs*perDir {
+						b.Fatalf("%s -j %d walked %d files, want %d", ep.name, w.j, r.files, nDirs*perDir)
 					}
-					cpu0 := cpuTime(b, pids[s])
-					var sm sample
-					if load == "small" {
-						r := run(b, ns, ep, j, dirs, walkDir)
-						if r.files != nDirs*perDir {
-							b.Fatalf("%s -j %d walked %d files, want %d", ep.name, j, r.files, nDirs*perDir)
-						}
-						cpu := cpuTime(b, pids[s]) - cpu0
-						sm = sample{float64(r.files) / r.elapsed.Seconds(), float64(cpu.Microseconds()) / float64(r.files)}
-						b.Logf("%-7s -j %d: small %.0f files/s, server CPU %v (%.0f us/file)", ep.name, j, sm.rate, cpu, sm.cpu)
-					} else {
-						r := run(b, ns, ep, j, bigs, readFile)
-						cpu := cpuTime(b, pids[s]) - cpu0
-						sm = sample{float64(r.bytes) / 1e6 / r.elapsed.Seconds(), float64(cpu.Microseconds()) / 1e3 / (float64(r.bytes) / 1e6)}
-						b.Logf("%-7s -j %d: large %.1f MB/s, server CPU %v (%.2f ms/MB)", ep.name, j, sm.rate, cpu, sm.cpu)
-					}
-					samples[w][s] = append(samples[w][s], sm)
-					if s == 0 && rep == 0 {
-						srv.profile(b, "")
-					}
+					sm = sample{float64(r.files) / r.elapsed.Seconds(), float64(cpu.Microseconds()) / float64(r.files)}
+					b.Logf("%-7s %s -j %d: small %.0f files/s, server CPU %v (%.0f us/file)", ep.name, w.client, w.j, sm.rate, cpu, sm.cpu)
+				} else {
+					sm = sample{float64(r.bytes) / 1e6 / r.elapsed.Seconds(), float64(cpu.Microseconds()) / 1e3 / (float64(r.bytes) / 1e6)}
+					b.Logf("%-7s %s -j %d: large %.1f MB/s, server CPU %v (%.2f ms/MB)", ep.name, w.client, w.j, sm.rate, cpu, sm.cpu)
+				}
+				samples[w][s] = append(samples[w][s], sm)
+				if s == 0 {
+					srv.profile(b, "")
 				}
 			}
 		}
@@ -622,27 +794,23 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	rate := func(s sample) float64 { return s.rate }
 	cpu := func(s sample) float64 { return s.cpu }
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "\nmedians of %d rounds per server\n%-28s %12s %12s %8s %13s %6s\n", reps, "workload", "strata", "ganesha", "ratio", "ratio range", "goal")
-	for _, j := range []int{1, 4} {
-		for _, load := range []string{"small", "large"} {
-			ss := samples[workload{load, j}]
-			ratios := make([]float64, reps)
-			for i := range ratios {
-				ratios[i] = ss[0][i].rate / ss[1][i].rate
-			}
-			name, format, goal := fmt.Sprintf("small files/s, %d conn", j), "%-28s %12.0f %12.0f %7.2fx %6.2f-%.2fx %6s\n", "1.3x"
-			if load == "large" {
-				name, format, goal = fmt.Sprintf("large MB/s, %d conn", j), "%-28s %12.1f %12.1f %7.2fx %6.2f-%.2fx %6s\n", "1.0x"
-			}
-			fmt.Fprintf(&sb, format, name, median(col(ss[0], rate)), median(col(ss[1], rate)), median(ratios), slices.Min(ratios), slices.Max(ratios), goal)
-			b.ReportMetric(median(ratios), fmt.Sprintf("%s-ratio-j%d", load, j))
+	fmt.Fprintf(&sb, "\nmedians of %d rounds per server; server CPU is user+system from /proc\n%-42s %10s %10s %8s %13s %6s %19s\n",
+		reps, "workload", "strata", "ganesha", "ratio", "ratio range", "goal", "server CPU s / g")
+	for _, w := range order {
+		ss := samples[w]
+		ratios := make([]float64, reps)
+		for i := range ratios {
+			ratios[i] = ss[0][i].rate / ss[1][i].rate
 		}
-	}
-	fmt.Fprintf(&sb, "server CPU (user+system, from /proc; not a goal, shows where a ratio near 1 comes from):\n")
-	for _, j := range []int{1, 4} {
-		sm, lg := samples[workload{"small", j}], samples[workload{"large", j}]
-		fmt.Fprintf(&sb, "%-28s %12.0f %12.0f\n", fmt.Sprintf("  us per small file, %d conn", j), median(col(sm[0], cpu)), median(col(sm[1], cpu)))
-		fmt.Fprintf(&sb, "%-28s %12.2f %12.2f\n", fmt.Sprintf("  ms per large MB, %d conn", j), median(col(lg[0], cpu)), median(col(lg[1], cpu)))
+		name := fmt.Sprintf("%s: small files/s, %d conn", w.client, w.j)
+		format, goal := "%-42s %10.0f %10.0f %7.2fx %6.2f-%.2fx %6s %6.0f / %3.0f us/file\n", "1.3x"
+		if w.load == "large" {
+			name = fmt.Sprintf("%s: large MB/s, %d conn", w.client, w.j)
+			format, goal = "%-42s %10.1f %10.1f %7.2fx %6.2f-%.2fx %6s %6.2f / %.2f ms/MB\n", "1.0x"
+		}
+		fmt.Fprintf(&sb, format, name, median(col(ss[0], rate)), median(col(ss[1], rate)), median(ratios), slices.Min(ratios), slices.Max(ratios), goal,
+			median(col(ss[0], cpu)), median(col(ss[1], cpu)))
+		b.ReportMetric(median(ratios), fmt.Sprintf("%s-%s-ratio-j%d", w.client, w.load, w.j))
 	}
 
 	// Server memory against distinct files served.
@@ -658,6 +826,15 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	b.ReportMetric(float64(rssMany)/float64(rss10k), "rss-ratio")
 	b.Log(sb.String())
 	fmt.Print(sb.String())
+}
+
+// benchList splits the comma-separated value of env (def when unset).
+func benchList(env, def string) []string {
+	v := os.Getenv(env)
+	if v == "" {
+		v = def
+	}
+	return strings.Split(v, ",")
 }
 
 // warm reads every file under root once, so that neither server pays for
@@ -710,7 +887,7 @@ func lookupMany(b *testing.B, ns string, ep endpoint, from, to int) {
 		items = append(items, strconv.Itoa(d))
 	}
 	start := time.Now()
-	r := run(b, ns, ep, 4, items, func(t *nfsc.Target, d string, _ []byte) (int, int64, error) {
+	r := run(b, ns, ep, 4, items, mount, closeTarget, func(t *nfsc.Target, d string, _ []byte) (int, int64, error) {
 		di, _ := strconv.Atoi(d)
 		n := 0
 		for i := max(from, di*manyPerDir); i < min(to, (di+1)*manyPerDir); i++ {

@@ -27,11 +27,11 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/strata-nix/strata/internal/nfsdial"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"golang.org/x/sys/unix"
 
+	"github.com/strata-nix/strata/internal/nfsdial"
 	"github.com/strata-nix/strata/internal/testenv"
 )
 

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	gonfs "github.com/willscott/go-nfs"
 	"golang.org/x/sys/unix"
@@ -268,16 +269,19 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 	if cookie > 0 && cverf > 0 && cverf != verf {
 		return nil // NFS3ERR_BAD_COOKIE
 	}
-	contents := e.dirs.get(verf, dirPath)
-	if contents == nil {
+	listing := e.dirs.listing(verf, dirPath)
+	if listing == nil {
 		list, err := g.view.ReadDir(dirPath)
 		if err != nil {
 			return nil
 		}
 		sort.Slice(list, func(i, j int) bool { return list[i].Name() < list[j].Name() })
-		contents = list
-		e.VerifierFor(dirPath, contents)
+		e.VerifierFor(dirPath, list)
+		if listing = e.dirs.listing(verf, dirPath); listing == nil {
+			listing = &dirListing{path: dirPath, list: list, handles: make([]atomic.Pointer[[]byte], len(list))} // too large to cache
+		}
 	}
+	contents := listing.list
 	dir, derr := g.resolve(ref{handle: h})
 
 	b := getReply(4096)
@@ -334,12 +338,7 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 			eof = false
 			break
 		}
-		var ch []byte // go-nfs sends an empty handle when ToHandle fails
-		if validName(name) {
-			if child, err := g.resolve(ref{handle: h, name: name}); err == nil {
-				ch = child.handle
-			}
-		}
+		ch := g.childHandle(h, listing, i)
 		in, ok := ent.(*info)
 		if !ok {
 			putReply(b)
@@ -364,6 +363,37 @@ func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
 	*b = binary.BigEndian.AppendUint32(*b, e32)
 	binary.BigEndian.PutUint32(*b, uint32(len(*b)-4)|1<<31)
 	return b
+}
+
+// childHandle returns the sealed handle of entry i of the listing of
+// directory h (empty when it has none: go-nfs then sends an empty handle),
+// made once per cached listing. It primes the attribute cache with the
+// entry as LOOKUP would, since a client that lists a directory usually
+// looks up its entries next.
+func (g *gen) childHandle(h []byte, l *dirListing, i int) []byte {
+	in, ok := l.list[i].(*info)
+	if !ok || !validName(in.name) {
+		return nil
+	}
+	if p := l.handles[i].Load(); p != nil {
+		if ch := *p; len(ch) > 0 {
+			g.attrs.add(cacheKey(keyChild, h, in.name), attrEntry{handle: ch, info: in})
+			obj := *in
+			obj.name = ""
+			g.attrs.add(cacheKey(keyObject, ch, ""), attrEntry{handle: ch, info: &obj})
+		}
+		return *p
+	}
+	e, err := g.resolve(ref{handle: h, name: in.name})
+	if err != nil {
+		return nil // not cached: a later call tries again
+	}
+	ch := e.handle
+	if ch == nil {
+		ch = []byte{}
+	}
+	l.handles[i].Store(&ch)
+	return ch
 }
 
 // appendPostOp appends post_op_attr: the attributes, or "none" when they

@@ -10,12 +10,13 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/strata-nix/strata/internal/nfsdial"
 	gonfs "github.com/willscott/go-nfs"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"github.com/willscott/go-nfs/helpers"
 	"github.com/willscott/go-nfs/helpers/memfs"
+
+	"github.com/strata-nix/strata/internal/nfsdial"
 )
 
 // served is a go-nfs server on an in-memory tree behind a guard on a real
