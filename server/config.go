@@ -33,6 +33,7 @@ var Keys = []config.Key{
 	{Name: "nfs.allow", Kind: config.List, Default: []string{"127.0.0.0/8"}, Usage: "client networks (CIDR) allowed to connect to the export"},
 	{Name: "nfs.max_conns", Kind: config.Int, Default: 1024, Usage: "maximum concurrent NFS connections"},
 	{Name: "nfs.idle_timeout", Kind: config.Duration, Default: "15m", Usage: "close NFS connections idle this long"},
+	{Name: "nfs.busy_poll", Kind: config.Duration, Default: "50us", Usage: "how long an NFS connection waits for its next call spinning, while CPU is spare, before it sleeps (0 disables)"},
 	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error"},
 }
 
@@ -54,6 +55,7 @@ type Config struct {
 	NFSAllow        []netip.Prefix
 	NFSMaxConns     int
 	NFSIdleTimeout  time.Duration
+	NFSBusyPoll     time.Duration
 	LogLevel        string
 }
 
@@ -76,6 +78,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		NFSListen:       v.String("nfs.listen"),
 		NFSMaxConns:     v.Int("nfs.max_conns"),
 		NFSIdleTimeout:  v.Duration("nfs.idle_timeout"),
+		NFSBusyPoll:     v.Duration("nfs.busy_poll"),
 		LogLevel:        v.String("log.level"),
 	}
 	bad := func(key string, val any, want string) error {
@@ -142,6 +145,9 @@ func ConfigFrom(v config.Values) (Config, error) {
 	}
 	if c.NFSIdleTimeout < time.Second {
 		return c, bad("nfs.idle_timeout", c.NFSIdleTimeout, "at least 1s")
+	}
+	if c.NFSBusyPoll < 0 || c.NFSBusyPoll > time.Millisecond {
+		return c, bad("nfs.busy_poll", c.NFSBusyPoll, "0 (disabled) up to 1ms")
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

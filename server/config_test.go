@@ -54,6 +54,7 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"bad cidr", "nfs:\n  allow: [10.0.0.0/33]\n", nil, nil, []string{`"nfs.allow"`, `"10.0.0.0/33"`, "CIDR"}},
 		{"bad listen", "nfs:\n  listen: 2049\n", nil, nil, []string{`"nfs.listen"`, `"2049"`, "host:port"}},
 		{"tiny interval", "publish:\n  interval: 1ms\n", nil, nil, []string{`"publish.interval"`, "at least 1s"}},
+		{"long busy poll", "nfs:\n  busy_poll: 5ms\n", nil, nil, []string{`"nfs.busy_poll"`, `"5ms"`, "up to 1ms"}},
 		{"bad yaml", "store: [\n", nil, nil, []string{"server.yaml"}},
 	}
 	for _, tc := range cases {

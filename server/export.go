@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/strata-nix/strata/server/nfs"
+	"github.com/strata-nix/strata/server/nfs/busypoll"
 	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
@@ -27,7 +28,17 @@ func openExport(_ context.Context, cfg Config, log *slog.Logger, reg *prometheus
 		exp.Close()
 		return nil, nil, fmt.Errorf("listen nfs %s: %w", cfg.NFSListen, err)
 	}
-	gl, err := guard.Listen(l, guard.Options{Allow: cfg.NFSAllow, MaxConns: cfg.NFSMaxConns, IdleTimeout: cfg.NFSIdleTimeout},
+	window := cfg.NFSBusyPoll
+	if window == 0 {
+		window = -1 // disabled
+	}
+	bl := busypoll.Listen(l, window)
+	if err := reg.Register(bl); err != nil {
+		l.Close()
+		exp.Close()
+		return nil, nil, fmt.Errorf("register busy-poll metrics: %w", err)
+	}
+	gl, err := guard.Listen(bl, guard.Options{Allow: cfg.NFSAllow, MaxConns: cfg.NFSMaxConns, IdleTimeout: cfg.NFSIdleTimeout},
 		log.With("component", "nfs-guard"), reg)
 	if err != nil {
 		l.Close()

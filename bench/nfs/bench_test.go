@@ -97,7 +97,7 @@ func serve(spec string) error {
 			return err
 		}
 	}
-	l, err := guard.Listen(busypoll.Listen(inner, busypoll.Options{Window: window}), guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, log, reg)
+	l, err := guard.Listen(busypoll.Listen(inner, window), guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, log, reg)
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package nfs
 
 import (
 	"sync"
+	"unsafe"
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"golang.org/x/sys/unix"
@@ -40,6 +41,30 @@ const (
 	keyDirFD  = 'd' // O_RDONLY|O_DIRECTORY descriptor
 	keyFileFD = 'f' // O_RDONLY descriptor of a regular file
 )
+
+// keyBuf holds a cache key built for a lookup only, so that looking up does
+// not allocate. Room: kind, the largest handle, '/', the longest name.
+type keyBuf [1 + maxHandle + 1 + 255]byte
+
+// view returns the key cacheKey would, as a string over k's bytes: valid
+// while k is, and never to be stored (stored keys come from cacheKey). A
+// key that does not fit (never for a valid handle and name) is allocated.
+func (k *keyBuf) view(kind byte, handle []byte, name string) string {
+	n := 1 + len(handle)
+	if name != "" {
+		n += 1 + len(name)
+	}
+	if n > len(k) {
+		return cacheKey(kind, handle, name)
+	}
+	k[0] = kind
+	copy(k[1:], handle)
+	if name != "" {
+		k[1+len(handle)] = '/'
+		copy(k[2+len(handle):], name)
+	}
+	return unsafe.String(&k[0], n)
+}
 
 func cacheKey(kind byte, handle []byte, name string) string {
 	b := make([]byte, 0, 1+len(handle)+1+len(name))

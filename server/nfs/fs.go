@@ -97,7 +97,8 @@ func (g *gen) openHandle(h []byte, flags int) (int, error) {
 // known reports whether h is in the attribute cache: those bytes were
 // unsealed (MAC checked) or sealed here, for this generation.
 func (g *gen) known(h []byte) bool {
-	_, ok := g.attrs.get(cacheKey(keyObject, h, ""))
+	var kb keyBuf
+	_, ok := g.attrs.get(kb.view(keyObject, h, ""))
 	return ok
 }
 
@@ -117,7 +118,9 @@ func (g *gen) unseal(h []byte) (sealed, error) {
 	return s, nil
 }
 
-// openHandleStat is openHandle that also returns the object's fstat.
+// openHandleStat is openHandle that also returns the object's fstat; with
+// st nil it neither stats nor checks the device (for a handle whose checked
+// attributes are cached).
 func (g *gen) openHandleStat(h []byte, flags int, st *unix.Stat_t) (int, error) {
 	s, err := g.unseal(h)
 	if err != nil {
@@ -134,6 +137,9 @@ func (g *gen) openHandleStat(h []byte, flags int, st *unix.Stat_t) (int, error) 
 			return -1, fmt.Errorf(errNeedsCapDacReadSearchFmt, err)
 		}
 		return -1, err
+	}
+	if st == nil {
+		return fd, nil
 	}
 	if err := unix.Fstat(fd, st); err != nil {
 		unix.Close(fd)
@@ -212,18 +218,18 @@ func (g *gen) resolve(r ref) (attrEntry, error) {
 	if r.root {
 		h = g.rootHandle
 	}
-	var key string
+	kind := byte(keyObject)
 	switch {
 	case r.name != "":
-		key = cacheKey(keyChild, h, r.name)
+		kind = keyChild
 	case r.parent:
-		key = cacheKey(keyParent, h, "")
-	default:
-		key = cacheKey(keyObject, h, "")
+		kind = keyParent
 	}
-	if e, ok := g.attrs.get(key); ok {
+	var kb keyBuf
+	if e, ok := g.attrs.get(kb.view(kind, h, r.name)); ok {
 		return e, nil
 	}
+	key := cacheKey(kind, h, r.name)
 	var e attrEntry
 	var err error
 	switch {
@@ -457,25 +463,38 @@ func (g *gen) checkReadable(st *unix.Stat_t) error {
 // descriptor cache when it can, and returns its attributes (go-nfs's READ
 // stats the file right after opening it: they are cached too).
 func (g *gen) openFile(h []byte, name string) (*roFile, *info, error) {
-	key := cacheKey(keyFileFD, h, "")
-	if s := g.fds.get(key); s != nil {
-		if e, ok := g.attrs.get(cacheKey(keyObject, h, "")); ok {
+	var kb, fb keyBuf
+	e, known := g.attrs.get(kb.view(keyObject, h, ""))
+	known = known && e.info.mode&unix.S_IFMT == unix.S_IFREG
+	if s := g.fds.get(fb.view(keyFileFD, h, "")); s != nil {
+		if known {
 			return &roFile{name: name, s: s, c: g.fds, m: g.e.metrics}, e.info, nil
 		}
 		g.fds.release(s)
 	}
-	var st unix.Stat_t
-	fd, err := g.openHandleStat(h, unix.O_RDONLY|unix.O_NONBLOCK, &st)
+	in := e.info
+	var fd int
+	var err error
+	if known {
+		// The cached attributes are this object's, taken (and checked for
+		// device and type) when its handle was made or first opened.
+		fd, err = g.openHandleStat(h, unix.O_RDONLY|unix.O_NONBLOCK, nil)
+	} else {
+		var st unix.Stat_t
+		if fd, err = g.openHandleStat(h, unix.O_RDONLY|unix.O_NONBLOCK, &st); err == nil {
+			if err = g.checkReadable(&st); err != nil {
+				unix.Close(fd)
+			}
+		}
+		if err == nil {
+			in = newInfo("", &st)
+			g.attrs.add(cacheKey(keyObject, h, ""), attrEntry{handle: h, info: in})
+		}
+	}
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := g.checkReadable(&st); err != nil {
-		unix.Close(fd)
-		return nil, nil, err
-	}
-	in := newInfo("", &st)
-	g.attrs.add(cacheKey(keyObject, h, ""), attrEntry{handle: h, info: in})
-	s := g.fds.put(key, fd)
+	s := g.fds.put(cacheKey(keyFileFD, h, ""), fd)
 	return &roFile{name: name, s: s, c: g.fds, m: g.e.metrics}, in, nil
 }
 

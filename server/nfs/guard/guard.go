@@ -217,16 +217,18 @@ func (l *Listener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		addr := remoteAddr(c)
+		// Counted before the close, so a client that sees the close sees
+		// the count.
 		if !l.allowed(addr) {
-			c.Close()
 			l.m.rejected.WithLabelValues(ReasonAllowlist.String()).Inc()
+			c.Close()
 			l.logRefusal(addr, ReasonAllowlist, "client not in nfs.allow")
 			continue
 		}
 		if n := l.active.Add(1); n > int64(l.opts.MaxConns) {
 			l.active.Add(-1)
-			c.Close()
 			l.m.rejected.WithLabelValues(ReasonCap.String()).Inc()
+			c.Close()
 			l.logRefusal(addr, ReasonCap, fmt.Sprintf("connection cap of %d reached", l.opts.MaxConns))
 			continue
 		}
@@ -299,10 +301,13 @@ type conn struct {
 	addr netip.Addr
 	br   *bufio.Reader // batches small records into few read syscalls
 
-	out  []byte // checked record (marker included) not yet read
-	buf  []byte // receive buffer, reused for small records
-	once sync.Once
-	dead error
+	out []byte // checked record (marker included) not yet read
+	buf []byte // receive buffer, reused for small records
+
+	idleSet  time.Time // when the idle deadline was last set
+	inRecord bool      // the record deadline is set (not the idle one)
+	once     sync.Once
+	dead     error
 }
 
 // Read returns bytes of the current checked record; when it is used up it
@@ -323,14 +328,35 @@ func (c *conn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// idleSlack is how stale the idle deadline may get while records keep
+// arriving.
+const idleSlack = time.Second
+
+// recordDeadline starts the record timeout, once per record.
+func (c *conn) recordDeadline() {
+	if !c.inRecord {
+		c.Conn.SetReadDeadline(time.Now().Add(c.l.opts.RecordTimeout))
+		c.inRecord = true
+	}
+}
+
 func (c *conn) next() error {
 	l := c.l
 	var hdr [4]byte
-	c.Conn.SetReadDeadline(time.Now().Add(l.opts.IdleTimeout))
+	// Deadlines cost a timer update each, so they are set only when needed:
+	// the idle one is renewed at most every idleSlack while records keep
+	// coming (so it may fire up to that much early), the record one only
+	// when the rest of a record is not already buffered.
+	if now := time.Now(); c.inRecord || now.Sub(c.idleSet) > idleSlack {
+		c.Conn.SetReadDeadline(now.Add(l.opts.IdleTimeout))
+		c.idleSet, c.inRecord = now, false
+	}
 	if _, err := io.ReadFull(c.br, hdr[:1]); err != nil {
 		return c.readFailed(err, "waiting for a record")
 	}
-	c.Conn.SetReadDeadline(time.Now().Add(l.opts.RecordTimeout))
+	if c.br.Buffered() < 3 {
+		c.recordDeadline()
+	}
 	if _, err := io.ReadFull(c.br, hdr[1:]); err != nil {
 		return c.readFailed(err, "record marker")
 	}
@@ -338,6 +364,9 @@ func (c *conn) next() error {
 	n, err := CheckMarker(marker, l.opts.MaxRecord)
 	if err != nil {
 		return c.reject(err)
+	}
+	if c.br.Buffered() < n {
+		c.recordDeadline()
 	}
 	total := 4 + n
 	if total > smallRecord {
