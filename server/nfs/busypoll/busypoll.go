@@ -59,7 +59,7 @@ type Listener struct {
 	window   time.Duration
 	yielded  time.Duration // yieldedAway; tests raise it
 	limit    int32         // GOMAXPROCS-1: busy or spinning connections that leave a P free
-	busy     atomic.Int32 // connections holding a request (between a Read that returned data and their next Read)
+	busy     atomic.Int32  // connections holding a request (between a Read that returned data and their next Read)
 	spinners atomic.Int32
 
 	waits [nOutcomes]atomic.Uint64
