@@ -28,6 +28,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -435,6 +436,15 @@ func (c *conn) reject(err error) error {
 	c.l.logRefusal(c.addr, ReasonRecord, err.Error())
 	c.Close()
 	return fmt.Errorf("nfs guard %s: %w: %w", c.addr, err, errClosedByGuard)
+}
+
+// SyscallConn gives the socket to a server that writes replies with
+// sendfile(2). Reads must still go through Read: the record check is there.
+func (c *conn) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := c.Conn.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.ErrUnsupported
 }
 
 // Close closes the connection once and releases its slot.
