@@ -1,28 +1,43 @@
 //go:build integration
 
-// Package nfs_test benchmarks strata's NFS export (with its guard, as in
-// production) against nfs-ganesha 4.3 (FSAL VFS), serving the same tree from
-// the same read-only btrfs snapshot, with the same Go NFSv3 client
-// (go-nfs-client) on the same path: both servers and the client's sockets live
-// in one private network namespace. Run (root):
+// Package nfs_test benchmarks strata's NFS export (with its busy-polling
+// listener and guard, as `strata server` runs it) against nfs-ganesha 4.3
+// (FSAL VFS), serving the same tree from the same read-only btrfs snapshot,
+// read by the same clients on the same path: both servers and the client's
+// sockets live in one private network namespace. Run (root):
 //
-//	go test -tags integration -run '^$' -bench . -benchtime 1x -timeout 20m ./bench/nfs/
+//	go test -tags integration -run '^$' -bench . -benchtime 1x -timeout 40m ./bench/nfs/
 //
 // It prints one table: files/s for a READDIRPLUS walk plus read of 20,000
 // small files, MB/s for 20 files of 20 MiB, with 1 and 4 connections, and the
 // strata/ganesha ratio (medians of STRATA_BENCH_REPS rounds, default 5, and
-// the range of the per-round ratios); then strata's server RSS after LOOKUP+GETATTR of
-// 10,000 and of STRATA_BENCH_MANY (default 200,000) distinct empty files.
+// the range of the per-round ratios), with each server's CPU per file or MB;
+// then how strata's reads waited (busy polling), and strata's server RSS
+// after LOOKUP+GETATTR of 10,000 and of STRATA_BENCH_MANY (default 200,000)
+// distinct empty files.
+//
+// Two clients, each row names its own:
+//   - lean (internal/nfsraw): per directory LOOKUP and READDIRPLUS, then per
+//     file LOOKUP and READ, with no reflection and one reused buffer. It
+//     costs little CPU, so the two cores go to the server under test; the
+//     goals are read off these rows.
+//   - go-nfs-client: per file it looks the directory up again from the
+//     root, then the file, READs and sends a COMMIT; its reflection-based XDR
+//     costs about as much CPU per call as either server, on the same two
+//     cores, which narrows every ratio.
 //
 // Fairness: the snapshot is read once before any measurement, so both
 // servers serve it from the page cache (otherwise whichever runs first pays
-// for the disk), and the order of the two servers alternates from one phase
+// for the disk), and the order of the two servers alternates from one round
 // to the next.
 //
-// STRATA_BENCH_CPUPROFILE=PREFIX writes a CPU profile of the strata server
-// per round: PREFIX-small-j1-r0.pprof, PREFIX-large-j1-r0.pprof, ... and
-// PREFIX-many.pprof (the LOOKUP+GETATTR phase). STRATA_BENCH_CONNS (default
-// "1,4") and STRATA_BENCH_LOADS (default "small,large") pick the phases.
+// STRATA_BENCH_CLIENTS (default "lean,go-nfs-client"), STRATA_BENCH_CONNS
+// (default "1,4") and STRATA_BENCH_LOADS (default "small,large") pick the
+// phases; STRATA_BENCH_BUSYPOLL sets strata's nfs.busy_poll window (a Go
+// duration; default 50us, -1ns turns it off). STRATA_BENCH_CPUPROFILE=PREFIX
+// writes a CPU profile of the strata server per round:
+// PREFIX-lean-small-j1-r0.pprof, ... and PREFIX-many.pprof (the
+// LOOKUP+GETATTR phase).
 package nfs_test
 
 import (
@@ -97,13 +112,15 @@ func serve(spec string) error {
 			return err
 		}
 	}
-	l, err := guard.Listen(busypoll.Listen(inner, window), guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, log, reg)
+	bl := busypoll.Listen(inner, window)
+	l, err := guard.Listen(bl, guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, log, reg)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	// stdin carries "prof FILE" (start a CPU profile) and "stop" (write it),
-	// each answered "OK"; the server stops when stdin closes.
+	// stdin carries "prof FILE" (start a CPU profile), "stop" (write it) and
+	// "waits" (answered "READY CAUGHT PARKED OK": busypoll's counts), each
+	// answered "OK"; the server stops when stdin closes.
 	go func() {
 		defer cancel()
 		var prof *os.File
@@ -119,6 +136,8 @@ func serve(spec string) error {
 				pprof.StopCPUProfile()
 				prof.Close()
 				prof = nil
+			case cmd == "waits":
+				fmt.Printf("%d %d %d ", bl.Waits(busypoll.Ready), bl.Waits(busypoll.Caught), bl.Waits(busypoll.Parked))
 			}
 			fmt.Println("OK")
 		}
@@ -189,6 +208,19 @@ func (s *strataServer) stop() {
 			s.cmd.Process.Kill()
 		}
 	}
+}
+
+// waits returns busypoll's counts of reads that found data at once, were
+// caught by spinning, and parked.
+func (s *strataServer) waits(b *testing.B) (ready, caught, parked uint64) {
+	b.Helper()
+	if _, err := fmt.Fprintln(s.stdin, "waits"); err != nil || !s.stdout.Scan() {
+		b.Fatalf("strata server: waits: %v", err)
+	}
+	if _, err := fmt.Sscanf(s.stdout.Text(), "%d %d %d OK", &ready, &caught, &parked); err != nil {
+		b.Fatalf("strata server: waits: %q: %v", s.stdout.Text(), err)
+	}
+	return ready, caught, parked
 }
 
 // rss returns the current resident set of the server process (the child of
@@ -812,6 +844,9 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 			median(col(ss[0], cpu)), median(col(ss[1], cpu)))
 		b.ReportMetric(median(ratios), fmt.Sprintf("%s-%s-ratio-j%d", w.client, w.load, w.j))
 	}
+
+	ready, caught, parked := srv.waits(b)
+	fmt.Fprintf(&sb, "strata reads of the phases above: %d found a call at once, %d caught one by busy polling, %d parked on the poller\n", ready, caught, parked)
 
 	// Server memory against distinct files served.
 	rssBase := srv.rss(b)
