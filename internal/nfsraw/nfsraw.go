@@ -86,7 +86,16 @@ func (c *Client) Close() error { return c.c.Close() }
 // Enc appends XDR.
 type Enc struct{ B []byte }
 
-func (e *Enc) U32(v uint32) *Enc { e.B = binary.BigEndian.AppendUint32(e.B, v); return e }
+// U32 appends each v.
+func (e *Enc) U32(vs ...uint32) *Enc {
+	for _, v := range vs {
+		e.B = binary.BigEndian.AppendUint32(e.B, v)
+	}
+	return e
+}
+
+// Raw appends p as it is.
+func (e *Enc) Raw(p []byte) *Enc { e.B = append(e.B, p...); return e }
 func (e *Enc) U64(v uint64) *Enc { e.B = binary.BigEndian.AppendUint64(e.B, v); return e }
 
 // Opaque appends variable-length opaque data (length, bytes, padding).
@@ -168,34 +177,40 @@ func (d *Dec) PostOpAttr() (Fattr, bool) {
 	return d.Fattr(), true
 }
 
-// Call sends one version-3 call of prog and returns a decoder positioned
-// after accept_stat SUCCESS; the decoder's views are valid until the next
-// call.
-func (c *Client) Call(prog, proc uint32, args []byte) (*Dec, error) {
-	c.xid++
-	b := append(c.out[:0], 0, 0, 0, 0)
-	b = binary.BigEndian.AppendUint32(b, c.xid)
+// CallRecord frames one ONC RPC version-3 call of prog (record marker
+// included) with credential cred (flavor and body, as encoded by Enc) and an
+// AUTH_NULL verifier, appended to b.
+func CallRecord(b []byte, xid, prog, proc uint32, cred, args []byte) []byte {
+	start := len(b)
+	b = append(b, 0, 0, 0, 0)
+	b = binary.BigEndian.AppendUint32(b, xid)
 	for _, v := range [...]uint32{0, 2, prog, 3, proc} { // CALL, RPC 2, program, version 3
 		b = binary.BigEndian.AppendUint32(b, v)
 	}
-	b = append(b, c.cred...)
+	b = append(b, cred...)
 	b = append(b, 0, 0, 0, 0, 0, 0, 0, 0) // AUTH_NULL verifier
 	b = append(b, args...)
-	binary.BigEndian.PutUint32(b, uint32(len(b)-4)|1<<31)
-	c.out = b
-	if c.timeout > 0 {
-		c.c.SetDeadline(time.Now().Add(c.timeout))
-	}
-	if _, err := c.c.Write(b); err != nil {
-		return nil, err
-	}
+	binary.BigEndian.PutUint32(b[start:], uint32(len(b)-start-4)|1<<31)
+	return b
+}
+
+// Cred is the client's credential (AUTH_UNIX, root), for CallRecord.
+func (c *Client) Cred() []byte { return c.cred }
+
+// Write sends raw bytes (framed calls, or anything a test wants to send).
+func (c *Client) Write(b []byte) (int, error) { return c.c.Write(b) }
+
+// ReadReply reads one reply record and returns its xid and a decoder
+// positioned after accept_stat SUCCESS; the decoder's views are valid until
+// the next call or reply.
+func (c *Client) ReadReply() (uint32, *Dec, error) {
 	var hdr [4]byte
 	if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	m := binary.BigEndian.Uint32(hdr[:])
 	if m&(1<<31) == 0 {
-		return nil, errors.New("fragmented reply")
+		return 0, nil, errors.New("fragmented reply")
 	}
 	n := int(m & 0x7fffffff)
 	if cap(c.body) < n {
@@ -203,24 +218,44 @@ func (c *Client) Call(prog, proc uint32, args []byte) (*Dec, error) {
 	}
 	body := c.body[:n]
 	if _, err := io.ReadFull(c.r, body); err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	d := &Dec{B: body}
-	if xid := d.U32(); xid != c.xid {
-		return nil, fmt.Errorf("reply xid %d, want %d", xid, c.xid)
-	}
+	xid := d.U32()
 	if d.U32() != 1 {
-		return nil, errors.New("not a reply")
+		return xid, nil, errors.New("not a reply")
 	}
 	if st := d.U32(); st != 0 {
-		return nil, fmt.Errorf("rpc denied (%d)", st)
+		return xid, nil, fmt.Errorf("rpc denied (%d)", st)
 	}
 	d.U32()
 	d.OpaqueView() // verifier
 	if as := d.U32(); as != 0 {
-		return nil, fmt.Errorf("rpc accept_stat %d", as)
+		return xid, nil, fmt.Errorf("rpc accept_stat %d", as)
 	}
-	return d, d.Err
+	return xid, d, d.Err
+}
+
+// Call sends one version-3 call of prog and returns a decoder positioned
+// after accept_stat SUCCESS; the decoder's views are valid until the next
+// call.
+func (c *Client) Call(prog, proc uint32, args []byte) (*Dec, error) {
+	c.xid++
+	c.out = CallRecord(c.out[:0], c.xid, prog, proc, c.cred, args)
+	if c.timeout > 0 {
+		c.c.SetDeadline(time.Now().Add(c.timeout))
+	}
+	if _, err := c.c.Write(c.out); err != nil {
+		return nil, err
+	}
+	xid, d, err := c.ReadReply()
+	if err != nil {
+		return nil, err
+	}
+	if xid != c.xid {
+		return nil, fmt.Errorf("reply xid %d, want %d", xid, c.xid)
+	}
+	return d, nil
 }
 
 // NFS calls NFSv3 procedure proc and returns its status.

@@ -32,6 +32,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/internal/nfsdial"
+	"github.com/strata-nix/strata/internal/nfsraw"
 	"github.com/strata-nix/strata/internal/testenv"
 )
 
@@ -203,19 +204,19 @@ func (fx *fixture) serveWith(t *testing.T, noFastPath bool) (*Export, string, *p
 	return e, l.Addr().String(), reg
 }
 
-func raw(t *testing.T, addr string) *rawClient {
+func raw(t *testing.T, addr string) *nfsraw.Client {
 	t.Helper()
-	rc, err := dialRaw(addr)
+	rc, err := nfsraw.Dial(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(rc.Close)
+	t.Cleanup(func() { rc.Close() })
 	return rc
 }
 
-func mountRaw(t *testing.T, rc *rawClient, path string) []byte {
+func mountRaw(t *testing.T, rc *nfsraw.Client, path string) []byte {
 	t.Helper()
-	st, fh, err := rc.mount(path)
+	st, fh, err := rc.Mount(path)
 	if err != nil || st != 0 {
 		t.Fatalf("MOUNT %s: status %d err %v", path, st, err)
 	}
@@ -223,12 +224,12 @@ func mountRaw(t *testing.T, rc *rawClient, path string) []byte {
 }
 
 // lookupPath resolves a slash path component by component with LOOKUP.
-func lookupPath(t *testing.T, rc *rawClient, root []byte, p string) []byte {
+func lookupPath(t *testing.T, rc *nfsraw.Client, root []byte, p string) []byte {
 	t.Helper()
 	fh := root
 	for _, c := range strings.Split(p, "/") {
-		st, nfh, _, err := rc.lookup(fh, c)
-		if err != nil || st != nfs3OK {
+		st, nfh, _, err := rc.Lookup(fh, c)
+		if err != nil || st != nfsraw.NFS3OK {
 			t.Fatalf("LOOKUP %s (at %q): status %d err %v", p, c, st, err)
 		}
 		fh = nfh
@@ -436,39 +437,39 @@ func TestConfinement(t *testing.T) {
 
 	// LOOKUP ".." at the root stays at the root; "." is the root.
 	for _, name := range []string{"..", "."} {
-		st, fh, a, err := rc.lookup(root, name)
-		if err != nil || st != nfs3OK || a.fileid != rootSt.Ino {
-			t.Errorf("LOOKUP root %q: status %d fileid %d err %v, want the root (%d)", name, st, a.fileid, err, rootSt.Ino)
+		st, fh, a, err := rc.Lookup(root, name)
+		if err != nil || st != nfsraw.NFS3OK || a.Fileid != rootSt.Ino {
+			t.Errorf("LOOKUP root %q: status %d fileid %d err %v, want the root (%d)", name, st, a.Fileid, err, rootSt.Ino)
 		}
-		if st == nfs3OK && !bytes.Equal(fh, root) {
+		if st == nfsraw.NFS3OK && !bytes.Equal(fh, root) {
 			t.Errorf("LOOKUP root %q: handle differs from the root handle", name)
 		}
 	}
 	// ".." of a subdirectory is its parent, and ".." of that is the root again.
 	pkga := lookupPath(t, rc, root, "pkg-a")
 	share := lookupPath(t, rc, pkga, "share")
-	if st, fh, _, _ := rc.lookup(share, ".."); st != nfs3OK || !bytes.Equal(fh, pkga) {
+	if st, fh, _, _ := rc.Lookup(share, ".."); st != nfsraw.NFS3OK || !bytes.Equal(fh, pkga) {
 		t.Errorf("LOOKUP share/..: status %d, want pkg-a's handle", st)
 	}
-	if st, fh, _, _ := rc.lookup(pkga, ".."); st != nfs3OK || !bytes.Equal(fh, root) {
+	if st, fh, _, _ := rc.Lookup(pkga, ".."); st != nfsraw.NFS3OK || !bytes.Equal(fh, root) {
 		t.Errorf("LOOKUP pkg-a/..: status %d, want the root handle", st)
 	}
 	// READDIR's ".." entry of the root is the root.
-	st, ents, _, _, err := rc.readdir(root, 0, 0, 8192)
-	if err != nil || st != nfs3OK {
+	st, ents, _, _, err := rc.Readdir(root, 0, 0, 8192)
+	if err != nil || st != nfsraw.NFS3OK {
 		t.Fatalf("READDIR root: %d %v", st, err)
 	}
 	for _, en := range ents {
-		if en.name == ".." && en.fileid != rootSt.Ino {
-			t.Errorf("READDIR root: '..' has fileid %d, want the root %d", en.fileid, rootSt.Ino)
+		if en.Name == ".." && en.Fileid != rootSt.Ino {
+			t.Errorf("READDIR root: '..' has fileid %d, want the root %d", en.Fileid, rootSt.Ino)
 		}
 	}
 
 	// Names with "/" or that try to climb are refused.
 	for _, name := range []string{"pkg-a/data.txt", "pkg-a/escape/passwd", "../strata-1", "../var", "../../outside.txt",
 		"", "pkg-a/", "/etc/passwd", "..\x00", "a\x00b"} {
-		st, _, _, err := rc.lookup(root, name)
-		if err != nil || st == nfs3OK {
+		st, _, _, err := rc.Lookup(root, name)
+		if err != nil || st == nfsraw.NFS3OK {
 			t.Errorf("LOOKUP root %q: status %d err %v, want an error status", name, st, err)
 		}
 	}
@@ -477,30 +478,30 @@ func TestConfinement(t *testing.T) {
 	for _, c := range []struct{ name, target string }{
 		{"escape", "../../../../../../../../etc"}, {"abs", "/etc/passwd"}, {"lib", "../pkg-b/lib"},
 	} {
-		st, lfh, a, err := rc.lookup(pkga, c.name)
-		if err != nil || st != nfs3OK || a.typ != 5 {
-			t.Fatalf("LOOKUP %s: status %d type %d err %v", c.name, st, a.typ, err)
+		st, lfh, a, err := rc.Lookup(pkga, c.name)
+		if err != nil || st != nfsraw.NFS3OK || a.Type != 5 {
+			t.Fatalf("LOOKUP %s: status %d type %d err %v", c.name, st, a.Type, err)
 		}
-		if st, target, _ := rc.readlink(lfh); st != nfs3OK || target != c.target {
+		if st, target, _ := rc.Readlink(lfh); st != nfsraw.NFS3OK || target != c.target {
 			t.Errorf("READLINK %s = %d %q, want %q", c.name, st, target, c.target)
 		}
-		if st, data, _, err := rc.read(lfh, 0, 4096); err != nil || st == nfs3OK || len(data) != 0 {
+		if st, data, _, err := rc.Read(lfh, 0, 4096); err != nil || st == nfsraw.NFS3OK || len(data) != 0 {
 			t.Errorf("READ symlink %s: status %d, %d bytes, err %v; want an error", c.name, st, len(data), err)
 		}
-		if st, ents, _, _, err := rc.readdirplus(lfh, 0, 0, 8192); err != nil || st == nfs3OK || len(ents) != 0 {
+		if st, ents, _, _, err := rc.Readdirplus(lfh, 0, 0, 8192); err != nil || st == nfsraw.NFS3OK || len(ents) != 0 {
 			t.Errorf("READDIRPLUS symlink %s: status %d, %d entries, err %v; want an error", c.name, st, len(ents), err)
 		}
-		if st, ents, _, _, err := rc.readdir(lfh, 0, 0, 8192); err != nil || st == nfs3OK || len(ents) != 0 {
+		if st, ents, _, _, err := rc.Readdir(lfh, 0, 0, 8192); err != nil || st == nfsraw.NFS3OK || len(ents) != 0 {
 			t.Errorf("READDIR symlink %s: status %d, %d entries, err %v; want an error", c.name, st, len(ents), err)
 		}
 		for _, n := range []string{"passwd", "libx.so", "hosts"} {
-			if st, _, _, _ := rc.lookup(lfh, n); st == nfs3OK {
+			if st, _, _, _ := rc.Lookup(lfh, n); st == nfsraw.NFS3OK {
 				t.Errorf("LOOKUP %s/%s through a symlink succeeded", c.name, n)
 			}
 		}
 	}
 	// READ on a directory fails; READ of a file is exact.
-	if st, data, _, _ := rc.read(pkga, 0, 4096); st == nfs3OK || len(data) != 0 {
+	if st, data, _, _ := rc.Read(pkga, 0, 4096); st == nfsraw.NFS3OK || len(data) != 0 {
 		t.Errorf("READ directory: status %d, %d bytes", st, len(data))
 	}
 	// Handles that are not this generation's: sealed with the server's own key
@@ -522,7 +523,7 @@ func TestConfinement(t *testing.T) {
 		return h
 	}
 	gen2data := forge(2, filepath.Join(fx.gen[2], "pkg-a/data.txt"))
-	if st, b, _ := rc.readAll(gen2data); st != nfs3OK || !strings.Contains(string(b), "TWO") {
+	if st, b, _ := rc.ReadAll(gen2data); st != nfsraw.NFS3OK || !strings.Contains(string(b), "TWO") {
 		t.Fatalf("control: gen 2's own handle: status %d data %q", st, b)
 	}
 	bad := map[string][]byte{
@@ -536,13 +537,13 @@ func TestConfinement(t *testing.T) {
 		"empty":                          {},
 	}
 	for name, h := range bad {
-		if st, _, err := rc.getattr(h); err != nil || st != nfs3ErrStale {
+		if st, _, err := rc.Getattr(h); err != nil || st != nfsraw.NFS3ErrStale {
 			t.Errorf("GETATTR %s: status %d err %v, want NFS3ERR_STALE", name, st, err)
 		}
-		if st, data, _, err := rc.read(h, 0, 4096); err != nil || st != nfs3ErrStale || len(data) != 0 {
+		if st, data, _, err := rc.Read(h, 0, 4096); err != nil || st != nfsraw.NFS3ErrStale || len(data) != 0 {
 			t.Errorf("READ %s: status %d (%d bytes) err %v, want NFS3ERR_STALE", name, st, len(data), err)
 		}
-		if st, _, _, err := rc.lookup(h, "pkg-a"); err != nil || st != nfs3ErrStale {
+		if st, _, _, err := rc.Lookup(h, "pkg-a"); err != nil || st != nfsraw.NFS3ErrStale {
 			t.Errorf("LOOKUP in %s: status %d err %v, want NFS3ERR_STALE", name, st, err)
 		}
 	}
@@ -553,26 +554,26 @@ func TestConfinement(t *testing.T) {
 	mut := []struct {
 		name string
 		proc uint32
-		args *enc
+		args *nfsraw.Enc
 		want uint32
 	}{
-		{"SETATTR", 2, (&enc{}).opaque(file).u32(1).u32(0o777).u32(0).u32(0).u32(1).u64(0).u32(0).u32(0).u32(0), nfs3ErrROFS},
-		{"WRITE", 7, (&enc{}).opaque(file).u64(0).u32(4).u32(2).opaque([]byte("evil")), nfs3ErrROFS},
-		{"CREATE", 8, (&enc{}).opaque(pkga).str("new").u32(0).noSattr(), nfs3ErrROFS},
-		{"MKDIR", 9, (&enc{}).opaque(pkga).str("newdir").noSattr(), nfs3ErrROFS},
-		{"SYMLINK", 10, (&enc{}).opaque(pkga).str("newlink").noSattr().str("/etc"), nfs3ErrROFS},
-		{"MKNOD", 11, (&enc{}).opaque(pkga).str("fifo").u32(7).noSattr(), nfs3ErrROFS},
-		{"REMOVE", 12, (&enc{}).opaque(pkga).str("data.txt"), nfs3ErrROFS},
-		{"RMDIR", 13, (&enc{}).opaque(root).str("many"), nfs3ErrROFS},
-		{"RENAME", 14, (&enc{}).opaque(pkga).str("data.txt").opaque(pkga).str("moved"), nfs3ErrROFS},
+		{"SETATTR", 2, (&nfsraw.Enc{}).Opaque(file).U32(1).U32(0o777).U32(0).U32(0).U32(1).U64(0).U32(0).U32(0).U32(0), nfsraw.NFS3ErrROFS},
+		{"WRITE", 7, (&nfsraw.Enc{}).Opaque(file).U64(0).U32(4).U32(2).Opaque([]byte("evil")), nfsraw.NFS3ErrROFS},
+		{"CREATE", 8, (&nfsraw.Enc{}).Opaque(pkga).Str("new").U32(0).NoSattr(), nfsraw.NFS3ErrROFS},
+		{"MKDIR", 9, (&nfsraw.Enc{}).Opaque(pkga).Str("newdir").NoSattr(), nfsraw.NFS3ErrROFS},
+		{"SYMLINK", 10, (&nfsraw.Enc{}).Opaque(pkga).Str("newlink").NoSattr().Str("/etc"), nfsraw.NFS3ErrROFS},
+		{"MKNOD", 11, (&nfsraw.Enc{}).Opaque(pkga).Str("fifo").U32(7).NoSattr(), nfsraw.NFS3ErrROFS},
+		{"REMOVE", 12, (&nfsraw.Enc{}).Opaque(pkga).Str("data.txt"), nfsraw.NFS3ErrROFS},
+		{"RMDIR", 13, (&nfsraw.Enc{}).Opaque(root).Str("many"), nfsraw.NFS3ErrROFS},
+		{"RENAME", 14, (&nfsraw.Enc{}).Opaque(pkga).Str("data.txt").Opaque(pkga).Str("moved"), nfsraw.NFS3ErrROFS},
 		// go-nfs decodes LINK as (dir, name, sattr, target); the RFC 1813
 		// encoding (file, dir, name) does not parse there. Send go-nfs's form.
-		{"LINK", 15, (&enc{}).opaque(pkga).str("hl").noSattr().opaque(file), nfs3ErrROFS},
+		{"LINK", 15, (&nfsraw.Enc{}).Opaque(pkga).Str("hl").NoSattr().Opaque(file), nfsraw.NFS3ErrROFS},
 		// go-nfs answers COMMIT on a read-only filesystem with SERVERFAULT.
-		{"COMMIT", 21, (&enc{}).opaque(file).u64(0).u32(0), nfs3ErrSrvFault},
+		{"COMMIT", 21, (&nfsraw.Enc{}).Opaque(file).U64(0).U32(0), nfsraw.NFS3ErrSrvFault},
 	}
 	for _, m := range mut {
-		st, _, err := rc.nfs(m.proc, m.args)
+		st, _, err := rc.NFS(m.proc, m.args)
 		if err != nil || st != m.want {
 			t.Errorf("%s: status %d err %v, want %d", m.name, st, err, m.want)
 		}
@@ -613,13 +614,13 @@ func TestConfinement(t *testing.T) {
 	// Remove: the generation's handles go STALE and it no longer mounts;
 	// gen 2 is unaffected.
 	e.Remove(1)
-	if st, _, _ := rc.getattr(file); st != nfs3ErrStale {
+	if st, _, _ := rc.Getattr(file); st != nfsraw.NFS3ErrStale {
 		t.Errorf("GETATTR after Remove: status %d, want NFS3ERR_STALE", st)
 	}
-	if st, _, _ := rc.mount("/gen/1"); st != 2 {
+	if st, _, _ := rc.Mount("/gen/1"); st != 2 {
 		t.Errorf("MOUNT /gen/1 after Remove: status %d, want MNT3ERR_NOENT", st)
 	}
-	if st, b, _ := rc.readAll(gen2data); st != nfs3OK || !strings.Contains(string(b), "TWO") {
+	if st, b, _ := rc.ReadAll(gen2data); st != nfsraw.NFS3OK || !strings.Contains(string(b), "TWO") {
 		t.Errorf("gen 2 after removing gen 1: status %d data %q", st, b)
 	}
 }
@@ -632,14 +633,14 @@ func TestMountPaths(t *testing.T) {
 		"/gen/99": 2, "/gen/0": 2, "/gen/x": 2, "/": 2, "/gen/1/../2": 2, "/gen/1/nope": 2,
 		"/gen/1/pkg-a/lib": 20, "/gen/1/pkg-a/escape": 20, "/gen/1/pkg-a/data.txt": 20,
 	} {
-		if st, _, err := rc.mount(p); err != nil || st != want {
+		if st, _, err := rc.Mount(p); err != nil || st != want {
 			t.Errorf("MOUNT %s: status %d err %v, want %d", p, st, err, want)
 		}
 	}
 	sub := mountRaw(t, rc, "/gen/1/pkg-b/lib/")
 	fh := lookupPath(t, rc, sub, "libx.so")
 	want, _ := os.ReadFile(filepath.Join(fx.gen[1], "pkg-b/lib/libx.so"))
-	if st, b, _ := rc.readAll(fh); st != nfs3OK || !bytes.Equal(b, want) {
+	if st, b, _ := rc.ReadAll(fh); st != nfsraw.NFS3OK || !bytes.Equal(b, want) {
 		t.Errorf("READ libx.so via MOUNT /gen/1/pkg-b/lib: status %d, %d bytes, want %d", st, len(b), len(want))
 	}
 	// Add is idempotent for the same dir, refuses another dir for a live id.
@@ -689,14 +690,14 @@ func TestHandlesSurviveRestart(t *testing.T) {
 	file := lookupPath(t, rc, root, "pkg-b/lib/libx.so")
 	link := lookupPath(t, rc, root, "pkg-a/abs")
 	many := lookupPath(t, rc, root, "many")
-	_, before, _ := rc.readAll(file)
+	_, before, _ := rc.ReadAll(file)
 	// a half-finished listing: first two pages only
-	st, p1, verf, _, err := rc.readdirplus(many, 0, 0, 4096)
-	if err != nil || st != nfs3OK || len(p1) < 3 {
+	st, p1, verf, _, err := rc.Readdirplus(many, 0, 0, 4096)
+	if err != nil || st != nfsraw.NFS3OK || len(p1) < 3 {
 		t.Fatalf("READDIRPLUS page 1: %d %v (%d entries)", st, err, len(p1))
 	}
-	st, p2, verf2, _, err := rc.readdirplus(many, p1[len(p1)-1].cookie, verf, 4096)
-	if err != nil || st != nfs3OK || verf2 != verf {
+	st, p2, verf2, _, err := rc.Readdirplus(many, p1[len(p1)-1].Cookie, verf, 4096)
+	if err != nil || st != nfsraw.NFS3OK || verf2 != verf {
 		t.Fatalf("READDIRPLUS page 2: %d %v", st, err)
 	}
 	rc.Close()
@@ -708,22 +709,22 @@ func TestHandlesSurviveRestart(t *testing.T) {
 		t.Fatalf("restarted on %s, want %s", addr2, addr)
 	}
 	rc2 := raw(t, addr2)
-	if st, after, err := rc2.readAll(file); err != nil || st != nfs3OK || !bytes.Equal(after, before) || len(after) == 0 {
+	if st, after, err := rc2.ReadAll(file); err != nil || st != nfsraw.NFS3OK || !bytes.Equal(after, before) || len(after) == 0 {
 		t.Fatalf("READ old handle after restart: status %d err %v, %d bytes (want %d, same)", st, err, len(after), len(before))
 	}
-	if st, target, _ := rc2.readlink(link); st != nfs3OK || target != "/etc/passwd" {
+	if st, target, _ := rc2.Readlink(link); st != nfsraw.NFS3OK || target != "/etc/passwd" {
 		t.Errorf("READLINK old handle after restart: %d %q", st, target)
 	}
 	if fh := mountRaw(t, rc2, "/gen/2"); !bytes.Equal(fh, root) {
 		t.Error("root handle changed across restart")
 	}
-	rest, err := rc2.listAll(many, p2[len(p2)-1].cookie, verf2, 4096)
+	rest, err := rc2.ListAll(many, p2[len(p2)-1].Cookie, verf2, 4096)
 	if err != nil {
 		t.Fatalf("resume READDIRPLUS with the old cookie and verifier: %v", err)
 	}
 	seen := map[string]int{}
 	for _, en := range append(append(p1, p2...), rest...) {
-		seen[en.name]++
+		seen[en.Name]++
 	}
 	for i := 0; i < 300; i++ {
 		n := fmt.Sprintf("f%03d", i)
@@ -816,14 +817,14 @@ func TestLargeDirectory(t *testing.T) {
 	root := mountRaw(t, rc, "/gen/1")
 	huge := lookupPath(t, rc, root, "huge")
 	start = time.Now()
-	all, err := rc.listAll(huge, 0, 0, 32<<10)
+	all, err := rc.ListAll(huge, 0, 0, 32<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("raw READDIRPLUS (32 KiB pages) of %d entries: %v", len(all), time.Since(start))
 	names := make([]string, 0, len(all))
 	for _, en := range all {
-		names = append(names, en.name)
+		names = append(names, en.Name)
 	}
 	sort.Strings(names)
 	if len(names) != n+2 {
@@ -831,8 +832,8 @@ func TestLargeDirectory(t *testing.T) {
 	}
 	for _, i := range []int{0, n / 2, n - 1} {
 		en := all[i+2]
-		if st, a, err := rc.getattr(en.fh); err != nil || st != nfs3OK || a.fileid != en.fileid {
-			t.Errorf("GETATTR of %s's READDIRPLUS handle: %d %v", en.name, st, err)
+		if st, a, err := rc.Getattr(en.FH); err != nil || st != nfsraw.NFS3OK || a.Fileid != en.Fileid {
+			t.Errorf("GETATTR of %s's READDIRPLUS handle: %d %v", en.Name, st, err)
 		}
 	}
 }
@@ -909,23 +910,23 @@ func TestMemoryBoundedHandles(t *testing.T) {
 		dfh := lookupPath(t, rc, root, fmt.Sprintf("d%d", d))
 		cookie, verf := uint64(0), uint64(0)
 		for {
-			st, ents, v, eof, err := rc.readdirplus(dfh, cookie, verf, 64<<10)
-			if err != nil || st != nfs3OK {
+			st, ents, v, eof, err := rc.Readdirplus(dfh, cookie, verf, 64<<10)
+			if err != nil || st != nfsraw.NFS3OK {
 				t.Fatalf("READDIRPLUS d%d: %d %v", d, st, err)
 			}
 			for _, en := range ents {
-				if en.name == "." || en.name == ".." {
+				if en.Name == "." || en.Name == ".." {
 					continue
 				}
-				if st, _, err := rc.getattr(en.fh); err != nil || st != nfs3OK {
-					t.Fatalf("GETATTR %s: %d %v", en.name, st, err)
+				if st, _, err := rc.Getattr(en.FH); err != nil || st != nfsraw.NFS3OK {
+					t.Fatalf("GETATTR %s: %d %v", en.Name, st, err)
 				}
 				served++
 			}
 			if eof {
 				break
 			}
-			cookie, verf = ents[len(ents)-1].cookie, v
+			cookie, verf = ents[len(ents)-1].Cookie, v
 		}
 		if d == 0 {
 			base = measure()

@@ -278,26 +278,30 @@ func (c *conn) readSendfile(rc syscall.RawConn, xid uint32, f *roFile, info *inf
 	foff := int64(off)
 	left := int(count)
 	var werr error
+	// step sorts a system call's error: wait (EAGAIN: the callback returns
+	// false and runs again once the socket is writable) or failed (werr).
+	step := func(err error) (wait, failed bool) {
+		switch {
+		case err == unix.EAGAIN:
+			return true, false
+		case err != nil && err != unix.EINTR:
+			werr = err
+			return false, true
+		}
+		return false, false
+	}
 	err := rc.Write(func(fd uintptr) bool {
 		for len(hdr) > 0 {
 			n, err := unix.SendmsgN(int(fd), hdr, nil, nil, unix.MSG_MORE)
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err != nil && err != unix.EINTR {
-				werr = err
-				return true
+			if wait, failed := step(err); wait || failed {
+				return failed
 			}
 			hdr = hdr[max(n, 0):]
 		}
 		for left > 0 {
 			n, err := unix.Sendfile(int(fd), f.s.fd, &foff, min(left, 1<<30))
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err != nil && err != unix.EINTR {
-				werr = err
-				return true
+			if wait, failed := step(err); wait || failed {
+				return failed
 			}
 			if n == 0 && err == nil {
 				werr = io.ErrUnexpectedEOF // the file is shorter than its size said
@@ -307,12 +311,8 @@ func (c *conn) readSendfile(rc syscall.RawConn, xid uint32, f *roFile, info *inf
 		}
 		for len(pad) > 0 {
 			n, err := unix.Write(int(fd), pad)
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err != nil && err != unix.EINTR {
-				werr = err
-				return true
+			if wait, failed := step(err); wait || failed {
+				return failed
 			}
 			pad = pad[max(n, 0):]
 		}

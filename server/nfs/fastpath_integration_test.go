@@ -4,14 +4,14 @@ package nfs
 
 import (
 	"bytes"
-	"encoding/binary"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/strata-nix/strata/internal/nfsraw"
 )
 
 // TestFastPathMatchesGoNFS sends the same GETATTR, LOOKUP, READ,
@@ -47,15 +47,15 @@ func TestFastPathMatchesGoNFS(t *testing.T) {
 	slow, slowAddr, _ := fx.serveWith(t, true)
 	rf, rs := raw(t, fastAddr), raw(t, slowAddr)
 
-	same := func(what string, proc uint32, args *enc) {
+	same := func(what string, proc uint32, args *nfsraw.Enc) {
 		t.Helper()
-		df, errF := rf.call(progNFS, proc, args.b)
-		ds, errS := rs.call(progNFS, proc, args.b)
+		df, errF := rf.Call(progNFS, proc, args.B)
+		ds, errS := rs.Call(progNFS, proc, args.B)
 		if errF != nil || errS != nil {
 			t.Fatalf("%s: fast path error %v, go-nfs error %v", what, errF, errS)
 		}
-		if !bytes.Equal(df.b, ds.b) {
-			t.Errorf("%s: fast path reply differs from go-nfs's:\nfast  %x\ngo-nfs %x", what, df.b, ds.b)
+		if !bytes.Equal(df.B, ds.B) {
+			t.Errorf("%s: fast path reply differs from go-nfs's:\nfast  %x\ngo-nfs %x", what, df.B, ds.B)
 		}
 	}
 
@@ -75,19 +75,19 @@ func TestFastPathMatchesGoNFS(t *testing.T) {
 		handles["short"] = []byte{1, 2, 3, 4}
 		for name, h := range handles {
 			w := fmt.Sprintf("gen %d %q", gen, name)
-			same(w+" GETATTR", 1, (&enc{}).opaque(h))
+			same(w+" GETATTR", 1, (&nfsraw.Enc{}).Opaque(h))
 			for _, child := range []string{"bin", "data.txt", "lib", "escape", "f007", ".", "..",
 				"missing", "a/b", "", "weird name @x", "libx.so"} {
-				same(fmt.Sprintf("%s LOOKUP %q", w, child), 3, (&enc{}).opaque(h).str(child))
+				same(fmt.Sprintf("%s LOOKUP %q", w, child), 3, (&nfsraw.Enc{}).Opaque(h).Str(child))
 			}
 			for _, rd := range []struct {
 				off   uint64
 				count uint32
 			}{{0, 0}, {0, 1}, {0, 4096}, {1, 3}, {5, 1 << 20}, {3<<20 + 123 - 70001, 1 << 20}, {3<<20 + 100, 100}, {3<<20 + 123, 10},
 				{1 << 40, 10}, {0, 1 << 25}, {1 << 63, 1}} {
-				same(fmt.Sprintf("%s READ %d+%d", w, rd.off, rd.count), 6, (&enc{}).opaque(h).u64(rd.off).u32(rd.count))
+				same(fmt.Sprintf("%s READ %d+%d", w, rd.off, rd.count), 6, (&nfsraw.Enc{}).Opaque(h).U64(rd.off).U32(rd.count))
 			}
-			same(w+" COMMIT", 21, (&enc{}).opaque(h).u64(0).u32(0))
+			same(w+" COMMIT", 21, (&nfsraw.Enc{}).Opaque(h).U64(0).U32(0))
 			verf := verifier(encodeToken(h) + "/../" + encodeToken(h))
 			for _, rd := range []struct {
 				cookie, verf       uint64
@@ -97,7 +97,7 @@ func TestFastPathMatchesGoNFS(t *testing.T) {
 				{301, verf, 512, 4096}, {302, verf, 512, 4096}, {1000, verf, 512, 4096},
 				{5, verf ^ 2, 512, 4096}, {0, 0, 511, 4096}, {0, 0, 512, 4095}, {3, verf, 100000, 4096}} {
 				same(fmt.Sprintf("%s READDIRPLUS cookie %d verf %x counts %d/%d", w, rd.cookie, rd.verf, rd.dircount, rd.maxcount),
-					17, (&enc{}).opaque(h).u64(rd.cookie).u64(rd.verf).u32(rd.dircount).u32(rd.maxcount))
+					17, (&nfsraw.Enc{}).Opaque(h).U64(rd.cookie).U64(rd.verf).U32(rd.dircount).U32(rd.maxcount))
 			}
 		}
 	}
@@ -126,53 +126,39 @@ func TestFastPathRepliesInterleaveWhole(t *testing.T) {
 	for i := range n {
 		xid := uint32(1000 + i)
 		var proc uint32
-		var args *enc
+		var args *nfsraw.Enc
 		switch i % 3 {
 		case 0:
-			proc, args = 6, (&enc{}).opaque(big).u64(uint64(i%150)<<14).u32(64<<10)
+			proc, args = 6, (&nfsraw.Enc{}).Opaque(big).U64(uint64(i%150)<<14).U32(64<<10)
 		case 1:
-			proc, args = 17, (&enc{}).opaque(many).u64(0).u64(0).u32(4096).u32(32768)
+			proc, args = 17, (&nfsraw.Enc{}).Opaque(many).U64(0).U64(0).U32(4096).U32(32768)
 		default:
-			proc, args = 3, (&enc{}).opaque(many).str(fmt.Sprintf("f%03d", i%300))
+			proc, args = 3, (&nfsraw.Enc{}).Opaque(many).Str(fmt.Sprintf("f%03d", i%300))
 		}
 		kinds[xid] = proc
-		auth := (&enc{}).u32(0).str("t").u32(0).u32(0).u32(0).b
-		msg := (&enc{}).u32(xid).u32(0).u32(2).u32(progNFS).u32(3).u32(proc).u32(1).opaque(auth).u32(0).u32(0).b
-		msg = append(msg, args.b...)
-		calls = append(calls, (&enc{}).u32(uint32(len(msg))|1<<31).b...)
-		calls = append(calls, msg...)
+		calls = nfsraw.CallRecord(calls, xid, progNFS, proc, rc.Cred(), args.B)
 	}
-	go rc.c.Write(calls)
+	go rc.Write(calls)
 	seen := map[uint32]bool{}
 	for range n {
-		var hdr [4]byte
-		if _, err := io.ReadFull(rc.r, hdr[:]); err != nil {
+		xid, d, err := rc.ReadReply()
+		if err != nil {
 			t.Fatalf("after %d replies: %v", len(seen), err)
 		}
-		body := make([]byte, binary.BigEndian.Uint32(hdr[:])&0x7fffffff)
-		if _, err := io.ReadFull(rc.r, body); err != nil {
-			t.Fatalf("after %d replies: %v", len(seen), err)
-		}
-		d := &dec{b: body}
-		xid := d.u32()
 		proc, ok := kinds[xid]
 		if !ok || seen[xid] {
 			t.Fatalf("reply with unknown or repeated xid %d", xid)
 		}
 		seen[xid] = true
-		d.u32()
-		d.u32()
-		d.u32()
-		d.opaque()
-		if as, st := d.u32(), d.u32(); as != 0 || st != nfs3OK || d.err != nil {
-			t.Fatalf("xid %d proc %d: accept %d status %d err %v", xid, proc, as, st, d.err)
+		if st := d.U32(); st != nfsraw.NFS3OK || d.Err != nil {
+			t.Fatalf("xid %d proc %d: status %d err %v", xid, proc, st, d.Err)
 		}
 		if proc == 6 {
-			d.postOpAttr()
-			count := d.u32()
-			d.u32()
-			if data := d.opaque(); uint32(len(data)) != count || count != 64<<10 || d.err != nil {
-				t.Fatalf("xid %d READ: count %d, %d data bytes, err %v", xid, count, len(data), d.err)
+			d.PostOpAttr()
+			count := d.U32()
+			d.U32()
+			if data := d.Opaque(); uint32(len(data)) != count || count != 64<<10 || d.Err != nil {
+				t.Fatalf("xid %d READ: count %d, %d data bytes, err %v", xid, count, len(data), d.Err)
 			}
 		}
 	}

@@ -143,11 +143,11 @@ func TestBadRecordsCloseOnlyTheirConnection(t *testing.T) {
 	s := serve(t, Options{})
 	addr := s.l.Addr().String()
 	bad := map[string][]byte{
-		"cred 0x7ffffff0": frame((&xb{}).u32(1, 0, 2, ProgNFS, 3, 0, AuthUnix, 0x7ffffff0, 0, 0, 0, 0).b),
+		"cred 0x7ffffff0": frame((&xb{}).U32(1, 0, 2, ProgNFS, 3, 0, AuthUnix, 0x7ffffff0, 0, 0, 0, 0).B),
 		"no last bit":     binary.BigEndian.AppendUint32(nil, 60),
 		"huge record":     binary.BigEndian.AppendUint32(nil, lastFragment|0x7fffffff),
-		"reply":           frame((&xb{}).u32(1, 1, 0, 0, 0, 0, 0, 0, 0, 0).b),
-		"lookup name 2G":  frame(header(ProgNFS, 3, nfsLookup, AuthNone, nil).opaque(fh32).u32(0x7ffffff0).b),
+		"reply":           frame((&xb{}).U32(1, 1, 0, 0, 0, 0, 0, 0, 0, 0).B),
+		"lookup name 2G":  frame(header(ProgNFS, 3, nfsLookup, AuthNone, nil).Opaque(fh32).U32(0x7ffffff0).B),
 	}
 	// A legitimate connection stays open across all of it.
 	good, err := net.Dial("tcp", addr)
@@ -173,7 +173,7 @@ func TestBadRecordsCloseOnlyTheirConnection(t *testing.T) {
 		t.Errorf("bad_records{cred} = %v, want 1", got)
 	}
 	// NFS NULL on the connection that stayed open gets a reply.
-	good.Write(frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).b))
+	good.Write(frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).B))
 	good.SetReadDeadline(time.Now().Add(2 * time.Second))
 	var hdr [8]byte
 	if _, err := io.ReadFull(good, hdr[:]); err != nil {
@@ -259,7 +259,7 @@ func TestIdleAndSlowRecordTimeouts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer slow.Close()
-	rec := frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).b)
+	rec := frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).B)
 	slow.Write(rec[:10]) // slowloris: never finishes the record
 
 	start := time.Now()

@@ -10,48 +10,29 @@ import (
 
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"github.com/willscott/go-nfs-client/nfs/xdr"
+
+	"github.com/strata-nix/strata/internal/nfsraw"
 )
 
 // xb builds XDR by hand, so tests can also build what no encoder would.
-type xb struct{ b []byte }
-
-func (x *xb) u32(vs ...uint32) *xb {
-	for _, v := range vs {
-		x.b = binary.BigEndian.AppendUint32(x.b, v)
-	}
-	return x
-}
-
-func (x *xb) u64(v uint64) *xb { x.b = binary.BigEndian.AppendUint64(x.b, v); return x }
-
-// opaque appends a length-prefixed, padded opaque.
-func (x *xb) opaque(p []byte) *xb {
-	x.u32(uint32(len(p)))
-	x.b = append(x.b, p...)
-	for len(x.b)%4 != 0 {
-		x.b = append(x.b, 0)
-	}
-	return x
-}
-
-func (x *xb) raw(p []byte) *xb { x.b = append(x.b, p...); return x }
+type xb = nfsraw.Enc
 
 // header builds a call header with the given credential.
 func header(prog, vers, proc, credFlavor uint32, cred []byte) *xb {
 	x := &xb{}
-	x.u32(0x1234, msgCall, rpcVersion, prog, vers, proc, credFlavor)
-	x.opaque(cred)
-	x.u32(AuthNone, 0)
+	x.U32(0x1234, msgCall, rpcVersion, prog, vers, proc, credFlavor)
+	x.Opaque(cred)
+	x.U32(AuthNone, 0)
 	return x
 }
 
 func unixCred(name string, gids int) []byte {
 	x := &xb{}
-	x.u32(7).opaque([]byte(name)).u32(1000, 100, uint32(gids))
+	x.U32(7).Opaque([]byte(name)).U32(1000, 100, uint32(gids))
 	for i := 0; i < gids; i++ {
-		x.u32(uint32(i))
+		x.U32(uint32(i))
 	}
-	return x.b
+	return x.B
 }
 
 var fh32 = bytes.Repeat([]byte{0xab}, 32)
@@ -64,53 +45,53 @@ func TestParseCall(t *testing.T) {
 		problem Problem // ProblemNone: accepted
 		known   bool
 	}{
-		{"nfs null", nullNFS().b, ProblemNone, true},
-		{"nfs getattr auth_unix", header(ProgNFS, 3, nfsGetattr, AuthUnix, unixCred("builder-1", 3)).opaque(fh32).b, ProblemNone, true},
-		{"nfs lookup", header(ProgNFS, 3, nfsLookup, AuthNone, nil).opaque(fh32).opaque([]byte("hello.txt")).b, ProblemNone, true},
-		{"nfs read", header(ProgNFS, 3, nfsRead, AuthNone, nil).opaque(fh32).u64(0).u32(1 << 20).b, ProblemNone, true},
-		{"nfs readdirplus", header(ProgNFS, 3, nfsReaddirplus, AuthNone, nil).opaque(fh32).u64(0).u64(0).u32(8192, 65536).b, ProblemNone, true},
-		{"nfs write (answered ROFS by go-nfs)", header(ProgNFS, 3, nfsWrite, AuthNone, nil).opaque(fh32).u64(0).u32(5, 2).opaque([]byte("hello")).b, ProblemNone, true},
-		{"nfs setattr with guard", header(ProgNFS, 3, nfsSetattr, AuthNone, nil).opaque(fh32).u32(1, 0o644, 0, 0, 1).u64(0).u32(2, 1, 2, 0, 1, 5, 6).b, ProblemNone, true},
-		{"nfs create exclusive", header(ProgNFS, 3, nfsCreate, AuthNone, nil).opaque(fh32).opaque([]byte("new")).u32(2).u64(99).b, ProblemNone, true},
-		{"nfs symlink", header(ProgNFS, 3, nfsSymlink, AuthNone, nil).opaque(fh32).opaque([]byte("l")).u32(0, 0, 0, 0, 0, 0).opaque([]byte("/nix/store/x")).b, ProblemNone, true},
-		{"nfs rename", header(ProgNFS, 3, nfsRename, AuthNone, nil).opaque(fh32).opaque([]byte("a")).opaque(fh32).opaque([]byte("b")).b, ProblemNone, true},
-		{"mount mnt", header(ProgMount, 3, mountMnt, AuthUnix, unixCred("h", 0)).opaque([]byte("/gen/42")).b, ProblemNone, true},
-		{"nfsacl probe passes to go-nfs", header(ProgNFSACL, 3, 1, AuthUnix, unixCred("h", 1)).raw([]byte("whatever args")).b, ProblemNone, false},
-		{"unknown program with garbage args", header(400000, 1, 9, AuthNone, nil).u32(0xffffffff, 0x7ffffff0).b, ProblemNone, false},
-		{"bytes after complete args", nullNFS().u32(1, 2, 3).b, ProblemNone, true},
+		{"nfs null", nullNFS().B, ProblemNone, true},
+		{"nfs getattr auth_unix", header(ProgNFS, 3, nfsGetattr, AuthUnix, unixCred("builder-1", 3)).Opaque(fh32).B, ProblemNone, true},
+		{"nfs lookup", header(ProgNFS, 3, nfsLookup, AuthNone, nil).Opaque(fh32).Opaque([]byte("hello.txt")).B, ProblemNone, true},
+		{"nfs read", header(ProgNFS, 3, nfsRead, AuthNone, nil).Opaque(fh32).U64(0).U32(1 << 20).B, ProblemNone, true},
+		{"nfs readdirplus", header(ProgNFS, 3, nfsReaddirplus, AuthNone, nil).Opaque(fh32).U64(0).U64(0).U32(8192, 65536).B, ProblemNone, true},
+		{"nfs write (answered ROFS by go-nfs)", header(ProgNFS, 3, nfsWrite, AuthNone, nil).Opaque(fh32).U64(0).U32(5, 2).Opaque([]byte("hello")).B, ProblemNone, true},
+		{"nfs setattr with guard", header(ProgNFS, 3, nfsSetattr, AuthNone, nil).Opaque(fh32).U32(1, 0o644, 0, 0, 1).U64(0).U32(2, 1, 2, 0, 1, 5, 6).B, ProblemNone, true},
+		{"nfs create exclusive", header(ProgNFS, 3, nfsCreate, AuthNone, nil).Opaque(fh32).Opaque([]byte("new")).U32(2).U64(99).B, ProblemNone, true},
+		{"nfs symlink", header(ProgNFS, 3, nfsSymlink, AuthNone, nil).Opaque(fh32).Opaque([]byte("l")).U32(0, 0, 0, 0, 0, 0).Opaque([]byte("/nix/store/x")).B, ProblemNone, true},
+		{"nfs rename", header(ProgNFS, 3, nfsRename, AuthNone, nil).Opaque(fh32).Opaque([]byte("a")).Opaque(fh32).Opaque([]byte("b")).B, ProblemNone, true},
+		{"mount mnt", header(ProgMount, 3, mountMnt, AuthUnix, unixCred("h", 0)).Opaque([]byte("/gen/42")).B, ProblemNone, true},
+		{"nfsacl probe passes to go-nfs", header(ProgNFSACL, 3, 1, AuthUnix, unixCred("h", 1)).Raw([]byte("whatever args")).B, ProblemNone, false},
+		{"unknown program with garbage args", header(400000, 1, 9, AuthNone, nil).U32(0xffffffff, 0x7ffffff0).B, ProblemNone, false},
+		{"bytes after complete args", nullNFS().U32(1, 2, 3).B, ProblemNone, true},
 
-		{"truncated header", nullNFS().b[:36], ProblemSize, false},
+		{"truncated header", nullNFS().B[:36], ProblemSize, false},
 		{"empty", nil, ProblemSize, false},
-		{"msg_type reply", (&xb{}).u32(1, 1, 0, 0, 0, 0, 0, 0, 0, 0).b, ProblemMsgType, false},
-		{"rpcvers 3", (&xb{}).u32(1, 0, 3, ProgNFS, 3, 0, 0, 0, 0, 0).b, ProblemRPCVers, false},
-		{"nfs v4", header(ProgNFS, 4, 1, AuthNone, nil).opaque(nil).b, ProblemVersion, false},
-		{"nfs v2", header(ProgNFS, 2, 1, AuthNone, nil).b, ProblemVersion, false},
-		{"mount v1", header(ProgMount, 1, 1, AuthNone, nil).opaque([]byte("/")).b, ProblemVersion, false},
-		{"cred length 0x7ffffff0", (&xb{}).u32(1, 0, 2, ProgNFS, 3, 0, AuthUnix, 0x7ffffff0, 0, 0, 0, 0).b, ProblemCred, false},
-		{"cred 401 bytes", header(ProgNFS, 3, 0, 99, make([]byte, 401)).b, ProblemCred, false},
-		{"cred 400 bytes unknown flavor", header(ProgNFS, 3, 0, 99, make([]byte, 400)).b, ProblemNone, true},
-		{"cred longer than record", (&xb{}).u32(1, 0, 2, ProgNFS, 3, 0, 0, 200, 0, 0, 0, 0).b, ProblemCred, false},
-		{"verf 401 bytes", (&xb{}).u32(1, 0, 2, ProgNFS, 3, 0, 0, 0, 0, 401).raw(make([]byte, 404)).b, ProblemVerf, false},
-		{"verf length huge", (&xb{}).u32(1, 0, 2, ProgNFS, 3, 0, 0, 0, 0, 0xfffffff0).b, ProblemVerf, false},
-		{"auth_unix machine name 256", header(ProgNFS, 3, 0, AuthUnix, unixCred(strings.Repeat("m", 256), 0)).b, ProblemCred, false},
-		{"auth_unix 17 gids", header(ProgNFS, 3, 0, AuthUnix, unixCred("h", 17)).b, ProblemCred, false},
-		{"auth_unix gid count beyond body", header(ProgNFS, 3, 0, AuthUnix, (&xb{}).u32(7).opaque([]byte("h")).u32(0, 0, 5, 1).b).b, ProblemCred, false},
-		{"auth_unix truncated", header(ProgNFS, 3, 0, AuthUnix, []byte{0, 0, 0, 1, 0, 0}).b, ProblemCred, false},
-		{"auth_unix name length huge", header(ProgNFS, 3, 0, AuthUnix, (&xb{}).u32(7, 0xffffff00).b).b, ProblemCred, false},
-		{"getattr handle length huge", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).u32(0x7ffffff0).b, ProblemArgs, false},
-		{"getattr handle 65 bytes", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).opaque(make([]byte, 65)).b, ProblemArgs, false},
-		{"getattr handle past end", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).u32(64).raw(make([]byte, 8)).b, ProblemArgs, false},
-		{"getattr no handle", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).b, ProblemArgs, false},
-		{"lookup name 0x7ffffff0", header(ProgNFS, 3, nfsLookup, AuthNone, nil).opaque(fh32).u32(0x7ffffff0).b, ProblemArgs, false},
-		{"lookup name 256", header(ProgNFS, 3, nfsLookup, AuthNone, nil).opaque(fh32).opaque(make([]byte, 256)).b, ProblemArgs, false},
-		{"read truncated after handle", header(ProgNFS, 3, nfsRead, AuthNone, nil).opaque(fh32).u32(0).b, ProblemArgs, false},
-		{"write data length beyond record", header(ProgNFS, 3, nfsWrite, AuthNone, nil).opaque(fh32).u64(0).u32(5, 2).u32(1 << 30).b, ProblemArgs, false},
-		{"symlink target huge", header(ProgNFS, 3, nfsSymlink, AuthNone, nil).opaque(fh32).opaque([]byte("l")).u32(0, 0, 0, 0, 0, 0).u32(0xfffffff0).b, ProblemArgs, false},
-		{"sattr bool 7", header(ProgNFS, 3, nfsMkdir, AuthNone, nil).opaque(fh32).opaque([]byte("d")).u32(7, 0, 0, 0, 0, 0).b, ProblemArgs, false},
-		{"create bad mode", header(ProgNFS, 3, nfsCreate, AuthNone, nil).opaque(fh32).opaque([]byte("n")).u32(9).b, ProblemArgs, false},
-		{"mount dirpath huge", header(ProgMount, 3, mountMnt, AuthNone, nil).u32(0x7ffffff0).b, ProblemArgs, false},
-		{"mount dirpath 1025", header(ProgMount, 3, mountMnt, AuthNone, nil).opaque(make([]byte, 1025)).b, ProblemArgs, false},
-		{"garbage after valid header", header(ProgNFS, 3, nfsReaddirplus, AuthNone, nil).raw([]byte("\xde\xad\xbe\xef garbage garbage")).b, ProblemArgs, false},
+		{"msg_type reply", (&xb{}).U32(1, 1, 0, 0, 0, 0, 0, 0, 0, 0).B, ProblemMsgType, false},
+		{"rpcvers 3", (&xb{}).U32(1, 0, 3, ProgNFS, 3, 0, 0, 0, 0, 0).B, ProblemRPCVers, false},
+		{"nfs v4", header(ProgNFS, 4, 1, AuthNone, nil).Opaque(nil).B, ProblemVersion, false},
+		{"nfs v2", header(ProgNFS, 2, 1, AuthNone, nil).B, ProblemVersion, false},
+		{"mount v1", header(ProgMount, 1, 1, AuthNone, nil).Opaque([]byte("/")).B, ProblemVersion, false},
+		{"cred length 0x7ffffff0", (&xb{}).U32(1, 0, 2, ProgNFS, 3, 0, AuthUnix, 0x7ffffff0, 0, 0, 0, 0).B, ProblemCred, false},
+		{"cred 401 bytes", header(ProgNFS, 3, 0, 99, make([]byte, 401)).B, ProblemCred, false},
+		{"cred 400 bytes unknown flavor", header(ProgNFS, 3, 0, 99, make([]byte, 400)).B, ProblemNone, true},
+		{"cred longer than record", (&xb{}).U32(1, 0, 2, ProgNFS, 3, 0, 0, 200, 0, 0, 0, 0).B, ProblemCred, false},
+		{"verf 401 bytes", (&xb{}).U32(1, 0, 2, ProgNFS, 3, 0, 0, 0, 0, 401).Raw(make([]byte, 404)).B, ProblemVerf, false},
+		{"verf length huge", (&xb{}).U32(1, 0, 2, ProgNFS, 3, 0, 0, 0, 0, 0xfffffff0).B, ProblemVerf, false},
+		{"auth_unix machine name 256", header(ProgNFS, 3, 0, AuthUnix, unixCred(strings.Repeat("m", 256), 0)).B, ProblemCred, false},
+		{"auth_unix 17 gids", header(ProgNFS, 3, 0, AuthUnix, unixCred("h", 17)).B, ProblemCred, false},
+		{"auth_unix gid count beyond body", header(ProgNFS, 3, 0, AuthUnix, (&xb{}).U32(7).Opaque([]byte("h")).U32(0, 0, 5, 1).B).B, ProblemCred, false},
+		{"auth_unix truncated", header(ProgNFS, 3, 0, AuthUnix, []byte{0, 0, 0, 1, 0, 0}).B, ProblemCred, false},
+		{"auth_unix name length huge", header(ProgNFS, 3, 0, AuthUnix, (&xb{}).U32(7, 0xffffff00).B).B, ProblemCred, false},
+		{"getattr handle length huge", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).U32(0x7ffffff0).B, ProblemArgs, false},
+		{"getattr handle 65 bytes", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).Opaque(make([]byte, 65)).B, ProblemArgs, false},
+		{"getattr handle past end", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).U32(64).Raw(make([]byte, 8)).B, ProblemArgs, false},
+		{"getattr no handle", header(ProgNFS, 3, nfsGetattr, AuthNone, nil).B, ProblemArgs, false},
+		{"lookup name 0x7ffffff0", header(ProgNFS, 3, nfsLookup, AuthNone, nil).Opaque(fh32).U32(0x7ffffff0).B, ProblemArgs, false},
+		{"lookup name 256", header(ProgNFS, 3, nfsLookup, AuthNone, nil).Opaque(fh32).Opaque(make([]byte, 256)).B, ProblemArgs, false},
+		{"read truncated after handle", header(ProgNFS, 3, nfsRead, AuthNone, nil).Opaque(fh32).U32(0).B, ProblemArgs, false},
+		{"write data length beyond record", header(ProgNFS, 3, nfsWrite, AuthNone, nil).Opaque(fh32).U64(0).U32(5, 2).U32(1 << 30).B, ProblemArgs, false},
+		{"symlink target huge", header(ProgNFS, 3, nfsSymlink, AuthNone, nil).Opaque(fh32).Opaque([]byte("l")).U32(0, 0, 0, 0, 0, 0).U32(0xfffffff0).B, ProblemArgs, false},
+		{"sattr bool 7", header(ProgNFS, 3, nfsMkdir, AuthNone, nil).Opaque(fh32).Opaque([]byte("d")).U32(7, 0, 0, 0, 0, 0).B, ProblemArgs, false},
+		{"create bad mode", header(ProgNFS, 3, nfsCreate, AuthNone, nil).Opaque(fh32).Opaque([]byte("n")).U32(9).B, ProblemArgs, false},
+		{"mount dirpath huge", header(ProgMount, 3, mountMnt, AuthNone, nil).U32(0x7ffffff0).B, ProblemArgs, false},
+		{"mount dirpath 1025", header(ProgMount, 3, mountMnt, AuthNone, nil).Opaque(make([]byte, 1025)).B, ProblemArgs, false},
+		{"garbage after valid header", header(ProgNFS, 3, nfsReaddirplus, AuthNone, nil).Raw([]byte("\xde\xad\xbe\xef garbage garbage")).B, ProblemArgs, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -138,7 +119,7 @@ func TestParseCall(t *testing.T) {
 func TestParseCallUnixCred(t *testing.T) {
 	// A credential as go-nfs-client encodes it.
 	a := rpc.NewAuthUnix("builder-7", 1000, 100).Auth()
-	rec := header(ProgNFS, 3, nfsNull, a.Flavor, a.Body).b
+	rec := header(ProgNFS, 3, nfsNull, a.Flavor, a.Body).B
 	c, err := ParseCall(rec)
 	if err != nil {
 		t.Fatal(err)
@@ -183,12 +164,12 @@ func TestCheckMarker(t *testing.T) {
 // go-nfs uses without running out of bytes: declared lengths fit the record.
 func FuzzRecord(f *testing.F) {
 	seeds := [][]byte{
-		header(ProgNFS, 3, nfsGetattr, AuthUnix, unixCred("h", 2)).opaque(fh32).b,
-		header(ProgNFS, 3, nfsLookup, AuthNone, nil).opaque(fh32).opaque([]byte("x")).b,
-		header(ProgNFS, 3, nfsSymlink, AuthNone, nil).opaque(fh32).opaque([]byte("l")).u32(1, 5, 0, 0, 0, 2, 1, 1).opaque([]byte("t")).b,
-		header(ProgMount, 3, mountMnt, AuthNone, nil).opaque([]byte("/gen/1")).b,
-		header(ProgNFS, 3, nfsSetattr, AuthNone, nil).opaque(fh32).u32(0, 0, 0, 1).u64(5).u32(0, 0, 1, 1, 1).b,
-		(&xb{}).u32(1, 0, 2, ProgNFS, 3, 0, AuthUnix, 0x7ffffff0, 0, 0, 0, 0).b,
+		header(ProgNFS, 3, nfsGetattr, AuthUnix, unixCred("h", 2)).Opaque(fh32).B,
+		header(ProgNFS, 3, nfsLookup, AuthNone, nil).Opaque(fh32).Opaque([]byte("x")).B,
+		header(ProgNFS, 3, nfsSymlink, AuthNone, nil).Opaque(fh32).Opaque([]byte("l")).U32(1, 5, 0, 0, 0, 2, 1, 1).Opaque([]byte("t")).B,
+		header(ProgMount, 3, mountMnt, AuthNone, nil).Opaque([]byte("/gen/1")).B,
+		header(ProgNFS, 3, nfsSetattr, AuthNone, nil).Opaque(fh32).U32(0, 0, 0, 1).U64(5).U32(0, 0, 1, 1, 1).B,
+		(&xb{}).U32(1, 0, 2, ProgNFS, 3, 0, AuthUnix, 0x7ffffff0, 0, 0, 0, 0).B,
 	}
 	for _, s := range seeds {
 		f.Add(binary.BigEndian.AppendUint32(nil, lastFragment|uint32(len(s))), s)
