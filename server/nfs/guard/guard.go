@@ -329,9 +329,9 @@ func (c *conn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// idleSlack is how stale the idle deadline may get while records keep
-// arriving.
-const idleSlack = time.Second
+// maxIdleSlack bounds how stale the idle deadline may get while records
+// keep arriving (an eighth of the idle timeout when that is shorter).
+const maxIdleSlack = time.Second
 
 // recordDeadline starts the record timeout, once per record.
 func (c *conn) recordDeadline() {
@@ -345,10 +345,10 @@ func (c *conn) next() error {
 	l := c.l
 	var hdr [4]byte
 	// Deadlines cost a timer update each, so they are set only when needed:
-	// the idle one is renewed at most every idleSlack while records keep
-	// coming (so it may fire up to that much early), the record one only
-	// when the rest of a record is not already buffered.
-	if now := time.Now(); c.inRecord || now.Sub(c.idleSet) > idleSlack {
+	// the idle one is renewed at most every slack while records keep coming
+	// (so an idle connection may be closed up to that much early), the
+	// record one only when the rest of a record is not already buffered.
+	if now := time.Now(); c.inRecord || now.Sub(c.idleSet) > min(maxIdleSlack, l.opts.IdleTimeout/8) {
 		c.Conn.SetReadDeadline(now.Add(l.opts.IdleTimeout))
 		c.idleSet, c.inRecord = now, false
 	}

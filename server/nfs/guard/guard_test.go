@@ -278,6 +278,31 @@ func TestIdleAndSlowRecordTimeouts(t *testing.T) {
 	}
 }
 
+// A connection that keeps sending calls is never idle, however long it
+// lives past the idle timeout (the guard renews that deadline lazily).
+func TestBusyConnectionOutlivesIdleTimeout(t *testing.T) {
+	s := serve(t, Options{IdleTimeout: 300 * time.Millisecond})
+	c, err := net.Dial("tcp", s.l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rec := frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).B)
+	reply := make([]byte, 28) // marker, xid, REPLY, accepted, AUTH_NULL, SUCCESS
+	for start := time.Now(); time.Since(start) < 1500*time.Millisecond; time.Sleep(50 * time.Millisecond) {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write(rec); err != nil {
+			t.Fatalf("after %v: write: %v", time.Since(start), err)
+		}
+		if _, err := io.ReadFull(c, reply); err != nil {
+			t.Fatalf("after %v: no reply to NULL on a busy connection: %v", time.Since(start), err)
+		}
+	}
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "idle"); got != 0 {
+		t.Errorf("rejected{idle} = %v, want 0", got)
+	}
+}
+
 func TestParseAllow(t *testing.T) {
 	got, err := ParseAllow([]string{"10.0.0.0/8", "192.168.1.7", "::ffff:127.0.0.1", "fd00::/8"})
 	if err != nil {
