@@ -34,6 +34,7 @@ import (
 
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/server/nfs"
+	"github.com/strata-nix/strata/server/nfs/busypoll"
 	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
@@ -69,7 +70,8 @@ func serveChild(spec string) error {
 	if err != nil {
 		return err
 	}
-	l, err := guard.Listen(inner, guard.Options{
+	// busy polling in front of the guard, as strata server runs it
+	l, err := guard.Listen(busypoll.Listen(inner, 0), guard.Options{
 		Allow:         []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 		MaxConns:      512,
 		RecordTimeout: time.Second,
