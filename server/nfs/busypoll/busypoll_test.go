@@ -90,7 +90,11 @@ func TestSpinCatchesCall(t *testing.T) {
 		_, err := server.Read(make([]byte, 8))
 		got <- err
 	}()
-	time.Sleep(10 * time.Millisecond) // the reader is spinning by now
+	for deadline := time.Now().Add(5 * time.Second); l.spinners.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the reader never started spinning")
+		}
+	}
 	if _, err := client.Write([]byte("call")); err != nil {
 		t.Fatal(err)
 	}
