@@ -281,7 +281,7 @@ func TestIdleAndSlowRecordTimeouts(t *testing.T) {
 // A connection that keeps sending calls is never idle, however long it
 // lives past the idle timeout (the guard renews that deadline lazily).
 func TestBusyConnectionOutlivesIdleTimeout(t *testing.T) {
-	s := serve(t, Options{IdleTimeout: 300 * time.Millisecond})
+	s := serve(t, Options{IdleTimeout: 500 * time.Millisecond})
 	c, err := net.Dial("tcp", s.l.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -289,7 +289,7 @@ func TestBusyConnectionOutlivesIdleTimeout(t *testing.T) {
 	defer c.Close()
 	rec := frame(header(ProgNFS, 3, nfsNull, AuthNone, nil).B)
 	reply := make([]byte, 28) // marker, xid, REPLY, accepted, AUTH_NULL, SUCCESS
-	for start := time.Now(); time.Since(start) < 1500*time.Millisecond; time.Sleep(50 * time.Millisecond) {
+	for start := time.Now(); time.Since(start) < 2*time.Second; time.Sleep(50 * time.Millisecond) {
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		if _, err := c.Write(rec); err != nil {
 			t.Fatalf("after %v: write: %v", time.Since(start), err)
