@@ -69,7 +69,8 @@ type Options struct {
 	// IdleTimeout closes a connection that starts no record for this long.
 	IdleTimeout time.Duration
 	// RecordTimeout closes a connection whose record does not complete
-	// within this long of its first byte.
+	// within this long of its first byte, or that leaves a reply untaken
+	// this long.
 	RecordTimeout time.Duration
 	// MaxRecord is the largest record accepted, in bytes.
 	MaxRecord int
@@ -130,7 +131,7 @@ type Reason int
 const (
 	ReasonAllowlist Reason = iota // client address not in Options.Allow
 	ReasonCap                     // Options.MaxConns reached
-	ReasonIdle                    // idle or record timeout
+	ReasonIdle                    // idle, record or reply timeout
 	ReasonRecord                  // a record failed the check
 )
 
@@ -305,8 +306,9 @@ type conn struct {
 	out []byte // checked record (marker included) not yet read
 	buf []byte // receive buffer, reused for small records
 
-	idleSet  time.Time // when the idle deadline was last set
-	inRecord bool      // the record deadline is set (not the idle one)
+	idleSet  time.Time    // when the idle deadline was last set
+	inRecord bool         // the record deadline is set (not the idle one)
+	writeSet atomic.Int64 // when the write deadline was last set (Unix ns)
 	once     sync.Once
 	dead     error
 }
@@ -438,13 +440,67 @@ func (c *conn) reject(err error) error {
 	return fmt.Errorf("nfs guard %s: %w: %w", c.addr, err, errClosedByGuard)
 }
 
-// SyscallConn gives the socket to a server that writes replies with
-// sendfile(2). Reads must still go through Read: the record check is there.
-func (c *conn) SyscallConn() (syscall.RawConn, error) {
-	if sc, ok := c.Conn.(syscall.Conn); ok {
-		return sc.SyscallConn()
+// Write sends reply bytes. A client that stops taking its replies stalls
+// the server's writer (and, when the reply is written on the reading
+// goroutine, the reader too, so no read deadline fires): writes carry a
+// deadline of RecordTimeout, renewed lazily like the idle one, and a write
+// that runs into it closes the connection as a timeout.
+func (c *conn) Write(b []byte) (int, error) {
+	c.writeDeadline()
+	n, err := c.Conn.Write(b)
+	if err != nil {
+		c.writeFailed(err)
 	}
-	return nil, errors.ErrUnsupported
+	return n, err
+}
+
+// SyscallConn gives the socket to a server that writes replies with
+// sendfile(2); its writes get Write's deadline. Reads must still go through
+// Read: the record check is there.
+func (c *conn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.ErrUnsupported
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	return rawConn{RawConn: rc, c: c}, nil
+}
+
+type rawConn struct {
+	syscall.RawConn
+	c *conn
+}
+
+func (r rawConn) Write(f func(fd uintptr) bool) error {
+	r.c.writeDeadline()
+	err := r.RawConn.Write(f)
+	if err != nil {
+		r.c.writeFailed(err)
+	}
+	return err
+}
+
+// writeDeadline renews the write deadline when it is older than the slack.
+func (c *conn) writeDeadline() {
+	o := c.l.opts
+	now := time.Now()
+	if set := c.writeSet.Load(); now.UnixNano()-set > int64(min(maxIdleSlack, o.RecordTimeout/8)) {
+		c.Conn.SetWriteDeadline(now.Add(o.RecordTimeout))
+		c.writeSet.Store(now.UnixNano())
+	}
+}
+
+// writeFailed closes the connection of a client that did not take its
+// replies in time.
+func (c *conn) writeFailed(err error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		c.l.m.rejected.WithLabelValues(ReasonIdle.String()).Inc()
+		c.l.log.Debug("nfs guard closed connection", "client", c.addr.String(), "reason", ReasonIdle.String(), "during", "writing a reply")
+		c.Close()
+	}
 }
 
 // Close closes the connection once and releases its slot.

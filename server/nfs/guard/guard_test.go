@@ -17,6 +17,7 @@ import (
 	"github.com/willscott/go-nfs/helpers/memfs"
 
 	"github.com/strata-nix/strata/internal/nfsdial"
+	"github.com/strata-nix/strata/internal/nfsraw"
 )
 
 // served is a go-nfs server on an in-memory tree behind a guard on a real
@@ -43,6 +44,11 @@ func serve(t *testing.T, opts Options) *served {
 		t.Fatal(err)
 	}
 	f.Write([]byte("hello through the guard\n"))
+	f.Close()
+	if f, err = mem.Create("/big"); err != nil {
+		t.Fatal(err)
+	}
+	f.Write(make([]byte, 1<<20))
 	f.Close()
 	h := helpers.NewCachingHandler(helpers.NewNullAuthHandler(mem), 1024)
 	go gonfs.Serve(l, h)
@@ -300,6 +306,36 @@ func TestBusyConnectionOutlivesIdleTimeout(t *testing.T) {
 	}
 	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "idle"); got != 0 {
 		t.Errorf("rejected{idle} = %v, want 0", got)
+	}
+}
+
+// A client that sends calls but never reads the replies stalls the
+// server's writes; the write deadline closes it (counted as idle).
+func TestClientThatTakesNoRepliesIsClosed(t *testing.T) {
+	s := serve(t, Options{RecordTimeout: 300 * time.Millisecond})
+	rc, err := nfsraw.Dial(s.l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	st, root, err := rc.Mount("/")
+	if err != nil || st != 0 {
+		t.Fatalf("MOUNT /: %d %v", st, err)
+	}
+	st, big, _, err := rc.Lookup(root, "big")
+	if err != nil || st != nfsraw.NFS3OK {
+		t.Fatalf("LOOKUP big: %d %v", st, err)
+	}
+	// 64 READs of 1 MiB, far more than the socket buffers hold; no reply
+	// is ever read.
+	var calls []byte
+	for i := range 64 {
+		calls = nfsraw.CallRecord(calls, uint32(100+i), ProgNFS, 6, rc.Cred(), (&nfsraw.Enc{}).Opaque(big).U64(0).U32(1<<20).B)
+	}
+	go rc.Write(calls)
+	waitFor(t, "the stalled connection to be closed", func() bool { return s.l.Active() == 0 })
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "idle"); got != 1 {
+		t.Errorf("rejected{idle} = %v, want 1", got)
 	}
 }
 
