@@ -34,8 +34,6 @@ type conn struct {
 	passLeft int    // bytes of a streamed (large) record still in br
 	rec      []byte // receive buffer for small records
 	marker   [4]byte
-	sent     bool  // the READ just handled was written by readSendfile
-	sendErr  error // and this went wrong writing it
 
 	wmu  sync.Mutex
 	wbuf []byte // go-nfs reply bytes that are not yet a whole record

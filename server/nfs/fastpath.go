@@ -96,13 +96,11 @@ func (c *conn) fast(rec []byte) (bool, error) {
 	case nfsProcLookup:
 		reply = c.lookup(xid, &r)
 	case nfsProcRead:
-		if reply = c.read(xid, &r); reply == nil && c.sent {
-			// written by readSendfile
-			c.sent = false
+		var written bool
+		var err error
+		if reply, written, err = c.read(xid, &r); written {
 			c.m.nfsRequests[proc].Inc()
 			c.e.fastCalls.Add(1)
-			err := c.sendErr
-			c.sendErr = nil
 			return true, err
 		}
 	case nfsProcRdPlus:
@@ -177,20 +175,23 @@ func (c *conn) lookup(xid uint32, r *xdrReader) *[]byte {
 }
 
 // read: READ3resok is status, post_op_attr, count, eof, opaque data. The
-// count is clamped as go-nfs does (to the file's end and to 16 MiB).
-func (c *conn) read(xid uint32, r *xdrReader) *[]byte {
+// count is clamped as go-nfs does (to the file's end and to 16 MiB). It
+// returns the reply to write, or written when readSendfile wrote it (with
+// the error that makes the connection unusable, if any); neither means
+// go-nfs answers.
+func (c *conn) read(xid uint32, r *xdrReader) (*[]byte, bool, error) {
 	h := r.opaque(maxHandle)
 	off, count := r.u64(), r.u32()
 	if !r.ok {
-		return nil
+		return nil, false, nil
 	}
 	g, err := c.e.genOf(h)
 	if err != nil {
-		return nil
+		return nil, false, nil
 	}
 	f, info, err := g.openFile(h, "")
 	if err != nil {
-		return nil
+		return nil, false, nil
 	}
 	defer f.Close()
 	eof := false
@@ -201,17 +202,14 @@ func (c *conn) read(xid uint32, r *xdrReader) *[]byte {
 		count, eof = uint32(size-int64(off)), true
 	}
 	count = min(count, goNFSMaxRead)
-	const fixed = 4*6 + 4 + 4 + fattrLen + 4 + 4 + 4
 	if count >= sendfileMin {
 		if sc, ok := c.Conn.(syscall.Conn); ok {
 			if rc, err := sc.SyscallConn(); err == nil {
-				c.sendErr = c.readSendfile(rc, xid, f, info, off, count, eof)
-				c.sent = true
-				return nil
+				return nil, true, c.readSendfile(rc, xid, f, info, off, count, eof)
 			}
 		}
 	}
-	b := getReply(4 + fixed + pad4(int(count)))
+	b := getReply(4 + readReplyFixed + pad4(int(count)))
 	*b = appendReplyHeader(*b, 0, xid)        // length patched below
 	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
 	*b = binary.BigEndian.AppendUint32(*b, 1)
@@ -221,7 +219,7 @@ func (c *conn) read(xid uint32, r *xdrReader) *[]byte {
 	got, err := f.ReadAt((*b)[hdr+12:], int64(off))
 	if err != nil && !errors.Is(err, io.EOF) {
 		putReply(b)
-		return nil // go-nfs tries again and reports the error
+		return nil, false, nil // go-nfs tries again and reports the error
 	}
 	if errors.Is(err, io.EOF) {
 		eof = true
@@ -238,8 +236,12 @@ func (c *conn) read(xid uint32, r *xdrReader) *[]byte {
 		*b = append(*b, 0)
 	}
 	binary.BigEndian.PutUint32(*b, uint32(len(*b)-4)|1<<31)
-	return b
+	return b, false, nil
 }
+
+// readReplyFixed is the size of a successful READ reply without its data:
+// RPC header, status, post_op_attr, count, eof and the data's length.
+const readReplyFixed = 4*6 + 4 + 4 + fattrLen + 4 + 4 + 4
 
 // sendfileMin is the smallest READ whose data goes to the socket with
 // sendfile(2) (no copy through user space) instead of pread and write.
@@ -256,10 +258,9 @@ var errSendfile = errors.New("sendfile broke off a READ reply")
 // cut short and the connection closed (the client retries on a new one).
 // An error means the connection is unusable.
 func (c *conn) readSendfile(rc syscall.RawConn, xid uint32, f *roFile, info *info, off uint64, count uint32, eof bool) error {
-	const fixed = 4*6 + 4 + 4 + fattrLen + 4 + 4 + 4
-	b := getReply(4 + fixed + 4)
+	b := getReply(4 + readReplyFixed + 4)
 	defer putReply(b)
-	*b = appendReplyHeader(*b, fixed+pad4(int(count)), xid)
+	*b = appendReplyHeader(*b, readReplyFixed+pad4(int(count)), xid)
 	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
 	*b = binary.BigEndian.AppendUint32(*b, 1)
 	*b = appendFattr(*b, info)

@@ -7,6 +7,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	"github.com/strata-nix/strata/internal/testenv"
 )
 
 // pair returns a client connection and the server side accepted through a
@@ -81,9 +83,7 @@ func TestPingPongCounts(t *testing.T) {
 // spin go on whatever a yield took, for up to a second.
 func TestSpinCatchesCall(t *testing.T) {
 	l, client, server := pair(t, time.Second)
-	if l.limit < 1 {
-		t.Skip("GOMAXPROCS 1: busypoll never spins")
-	}
+	testenv.Require(t, l.limit >= 1, "GOMAXPROCS >= 2 (with one P busypoll never spins)")
 	l.yielded = time.Hour
 	got := make(chan error, 1)
 	go func() {

@@ -331,9 +331,9 @@ func (c *conn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// maxIdleSlack bounds how stale the idle deadline may get while records
-// keep arriving (an eighth of the idle timeout when that is shorter).
-const maxIdleSlack = time.Second
+// slack is how stale a lazily renewed deadline of timeout d may get: an
+// eighth of d, at most a second.
+func slack(d time.Duration) time.Duration { return min(time.Second, d/8) }
 
 // recordDeadline starts the record timeout, once per record.
 func (c *conn) recordDeadline() {
@@ -350,7 +350,7 @@ func (c *conn) next() error {
 	// the idle one is renewed at most every slack while records keep coming
 	// (so an idle connection may be closed up to that much early), the
 	// record one only when the rest of a record is not already buffered.
-	if now := time.Now(); c.inRecord || now.Sub(c.idleSet) > min(maxIdleSlack, l.opts.IdleTimeout/8) {
+	if now := time.Now(); c.inRecord || now.Sub(c.idleSet) > slack(l.opts.IdleTimeout) {
 		c.Conn.SetReadDeadline(now.Add(l.opts.IdleTimeout))
 		c.idleSet, c.inRecord = now, false
 	}
@@ -487,7 +487,7 @@ func (r rawConn) Write(f func(fd uintptr) bool) error {
 func (c *conn) writeDeadline() {
 	o := c.l.opts
 	now := time.Now()
-	if set := c.writeSet.Load(); now.UnixNano()-set > int64(min(maxIdleSlack, o.RecordTimeout/8)) {
+	if set := c.writeSet.Load(); now.UnixNano()-set > int64(slack(o.RecordTimeout)) {
 		c.Conn.SetWriteDeadline(now.Add(o.RecordTimeout))
 		c.writeSet.Store(now.UnixNano())
 	}
