@@ -18,8 +18,11 @@ import (
 type emptyBackend struct{}
 
 func (emptyBackend) Kind() string { return "fake" }
-func (emptyBackend) Create(context.Context, uint64) (snapshot.Snapshot, error) {
+func (emptyBackend) Create(context.Context, uint64, snapshot.Labels) (snapshot.Snapshot, error) {
 	return snapshot.Snapshot{}, snapshot.ErrUnsupported
+}
+func (emptyBackend) SetLabels(context.Context, uint64, snapshot.Labels) error {
+	return snapshot.ErrNotFound
 }
 func (emptyBackend) List(context.Context) ([]snapshot.Snapshot, error) { return nil, nil }
 func (emptyBackend) Destroy(context.Context, uint64) error             { return snapshot.ErrNotFound }

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
@@ -272,7 +273,7 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	if err := s.state.setNextID(id + 1); err != nil {
 		return api.PublishResult{}, err
 	}
-	snap, err := s.backend.Create(ctx, id)
+	snap, err := s.backend.Create(ctx, id, snapshot.Labels{"generation": strconv.FormatUint(id, 10)})
 	if err != nil {
 		return api.PublishResult{}, fmt.Errorf("publish: snapshot: %w", err)
 	}

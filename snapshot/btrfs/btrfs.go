@@ -8,9 +8,14 @@
 // `btrfs subvolume snapshot -r`, and that directory is its Path. snapshotDir
 // is a directory on the same btrfs filesystem, outside root.
 //
-// Crash safety: a snapshot is taken under the temporary name
-// snapshotDir/.tmp-strata-N and renamed (RENAME_NOREPLACE) to strata-N only
-// once it exists in full, then the directory is fsynced. List never shows a
+// Crash safety: a snapshot is taken writable under the temporary name
+// snapshotDir/.tmp-strata-N, its labels are written as user.strata.<key>
+// xattrs of its root directory, it is made read-only (`btrfs property set
+// ro true`) and only then renamed (RENAME_NOREPLACE) to strata-N, then the
+// directory is fsynced. SetLabels makes the snapshot writable for the few
+// milliseconds it takes to change its xattrs (nothing else is written); a
+// crash in between leaves strata-N writable, and New makes every writable
+// strata-N whose generation label says N read-only again. List never shows a
 // temporary name; New deletes leftovers from a crash. List shows only read-
 // only subvolume roots named strata-N: a plain directory or writable
 // subvolume of that name made by hand is skipped with a warning.
@@ -26,6 +31,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -47,7 +53,15 @@ type Backend struct {
 	snapDir string
 	log     *slog.Logger
 	mu      sync.Mutex
+	// inspect: opened by Inspect, nothing may change.
+	inspect bool
 }
+
+// xattrPrefix starts the name of every label xattr.
+const xattrPrefix = "user.strata."
+
+// errInspect is returned by every change through a Backend made by Inspect.
+var errInspect = errors.New("backend opened by Inspect changes nothing")
 
 var _ snapshot.Backend = (*Backend)(nil)
 
@@ -83,6 +97,31 @@ func New(root, snapshotDir string, log *slog.Logger) (*Backend, error) {
 		return nil, err
 	}
 	return b, nil
+}
+
+// Inspect returns a backend over the same layout as New that changes
+// nothing: it checks root and snapshotDir the way New does, but does not
+// create snapshotDir (a missing one is an error wrapping fs.ErrNotExist),
+// does not delete or repair leftovers, and its Create, SetLabels and
+// Destroy fail. `strata server --check-config` uses it.
+func Inspect(root, snapshotDir string, log *slog.Logger) (*Backend, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	var err error
+	if root, err = realDir(root); err != nil {
+		return nil, fmt.Errorf("btrfs store root: %w", err)
+	}
+	if err := checkRoot(root); err != nil {
+		return nil, err
+	}
+	if snapshotDir, err = realDir(snapshotDir); err != nil {
+		return nil, fmt.Errorf("btrfs snapshot dir: %w", err)
+	}
+	if err := checkSnapDir(root, snapshotDir); err != nil {
+		return nil, err
+	}
+	return &Backend{root: root, snapDir: snapshotDir, inspect: true, log: log.With("backend", "btrfs", "root", root)}, nil
 }
 
 // realDir returns the absolute, symlink-free form of dir.
@@ -187,9 +226,15 @@ func (b *Backend) path(id uint64) string { return filepath.Join(b.snapDir, snaps
 
 // Create takes the read-only snapshot snapshotDir/strata-N of the store
 // root. It fails with snapshot.ErrExists if anything named strata-N exists.
-func (b *Backend) Create(ctx context.Context, id uint64) (snapshot.Snapshot, error) {
+func (b *Backend) Create(ctx context.Context, id uint64, labels snapshot.Labels) (snapshot.Snapshot, error) {
 	if err := snapshot.ValidID(id); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs create: %w", err)
+	}
+	if err := snapshot.CheckLabels(labels); err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", snapshot.Name(id), err)
+	}
+	if b.inspect {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", snapshot.Name(id), errInspect)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -207,12 +252,18 @@ func (b *Backend) Create(ctx context.Context, id uint64) (snapshot.Snapshot, err
 	if err := ctx.Err(); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
 	}
-	if err := b.run(ctx, "subvolume", "snapshot", "-r", b.root, tmp); err != nil {
+	if err := b.run(ctx, "subvolume", "snapshot", b.root, tmp); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
 	}
 	// From here on the snapshot exists under its temporary name; it must
 	// become strata-N or disappear. Cleanup ignores ctx: a cancelled
 	// caller must not leave a half-made snapshot behind.
+	if err := b.sealTmp(context.WithoutCancel(ctx), tmp, labels); err != nil {
+		if derr := b.run(context.WithoutCancel(ctx), "subvolume", "delete", tmp); derr != nil {
+			b.log.Error("remove half-made snapshot", "path", tmp, "err", derr)
+		}
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
+	}
 	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, final, unix.RENAME_NOREPLACE); err != nil {
 		if derr := b.run(context.WithoutCancel(ctx), "subvolume", "delete", tmp); derr != nil {
 			b.log.Error("remove half-made snapshot", "path", tmp, "err", derr)
@@ -232,8 +283,135 @@ func (b *Backend) Create(ctx context.Context, id uint64) (snapshot.Snapshot, err
 	if !info.ReadOnly {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: snapshot is not read-only", final)
 	}
+	got, err := readLabels(final)
+	if err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", final, err)
+	}
 	b.log.Info("snapshot created", "id", id, "path", final)
-	return snapshot.Snapshot{ID: id, Name: name, Path: final, Created: info.Created}, nil
+	return snapshot.Snapshot{ID: id, Name: name, Path: final, Created: info.Created, Labels: got}, nil
+}
+
+// sealTmp writes labels into the writable snapshot at tmp and makes it
+// read-only.
+func (b *Backend) sealTmp(ctx context.Context, tmp string, labels snapshot.Labels) error {
+	// A snapshot of a root that itself carries labels would inherit them.
+	if err := clearLabels(tmp); err != nil {
+		return err
+	}
+	if err := writeLabels(tmp, labels); err != nil {
+		return err
+	}
+	return b.run(ctx, "property", "set", "-t", "subvol", tmp, "ro", "true")
+}
+
+// writeLabels sets (non-empty value) or removes (empty value) labels as
+// xattrs of dir.
+func writeLabels(dir string, labels snapshot.Labels) error {
+	for k, v := range labels {
+		name := xattrPrefix + k
+		if v == "" {
+			if err := unix.Removexattr(dir, name); err != nil && !errors.Is(err, unix.ENODATA) {
+				return fmt.Errorf("remove label %s of %s: %w", k, dir, err)
+			}
+			continue
+		}
+		if err := unix.Setxattr(dir, name, []byte(v), 0); err != nil {
+			return fmt.Errorf("set label %s of %s: %w", k, dir, err)
+		}
+	}
+	return nil
+}
+
+// clearLabels removes every label xattr of dir.
+func clearLabels(dir string) error {
+	l, err := readLabels(dir)
+	if err != nil {
+		return err
+	}
+	for k := range l {
+		l[k] = ""
+	}
+	return writeLabels(dir, l)
+}
+
+// readLabels returns the label xattrs of dir (never nil).
+func readLabels(dir string) (snapshot.Labels, error) {
+	out := snapshot.Labels{}
+	buf := make([]byte, 4096)
+	n, err := unix.Listxattr(dir, buf)
+	if errors.Is(err, unix.ERANGE) {
+		if n, err = unix.Listxattr(dir, nil); err == nil {
+			buf = make([]byte, n)
+			n, err = unix.Listxattr(dir, buf)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list labels of %s: %w", dir, err)
+	}
+	for _, name := range strings.Split(string(buf[:n]), "\x00") {
+		k, ok := strings.CutPrefix(name, xattrPrefix)
+		if !ok || k == "" {
+			continue
+		}
+		v := make([]byte, snapshot.MaxLabelValue+1)
+		m, err := unix.Getxattr(dir, name, v)
+		if errors.Is(err, unix.ERANGE) { // set by hand, longer than strata writes
+			if m, err = unix.Getxattr(dir, name, nil); err == nil {
+				v = make([]byte, m)
+				m, err = unix.Getxattr(dir, name, v)
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read label %s of %s: %w", k, dir, err)
+		}
+		out[k] = string(v[:m])
+	}
+	return out, nil
+}
+
+// SetLabels changes generation id's labels. The snapshot is made writable
+// for the change and read-only again at once; its files are not touched.
+// A snapshot made by btrfs receive is refused: making it writable would cut
+// it off from incremental receives, and its labels come from its sender.
+func (b *Backend) SetLabels(ctx context.Context, id uint64, labels snapshot.Labels) error {
+	if err := snapshot.ValidID(id); err != nil {
+		return fmt.Errorf("btrfs set labels: %w", err)
+	}
+	p := b.path(id)
+	if err := snapshot.CheckLabels(labels); err != nil {
+		return fmt.Errorf("btrfs set labels %s: %w", p, err)
+	}
+	if b.inspect {
+		return fmt.Errorf("btrfs set labels %s: %w", p, errInspect)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, err := os.Lstat(p); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("btrfs set labels %s: %w", p, snapshot.ErrNotFound)
+	}
+	info, err := b.snapshotInfo(p)
+	if err != nil {
+		return fmt.Errorf("btrfs set labels %s: %w", p, err)
+	}
+	if info.ReceivedUUID != ([16]byte{}) {
+		return fmt.Errorf("btrfs set labels %s: made by btrfs receive; its labels come from the sending host", p)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("btrfs set labels %s: %w", p, err)
+	}
+	if err := b.run(ctx, "property", "set", "-t", "subvol", p, "ro", "false"); err != nil {
+		return fmt.Errorf("btrfs set labels %s: %w", p, err)
+	}
+	werr := writeLabels(p, labels)
+	// Read-only again whatever happened, even if ctx ended meanwhile.
+	if err := b.run(context.WithoutCancel(ctx), "property", "set", "-t", "subvol", p, "ro", "true"); err != nil {
+		return fmt.Errorf("btrfs set labels %s: make read-only again: %w", p, err)
+	}
+	if werr != nil {
+		return fmt.Errorf("btrfs set labels %s: %w", p, werr)
+	}
+	b.log.Debug("snapshot labels set", "id", id, "labels", labels)
+	return nil
 }
 
 // List returns the read-only subvolumes named strata-N in snapshotDir,
@@ -258,7 +436,11 @@ func (b *Backend) List(ctx context.Context) ([]snapshot.Snapshot, error) {
 			b.log.Warn("not listing snapshot", "path", p, "err", err)
 			continue
 		}
-		out = append(out, snapshot.Snapshot{ID: id, Name: e.Name(), Path: p, Created: info.Created})
+		labels, err := readLabels(p)
+		if err != nil {
+			return nil, fmt.Errorf("btrfs list %s: %w", b.snapDir, err)
+		}
+		out = append(out, snapshot.Snapshot{ID: id, Name: e.Name(), Path: p, Created: info.Created, Labels: labels})
 	}
 	slices.SortFunc(out, func(a, b snapshot.Snapshot) int {
 		switch {
@@ -297,6 +479,9 @@ func (b *Backend) Destroy(ctx context.Context, id uint64) error {
 	if err := snapshot.ValidID(id); err != nil {
 		return fmt.Errorf("btrfs destroy: %w", err)
 	}
+	if b.inspect {
+		return fmt.Errorf("btrfs destroy %s: %w", b.path(id), errInspect)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	p := b.path(id)
@@ -324,6 +509,12 @@ func (b *Backend) removeLeftovers(ctx context.Context) error {
 		return fmt.Errorf("btrfs read %s: %w", b.snapDir, err)
 	}
 	for _, e := range entries {
+		if id, ok := snapshot.ParseName(e.Name()); ok {
+			if err := b.repairWritable(ctx, id); err != nil {
+				return err
+			}
+			continue
+		}
 		rest, ok := strings.CutPrefix(e.Name(), tmpPrefix)
 		if _, isOurs := snapshot.ParseName(rest); !ok || !isOurs {
 			continue
@@ -331,6 +522,30 @@ func (b *Backend) removeLeftovers(ctx context.Context) error {
 		if err := b.removeTmp(ctx, filepath.Join(b.snapDir, e.Name())); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// repairWritable makes strata-N read-only again when a crash inside
+// SetLabels left it writable. Only a subvolume whose generation label says
+// N is touched: that label proves the server made it read-only before.
+func (b *Backend) repairWritable(ctx context.Context, id uint64) error {
+	p := b.path(id)
+	var st unix.Stat_t
+	if err := unix.Lstat(p, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Ino != firstFreeObjectID {
+		return nil
+	}
+	info, err := getSubvolInfo(p)
+	if err != nil || info.ReadOnly {
+		return nil
+	}
+	labels, err := readLabels(p)
+	if err != nil || labels["generation"] != strconv.FormatUint(id, 10) {
+		return nil
+	}
+	b.log.Warn("making snapshot read-only again after an interrupted label change", "path", p)
+	if err := b.run(ctx, "property", "set", "-t", "subvol", p, "ro", "true"); err != nil {
+		return fmt.Errorf("btrfs repair %s: %w", p, err)
 	}
 	return nil
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/snapshottest"
@@ -98,7 +100,7 @@ func TestHalfMadeSnapshot(t *testing.T) {
 	}
 	// Create of a half-made id also works after a crash without restart.
 	testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", root, filepath.Join(snaps, ".tmp-strata-7"))
-	s, err := b.Create(t.Context(), 7)
+	s, err := b.Create(t.Context(), 7, nil)
 	if err != nil {
 		t.Fatalf("Create(7) over a half-made snapshot: %v", err)
 	}
@@ -201,5 +203,83 @@ func TestNewLayoutErrors(t *testing.T) {
 	}
 	if b.Root() != root {
 		t.Errorf("Root() = %s, want %s", b.Root(), root)
+	}
+}
+
+// A crash inside SetLabels leaves strata-N writable: New makes it read-only
+// again when its generation label proves it is strata's, and leaves a
+// writable strata-M without that label alone (it is not listed either).
+func TestWritableAfterCrashInSetLabels(t *testing.T) {
+	_, root, snaps := newStore(t)
+	b, err := New(root, snaps, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Create(t.Context(), 3, snapshot.Labels{"generation": "3", "state": "live"}); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(snaps, "strata-3")
+	testenv.Run(t, "btrfs", "property", "set", "-t", "subvol", p, "ro", "false") // the crash
+	stranger := filepath.Join(snaps, "strata-4")
+	testenv.Run(t, "btrfs", "subvolume", "snapshot", root, stranger)
+	if err := unix.Setxattr(stranger, "user.strata.generation", []byte("9"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(root, snaps, testLog(t)); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := getSubvolInfo(p); err != nil || !info.ReadOnly {
+		t.Errorf("strata-3 after New: read-only %v, %v; want read-only", info.ReadOnly, err)
+	}
+	if info, err := getSubvolInfo(stranger); err != nil || info.ReadOnly {
+		t.Errorf("strata-4 (labelled 9) after New: read-only %v, %v; want left writable", info.ReadOnly, err)
+	}
+	l, err := b.List(t.Context())
+	if err != nil || len(l) != 1 || l[0].ID != 3 || l[0].Labels["state"] != "live" {
+		t.Errorf("List = %+v, %v; want strata-3 with its labels only", l, err)
+	}
+}
+
+// Inspect checks the layout but changes nothing: no snapshot dir made, no
+// leftover removed, no change allowed.
+func TestInspectChangesNothing(t *testing.T) {
+	_, root, snaps := newStore(t)
+	if _, err := Inspect(root, snaps, testLog(t)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Inspect with a missing snapshot dir: err = %v, want ErrNotExist", err)
+	}
+	if _, err := os.Stat(snaps); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("Inspect made the snapshot dir: %v", err)
+	}
+	b, err := New(root, snaps, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Create(t.Context(), 1, snapshot.Labels{"generation": "1"}); err != nil {
+		t.Fatal(err)
+	}
+	tmp := filepath.Join(snaps, ".tmp-strata-2")
+	testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", root, tmp)
+	ib, err := Inspect(root, snaps, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(tmp); err != nil {
+		t.Errorf("Inspect removed the leftover %s: %v", tmp, err)
+	}
+	l, err := ib.List(t.Context())
+	if err != nil || len(l) != 1 || l[0].Labels["generation"] != "1" {
+		t.Errorf("Inspect List = %+v, %v", l, err)
+	}
+	if _, err := ib.Create(t.Context(), 3, nil); err == nil {
+		t.Error("Create through Inspect succeeded")
+	}
+	if err := ib.SetLabels(t.Context(), 1, snapshot.Labels{"state": "live"}); err == nil {
+		t.Error("SetLabels through Inspect succeeded")
+	}
+	if err := ib.Destroy(t.Context(), 1); err == nil {
+		t.Error("Destroy through Inspect succeeded")
+	}
+	if l, _ := b.List(t.Context()); len(l) != 1 || l[0].Labels["state"] != "" {
+		t.Errorf("after refused changes: %+v", l)
 	}
 }

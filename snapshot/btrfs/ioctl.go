@@ -110,6 +110,8 @@ type subvolInfo struct {
 	// UUID and ParentUUID identify the subvolume and, for a snapshot, its
 	// source.
 	UUID, ParentUUID [16]byte
+	// ReceivedUUID is non-zero for a subvolume made by btrfs receive.
+	ReceivedUUID [16]byte
 }
 
 func getSubvolInfo(path string) (subvolInfo, error) {
@@ -118,10 +120,11 @@ func getSubvolInfo(path string) (subvolInfo, error) {
 		return subvolInfo{}, fmt.Errorf("btrfs subvolume info %s: %w", path, err)
 	}
 	return subvolInfo{
-		ID:         a.TreeID,
-		ReadOnly:   a.Flags&rootSubvolRdonly != 0,
-		Created:    time.Unix(int64(a.Otime.Sec), int64(a.Otime.Nsec)),
-		UUID:       a.UUID,
-		ParentUUID: a.ParentUUID,
+		ID:           a.TreeID,
+		ReadOnly:     a.Flags&rootSubvolRdonly != 0,
+		Created:      time.Unix(int64(a.Otime.Sec), int64(a.Otime.Nsec)),
+		UUID:         a.UUID,
+		ParentUUID:   a.ParentUUID,
+		ReceivedUUID: a.ReceivedUUID,
 	}, nil
 }

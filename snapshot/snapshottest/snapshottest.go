@@ -16,15 +16,22 @@
 //     Destroy of an unknown id fail with snapshot.ErrNotFound;
 //   - id 0 is refused, a cancelled context creates nothing;
 //   - a Backend made anew over the same store (a daemon restart) lists the
-//     same snapshots, with readable Paths, and can create the next one.
+//     same snapshots, with readable Paths, and can create the next one;
+//   - labels given to Create are bound to the snapshot: Create and List
+//     return them, SetLabels sets and removes them without changing a file
+//     or the snapshot's read-only state, a restarted Backend lists them,
+//     and labels a backend cannot store are refused before anything is
+//     made.
 package snapshottest
 
 import (
 	"context"
 	"errors"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -68,6 +75,7 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 	t.Run("Destroy", func(t *testing.T) { testDestroy(t, newEnv(t)) })
 	t.Run("BadInput", func(t *testing.T) { testBadInput(t, newEnv(t)) })
 	t.Run("Restart", func(t *testing.T) { testRestart(t, newEnv(t)) })
+	t.Run("Labels", func(t *testing.T) { testLabels(t, newEnv(t)) })
 }
 
 // tree is a directory's content: relative path -> file content, "->target"
@@ -181,7 +189,7 @@ func equal(t *testing.T, what string, got, want tree) {
 func mustCreate(t *testing.T, b snapshot.Backend, id uint64) snapshot.Snapshot {
 	t.Helper()
 	before := time.Now()
-	s, err := b.Create(context.Background(), id)
+	s, err := b.Create(context.Background(), id, snapshot.Labels{"generation": strconv.FormatUint(id, 10)})
 	if err != nil {
 		t.Fatalf("Create(%d): %v", id, err)
 	}
@@ -296,7 +304,7 @@ func testExists(t *testing.T, e Env) {
 	s1 := mustCreate(t, e.Backend, 1)
 	want := read(t, s1.Path)
 	write(t, e.Root, "store/cccc-changed", "after")
-	if _, err := e.Backend.Create(context.Background(), 1); !errors.Is(err, snapshot.ErrExists) {
+	if _, err := e.Backend.Create(context.Background(), 1, nil); !errors.Is(err, snapshot.ErrExists) {
 		t.Errorf("second Create(1): err = %v, want ErrExists", err)
 	}
 	equal(t, "snapshot 1 after duplicate create", read(t, s1.Path), want)
@@ -306,7 +314,7 @@ func testExists(t *testing.T, e Env) {
 	var wg sync.WaitGroup
 	errs := make([]error, n)
 	for i := range n {
-		wg.Go(func() { _, errs[i] = e.Backend.Create(context.Background(), 2) })
+		wg.Go(func() { _, errs[i] = e.Backend.Create(context.Background(), 2, nil) })
 	}
 	wg.Wait()
 	won := 0
@@ -394,7 +402,7 @@ func testDestroy(t *testing.T, e Env) {
 
 func testBadInput(t *testing.T, e Env) {
 	populate(t, e.Root)
-	if _, err := e.Backend.Create(context.Background(), 0); err == nil {
+	if _, err := e.Backend.Create(context.Background(), 0, nil); err == nil {
 		t.Error("Create(0) succeeded, want an error")
 	}
 	if err := e.Backend.Destroy(context.Background(), 0); err == nil {
@@ -402,7 +410,7 @@ func testBadInput(t *testing.T, e Env) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := e.Backend.Create(ctx, 1); !errors.Is(err, context.Canceled) {
+	if _, err := e.Backend.Create(ctx, 1, nil); !errors.Is(err, context.Canceled) {
 		t.Errorf("Create with a cancelled context: err = %v, want context.Canceled", err)
 	}
 	if _, err := e.Backend.List(ctx); !errors.Is(err, context.Canceled) {
@@ -435,7 +443,7 @@ func testRestart(t *testing.T, e Env) {
 	}
 	equal(t, "snapshot 1 after restart", read(t, l[0].Path), want1)
 	equal(t, "snapshot 2 after restart", read(t, l[1].Path), want2)
-	if _, err := b.Create(context.Background(), 2); !errors.Is(err, snapshot.ErrExists) {
+	if _, err := b.Create(context.Background(), 2, nil); !errors.Is(err, snapshot.ErrExists) {
 		t.Errorf("Create(2) after restart: err = %v, want ErrExists", err)
 	}
 	mustCreate(t, b, 3)
@@ -444,5 +452,91 @@ func testRestart(t *testing.T, e Env) {
 	}
 	if got := ids(list(t, b)); !sameIDs(got, 2, 3) {
 		t.Errorf("List after restart, create and destroy = %v, want [2 3]", got)
+	}
+}
+
+func sameLabels(t *testing.T, what string, got, want snapshot.Labels) {
+	t.Helper()
+	if got == nil {
+		t.Errorf("%s: labels are nil, want a map", what)
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("%s: labels %v, want %v", what, got, want)
+	}
+}
+
+func listed(t *testing.T, b snapshot.Backend, id uint64) snapshot.Snapshot {
+	t.Helper()
+	for _, s := range list(t, b) {
+		if s.ID == id {
+			return s
+		}
+	}
+	t.Fatalf("generation %d not listed", id)
+	return snapshot.Snapshot{}
+}
+
+func testLabels(t *testing.T, e Env) {
+	populate(t, e.Root)
+	ctx := context.Background()
+	long := "ü"
+	for len(long) < snapshot.MaxLabelValue-1 {
+		long += "x"
+	}
+	in := snapshot.Labels{"generation": "1", "store": "3f6c1e0a-store", "state": "publishing", "note": long, "unset": ""}
+	want := snapshot.Labels{"generation": "1", "store": "3f6c1e0a-store", "state": "publishing", "note": long}
+	s, err := e.Backend.Create(ctx, 1, in)
+	if err != nil {
+		t.Fatalf("Create(1) with labels: %v", err)
+	}
+	sameLabels(t, "Create(1)", s.Labels, want)
+	sameLabels(t, "List after Create", listed(t, e.Backend, 1).Labels, want)
+	content := read(t, s.Path)
+
+	// Another snapshot has its own labels, none of the first one's.
+	write(t, e.Root, "store/cccc-changed", "after")
+	s2, err := e.Backend.Create(ctx, 2, snapshot.Labels{"generation": "2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameLabels(t, "Create(2)", s2.Labels, snapshot.Labels{"generation": "2"})
+
+	// Set one, change one, remove two; the rest stay.
+	if err := e.Backend.SetLabels(ctx, 1, snapshot.Labels{"state": "live", "pin_name": "golden release", "note": "", "store": ""}); err != nil {
+		t.Fatalf("SetLabels(1): %v", err)
+	}
+	want = snapshot.Labels{"generation": "1", "state": "live", "pin_name": "golden release"}
+	sameLabels(t, "List after SetLabels", listed(t, e.Backend, 1).Labels, want)
+	sameLabels(t, "snapshot 2 after SetLabels(1)", listed(t, e.Backend, 2).Labels, snapshot.Labels{"generation": "2"})
+	equal(t, "snapshot 1 after SetLabels", read(t, s.Path), content)
+	wantEROFS(t, "write after SetLabels", os.WriteFile(filepath.Join(s.Path, "store/new"), []byte("x"), 0o644))
+	wantEROFS(t, "write to the root after SetLabels", os.WriteFile(filepath.Join(s.Path, "new-top"), []byte("x"), 0o644))
+
+	// Labels are bound to the snapshot, not to the process.
+	b := e.Reopen(t)
+	sameLabels(t, "List after restart", listed(t, b, 1).Labels, want)
+	if err := b.SetLabels(ctx, 1, snapshot.Labels{"pin_name": ""}); err != nil {
+		t.Fatalf("SetLabels after restart: %v", err)
+	}
+	sameLabels(t, "List after removing pin_name", listed(t, b, 1).Labels, snapshot.Labels{"generation": "1", "state": "live"})
+
+	// Refusals.
+	if err := b.SetLabels(ctx, 9, snapshot.Labels{"state": "live"}); !errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("SetLabels(9): err = %v, want ErrNotFound", err)
+	}
+	for _, bad := range []snapshot.Labels{{"Bad": "x"}, {"": "x"}, {"a-b": "x"}, {"k": "line\nbreak"}, {"k": long + "xxx"}} {
+		if err := b.SetLabels(ctx, 1, bad); err == nil {
+			t.Errorf("SetLabels(%q) succeeded, want an error", bad)
+		}
+		if _, err := b.Create(ctx, 3, bad); err == nil {
+			t.Errorf("Create(3, %q) succeeded, want an error", bad)
+		}
+	}
+	if got := ids(list(t, b)); !sameIDs(got, 1, 2) {
+		t.Errorf("List after refused creates = %v, want [1 2]", got)
+	}
+	sameLabels(t, "labels after refused changes", listed(t, b, 1).Labels, snapshot.Labels{"generation": "1", "state": "live"})
+	if err := b.Destroy(ctx, 1); err != nil {
+		t.Fatalf("Destroy(1) after SetLabels: %v", err)
 	}
 }

@@ -10,6 +10,11 @@
 // (OpenZFS #4514). List mounts any strata snapshot that is not mounted (after
 // a reboot, say); Destroy unmounts it, then destroys it.
 //
+// Labels (snapshot.Labels) are user properties strata:<key> of the
+// snapshot, set right after `zfs snapshot` and read back by List with one
+// `zfs get` over every snapshot of the dataset. They travel with `zfs send
+// -p`.
+//
 // go-zfs takes no context: ctx is checked before each call, and zfs's stderr
 // (from *zfs.Error, kept in the error chain) is put into returned errors.
 // Besides go-zfs the backend runs `zfs get -Hp creation` (go-zfs has no
@@ -23,6 +28,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,7 +54,15 @@ type Backend struct {
 	mu       sync.Mutex
 	// mountinfo is the mount table read to find snapshot mounts.
 	mountinfo string
+	// inspect: opened by Inspect, nothing may change.
+	inspect bool
 }
+
+// propPrefix starts the name of every label's user property.
+const propPrefix = "strata:"
+
+// errInspect is returned by every change through a Backend made by Inspect.
+var errInspect = errors.New("backend opened by Inspect changes nothing")
 
 var _ snapshot.Backend = (*Backend)(nil)
 
@@ -88,6 +102,34 @@ func New(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
 		log:       log.With("backend", "zfs", "dataset", dataset),
 		mountinfo: "/proc/self/mountinfo",
 	}, nil
+}
+
+// Inspect returns a backend over the same dataset as New that changes
+// nothing: it checks the layout the way New does but does not create
+// mountDir, its List mounts nothing (a Path may then be unreadable), and its
+// Create, SetLabels and Destroy fail. `strata server --check-config` uses it.
+func Inspect(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if dataset == "" || strings.ContainsAny(dataset, "@#") || strings.HasPrefix(dataset, "/") {
+		return nil, fmt.Errorf("zfs dataset %q: not a filesystem dataset name: %w", dataset, snapshot.ErrUnsupported)
+	}
+	ds, err := gozfs.GetDataset(dataset)
+	if err != nil {
+		return nil, fmt.Errorf("zfs dataset %s: %w: %w", dataset, snapshot.ErrUnsupported, zfsErr("zfs list", dataset, err))
+	}
+	if ds.Type != gozfs.DatasetFilesystem {
+		return nil, fmt.Errorf("zfs dataset %s: is a %s, not a filesystem: %w", dataset, ds.Type, snapshot.ErrUnsupported)
+	}
+	if mountDir, err = filepath.Abs(mountDir); err != nil {
+		return nil, fmt.Errorf("zfs mount dir: %w", err)
+	}
+	if err := checkLayout(ds, mountDir); err != nil {
+		return nil, err
+	}
+	return &Backend{dataset: dataset, mountDir: mountDir, inspect: true,
+		log: log.With("backend", "zfs", "dataset", dataset), mountinfo: "/proc/self/mountinfo"}, nil
 }
 
 // within reports whether p is dir or below it.
@@ -141,14 +183,20 @@ func (b *Backend) full(name string) string { return b.dataset + "@" + name }
 // Create takes the snapshot dataset@strata-N and mounts it read-only at
 // mountDir/strata-N. If mounting fails the snapshot is destroyed again, so a
 // failed Create leaves nothing behind.
-func (b *Backend) Create(ctx context.Context, id uint64) (snapshot.Snapshot, error) {
+func (b *Backend) Create(ctx context.Context, id uint64, labels snapshot.Labels) (snapshot.Snapshot, error) {
 	if err := snapshot.ValidID(id); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("zfs create: %w", err)
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	name := snapshot.Name(id)
 	full := b.full(name)
+	if err := snapshot.CheckLabels(labels); err != nil {
+		return snapshot.Snapshot{}, fmt.Errorf("zfs create %s: %w", full, err)
+	}
+	if b.inspect {
+		return snapshot.Snapshot{}, fmt.Errorf("zfs create %s: %w", full, errInspect)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	existing, err := b.snapshots(ctx)
 	if err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("zfs create %s: %w", full, err)
@@ -169,7 +217,13 @@ func (b *Backend) Create(ctx context.Context, id uint64) (snapshot.Snapshot, err
 	}
 	// The snapshot exists: it must end up mounted or destroyed. Cleanup
 	// ignores ctx, a cancelled caller must not leave it behind.
-	created, path, err := b.finishCreate(ctx, name)
+	set := snapshot.Labels{}
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		if labels[k] != "" {
+			set[k] = labels[k]
+		}
+	}
+	created, path, err := b.finishCreate(ctx, name, set)
 	if err != nil {
 		if derr := b.destroy(context.WithoutCancel(ctx), name, path); derr != nil {
 			b.log.Error("destroy snapshot after failed create", "snapshot", full, "err", derr)
@@ -177,10 +231,13 @@ func (b *Backend) Create(ctx context.Context, id uint64) (snapshot.Snapshot, err
 		return snapshot.Snapshot{}, fmt.Errorf("zfs create %s: %w", full, err)
 	}
 	b.log.Info("snapshot created", "id", id, "snapshot", full, "path", path)
-	return snapshot.Snapshot{ID: id, Name: name, Path: path, Created: created}, nil
+	return snapshot.Snapshot{ID: id, Name: name, Path: path, Created: created, Labels: set}, nil
 }
 
-func (b *Backend) finishCreate(ctx context.Context, name string) (time.Time, string, error) {
+func (b *Backend) finishCreate(ctx context.Context, name string, labels snapshot.Labels) (time.Time, string, error) {
+	if err := b.setLabels(ctx, name, labels); err != nil {
+		return time.Time{}, "", err
+	}
 	times, err := b.creation(ctx, b.full(name))
 	if err != nil {
 		return time.Time{}, "", err
@@ -212,17 +269,27 @@ func (b *Backend) List(ctx context.Context) ([]snapshot.Snapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("zfs list %s: %w", b.dataset, err)
 	}
+	labels, err := b.labels(ctx, b.dataset)
+	if err != nil {
+		return nil, fmt.Errorf("zfs list %s: %w", b.dataset, err)
+	}
 	mounts, err := b.mounts()
 	if err != nil {
 		return nil, fmt.Errorf("zfs list %s: %w", b.dataset, err)
 	}
 	out := make([]snapshot.Snapshot, 0, len(snaps))
 	for id, name := range snaps {
-		if err := b.ensureMounted(ctx, name, mounts); err != nil {
-			return nil, fmt.Errorf("zfs list %s: %w", b.dataset, err)
+		if !b.inspect {
+			if err := b.ensureMounted(ctx, name, mounts); err != nil {
+				return nil, fmt.Errorf("zfs list %s: %w", b.dataset, err)
+			}
+		}
+		l := labels[b.full(name)]
+		if l == nil {
+			l = snapshot.Labels{}
 		}
 		out = append(out, snapshot.Snapshot{
-			ID: id, Name: name, Path: filepath.Join(b.mountDir, name), Created: times[b.full(name)],
+			ID: id, Name: name, Path: filepath.Join(b.mountDir, name), Created: times[b.full(name)], Labels: l,
 		})
 	}
 	slices.SortFunc(out, func(a, b snapshot.Snapshot) int {
@@ -237,10 +304,97 @@ func (b *Backend) List(ctx context.Context) ([]snapshot.Snapshot, error) {
 	return out, nil
 }
 
+// SetLabels sets (zfs set) or removes (zfs inherit) the user properties
+// strata:<key> of generation id's snapshot.
+func (b *Backend) SetLabels(ctx context.Context, id uint64, labels snapshot.Labels) error {
+	if err := snapshot.ValidID(id); err != nil {
+		return fmt.Errorf("zfs set labels: %w", err)
+	}
+	name := snapshot.Name(id)
+	if err := snapshot.CheckLabels(labels); err != nil {
+		return fmt.Errorf("zfs set labels %s: %w", b.full(name), err)
+	}
+	if b.inspect {
+		return fmt.Errorf("zfs set labels %s: %w", b.full(name), errInspect)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	snaps, err := b.snapshots(ctx)
+	if err != nil {
+		return fmt.Errorf("zfs set labels %s: %w", b.full(name), err)
+	}
+	if _, ok := snaps[id]; !ok {
+		return fmt.Errorf("zfs set labels %s: %w", b.full(name), snapshot.ErrNotFound)
+	}
+	if err := b.setLabels(ctx, name, labels); err != nil {
+		return fmt.Errorf("zfs set labels %s: %w", b.full(name), err)
+	}
+	return nil
+}
+
+// setLabels sets or removes snapshot name's label properties, in key order.
+func (b *Backend) setLabels(ctx context.Context, name string, labels snapshot.Labels) error {
+	snap := &gozfs.Dataset{Name: b.full(name), Type: gozfs.DatasetSnapshot}
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if v := labels[k]; v != "" {
+			if err := snap.SetProperty(propPrefix+k, v); err != nil {
+				return zfsErr("zfs set", snap.Name, err)
+			}
+			continue
+		}
+		if err := b.cmd(ctx, "zfs", "inherit", propPrefix+k, snap.Name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// labels returns the strata:<key> user properties of target (a snapshot)
+// or of every snapshot of target (a dataset), by full snapshot name.
+func (b *Backend) labels(ctx context.Context, target string) (map[string]snapshot.Labels, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	args := []string{"get", "-Hp", "-o", "name,property,value", "-s", "local,received", "-t", "snapshot"}
+	if !strings.Contains(target, "@") {
+		args = append(args, "-d", "1")
+	}
+	args = append(args, "all", target)
+	cmd := exec.CommandContext(ctx, "zfs", args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("zfs %s: %s: %w", strings.Join(args, " "), strings.TrimSpace(stderr.String()), err)
+	}
+	res := map[string]snapshot.Labels{}
+	for line := range strings.Lines(string(out)) {
+		f := strings.SplitN(strings.TrimSuffix(line, "\n"), "\t", 3)
+		if len(f) != 3 {
+			return nil, fmt.Errorf("zfs get labels %s: unexpected line %q", target, line)
+		}
+		k, ok := strings.CutPrefix(f[1], propPrefix)
+		if !ok {
+			continue
+		}
+		if res[f[0]] == nil {
+			res[f[0]] = snapshot.Labels{}
+		}
+		res[f[0]][k] = f[2]
+	}
+	return res, nil
+}
+
 // Destroy unmounts generation id's snapshot and destroys it.
 func (b *Backend) Destroy(ctx context.Context, id uint64) error {
 	if err := snapshot.ValidID(id); err != nil {
 		return fmt.Errorf("zfs destroy: %w", err)
+	}
+	if b.inspect {
+		return fmt.Errorf("zfs destroy %s: %w", b.full(snapshot.Name(id)), errInspect)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -131,7 +131,7 @@ func TestRemountAfterReboot(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	s, err := b.Create(ctx, 1)
+	s, err := b.Create(ctx, 1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

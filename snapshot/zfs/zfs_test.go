@@ -3,6 +3,7 @@ package zfs
 import (
 	"context"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -54,6 +55,14 @@ snapshot)
 	if [ -f "$S/fail-snapshot" ]; then echo "cannot create snapshot '$2': out of space" >&2; exit 1; fi
 	if [ -f "$S/snaps/$(key "$2")" ]; then echo "cannot create snapshot '$2': dataset already exists" >&2; exit 1; fi
 	echo 1795268545 > "$S/snaps/$(key "$2")" ;;
+set)
+	k=$(key "$3"); prop=${2%%=*}
+	[ -f "$S/snaps/$k" ] || { echo "cannot open '$3': dataset does not exist" >&2; exit 1; }
+	touch "$S/props/$k"; grep -v "^$prop	" "$S/props/$k" > "$S/props/$k.new"
+	printf '%s\t%s\n' "$prop" "${2#*=}" >> "$S/props/$k.new"; mv "$S/props/$k.new" "$S/props/$k" ;;
+inherit)
+	k=$(key "$3")
+	touch "$S/props/$k"; grep -v "^$2	" "$S/props/$k" > "$S/props/$k.new"; mv "$S/props/$k.new" "$S/props/$k" ;;
 get)
 	for f in $(ls "$S/snaps"); do
 		n=$(printf %s "$f" | tr % /)
@@ -61,11 +70,14 @@ get)
 		*@*) [ "$n" = "$last" ] || continue ;;
 		*) case "$n" in "$last"@*) ;; *) continue ;; esac ;;
 		esac
-		printf '%s\t%s\n' "$n" "$(cat "$S/snaps/$f")"
+		case " $* " in
+		*" all "*) if [ -f "$S/props/$f" ]; then while IFS= read -r l; do printf '%s\t%s\n' "$n" "$l"; done < "$S/props/$f"; fi ;;
+		*) printf '%s\t%s\n' "$n" "$(cat "$S/snaps/$f")" ;;
+		esac
 	done ;;
 destroy)
 	if [ ! -f "$S/snaps/$(key "$last")" ]; then echo "could not find any snapshots to destroy; check snapshot names." >&2; exit 1; fi
-	rm "$S/snaps/$(key "$last")" ;;
+	rm -f "$S/snaps/$(key "$last")" "$S/props/$(key "$last")" ;;
 *) echo "fake zfs: unexpected $*" >&2; exit 2 ;;
 esac
 `
@@ -98,7 +110,7 @@ func newFake(t *testing.T) *fake {
 		mountDir:   filepath.Join(dir, "gens"),
 	}
 	bin := filepath.Join(dir, "bin")
-	for _, d := range []string{bin, filepath.Join(f.state, "snaps"), filepath.Join(f.mountpoint, "store"), filepath.Join(f.mountpoint, "var/nix/db")} {
+	for _, d := range []string{bin, filepath.Join(f.state, "snaps"), filepath.Join(f.state, "props"), filepath.Join(f.mountpoint, "store"), filepath.Join(f.mountpoint, "var/nix/db")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -229,7 +241,7 @@ func TestCreateListDestroy(t *testing.T) {
 	path1 := filepath.Join(f.mountDir, "strata-1")
 	listSnaps := "zfs list -rHp -t snapshot -o " + dsProps + " tank/store"
 
-	s, err := b.Create(ctx, 1)
+	s, err := b.Create(ctx, 1, snapshot.Labels{"state": "publishing", "generation": "1", "skipped": ""})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,20 +249,23 @@ func TestCreateListDestroy(t *testing.T) {
 		listSnaps,
 		"zfs snapshot tank/store@strata-1",
 		"zfs list -Hp -o "+dsProps+" tank/store@strata-1",
+		"zfs set strata:generation=1 tank/store@strata-1",
+		"zfs set strata:state=publishing tank/store@strata-1",
 		"zfs get -Hp -o name,value -t snapshot creation tank/store@strata-1",
 		"mount -t zfs -o ro tank/store@strata-1 "+path1,
 	)
-	want := snapshot.Snapshot{ID: 1, Name: "strata-1", Path: path1, Created: time.Unix(1795268545, 0)}
-	if s != want {
+	want := snapshot.Snapshot{ID: 1, Name: "strata-1", Path: path1, Created: time.Unix(1795268545, 0),
+		Labels: snapshot.Labels{"generation": "1", "state": "publishing"}}
+	if !sameSnap(s, want) {
 		t.Errorf("Create(1) = %+v, want %+v", s, want)
 	}
 
-	if _, err := b.Create(ctx, 1); !errors.Is(err, snapshot.ErrExists) {
+	if _, err := b.Create(ctx, 1, nil); !errors.Is(err, snapshot.ErrExists) {
 		t.Errorf("second Create(1): err = %v, want ErrExists", err)
 	}
 	wantCalls(t, f, listSnaps)
 
-	if _, err := b.Create(ctx, 2); err != nil {
+	if _, err := b.Create(ctx, 2, nil); err != nil {
 		t.Fatal(err)
 	}
 	f.calls(t)
@@ -259,10 +274,28 @@ func TestCreateListDestroy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantCalls(t, f, listSnaps, "zfs get -Hp -o name,value -t snapshot -d 1 creation tank/store")
-	if len(l) != 2 || l[0] != want || l[1].ID != 2 || l[1].Path != filepath.Join(f.mountDir, "strata-2") {
+	wantCalls(t, f, listSnaps, "zfs get -Hp -o name,value -t snapshot -d 1 creation tank/store",
+		"zfs get -Hp -o name,property,value -s local,received -t snapshot -d 1 all tank/store")
+	if len(l) != 2 || !sameSnap(l[0], want) || l[1].ID != 2 || l[1].Path != filepath.Join(f.mountDir, "strata-2") ||
+		l[1].Labels == nil || len(l[1].Labels) != 0 {
 		t.Errorf("List = %+v, want strata-1 and strata-2 only", l)
 	}
+
+	if err := b.SetLabels(ctx, 1, snapshot.Labels{"state": "live", "generation": "", "pin_name": "a b"}); err != nil {
+		t.Fatal(err)
+	}
+	wantCalls(t, f, listSnaps,
+		"zfs inherit strata:generation tank/store@strata-1",
+		"zfs set strata:pin_name=a b tank/store@strata-1",
+		"zfs set strata:state=live tank/store@strata-1")
+	if l, err := b.List(ctx); err != nil || !maps.Equal(l[0].Labels, snapshot.Labels{"state": "live", "pin_name": "a b"}) {
+		t.Errorf("List after SetLabels = %+v, %v", l, err)
+	}
+	f.calls(t)
+	if err := b.SetLabels(ctx, 7, snapshot.Labels{"state": "live"}); !errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("SetLabels(7): err = %v, want ErrNotFound", err)
+	}
+	wantCalls(t, f, listSnaps)
 
 	// After a reboot nothing is mounted: List mounts every snapshot again.
 	if err := os.WriteFile(filepath.Join(f.state, "mountinfo"), nil, 0o644); err != nil {
@@ -301,7 +334,7 @@ func TestCreateErrors(t *testing.T) {
 		f := newFake(t)
 		b := f.backend(t)
 		f.touch(t, "fail-snapshot")
-		_, err := b.Create(context.Background(), 3)
+		_, err := b.Create(context.Background(), 3, nil)
 		if err == nil || !strings.Contains(err.Error(), "cannot create snapshot 'tank/store@strata-3': out of space") {
 			t.Errorf("err = %v, want zfs's stderr in it", err)
 		}
@@ -314,7 +347,7 @@ func TestCreateErrors(t *testing.T) {
 		f := newFake(t)
 		b := f.backend(t)
 		f.touch(t, "fail-mount")
-		_, err := b.Create(context.Background(), 3)
+		_, err := b.Create(context.Background(), 3, nil)
 		if err == nil || !strings.Contains(err.Error(), "permission denied") {
 			t.Errorf("err = %v, want mount's error", err)
 		}
@@ -331,7 +364,7 @@ func TestCreateErrors(t *testing.T) {
 		b := f.backend(t)
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
-		if _, err := b.Create(ctx, 3); !errors.Is(err, context.Canceled) {
+		if _, err := b.Create(ctx, 3, nil); !errors.Is(err, context.Canceled) {
 			t.Errorf("Create: err = %v, want context.Canceled", err)
 		}
 		if _, err := b.List(ctx); !errors.Is(err, context.Canceled) {
@@ -345,7 +378,7 @@ func TestCreateErrors(t *testing.T) {
 	t.Run("id 0", func(t *testing.T) {
 		f := newFake(t)
 		b := f.backend(t)
-		if _, err := b.Create(context.Background(), 0); err == nil {
+		if _, err := b.Create(context.Background(), 0, nil); err == nil {
 			t.Error("Create(0) succeeded")
 		}
 		wantCalls(t, f)
@@ -357,9 +390,54 @@ func TestCreateErrors(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(f.state, "mountinfo"), []byte("50 1 0:40 / "+p+" rw shared:2 - tmpfs tmpfs rw\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		_, err := b.Create(context.Background(), 3)
+		_, err := b.Create(context.Background(), 3, nil)
 		if err == nil || !strings.Contains(err.Error(), "tmpfs tmpfs is mounted there") {
 			t.Errorf("err = %v, want a refusal to mount over tmpfs", err)
 		}
 	})
+}
+
+func sameSnap(a, b snapshot.Snapshot) bool {
+	return a.ID == b.ID && a.Name == b.Name && a.Path == b.Path && a.Created.Equal(b.Created) && maps.Equal(a.Labels, b.Labels)
+}
+
+func TestInspectChangesNothing(t *testing.T) {
+	f := newFake(t)
+	b := f.backend(t)
+	ctx := context.Background()
+	if _, err := b.Create(ctx, 1, snapshot.Labels{"generation": "1"}); err != nil {
+		t.Fatal(err)
+	}
+	// After a reboot nothing is mounted; Inspect must not mount.
+	if err := os.WriteFile(filepath.Join(f.state, "mountinfo"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(t.TempDir(), "no-such-mount-dir")
+	ib, err := Inspect("tank/store", missing, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ib.mountinfo = filepath.Join(f.state, "mountinfo")
+	f.calls(t)
+	l, err := ib.List(ctx)
+	if err != nil || len(l) != 1 || l[0].Labels["generation"] != "1" {
+		t.Fatalf("Inspect List = %+v, %v", l, err)
+	}
+	if _, err := ib.Create(ctx, 2, nil); err == nil {
+		t.Error("Create through Inspect succeeded")
+	}
+	if err := ib.SetLabels(ctx, 1, snapshot.Labels{"state": "live"}); err == nil {
+		t.Error("SetLabels through Inspect succeeded")
+	}
+	if err := ib.Destroy(ctx, 1); err == nil {
+		t.Error("Destroy through Inspect succeeded")
+	}
+	for _, c := range f.calls(t) {
+		if !strings.HasPrefix(c, "zfs list ") && !strings.HasPrefix(c, "zfs get ") {
+			t.Errorf("Inspect ran %q", c)
+		}
+	}
+	if _, err := os.Stat(missing); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Inspect made the mount dir: %v", err)
+	}
 }
