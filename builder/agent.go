@@ -44,6 +44,7 @@ import (
 	"github.com/strata-nix/strata/mountinfo"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
 )
@@ -70,6 +71,9 @@ type Options struct {
 	// OnTransition is called after each transition is persisted, on the
 	// agent's goroutine. Tests use it to stop the agent at a given state.
 	OnTransition func(State)
+	// Progress brackets each start attempt and each check of Run (mount,
+	// import, rotation), for the watchdog; may be nil.
+	Progress *lifecycle.Step
 }
 
 // Agent is the builder agent. Run drives it; Status and RequestRotation
@@ -83,6 +87,7 @@ type Agent struct {
 	busy         func() (bool, string, error)
 	notify       func(string)
 	onTransition func(State)
+	step         *lifecycle.Step
 
 	mu        sync.Mutex
 	st        State
@@ -102,7 +107,7 @@ func New(o Options) (*Agent, error) {
 		return nil, errors.New("new builder agent: Server, Mounter and Nix are required")
 	}
 	a := &Agent{cfg: o.Config, log: o.Logger, srv: o.Server, m: o.Mounter, nix: o.Nix, busy: o.Busy,
-		notify: o.Notify, onTransition: o.OnTransition, rotateReq: make(chan chan error)}
+		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, rotateReq: make(chan chan error)}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}

@@ -35,7 +35,8 @@ var Keys = []config.Key{
 	{Name: "api.socket", Kind: config.String, Default: "", Usage: "unix socket for the agent's API; calls on it need no token (default <state_dir>/api.sock)"},
 	{Name: "api.listen", Kind: config.String, Default: "", Usage: "TCP address for the agent's API (empty: socket only)"},
 	{Name: "api.token_file", Kind: config.String, Default: "/etc/strata/api-token", Usage: "file with the bearer token mutating TCP calls need"},
-	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error"},
+	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it and the API token)"},
+	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a mount, import or rotation running longer than this counts as wedged: systemd watchdog pings stop and systemd restarts the agent (0: never)"},
 }
 
 // Policy says when the agent rotates to a newer generation.
@@ -80,6 +81,7 @@ type Config struct {
 	APIListen     string
 	TokenFile     string
 	LogLevel      string
+	StallAfter    time.Duration
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error
@@ -102,6 +104,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		APIListen:     v.String("api.listen"),
 		TokenFile:     v.String("api.token_file"),
 		LogLevel:      v.String("log.level"),
+		StallAfter:    v.Duration("watchdog.stall_after"),
 	}
 	bad := func(key string, val any, want string) error {
 		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
@@ -168,6 +171,9 @@ func ConfigFrom(v config.Values) (Config, error) {
 	case "debug", "info", "warn", "error":
 	default:
 		return c, bad("log.level", c.LogLevel, "debug, info, warn or error")
+	}
+	if c.StallAfter < 0 || (c.StallAfter > 0 && c.StallAfter < time.Minute) {
+		return c, bad("watchdog.stall_after", c.StallAfter, "0 (never) or at least 1m")
 	}
 	return c, nil
 }

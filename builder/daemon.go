@@ -2,23 +2,49 @@ package builder
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
-
-	"github.com/coreos/go-systemd/v22/daemon"
+	"os"
+	"time"
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/apiserve"
+	"github.com/strata-nix/strata/internal/lifecycle"
 )
+
+// DaemonOptions connect the agent to its service manager. The zero value
+// notifies systemd through $NOTIFY_SOCKET and never reloads.
+type DaemonOptions struct {
+	Notify   lifecycle.Notifier // nil: lifecycle.Systemd
+	Watchdog time.Duration      // WATCHDOG=1 interval; 0: none (see lifecycle.WatchdogInterval)
+	Hup      <-chan os.Signal   // SIGHUP: reload
+	// Reload re-reads the configuration: api.token_file and log.level take
+	// effect, other changed keys are logged as needing a restart.
+	Reload func() (Config, error)
+	Level  *slog.LevelVar // the logger's level; reload sets it
+	// StopTimeout bounds the graceful stop (default 20 s, below the unit's
+	// TimeoutStopSec).
+	StopTimeout time.Duration
+}
 
 // Daemon runs `strata builder` until ctx ends. Order of start:
 //  1. create the state dir layout, load state.json, bind the API socket
 //     (and api.listen), so `strata status` works while waiting;
 //  2. Agent.Run: reconcile and mount (retrying with backoff while the
-//     server is unreachable), READY=1, then poll and rotate.
+//     server is unreachable), READY=1 once the store dir is mounted and
+//     imported, then poll and rotate.
+//
+// While it runs, the main loop sends WATCHDOG=1 while no start attempt,
+// import or rotation has run longer than watchdog.stall_after, and reloads
+// the API token and log.level on SIGHUP (RELOADING=1 … READY=1).
 //
 // Shutdown (ctx cancelled): STOPPING=1, finish the step under way, close
-// the API. Mounts stay: a restart re-adopts them without remounting.
-func Daemon(ctx context.Context, cfg Config, log *slog.Logger) error {
+// the API, waiting at most StopTimeout. Mounts stay: a restart re-adopts
+// them without remounting.
+func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) error {
+	if o.Notify == nil {
+		o.Notify = lifecycle.Systemd(log)
+	}
 	var ag *Agent
 	gm := func(ctx context.Context, gen uint64, dir string) error {
 		host, port, err := cfg.NFSAddress(ag.AdvertisedNFS())
@@ -28,45 +54,103 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return NFSGenerations(host, port, cfg.NConnect, cfg.MountOptions)(ctx, gen, dir)
 	}
 	ag, err := New(Options{
-		Config:  cfg,
-		Logger:  log,
-		Server:  api.NewClient(cfg.ServerAPI, ""),
-		Mounter: NewSystem(gm, cfg.SwapMethod, cfg.StagingDir, log),
-		Nix:     NewNixStore(cfg),
-		Notify:  func(s string) { daemon.SdNotify(false, s) },
+		Config:   cfg,
+		Logger:   log,
+		Server:   api.NewClient(cfg.ServerAPI, ""),
+		Mounter:  NewSystem(gm, cfg.SwapMethod, cfg.StagingDir, log),
+		Nix:      NewNixStore(cfg),
+		Notify:   o.Notify,
+		Progress: lifecycle.NewStep("builder loop", cfg.StallAfter),
 	})
 	if err != nil {
 		return err
 	}
-	return Serve(ctx, ag, cfg, log)
+	return Serve(ctx, ag, cfg, log, o)
 }
 
 // Serve runs ag with its API listeners (the unix socket cfg.Socket and,
-// when set, cfg.APIListen) until ctx ends.
-func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger) error {
-	token, err := apiserve.ReadToken(cfg.TokenFile)
+// when set, cfg.APIListen) and the lifecycle main loop until ctx ends.
+func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger, o DaemonOptions) error {
+	if o.Notify == nil {
+		o.Notify = lifecycle.Systemd(log)
+	}
+	if o.StopTimeout <= 0 {
+		o.StopTimeout = 20 * time.Second
+	}
+	text, err := apiserve.ReadToken(cfg.TokenFile)
 	if err != nil {
 		return err
 	}
+	token := apiserve.NewToken(text)
 	as, err := apiserve.Start(ag.Handler(token), cfg.APIListen, cfg.Socket, log)
 	if err != nil {
 		return err
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	errc := make(chan error, 1)
-	go func() { errc <- ag.Run(runCtx) }()
-	var runErr error
-	select {
-	case <-ctx.Done():
-		runErr = <-errc
-	case runErr = <-errc:
-	case runErr = <-as.Err():
-		cancel()
-		<-errc
+	errc := make(chan error, 2)
+	agentDone := make(chan struct{})
+	go func() {
+		defer close(agentDone)
+		if err := ag.Run(runCtx); err != nil {
+			errc <- err
+		}
+	}()
+	go func() {
+		if err, ok := <-as.Err(); ok {
+			errc <- err
+		}
+	}()
+	var checks []lifecycle.Check
+	if ag.step != nil {
+		checks = append(checks, ag.step.Check)
 	}
+	main := lifecycle.Main{Notify: o.Notify, Log: log, Watchdog: o.Watchdog, Checks: checks, Hup: o.Hup,
+		Reload: func(context.Context) error {
+			if o.Reload == nil {
+				return fmt.Errorf("reload: no configuration file to re-read")
+			}
+			next, err := o.Reload()
+			if err != nil {
+				return err
+			}
+			return applyReload(cfg, next, token, o.Level, log)
+		}}
+	runErr := main.Run(ctx, errc)
+
+	o.Notify("STOPPING=1")
 	log.Info("shutting down")
 	cancel()
-	as.Shutdown(ctx)
+	stopErr := lifecycle.Stop(o.StopTimeout, "builder agent and API", func() {
+		<-agentDone
+		as.Shutdown(ctx)
+	})
+	if runErr == nil {
+		runErr = stopErr
+	}
 	return runErr
+}
+
+// applyReload makes next's token and log level current; a token file that
+// cannot be read changes nothing.
+func applyReload(cur, next Config, token *apiserve.Token, level *slog.LevelVar, log *slog.Logger) error {
+	text, err := apiserve.ReadToken(next.TokenFile)
+	if err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(next.LogLevel)); err != nil {
+		return fmt.Errorf("reload: log.level %q: %w", next.LogLevel, err)
+	}
+	token.Set(text)
+	if level != nil {
+		level.Set(lv)
+	}
+	a, b := cur, next
+	a.TokenFile, a.LogLevel, b.TokenFile, b.LogLevel = "", "", "", ""
+	if fmt.Sprint(a) != fmt.Sprint(b) {
+		log.Warn("reload: some changed keys take effect only after a restart")
+	}
+	log.Info("reloaded", "log.level", next.LogLevel, "api.token_file", next.TokenFile)
+	return nil
 }

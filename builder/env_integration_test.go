@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/nixstore"
@@ -219,7 +220,7 @@ func (e *env) startServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.httpSrv = &http.Server{Handler: e.srv.Handler("", nil, func() any { return map[string]any{"role": "server"} })}
+	e.httpSrv = &http.Server{Handler: e.srv.Handler(apiserve.NewToken(""), nil, func() any { return map[string]any{"role": "server"} })}
 	go e.httpSrv.Serve(l)
 }
 

@@ -79,7 +79,7 @@ func (a *Agent) Status() Status {
 //
 // Mutating calls need "Authorization: Bearer <token>" unless they arrive on
 // the unix socket (see package apiserve); an empty token refuses them on TCP.
-func (a *Agent) Handler(token string) http.Handler {
+func (a *Agent) Handler(token *apiserve.Token) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		if !a.Ready() {

@@ -15,7 +15,9 @@ import (
 func (a *Agent) Run(ctx context.Context) error {
 	backoff := time.Second
 	for {
+		a.step.Begin()
 		err := a.Start(ctx)
+		a.step.End()
 		if err == nil {
 			break
 		}
@@ -39,14 +41,18 @@ func (a *Agent) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			a.notify("STOPPING=1")
 			return nil
 		case <-t.C:
-			if err := a.Check(ctx, false); err != nil && ctx.Err() == nil {
+			a.step.Begin()
+			err := a.Check(ctx, false)
+			a.step.End()
+			if err != nil && ctx.Err() == nil {
 				a.log.Warn("check for a newer generation", "err", err)
 			}
 		case reply := <-a.rotateReq:
+			a.step.Begin()
 			reply <- a.Check(ctx, true)
+			a.step.End()
 		}
 	}
 }

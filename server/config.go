@@ -34,7 +34,8 @@ var Keys = []config.Key{
 	{Name: "nfs.max_conns", Kind: config.Int, Default: 1024, Usage: "maximum concurrent NFS connections"},
 	{Name: "nfs.idle_timeout", Kind: config.Duration, Default: "15m", Usage: "close NFS connections idle this long"},
 	{Name: "nfs.busy_poll", Kind: config.Duration, Default: "50us", Usage: "how long an NFS connection waits for its next call spinning, while CPU is spare, before it sleeps (0 disables)"},
-	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error"},
+	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it, nfs.allow and the API token)"},
+	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a publish running longer than this counts as wedged: systemd watchdog pings stop and systemd restarts the daemon (0: never)"},
 }
 
 // Config is the validated server configuration.
@@ -57,6 +58,7 @@ type Config struct {
 	NFSIdleTimeout  time.Duration
 	NFSBusyPoll     time.Duration
 	LogLevel        string
+	StallAfter      time.Duration
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error
@@ -80,6 +82,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		NFSIdleTimeout:  v.Duration("nfs.idle_timeout"),
 		NFSBusyPoll:     v.Duration("nfs.busy_poll"),
 		LogLevel:        v.String("log.level"),
+		StallAfter:      v.Duration("watchdog.stall_after"),
 	}
 	bad := func(key string, val any, want string) error {
 		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
@@ -153,6 +156,9 @@ func ConfigFrom(v config.Values) (Config, error) {
 	case "debug", "info", "warn", "error":
 	default:
 		return c, bad("log.level", c.LogLevel, "debug, info, warn or error")
+	}
+	if c.StallAfter < 0 || (c.StallAfter > 0 && c.StallAfter < time.Minute) {
+		return c, bad("watchdog.stall_after", c.StallAfter, "0 (never) or at least 1m")
 	}
 	return c, nil
 }

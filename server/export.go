@@ -8,26 +8,46 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/server/nfs"
 	"github.com/strata-nix/strata/server/nfs/busypoll"
 	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
+// export is the NFS export and its listener as the daemon holds them. All
+// fields are nil when nfs.listen is empty.
+type export struct {
+	exp    *nfs.Export
+	serve  func(context.Context) error
+	guard  *guard.Listener     // SetAllow on reload
+	accept *lifecycle.Listener // the kernel listener, watched for the watchdog
+}
+
+func (e export) close() {
+	if e.exp != nil {
+		e.exp.Close()
+	}
+	if e.accept != nil {
+		e.accept.Close()
+	}
+}
+
 // openExport builds the NFS export and binds its guarded listener. With
-// nfs.listen empty there is no export (nil, nil, nil).
-func openExport(_ context.Context, cfg Config, log *slog.Logger, reg *prometheus.Registry) (*nfs.Export, func(context.Context) error, error) {
+// nfs.listen empty there is no export (a zero export, nil).
+func openExport(_ context.Context, cfg Config, log *slog.Logger, reg *prometheus.Registry) (export, error) {
 	if cfg.NFSListen == "" {
-		return nil, nil, nil
+		return export{}, nil
 	}
 	exp, err := nfs.New(nfs.Options{StateDir: cfg.StateDir, Logger: log.With("component", "nfs"), Registry: reg})
 	if err != nil {
-		return nil, nil, err
+		return export{}, err
 	}
-	l, err := net.Listen("tcp", cfg.NFSListen)
+	raw, err := net.Listen("tcp", cfg.NFSListen)
 	if err != nil {
 		exp.Close()
-		return nil, nil, fmt.Errorf("listen nfs %s: %w", cfg.NFSListen, err)
+		return export{}, fmt.Errorf("listen nfs %s: %w", cfg.NFSListen, err)
 	}
+	l := lifecycle.WatchListener(raw, "nfs accept loop", acceptStall)
 	window := cfg.NFSBusyPoll
 	if window == 0 {
 		window = -1 // disabled
@@ -36,15 +56,15 @@ func openExport(_ context.Context, cfg Config, log *slog.Logger, reg *prometheus
 	if err := reg.Register(bl); err != nil {
 		l.Close()
 		exp.Close()
-		return nil, nil, fmt.Errorf("register busy-poll metrics: %w", err)
+		return export{}, fmt.Errorf("register busy-poll metrics: %w", err)
 	}
 	gl, err := guard.Listen(bl, guard.Options{Allow: cfg.NFSAllow, MaxConns: cfg.NFSMaxConns, IdleTimeout: cfg.NFSIdleTimeout},
 		log.With("component", "nfs-guard"), reg)
 	if err != nil {
 		l.Close()
 		exp.Close()
-		return nil, nil, err
+		return export{}, err
 	}
 	log.Info("nfs export listening", "addr", l.Addr().String(), "allow", cfg.NFSAllow)
-	return exp, func(ctx context.Context) error { return exp.Serve(ctx, gl) }, nil
+	return export{exp: exp, serve: func(ctx context.Context) error { return exp.Serve(ctx, gl) }, guard: gl, accept: l}, nil
 }

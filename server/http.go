@@ -17,7 +17,7 @@ import (
 // calls need "Authorization: Bearer <token>" unless the request came in on
 // the unix socket (see package apiserve); an empty token refuses every
 // mutating TCP call.
-func (s *Server) Handler(token string, reg *prometheus.Registry, status func() any) http.Handler {
+func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status func() any) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
 	if reg != nil {

@@ -35,7 +35,7 @@ func newTestAPI(t *testing.T) (tcp *httptest.Server, sock string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := s.Handler("s3cret", nil, func() any { return map[string]any{"role": "server"} })
+	h := s.Handler(apiserve.NewToken("s3cret"), nil, func() any { return map[string]any{"role": "server"} })
 	tcp = httptest.NewServer(h)
 	t.Cleanup(tcp.Close)
 	sock = filepath.Join(dir, "api.sock")

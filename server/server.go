@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/snapshot"
 )
@@ -44,6 +45,7 @@ type Server struct {
 	state   state
 	export  Exporter
 	inUse   InUse
+	step    *lifecycle.Step
 
 	mu   sync.Mutex // serialises publish, pin, unpin, retention
 	gens map[uint64]*generation
@@ -64,6 +66,8 @@ type Options struct {
 	Export   Exporter // may be nil
 	InUse    InUse    // may be nil
 	Registry *prometheus.Registry
+	// Progress brackets each publish of Run, for the watchdog; may be nil.
+	Progress *lifecycle.Step
 }
 
 // New loads the state dir, reconciles it with the backend's snapshots and
@@ -72,7 +76,7 @@ type Options struct {
 // publish) is destroyed; a manifest without its snapshot is dropped.
 func New(ctx context.Context, o Options) (*Server, error) {
 	s := &Server{cfg: o.Config, log: o.Logger, backend: o.Backend, state: state{dir: o.Config.StateDir},
-		export: o.Export, inUse: o.InUse, gens: map[uint64]*generation{}}
+		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -421,7 +425,9 @@ func (s *Server) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+			s.step.Begin()
 			_, _ = s.Publish(ctx)
+			s.step.End()
 		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/builder"
+	"github.com/strata-nix/strata/internal/lifecycle"
 )
 
 const defaultBuilderSocket = "/var/lib/strata/builder/api.sock"
@@ -42,7 +43,20 @@ YAML file is also an environment variable STRATA_SECTION_KEY and a flag
 			fmt.Fprintln(cmd.OutOrStdout(), "configuration ok")
 			return nil
 		}
-		return builder.Daemon(cmd.Context(), cfg, newLogger(cfg.LogLevel))
+		log, level := newLogger(cfg.LogLevel)
+		return builder.Daemon(cmd.Context(), cfg, log, builder.DaemonOptions{
+			Notify:   lifecycle.Systemd(log),
+			Watchdog: lifecycle.WatchdogInterval(),
+			Hup:      hangups(cmd.Context()),
+			Level:    level,
+			Reload: func() (builder.Config, error) {
+				v, err := loadConfig(cmd, loader, *file)
+				if err != nil {
+					return builder.Config{}, err
+				}
+				return builder.ConfigFrom(v)
+			},
+		})
 	}
 	cmd.AddCommand(newBuilderRotateCmd())
 	return cmd

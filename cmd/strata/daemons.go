@@ -1,20 +1,36 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
 	"github.com/strata-nix/strata/config"
+	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/server"
 )
 
-func newLogger(level string) *slog.Logger {
+// newLogger logs text to stderr (the journal under systemd) at a level
+// that SIGHUP can change.
+func newLogger(level string) (*slog.Logger, *slog.LevelVar) {
 	var l slog.Level
 	_ = l.UnmarshalText([]byte(level))
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+	lv := new(slog.LevelVar)
+	lv.Set(l)
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv})), lv
+}
+
+// hangups delivers SIGHUP until ctx ends.
+func hangups(ctx context.Context) <-chan os.Signal {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGHUP)
+	context.AfterFunc(ctx, func() { signal.Stop(ch) })
+	return ch
 }
 
 // configFlags adds --config and one flag per key, and returns a loader.
@@ -60,7 +76,20 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 			fmt.Fprintln(cmd.OutOrStdout(), "configuration ok")
 			return nil
 		}
-		return server.Daemon(cmd.Context(), cfg, newLogger(cfg.LogLevel))
+		log, level := newLogger(cfg.LogLevel)
+		return server.Daemon(cmd.Context(), cfg, log, server.DaemonOptions{
+			Notify:   lifecycle.Systemd(log),
+			Watchdog: lifecycle.WatchdogInterval(),
+			Hup:      hangups(cmd.Context()),
+			Level:    level,
+			Reload: func() (server.Config, error) {
+				v, err := loadConfig(cmd, loader, *file)
+				if err != nil {
+					return server.Config{}, err
+				}
+				return server.ConfigFrom(v)
+			},
+		})
 	}
 	return cmd
 }

@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/strata-nix/strata/api"
@@ -51,12 +52,30 @@ func SocketConnContext(ctx context.Context, _ net.Conn) context.Context {
 	return context.WithValue(ctx, viaSocket, true)
 }
 
+// Token is the bearer token mutating TCP calls need. It can be replaced
+// while the API serves (SIGHUP reload); calls in flight see the old or the
+// new token, never a mix.
+type Token struct{ v atomic.Pointer[string] }
+
+// NewToken returns a Token holding s.
+func NewToken(s string) *Token {
+	t := &Token{}
+	t.Set(s)
+	return t
+}
+
+// Set replaces the token; the empty token refuses every mutating TCP call.
+func (t *Token) Set(s string) { t.v.Store(&s) }
+
+// Get returns the current token.
+func (t *Token) Get() string { return *t.v.Load() }
+
 // Mutating wraps h so that it runs only for requests that came in on the unix
-// socket or carry token as a bearer token; others get 401 and an error that
-// says what is missing. An empty token refuses every TCP request.
-func Mutating(token string, h http.HandlerFunc) http.HandlerFunc {
+// socket or carry the current token as a bearer token; others get 401 and an
+// error that says what is missing. An empty token refuses every TCP request.
+func Mutating(token *Token, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if r.Context().Value(viaSocket) == nil && !validToken(r, token) {
+		if r.Context().Value(viaSocket) == nil && !validToken(r, token.Get()) {
 			WriteError(w, http.StatusUnauthorized, errors.New("mutating call needs a bearer token (api.token_file) or the unix socket"))
 			return
 		}

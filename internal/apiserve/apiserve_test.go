@@ -107,7 +107,7 @@ func start(t *testing.T, token string) (tcp, sock string) {
 	addr := l.Addr().String()
 	l.Close()
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /do", Mutating(token, func(w http.ResponseWriter, r *http.Request) { WriteJSON(w, http.StatusOK, "done") }))
+	mux.HandleFunc("POST /do", Mutating(NewToken(token), func(w http.ResponseWriter, r *http.Request) { WriteJSON(w, http.StatusOK, "done") }))
 	s, err := Start(mux, addr, sock, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
