@@ -40,6 +40,7 @@ unit: deps
 # The ZFS conformance suite needs OpenZFS, which only the VM tier has: the
 # host run leaves it to test-vm (STRATA_ZFS_IN_VM=1), which runs it in a guest.
 integration: build
+	scripts/deps.sh nix-trixie
 	STRATA_ZFS_IN_VM=1 $(GO) test -count=1 -p 1 -tags integration -timeout 40m ./...
 
 # test-vm: the VM tier (qemu, Debian's kernel, kernel NFS client, OpenZFS).

@@ -6,6 +6,7 @@
 //	GET    /v1/generations/N                -> Generation
 //	GET    /v1/generations/N/registration   -> text/plain, nix-store --dump-db format
 //	GET    /v1/generations/N/delta?from=M   -> Delta
+//	GET    /v1/generations/N/paths[?from=M] -> RowsContentType: the path rows (all, or added since M)
 //	POST   /v1/publish                      -> PublishResult        (mutating)
 //	POST   /v1/generations/N/pin?name=X     -> Generation           (mutating)
 //	DELETE /v1/generations/N/pin            -> Generation           (mutating)
@@ -67,3 +68,7 @@ type PublishResult struct {
 type Error struct {
 	Error string `json:"error"`
 }
+
+// RowsContentType is the media type of GET /v1/generations/N/paths: a
+// gzip'd JSON-lines rows file (see nixstore.WriteRows).
+const RowsContentType = "application/x-strata-rows+gzip"

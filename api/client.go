@@ -72,13 +72,39 @@ func (c *Client) raw(ctx context.Context, method, path string) (io.ReadCloser, e
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		var e Error
-		if json.Unmarshal(b, &e) == nil && e.Error != "" {
-			return nil, fmt.Errorf("%s %s: %s (%s)", method, path, e.Error, resp.Status)
-		}
-		return nil, fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(b)))
+		return nil, newStatusError(method, path, resp, b)
 	}
 	return resp.Body, nil
+}
+
+// StatusError is a non-2xx answer.
+type StatusError struct {
+	Method, Path string
+	// Code is the HTTP status code, Status its text.
+	Code   int
+	Status string
+	// Message is the server's error message, or the body's start.
+	Message string
+	// JSON reports whether Message came from an Error body.
+	JSON bool
+}
+
+func (e *StatusError) Error() string {
+	if e.JSON {
+		return fmt.Sprintf("%s %s: %s (%s)", e.Method, e.Path, e.Message, e.Status)
+	}
+	return fmt.Sprintf("%s %s: %s: %s", e.Method, e.Path, e.Status, e.Message)
+}
+
+func newStatusError(method, path string, resp *http.Response, b []byte) *StatusError {
+	e := &StatusError{Method: method, Path: path, Code: resp.StatusCode, Status: resp.Status}
+	var body Error
+	if json.Unmarshal(b, &body) == nil && body.Error != "" {
+		e.Message, e.JSON = body.Error, true
+	} else {
+		e.Message = strings.TrimSpace(string(b))
+	}
+	return e
 }
 
 // Generations lists the live generations.
@@ -101,6 +127,17 @@ func (c *Client) Registration(ctx context.Context, id uint64) ([]byte, error) {
 	}
 	defer body.Close()
 	return io.ReadAll(body)
+}
+
+// Paths returns generation id's path rows (a nixstore rows file), or with
+// from > 0 only the rows added or changed since generation from. The
+// caller closes the body.
+func (c *Client) Paths(ctx context.Context, id, from uint64) (io.ReadCloser, error) {
+	path := "/v1/generations/" + strconv.FormatUint(id, 10) + "/paths"
+	if from > 0 {
+		path += "?from=" + strconv.FormatUint(from, 10)
+	}
+	return c.raw(ctx, http.MethodGet, path)
 }
 
 // Delta returns what changed from generation from to generation to.

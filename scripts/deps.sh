@@ -10,7 +10,8 @@ for tier in "$@"; do
 	base) ;;
 	vm) want+=(qemu-system-x86 binutils) ;;
 	bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind) ;;
-	*) echo "deps.sh: unknown tier $tier (want base, vm or bench)" >&2; exit 2 ;;
+	nix-trixie) trixie=1 ;;
+	*) echo "deps.sh: unknown tier $tier (want base, vm, bench or nix-trixie)" >&2; exit 2 ;;
 	esac
 done
 
@@ -35,4 +36,10 @@ if ! command -v go >/dev/null && [ ! -x /usr/local/go/bin/go ]; then
 		apt-get update -q >/dev/null
 	fi
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t bookworm-backports golang-go >/dev/null
+fi
+
+# nix-trixie: Debian trixie's Nix 2.26 next to bookworm's 2.8, unpacked under
+# /var/cache/strata/nix-trixie (scripts/nix-trixie.sh; nothing installed).
+if [ -n "${trixie:-}" ]; then
+	"$(dirname "$0")/nix-trixie.sh" >/dev/null
 fi

@@ -1,8 +1,10 @@
 package server
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 
@@ -56,6 +58,46 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 		w.Write(b)
+	})
+	mux.HandleFunc("GET /v1/generations/{id}/paths", func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		var from uint64
+		if f := r.URL.Query().Get("from"); f != "" {
+			var err error
+			if from, err = strconv.ParseUint(f, 10, 64); err != nil || from == 0 {
+				writeErr(w, http.StatusBadRequest, fmt.Errorf("query parameter from=%q: want a generation id", f))
+				return
+			}
+		}
+		// Buffer a delta (small) so an error still gets a JSON answer; a
+		// full file streams from disk after its checks passed.
+		if from != 0 {
+			var buf bytes.Buffer
+			if err := s.RowsDelta(&buf, id, from); err != nil {
+				writeErr(w, statusOf(err), err)
+				return
+			}
+			w.Header().Set("Content-Type", api.RowsContentType)
+			w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
+			w.Write(buf.Bytes())
+			return
+		}
+		f, err := s.OpenRows(id)
+		if err != nil {
+			writeErr(w, statusOf(err), err)
+			return
+		}
+		defer f.Close()
+		w.Header().Set("Content-Type", api.RowsContentType)
+		if st, err := f.Stat(); err == nil {
+			w.Header().Set("Content-Length", strconv.FormatInt(st.Size(), 10))
+		}
+		if _, err := io.Copy(w, f); err != nil {
+			s.log.Debug("send path rows", "generation", id, "err", err)
+		}
 	})
 	mux.HandleFunc("GET /v1/generations/{id}/delta", func(w http.ResponseWriter, r *http.Request) {
 		id, ok := pathID(w, r)
@@ -120,7 +162,7 @@ func pathID(w http.ResponseWriter, r *http.Request) (uint64, bool) {
 }
 
 func statusOf(err error) int {
-	if errors.Is(err, ErrUnknownGeneration) {
+	if errors.Is(err, ErrUnknownGeneration) || errors.Is(err, ErrNoRows) {
 		return http.StatusNotFound
 	}
 	return http.StatusInternalServerError

@@ -11,7 +11,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"os"
 	"sort"
 	"strconv"
 	"sync"
@@ -199,6 +201,53 @@ func (s *Server) Registration(id uint64) ([]byte, error) {
 	return s.state.readRegistration(id)
 }
 
+// ErrNoRows is returned for a generation published before strata wrote
+// path rows: builders fall back to its registration.
+var ErrNoRows = errors.New("generation has no path rows (published by an older strata; use its registration)")
+
+// OpenRows opens generation id's path rows (a nixstore rows file: what
+// the snapshot's Nix DB holds per path); the caller closes it.
+func (s *Server) OpenRows(id uint64) (*os.File, error) {
+	if _, ok := s.Generation(id); !ok {
+		return nil, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
+	}
+	return s.state.openRows(id)
+}
+
+// RowsDelta writes the path rows of generation id that generation from
+// does not have (added or changed paths and realisations) to w, as a rows
+// file whose header names both.
+func (s *Server) RowsDelta(w io.Writer, id, from uint64) error {
+	if _, ok := s.Generation(id); !ok {
+		return fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
+	}
+	if _, ok := s.Generation(from); !ok {
+		return fmt.Errorf("generation %d: %w", from, ErrUnknownGeneration)
+	}
+	read := func(g uint64) (nixstore.RowsHeader, *nixstore.Rows, error) {
+		f, err := s.state.openRows(g)
+		if err != nil {
+			return nixstore.RowsHeader{}, nil, err
+		}
+		defer f.Close()
+		h, rs, err := nixstore.ReadRows(f)
+		if err != nil {
+			return h, nil, fmt.Errorf("generation %d: %w", g, err)
+		}
+		return h, rs, nil
+	}
+	_, a, err := read(from)
+	if err != nil {
+		return err
+	}
+	h, b, err := read(id)
+	if err != nil {
+		return err
+	}
+	h.From = from
+	return nixstore.WriteRows(w, h, nixstore.RowsDelta(a, b))
+}
+
 // Delta returns the paths added and removed from generation from to to.
 func (s *Server) Delta(from, to uint64) (api.Delta, error) {
 	parse := func(id uint64) ([]nixstore.PathInfo, error) {
@@ -289,10 +338,11 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 			}
 		}
 	}()
-	infos, err := nixstore.ReadDB(ctx, DBDir(snap.Path))
+	rows, err := nixstore.ReadDBRows(ctx, DBDir(snap.Path))
 	if err != nil {
 		return api.PublishResult{}, fmt.Errorf("publish: read snapshot db: %w", err)
 	}
+	infos := rows.Infos()
 	sum, text, err := registrationOf(infos)
 	if err != nil {
 		return api.PublishResult{}, err
@@ -311,7 +361,11 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	for _, in := range infos {
 		g.NarBytes += in.NarSize
 	}
-	if err := s.state.writeGeneration(g, text); err != nil {
+	var rowsFile bytes.Buffer
+	if err := nixstore.WriteRows(&rowsFile, nixstore.RowsHeader{StoreDir: s.cfg.StoreDir, Generation: id}, rows); err != nil {
+		return api.PublishResult{}, fmt.Errorf("publish generation %d: %w", id, err)
+	}
+	if err := s.state.writeGeneration(g, text, rowsFile.Bytes()); err != nil {
 		return api.PublishResult{}, err
 	}
 	if s.export != nil {

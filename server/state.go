@@ -19,6 +19,7 @@ import (
 //	<state_dir>/next-id                      next generation id (ids are never reused)
 //	<state_dir>/generations/N/manifest.json  api.Generation without pin fields
 //	<state_dir>/generations/N/registration   dump-db text of generation N
+//	<state_dir>/generations/N/paths.jsonl.gz path rows of generation N (nixstore rows file)
 //	<state_dir>/pins.json                    {"N": "name"}
 //
 // A generation directory is built as generations/.N.tmp and renamed into
@@ -65,8 +66,11 @@ func (s state) setNextID(n uint64) error {
 	return atomicfile.WriteFile(filepath.Join(s.dir, "next-id"), []byte(strconv.FormatUint(n, 10)+"\n"), 0o644)
 }
 
-// writeGeneration stores a generation's manifest and registration.
-func (s state) writeGeneration(g api.Generation, registration []byte) error {
+// rowsFile is the name of a generation's path rows (nixstore.WriteRows).
+const rowsFile = "paths.jsonl.gz"
+
+// writeGeneration stores a generation's manifest, registration and path rows.
+func (s state) writeGeneration(g api.Generation, registration, rows []byte) error {
 	tmp := filepath.Join(s.gensDir(), fmt.Sprintf(".%d.tmp", g.ID))
 	os.RemoveAll(tmp)
 	if err := os.Mkdir(tmp, 0o755); err != nil {
@@ -77,7 +81,7 @@ func (s state) writeGeneration(g api.Generation, registration []byte) error {
 	if err != nil {
 		return err
 	}
-	for name, data := range map[string][]byte{"manifest.json": append(m, '\n'), "registration": registration} {
+	for name, data := range map[string][]byte{"manifest.json": append(m, '\n'), "registration": registration, rowsFile: rows} {
 		if err := atomicfile.WriteFile(filepath.Join(tmp, name), data, 0o644); err != nil {
 			os.RemoveAll(tmp)
 			return fmt.Errorf("write generation %d: %w", g.ID, err)
@@ -164,4 +168,16 @@ func (s state) readRegistration(id uint64) ([]byte, error) {
 		return nil, fmt.Errorf("read registration of generation %d: %w", id, err)
 	}
 	return b, nil
+}
+
+// openRows opens generation id's path rows; ErrNoRows when it has none.
+func (s state) openRows(id uint64) (*os.File, error) {
+	f, err := os.Open(filepath.Join(s.genDir(id), rowsFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("generation %d: %w", id, ErrNoRows)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read rows of generation %d: %w", id, err)
+	}
+	return f, nil
 }

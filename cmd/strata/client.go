@@ -1,6 +1,7 @@
 package main
 
 import (
+	"compress/gzip"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -77,7 +78,7 @@ func parseGen(s string) (uint64, error) {
 }
 
 func clientCommands() []*cobra.Command {
-	var pf, gf, pinf, unpf, sf, df clientFlags
+	var pf, gf, pinf, unpf, sf, df, rf, pathsf clientFlags
 
 	publish := &cobra.Command{
 		Use:   "publish",
@@ -220,7 +221,61 @@ func clientCommands() []*cobra.Command {
 	delta.MarkFlagRequired("from")
 	df.add(delta, true)
 
-	return []*cobra.Command{publish, gens, pin, unpin, status, delta}
+	registration := &cobra.Command{
+		Use:   "registration N",
+		Short: "Print generation N's registration (nix-store --dump-db format, for nix-store --load-db)",
+		Long: `Print generation N's registration: the text nix-store --dump-db prints for its
+valid paths (path, NAR hash, NAR size, deriver, references). It carries no
+signatures or content addresses; "strata paths N" has those.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseGen(args[0])
+			if err != nil {
+				return err
+			}
+			b, err := rf.client().Registration(cmd.Context(), id)
+			if err != nil {
+				return err
+			}
+			_, err = cmd.OutOrStdout().Write(b)
+			return err
+		},
+	}
+	rf.add(registration, false)
+
+	var pathsFrom uint64
+	paths := &cobra.Command{
+		Use:   "paths N [--from M]",
+		Short: "Print generation N's path rows as JSON lines (what its Nix DB holds per path)",
+		Long: `Print generation N's path rows, uncompressed: a header line, then one JSON
+object per path (nar_hash, nar_size, deriver, refs, time, ultimate, sigs, ca,
+outputs), then one per realisation. With --from M only the rows added or
+changed since generation M.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseGen(args[0])
+			if err != nil {
+				return err
+			}
+			body, err := pathsf.client().Paths(cmd.Context(), id, pathsFrom)
+			if err != nil {
+				return err
+			}
+			defer body.Close()
+			zr, err := gzip.NewReader(body)
+			if err != nil {
+				return fmt.Errorf("paths of generation %d: %w", id, err)
+			}
+			if _, err := io.Copy(cmd.OutOrStdout(), zr); err != nil {
+				return fmt.Errorf("paths of generation %d: %w", id, err)
+			}
+			return nil
+		},
+	}
+	paths.Flags().Uint64Var(&pathsFrom, "from", 0, "only rows added or changed since this generation")
+	pathsf.add(paths, false)
+
+	return []*cobra.Command{publish, gens, pin, unpin, status, delta, registration, paths}
 }
 
 func addedPaths(reg string) []string {

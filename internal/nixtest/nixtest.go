@@ -5,6 +5,7 @@
 package nixtest
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -19,6 +20,12 @@ import (
 // store/ and var/nix/db/) is Root/nix.
 type Store struct {
 	Root string
+	// Bin is the directory of the nix tools to run (nix-store, nix,
+	// nix-build); "" means PATH (Debian's nix-bin). See Trixie.
+	Bin string
+	// Features are extra experimental features every command enables
+	// (e.g. "ca-derivations").
+	Features []string
 }
 
 // NixRoot is the central-store root: the directory holding store/ and
@@ -34,12 +41,27 @@ func (s Store) opts() []string {
 	}
 }
 
+// Tool returns the path of a nix tool of this store's Nix.
+func (s Store) Tool(tool string) string {
+	if s.Bin != "" {
+		return filepath.Join(s.Bin, tool)
+	}
+	return tool
+}
+
 // Command returns a nix-store (or other nix tool) command on this store.
 func (s Store) Command(tool string, args ...string) *exec.Cmd {
 	all := append(s.opts(), args...)
-	cmd := exec.Command(tool, all...)
-	cmd.Env = append(os.Environ(), "NIX_CONFIG=", "PAGER=cat")
+	cmd := exec.Command(s.Tool(tool), all...)
+	conf := "experimental-features = nix-command " + strings.Join(s.Features, " ")
+	cmd.Env = append(os.Environ(), "NIX_CONFIG="+conf, "PAGER=cat")
 	return cmd
+}
+
+// Run runs a nix tool on this store and returns its trimmed stdout.
+func (s Store) Run(t testing.TB, tool string, args ...string) string {
+	t.Helper()
+	return s.run(t, tool, args...)
 }
 
 func (s Store) run(t testing.TB, tool string, args ...string) string {
@@ -56,12 +78,22 @@ func (s Store) run(t testing.TB, tool string, args ...string) string {
 
 // New makes an empty chroot store under root (created if missing).
 func New(t testing.TB, root string) Store {
+	return NewWith(t, Store{Root: root})
+}
+
+// NewWith makes the empty chroot store s (s.Root created if missing), run
+// with s.Bin's Nix and s.Features.
+func NewWith(t testing.TB, s Store) Store {
 	t.Helper()
-	testenv.RequireCommands(t, "nix-store", "nix-build", "busybox")
+	root := s.Root
+	if s.Bin == "" {
+		testenv.RequireCommands(t, "nix-store", "nix-build", "busybox")
+	} else {
+		testenv.RequireCommands(t, "busybox")
+	}
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s := Store{Root: root}
 	// Any query initialises the store's directories and database.
 	s.run(t, "nix-store", "--dump-db")
 	return s
@@ -171,4 +203,93 @@ func mustLook(t testing.TB, name string) string {
 		t.Fatalf("look up %s: %v", name, err)
 	}
 	return p
+}
+
+// Version is `nix-store --version`'s version number ("2.8.0").
+func (s Store) Version(t testing.TB) string {
+	t.Helper()
+	out := s.run(t, "nix-store", "--version")
+	f := strings.Fields(out)
+	return f[len(f)-1]
+}
+
+// GenerateKey makes a signing key pair called name with
+// nix-store --generate-binary-cache-key and returns the files.
+func GenerateKey(t testing.TB, name string) (secret, public string) {
+	t.Helper()
+	dir := t.TempDir()
+	secret, public = filepath.Join(dir, name+".sk"), filepath.Join(dir, name+".pk")
+	cmd := exec.Command("nix-store", "--generate-binary-cache-key", name, secret, public)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("generate key: %v\n%s", err, out)
+	}
+	return secret, public
+}
+
+// Sign signs paths with the secret key file (nix store sign).
+func (s Store) Sign(t testing.TB, secret string, paths ...string) {
+	t.Helper()
+	s.run(t, "nix", append([]string{"store", "sign", "--key-file", secret}, paths...)...)
+}
+
+// PathInfo is one entry of `nix path-info --json` (the fields that
+// survive every Nix version's output).
+type PathInfo struct {
+	Path             string   `json:"path"`
+	NarHash          string   `json:"narHash"`
+	NarSize          uint64   `json:"narSize"`
+	References       []string `json:"references"`
+	Deriver          string   `json:"deriver"`
+	CA               string   `json:"ca"`
+	Signatures       []string `json:"signatures"`
+	RegistrationTime int64    `json:"registrationTime"`
+	Ultimate         bool     `json:"ultimate"`
+}
+
+// PathInfos runs `nix path-info --json --all` (or of paths) and returns
+// the entries by path. Nix 2.19+ prints an object keyed by path; older
+// ones a list: both are read.
+func (s Store) PathInfos(t testing.TB, paths ...string) map[string]PathInfo {
+	t.Helper()
+	args := []string{"path-info", "--json"}
+	if len(paths) == 0 {
+		args = append(args, "--all")
+	}
+	out := s.run(t, "nix", append(args, paths...)...)
+	res := map[string]PathInfo{}
+	var list []PathInfo
+	if err := json.Unmarshal([]byte(out), &list); err == nil {
+		for _, p := range list {
+			res[p.Path] = p
+		}
+		return res
+	}
+	var obj map[string]*PathInfo
+	if err := json.Unmarshal([]byte(out), &obj); err != nil {
+		t.Fatalf("nix path-info --json: %v\n%s", err, out)
+	}
+	for p, in := range obj {
+		if in == nil {
+			t.Fatalf("nix path-info: %s is not valid", p)
+		}
+		in.Path = p
+		res[p] = *in
+	}
+	return res
+}
+
+// TrixieBin returns the directory of Debian trixie's Nix 2.26 wrappers made
+// by scripts/nix-trixie.sh (STRATA_NIX_TRIXIE, default
+// /var/cache/strata/nix-trixie). Without it the test fails under CI=true
+// and skips otherwise.
+func TrixieBin(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("STRATA_NIX_TRIXIE")
+	if dir == "" {
+		dir = "/var/cache/strata/nix-trixie"
+	}
+	bin := filepath.Join(dir, "bin")
+	_, err := os.Stat(filepath.Join(bin, "nix-store"))
+	testenv.Require(t, err == nil, "trixie's nix 2.26 in "+dir+" (run scripts/nix-trixie.sh)")
+	return bin
 }
