@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/nixstore"
 )
@@ -34,7 +35,7 @@ func TestPublishRowsAndPathsEndpoint(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(c.cfg.StateDir, "generations", "1", "paths.jsonl.gz")); err != nil {
 		t.Fatalf("rows artifact: %v", err)
 	}
-	hs := httptest.NewServer(s.Handler("", nil, func() any { return nil }))
+	hs := httptest.NewServer(s.Handler(apiserve.NewToken(""), nil, func() any { return nil }))
 	t.Cleanup(hs.Close)
 	cl := api.NewClient(hs.URL, "")
 	ctx := context.Background()
