@@ -33,6 +33,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -53,6 +54,9 @@ import (
 type Server interface {
 	Generations(ctx context.Context) (api.GenerationList, error)
 	Registration(ctx context.Context, id uint64) ([]byte, error)
+	// Paths returns generation id's path rows (a nixstore rows file), only
+	// those added since from when from > 0.
+	Paths(ctx context.Context, id, from uint64) (io.ReadCloser, error)
 	Delta(ctx context.Context, from, to uint64) (api.Delta, error)
 }
 

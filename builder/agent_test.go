@@ -101,7 +101,7 @@ func TestRotateRemovesAndKeeps(t *testing.T) {
 	}
 	// A local build refers to lib.
 	local := info("local-out", lib.Path)
-	u.nix.Load(context.Background(), []nixstore.PathInfo{local})
+	u.nix.Load(context.Background(), nixstore.RowsFromInfos([]nixstore.PathInfo{local}))
 	fresh := info("fresh")
 	u.srv.publish(same, fresh)
 	if err := a.Check(context.Background(), false); err != nil {

@@ -58,7 +58,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		Logger:   log,
 		Server:   api.NewClient(cfg.ServerAPI, ""),
 		Mounter:  NewSystem(gm, cfg.SwapMethod, cfg.StagingDir, log),
-		Nix:      NewNixStore(cfg),
+		Nix:      NewNixStore(cfg, log),
 		Notify:   o.Notify,
 		Progress: lifecycle.NewStep("builder loop", cfg.StallAfter),
 	})

@@ -274,7 +274,7 @@ func (e *env) agent(t *testing.T, opts ...func(*Options)) *Agent {
 		Logger:  testLogger(t),
 		Server:  api.NewClient(e.cfg.ServerAPI, ""),
 		Mounter: NewSystem(bindGenerations(e.exp.dir), e.cfg.SwapMethod, e.cfg.StagingDir, nil),
-		Nix:     NewNixStore(e.cfg),
+		Nix:     NewNixStore(e.cfg, testLogger(t)),
 	}
 	for _, f := range opts {
 		f(&o)
@@ -314,7 +314,7 @@ func (e *env) verify(t *testing.T) {
 // valid reports which of paths are valid in the builder node's DB.
 func (e *env) valid(t *testing.T, paths ...string) map[string]bool {
 	t.Helper()
-	v, err := NewNixStore(e.cfg).CLI.Valid(context.Background(), paths)
+	v, err := NewNixStore(e.cfg, nil).CLI.Valid(context.Background(), paths)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -127,22 +128,26 @@ func (f *fakeMounter) Mounts() ([]mountinfo.Mount, error) {
 type fakeNix struct {
 	mu       sync.Mutex
 	valid    map[string]nixstore.PathInfo
+	rows     map[string]nixstore.Row // as loaded, with signatures
 	loads    int
 	failLoad error
 }
 
-func newFakeNix() *fakeNix { return &fakeNix{valid: map[string]nixstore.PathInfo{}} }
+func newFakeNix() *fakeNix {
+	return &fakeNix{valid: map[string]nixstore.PathInfo{}, rows: map[string]nixstore.Row{}}
+}
 
-func (n *fakeNix) Load(_ context.Context, infos []nixstore.PathInfo) (int, error) {
+func (n *fakeNix) Load(_ context.Context, rows *nixstore.Rows) (int, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.failLoad != nil {
 		return 0, n.failLoad
 	}
 	c := 0
-	for _, in := range infos {
-		if _, ok := n.valid[in.Path]; !ok {
-			n.valid[in.Path] = in
+	for _, r := range rows.Paths {
+		if _, ok := n.valid[r.Path]; !ok {
+			n.valid[r.Path] = r.PathInfo
+			n.rows[r.Path] = r
 			c++
 		}
 	}
@@ -198,6 +203,12 @@ type fakeServer struct {
 	gens      map[uint64][]nixstore.PathInfo
 	down      bool
 	failDelta error
+	// sigs are served in the path rows; noRows makes /paths answer 404
+	// (a generation published by an older server).
+	sigs   map[string][]string
+	noRows bool
+	// pathsCalls counts /paths requests (full, delta).
+	pathsCalls [2]int
 }
 
 func (s *fakeServer) publish(infos ...nixstore.PathInfo) uint64 {
@@ -239,6 +250,41 @@ func (s *fakeServer) Registration(_ context.Context, id uint64) ([]byte, error) 
 		return nil, err
 	}
 	return b.Bytes(), nil
+}
+
+func (s *fakeServer) Paths(_ context.Context, id, from uint64) (io.ReadCloser, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		return nil, errDown
+	}
+	if from == 0 {
+		s.pathsCalls[0]++
+	} else {
+		s.pathsCalls[1]++
+	}
+	if s.noRows {
+		return nil, &api.StatusError{Code: 404, Status: "404 Not Found", Message: "generation has no path rows", JSON: true}
+	}
+	rows := func(g uint64) *nixstore.Rows {
+		rs := nixstore.RowsFromInfos(s.gens[g])
+		for i := range rs.Paths {
+			rs.Paths[i].Sigs = s.sigs[rs.Paths[i].Path]
+		}
+		return rs
+	}
+	rs := rows(id)
+	if from > 0 {
+		if s.failDelta != nil {
+			return nil, s.failDelta
+		}
+		rs = nixstore.RowsDelta(rows(from), rs)
+	}
+	var b bytes.Buffer
+	if err := nixstore.WriteRows(&b, nixstore.RowsHeader{StoreDir: "/nix/store", Generation: id, From: from}, rs); err != nil {
+		return nil, err
+	}
+	return io.NopCloser(&b), nil
 }
 
 func (s *fakeServer) Delta(_ context.Context, from, to uint64) (api.Delta, error) {

@@ -41,7 +41,7 @@ func agentHelper() int {
 		Config:  spec.Config,
 		Server:  api.NewClient(spec.Config.ServerAPI, ""),
 		Mounter: NewSystem(bindGenerations(dirOf), spec.Config.SwapMethod, spec.Config.StagingDir, nil),
-		Nix:     NewNixStore(spec.Config),
+		Nix:     NewNixStore(spec.Config, nil),
 		OnTransition: func(s State) {
 			if s.String() == spec.PauseAt {
 				os.WriteFile(spec.Marker, []byte(s.String()), 0o644)

@@ -3,7 +3,9 @@ package builder
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"path/filepath"
 	"strings"
@@ -16,9 +18,9 @@ import (
 // Nix is what the agent needs from the local Nix store. NixStore is the
 // real one.
 type Nix interface {
-	// Load registers the records not valid yet (nix-store --load-db) and
-	// returns how many it registered.
-	Load(ctx context.Context, infos []nixstore.PathInfo) (int, error)
+	// Load registers the rows whose paths are not valid yet and returns
+	// how many it registered.
+	Load(ctx context.Context, rows *nixstore.Rows) (int, error)
 	// Referrers reports, for each of paths, whether it is valid and which
 	// valid paths (other than itself) refer to it.
 	Referrers(ctx context.Context, paths []string) (valid map[string]bool, referrers map[string][]string, err error)
@@ -48,20 +50,45 @@ type Nix interface {
 type NixStore struct {
 	CLI nixstore.CLI
 	// DB is the path of db.sqlite (<nix.state_dir>/db/db.sqlite).
-	DB string
+	DB  string
+	Log *slog.Logger
 }
 
 // NewNixStore returns the store of cfg.
-func NewNixStore(cfg Config) *NixStore {
+func NewNixStore(cfg Config, log *slog.Logger) *NixStore {
 	cli := nixstore.CLI{Bin: cfg.NixBin}
 	if cfg.NixStore != "" {
 		cli.Args = []string{"--store", cfg.NixStore}
 	}
-	return &NixStore{CLI: cli, DB: filepath.Join(cfg.NixStateDir, "db", "db.sqlite")}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &NixStore{CLI: cli, DB: filepath.Join(cfg.NixStateDir, "db", "db.sqlite"), Log: log}
 }
 
-func (n *NixStore) Load(ctx context.Context, infos []nixstore.PathInfo) (int, error) {
-	return n.CLI.LoadDB(ctx, infos)
+// Load imports rows into the Nix DB with nixstore.ImportDB: one SQLite
+// transaction, only paths not valid yet, keeping signatures, content
+// addresses, derivation outputs and (when this Nix has the ca-derivations
+// tables) realisations; a floating content-addressed .drv is registered as
+// a path whatever this Nix supports, since nothing parses it. When the DB's
+// schema is not one ImportDB knows (or there is no DB yet), it falls back
+// to `nix-store --load-db` of the registration fields, which keeps
+// neither signatures nor content addresses, and logs that it did.
+func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows) (int, error) {
+	res, err := nixstore.ImportDB(ctx, filepath.Dir(n.DB), rows)
+	if errors.Is(err, nixstore.ErrUnknownSchema) {
+		n.Log.Warn("nix db schema unknown: importing with nix-store --load-db instead (signatures, ca and realisations are not kept)",
+			"db", n.DB, "reason", err)
+		return n.CLI.LoadDB(ctx, rows.Infos())
+	}
+	if err != nil {
+		return 0, err
+	}
+	if len(rows.Realisations) > 0 {
+		n.Log.Info("imported realisations", "imported", res.Realisations, "skipped", res.RealisationsSkipped,
+			"nix_has_ca_derivations", res.HasRealisations)
+	}
+	return res.Imported, nil
 }
 
 func (n *NixStore) open(ctx context.Context) (*sql.Conn, func(), error) {

@@ -1,14 +1,11 @@
 package builder
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"slices"
 	"time"
-
-	"github.com/strata-nix/strata/nixstore"
 )
 
 // Rotate moves the store dir from the current generation N to gen:
@@ -70,10 +67,11 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	if err != nil {
 		return fmt.Errorf("fetch delta: %w", err)
 	}
-	added, err := nixstore.ParseRegistration(bytes.NewReader([]byte(d.Added)))
+	addedRows, err := a.rows(ctx, gen, cur)
 	if err != nil {
-		return fmt.Errorf("delta: %w", err)
+		return err
 	}
+	added := addedRows.Paths
 	if err := a.transition(func(s *State) { s.Phase, s.Target = PhaseMounting, gen }); err != nil {
 		return err
 	}
@@ -152,7 +150,7 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	}); err != nil {
 		return err
 	}
-	n, err := a.nix.Load(ctx, added)
+	n, err := a.nix.Load(ctx, addedRows)
 	if err != nil {
 		return fmt.Errorf("import: %w", err)
 	}

@@ -196,16 +196,16 @@ func lowersFor(gs []uint64, st State) []Lower {
 // importFull registers generation g's whole registration (only paths not
 // valid yet are loaded), then marks the state Idle.
 func (a *Agent) importFull(ctx context.Context, g uint64) error {
-	infos, err := a.registration(ctx, g)
+	rows, err := a.rows(ctx, g, 0)
 	if err != nil {
 		return err
 	}
 	began := time.Now()
-	n, err := a.nix.Load(ctx, infos)
+	n, err := a.nix.Load(ctx, rows)
 	if err != nil {
 		return fmt.Errorf("import generation %d: %w", g, err)
 	}
-	a.log.Info("imported registration", "generation", g, "paths", len(infos), "new", n, "took", time.Since(began).Round(time.Millisecond))
+	a.log.Info("imported generation", "generation", g, "paths", len(rows.Paths), "new", n, "took", time.Since(began).Round(time.Millisecond))
 	return a.transition(func(s *State) {
 		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, ""
 	})

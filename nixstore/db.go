@@ -413,7 +413,7 @@ func readExtra(in *Row, v []driver.Value) error {
 		if !ok {
 			return fmt.Errorf("path %s: sigs %v is not text", in.Path, v[2])
 		}
-		in.Sigs = strings.Fields(s)
+		in.Sigs = fields(s)
 	}
 	if v[3] != nil {
 		s, ok := text(v[3])
@@ -483,7 +483,7 @@ func readRealisations(ctx context.Context, conn *sql.Conn, rows []Row, ids *idIn
 			if !ok {
 				return fmt.Errorf("realisation %s: signatures %v is not text", r.ID(), v[4])
 			}
-			r.Sigs = strings.Fields(s)
+			r.Sigs = fields(s)
 		}
 		byID[id] = len(out)
 		out = append(out, r)
@@ -528,6 +528,15 @@ func joinRefs(infos []Row, ids *idIndex, pairs []int64) error {
 		slices.Sort(infos[i].References)
 	}
 	return nil
+}
+
+// fields splits a space-separated list; empty gives nil.
+func fields(s string) []string {
+	f := strings.Fields(s)
+	if len(f) == 0 {
+		return nil
+	}
+	return f
 }
 
 func text(v driver.Value) (string, bool) {

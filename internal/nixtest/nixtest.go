@@ -149,7 +149,21 @@ func (s Store) AddText(t testing.TB, name, content string) string {
 // and the inputs are its references when script writes them into $out.
 func (s Store) Build(t testing.TB, name, script string, inputs ...string) string {
 	t.Helper()
+	return s.build(t, name, script, "", inputs...)
+}
+
+// BuildFloatingCA builds a floating content-addressed derivation (needs
+// s.Features to hold "ca-derivations", Nix ≥ 2.4): its .drv has no output
+// path, and the build registers a Realisation.
+func (s Store) BuildFloatingCA(t testing.TB, name, script string, inputs ...string) string {
+	t.Helper()
+	return s.build(t, name, script, "  __contentAddressed = true;\n  outputHashMode = \"recursive\";\n  outputHashAlgo = \"sha256\";\n", inputs...)
+}
+
+func (s Store) build(t testing.TB, name, script, attrs string, inputs ...string) string {
+	t.Helper()
 	var env strings.Builder
+	env.WriteString(attrs)
 	for i, in := range inputs {
 		fmt.Fprintf(&env, "  in%d = builtins.storePath %q;\n", i, in)
 	}
@@ -168,8 +182,13 @@ func (s Store) Build(t testing.TB, name, script string, inputs ...string) string
 	if err != nil {
 		t.Fatal(err)
 	}
-	return s.run(t, "nix-build", f, "--no-out-link",
-		"--option", "sandbox-paths", "/bin/sh="+sh)
+	args := []string{f, "--no-out-link", "--option", "sandbox-paths", "/bin/sh=" + sh}
+	if s.Bin != "" {
+		// A wrapped Nix cannot re-execute itself as the build hook (its
+		// /proc/self/exe is the loader); no remote builders are used.
+		args = append(args, "--option", "build-hook", "")
+	}
+	return s.run(t, "nix-build", args...)
 }
 
 // DumpDB returns `nix-store --dump-db` of the store.
@@ -256,11 +275,22 @@ func (s Store) PathInfos(t testing.TB, paths ...string) map[string]PathInfo {
 		args = append(args, "--all")
 	}
 	out := s.run(t, "nix", append(args, paths...)...)
+	// Versions differ in empty fields ([] or absent, null or absent):
+	// normalise to nil.
 	res := map[string]PathInfo{}
+	norm := func(p PathInfo) PathInfo {
+		if len(p.References) == 0 {
+			p.References = nil
+		}
+		if len(p.Signatures) == 0 {
+			p.Signatures = nil
+		}
+		return p
+	}
 	var list []PathInfo
 	if err := json.Unmarshal([]byte(out), &list); err == nil {
 		for _, p := range list {
-			res[p.Path] = p
+			res[p.Path] = norm(p)
 		}
 		return res
 	}
@@ -273,7 +303,7 @@ func (s Store) PathInfos(t testing.TB, paths ...string) map[string]PathInfo {
 			t.Fatalf("nix path-info: %s is not valid", p)
 		}
 		in.Path = p
-		res[p] = *in
+		res[p] = norm(*in)
 	}
 	return res
 }

@@ -1,0 +1,546 @@
+package nixstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrUnknownSchema is returned by ImportDB when the database is not one
+// whose layout this package knows (or does not exist yet): the caller falls
+// back to `nix-store --load-db`, which lets Nix itself create or migrate it.
+var ErrUnknownSchema = errors.New("unknown nix db schema")
+
+// KnownSchemaVersions are the values of <db dir>/schema that ImportDB
+// writes into. Nix has been at schema 10 since 2.0 (2.8 and 2.26 checked
+// against Debian's nix-bin); the tables' columns are checked as well.
+var KnownSchemaVersions = []int{10}
+
+// schemaTables are the tables ImportDB writes, with exactly these columns:
+// a column it does not know (a future NOT NULL one) makes the schema
+// unknown.
+var schemaTables = []tableColumns{
+	{"ValidPaths", []string{"id", "path", "hash", "registrationTime", "deriver", "narSize", "ultimate", "sigs", "ca"}},
+	{"Refs", []string{"referrer", "reference"}},
+	{"DerivationOutputs", []string{"drv", "id", "path"}},
+}
+
+// ImportResult says what ImportDB did.
+type ImportResult struct {
+	// Imported paths were registered; Skipped were valid already.
+	Imported, Skipped int
+	// Realisations were registered; RealisationsSkipped were not: the
+	// database has no Realisations table (Nix without ca-derivations), or
+	// they were there already, or their output is not valid.
+	Realisations, RealisationsSkipped int
+	// SchemaVersion is the database's schema version.
+	SchemaVersion int
+	// HasRealisations reports whether the database has the ca-derivations
+	// tables.
+	HasRealisations bool
+}
+
+// MissingRefsError is returned when rows refer to paths that are neither
+// valid in the database nor among the rows: importing them would break
+// the closure, so nothing is imported.
+type MissingRefsError struct {
+	// Missing maps each missing path to one path referring to it.
+	Missing map[string]string
+}
+
+func (e *MissingRefsError) Error() string {
+	ps := slicesSortedKeys(e.Missing)
+	shown := ps
+	if len(shown) > maxListed {
+		shown = shown[:maxListed]
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d referenced paths are neither valid nor imported:", len(ps))
+	for _, p := range shown {
+		fmt.Fprintf(&b, " %s (referred to by %s)", p, e.Missing[p])
+	}
+	if len(ps) > len(shown) {
+		fmt.Fprintf(&b, " and %d more", len(ps)-len(shown))
+	}
+	return b.String()
+}
+
+func slicesSortedKeys(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// lookupThreshold: up to this many rows, ImportDB looks each path up in the
+// unique index; above it, it reads every valid path once.
+const lookupThreshold = 20000
+
+// ImportDB registers rs in the Nix database in dbDir (<nix state dir>/db)
+// as Nix's own registerValidPaths would, without running Nix: one SQLite
+// transaction that adds every row whose path is not valid yet (ValidPaths
+// with hash, registration time, deriver, NAR size, ultimate, signatures and
+// content address as the rows carry them; Refs; DerivationOutputs) and the
+// realisations whose output is valid, when the database has the
+// ca-derivations tables. Paths already valid are left alone:
+// re-registering would reset their signatures. A reference that is neither
+// valid nor among rs is a *MissingRefsError and nothing is imported.
+//
+// It keeps Nix's locking conventions: it holds a shared lock on
+// <dbDir>/big-lock for the whole import (Nix takes it exclusively only to
+// migrate the schema), opens the database with foreign keys on, a busy
+// timeout and synchronous=normal as Nix does, leaves the journal mode as
+// Nix set it (WAL), and takes SQLite's write lock at BEGIN (IMMEDIATE), so
+// a nix-daemon writing at the same time waits for the commit, or makes
+// ImportDB wait, never sees half of it.
+//
+// Before touching anything it checks <dbDir>/schema against
+// KnownSchemaVersions and the tables' columns; an unknown, missing or
+// unreadable schema is an error wrapping ErrUnknownSchema.
+func ImportDB(ctx context.Context, dbDir string, rs *Rows) (ImportResult, error) {
+	res, err := importDB(ctx, dbDir, rs)
+	if err != nil {
+		return res, fmt.Errorf("import rows into %s: %w", dbDir, err)
+	}
+	return res, nil
+}
+
+// SchemaVersion reads <dbDir>/schema.
+func SchemaVersion(dbDir string) (int, error) {
+	b, err := os.ReadFile(filepath.Join(dbDir, "schema"))
+	if err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrUnknownSchema, err)
+	}
+	v, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("%w: schema file holds %q", ErrUnknownSchema, clip(string(b)))
+	}
+	return v, nil
+}
+
+func importDB(ctx context.Context, dbDir string, rs *Rows) (ImportResult, error) {
+	var res ImportResult
+	v, err := SchemaVersion(dbDir)
+	if err != nil {
+		return res, err
+	}
+	res.SchemaVersion = v
+	if !slices.Contains(KnownSchemaVersions, v) {
+		return res, fmt.Errorf("%w: schema version %d (known: %v)", ErrUnknownSchema, v, KnownSchemaVersions)
+	}
+	if _, err := os.Stat(filepath.Join(dbDir, dbFile)); err != nil {
+		return res, fmt.Errorf("%w: %w", ErrUnknownSchema, err)
+	}
+	unlock, err := lockShared(ctx, filepath.Join(dbDir, "big-lock"))
+	if err != nil {
+		return res, err
+	}
+	defer unlock()
+
+	dsn := sqliteURI(filepath.Join(dbDir, dbFile),
+		"_pragma=foreign_keys(1)&_pragma=busy_timeout(60000)&_pragma=synchronous(normal)&_txlock=immediate")
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return res, err
+	}
+	defer db.Close()
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return res, fmt.Errorf("open %s: %w", dbFile, err)
+	}
+	defer conn.Close()
+	for _, t := range schemaTables {
+		have, err := columnsOf(ctx, conn, t.table)
+		if err != nil {
+			return res, err
+		}
+		want := map[string]bool{}
+		for _, c := range t.columns {
+			want[c] = true
+		}
+		for c := range have {
+			if !want[c] {
+				return res, fmt.Errorf("%w: table %s has column %s", ErrUnknownSchema, t.table, c)
+			}
+		}
+		for c := range want {
+			if !have[c] {
+				return res, fmt.Errorf("%w: table %s has no column %s", ErrUnknownSchema, t.table, c)
+			}
+		}
+	}
+	hasReal, err := hasTables(ctx, conn, realisationColumns)
+	if err != nil {
+		// Realisations tables of a layout we do not know: import the
+		// paths, leave realisations to Nix.
+		hasReal = false
+	}
+	res.HasRealisations = hasReal
+
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return res, fmt.Errorf("begin: %w", err)
+	}
+	defer tx.Rollback()
+	im := importer{ctx: ctx, tx: tx, rs: rs}
+	if err := im.run(&res); err != nil {
+		return res, err
+	}
+	if hasReal {
+		if err := im.realisations(&res); err != nil {
+			return res, err
+		}
+	} else {
+		res.RealisationsSkipped = len(rs.Realisations)
+	}
+	if err := tx.Commit(); err != nil {
+		return res, fmt.Errorf("commit: %w", err)
+	}
+	return res, nil
+}
+
+// lockShared takes a shared flock on path (created if missing, as Nix
+// does), waiting while someone holds it exclusively, until ctx ends.
+func lockShared(ctx context.Context, path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open nix big-lock: %w", err)
+	}
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock nix big-lock: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lock nix big-lock (held exclusively by Nix): %w", ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+type importer struct {
+	ctx context.Context
+	tx  *sql.Tx
+	rs  *Rows
+	ids map[string]int64 // valid paths (before and after the insert) -> id
+}
+
+// batchRows is how many rows one multi-row INSERT carries (9 parameters a
+// row stays far under SQLite's 32766 variables).
+const batchRows = 256
+
+func (im *importer) run(res *ImportResult) error {
+	rs := im.rs
+	// Which paths (rows and their references) are valid already.
+	im.ids = make(map[string]int64, len(rs.Paths))
+	if len(rs.Paths) > lookupThreshold {
+		rows, err := im.tx.QueryContext(im.ctx, "SELECT id, path FROM ValidPaths")
+		if err != nil {
+			return fmt.Errorf("read ValidPaths: %w", err)
+		}
+		for rows.Next() {
+			var id int64
+			var p string
+			if err := rows.Scan(&id, &p); err != nil {
+				rows.Close()
+				return fmt.Errorf("read ValidPaths: %w", err)
+			}
+			im.ids[p] = id
+		}
+		if err := rows.Close(); err != nil {
+			return fmt.Errorf("read ValidPaths: %w", err)
+		}
+	} else {
+		st, err := im.tx.PrepareContext(im.ctx, "SELECT id FROM ValidPaths WHERE path = ?")
+		if err != nil {
+			return fmt.Errorf("query ValidPaths: %w", err)
+		}
+		defer st.Close()
+		look := func(p string) error {
+			if _, done := im.ids[p]; done {
+				return nil
+			}
+			var id int64
+			err := st.QueryRowContext(im.ctx, p).Scan(&id)
+			switch {
+			case errors.Is(err, sql.ErrNoRows):
+				im.ids[p] = 0
+			case err != nil:
+				return fmt.Errorf("query ValidPaths: %w", err)
+			default:
+				im.ids[p] = id
+			}
+			return nil
+		}
+		for i := range rs.Paths {
+			if err := look(rs.Paths[i].Path); err != nil {
+				return err
+			}
+			for _, r := range rs.Paths[i].References {
+				if err := look(r); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	valid := func(p string) bool { return im.ids[p] != 0 }
+
+	fresh := make([]*Row, 0, len(rs.Paths))
+	inFresh := make(map[string]bool)
+	for i := range rs.Paths {
+		if valid(rs.Paths[i].Path) {
+			res.Skipped++
+			continue
+		}
+		fresh = append(fresh, &rs.Paths[i])
+		inFresh[rs.Paths[i].Path] = true
+	}
+	missing := map[string]string{}
+	for _, r := range fresh {
+		for _, ref := range r.References {
+			if !valid(ref) && !inFresh[ref] {
+				missing[ref] = r.Path
+			}
+		}
+	}
+	if len(missing) > 0 {
+		return &MissingRefsError{Missing: missing}
+	}
+	if len(fresh) == 0 {
+		return nil
+	}
+
+	now := time.Now().Unix()
+	err := batches(im, len(fresh), 9,
+		"INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) VALUES ",
+		"(?, ?, ?, ?, ?, ?, ?, ?)", " RETURNING id, path", func(i int, args []any) []any {
+			r := fresh[i]
+			t := r.RegistrationTime
+			if t == 0 {
+				t = now
+			}
+			// NULLs where Nix writes NULL: no deriver, size 0, not
+			// ultimate, no sigs, no ca.
+			return append(args, r.Path, "sha256:"+r.NarHash, t, nullStr(r.Deriver), nullSize(r.NarSize),
+				nullTrue(r.Ultimate), nullStr(strings.Join(r.Sigs, " ")), nullStr(r.CA))
+		})
+	if err != nil {
+		return fmt.Errorf("insert ValidPaths: %w", err)
+	}
+	for _, r := range fresh {
+		if !valid(r.Path) {
+			return fmt.Errorf("insert ValidPaths: %s got no id", r.Path)
+		}
+	}
+	res.Imported = len(fresh)
+
+	type pair struct{ a, b int64 }
+	var refs []pair
+	for _, r := range fresh {
+		for _, ref := range r.References {
+			refs = append(refs, pair{im.ids[r.Path], im.ids[ref]})
+		}
+	}
+	if err := batches(im, len(refs), 2, "INSERT OR IGNORE INTO Refs (referrer, reference) VALUES ", "(?, ?)", "",
+		func(i int, args []any) []any { return append(args, refs[i].a, refs[i].b) }); err != nil {
+		return fmt.Errorf("insert Refs: %w", err)
+	}
+	type output struct {
+		drv        int64
+		name, path string
+	}
+	var outs []output
+	for _, r := range fresh {
+		for _, name := range slicesSortedKeys(r.Outputs) {
+			outs = append(outs, output{im.ids[r.Path], name, r.Outputs[name]})
+		}
+	}
+	if err := batches(im, len(outs), 3, "INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES ", "(?, ?, ?)", "",
+		func(i int, args []any) []any { return append(args, outs[i].drv, outs[i].name, outs[i].path) }); err != nil {
+		return fmt.Errorf("insert DerivationOutputs: %w", err)
+	}
+	return nil
+}
+
+// batches runs prefix + n tuples + suffix in multi-row statements of at
+// most batchRows tuples; arg appends tuple i's nargs values. With a
+// RETURNING suffix, each returned (id, path) is recorded in im.ids.
+func batches(im *importer, n, nargs int, prefix, tuple, suffix string, arg func(i int, args []any) []any) error {
+	stmts := map[int]*sql.Stmt{}
+	defer func() {
+		for _, s := range stmts {
+			s.Close()
+		}
+	}()
+	args := make([]any, 0, batchRows*nargs)
+	for start := 0; start < n; start += batchRows {
+		end := min(start+batchRows, n)
+		k := end - start
+		st, ok := stmts[k]
+		if !ok {
+			var b strings.Builder
+			b.WriteString(prefix)
+			for i := 0; i < k; i++ {
+				if i > 0 {
+					b.WriteString(", ")
+				}
+				b.WriteString(tuple)
+			}
+			b.WriteString(suffix)
+			var err error
+			if st, err = im.tx.PrepareContext(im.ctx, b.String()); err != nil {
+				return err
+			}
+			stmts[k] = st
+		}
+		args = args[:0]
+		for i := start; i < end; i++ {
+			args = arg(i, args)
+		}
+		if suffix == "" {
+			if _, err := st.ExecContext(im.ctx, args...); err != nil {
+				return err
+			}
+			continue
+		}
+		rows, err := st.QueryContext(im.ctx, args...)
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+			var id int64
+			var p string
+			if err := rows.Scan(&id, &p); err != nil {
+				rows.Close()
+				return err
+			}
+			im.ids[p] = id
+		}
+		if err := rows.Close(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// realisations registers the realisations whose output path is valid
+// now and that the database does not have yet, then their references
+// among realisations it has.
+func (im *importer) realisations(res *ImportResult) error {
+	if len(im.rs.Realisations) == 0 {
+		return nil
+	}
+	find, err := im.tx.PrepareContext(im.ctx, "SELECT id FROM Realisations WHERE drvPath = ? AND outputName = ?")
+	if err != nil {
+		return fmt.Errorf("query Realisations: %w", err)
+	}
+	defer find.Close()
+	pathID, err := im.tx.PrepareContext(im.ctx, "SELECT id FROM ValidPaths WHERE path = ?")
+	if err != nil {
+		return fmt.Errorf("query ValidPaths: %w", err)
+	}
+	defer pathID.Close()
+	lookup := func(x Realisation) (int64, error) {
+		var id int64
+		err := find.QueryRowContext(im.ctx, x.DrvHash, x.OutputName).Scan(&id)
+		if errors.Is(err, sql.ErrNoRows) {
+			return 0, nil
+		}
+		return id, err
+	}
+	added := map[string]int64{}
+	for _, x := range im.rs.Realisations {
+		id, err := lookup(x)
+		if err != nil {
+			return fmt.Errorf("query Realisations: %w", err)
+		}
+		if id != 0 {
+			res.RealisationsSkipped++
+			continue
+		}
+		out := im.ids[x.OutPath]
+		if out == 0 {
+			err := pathID.QueryRowContext(im.ctx, x.OutPath).Scan(&out)
+			if errors.Is(err, sql.ErrNoRows) {
+				res.RealisationsSkipped++
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("query ValidPaths: %w", err)
+			}
+		}
+		r, err := im.tx.ExecContext(im.ctx,
+			"INSERT INTO Realisations (drvPath, outputName, outputPath, signatures) VALUES (?, ?, ?, ?)",
+			x.DrvHash, x.OutputName, out, strings.Join(x.Sigs, " ")) // Nix writes "" for none
+		if err != nil {
+			return fmt.Errorf("insert realisation %s: %w", x.ID(), err)
+		}
+		if added[x.ID()], err = r.LastInsertId(); err != nil {
+			return fmt.Errorf("insert realisation %s: %w", x.ID(), err)
+		}
+		res.Realisations++
+	}
+	for _, x := range im.rs.Realisations {
+		from, ok := added[x.ID()]
+		if !ok {
+			continue
+		}
+		for _, ref := range x.Refs {
+			to, ok := added[ref]
+			if !ok {
+				drv, name, _ := strings.Cut(ref, "!")
+				id, err := lookup(Realisation{DrvHash: drv, OutputName: name})
+				if err != nil {
+					return fmt.Errorf("query Realisations: %w", err)
+				}
+				if id == 0 {
+					continue
+				}
+				to = id
+			}
+			if _, err := im.tx.ExecContext(im.ctx,
+				"INSERT INTO RealisationsRefs (referrer, realisationReference) VALUES (?, ?)", from, to); err != nil {
+				return fmt.Errorf("insert realisation reference %s -> %s: %w", x.ID(), ref, err)
+			}
+		}
+	}
+	return nil
+}
+
+func nullStr(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+func nullSize(n uint64) any {
+	if n == 0 {
+		return nil
+	}
+	return int64(n)
+}
+
+func nullTrue(b bool) any {
+	if b {
+		return int64(1)
+	}
+	return nil
+}
