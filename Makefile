@@ -65,6 +65,7 @@ bench-builder: build
 fuzz: deps
 	$(GO) test -run '^$$' -fuzz FuzzParseRegistration -fuzztime 30s ./nixstore/
 	$(GO) test -run '^$$' -fuzz FuzzRecord -fuzztime 30s ./server/nfs/guard/
+	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 30s ./cluster/
 
 clean:
 	rm -rf bin

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/overlay"
 )
@@ -18,7 +19,7 @@ const DefaultConfigFile = "/etc/strata/builder.yaml"
 // Keys is the builder agent's configuration table: every key is a YAML key,
 // a STRATA_* environment variable and a flag (see package config).
 var Keys = []config.Key{
-	{Name: "server.api", Kind: config.String, Default: "http://127.0.0.1:7480", Usage: "the strata server's HTTP API (http://host:port)"},
+	{Name: "server.api", Kind: config.String, Default: "http://127.0.0.1:7480", Usage: "the strata server's HTTP API (http://host:port); may be empty with cluster.join: servers are found by gossip"},
 	{Name: "server.nfs", Kind: config.String, Default: "", Usage: "the server's NFS address host:port (default: the \"nfs\" field of GET /v1/generations, with an unspecified host replaced by the API host)"},
 	{Name: "store.dir", Kind: config.String, Default: "/nix/store", Usage: "store directory the overlay is mounted on"},
 	{Name: "nix.state_dir", Kind: config.String, Default: "/nix/var/nix", Usage: "Nix state directory holding db/db.sqlite"},
@@ -38,6 +39,8 @@ var Keys = []config.Key{
 	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it and the API token)"},
 	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a mount, import or rotation running longer than this counts as wedged: systemd watchdog pings stop and systemd restarts the agent (0: never)"},
 }
+
+func init() { Keys = append(Keys, cluster.Keys...) }
 
 // Policy says when the agent rotates to a newer generation.
 type Policy int
@@ -82,6 +85,9 @@ type Config struct {
 	TokenFile     string
 	LogLevel      string
 	StallAfter    time.Duration
+	// Cluster is gossip (cluster.*): with it the agent learns of a publish
+	// at once and, when ServerAPI is empty, finds its server.
+	Cluster cluster.Settings
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error
@@ -109,8 +115,15 @@ func ConfigFrom(v config.Values) (Config, error) {
 	bad := func(key string, val any, want string) error {
 		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
 	}
-	u, err := url.Parse(c.ServerAPI)
-	if c.ServerAPI == "" || err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+	cs, err := cluster.SettingsFrom(v)
+	if err != nil {
+		return c, err
+	}
+	c.Cluster = cs
+	if c.ServerAPI == "" && len(cs.Join) == 0 {
+		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480 (it may be empty only with cluster.join)")
+	}
+	if u, err := url.Parse(c.ServerAPI); c.ServerAPI != "" && (err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "") {
 		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480")
 	}
 	if c.ServerNFS != "" {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/config"
 )
 
@@ -38,6 +39,8 @@ var Keys = []config.Key{
 	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a publish running longer than this counts as wedged: systemd watchdog pings stop and systemd restarts the daemon (0: never)"},
 }
 
+func init() { Keys = append(Keys, cluster.Keys...) }
+
 // Config is the validated server configuration.
 type Config struct {
 	StoreRoot       string
@@ -59,6 +62,9 @@ type Config struct {
 	NFSBusyPoll     time.Duration
 	LogLevel        string
 	StallAfter      time.Duration
+	// Cluster is gossip (cluster.*); off unless cluster.bind or
+	// cluster.join is set.
+	Cluster cluster.Settings
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error
@@ -160,7 +166,46 @@ func ConfigFrom(v config.Values) (Config, error) {
 	if c.StallAfter < 0 || (c.StallAfter > 0 && c.StallAfter < time.Minute) {
 		return c, bad("watchdog.stall_after", c.StallAfter, "0 (never) or at least 1m")
 	}
+	cs, err := cluster.SettingsFrom(v)
+	if err != nil {
+		return c, err
+	}
+	c.Cluster = cs
+	if cs.Enabled {
+		if err := cluster.CheckMeta(c.ClusterMeta("")); err != nil {
+			return c, fmt.Errorf("config: api.listen %q and nfs.listen %q: %w", c.APIListen, c.NFSListen, err)
+		}
+	}
 	return c, nil
+}
+
+// ClusterMeta is what the server tells cluster members about itself: its
+// API URL and NFS address as builders reach them (an unspecified host in
+// api.listen or nfs.listen becomes the host of cluster.advertise, else of
+// cluster.bind).
+func (c Config) ClusterMeta(version string) cluster.Meta {
+	host := ""
+	for _, a := range []string{c.Cluster.Advertise, c.Cluster.Bind} {
+		if h, _, err := net.SplitHostPort(a); err == nil && h != "" && !net.ParseIP(h).IsUnspecified() {
+			host = h
+			break
+		}
+	}
+	reach := func(addr string) string {
+		h, p, err := net.SplitHostPort(addr)
+		if err != nil {
+			return ""
+		}
+		if ip := net.ParseIP(h); (h == "" || (ip != nil && ip.IsUnspecified())) && host != "" {
+			h = host
+		}
+		return net.JoinHostPort(h, p)
+	}
+	m := cluster.Meta{Role: cluster.RoleServer, Version: version, NFS: reach(c.NFSListen)}
+	if a := reach(c.APIListen); a != "" {
+		m.API = "http://" + a
+	}
+	return m
 }
 
 // PhysicalStore is the directory under a central-store root (live or a

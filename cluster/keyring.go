@@ -1,0 +1,201 @@
+package cluster
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/strata-nix/strata/internal/atomicfile"
+)
+
+// Keyring is the gossip encryption keyring: AES-256 keys, the first the
+// primary (used to encrypt; every key is tried to decrypt). It wraps
+// memberlist's keyring and writes every change back to its file, so a
+// restart keeps a rotation.
+//
+// Rotation is per node, as memberlist's keyring is: run each step on every
+// member before the next step (`strata cluster keys install` everywhere,
+// then `use` everywhere, then `remove` everywhere). A member that switches
+// its primary before every member has installed the key is refused by
+// those that lack it.
+type Keyring struct {
+	file string
+	ml   *memberlist.Keyring
+
+	mu sync.Mutex // serialises changes and writes of file
+}
+
+// KeyInfo describes one key without revealing it.
+type KeyInfo struct {
+	// Fingerprint is the first 8 bytes of the key's sha256, in hex.
+	Fingerprint string `json:"fingerprint"`
+	Primary     bool   `json:"primary"`
+}
+
+// ParseKey decodes one base64 (standard encoding) AES-256 key.
+func ParseKey(s string) ([]byte, error) {
+	k, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s))
+	if err != nil {
+		return nil, fmt.Errorf("key is not base64: %w", err)
+	}
+	if len(k) != 32 {
+		return nil, fmt.Errorf("key is %d bytes: want 32 (AES-256; make one with `head -c32 /dev/urandom | base64`)", len(k))
+	}
+	return k, nil
+}
+
+// Fingerprint names a key in output without revealing it.
+func Fingerprint(k []byte) string {
+	s := sha256.Sum256(k)
+	return hex.EncodeToString(s[:8])
+}
+
+// CheckSecretFile refuses a secret file that others may read or write, or
+// that belongs to another user than this process (root may own it too).
+func CheckSecretFile(key, file string) error {
+	fi, err := os.Stat(file)
+	if err != nil {
+		return fmt.Errorf("config: key %q: %w", key, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("config: key %q: %s is not a regular file", key, file)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return fmt.Errorf("config: key %q: %s has mode %#o: want 0600 or stricter (chmod 600 %s)", key, file, perm, file)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		if uid := uint32(os.Geteuid()); st.Uid != uid && st.Uid != 0 {
+			return fmt.Errorf("config: key %q: %s is owned by uid %d: want uid %d or root", key, file, st.Uid, uid)
+		}
+	}
+	return nil
+}
+
+// LoadKeyring reads file: one base64 key per line, the first the primary;
+// blank lines and lines starting with # are ignored. The file must pass
+// CheckSecretFile. key is the config key named in errors.
+func LoadKeyring(key, file string) (*Keyring, error) {
+	if err := CheckSecretFile(key, file); err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("config: key %q: %w", key, err)
+	}
+	var keys [][]byte
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, err := ParseKey(line)
+		if err != nil {
+			return nil, fmt.Errorf("config: key %q: %s line %d: %w", key, file, i+1, err)
+		}
+		keys = append(keys, k)
+	}
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("config: key %q: %s holds no key", key, file)
+	}
+	ml, err := memberlist.NewKeyring(keys, keys[0])
+	if err != nil {
+		return nil, fmt.Errorf("config: key %q: %w", key, err)
+	}
+	return &Keyring{file: file, ml: ml}, nil
+}
+
+// NewKeyring makes a keyring that is not backed by a file (tests).
+func NewKeyring(keys ...[]byte) (*Keyring, error) {
+	if len(keys) == 0 {
+		return nil, errors.New("new keyring: no key")
+	}
+	ml, err := memberlist.NewKeyring(keys, keys[0])
+	if err != nil {
+		return nil, err
+	}
+	return &Keyring{ml: ml}, nil
+}
+
+// List describes the installed keys, the primary first.
+func (k *Keyring) List() []KeyInfo {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.listLocked()
+}
+
+func (k *Keyring) listLocked() []KeyInfo {
+	var out []KeyInfo
+	for i, key := range k.ml.GetKeys() { // GetKeys puts the primary first
+		out = append(out, KeyInfo{Fingerprint: Fingerprint(key), Primary: i == 0})
+	}
+	return out
+}
+
+// Install adds key (not primary). Installing an installed key is a no-op.
+func (k *Keyring) Install(key []byte) error {
+	return k.change("install", func() error { return k.ml.AddKey(key) })
+}
+
+// Use makes an installed key the primary.
+func (k *Keyring) Use(key []byte) error {
+	return k.change("use", func() error {
+		if !k.has(key) {
+			return fmt.Errorf("key %s is not installed: install it first", Fingerprint(key))
+		}
+		return k.ml.UseKey(key)
+	})
+}
+
+// Remove removes an installed key that is not the primary.
+func (k *Keyring) Remove(key []byte) error {
+	return k.change("remove", func() error {
+		if !k.has(key) {
+			return fmt.Errorf("key %s is not installed", Fingerprint(key))
+		}
+		if bytes.Equal(k.ml.GetPrimaryKey(), key) {
+			return fmt.Errorf("key %s is the primary: use another key first", Fingerprint(key))
+		}
+		return k.ml.RemoveKey(key)
+	})
+}
+
+func (k *Keyring) has(key []byte) bool {
+	for _, x := range k.ml.GetKeys() {
+		if bytes.Equal(x, key) {
+			return true
+		}
+	}
+	return false
+}
+
+// change applies op and writes the keyring file (temp, fsync, rename; mode
+// 0600). A failed write undoes nothing in memory but is returned: the
+// running member uses the new keyring, a restart would not.
+func (k *Keyring) change(op string, f func() error) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := f(); err != nil {
+		return fmt.Errorf("keyring %s: %w", op, err)
+	}
+	if k.file == "" {
+		return nil
+	}
+	var b strings.Builder
+	b.WriteString("# strata gossip keyring: base64 AES-256 keys, the first is the primary\n")
+	for _, key := range k.ml.GetKeys() {
+		b.WriteString(base64.StdEncoding.EncodeToString(key) + "\n")
+	}
+	if err := atomicfile.WriteFile(k.file, []byte(b.String()), 0o600); err != nil {
+		return fmt.Errorf("keyring %s: write %s: %w", op, k.file, err)
+	}
+	return nil
+}

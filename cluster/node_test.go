@@ -1,0 +1,265 @@
+package cluster
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// fast makes failure detection take about a second instead of ten.
+func fast(c *memberlist.Config) {
+	c.ProbeInterval = 100 * time.Millisecond
+	c.ProbeTimeout = 50 * time.Millisecond
+	c.GossipInterval = 50 * time.Millisecond
+	c.PushPullInterval = time.Second
+	c.SuspicionMult = 2
+	c.GossipToTheDeadTime = 2 * time.Second
+	c.TCPTimeout = 2 * time.Second
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type testNode struct {
+	*Node
+	logs *syncBuf
+}
+
+func startNode(t *testing.T, name string, role Role, kr *Keyring, cluster string, join ...string) (testNode, error) {
+	t.Helper()
+	logs := &syncBuf{}
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if cluster == "" {
+		cluster = "test"
+	}
+	n, err := New(Config{Name: name, ClusterName: cluster, Bind: "127.0.0.1:0", Join: join, Keyring: kr,
+		DeadGrace: 2 * time.Second, Settle: time.Hour, Meta: Meta{Role: role, Version: "test"}, Tune: fast}, log)
+	if err != nil {
+		return testNode{}, err
+	}
+	t.Cleanup(func() { n.Close() })
+	return testNode{n, logs}, nil
+}
+
+func mustNode(t *testing.T, name string, role Role, kr *Keyring, join ...string) testNode {
+	t.Helper()
+	n, err := startNode(t, name, role, kr, "", join...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// waitFor polls cond for up to d.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	end := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(end) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func memberState(n *Node, name string) string {
+	for _, m := range n.Members() {
+		if m.Name == name {
+			return m.State.String()
+		}
+	}
+	return "unknown"
+}
+
+func TestHoldsLifecycle(t *testing.T) {
+	srv := mustNode(t, "srv", RoleServer, nil)
+	b1 := mustNode(t, "b1", RoleBuilder, nil, srv.Addr())
+	b2 := mustNode(t, "b2", RoleBuilder, nil, srv.Addr())
+	b3 := mustNode(t, "b3", RoleBuilder, nil, srv.Addr())
+	b1.SetBuilderState("http://srv", "idle", []uint64{1})
+	b2.SetBuilderState("http://srv", "idle", []uint64{2, 1})
+	b3.SetBuilderState("http://srv", "idle", []uint64{2})
+	want := map[uint64][]string{1: {"b1", "b2"}, 2: {"b2", "b3"}}
+	waitFor(t, 5*time.Second, "the server to learn every hold", func() bool {
+		h, _ := srv.Holds()
+		return reflect.DeepEqual(h, want)
+	})
+	if _, known := srv.Holds(); !known {
+		t.Fatal("holds not known although the builders joined (synced)")
+	}
+	srv.SetServerState([]Generation{{ID: 1}, {ID: 2}, {ID: 3}})
+	waitFor(t, 5*time.Second, "builders to learn generation 3", func() bool {
+		return b1.NewestGeneration() == 3 && b2.NewestGeneration() == 3 && b3.NewestGeneration() == 3
+	})
+	if s := b1.Servers(); len(s) != 1 || s[0].Name != "srv" || s[0].Newest != 3 {
+		t.Fatalf("servers seen by b1: %+v", s)
+	}
+
+	// Graceful leave releases at once.
+	if err := b1.Leave(time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 3*time.Second, "b1 to be left", func() bool { return memberState(srv.Node, "b1") == "left" })
+	if h, _ := srv.Holds(); !reflect.DeepEqual(h[1], []string{"b2"}) {
+		t.Fatalf("after b1 left, holders of 1: %v", h[1])
+	}
+
+	// A crash: suspect, then dead, still holding for DeadGrace.
+	b3.Close()
+	waitFor(t, 5*time.Second, "b3 to be dead", func() bool { return memberState(srv.Node, "b3") == "dead" })
+	deadAt := time.Now()
+	if h, _ := srv.Holds(); !reflect.DeepEqual(h[2], []string{"b2", "b3"}) {
+		t.Fatalf("dead b3 no longer holds 2 right after death: %v", h[2])
+	}
+	waitFor(t, 4*time.Second, "b3's holds to expire", func() bool {
+		h, _ := srv.Holds()
+		return reflect.DeepEqual(h[2], []string{"b2"})
+	})
+	if d := time.Since(deadAt); d < time.Second {
+		t.Fatalf("b3's holds expired %s after death; grace is 2s", d)
+	}
+	var b3m Member
+	for _, m := range srv.Members() {
+		if m.Name == "b3" {
+			b3m = m
+		}
+	}
+	if b3m.State != StateDead || b3m.Holds || b3m.LastSeen == nil || !reflect.DeepEqual(b3m.Generations, []uint64{2}) {
+		t.Fatalf("members entry of b3: %+v", b3m)
+	}
+	if !strings.Contains(srv.logs.String(), "cluster member dead") {
+		t.Fatal("no log line for the dead member")
+	}
+}
+
+func key(t *testing.T) []byte {
+	k := make([]byte, 32)
+	rand.Read(k)
+	return k
+}
+
+func ring(t *testing.T, keys ...[]byte) *Keyring {
+	kr, err := NewKeyring(keys...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kr
+}
+
+func TestEncryptionAndClusterName(t *testing.T) {
+	k1, k2 := key(t), key(t)
+	a := mustNode(t, "a", RoleServer, ring(t, k1))
+	mustNode(t, "b", RoleBuilder, ring(t, k1), a.Addr())
+	waitFor(t, 5*time.Second, "b to join a", func() bool { return memberState(a.Node, "b") == "alive" })
+
+	refused := func(name string, kr *Keyring, cluster, wantLog string) {
+		t.Helper()
+		n, err := startNode(t, name, RoleBuilder, kr, cluster)
+		if err != nil {
+			t.Fatal(err)
+		}
+		k, err := n.ml.Join([]string{a.Addr()})
+		if err == nil || k != 0 {
+			t.Fatalf("%s joined (%d) without the right key/cluster", name, k)
+		}
+		time.Sleep(300 * time.Millisecond)
+		if s := memberState(a.Node, name); s != "unknown" {
+			t.Fatalf("%s is %s at a", name, s)
+		}
+		if !strings.Contains(a.logs.String(), wantLog) {
+			t.Fatalf("a logged no %q for %s; logs:\n%s", wantLog, name, a.logs.String())
+		}
+		t.Logf("%s refused: joiner's error: %v", name, err)
+	}
+	refused("wrongkey", ring(t, k2), "", "does not share this cluster's key")
+	refused("nokey", nil, "", "does not share this cluster's key")
+	refused("othercluster", ring(t, k1), "other", "another cluster.name")
+}
+
+func TestKeyRotationWhileRunning(t *testing.T) {
+	k1, k2 := key(t), key(t)
+	nodes := []testNode{mustNode(t, "r0", RoleServer, ring(t, k1))}
+	for i := 1; i < 4; i++ {
+		nodes = append(nodes, mustNode(t, fmt.Sprintf("r%d", i), RoleBuilder, ring(t, k1), nodes[0].Addr()))
+	}
+	allAlive := func() bool {
+		for _, n := range nodes {
+			for _, m := range n.Members() {
+				if m.State != StateAlive {
+					return false
+				}
+			}
+			if len(n.Members()) != len(nodes) {
+				return false
+			}
+		}
+		return true
+	}
+	waitFor(t, 5*time.Second, "all four joined", allAlive)
+	steps := []struct {
+		name string
+		f    func(*Keyring) error
+	}{
+		{"install k2", func(k *Keyring) error { return k.Install(k2) }},
+		{"use k2", func(k *Keyring) error { return k.Use(k2) }},
+		{"remove k1", func(k *Keyring) error { return k.Remove(k1) }},
+	}
+	for _, s := range steps {
+		for _, n := range nodes {
+			if err := s.f(n.cfg.Keyring); err != nil {
+				t.Fatalf("%s on %s: %v", s.name, n.Name(), err)
+			}
+			// Let gossip run between members, so a member using k2 talks
+			// to members still on k1.
+			time.Sleep(200 * time.Millisecond)
+		}
+		// Several suspicion timeouts: nobody may be declared dead.
+		time.Sleep(1500 * time.Millisecond)
+		if !allAlive() {
+			for _, n := range nodes {
+				t.Logf("%s sees %+v", n.Name(), n.Members())
+			}
+			t.Fatalf("after %s a member is not alive", s.name)
+		}
+	}
+	for _, n := range nodes {
+		if l := n.cfg.Keyring.List(); len(l) != 1 || l[0].Fingerprint != Fingerprint(k2) || !l[0].Primary {
+			t.Fatalf("%s keyring after rotation: %+v", n.Name(), l)
+		}
+	}
+	// The old key is now refused, the new one admitted.
+	old, _ := startNode(t, "old", RoleBuilder, ring(t, k1), "")
+	if k, err := old.ml.Join([]string{nodes[0].Addr()}); err == nil && k > 0 {
+		t.Fatal("a member with the retired key joined")
+	}
+	mustNode(t, "new", RoleBuilder, ring(t, k2), nodes[0].Addr())
+	waitFor(t, 5*time.Second, "a member with the new key to join", func() bool { return memberState(nodes[0].Node, "new") == "alive" })
+	// Removing the primary or an unknown key is refused.
+	if err := nodes[0].cfg.Keyring.Remove(k2); err == nil || !strings.Contains(err.Error(), "primary") {
+		t.Fatalf("removing the primary: %v", err)
+	}
+	if err := nodes[0].cfg.Keyring.Use(k1); err == nil || !strings.Contains(err.Error(), "not installed") {
+		t.Fatalf("using a removed key: %v", err)
+	}
+}
