@@ -28,7 +28,7 @@ func (s *stats) received(kind, result string) { s.msgs.WithLabelValues(kind, "in
 var (
 	descMembers = prometheus.NewDesc("strata_cluster_members", "Cluster members this node knows, itself included, by role and state.",
 		[]string{"role", "state"}, nil)
-	descHeld = prometheus.NewDesc("strata_cluster_generations_held", "Distinct generations held by builders (what retention must keep).", nil, nil)
+	descHeld    = prometheus.NewDesc("strata_cluster_generations_held", "Distinct generations held by builders (what retention must keep).", nil, nil)
 	descHolders = prometheus.NewDesc("strata_cluster_generation_holders", "Builders holding each generation.",
 		[]string{"generation"}, nil)
 )

@@ -458,7 +458,7 @@ func (e *events) note(nd *memberlist.Node, st MemberState) {
 
 func (e *events) NotifyJoin(nd *memberlist.Node)   { e.note(nd, StateAlive) }
 func (e *events) NotifyUpdate(nd *memberlist.Node) { e.note(nd, StateAlive) }
-func (e *events) NotifyLeave(nd *memberlist.Node) { e.note(nd, StateDead) }
+func (e *events) NotifyLeave(nd *memberlist.Node)  { e.note(nd, StateDead) }
 
 // loop joins the seeds (backoff 1 s to 30 s until one answers), then
 // re-joins lost seeds every RejoinInterval and keeps last-seen times.
