@@ -10,6 +10,7 @@
 //	POST   /v1/publish                      -> PublishResult        (mutating)
 //	POST   /v1/generations/N/pin?name=X     -> Generation           (mutating)
 //	DELETE /v1/generations/N/pin            -> Generation           (mutating)
+//	DELETE /v1/generations/N?confirm=N      -> 204, forgets a missing generation (mutating)
 //	GET    /v1/status                       -> any role's status JSON
 //	GET    /healthz                         -> "ok"
 //	GET    /metrics                         -> Prometheus text
@@ -44,6 +45,10 @@ type GenerationList struct {
 	Generations []Generation `json:"generations"`
 	// NFS is the address builders mount from (host:port).
 	NFS string `json:"nfs,omitempty"`
+	// Missing are generations whose manifest the server keeps but whose
+	// snapshot is missing: not served, kept until `strata generations
+	// forget N`.
+	Missing []Generation `json:"missing,omitempty"`
 }
 
 // Delta is the answer of GET /v1/generations/N/delta?from=M.

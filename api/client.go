@@ -207,3 +207,9 @@ func (c *Client) Send(ctx context.Context, method, path string, in, out any) err
 	}
 	return nil
 }
+
+// Forget drops the manifest of generation id, whose snapshot is missing;
+// confirm must repeat id.
+func (c *Client) Forget(ctx context.Context, id, confirm uint64) error {
+	return c.Do(ctx, http.MethodDelete, fmt.Sprintf("/v1/generations/%d?confirm=%d", id, confirm), nil)
+}

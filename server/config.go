@@ -65,6 +65,15 @@ type Config struct {
 	// Cluster is gossip (cluster.*); off unless cluster.bind or
 	// cluster.join is set.
 	Cluster cluster.Settings
+
+	// One-shot start flags of `strata server`, not configuration keys.
+
+	// AdoptStore lets publishing go on when store.root is not the central
+	// store the generations come from (--adopt-store).
+	AdoptStore bool
+	// NewHandleKey lets a start make a new NFS handle key although
+	// generations exist (--new-handle-key): every client gets ESTALE.
+	NewHandleKey bool
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error

@@ -2,10 +2,13 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"reflect"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -13,6 +16,7 @@ import (
 
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/lifecycle"
+	"github.com/strata-nix/strata/server/nfs"
 	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/btrfs"
 	"github.com/strata-nix/strata/snapshot/zfs"
@@ -55,10 +59,144 @@ type DaemonOptions struct {
 // (handing a connection off) before it counts as wedged.
 const acceptStall = time.Minute
 
+// checkSnapshotDir refuses a btrfs snapshot dir that does not exist while
+// the state records generations: creating it would hide them all.
+func checkSnapshotDir(cfg Config, st state) error {
+	if cfg.Backend != "btrfs" {
+		return nil
+	}
+	if _, err := os.Stat(cfg.SnapshotDir); !errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	gens, err := st.generations()
+	if err != nil || len(gens) == 0 {
+		return err
+	}
+	ids := make([]uint64, 0, len(gens))
+	for _, g := range gens {
+		ids = append(ids, g.ID)
+	}
+	return fmt.Errorf("snapshot.snapshot_dir %s does not exist, but state_dir %s records generations %v in it: is snapshot.snapshot_dir mistyped? Nothing was changed",
+		cfg.SnapshotDir, cfg.StateDir, ids)
+}
+
+// checkHandleKey refuses to start without the NFS handle key once
+// generations exist: a new key makes every handle that clients hold stale.
+// The key is made only by the very first start, or with --new-handle-key.
+func checkHandleKey(cfg Config, p *plan, log *slog.Logger) error {
+	if cfg.NFSListen == "" {
+		return nil
+	}
+	key := nfs.KeyFile(cfg.StateDir)
+	if _, err := os.Stat(key); !errors.Is(err, os.ErrNotExist) {
+		if err == nil && cfg.NewHandleKey {
+			log.Warn("--new-handle-key given but the handle key exists; keeping it", "file", key)
+		}
+		return nil
+	}
+	if !p.hasGenerations() {
+		return nil
+	}
+	if cfg.NewHandleKey {
+		log.Warn("making a new NFS handle key (--new-handle-key): every mounted client gets ESTALE until it remounts", "file", key)
+		return nil
+	}
+	return fmt.Errorf("NFS handle key %s is missing, but generations exist and clients hold file handles sealed with it. "+
+		"Either restore the file from a backup of state_dir, "+
+		"or start once with `strata server --new-handle-key` to make a new key, accepting that every mounted client gets ESTALE (Stale file handle) until it remounts", key)
+}
+
+// Check reports to w what a start with cfg would do, changing nothing
+// (`strata server --check-config`): the generations it would serve,
+// rebuild, destroy or report missing, the store identity, and the handle
+// key. It returns an error when the start, or publishing, would be refused.
+func Check(ctx context.Context, cfg Config, w io.Writer) error {
+	var refusals []string
+	say := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
+	refuse := func(err error) {
+		say("ERROR: %v", err)
+		refusals = append(refusals, err.Error())
+	}
+	say("configuration: ok")
+	st := state{dir: cfg.StateDir}
+	if !st.exists() {
+		say("state_dir %s does not exist: a start creates it", cfg.StateDir)
+	}
+	if err := checkSnapshotDir(cfg, st); err != nil {
+		refuse(err)
+		return errors.New(strings.Join(refusals, "; "))
+	}
+	var b snapshot.Backend
+	var err error
+	switch cfg.Backend {
+	case "btrfs":
+		if _, serr := os.Stat(cfg.SnapshotDir); errors.Is(serr, os.ErrNotExist) {
+			say("snapshot.snapshot_dir %s does not exist: a start creates it", cfg.SnapshotDir)
+			b, err = emptyInspect{}, btrfs.CheckRoot(cfg.StoreRoot)
+		} else {
+			b, err = btrfs.Inspect(cfg.StoreRoot, cfg.SnapshotDir, nil)
+		}
+	case "zfs":
+		b, err = zfs.Inspect(cfg.Dataset, cfg.MountDir, nil)
+	}
+	if err != nil {
+		refuse(fmt.Errorf("snapshot backend: %w", err))
+		return errors.New(strings.Join(refusals, "; "))
+	}
+	p, err := inspect(ctx, cfg, st, b)
+	if err != nil {
+		refuse(err)
+		return errors.New(strings.Join(refusals, "; "))
+	}
+	for _, line := range p.report(cfg) {
+		say("%s", line)
+	}
+	if err := p.refusal(cfg); err != nil {
+		refuse(err)
+	}
+	if err := p.storeMismatch(cfg); err != nil {
+		if cfg.AdoptStore {
+			say("--adopt-store: publishing store.root %s from now on", cfg.StoreRoot)
+		} else {
+			refusals = append(refusals, "publishing refused: store.root is another store")
+		}
+	}
+	if cfg.NFSListen != "" {
+		if err := checkHandleKey(cfg, p, slog.New(slog.DiscardHandler)); err != nil {
+			refuse(err)
+		} else if _, serr := os.Stat(nfs.KeyFile(cfg.StateDir)); serr == nil {
+			say("NFS handle key: %s", nfs.KeyFile(cfg.StateDir))
+		} else {
+			say("NFS handle key: %s would be made by this start", nfs.KeyFile(cfg.StateDir))
+		}
+	}
+	if len(refusals) > 0 {
+		return errors.New(strings.Join(refusals, "; "))
+	}
+	return nil
+}
+
+// emptyInspect stands for a btrfs snapshot dir that does not exist yet.
+type emptyInspect struct{}
+
+func (emptyInspect) Kind() string { return "btrfs" }
+func (emptyInspect) Create(context.Context, uint64, snapshot.Labels) (snapshot.Snapshot, error) {
+	return snapshot.Snapshot{}, snapshot.ErrUnsupported
+}
+func (emptyInspect) SetLabels(context.Context, uint64, snapshot.Labels) error {
+	return snapshot.ErrNotFound
+}
+func (emptyInspect) List(context.Context) ([]snapshot.Snapshot, error) { return nil, nil }
+func (emptyInspect) Destroy(context.Context, uint64) error             { return snapshot.ErrNotFound }
+
 // Daemon runs `strata server` until ctx ends. The order of start:
-//  1. open the backend and the state dir, re-export live generations;
-//  2. bind the NFS listener and the API (TCP and unix socket);
-//  3. READY=1 to systemd (the API answers and every live generation is
+//  1. refuse a missing btrfs snapshot dir while the state records
+//     generations, open the backend and the state dir, refuse a missing NFS
+//     handle key once generations exist (unless --new-handle-key);
+//  2. reconcile the state with the snapshots' labels (New) and re-export
+//     the live generations;
+//  3. bind the NFS listener and the API (TCP and unix socket);
+//  4. READY=1 to systemd (the API answers and every live generation is
 //     exported), then publish once and every publish.interval.
 //
 // While it runs, the main loop sends WATCHDOG=1 when the publish loop and
@@ -81,8 +219,19 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	st := state{dir: cfg.StateDir}
+	if err := checkSnapshotDir(cfg, st); err != nil {
+		return err
+	}
 	backend, err := OpenBackend(cfg, log)
 	if err != nil {
+		return err
+	}
+	p, err := inspect(ctx, cfg, st, backend)
+	if err != nil {
+		return err
+	}
+	if err := checkHandleKey(cfg, p, log); err != nil {
 		return err
 	}
 	ex, err := openExport(ctx, cfg, log, reg)
@@ -108,8 +257,12 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	token := apiserve.NewToken(tokenText)
 	status := func() any {
 		g, _ := srv.Latest()
+		var missing []uint64
+		for _, m := range srv.Missing() {
+			missing = append(missing, m.ID)
+		}
 		return map[string]any{"role": "server", "latest": g.ID, "generations": srv.Generations(),
-			"nfs": cfg.NFSListen, "backend": cfg.Backend}
+			"nfs": cfg.NFSListen, "backend": cfg.Backend, "missing": missing, "problems": srv.Problems()}
 	}
 	h := srv.Handler(token, reg, status)
 	as, err := apiserve.Start(h, cfg.APIListen, cfg.Socket, log)

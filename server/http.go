@@ -31,7 +31,7 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		if gs == nil {
 			gs = []api.Generation{}
 		}
-		writeJSON(w, http.StatusOK, api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen})
+		writeJSON(w, http.StatusOK, api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen, Missing: s.Missing()})
 	})
 	mux.HandleFunc("GET /v1/generations/{id}", func(w http.ResponseWriter, r *http.Request) {
 		id, ok := pathID(w, r)
@@ -148,6 +148,28 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 			return
 		}
 		writeJSON(w, http.StatusOK, g)
+	}))
+	mux.HandleFunc("DELETE /v1/generations/{id}", mutating(func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		confirm, err := strconv.ParseUint(r.URL.Query().Get("confirm"), 10, 64)
+		if err != nil {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("query parameter confirm=%q: repeat the generation id to forget it", r.URL.Query().Get("confirm")))
+			return
+		}
+		if err := s.Forget(id, confirm); err != nil {
+			code := statusOf(err)
+			if errors.Is(err, ErrNotMissing) {
+				code = http.StatusConflict
+			} else if confirm != id {
+				code = http.StatusBadRequest
+			}
+			writeErr(w, code, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
 	}))
 	return mux
 }

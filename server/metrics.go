@@ -32,6 +32,15 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			func() float64 { return float64(len(s.Generations())) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "strata_generation_latest", Help: "Id of the newest live generation (0: none)."},
 			func() float64 { g, _ := s.Latest(); return float64(g.ID) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "strata_generations_missing", Help: "Generations whose manifest is kept but whose snapshot is missing (see strata generations forget)."},
+			func() float64 { return float64(len(s.Missing())) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "strata_publish_refused", Help: "1 while publishing is refused because store.root is another store."},
+			func() float64 {
+				if s.storeErr != nil {
+					return 1
+				}
+				return 0
+			}),
 	)
 	return m
 }

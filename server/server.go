@@ -13,7 +13,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
+	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -49,8 +52,21 @@ type Server struct {
 	inUse   InUse
 	step    *lifecycle.Step
 
-	mu   sync.Mutex // serialises publish, pin, unpin, retention
+	mu   sync.Mutex // serialises publish, pin, unpin, forget, retention
 	gens map[uint64]*generation
+	// missing are generations whose manifest is kept but whose snapshot
+	// is gone (or not where the config says): reported, never served.
+	missing map[uint64]*generation
+	// storeID is the identity of the central store the generations come
+	// from; "" until the first publish records it.
+	storeID string
+	// storeErr, when set, refuses every publish: store.root is another store.
+	storeErr error
+	// problems are snapshots kept but not served, for status.
+	problems []string
+	// pause is the publish step at which a test makes the process wait to
+	// be killed (STRATA_DEBUG_PUBLISH_PAUSE).
+	pause string
 
 	metrics *metrics
 }
@@ -74,64 +90,46 @@ type Options struct {
 
 // New loads the state dir, reconciles it with the backend's snapshots and
 // makes every generation found there live again (a restart serves what it
-// served before). A snapshot without a complete manifest (a crash during a
-// publish) is destroyed; a manifest without its snapshot is dropped.
+// served before). The state dir may be empty or another one: generations
+// are rebuilt from their snapshots' labels (see plan for the rules). New
+// destroys at most one snapshot: the state's unfinished publish, when its
+// label says it never went live. A manifest without its snapshot is kept
+// and reported as missing. New fails, changing nothing, when the state
+// records generations and none of them has a snapshot (a mistyped
+// snapshot location). When store.root is not the store the generations
+// come from, New succeeds but every publish is refused (ErrOtherStore),
+// unless Config.AdoptStore.
 func New(ctx context.Context, o Options) (*Server, error) {
 	s := &Server{cfg: o.Config, log: o.Logger, backend: o.Backend, state: state{dir: o.Config.StateDir},
-		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}}
+		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}, missing: map[uint64]*generation{},
+		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE")}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
-	s.metrics = newMetrics(o.Registry, s)
 	if err := s.state.init(); err != nil {
 		return nil, err
 	}
-	stored, err := s.state.generations()
+	p, err := inspect(ctx, s.cfg, s.state, s.backend)
 	if err != nil {
 		return nil, err
 	}
-	snaps, err := s.backend.List(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("list snapshots: %w", err)
-	}
-	byID := map[uint64]snapshot.Snapshot{}
-	var maxID uint64
-	for _, sn := range snaps {
-		byID[sn.ID] = sn
-		maxID = max(maxID, sn.ID)
-	}
-	pins, err := s.state.pins()
-	if err != nil {
+	if err := p.refusal(s.cfg); err != nil {
 		return nil, err
 	}
-	for _, g := range stored {
-		maxID = max(maxID, g.ID)
-		sn, ok := byID[g.ID]
-		if !ok {
-			s.log.Error("generation has no snapshot; dropping it", "generation", g.ID, "snapshot", snapshot.Name(g.ID))
-			if err := s.state.removeGeneration(g.ID); err != nil {
-				return nil, err
-			}
-			continue
-		}
-		delete(byID, g.ID)
-		gen := &generation{Generation: g, path: sn.Path}
-		gen.PinName, gen.Pinned = pins[g.ID], hasKey(pins, g.ID)
-		s.gens[g.ID] = gen
+	logPlan(s.log, p)
+	if err := s.apply(ctx, p); err != nil {
+		return nil, err
 	}
-	for id := range byID {
-		s.log.Warn("destroying snapshot left by an interrupted publish", "snapshot", snapshot.Name(id))
-		if err := s.backend.Destroy(ctx, id); err != nil {
-			return nil, fmt.Errorf("destroy orphan snapshot %s: %w", snapshot.Name(id), err)
+	s.storeID = p.storeWant
+	if err := p.storeMismatch(s.cfg); err != nil {
+		if !s.cfg.AdoptStore {
+			s.storeErr = err
+			s.log.Error("publishing refused", "err", err)
+		} else if err := s.adoptStore(p); err != nil {
+			return nil, err
 		}
 	}
-	next, err := s.state.nextID(maxID + 1)
-	if err != nil {
-		return nil, err
-	}
-	if err := s.state.setNextID(next); err != nil {
-		return nil, err
-	}
+	s.metrics = newMetrics(o.Registry, s)
 	if s.export != nil {
 		for _, g := range s.sorted() {
 			if err := s.export.Add(g.ID, PhysicalStore(g.path)); err != nil {
@@ -140,6 +138,83 @@ func New(ctx context.Context, o Options) (*Server, error) {
 		}
 	}
 	return s, nil
+}
+
+// adoptStore makes store.root's store the one publishes come from
+// (--adopt-store), giving it an identity if it has none.
+func (s *Server) adoptStore(p *plan) error {
+	id := p.storeHave
+	if id == "" {
+		var err error
+		if id, err = createStoreID(s.cfg.StoreRoot); err != nil {
+			return err
+		}
+	}
+	if err := s.state.setStoreID(id); err != nil {
+		return err
+	}
+	s.log.Warn("adopted store.root as the central store (--adopt-store)", "store_root", s.cfg.StoreRoot,
+		"store", id, "previous_store", p.storeWant)
+	s.storeID = id
+	return nil
+}
+
+// Missing returns the generations whose snapshot is missing, oldest first.
+func (s *Server) Missing() []api.Generation {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []api.Generation
+	for _, id := range slices.Sorted(maps.Keys(s.missing)) {
+		out = append(out, s.missing[id].Generation)
+	}
+	return out
+}
+
+// Problems returns what a start found wrong but kept: snapshots not
+// served, and why publishing is refused.
+func (s *Server) Problems() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := slices.Clone(s.problems)
+	if s.storeErr != nil {
+		out = append(out, s.storeErr.Error())
+	}
+	return out
+}
+
+// ErrNotMissing is returned by Forget for a generation whose snapshot exists.
+var ErrNotMissing = errors.New("generation has its snapshot")
+
+// Forget drops the manifest, registration and pin of a generation whose
+// snapshot is missing. confirm must repeat id: forgetting is explicit.
+func (s *Server) Forget(id, confirm uint64) error {
+	if confirm != id {
+		return fmt.Errorf("forget generation %d: confirm with the same id (got %d)", id, confirm)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.gens[id]; ok {
+		return fmt.Errorf("forget generation %d: %w; unpin it and let retention destroy it instead", id, ErrNotMissing)
+	}
+	if _, ok := s.missing[id]; !ok {
+		return fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
+	}
+	pins, err := s.state.pins()
+	if err != nil {
+		return err
+	}
+	if hasKey(pins, id) {
+		delete(pins, id)
+		if err := s.state.setPins(pins); err != nil {
+			return err
+		}
+	}
+	if err := s.state.removeGeneration(id); err != nil {
+		return err
+	}
+	delete(s.missing, id)
+	s.log.Warn("forgot generation whose snapshot is missing", "generation", id)
+	return nil
 }
 
 func hasKey[K comparable, V any](m map[K]V, k K) bool { _, ok := m[k]; return ok }
@@ -308,6 +383,9 @@ func (s *Server) Publish(ctx context.Context) (api.PublishResult, error) {
 }
 
 func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
+	if s.storeErr != nil {
+		return api.PublishResult{}, fmt.Errorf("publish: %w", s.storeErr)
+	}
 	latest, haveLatest := s.latestLocked()
 	// Cheap check first: the live DB's valid paths equal the newest
 	// generation's, so a snapshot would publish nothing.
@@ -318,15 +396,38 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 			}
 		}
 	}
+	if err := s.ensureStoreID(); err != nil {
+		return api.PublishResult{}, err
+	}
 	id, err := s.state.nextID(1)
 	if err != nil {
 		return api.PublishResult{}, err
 	}
-	// Reserve the id before the snapshot exists: ids are never reused.
+	// Reserve the id before the snapshot exists: ids are never reused, and
+	// "publishing" names the one snapshot a start after a crash may destroy.
+	if err := s.state.setPublishing(id); err != nil {
+		return api.PublishResult{}, err
+	}
 	if err := s.state.setNextID(id + 1); err != nil {
 		return api.PublishResult{}, err
 	}
-	snap, err := s.backend.Create(ctx, id, snapshot.Labels{"generation": strconv.FormatUint(id, 10)})
+	stored := false
+	defer func() {
+		if stored {
+			return
+		}
+		if err := s.state.clearPublishing(); err != nil {
+			s.log.Error("clear publishing", "err", err)
+		}
+	}()
+	if err := s.pauseAt(ctx, "reserved"); err != nil {
+		return api.PublishResult{}, err
+	}
+	labels := snapshot.Labels{labelGeneration: strconv.FormatUint(id, 10), labelStore: s.storeID, labelState: pubPublishing.String()}
+	if haveLatest {
+		labels[labelParent] = strconv.FormatUint(latest.ID, 10)
+	}
+	snap, err := s.backend.Create(ctx, id, labels)
 	if err != nil {
 		return api.PublishResult{}, fmt.Errorf("publish: snapshot: %w", err)
 	}
@@ -336,8 +437,19 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 			if err := s.backend.Destroy(context.WithoutCancel(ctx), id); err != nil {
 				s.log.Error("destroy unpublished snapshot", "snapshot", snap.Name, "err", err)
 			}
+			if stored {
+				if err := s.state.removeGeneration(id); err != nil {
+					s.log.Error("remove unpublished generation", "generation", id, "err", err)
+				}
+				if err := s.state.clearPublishing(); err != nil {
+					s.log.Error("clear publishing", "err", err)
+				}
+			}
 		}
 	}()
+	if err := s.pauseAt(ctx, "snapshot"); err != nil {
+		return api.PublishResult{}, err
+	}
 	rows, err := nixstore.ReadDBRows(ctx, DBDir(snap.Path))
 	if err != nil {
 		return api.PublishResult{}, fmt.Errorf("publish: read snapshot db: %w", err)
@@ -368,15 +480,59 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	if err := s.state.writeGeneration(g, text, rowsFile.Bytes()); err != nil {
 		return api.PublishResult{}, err
 	}
+	stored = true
+	if err := s.pauseAt(ctx, "registration"); err != nil {
+		return api.PublishResult{}, err
+	}
+	// From here on the generation is live: a crash no longer destroys it.
+	if err := s.backend.SetLabels(ctx, id, snapshot.Labels{labelState: pubLive.String(), labelSHA256: sum}); err != nil {
+		return api.PublishResult{}, fmt.Errorf("publish generation %d: mark live: %w", id, err)
+	}
+	if err := s.state.clearPublishing(); err != nil {
+		return api.PublishResult{}, err
+	}
 	if s.export != nil {
 		if err := s.export.Add(id, PhysicalStore(snap.Path)); err != nil {
-			s.state.removeGeneration(id)
 			return api.PublishResult{}, fmt.Errorf("publish generation %d: export: %w", id, err)
 		}
 	}
 	ok = true
 	s.gens[id] = &generation{Generation: g, path: snap.Path}
 	return api.PublishResult{Published: true, Generation: &g}, nil
+}
+
+// ensureStoreID gives the first publish a store identity: store.root's,
+// or a new one written into it, recorded in the state dir.
+func (s *Server) ensureStoreID() error {
+	if s.storeID != "" {
+		return nil
+	}
+	id, err := readStoreID(s.cfg.StoreRoot)
+	if err != nil {
+		return err
+	}
+	if id == "" {
+		if id, err = createStoreID(s.cfg.StoreRoot); err != nil {
+			return err
+		}
+		s.log.Info("gave the central store an identity", "store", id, "file", filepath.Join(s.cfg.StoreRoot, storeIDFile))
+	}
+	if err := s.state.setStoreID(id); err != nil {
+		return err
+	}
+	s.storeID = id
+	return nil
+}
+
+// pauseAt blocks until ctx ends when STRATA_DEBUG_PUBLISH_PAUSE names
+// step, so a test can kill -9 the process in the middle of a publish.
+func (s *Server) pauseAt(ctx context.Context, step string) error {
+	if s.pause != step {
+		return nil
+	}
+	s.log.Warn("publish paused (STRATA_DEBUG_PUBLISH_PAUSE)", "step", step)
+	<-ctx.Done()
+	return ctx.Err()
 }
 
 // registrationOf renders infos (sorted by path) and returns the text and
@@ -411,6 +567,9 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 	if err != nil {
 		return api.Generation{}, err
 	}
+	if err := snapshot.CheckLabels(snapshot.Labels{labelPinName: name}); err != nil {
+		return api.Generation{}, fmt.Errorf("pin generation %d: name: %w", id, err)
+	}
 	if pinned {
 		pins[id] = name
 	} else {
@@ -418,6 +577,14 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 	}
 	if err := s.state.setPins(pins); err != nil {
 		return api.Generation{}, err
+	}
+	l := snapshot.Labels{labelPinned: "", labelPinName: ""}
+	if pinned {
+		l = snapshot.Labels{labelPinned: "true", labelPinName: name}
+	}
+	if err := s.backend.SetLabels(context.Background(), id, l); err != nil {
+		// pins.json has it; the next start writes the label again.
+		s.log.Error("write pin onto snapshot", "generation", id, "err", err)
 	}
 	g.Pinned, g.PinName = pinned, name
 	if !pinned {

@@ -21,11 +21,71 @@ import (
 //	<state_dir>/generations/N/registration   dump-db text of generation N
 //	<state_dir>/generations/N/paths.jsonl.gz path rows of generation N (nixstore rows file)
 //	<state_dir>/pins.json                    {"N": "name"}
+//	<state_dir>/store-id                     identity of the central store the generations come from
+//	<state_dir>/publishing                   id reserved by the publish running now (absent otherwise)
 //
 // A generation directory is built as generations/.N.tmp and renamed into
 // place, so a crash never leaves a half-written generation.
+//
+// The state is a cache of what the snapshots' own labels say (see
+// labels.go): a server started with an empty state dir rebuilds it from
+// them. Only "publishing" cannot be rebuilt, and need not be: it names the
+// one snapshot a start may destroy as a crash leftover.
 type state struct {
 	dir string
+}
+
+// exists reports whether the state dir exists (--check-config changes
+// nothing, so it reads a state dir only when there is one).
+func (s state) exists() bool {
+	st, err := os.Stat(s.dir)
+	return err == nil && st.IsDir()
+}
+
+// readID reads a file holding one generation id; a missing file is 0.
+func (s state) readID(name string) (uint64, error) {
+	b, err := os.ReadFile(filepath.Join(s.dir, name))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", name, err)
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %q is not a generation id", filepath.Join(s.dir, name), b)
+	}
+	return n, nil
+}
+
+// publishing returns the id reserved by an unfinished publish, 0 if none.
+func (s state) publishing() (uint64, error) { return s.readID("publishing") }
+
+func (s state) setPublishing(id uint64) error {
+	return atomicfile.WriteFile(filepath.Join(s.dir, "publishing"), []byte(strconv.FormatUint(id, 10)+"\n"), 0o644)
+}
+
+func (s state) clearPublishing() error {
+	if err := os.Remove(filepath.Join(s.dir, "publishing")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("clear publishing: %w", err)
+	}
+	return atomicfile.SyncDir(s.dir)
+}
+
+// storeID returns the recorded central-store identity, "" if none yet.
+func (s state) storeID() (string, error) {
+	b, err := os.ReadFile(filepath.Join(s.dir, "store-id"))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read store-id: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func (s state) setStoreID(id string) error {
+	return atomicfile.WriteFile(filepath.Join(s.dir, "store-id"), []byte(id+"\n"), 0o644)
 }
 
 func (s state) gensDir() string { return filepath.Join(s.dir, "generations") }
@@ -104,6 +164,9 @@ func (s state) removeGeneration(id uint64) error {
 // generations reads every stored manifest, oldest first.
 func (s state) generations() ([]api.Generation, error) {
 	ents, err := os.ReadDir(s.gensDir())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read generations: %w", err)
 	}

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"cmp"
 	"compress/gzip"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -117,6 +119,11 @@ func clientCommands() []*cobra.Command {
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT")
+			for _, g := range l.Missing {
+				g.MountPath = "MISSING SNAPSHOT"
+				l.Generations = append(l.Generations, g)
+			}
+			slices.SortFunc(l.Generations, func(a, b api.Generation) int { return cmp.Compare(a.ID, b.ID) })
 			for _, g := range l.Generations {
 				pin := "-"
 				if g.Pinned {
@@ -275,6 +282,35 @@ changed since generation M.`,
 	paths.Flags().Uint64Var(&pathsFrom, "from", 0, "only rows added or changed since this generation")
 	pathsf.add(paths, false)
 
+	var ff clientFlags
+	var confirm uint64
+	forget := &cobra.Command{
+		Use:   "forget N --yes-forget N",
+		Short: "Drop the manifest of generation N, whose snapshot is missing",
+		Long: `Drop the manifest, registration and pin of generation N, whose snapshot is
+missing (strata status lists such generations; the server never drops them by
+itself). A generation whose snapshot exists is refused: unpin it and let
+retention destroy it. Repeat the id with --yes-forget to confirm.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseGen(args[0])
+			if err != nil {
+				return err
+			}
+			if confirm != id {
+				return usageError{fmt.Errorf("forgetting generation %d cannot be undone: confirm with --yes-forget %d", id, id)}
+			}
+			if err := ff.client().Forget(cmd.Context(), id, confirm); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "forgot generation %d\n", id)
+			return nil
+		},
+	}
+	forget.Flags().Uint64Var(&confirm, "yes-forget", 0, "the generation id again, to confirm")
+	ff.add(forget, false)
+	gens.AddCommand(forget)
+
 	return []*cobra.Command{publish, gens, pin, unpin, status, delta, registration, paths}
 }
 
@@ -288,7 +324,7 @@ func addedPaths(reg string) []string {
 
 func printStatus(w io.Writer, st map[string]any) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	for _, k := range []string{"role", "latest", "generation", "server", "state", "nfs", "backend", "last_rotation", "last_error"} {
+	for _, k := range []string{"role", "latest", "generation", "server", "state", "nfs", "backend", "last_rotation", "last_error", "missing", "problems"} {
 		if v, ok := st[k]; ok && v != nil && v != "" {
 			fmt.Fprintf(tw, "%s:\t%v\n", k, v)
 		}

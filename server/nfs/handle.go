@@ -194,3 +194,7 @@ func readKey(path string) ([]byte, error) {
 	}
 	return key, nil
 }
+
+// KeyFile is the path of the handle MAC key in state dir dir. The server
+// makes it only on its very first start; see server.Daemon.
+func KeyFile(dir string) string { return filepath.Join(dir, keyFileName) }

@@ -124,6 +124,16 @@ func Inspect(root, snapshotDir string, log *slog.Logger) (*Backend, error) {
 	return &Backend{root: root, snapDir: snapshotDir, inspect: true, log: log.With("backend", "btrfs", "root", root)}, nil
 }
 
+// CheckRoot checks root the way New does (a btrfs subvolume root holding
+// store/ and var/nix/db/ in that subvolume), changing nothing.
+func CheckRoot(root string) error {
+	root, err := realDir(root)
+	if err != nil {
+		return fmt.Errorf("btrfs store root: %w", err)
+	}
+	return checkRoot(root)
+}
+
 // realDir returns the absolute, symlink-free form of dir.
 func realDir(dir string) (string, error) {
 	abs, err := filepath.Abs(dir)
