@@ -7,6 +7,7 @@
 //	GET    /v1/generations/N/registration   -> text/plain, nix-store --dump-db format
 //	GET    /v1/generations/N/delta?from=M   -> Delta
 //	GET    /v1/generations/N/paths[?from=M] -> RowsContentType: the path rows (all, or added since M)
+//	GET    /v1/generations/N/stream?from=M  -> snapshot send stream (token; see Client.Stream)
 //	POST   /v1/publish                      -> PublishResult        (mutating)
 //	POST   /v1/generations/N/pin?name=X     -> Generation           (mutating)
 //	DELETE /v1/generations/N/pin            -> Generation           (mutating)
@@ -68,6 +69,15 @@ type PublishResult struct {
 	Reason     string      `json:"reason,omitempty"`
 	Generation *Generation `json:"generation,omitempty"`
 }
+
+// Snapshot streams (GET /v1/generations/N/stream): the answer names the
+// sender's backend in HeaderBackend and ends with two trailers that let the
+// receiver check it got every byte.
+const (
+	HeaderBackend       = "Strata-Backend"
+	TrailerStreamBytes  = "Strata-Stream-Bytes"
+	TrailerStreamSHA256 = "Strata-Stream-Sha256"
+)
 
 // Error is the body of every non-2xx answer.
 type Error struct {

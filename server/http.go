@@ -116,6 +116,7 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		}
 		writeJSON(w, http.StatusOK, d)
 	})
+	mux.HandleFunc("GET /v1/generations/{id}/stream", s.streamHandler(token))
 	mutating := func(h http.HandlerFunc) http.HandlerFunc { return apiserve.Mutating(token, h) }
 	mux.HandleFunc("POST /v1/publish", mutating(func(w http.ResponseWriter, r *http.Request) {
 		res, err := s.Publish(r.Context())

@@ -69,6 +69,11 @@ type Server struct {
 	pause string
 
 	metrics *metrics
+
+	// sending counts the streams in flight per generation (stream.go);
+	// retention keeps those generations. Guarded by mu.
+	sending       map[uint64]int
+	streamMetrics *streamMetrics
 }
 
 type generation struct {
@@ -130,6 +135,7 @@ func New(ctx context.Context, o Options) (*Server, error) {
 		}
 	}
 	s.metrics = newMetrics(o.Registry, s)
+	s.streamMetrics = newStreamMetrics(o.Registry)
 	if s.export != nil {
 		for _, g := range s.sorted() {
 			if err := s.export.Add(g.ID, PhysicalStore(g.path)); err != nil {
@@ -611,7 +617,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 		inUse = s.inUse()
 	}
 	for _, g := range gs[:len(gs)-s.cfg.Keep] {
-		if g.Pinned || inUse[g.ID] {
+		if g.Pinned || inUse[g.ID] || s.sending[g.ID] > 0 {
 			continue
 		}
 		if s.export != nil {

@@ -246,6 +246,9 @@ func (b *Backend) Create(ctx context.Context, id uint64, labels snapshot.Labels)
 	if b.inspect {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: %w", snapshot.Name(id), errInspect)
 	}
+	if b.root == "" {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs create %s: a replica receives its snapshots and takes none", snapshot.Name(id))
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	name := snapshot.Name(id)

@@ -50,8 +50,10 @@ import (
 type Backend struct {
 	dataset  string
 	mountDir string
-	log      *slog.Logger
-	mu       sync.Mutex
+	// replica: snapshots only arrive by Receive; the dataset may not exist.
+	replica bool
+	log     *slog.Logger
+	mu      sync.Mutex
 	// mountinfo is the mount table read to find snapshot mounts.
 	mountinfo string
 	// inspect: opened by Inspect, nothing may change.
@@ -186,6 +188,9 @@ func (b *Backend) full(name string) string { return b.dataset + "@" + name }
 func (b *Backend) Create(ctx context.Context, id uint64, labels snapshot.Labels) (snapshot.Snapshot, error) {
 	if err := snapshot.ValidID(id); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("zfs create: %w", err)
+	}
+	if b.replica {
+		return snapshot.Snapshot{}, fmt.Errorf("zfs create %s: a replica receives its snapshots and takes none", b.full(snapshot.Name(id)))
 	}
 	name := snapshot.Name(id)
 	full := b.full(name)
@@ -443,6 +448,9 @@ func (b *Backend) destroy(ctx context.Context, name, path string) error {
 func (b *Backend) snapshots(ctx context.Context) (map[uint64]string, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
+	}
+	if b.replica && !b.datasetExists() {
+		return map[uint64]string{}, nil
 	}
 	all, err := gozfs.Snapshots(b.dataset)
 	if err != nil {

@@ -1,0 +1,163 @@
+package server
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
+	"github.com/strata-nix/strata/snapshot"
+)
+
+// Snapshot streams for replicas: GET /v1/generations/N/stream[?from=M]
+// [&backend=KIND][&resume=TOKEN] answers with generation N's snapshot as the
+// backend's send stream (whole, or incremental against live generation M),
+// chunked, with the trailers api.TrailerStreamBytes and
+// api.TrailerStreamSHA256 after the last byte. A send that fails midway
+// aborts the connection, so a replica sees a broken body, never a short one
+// that ends cleanly. It needs the bearer token (or the unix socket) even
+// though it is a GET: a stream is the whole store.
+//
+// While a stream is being sent, retention keeps N and M.
+
+// streamMetrics counts what the stream endpoint sent.
+type streamMetrics struct {
+	bytes   *prometheus.CounterVec
+	streams *prometheus.CounterVec
+}
+
+func newStreamMetrics(reg *prometheus.Registry) *streamMetrics {
+	m := &streamMetrics{
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strata_stream_sent_bytes_total", Help: "Snapshot stream bytes sent to replicas, by kind (full, incremental, resume).",
+		}, []string{"kind"}),
+		streams: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strata_streams_sent_total", Help: "Snapshot streams sent to replicas, by result (ok, error).",
+		}, []string{"result"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.bytes, m.streams)
+	}
+	return m
+}
+
+// hold keeps generations ids from retention until the returned func runs.
+// It fails if one of them is not live.
+func (s *Server) hold(ids ...uint64) (release func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, id := range ids {
+		if _, ok := s.gens[id]; !ok {
+			return nil, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
+		}
+	}
+	if s.sending == nil {
+		s.sending = map[uint64]int{}
+	}
+	for _, id := range ids {
+		s.sending[id]++
+	}
+	return func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, id := range ids {
+			if s.sending[id]--; s.sending[id] <= 0 {
+				delete(s.sending, id)
+			}
+		}
+	}, nil
+}
+
+func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
+	return apiserve.Mutating(token, func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		q := r.URL.Query()
+		st, isStreamer := s.backend.(snapshot.Streamer)
+		if !isStreamer {
+			writeErr(w, http.StatusNotImplemented, fmt.Errorf("the %s backend cannot send snapshots", s.backend.Kind()))
+			return
+		}
+		if k := q.Get("backend"); k != "" && k != s.backend.Kind() {
+			writeErr(w, http.StatusConflict, fmt.Errorf("this server's generations are %s snapshots; a %s replica cannot receive them (mixed backends)", s.backend.Kind(), k))
+			return
+		}
+		var from uint64
+		if f := q.Get("from"); f != "" {
+			var err error
+			if from, err = strconv.ParseUint(f, 10, 64); err != nil || from == 0 || from >= id {
+				writeErr(w, http.StatusBadRequest, fmt.Errorf("query parameter from=%q: want a generation id below %d", f, id))
+				return
+			}
+		}
+		ids := []uint64{id}
+		if from != 0 {
+			ids = append(ids, from)
+		}
+		release, err := s.hold(ids...)
+		if err != nil {
+			writeErr(w, http.StatusNotFound, fmt.Errorf("%w: it is not live on this server (ask for a whole stream)", err))
+			return
+		}
+		defer release()
+		kind, send := "full", func(out io.Writer) error { return st.Send(r.Context(), out, id, from) }
+		if from != 0 {
+			kind = "incremental"
+		}
+		if tok := q.Get("resume"); tok != "" {
+			rs, ok := s.backend.(snapshot.Resumer)
+			if !ok {
+				writeErr(w, http.StatusBadRequest, fmt.Errorf("the %s backend cannot resume a stream", s.backend.Kind()))
+				return
+			}
+			kind, send = "resume", func(out io.Writer) error { return rs.SendResume(r.Context(), out, tok) }
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set(api.HeaderBackend, s.backend.Kind())
+		w.Header().Set("Trailer", api.TrailerStreamBytes+", "+api.TrailerStreamSHA256)
+		w.WriteHeader(http.StatusOK)
+		out := &hashWriter{w: w, h: sha256.New()}
+		if err := send(out); err != nil {
+			s.streamMetrics.bytes.WithLabelValues(kind).Add(float64(out.n))
+			s.streamMetrics.streams.WithLabelValues("error").Inc()
+			s.log.Error("stream failed", "generation", id, "from", from, "kind", kind, "bytes", out.n, "err", err)
+			// Break the connection: the replica must see a broken body.
+			panic(http.ErrAbortHandler)
+		}
+		s.streamMetrics.bytes.WithLabelValues(kind).Add(float64(out.n))
+		s.streamMetrics.streams.WithLabelValues("ok").Inc()
+		w.Header().Set(api.TrailerStreamBytes, strconv.FormatInt(out.n, 10))
+		w.Header().Set(api.TrailerStreamSHA256, hex.EncodeToString(out.h.Sum(nil)))
+		s.log.Info("stream sent", "generation", id, "from", from, "kind", kind, "bytes", out.n)
+	})
+}
+
+// hashWriter counts and hashes what it passes on.
+type hashWriter struct {
+	w io.Writer
+	h hash.Hash
+	n int64
+}
+
+func (h *hashWriter) Write(p []byte) (int, error) {
+	n, err := h.w.Write(p)
+	h.h.Write(p[:n])
+	h.n += int64(n)
+	if err != nil {
+		return n, err
+	}
+	if n < len(p) {
+		return n, errors.New("short write")
+	}
+	return n, nil
+}
