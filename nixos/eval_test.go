@@ -1,0 +1,276 @@
+package nixos
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/systemd"
+)
+
+var update = flag.Bool("update", false, "rewrite keys.json from the daemons' key tables")
+
+// keys.json is what the module builds its typed settings from: it must
+// list exactly the keys the daemons have.
+func TestKeysJSONUpToDate(t *testing.T) {
+	want, err := KeysJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *update {
+		if err := os.WriteFile("keys.json", want, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := os.ReadFile("keys.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("nixos/keys.json differs from the daemons' key tables (a key was added, removed or changed): " +
+			"run `go test ./nixos/ -run TestKeysJSONUpToDate -update` and commit it")
+	}
+}
+
+// evalMachine evaluates tests/eval.nix with machine (a Nix function of
+// fakePackage returning a NixOS module) and returns the JSON result, or the
+// evaluation error.
+func evalMachine(t *testing.T, machine string) (result, error) {
+	t.Helper()
+	testenv.RequireCommands(t, "nix-instantiate")
+	lib := nixpkgsLib(t)
+	m := filepath.Join(t.TempDir(), "machine.nix")
+	os.WriteFile(m, []byte(machine), 0o644)
+	cmd := exec.Command("nix-instantiate", "--eval", "--strict", "--json", "tests/eval.nix",
+		"--arg", "lib", "import "+lib, "--arg", "machine", m)
+	// No store or daemon is needed to evaluate; keep nix quiet about the
+	// missing build users group.
+	cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return result{}, fmt.Errorf("%v: %s", err, stderr.String())
+	}
+	var r result
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatalf("eval output: %v\n%s", err, stdout.String())
+	}
+	return r, nil
+}
+
+// nixpkgsLib is nixpkgs' lib/ vendored for tests (never copied into the
+// project); STRATA_NIXPKGS_LIB overrides where it is.
+func nixpkgsLib(t *testing.T) string {
+	t.Helper()
+	dir := os.Getenv("STRATA_NIXPKGS_LIB")
+	if dir == "" {
+		dir = "/work/shared/vendor/nixpkgs-lib/lib"
+	}
+	_, err := os.Stat(filepath.Join(dir, "default.nix"))
+	testenv.Require(t, err == nil, "needs nixpkgs' lib/ at "+dir+" (STRATA_NIXPKGS_LIB)")
+	return dir
+}
+
+type unitJSON struct {
+	Description   string                     `json:"description"`
+	After         []string                   `json:"after"`
+	Wants         []string                   `json:"wants"`
+	Before        []string                   `json:"before"`
+	WantedBy      []string                   `json:"wantedBy"`
+	UnitConfig    map[string]json.RawMessage `json:"unitConfig"`
+	ServiceConfig map[string]json.RawMessage `json:"serviceConfig"`
+}
+
+type result struct {
+	Etc      map[string]string   `json:"etc"`
+	Services map[string]unitJSON `json:"services"`
+	Firewall struct {
+		TCP []int `json:"tcp"`
+		UDP []int `json:"udp"`
+	} `json:"firewall"`
+	KernelModules []string `json:"kernelModules"`
+}
+
+// values decodes a serviceConfig value (a string or a list of strings).
+func values(t *testing.T, raw json.RawMessage) []string {
+	var one string
+	if json.Unmarshal(raw, &one) == nil {
+		return []string{one}
+	}
+	var many []string
+	if err := json.Unmarshal(raw, &many); err != nil {
+		t.Fatalf("serviceConfig value %s", raw)
+	}
+	return many
+}
+
+const machine = `{ fakePackage }:
+{
+  services.strata.server = {
+    enable = true;
+    package = fakePackage "strata";
+    openFirewall = true;
+    apiTokenFile = "/run/secrets/strata-token";
+    settings = {
+      nfs.allow = [ "10.0.0.0/8" ];
+      nfs.listen = "0.0.0.0:2049";
+      api.listen = "0.0.0.0:7480";
+      log.level = "debug";
+      publish.interval = "10m";
+      retention.keep = 20;
+      state_dir = "/var/lib/strata/server";
+    };
+  };
+  services.strata.builder = {
+    enable = true;
+    package = fakePackage "strata";
+    settings = { server.api = "http://central:7480"; rotate.policy = "idle"; mount.options = [ "timeo=600" ]; };
+  };
+}
+`
+
+// The module evaluates with the real module system; its config files are
+// ones strata accepts; its units are the shipped ones.
+func TestModuleEval(t *testing.T) {
+	r, err := evalMachine(t, machine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := buildStrata(t)
+	for role, file := range map[string]string{"server": "strata/server.yaml", "builder": "strata/builder.yaml"} {
+		text, ok := r.Etc[file]
+		if !ok {
+			t.Fatalf("no environment.etc.%q", file)
+		}
+		p := filepath.Join(t.TempDir(), role+".yaml")
+		os.WriteFile(p, []byte(text), 0o600)
+		out, err := exec.Command(bin, role, "--check-config", "--config", p).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "configuration ok") {
+			t.Fatalf("strata %s --check-config of the rendered %s (%s): %v\n%s", role, file, text, err, out)
+		}
+	}
+	if want := `{"api":{"listen":"0.0.0.0:7480"},"log":{"level":"debug"},"nfs":{"allow":["10.0.0.0/8"],"listen":"0.0.0.0:2049"},"publish":{"interval":"10m"},"retention":{"keep":20},"state_dir":"/var/lib/strata/server"}`; r.Etc["strata/server.yaml"] != want {
+		t.Errorf("server.yaml:\n got %s\nwant %s", r.Etc["strata/server.yaml"], want)
+	}
+
+	for role, name := range map[string]string{"server": "strata-server", "builder": "strata-builder"} {
+		shipped, err := systemd.Load(name + ".service")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, ok := r.Services[name]
+		if !ok {
+			t.Fatalf("no systemd.services.%s", name)
+		}
+		words := func(k string) []string { return strings.Fields(strings.Join(shipped.Get("Unit", k), " ")) }
+		for k, g := range map[string][]string{"After": got.After, "Wants": got.Wants, "Before": got.Before} {
+			if strings.Join(g, " ") != strings.Join(words(k), " ") {
+				t.Errorf("%s: %s = %q, shipped unit %q", name, k, g, words(k))
+			}
+		}
+		if strings.Join(got.WantedBy, " ") != "multi-user.target" {
+			t.Errorf("%s: wantedBy %q", name, got.WantedBy)
+		}
+		if rm := values(t, got.UnitConfig["RequiresMountsFor"]); strings.Join(rm, " ") != strings.Join(words("RequiresMountsFor"), " ") {
+			t.Errorf("%s: RequiresMountsFor %q", name, rm)
+		}
+		// Every [Service] directive of the shipped unit, same values, with
+		// the executables of the NixOS system and the secrets from their
+		// own paths.
+		pkg := "/nix/store/00000000000000000000000000000006-strata"
+		coreutils := "/nix/store/00000000000000000000000000000009-coreutils"
+		for k, want := range shipped["Service"] {
+			switch k {
+			case "LoadCredential":
+				want = nil
+				if role == "server" {
+					want = []string{"strata_api-token:/run/secrets/strata-token"}
+				}
+			default:
+				for i, v := range want {
+					want[i] = strings.NewReplacer("/usr/bin/strata", pkg+"/bin/strata", "/bin/kill", coreutils+"/bin/kill",
+						"/bin/mkdir", coreutils+"/bin/mkdir").Replace(v)
+				}
+			}
+			gv := values(t, got.ServiceConfig[k])
+			if len(want) == 0 && len(gv) == 0 {
+				continue
+			}
+			if strings.Join(gv, "\n") != strings.Join(want, "\n") {
+				t.Errorf("%s: serviceConfig.%s = %q, shipped %q", name, k, gv, want)
+			}
+		}
+		for k := range got.ServiceConfig {
+			if shipped.Get("Service", k) == nil {
+				t.Errorf("%s: serviceConfig.%s is not in the shipped unit", name, k)
+			}
+		}
+		for k, want := range map[string]string{"Type": "notify", "NotifyAccess": "main", "WatchdogSec": "60s"} {
+			if g := values(t, got.ServiceConfig[k]); len(g) != 1 || g[0] != want {
+				t.Errorf("%s: %s = %q, want %s", name, k, g, want)
+			}
+		}
+	}
+	if b := r.Services["strata-builder"].Before; strings.Join(b, " ") != "nix-daemon.service" {
+		t.Errorf("builder before = %q, want nix-daemon.service", b)
+	}
+	if fmt.Sprint(r.Firewall.TCP) != "[2049 7480]" || len(r.Firewall.UDP) != 0 {
+		t.Errorf("firewall (server openFirewall, builder not): tcp %v udp %v, want [2049 7480] []", r.Firewall.TCP, r.Firewall.UDP)
+	}
+	if strings.Join(r.KernelModules, " ") != "nfs overlay" {
+		t.Errorf("kernelModules %q, want nfs overlay", r.KernelModules)
+	}
+}
+
+// openFirewall defaults to false, and nothing is enabled by default.
+func TestModuleDefaults(t *testing.T) {
+	r, err := evalMachine(t, `{ fakePackage }: { services.strata.server = { enable = true; package = fakePackage "strata"; }; }`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Firewall.TCP)+len(r.Firewall.UDP) != 0 || len(r.KernelModules) != 0 || len(r.Services) != 1 {
+		t.Fatalf("defaults: firewall %v/%v, modules %v, services %d", r.Firewall.TCP, r.Firewall.UDP, r.KernelModules, len(r.Services))
+	}
+	if r.Etc["strata/server.yaml"] != "{}" {
+		t.Fatalf("no settings rendered %q, want {} (strata's defaults)", r.Etc["strata/server.yaml"])
+	}
+}
+
+// A wrong type or an unknown key in settings is an evaluation error that
+// names the option.
+func TestModuleEvalErrors(t *testing.T) {
+	for name, tc := range map[string]struct{ settings, want string }{
+		"unknown key":         {`settings.nfs.alow = [ "10.0.0.0/8" ];`, "services.strata.server.settings.nfs.alow' does not exist"},
+		"unknown section":     {`settings.bogus.x = 1;`, "services.strata.server.settings.bogus' does not exist"},
+		"int as string":       {`settings.retention.keep = "ten";`, "services.strata.server.settings.retention.keep' is not of type"},
+		"list as string":      {`settings.nfs.allow = "10.0.0.0/8";`, "services.strata.server.settings.nfs.allow' is not of type"},
+		"bad enum":            {`settings.log.level = "verbose";`, "services.strata.server.settings.log.level' is not of type"},
+		"bad duration":        {`settings.publish.interval = "five minutes";`, "services.strata.server.settings.publish.interval' is not of type"},
+		"secret as Nix path":  {`apiTokenFile = ./token;`, "services.strata.server.apiTokenFile' is not of type"},
+		"openFirewall string": {`openFirewall = "yes";`, "services.strata.server.openFirewall' is not of type"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := evalMachine(t, `{ fakePackage }: { services.strata.server = { enable = true; package = fakePackage "strata"; `+tc.settings+` }; }`)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// buildStrata builds cmd/strata into a temp dir.
+func buildStrata(t *testing.T) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "strata")
+	if b, err := exec.Command("go", "build", "-o", out, "github.com/strata-nix/strata/cmd/strata").CombinedOutput(); err != nil {
+		t.Fatalf("build strata: %v\n%s", err, b)
+	}
+	return out
+}
