@@ -141,7 +141,7 @@ func TestTmpfiles(t *testing.T) {
 		t.Fatalf("systemd-tmpfiles --create: %v\n%s", err, out)
 	}
 	for dir, mode := range map[string]os.FileMode{"var/lib/strata/server": 0o700, "var/lib/strata/builder": 0o700,
-		"etc/strata/credentials": 0o700, "etc/strata": 0o755, "nix/.strata": 0o700} {
+		"etc/strata/credentials": 0o700, "etc/strata": 0o755} {
 		fi, err := os.Stat(filepath.Join(root, dir))
 		if err != nil || !fi.IsDir() || fi.Mode().Perm() != mode {
 			t.Errorf("/%s: %v %v, want a directory of mode %o", dir, fi.Mode(), err, mode)
