@@ -131,7 +131,13 @@ const machine = `{ fakePackage }:
   services.strata.builder = {
     enable = true;
     package = fakePackage "strata";
-    settings = { server.api = "http://central:7480"; rotate.policy = "idle"; mount.options = [ "timeo=600" ]; };
+    openFirewall = true;
+    settings = {
+      server.api = "http://central:7480";
+      rotate.policy = "idle";
+      mount.options = [ "timeo=600" ];
+      cluster = { bind = "0.0.0.0:7946"; join = [ "central:7946" ]; insecure = true; };
+    };
   };
 }
 `
@@ -221,8 +227,8 @@ func TestModuleEval(t *testing.T) {
 	if b := r.Services["strata-builder"].Before; strings.Join(b, " ") != "nix-daemon.service" {
 		t.Errorf("builder before = %q, want nix-daemon.service", b)
 	}
-	if fmt.Sprint(r.Firewall.TCP) != "[2049 7480]" || len(r.Firewall.UDP) != 0 {
-		t.Errorf("firewall (server openFirewall, builder not): tcp %v udp %v, want [2049 7480] []", r.Firewall.TCP, r.Firewall.UDP)
+	if fmt.Sprint(r.Firewall.TCP) != "[2049 7480 7946]" || fmt.Sprint(r.Firewall.UDP) != "[7946]" {
+		t.Errorf("firewall (server: NFS and API; builder: gossip): tcp %v udp %v, want [2049 7480 7946] [7946]", r.Firewall.TCP, r.Firewall.UDP)
 	}
 	if strings.Join(r.KernelModules, " ") != "nfs overlay" {
 		t.Errorf("kernelModules %q, want nfs overlay", r.KernelModules)
