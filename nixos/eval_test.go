@@ -11,7 +11,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/server"
 	"github.com/strata-nix/strata/systemd"
 )
 
@@ -100,6 +102,9 @@ type result struct {
 
 // values decodes a serviceConfig value (a string or a list of strings).
 func values(t *testing.T, raw json.RawMessage) []string {
+	if raw == nil {
+		return nil
+	}
 	var one string
 	if json.Unmarshal(raw, &one) == nil {
 		return []string{one}
@@ -126,6 +131,8 @@ const machine = `{ fakePackage }:
       publish.interval = "10m";
       retention.keep = 20;
       state_dir = "/var/lib/strata/server";
+      store.root = "/srv/strata/nix";
+      snapshot.snapshot_dir = "/srv/strata/snapshots";
     };
   };
   services.strata.builder = {
@@ -149,20 +156,27 @@ func TestModuleEval(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The builder's --check-config validates the file alone; the server's
+	// also inspects the store on disk, so here its file goes through the
+	// same validation (config loader + ConfigFrom) in-process, and
+	// TestServerCheckConfigOnRealStore (integration) runs --check-config
+	// against a real btrfs store.
 	bin := buildStrata(t)
-	for role, file := range map[string]string{"server": "strata/server.yaml", "builder": "strata/builder.yaml"} {
-		text, ok := r.Etc[file]
-		if !ok {
-			t.Fatalf("no environment.etc.%q", file)
-		}
-		p := filepath.Join(t.TempDir(), role+".yaml")
-		os.WriteFile(p, []byte(text), 0o600)
-		out, err := exec.Command(bin, role, "--check-config", "--config", p).CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "configuration ok") {
-			t.Fatalf("strata %s --check-config of the rendered %s (%s): %v\n%s", role, file, text, err, out)
-		}
+	p := filepath.Join(t.TempDir(), "builder.yaml")
+	os.WriteFile(p, []byte(r.Etc["strata/builder.yaml"]), 0o600)
+	if out, err := exec.Command(bin, "builder", "--check-config", "--config", p).CombinedOutput(); err != nil || !strings.Contains(string(out), "configuration ok") {
+		t.Fatalf("strata builder --check-config of the rendered builder.yaml (%s): %v\n%s", r.Etc["strata/builder.yaml"], err, out)
 	}
-	if want := `{"api":{"listen":"0.0.0.0:7480"},"log":{"level":"debug"},"nfs":{"allow":["10.0.0.0/8"],"listen":"0.0.0.0:2049"},"publish":{"interval":"10m"},"retention":{"keep":20},"state_dir":"/var/lib/strata/server"}`; r.Etc["strata/server.yaml"] != want {
+	p = filepath.Join(t.TempDir(), "server.yaml")
+	os.WriteFile(p, []byte(r.Etc["strata/server.yaml"]), 0o600)
+	v, err := config.New(server.Keys).Load(p, true)
+	if err == nil {
+		_, err = server.ConfigFrom(v)
+	}
+	if err != nil {
+		t.Fatalf("rendered server.yaml (%s): %v", r.Etc["strata/server.yaml"], err)
+	}
+	if want := `{"api":{"listen":"0.0.0.0:7480"},"log":{"level":"debug"},"nfs":{"allow":["10.0.0.0/8"],"listen":"0.0.0.0:2049"},"publish":{"interval":"10m"},"retention":{"keep":20},"snapshot":{"snapshot_dir":"/srv/strata/snapshots"},"state_dir":"/var/lib/strata/server","store":{"root":"/srv/strata/nix"}}`; r.Etc["strata/server.yaml"] != want {
 		t.Errorf("server.yaml:\n got %s\nwant %s", r.Etc["strata/server.yaml"], want)
 	}
 
@@ -184,8 +198,17 @@ func TestModuleEval(t *testing.T) {
 		if strings.Join(got.WantedBy, " ") != "multi-user.target" {
 			t.Errorf("%s: wantedBy %q", name, got.WantedBy)
 		}
-		if rm := values(t, got.UnitConfig["RequiresMountsFor"]); strings.Join(rm, " ") != strings.Join(words("RequiresMountsFor"), " ") {
-			t.Errorf("%s: RequiresMountsFor %q", name, rm)
+		// The server adds its store layout, as the Ansible role's drop-in.
+		wantRM, wantRW := words("RequiresMountsFor"), []string(nil)
+		if role == "server" {
+			wantRM = append(wantRM, "/srv/strata/nix", "/srv/strata/snapshots")
+			wantRW = []string{"/srv/strata/snapshots"}
+		}
+		if rm := values(t, got.UnitConfig["RequiresMountsFor"]); strings.Join(rm, " ") != strings.Join(wantRM, " ") {
+			t.Errorf("%s: RequiresMountsFor %q, want %q", name, rm, wantRM)
+		}
+		if rw := values(t, got.ServiceConfig["ReadWritePaths"]); strings.Join(rw, " ") != strings.Join(wantRW, " ") {
+			t.Errorf("%s: ReadWritePaths %q, want %q", name, rw, wantRW)
 		}
 		// Every [Service] directive of the shipped unit, same values, with
 		// the executables of the NixOS system and the secrets from their
@@ -214,7 +237,7 @@ func TestModuleEval(t *testing.T) {
 			}
 		}
 		for k := range got.ServiceConfig {
-			if shipped.Get("Service", k) == nil {
+			if shipped.Get("Service", k) == nil && k != "ReadWritePaths" {
 				t.Errorf("%s: serviceConfig.%s is not in the shipped unit", name, k)
 			}
 		}

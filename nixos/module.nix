@@ -143,6 +143,20 @@ let
     lib.optional (c.apiTokenFile != null) "strata_api-token:${c.apiTokenFile}"
     ++ lib.optional (c.clusterKeyringFile != null) "strata_cluster.keys:${c.clusterKeyringFile}";
 
+  # The server's store layout (what the Ansible role's 50-layout.conf
+  # drop-in says): mounts before start, the btrfs snapshot dir writable.
+  layout = c:
+    let
+      backend = if c.settings.snapshot.backend == null then "btrfs" else c.settings.snapshot.backend;
+      root = if c.settings.store.root == null then "/nix" else c.settings.store.root;
+      snaps = c.settings.snapshot.snapshot_dir;
+    in
+    {
+      unitConfig.RequiresMountsFor = (unitFor "strata-server" c.package).unitConfig.RequiresMountsFor
+        ++ [ root ] ++ lib.optional (snaps != null) snaps;
+      serviceConfig.ReadWritePaths = lib.optional (backend == "btrfs" && snaps != null) snaps;
+    };
+
   serviceFor = role: c:
     lib.recursiveUpdate (unitFor "strata-${role}" c.package) {
       # Secrets from their own paths instead of /etc/strata/credentials;
@@ -166,7 +180,7 @@ in
     (mkIf srv.enable {
       environment.etc."strata/server.yaml".text = builtins.toJSON (clean srv.settings);
       environment.systemPackages = [ srv.package ];
-      systemd.services.strata-server = serviceFor "server" srv;
+      systemd.services.strata-server = lib.recursiveUpdate (serviceFor "server" srv) (layout srv);
       networking.firewall = mkIf srv.openFirewall {
         allowedTCPPorts = [ (port srv.settings.nfs.listen 2049) ]
           ++ lib.optional (srv.settings.api.listen != null && srv.settings.api.listen != "") (port srv.settings.api.listen 7480)
