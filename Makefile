@@ -46,7 +46,7 @@ integration: build
 # test-vm: the VM tier (qemu, Debian's kernel, kernel NFS client, OpenZFS).
 # -v: every suite prints what it checked ("CHECK ok: ...") and each guest's console.
 test-vm: build
-	scripts/deps.sh vm
+	scripts/deps.sh vm nix-trixie
 	$(GO) test -v -count=1 -p 1 -tags vm -timeout 80m ./vm/...
 
 # Benchmarks print tables comparing strata with a named peer in the same run.
@@ -57,9 +57,12 @@ bench-nfs: build
 	scripts/deps.sh bench
 	$(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/nfs/
 
+# bench-builder: the builder in a VM (cold start vs nix copy, rotation), then
+# the import of 100,000 and 1,000,000 path rows vs nix-store --load-db (host).
 bench-builder: build
 	scripts/deps.sh vm
 	$(GO) test -count=1 -tags vm -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/builder/
+	$(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 90m ./bench/import/
 
 # fuzz: a short run of every fuzz target.
 fuzz: deps

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -73,8 +74,17 @@ func NewNixStore(cfg Config, log *slog.Logger) *NixStore {
 // a path whatever this Nix supports, since nothing parses it. When the DB's
 // schema is not one ImportDB knows (or there is no DB yet), it falls back
 // to `nix-store --load-db` of the registration fields, which keeps
-// neither signatures nor content addresses, and logs that it did.
+// neither signatures nor content addresses, and logs that it did. A store
+// without a DB yet (Nix never ran) is first initialised by Nix itself.
 func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows) (int, error) {
+	if _, err := os.Stat(n.DB); errors.Is(err, os.ErrNotExist) {
+		// A Nix that never ran on this machine: let it create its DB (any
+		// query does), with its own schema and settings (the
+		// ca-derivations tables when that feature is on).
+		if err := n.CLI.Init(ctx); err != nil {
+			return 0, err
+		}
+	}
 	res, err := nixstore.ImportDB(ctx, filepath.Dir(n.DB), rows)
 	if errors.Is(err, nixstore.ErrUnknownSchema) {
 		n.Log.Warn("nix db schema unknown: importing with nix-store --load-db instead (signatures, ca and realisations are not kept)",

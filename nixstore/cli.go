@@ -136,6 +136,15 @@ func (c CLI) LoadDB(ctx context.Context, infos []PathInfo) (int, error) {
 	return len(fresh), nil
 }
 
+// Init makes Nix create the store's directories and database if they do
+// not exist yet (a query on an empty store does), with its own schema.
+func (c CLI) Init(ctx context.Context) error {
+	if _, err := c.run(ctx, nil, "--dump-db"); err != nil {
+		return fmt.Errorf("initialise nix store: %w", err)
+	}
+	return nil
+}
+
 // DumpDB returns every valid path of the store, as `nix-store --dump-db`
 // prints them (sorted by path).
 func (c CLI) DumpDB(ctx context.Context) ([]PathInfo, error) {

@@ -149,6 +149,7 @@ func TestIntegrationImportKeepsEverything(t *testing.T) {
 				t.Fatalf("fresh store had %d paths", len(before.Paths))
 			}
 			sameRows(t, "builder DB after import vs central DB", after, rows, c.builderCA)
+			noForeignKeyViolations(t, b)
 
 			// What Nix itself says, on both sides.
 			wantInfo, gotInfo := central.PathInfos(t), b.PathInfos(t)
@@ -391,6 +392,25 @@ func TestIntegrationImportNextToNixWriters(t *testing.T) {
 	var ok string
 	if err := openLiveDB(t, b).QueryRow("PRAGMA integrity_check").Scan(&ok); err != nil || ok != "ok" {
 		t.Fatalf("integrity_check: %q %v", ok, err)
+	}
+	noForeignKeyViolations(t, b)
+}
+
+// noForeignKeyViolations fails if any row of b's DB breaks a foreign key
+// (ImportDB writes with them off; Nix relies on them for deletes).
+func noForeignKeyViolations(t *testing.T, b nixtest.Store) {
+	t.Helper()
+	rows, err := openLiveDB(t, b).Query("PRAGMA foreign_key_check")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	n := 0
+	for rows.Next() {
+		n++
+	}
+	if n != 0 {
+		t.Fatalf("%d foreign key violations after import", n)
 	}
 }
 

@@ -2,7 +2,6 @@ package nixstore
 
 import (
 	"bufio"
-	"bytes"
 	"compress/gzip"
 	"encoding/json"
 	"errors"
@@ -182,10 +181,6 @@ func WriteRows(w io.Writer, h RowsHeader, rs *Rows) error {
 // ErrRowsVersion is returned for a rows file of another format or version.
 var ErrRowsVersion = errors.New("unsupported rows format")
 
-// maxRowLine bounds one line of a rows file (a path with thousands of
-// references and signatures fits easily).
-const maxRowLine = 16 << 20
-
 // ReadRows reads a rows file. Everything is checked before anything is
 // returned: the header's format and version, every line (store paths in the
 // header's store dir, NAR hashes, sorted unique paths, sorted references),
@@ -205,24 +200,14 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 		return h, nil, fmt.Errorf("not a gzip stream: %w", err)
 	}
 	zr.Multistream(false)
-	sc := bufio.NewScanner(zr)
-	sc.Buffer(make([]byte, 0, 64<<10), maxRowLine)
-	line := 0
-	next := func() ([]byte, bool) {
-		if !sc.Scan() {
-			return nil, false
+	// One decoder over the whole stream (a decoder per line costs more
+	// than the decoding); value k is line k.
+	dec := json.NewDecoder(bufio.NewReaderSize(zr, 256<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&h); err != nil {
+		if errors.Is(err, io.EOF) {
+			return h, nil, errors.New("line 1: empty: no header line")
 		}
-		line++
-		return sc.Bytes(), true
-	}
-	b, ok := next()
-	if !ok {
-		if err := sc.Err(); err != nil {
-			return h, nil, fmt.Errorf("line 1: %w", err)
-		}
-		return h, nil, errors.New("empty: no header line")
-	}
-	if err := strictUnmarshal(b, &h); err != nil {
 		return h, nil, fmt.Errorf("line 1: header: %w", err)
 	}
 	if h.Format != RowsFormat || h.Version != RowsVersion {
@@ -236,13 +221,12 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 		return h, nil, fmt.Errorf("line 1: store_dir: %w", err)
 	}
 	rs := &Rows{Paths: make([]Row, 0, min(h.Paths, 1<<20)), Realisations: make([]Realisation, 0, min(h.Realisations, 1<<16))}
-	for {
-		b, ok := next()
-		if !ok {
-			break
-		}
+	for line := 2; ; line++ {
 		var w wireRow
-		if err := strictUnmarshal(b, &w); err != nil {
+		if err := dec.Decode(&w); err != nil {
+			if errors.Is(err, io.EOF) {
+				break
+			}
 			return h, nil, fmt.Errorf("line %d: %w", line, err)
 		}
 		if w.Realisation != nil {
@@ -268,9 +252,6 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 			return h, nil, fmt.Errorf("line %d: more paths than the header's %d", line, h.Paths)
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return h, nil, fmt.Errorf("after line %d: %w", line, err)
-	}
 	if len(rs.Paths) != h.Paths || len(rs.Realisations) != h.Realisations {
 		return h, nil, fmt.Errorf("truncated: %d paths and %d realisations, header says %d and %d",
 			len(rs.Paths), len(rs.Realisations), h.Paths, h.Realisations)
@@ -279,18 +260,6 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 		return h, nil, err
 	}
 	return h, rs, nil
-}
-
-func strictUnmarshal(b []byte, v any) error {
-	d := json.NewDecoder(bytes.NewReader(b))
-	d.DisallowUnknownFields()
-	if err := d.Decode(v); err != nil {
-		return err
-	}
-	if d.More() {
-		return errors.New("more than one JSON value on the line")
-	}
-	return nil
 }
 
 // CheckRows reports the first row that is not well formed for store dir

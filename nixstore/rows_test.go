@@ -118,7 +118,7 @@ func TestReadRowsRejects(t *testing.T) {
 		{"outputs on non-drv", gz(hdr(1, 0), row(p1, `,"outputs":{"out":"`+p2+`"}`)), "not a .drv"},
 		{"unknown row key", gz(hdr(1, 0), row(p1, `,"colour":1`)), "line 2"},
 		{"garbage line", gz(hdr(1, 0), "{"), "line 2"},
-		{"two values", gz(hdr(1, 0), row(p1, "")+"{}"), "line 2"},
+		{"two values", gz(hdr(1, 0), row(p1, "")+"{}"), "more paths"},
 		{"path after realisation", gz(hdr(1, 1), `{"realisation":{"drv_hash":"sha256:1","output":"out","out_path":"`+p1+`"}}`, row(p1, "")), "after the realisations"},
 		{"realisation bad id", gz(hdr(0, 1), `{"realisation":{"drv_hash":"sha256:1!x","output":"out","out_path":"`+p1+`"}}`), "realisation 1"},
 		{"realisation with path", gz(hdr(0, 1), `{"path":"`+p1+`","realisation":{"drv_hash":"a","output":"out","out_path":"`+p1+`"}}`), "path fields"},

@@ -484,6 +484,71 @@ func (c *cache) nixArchive(ctx context.Context) (string, error) {
 	})
 }
 
+// NixTrixieDir is where scripts/nix-trixie.sh unpacked Debian trixie's Nix
+// (STRATA_NIX_TRIXIE, default /var/cache/strata/nix-trixie).
+func NixTrixieDir() string {
+	if d := os.Getenv("STRATA_NIX_TRIXIE"); d != "" {
+		return d
+	}
+	return "/var/cache/strata/nix-trixie"
+}
+
+// NixTrixieBin is where a guest with Guest.NixTrixie has trixie's nix tools.
+const NixTrixieBin = "/opt/nix-trixie/bin"
+
+// nixTrixieArchive holds Debian trixie's Nix (2.26) under /opt/nix-trixie:
+// the nix binary, trixie's loader and exactly the libraries the loader
+// resolves for it (trixie's glibc included, so it runs next to bookworm's),
+// and the wrappers of scripts/nix-trixie.sh in bin/.
+func (c *cache) nixTrixieArchive(ctx context.Context) (string, error) {
+	dir := NixTrixieDir()
+	debs, _ := filepath.Glob(filepath.Join(dir, "debs", "nix-bin_*.deb"))
+	if len(debs) != 1 {
+		return "", fmt.Errorf("nix-trixie bundle: no trixie nix-bin in %s (run scripts/nix-trixie.sh)", dir)
+	}
+	return c.entry("nix-trixie", filepath.Base(debs[0])+"-"+layoutVersion+".cpio", func(tmp string) error {
+		root := filepath.Join(dir, "root")
+		ld := filepath.Join(root, "usr", "lib64", "ld-linux-x86-64.so.2")
+		libdir := filepath.Join(root, "usr", "lib", "x86_64-linux-gnu")
+		nix := filepath.Join(root, "usr", "bin", "nix")
+		out, err := runCmd(ctx, ld, "--library-path", libdir+":"+filepath.Join(root, "lib", "x86_64-linux-gnu"), "--list", nix)
+		if err != nil {
+			return err
+		}
+		a := newArchive()
+		const g = "/opt/nix-trixie/root"
+		if err := a.file(g+"/usr/lib64/ld-linux-x86-64.so.2", ld, 0o755); err != nil {
+			return err
+		}
+		if err := a.file(g+"/usr/bin/nix", nix, 0o755); err != nil {
+			return err
+		}
+		for _, line := range strings.Split(out, "\n") {
+			name, path, ok := strings.Cut(strings.TrimSpace(line), " => ")
+			if !ok {
+				continue
+			}
+			path, _, _ = strings.Cut(path, " (")
+			if !strings.HasPrefix(path, root+"/") {
+				return fmt.Errorf("nix-trixie bundle: %s resolves outside trixie's tree: %s", name, path)
+			}
+			if err := a.file(g+"/usr/lib/x86_64-linux-gnu/"+name, path, 0); err != nil {
+				return err
+			}
+		}
+		wrappers, _ := filepath.Glob(filepath.Join(dir, "bin", "*"))
+		if len(wrappers) == 0 {
+			return fmt.Errorf("nix-trixie bundle: no wrappers in %s/bin", dir)
+		}
+		for _, w := range wrappers {
+			if err := a.file(NixTrixieBin+"/"+filepath.Base(w), w, 0o755); err != nil {
+				return err
+			}
+		}
+		return writeArchive(a, tmp)
+	})
+}
+
 func shortHash(parts ...string) string {
 	h := sha256.New()
 	for _, p := range parts {

@@ -124,6 +124,10 @@ type Guest struct {
 	// Nix adds Debian's nix-bin (nix, nix-store, nix-build, ... and their
 	// libraries) and /etc/nix/nix.conf (sandbox = false, build-users-group =).
 	Nix bool
+	// NixTrixie adds Debian trixie's Nix 2.26 under /opt/nix-trixie
+	// (wrappers in NixTrixieBin, its own loader and glibc), next to Nix
+	// (which also provides /etc/nix/nix.conf). Needs scripts/nix-trixie.sh.
+	NixTrixie bool
 	// DiskBytes > 0 attaches an empty sparse virtio disk of that size as
 	// /dev/vda (partition it before zpool create: no udev in the guest).
 	DiskBytes int64
@@ -253,6 +257,13 @@ func prepare(ctx context.Context, log *slog.Logger, g Guest, dir string) (initrd
 	}
 	if g.Nix {
 		p, err := c.nixArchive(ctx)
+		if err != nil {
+			return "", "", err
+		}
+		parts = append(parts, p)
+	}
+	if g.NixTrixie {
+		p, err := c.nixTrixieArchive(ctx)
 		if err != nil {
 			return "", "", err
 		}

@@ -275,8 +275,17 @@ func (s Store) PathInfos(t testing.TB, paths ...string) map[string]PathInfo {
 		args = append(args, "--all")
 	}
 	out := s.run(t, "nix", append(args, paths...)...)
-	// Versions differ in empty fields ([] or absent, null or absent):
-	// normalise to nil.
+	res, err := ParsePathInfos(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// ParsePathInfos reads `nix path-info --json` output: a list (Nix < 2.19)
+// or an object keyed by path (later). Versions differ in empty fields ([]
+// or absent, null or absent): they are normalised to nil.
+func ParsePathInfos(out string) (map[string]PathInfo, error) {
 	res := map[string]PathInfo{}
 	norm := func(p PathInfo) PathInfo {
 		if len(p.References) == 0 {
@@ -292,20 +301,20 @@ func (s Store) PathInfos(t testing.TB, paths ...string) map[string]PathInfo {
 		for _, p := range list {
 			res[p.Path] = norm(p)
 		}
-		return res
+		return res, nil
 	}
 	var obj map[string]*PathInfo
 	if err := json.Unmarshal([]byte(out), &obj); err != nil {
-		t.Fatalf("nix path-info --json: %v\n%s", err, out)
+		return nil, fmt.Errorf("nix path-info --json: %w: %s", err, out)
 	}
 	for p, in := range obj {
 		if in == nil {
-			t.Fatalf("nix path-info: %s is not valid", p)
+			return nil, fmt.Errorf("nix path-info: %s is not valid", p)
 		}
 		in.Path = p
 		res[p] = norm(*in)
 	}
-	return res
+	return res, nil
 }
 
 // TrixieBin returns the directory of Debian trixie's Nix 2.26 wrappers made

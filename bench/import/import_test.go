@@ -1,0 +1,279 @@
+//go:build integration
+
+package importbench
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/nixstore"
+)
+
+const nix32 = "0123456789abcdfghijklmnpqrsvwxyz"
+
+func nixHash(seed string, n int) string {
+	h := sha256.Sum256([]byte(seed))
+	var sb strings.Builder
+	for k := 0; k < n; k++ {
+		sb.WriteByte(nix32[h[k%32]&31])
+		if k%32 == 31 {
+			h = sha256.Sum256(h[:])
+		}
+	}
+	return sb.String()
+}
+
+func storePath(name string) string { return "/nix/store/" + nixHash(name, 32) + "-" + name }
+
+// synth makes rows for paths [from, to) of a synthetic store, sorted;
+// references point at paths below i (earlier generations included).
+func synth(from, to int) *nixstore.Rows {
+	r := rand.New(rand.NewPCG(uint64(from), uint64(to)))
+	rs := &nixstore.Rows{Paths: make([]nixstore.Row, 0, to-from)}
+	sig := make([]byte, 64)
+	for i := from; i < to; i++ {
+		name := "bench-" + strconv.Itoa(i)
+		h := sha256.Sum256([]byte(name))
+		row := nixstore.Row{PathInfo: nixstore.PathInfo{Path: storePath(name), NarHash: hex.EncodeToString(h[:]),
+			NarSize: uint64(r.IntN(1 << 22))}, RegistrationTime: 1_700_000_000 + int64(i)}
+		if i%2 == 0 {
+			row.Deriver = storePath(name + ".drv")
+		}
+		if i%4 == 0 {
+			row.CA = "fixed:r:sha256:" + nixHash(name+"ca", 52)
+		}
+		for k := range sig {
+			sig[k] = h[k%32] ^ byte(k)
+		}
+		row.Sigs = []string{"cache.example.org-1:" + base64.StdEncoding.EncodeToString(sig)}
+		if i > 0 {
+			seen := map[int]bool{}
+			for k := r.IntN(9); k > 0; k-- {
+				j := r.IntN(i)
+				if !seen[j] {
+					seen[j] = true
+					row.References = append(row.References, storePath("bench-"+strconv.Itoa(j)))
+				}
+			}
+		}
+		rs.Paths = append(rs.Paths, row)
+	}
+	nixstore.SortRows(rs)
+	return rs
+}
+
+func emptyStore(b *testing.B) nixtest.Store {
+	b.Helper()
+	return nixtest.New(b, filepath.Join(b.TempDir(), "root"))
+}
+
+func dbDir(s nixtest.Store) string { return filepath.Join(s.NixRoot(), "var", "nix", "db") }
+
+// cost is a wall time and the CPU time (user + system) spent in it: the
+// machine is shared, so wall times depend on the load; CPU times do not.
+type cost struct{ wall, cpu time.Duration }
+
+func (c cost) add(d cost) cost { return cost{c.wall + d.wall, c.cpu + d.cpu} }
+
+func (c cost) String() string {
+	return fmt.Sprintf("%.2f s (cpu %.2f s)", c.wall.Seconds(), c.cpu.Seconds())
+}
+
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func measure(f func()) cost {
+	runtime.GC()
+	c0, t0 := selfCPU(), time.Now()
+	f()
+	return cost{time.Since(t0), selfCPU() - c0}
+}
+
+// strataImport decodes a rows file and imports it, costing both.
+func strataImport(b *testing.B, s nixtest.Store, file []byte) (decode, imp cost, n int) {
+	b.Helper()
+	var rs *nixstore.Rows
+	decode = measure(func() {
+		var err error
+		if _, rs, err = nixstore.ReadRows(bytes.NewReader(file)); err != nil {
+			b.Fatal(err)
+		}
+	})
+	imp = measure(func() {
+		res, err := nixstore.ImportDB(context.Background(), dbDir(s), rs)
+		if err != nil {
+			b.Fatal(err)
+		}
+		n = res.Imported
+	})
+	return decode, imp, n
+}
+
+func loadDB(b *testing.B, s nixtest.Store, infos []nixstore.PathInfo) cost {
+	b.Helper()
+	var reg bytes.Buffer
+	if err := nixstore.WriteRegistration(&reg, infos); err != nil {
+		b.Fatal(err)
+	}
+	cmd := s.Command("nix-store", "--load-db")
+	cmd.Stdin = &reg
+	t0 := time.Now()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("nix-store --load-db: %v\n%s", err, out)
+	}
+	return cost{time.Since(t0), cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()}
+}
+
+func rowsFile(b *testing.B, rs *nixstore.Rows, gen, from uint64) []byte {
+	b.Helper()
+	var buf bytes.Buffer
+	if err := nixstore.WriteRows(&buf, nixstore.RowsHeader{StoreDir: "/nix/store", Generation: gen, From: from}, rs); err != nil {
+		b.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func gzLen(p []byte) int {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	zw.Write(p)
+	zw.Close()
+	return buf.Len()
+}
+
+func sizes(b *testing.B) []int {
+	s := os.Getenv("STRATA_BENCH_SIZES")
+	if s == "" {
+		s = "100000,1000000"
+	}
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 2000 {
+			b.Fatalf("STRATA_BENCH_SIZES=%q: want sizes ≥ 2000", s)
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+func BenchmarkImport(b *testing.B) {
+	testenv.RequireRoot(b)
+	testenv.RequireCommands(b, "nix-store")
+	const rotation = 1000
+	type line struct{ what, strata, peer, ratio string }
+	var lines []line
+	var bytesLines []string
+	var loadDB100k cost
+	for _, n := range sizes(b) {
+		rs := synth(0, n)
+		file := rowsFile(b, rs, 1, 0)
+		var reg bytes.Buffer
+		nixstore.WriteRegistration(&reg, rs.Infos())
+		refs := 0
+		for _, r := range rs.Paths {
+			refs += len(r.References)
+		}
+		bytesLines = append(bytesLines, fmt.Sprintf("%d paths (%.1f refs/path, all signed):\trows.jsonl.gz %.0f B/path\tregistration %.0f B/path\tregistration gzip %.0f B/path",
+			n, float64(refs)/float64(n), float64(len(file))/float64(n), float64(reg.Len())/float64(n), float64(gzLen(reg.Bytes()))/float64(n)))
+
+		// Cold: strata.
+		s := emptyStore(b)
+		dec, imp, got := strataImport(b, s, file)
+		if got != n {
+			b.Fatalf("imported %d of %d", got, n)
+		}
+		cold := dec.add(imp)
+		// Cold: nix-store --load-db, measured at 100k (and 1M on request).
+		var peer cost
+		peerLabel := "-"
+		if n <= 100_000 || os.Getenv("STRATA_BENCH_LOADDB_1M") == "1" {
+			peer = loadDB(b, emptyStore(b), rs.Infos())
+			if n == 100_000 {
+				loadDB100k = peer
+			}
+			peerLabel = peer.String()
+		} else if loadDB100k.wall > 0 {
+			k := time.Duration(n / 100_000)
+			peer = cost{loadDB100k.wall * k, loadDB100k.cpu * k}
+			peerLabel = peer.String() + " EXTRAPOLATED (" + strconv.Itoa(n/100_000) + " × the 100,000 run)"
+		}
+		lines = append(lines, line{fmt.Sprintf("cold import, %d paths", n),
+			fmt.Sprintf("%s = decode %s + import %s", cold, dec, imp), peerLabel, ratio(peer, cold)})
+
+		// Rotation: 1,000 new paths (referring to old ones) into the store
+		// holding n; the peer loads the same 1,000 into a store that holds
+		// the same n (made with strata's import: load-db makes the same DB).
+		delta := synth(n, n+rotation)
+		dfile := rowsFile(b, delta, 2, 1)
+		dec, imp, got = strataImport(b, s, dfile)
+		if got != rotation {
+			b.Fatalf("rotation imported %d of %d", got, rotation)
+		}
+		rot := dec.add(imp)
+		peerStore := emptyStore(b)
+		if _, _, got := strataImport(b, peerStore, file); got != n {
+			b.Fatal("peer store import")
+		}
+		rpeer := loadDB(b, peerStore, delta.Infos())
+		lines = append(lines, line{fmt.Sprintf("rotation, +%d paths on %d", rotation, n),
+			fmt.Sprintf("%s = decode %s + import %s", rot, dec, imp), rpeer.String(), ratio(rpeer, rot)})
+		// Check what Nix sees: the imported store verifies and the
+		// delta's paths are valid with their signatures.
+		p := delta.Paths[0].Path
+		if out := s.Run(b, "nix-store", "--check-validity", "--print-invalid", p); out != "" {
+			b.Fatalf("%s not valid after rotation import", p)
+		}
+		if pi := s.PathInfos(b, p)[p]; len(pi.Signatures) != 1 {
+			b.Fatalf("%s: signatures %v after import", p, pi.Signatures)
+		}
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Fprintf(tw, "\nbuilder import (host, %s, nix-bin %s, %d CPUs, load average %s)\t\t\t\n", time.Now().UTC().Format("2006-01-02 15:04"),
+		nixVersion(b), runtime.NumCPU(), strings.Join(strings.Fields(string(load))[:3], " "))
+	fmt.Fprintf(tw, "case\tstrata (rows → SQLite)\tnix-store --load-db\tspeed-up\n")
+	for _, l := range lines {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", l.what, l.strata, l.peer, l.ratio)
+	}
+	tw.Flush()
+	tw = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nbytes sent per path")
+	for _, l := range bytesLines {
+		fmt.Fprintln(tw, l)
+	}
+	tw.Flush()
+}
+
+// ratio is peer/strata in wall and CPU time.
+func ratio(peer, strata cost) string {
+	if peer.wall == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f× (cpu %.0f×)", peer.wall.Seconds()/strata.wall.Seconds(), peer.cpu.Seconds()/strata.cpu.Seconds())
+}
+
+func nixVersion(b *testing.B) string {
+	s := nixtest.Store{Root: b.TempDir()}
+	return s.Version(b)
+}
