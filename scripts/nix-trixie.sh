@@ -11,7 +11,8 @@
 # Prints the wrappers' directory (DIR/bin). Idempotent: quick when present.
 set -euo pipefail
 dir=${1:-${STRATA_NIX_TRIXIE:-/var/cache/strata/nix-trixie}}
-if [ -x "$dir/bin/nix-store" ] && "$dir/bin/nix-store" --version >/dev/null 2>&1; then
+# A complete tree: the loader resolves every library of nix inside it.
+if [ -x "$dir/bin/nix-store" ] && ! "$dir/root/usr/lib64/ld-linux-x86-64.so.2" --library-path "$dir/root/usr/lib/x86_64-linux-gnu" --list "$dir/root/usr/bin/nix" 2>&1 | grep "=>" | grep -qv " => $dir/root/"; then
 	echo "$dir/bin"
 	exit 0
 fi
@@ -27,7 +28,7 @@ apt-get "${opts[@]}" update >/dev/null
 # nix-bin and every library package in its dependency closure (perl and the
 # tools it calls out to are not needed by nix-store/nix/nix-build).
 pkgs=$(apt-cache "${opts[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
-	--no-replaces --no-enhances nix-bin | grep -v '^ ' | grep -E '^lib' | grep -vE 'perl|:i386' | sort -u)
+	--no-replaces --no-enhances nix-bin | grep -v '^ ' | grep -E '^(lib|zlib)' | grep -vE 'perl|:i386' | sort -u)
 (cd "$dir/debs" && rm -f ./*.deb && apt-get "${opts[@]}" download nix-bin $pkgs >/dev/null)
 rm -rf "$dir/root.tmp" && mkdir "$dir/root.tmp"
 for d in "$dir"/debs/*.deb; do dpkg-deb -x "$d" "$dir/root.tmp"; done
@@ -43,5 +44,12 @@ WRAP
 	chmod 755 "$dir/bin.tmp/$t"
 done
 rm -rf "$dir/bin" && mv "$dir/bin.tmp" "$dir/bin"
+outside=$("$dir/root/usr/lib64/ld-linux-x86-64.so.2" --library-path "$dir/root/usr/lib/x86_64-linux-gnu" \
+	--list "$dir/root/usr/bin/nix" | grep "=>" | grep -v " => $dir/root/" || true)
+if [ -n "$outside" ]; then
+	echo "nix-trixie.sh: libraries not in trixie's tree:" >&2
+	echo "$outside" >&2
+	exit 1
+fi
 "$dir/bin/nix-store" --version >/dev/null
 echo "$dir/bin"

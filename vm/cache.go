@@ -493,6 +493,8 @@ func NixTrixieDir() string {
 	return "/var/cache/strata/nix-trixie"
 }
 
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
 // NixTrixieBin is where a guest with Guest.NixTrixie has trixie's nix tools.
 const NixTrixieBin = "/opt/nix-trixie/bin"
 
@@ -534,6 +536,14 @@ func (c *cache) nixTrixieArchive(ctx context.Context) (string, error) {
 			}
 			if err := a.file(g+"/usr/lib/x86_64-linux-gnu/"+name, path, 0); err != nil {
 				return err
+			}
+		}
+		// Nix dlopens the NSS modules of its own glibc.
+		for _, l := range []string{"libnss_dns.so.2", "libnss_files.so.2"} {
+			if p := filepath.Join(libdir, l); fileExists(p) {
+				if err := a.file(g+"/usr/lib/x86_64-linux-gnu/"+l, p, 0); err != nil {
+					return err
+				}
 			}
 		}
 		wrappers, _ := filepath.Glob(filepath.Join(dir, "bin", "*"))
