@@ -3,8 +3,10 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -100,6 +102,20 @@ func TestPublishRowsAndPathsEndpoint(t *testing.T) {
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
 		t.Fatalf("delta paths %v, want %v", got, want)
+	}
+	// The delta is kept and served again byte for byte.
+	cached, err := os.ReadFile(filepath.Join(c.cfg.StateDir, "generations", "2", "paths-from-1.jsonl.gz"))
+	if err != nil {
+		t.Fatalf("delta not kept: %v", err)
+	}
+	body, err := cl.Paths(ctx, g2, g1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, _ := io.ReadAll(body)
+	body.Close()
+	if !bytes.Equal(again, cached) {
+		t.Fatal("second delta request differs from the kept delta")
 	}
 	_, full2 := get(g2, 0)
 	sameAsPathInfo(t, full2, c.store.PathInfos(t))

@@ -70,6 +70,9 @@ type Server struct {
 
 	metrics *metrics
 
+	// rowsMu serialises computing rows deltas (RowsDelta).
+	rowsMu sync.Mutex
+
 	// sending counts the streams in flight per generation (stream.go);
 	// retention keeps those generations. Guarded by mu.
 	sending       map[uint64]int
@@ -297,13 +300,32 @@ func (s *Server) OpenRows(id uint64) (*os.File, error) {
 
 // RowsDelta writes the path rows of generation id that generation from
 // does not have (added or changed paths and realisations) to w, as a rows
-// file whose header names both.
+// file whose header names both. Both generations are immutable, so the
+// delta is computed once (decoding both generations' rows costs seconds at
+// a million paths) and kept next to id's rows as paths-from-M.jsonl.gz,
+// removed with the generation; concurrent first requests compute it once.
 func (s *Server) RowsDelta(w io.Writer, id, from uint64) error {
 	if _, ok := s.Generation(id); !ok {
 		return fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
 	}
 	if _, ok := s.Generation(from); !ok {
 		return fmt.Errorf("generation %d: %w", from, ErrUnknownGeneration)
+	}
+	b, err := s.rowsDelta(id, from)
+	if err != nil {
+		return err
+	}
+	if _, err := w.Write(b); err != nil {
+		return fmt.Errorf("send rows of generation %d from %d: %w", id, from, err)
+	}
+	return nil
+}
+
+func (s *Server) rowsDelta(id, from uint64) ([]byte, error) {
+	s.rowsMu.Lock()
+	defer s.rowsMu.Unlock()
+	if b, err := s.state.readRowsDelta(id, from); err == nil {
+		return b, nil
 	}
 	read := func(g uint64) (nixstore.RowsHeader, *nixstore.Rows, error) {
 		f, err := s.state.openRows(g)
@@ -319,14 +341,22 @@ func (s *Server) RowsDelta(w io.Writer, id, from uint64) error {
 	}
 	_, a, err := read(from)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	h, b, err := read(id)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	h.From = from
-	return nixstore.WriteRows(w, h, nixstore.RowsDelta(a, b))
+	var buf bytes.Buffer
+	if err := nixstore.WriteRows(&buf, h, nixstore.RowsDelta(a, b)); err != nil {
+		return nil, err
+	}
+	if err := s.state.writeRowsDelta(id, from, buf.Bytes()); err != nil {
+		// Serving it matters more than keeping it.
+		s.log.Warn("keep rows delta", "generation", id, "from", from, "err", err)
+	}
+	return buf.Bytes(), nil
 }
 
 // Delta returns the paths added and removed from generation from to to.

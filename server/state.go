@@ -20,6 +20,7 @@ import (
 //	<state_dir>/generations/N/manifest.json  api.Generation without pin fields
 //	<state_dir>/generations/N/registration   dump-db text of generation N
 //	<state_dir>/generations/N/paths.jsonl.gz path rows of generation N (nixstore rows file)
+//	<state_dir>/generations/N/paths-from-M.jsonl.gz  its rows not in generation M (kept once asked for)
 //	<state_dir>/pins.json                    {"N": "name"}
 //	<state_dir>/store-id                     identity of the central store the generations come from
 //	<state_dir>/publishing                   id reserved by the publish running now (absent otherwise)
@@ -243,4 +244,16 @@ func (s state) openRows(id uint64) (*os.File, error) {
 		return nil, fmt.Errorf("read rows of generation %d: %w", id, err)
 	}
 	return f, nil
+}
+
+func (s state) rowsDeltaFile(id, from uint64) string {
+	return filepath.Join(s.genDir(id), fmt.Sprintf("paths-from-%d.jsonl.gz", from))
+}
+
+func (s state) readRowsDelta(id, from uint64) ([]byte, error) {
+	return os.ReadFile(s.rowsDeltaFile(id, from))
+}
+
+func (s state) writeRowsDelta(id, from uint64, b []byte) error {
+	return atomicfile.WriteFile(s.rowsDeltaFile(id, from), b, 0o644)
 }
