@@ -39,6 +39,16 @@ type Generation struct {
 	PinName            string `json:"pin_name,omitempty"`
 	// MountPath is the NFS MOUNT path of the generation ("/gen/N").
 	MountPath string `json:"mount_path"`
+	// Holders are the builders that hold the generation (cluster gossip):
+	// retention keeps it while any does.
+	Holders []string `json:"holders,omitempty"`
+}
+
+// RetentionWait is a generation retention would destroy but keeps, and why.
+type RetentionWait struct {
+	Generation uint64   `json:"generation"`
+	Reason     string   `json:"reason"`
+	Holders    []string `json:"holders,omitempty"`
 }
 
 // GenerationList is the answer of GET /v1/generations, oldest first.

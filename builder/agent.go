@@ -102,6 +102,8 @@ type Agent struct {
 	waitSince time.Time
 
 	rotateReq chan chan error
+	wake      chan struct{} // gossip: a newer generation may exist
+	watchers  []func(State) // called after each transition (see Watch)
 }
 
 // New creates the state dir layout and loads the state file. It mounts
@@ -111,7 +113,7 @@ func New(o Options) (*Agent, error) {
 		return nil, errors.New("new builder agent: Server, Mounter and Nix are required")
 	}
 	a := &Agent{cfg: o.Config, log: o.Logger, srv: o.Server, m: o.Mounter, nix: o.Nix, busy: o.Busy,
-		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, rotateReq: make(chan chan error)}
+		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, rotateReq: make(chan chan error), wake: make(chan struct{}, 1)}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -130,6 +132,24 @@ func New(o Options) (*Agent, error) {
 	}
 	a.st = st
 	return a, nil
+}
+
+// Wake asks the running agent to check for a newer generation now (gossip
+// announced one), under its rotation policy; while it is not ready yet it
+// makes the next start attempt come at once. It never blocks.
+func (a *Agent) Wake() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Watch adds f, called with the state after each persisted transition on
+// the agent's goroutine (it must not block), and once now. Call it before
+// Run.
+func (a *Agent) Watch(f func(State)) {
+	a.watchers = append(a.watchers, f)
+	f(a.State())
 }
 
 // State returns a copy of the agent's state.
@@ -169,6 +189,9 @@ func (a *Agent) transition(f func(*State)) error {
 	a.log.Debug("state", "state", s.String())
 	if a.onTransition != nil {
 		a.onTransition(s)
+	}
+	for _, w := range a.watchers {
+		w(s)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"time"
 
@@ -25,6 +26,13 @@ type DaemonOptions struct {
 	// StopTimeout bounds the graceful stop (default 20 s, below the unit's
 	// TimeoutStopSec).
 	StopTimeout time.Duration
+	// Version is strata's version, told to cluster members.
+	Version string
+	// Gossip, if set, is the agent's cluster member: Serve reports the
+	// agent's state through it, wakes the agent on a publish, serves
+	// /v1/members and /v1/cluster/keys, and leaves the cluster on stop
+	// (which releases the builder's holds at once).
+	Gossip *Gossip
 }
 
 // Daemon runs `strata builder` until ctx ends. Order of start:
@@ -46,8 +54,24 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		o.Notify = lifecycle.Systemd(log)
 	}
 	var ag *Agent
+	if cfg.Cluster.Enabled && o.Gossip == nil {
+		g, err := NewGossip(cfg, o.Version, log)
+		if err != nil {
+			return err
+		}
+		defer g.Node().Close()
+		o.Gossip = g
+	}
+	server := api.NewClient(cfg.ServerAPI, "")
+	discover := cfg.ServerAPI == "" && o.Gossip != nil
+	if discover {
+		server = api.NewResolvingClient(o.Gossip.API, "")
+	}
 	gm := func(ctx context.Context, gen uint64, dir string) error {
 		host, port, err := cfg.NFSAddress(ag.AdvertisedNFS())
+		if discover && cfg.ServerNFS == "" {
+			host, port, err = o.Gossip.NFS()
+		}
 		if err != nil {
 			return err
 		}
@@ -56,7 +80,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	ag, err := New(Options{
 		Config:   cfg,
 		Logger:   log,
-		Server:   api.NewClient(cfg.ServerAPI, ""),
+		Server:   server,
 		Mounter:  NewSystem(gm, cfg.SwapMethod, cfg.StagingDir, log),
 		Nix:      NewNixStore(cfg, log),
 		Notify:   o.Notify,
@@ -82,12 +106,22 @@ func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger, o Daemo
 		return err
 	}
 	token := apiserve.NewToken(text)
-	as, err := apiserve.Start(ag.Handler(token), cfg.APIListen, cfg.Socket, log)
+	h := ag.Handler(token)
+	if o.Gossip != nil {
+		mux := http.NewServeMux()
+		o.Gossip.Node().Routes(mux, token)
+		mux.Handle("/", h)
+		h = mux
+	}
+	as, err := apiserve.Start(h, cfg.APIListen, cfg.Socket, log)
 	if err != nil {
 		return err
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if o.Gossip != nil {
+		o.Gossip.Attach(runCtx, ag)
+	}
 	errc := make(chan error, 2)
 	agentDone := make(chan struct{})
 	go func() {
@@ -123,6 +157,9 @@ func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger, o Daemo
 	cancel()
 	stopErr := lifecycle.Stop(o.StopTimeout, "builder agent and API", func() {
 		<-agentDone
+		if o.Gossip != nil {
+			o.Gossip.Node().Leave(2 * time.Second)
+		}
 		as.Shutdown(ctx)
 	})
 	if runErr == nil {
@@ -148,6 +185,7 @@ func applyReload(cur, next Config, token *apiserve.Token, level *slog.LevelVar, 
 	}
 	a, b := cur, next
 	a.TokenFile, a.LogLevel, b.TokenFile, b.LogLevel = "", "", "", ""
+	a.Cluster.Keyring, b.Cluster.Keyring = nil, nil
 	if fmt.Sprint(a) != fmt.Sprint(b) {
 		log.Warn("reload: some changed keys take effect only after a restart")
 	}

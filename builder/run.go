@@ -10,8 +10,9 @@ import (
 // Run starts the agent (Start, retried with exponential backoff from 1 s to
 // 1 min while the server is unreachable or a mount fails; the agent is not
 // READY meanwhile), sends READY=1, then checks for a newer generation every
-// rotate.check_interval and on RequestRotation until ctx ends. It returns
-// nil when ctx is cancelled: mounts stay for the next start.
+// rotate.check_interval, on Wake (gossip) and on RequestRotation until ctx
+// ends. It returns nil when ctx is cancelled: mounts stay for the next
+// start.
 func (a *Agent) Run(ctx context.Context) error {
 	backoff := time.Second
 	for {
@@ -31,6 +32,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(backoff):
+		case <-a.wake:
 		}
 		backoff = min(2*backoff, time.Minute)
 	}
@@ -48,6 +50,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.step.End()
 			if err != nil && ctx.Err() == nil {
 				a.log.Warn("check for a newer generation", "err", err)
+			}
+		case <-a.wake:
+			a.step.Begin()
+			err := a.Check(ctx, false)
+			a.step.End()
+			if err != nil && ctx.Err() == nil {
+				a.log.Warn("check for a newer generation (announced by gossip)", "err", err)
 			}
 		case reply := <-a.rotateReq:
 			a.step.Begin()

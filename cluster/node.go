@@ -412,11 +412,6 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 			changed = true
 		}
 	}
-	if join {
-		n.mu.Lock()
-		n.synced = true
-		n.mu.Unlock()
-	}
 	if changed {
 		n.signal()
 	}
@@ -485,6 +480,11 @@ func (n *Node) loop() {
 				continue
 			}
 			joined = true
+			// Our own join exchanged the whole state with a seed (the
+			// seed's table carries every member's state it knows).
+			n.mu.Lock()
+			n.synced = true
+			n.mu.Unlock()
 			n.log.Info("joined cluster", "seeds_answered", k, "members", n.ml.NumMembers())
 		}
 		select {
@@ -576,8 +576,9 @@ func resolve(hostport string) ([]string, error) {
 }
 
 // Holds returns, per generation, the builders that hold it (sorted), and
-// whether this node knows enough to say: false until a join exchanged
-// state with a seed or Settle has passed since start. Retention destroys
+// whether this node knows enough to say: false until its own join of a
+// seed exchanged state, or Settle has passed since start (a member without
+// seeds, such as a restarted server, waits for builders to re-join it). Retention destroys
 // nothing while it is false.
 func (n *Node) Holds() (map[uint64][]string, bool) {
 	now := time.Now()

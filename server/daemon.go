@@ -2,10 +2,12 @@ package server
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"reflect"
 	"strings"
@@ -14,6 +16,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/server/nfs"
@@ -53,6 +57,8 @@ type DaemonOptions struct {
 	// StopTimeout bounds the graceful stop (default 20 s, below the unit's
 	// TimeoutStopSec).
 	StopTimeout time.Duration
+	// Version is strata's version, told to cluster members.
+	Version string
 }
 
 // acceptStall is how long the NFS accept loop may be away from Accept
@@ -243,10 +249,29 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		exporter = ex.exp
 	}
 	step := lifecycle.NewStep("publish loop", cfg.StallAfter)
-	srv, err := New(ctx, Options{Config: cfg, Logger: log, Backend: backend, Export: exporter, Registry: reg, Progress: step})
+	opts := Options{Config: cfg, Logger: log, Backend: backend, Export: exporter, Registry: reg, Progress: step}
+	var node *cluster.Node
+	if cfg.Cluster.Enabled {
+		node, err = cluster.New(cfg.Cluster.Config(cfg.ClusterMeta(o.Version)), log)
+		if err != nil {
+			ex.close()
+			return err
+		}
+		defer node.Close()
+		if err := node.Register(reg); err != nil {
+			ex.close()
+			return err
+		}
+		opts.InUse = node.Holds
+		opts.Announce = func(gs []api.Generation) { node.SetServerState(ClusterGenerations(gs)) }
+	}
+	srv, err := New(ctx, opts)
 	if err != nil {
 		ex.close()
 		return err
+	}
+	if node != nil {
+		node.SetServerState(ClusterGenerations(srv.Generations()))
 	}
 
 	tokenText, err := apiserve.ReadToken(cfg.TokenFile)
@@ -261,10 +286,22 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		for _, m := range srv.Missing() {
 			missing = append(missing, m.ID)
 		}
-		return map[string]any{"role": "server", "latest": g.ID, "generations": srv.Generations(),
-			"nfs": cfg.NFSListen, "backend": cfg.Backend, "missing": missing, "problems": srv.Problems()}
+		st := map[string]any{"role": "server", "latest": g.ID, "generations": srv.Generations(),
+			"nfs": cfg.NFSListen, "backend": cfg.Backend, "missing": missing, "problems": srv.Problems(),
+			"retention_keep": cfg.Keep, "retention_waits": srv.RetentionWaits()}
+		if node != nil {
+			st["cluster"] = map[string]any{"name": cfg.Cluster.ClusterName, "member": node.Name(), "address": node.Addr(),
+				"members": len(node.Members()), "settling_for": node.SettleLeft().Round(time.Second).String()}
+		}
+		return st
 	}
-	h := srv.Handler(token, reg, status)
+	var h http.Handler = srv.Handler(token, reg, status)
+	if node != nil {
+		mux := http.NewServeMux()
+		node.Routes(mux, token)
+		mux.Handle("/", h)
+		h = mux
+	}
 	as, err := apiserve.Start(h, cfg.APIListen, cfg.Socket, log)
 	if err != nil {
 		ex.close()
@@ -304,6 +341,12 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			errc <- err
 		}
 	}()
+	retainDone := make(chan struct{})
+	if node != nil {
+		go func() { defer close(retainDone); retainOnHoldChange(runCtx, srv, node) }()
+	} else {
+		close(retainDone)
+	}
 
 	checks := []lifecycle.Check{step.Check}
 	if ex.accept != nil {
@@ -327,6 +370,10 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	cancel()
 	stopErr := lifecycle.Stop(o.StopTimeout, "publish loop, API and NFS export", func() {
 		<-pubDone
+		<-retainDone
+		if node != nil {
+			node.Leave(2 * time.Second)
+		}
 		as.Shutdown(ctx)
 		<-nfsDone
 		ex.close()
@@ -335,6 +382,41 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		runErr = stopErr
 	}
 	return runErr
+}
+
+// ClusterGenerations is what gossip carries of live generations.
+func ClusterGenerations(gs []api.Generation) []cluster.Generation {
+	out := make([]cluster.Generation, 0, len(gs))
+	for _, g := range gs {
+		cg := cluster.Generation{ID: g.ID}
+		hex.Decode(cg.RegistrationSHA256[:], []byte(g.RegistrationSHA256))
+		out = append(out, cg)
+	}
+	return out
+}
+
+// retainOnHoldChange runs a retention pass whenever the builders' holds
+// change (a builder reported another generation, left, or its dead_grace
+// ran out), checking at least every second, until ctx ends.
+func retainOnHoldChange(ctx context.Context, srv *Server, node *cluster.Node) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	last := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-node.Changed():
+		case <-t.C:
+		}
+		h, known := node.Holds()
+		key := fmt.Sprint(known, h)
+		if key == last {
+			continue
+		}
+		last = key
+		srv.Retain(ctx)
+	}
 }
 
 // applyReload makes next's nfs.allow, token and log level current. It reads
@@ -359,6 +441,7 @@ func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog
 	a, b := cur, next
 	a.NFSAllow, a.TokenFile, a.LogLevel = nil, "", ""
 	b.NFSAllow, b.TokenFile, b.LogLevel = nil, "", ""
+	a.Cluster.Keyring, b.Cluster.Keyring = nil, nil // loaded anew; changed with `strata cluster keys`
 	if !reflect.DeepEqual(a, b) {
 		log.Warn("reload: some changed keys take effect only after a restart", "changed", changedFields(a, b))
 	}

@@ -9,6 +9,7 @@ import (
 )
 
 type metrics struct {
+	deferrals *prometheus.CounterVec
 	publishes *prometheus.CounterVec
 	duration  prometheus.Histogram
 }
@@ -16,6 +17,10 @@ type metrics struct {
 // newMetrics registers the server's collectors on reg (nil: none).
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	m := &metrics{
+		deferrals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strata_retention_deferrals_total",
+			Help: "Generations a retention pass would have destroyed but kept, by reason: held (by builders), unknown (holds not known yet).",
+		}, []string{"reason"}),
 		publishes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "strata_publish_total", Help: "Publish attempts by result (published, unchanged, error).",
 		}, []string{"result"}),
@@ -27,7 +32,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.publishes, m.duration,
+	reg.MustRegister(m.publishes, m.duration, m.deferrals,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "strata_generations", Help: "Live generations."},
 			func() float64 { return float64(len(s.Generations())) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "strata_generation_latest", Help: "Id of the newest live generation (0: none)."},
@@ -56,3 +61,5 @@ func (m *metrics) observePublish(res api.PublishResult, err error, took time.Dur
 	}
 	m.duration.Observe(took.Seconds())
 }
+
+func (m *metrics) retentionDeferred(reason string) { m.deferrals.WithLabelValues(reason).Inc() }

@@ -38,9 +38,11 @@ type Exporter interface {
 	Remove(id uint64)
 }
 
-// InUse reports generations that live builders have mounted; retention
-// never destroys them. Gossip provides it; nil means none are known.
-type InUse func() map[uint64]bool
+// InUse reports, per generation, the builders that hold it (cluster
+// gossip: see package cluster for when a builder holds), and whether the
+// holds are known yet. Retention destroys nothing while they are not known
+// and no held generation ever. nil: no gossip, nothing is held.
+type InUse func() (holders map[uint64][]string, known bool)
 
 // Server publishes, retains and describes generations.
 type Server struct {
@@ -54,6 +56,10 @@ type Server struct {
 
 	mu   sync.Mutex // serialises publish, pin, unpin, forget, retention
 	gens map[uint64]*generation
+	// waits is what the last retention pass kept, and why.
+	waits []api.RetentionWait
+	// announce is Options.Announce.
+	announce func([]api.Generation)
 	// missing are generations whose manifest is kept but whose snapshot
 	// is gone (or not where the config says): reported, never served.
 	missing map[uint64]*generation
@@ -86,11 +92,15 @@ type generation struct {
 
 // Options are the parts a Server is built from.
 type Options struct {
-	Config   Config
-	Logger   *slog.Logger
-	Backend  snapshot.Backend
-	Export   Exporter // may be nil
-	InUse    InUse    // may be nil
+	Config  Config
+	Logger  *slog.Logger
+	Backend snapshot.Backend
+	Export  Exporter // may be nil
+	InUse   InUse    // may be nil
+	// Announce is called with the live generations (oldest first) after
+	// every change, with the server's lock held: it must not block. Gossip
+	// uses it to tell builders of a publish at once. May be nil.
+	Announce func([]api.Generation)
 	Registry *prometheus.Registry
 	// Progress brackets each publish of Run, for the watchdog; may be nil.
 	Progress *lifecycle.Step
@@ -110,7 +120,7 @@ type Options struct {
 func New(ctx context.Context, o Options) (*Server, error) {
 	s := &Server{cfg: o.Config, log: o.Logger, backend: o.Backend, state: state{dir: o.Config.StateDir},
 		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}, missing: map[uint64]*generation{},
-		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE")}
+		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -245,7 +255,7 @@ func (s *Server) Generations() []api.Generation {
 	for _, g := range s.sorted() {
 		out = append(out, g.Generation)
 	}
-	return out
+	return s.withHolders(out...)
 }
 
 // Generation returns one live generation.
@@ -256,7 +266,7 @@ func (s *Server) Generation(id uint64) (api.Generation, bool) {
 	if !ok {
 		return api.Generation{}, false
 	}
-	return g.Generation, true
+	return s.withHolders(g.Generation)[0], true
 }
 
 // Latest returns the newest live generation, if any.
@@ -411,11 +421,44 @@ func (s *Server) Publish(ctx context.Context) (api.PublishResult, error) {
 	if res.Published {
 		s.log.Info("published generation", "generation", res.Generation.ID, "paths", res.Generation.Paths,
 			"nar_bytes", res.Generation.NarBytes, "took", time.Since(start).Round(time.Millisecond))
+		s.announceLocked()
 		s.retainLocked(ctx)
 	} else {
 		s.log.Debug("nothing to publish", "reason", res.Reason)
 	}
 	return res, nil
+}
+
+// announceLocked hands the live generations to Announce.
+func (s *Server) announceLocked() {
+	if s.announce == nil {
+		return
+	}
+	var out []api.Generation
+	for _, g := range s.sorted() {
+		out = append(out, g.Generation)
+	}
+	s.announce(out)
+}
+
+// withHolders fills in Holders from InUse.
+func (s *Server) withHolders(gs ...api.Generation) []api.Generation {
+	if s.inUse == nil {
+		return gs
+	}
+	h, _ := s.inUse()
+	for i := range gs {
+		gs[i].Holders = h[gs[i].ID]
+	}
+	return gs
+}
+
+// RetentionWaits lists the generations the last retention pass would
+// have destroyed but kept (held by builders, or holds not known yet).
+func (s *Server) RetentionWaits() []api.RetentionWait {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]api.RetentionWait{}, s.waits...)
 }
 
 func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
@@ -630,7 +673,9 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 }
 
 // Retain destroys generations that are older than the newest retention.keep,
-// not pinned and not in use by a live builder.
+// not pinned and held by no builder (InUse); while InUse says the holds are
+// not known yet it destroys nothing. What it keeps and why is recorded for
+// RetentionWaits.
 func (s *Server) Retain(ctx context.Context) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -639,17 +684,41 @@ func (s *Server) Retain(ctx context.Context) {
 
 func (s *Server) retainLocked(ctx context.Context) {
 	gs := s.sorted()
+	prev := s.waits
+	s.waits = nil
 	if len(gs) <= s.cfg.Keep {
 		return
 	}
-	var inUse map[uint64]bool
+	holders, known := map[uint64][]string{}, true
 	if s.inUse != nil {
-		inUse = s.inUse()
+		holders, known = s.inUse()
 	}
+	destroyed := false
+	defer func() {
+		if destroyed {
+			s.announceLocked()
+		}
+		s.logWaits(prev)
+	}()
 	for _, g := range gs[:len(gs)-s.cfg.Keep] {
-		if g.Pinned || inUse[g.ID] || s.sending[g.ID] > 0 {
+		if g.Pinned {
 			continue
 		}
+		if s.sending[g.ID] > 0 {
+			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "being sent to a replica"})
+			continue
+		}
+		if !known {
+			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "builders' holds not known yet (gossip settling)"})
+			s.metrics.retentionDeferred("unknown")
+			continue
+		}
+		if h := holders[g.ID]; len(h) > 0 {
+			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "held by builders", Holders: h})
+			s.metrics.retentionDeferred("held")
+			continue
+		}
+		destroyed = true
 		if s.export != nil {
 			s.export.Remove(g.ID)
 		}
@@ -665,6 +734,16 @@ func (s *Server) retainLocked(ctx context.Context) {
 		}
 		delete(s.gens, g.ID)
 		s.log.Info("retention destroyed generation", "generation", g.ID)
+	}
+}
+
+// logWaits logs the retention waits when they differ from prev.
+func (s *Server) logWaits(prev []api.RetentionWait) {
+	if fmt.Sprint(prev) == fmt.Sprint(s.waits) {
+		return
+	}
+	for _, w := range s.waits {
+		s.log.Info("retention keeps generation", "generation", w.Generation, "reason", w.Reason, "holders", w.Holders)
 	}
 }
 

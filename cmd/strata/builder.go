@@ -49,6 +49,7 @@ YAML file is also an environment variable STRATA_SECTION_KEY and a flag
 			Watchdog: lifecycle.WatchdogInterval(),
 			Hup:      hangups(cmd.Context()),
 			Level:    level,
+			Version:  version,
 			Reload: func() (builder.Config, error) {
 				v, err := loadConfig(cmd, loader, *file)
 				if err != nil {

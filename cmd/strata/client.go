@@ -118,7 +118,7 @@ func clientCommands() []*cobra.Command {
 				return printJSON(cmd.OutOrStdout(), l)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT")
+			fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT\tHOLDERS")
 			for _, g := range l.Missing {
 				g.MountPath = "MISSING SNAPSHOT"
 				l.Generations = append(l.Generations, g)
@@ -132,7 +132,11 @@ func clientCommands() []*cobra.Command {
 						pin += ":" + g.PinName
 					}
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\t%s\n", g.ID, g.Created.Format("2006-01-02 15:04:05Z"), g.Parent, g.Paths, g.NarBytes, pin, g.MountPath)
+				holders := "-"
+				if len(g.Holders) > 0 {
+					holders = strings.Join(g.Holders, ",")
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", g.ID, g.Created.Format("2006-01-02 15:04:05Z"), g.Parent, g.Paths, g.NarBytes, pin, g.MountPath, holders)
 			}
 			return tw.Flush()
 		},
@@ -327,6 +331,23 @@ func printStatus(w io.Writer, st map[string]any) error {
 	for _, k := range []string{"role", "latest", "generation", "server", "state", "nfs", "backend", "last_rotation", "last_error", "missing", "problems"} {
 		if v, ok := st[k]; ok && v != nil && v != "" {
 			fmt.Fprintf(tw, "%s:\t%v\n", k, v)
+		}
+	}
+	if c, ok := st["cluster"].(map[string]any); ok {
+		fmt.Fprintf(tw, "cluster:\t%v as %v at %v, %v members known\n", c["name"], c["member"], c["address"], c["members"])
+	}
+	if waits, ok := st["retention_waits"].([]any); ok {
+		if len(waits) == 0 {
+			fmt.Fprintf(tw, "retention:\tkeeps the newest %v, waits for nothing\n", st["retention_keep"])
+		}
+		for _, w := range waits {
+			if m, ok := w.(map[string]any); ok {
+				line := fmt.Sprintf("generation %v: %v", m["generation"], m["reason"])
+				if h, ok := m["holders"].([]any); ok && len(h) > 0 {
+					line += fmt.Sprintf(" %v", h)
+				}
+				fmt.Fprintf(tw, "retention waits:\t%s\n", line)
+			}
 		}
 	}
 	return tw.Flush()

@@ -83,6 +83,7 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 			Watchdog: lifecycle.WatchdogInterval(),
 			Hup:      hangups(cmd.Context()),
 			Level:    level,
+			Version:  version,
 			Reload: func() (server.Config, error) {
 				v, err := loadConfig(cmd, loader, *file)
 				if err != nil {

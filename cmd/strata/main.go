@@ -48,6 +48,7 @@ paths with nix-store --load-db, and rotates atomically to each new one.`,
 	}
 	root.AddCommand(newServerCmd(), newBuilderCmd())
 	root.AddCommand(clientCommands()...)
+	root.AddCommand(clusterCommands()...)
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print strata's version",
