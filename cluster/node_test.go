@@ -105,9 +105,12 @@ func TestHoldsLifecycle(t *testing.T) {
 		h, _ := srv.Holds()
 		return reflect.DeepEqual(h, want)
 	})
-	if _, known := srv.Holds(); !known {
-		t.Fatal("holds not known although the builders joined (synced)")
+	// A member without seeds (a server) waits Settle for builders to
+	// re-join it; a member whose own join exchanged state knows at once.
+	if _, known := srv.Holds(); known {
+		t.Fatal("a member without seeds claims to know the holds before Settle")
 	}
+	waitFor(t, 2*time.Second, "b2's join to count as synced", func() bool { _, known := b2.Holds(); return known })
 	srv.SetServerState([]Generation{{ID: 1}, {ID: 2}, {ID: 3}})
 	waitFor(t, 5*time.Second, "builders to learn generation 3", func() bool {
 		return b1.NewestGeneration() == 3 && b2.NewestGeneration() == 3 && b3.NewestGeneration() == 3
