@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -98,6 +99,9 @@ func (w *logWriter) Write(p []byte) (int, error) {
 		}
 		s = strings.TrimPrefix(s, "memberlist: ")
 		low := strings.ToLower(s)
+		if strings.Contains(low, "use of closed network connection") {
+			level = slog.LevelDebug // sockets closing after Leave/Close
+		}
 		switch {
 		case strings.Contains(low, "decrypt") || strings.Contains(low, "encryption") || strings.Contains(low, "not encrypted"):
 			w.refused.Add(1)
@@ -107,7 +111,7 @@ func (w *logWriter) Write(p []byte) (int, error) {
 			w.refused.Add(1)
 			w.log.Error("gossip refused: a peer of another cluster.name", "detail", s)
 		default:
-			w.log.Log(nil, level, "memberlist: "+s)
+			w.log.Log(context.Background(), level, "memberlist: "+s)
 		}
 	}
 	return len(p), nil

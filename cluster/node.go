@@ -104,6 +104,17 @@ func (s MemberState) String() string {
 // MarshalText makes states print as words in JSON.
 func (s MemberState) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
+// UnmarshalText reads what MarshalText wrote.
+func (s *MemberState) UnmarshalText(b []byte) error {
+	for _, x := range []MemberState{StateAlive, StateSuspect, StateDead, StateLeft} {
+		if x.String() == string(b) {
+			*s = x
+			return nil
+		}
+	}
+	return fmt.Errorf("member state %q: want alive, suspect, dead or left", b)
+}
+
 type member struct {
 	meta     Meta
 	addr     string

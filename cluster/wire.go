@@ -48,6 +48,17 @@ func ParseRole(s string) (Role, error) {
 // MarshalText makes roles print as words in JSON.
 func (r Role) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
 
+// UnmarshalText reads what MarshalText wrote ("unknown" included).
+func (r *Role) UnmarshalText(b []byte) error {
+	if string(b) == "unknown" {
+		*r = RoleUnknown
+		return nil
+	}
+	x, err := ParseRole(string(b))
+	*r = x
+	return err
+}
+
 // Meta is a member's node metadata: what every member learns with the
 // member itself. It is small and fixed for the life of the process; state
 // that grows travels as State. memberlist refuses (panics on) metadata over

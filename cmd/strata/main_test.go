@@ -15,6 +15,9 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0)
 	}
+	if os.Getenv(gossipMemberEnv) != "" {
+		os.Exit(gossipMember())
+	}
 	os.Exit(m.Run())
 }
 
