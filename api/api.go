@@ -39,9 +39,6 @@ type Generation struct {
 	PinName            string `json:"pin_name,omitempty"`
 	// MountPath is the NFS MOUNT path of the generation ("/gen/N").
 	MountPath string `json:"mount_path"`
-	// Holders are the builders that hold the generation (cluster gossip):
-	// retention keeps it while any does.
-	Holders []string `json:"holders,omitempty"`
 }
 
 // RetentionWait is a generation retention would destroy but keeps, and why.
@@ -60,6 +57,9 @@ type GenerationList struct {
 	// snapshot is missing: not served, kept until `strata generations
 	// forget N`.
 	Missing []Generation `json:"missing,omitempty"`
+	// Holders names, per generation id, the builders that hold it (cluster
+	// gossip): retention keeps a generation while any does.
+	Holders map[uint64][]string `json:"holders,omitempty"`
 }
 
 // Delta is the answer of GET /v1/generations/N/delta?from=M.

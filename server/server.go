@@ -255,7 +255,7 @@ func (s *Server) Generations() []api.Generation {
 	for _, g := range s.sorted() {
 		out = append(out, g.Generation)
 	}
-	return s.withHolders(out...)
+	return out
 }
 
 // Generation returns one live generation.
@@ -266,7 +266,7 @@ func (s *Server) Generation(id uint64) (api.Generation, bool) {
 	if !ok {
 		return api.Generation{}, false
 	}
-	return s.withHolders(g.Generation)[0], true
+	return g.Generation, true
 }
 
 // Latest returns the newest live generation, if any.
@@ -441,16 +441,22 @@ func (s *Server) announceLocked() {
 	s.announce(out)
 }
 
-// withHolders fills in Holders from InUse.
-func (s *Server) withHolders(gs ...api.Generation) []api.Generation {
+// Holders returns, per live generation, the builders that hold it (nil
+// without gossip).
+func (s *Server) Holders() map[uint64][]string {
 	if s.inUse == nil {
-		return gs
+		return nil
 	}
 	h, _ := s.inUse()
-	for i := range gs {
-		gs[i].Holders = h[gs[i].ID]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[uint64][]string{}
+	for id, who := range h {
+		if _, live := s.gens[id]; live {
+			out[id] = who
+		}
 	}
-	return gs
+	return out
 }
 
 // RetentionWaits lists the generations the last retention pass would

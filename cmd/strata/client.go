@@ -133,8 +133,8 @@ func clientCommands() []*cobra.Command {
 					}
 				}
 				holders := "-"
-				if len(g.Holders) > 0 {
-					holders = strings.Join(g.Holders, ",")
+				if h := l.Holders[g.ID]; len(h) > 0 {
+					holders = strings.Join(h, ",")
 				}
 				fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", g.ID, g.Created.Format("2006-01-02 15:04:05Z"), g.Parent, g.Paths, g.NarBytes, pin, g.MountPath, holders)
 			}

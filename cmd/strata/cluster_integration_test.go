@@ -159,7 +159,7 @@ cluster:
 		}
 		out := map[uint64][]string{}
 		for _, g := range l.Generations {
-			out[g.ID] = g.Holders
+			out[g.ID] = l.Holders[g.ID]
 		}
 		return out
 	}
