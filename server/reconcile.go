@@ -256,7 +256,7 @@ func (s *Server) apply(ctx context.Context, p *plan) error {
 			return err
 		}
 		s.log.Info("rebuilt generation from its snapshot", "generation", id, "paths", g.Paths, "registration_sha256", g.RegistrationSHA256)
-		s.gens[id] = &generation{Generation: g, path: sn.Path}
+		s.gens[id] = &generation{Generation: g, path: sn.Path, adopted: true}
 	}
 	for _, id := range slices.Sorted(maps.Keys(p.kept)) {
 		s.log.Warn("snapshot kept but not served", "snapshot", snapshot.Name(id), "why", p.kept[id])

@@ -88,6 +88,11 @@ type Server struct {
 type generation struct {
 	api.Generation
 	path string // snapshot root on this host
+	// adopted: rebuilt from its snapshot by this process's start (the
+	// state dir did not know it). Retention leaves it alone until a later
+	// start finds it in the state: this process destroys no snapshot it
+	// neither created nor found recorded.
+	adopted bool
 }
 
 // Options are the parts a Server is built from.
@@ -708,6 +713,10 @@ func (s *Server) retainLocked(ctx context.Context) {
 	}()
 	for _, g := range gs[:len(gs)-s.cfg.Keep] {
 		if g.Pinned {
+			continue
+		}
+		if g.adopted {
+			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "adopted from its snapshot by this start; retention resumes after a restart"})
 			continue
 		}
 		if s.sending[g.ID] > 0 {

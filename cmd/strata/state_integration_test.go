@@ -61,8 +61,11 @@ func (s *site) config(t *testing.T, over map[string]string) string {
 		v[k] = x
 	}
 	f := filepath.Join(t.TempDir(), "server.yaml")
-	yaml := fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
-		v["store.root"], v["snapshot_dir"], v["state_dir"])
+	if v["keep"] == "" {
+		v["keep"] = "10"
+	}
+	yaml := fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\nretention:\n  keep: %s\n",
+		v["store.root"], v["snapshot_dir"], v["state_dir"], v["keep"])
 	if err := os.WriteFile(f, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +344,9 @@ func TestFreshStateDirRebuildsFromSnapshots(t *testing.T) {
 	snapsBefore := s.snapshots(t)
 
 	fresh := filepath.Join(t.TempDir(), "fresh-state")
-	cfg := s.config(t, map[string]string{"state_dir": fresh})
+	// retention.keep 1: generations adopted from their snapshots are still
+	// not destroyed by this process.
+	cfg := s.config(t, map[string]string{"state_dir": fresh, "keep": "1"})
 
 	// Without the key the start is refused: clients hold handles.
 	out := refused(t, cfg)
@@ -398,9 +403,13 @@ func TestFreshStateDirRebuildsFromSnapshots(t *testing.T) {
 	if got := s.snapshots(t); !slices.Equal(got, snapsBefore) {
 		t.Errorf("snapshots %v after the rebuild, want %v", got, snapsBefore)
 	}
-	// Ids go on where they were: never reused.
+	// Ids go on where they were: never reused. Retention (keep 1) leaves
+	// the adopted generations alone.
 	if id := publishOne(t, s, srv, "fourth"); id != 4 {
 		t.Errorf("next generation after rebuild is %d, want 4", id)
+	}
+	if got, want := s.snapshots(t), append(snapsBefore, "strata-4"); !slices.Equal(got, want) {
+		t.Errorf("snapshots after publishing 4 with keep 1: %v, want %v", got, want)
 	}
 }
 
