@@ -49,7 +49,6 @@ type plan struct {
 	storeFrom  string                       // where storeWant comes from
 	storeHave  string                       // identity of store.root ("" none)
 	labels     map[uint64]snapshot.Labels   // current labels by id
-	shaLabel   map[uint64]string            // registration_sha256 labels by id
 }
 
 // where names the snapshot location of cfg for messages.
@@ -64,7 +63,7 @@ func where(cfg Config) string {
 // plan; it changes nothing.
 func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*plan, error) {
 	p := &plan{stored: map[uint64]api.Generation{}, snaps: map[uint64]snapshot.Snapshot{},
-		kept: map[uint64]string{}, labels: map[uint64]snapshot.Labels{}, shaLabel: map[uint64]string{}}
+		kept: map[uint64]string{}, labels: map[uint64]snapshot.Labels{}}
 	stored, err := st.generations()
 	if err != nil {
 		return nil, err
