@@ -598,6 +598,13 @@ func TestKillDuringPublish(t *testing.T) {
 				t.Fatalf("after kill -9 at registration: no manifest 3 in the state (the test does not test that step)")
 			}
 
+			out, _ := runStrata(t, nil, "server", "--config", cfg, "--check-config")
+			if wantDestroy := step != "reserved"; strings.Contains(out, "would destroy snapshot strata-3") != wantDestroy {
+				t.Errorf("check-config after kill -9 at %s (would destroy strata-3: %v):\n%s", step, wantDestroy, out)
+			}
+			if got := s.snapshots(t); !slices.Equal(got, wantLeft) {
+				t.Fatalf("check-config changed the snapshots: %v, want %v", got, wantLeft)
+			}
 			// The store as generation 2 had it: the start's own publish
 			// then has nothing to do, so what is served is what survived.
 			s.store.Delete(t, third)
