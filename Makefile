@@ -6,7 +6,7 @@ export GOTOOLCHAIN ?= auto
 GO ?= go
 BIN := bin/strata
 
-.PHONY: all build deps demo demo-host test unit integration test-vm bench bench-nfs bench-builder fuzz clean
+.PHONY: all build deps demo demo-host test unit integration test-vm bench bench-nfs bench-builder bench-cluster fuzz clean
 
 all: build
 
@@ -63,6 +63,12 @@ bench-builder: build
 	scripts/deps.sh vm
 	$(GO) test -count=1 -tags vm -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/builder/
 	$(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 90m ./bench/import/
+
+# bench-cluster: a new generation reaching 10, 50 and 200 gossip members
+# (loopback sockets) vs polling at rotate.check_interval's default; gossip
+# bytes at rest. Holds the machine-wide benchmark lock.
+bench-cluster: build
+	flock /tmp/strata-vm.lock $(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 30m ./bench/cluster/
 
 # fuzz: a short run of every fuzz target.
 fuzz: deps

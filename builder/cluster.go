@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/strata-nix/strata/cluster"
 )
@@ -100,11 +101,22 @@ func (g *Gossip) Attach(ctx context.Context, ag *Agent) {
 	go func() {
 		var woken uint64
 		hadServer := false
+		// While a newer generation is announced and not mounted (the idle
+		// policy waits for builds), look again every 5 s: the rotation
+		// starts within 5 s of the last build ending, whatever
+		// rotate.check_interval says.
+		retry := time.NewTicker(5 * time.Second)
+		defer retry.Stop()
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-g.node.Changed():
+			case <-retry.C:
+				if n := g.node.NewestGeneration(); ag.Ready() && n > ag.State().Generation {
+					ag.Wake()
+				}
+				continue
 			}
 			newest := g.node.NewestGeneration()
 			hasServer := len(g.node.Servers()) > 0

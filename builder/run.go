@@ -55,7 +55,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.step.Begin()
 			err := a.Check(ctx, false)
 			a.step.End()
-			if err != nil && ctx.Err() == nil {
+			if err != nil && ctx.Err() == nil && !errors.Is(err, ErrBusy) {
 				a.log.Warn("check for a newer generation (announced by gossip)", "err", err)
 			}
 		case reply := <-a.rotateReq:

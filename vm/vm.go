@@ -145,6 +145,12 @@ type Guest struct {
 	OnLine func(line string)
 	// Quiet stops Boot from logging each console line with t.Log.
 	Quiet bool
+	// HostFwd adds QEMU user-network forwards from host loopback into the
+	// guest, as "tcp:127.0.0.1:HOSTPORT-:GUESTPORT" or "udp:...": the way
+	// the host reaches a guest service (the guest reaches the host at
+	// 10.0.2.2 by itself). Gossip needs both directions: see
+	// cluster_vm_test.go.
+	HostFwd []string
 }
 
 // Result is what a finished guest run gave.
@@ -401,12 +407,20 @@ func qemuArgs(g Guest, kernel, initrd, disk string) []string {
 		"-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
 		"-kernel", kernel, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 quiet loglevel=4",
-		"-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
+		"-netdev", netdev(g.HostFwd), "-device", "virtio-net-pci,netdev=n0,romfile=",
 	}
 	if disk != "" {
 		args = append(args, "-drive", "file="+disk+",if=virtio,format=raw,cache=unsafe")
 	}
 	return args
+}
+
+func netdev(fwds []string) string {
+	s := "user,id=n0"
+	for _, f := range fwds {
+		s += ",hostfwd=" + f
+	}
+	return s
 }
 
 // errNoMarker means the guest stopped without printing its exit status.
