@@ -127,7 +127,10 @@ type env struct {
 	cfg     Config
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { t.Helper(); return newEnvWith(t, nil) }
+
+// newEnvWith is newEnv with a hook on the server's options (gossip tests).
+func newEnvWith(t *testing.T, serverOpts func(*server.Options)) *env {
 	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireCommands(t, "nix-store", "nix-build", "busybox")
@@ -144,7 +147,11 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.srv, err = server.New(context.Background(), server.Options{Config: scfg, Backend: b, Export: e.exp})
+	so := server.Options{Config: scfg, Backend: b, Export: e.exp}
+	if serverOpts != nil {
+		serverOpts(&so)
+	}
+	e.srv, err = server.New(context.Background(), so)
 	if err != nil {
 		t.Fatal(err)
 	}
