@@ -73,6 +73,7 @@ bench-cluster: build
 # fuzz: a short run of every fuzz target.
 fuzz: deps
 	$(GO) test -run '^$$' -fuzz FuzzParseRegistration -fuzztime 30s ./nixstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzFastRow$$' -fuzztime 30s ./nixstore/
 	$(GO) test -run '^$$' -fuzz FuzzRecord -fuzztime 30s ./server/nfs/guard/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 30s ./cluster/
 

@@ -2,6 +2,7 @@ package nixstore
 
 import (
 	"bufio"
+	"bytes"
 	"compress/gzip"
 	"encoding/json"
 	"errors"
@@ -200,14 +201,36 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 		return h, nil, fmt.Errorf("not a gzip stream: %w", err)
 	}
 	zr.Multistream(false)
-	// One decoder over the whole stream (a decoder per line costs more
-	// than the decoding); value k is line k.
-	dec := json.NewDecoder(bufio.NewReaderSize(zr, 256<<10))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&h); err != nil {
+	br := bufio.NewReaderSize(zr, 256<<10)
+	var buf []byte
+	// nextLine returns the next line without its newline; a line that
+	// does not end in one is the stream's end (or a cut).
+	nextLine := func() ([]byte, error) {
+		b, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			buf = append(buf[:0], b...)
+			for errors.Is(err, bufio.ErrBufferFull) {
+				b, err = br.ReadSlice('\n')
+				buf = append(buf, b...)
+			}
+			b = buf
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(b) > 0 {
+				return nil, io.ErrUnexpectedEOF // no final newline
+			}
+			return nil, err
+		}
+		return b[:len(b)-1], nil
+	}
+	b, err := nextLine()
+	if err != nil {
 		if errors.Is(err, io.EOF) {
 			return h, nil, errors.New("line 1: empty: no header line")
 		}
+		return h, nil, fmt.Errorf("line 1: header: %w", err)
+	}
+	if err := strictUnmarshal(b, &h); err != nil {
 		return h, nil, fmt.Errorf("line 1: header: %w", err)
 	}
 	if h.Format != RowsFormat || h.Version != RowsVersion {
@@ -222,12 +245,22 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 	}
 	rs := &Rows{Paths: make([]Row, 0, min(h.Paths, 1<<20)), Realisations: make([]Realisation, 0, min(h.Realisations, 1<<16))}
 	for line := 2; ; line++ {
-		var w wireRow
-		if err := dec.Decode(&w); err != nil {
-			if errors.Is(err, io.EOF) {
-				break
-			}
+		b, err := nextLine()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
 			return h, nil, fmt.Errorf("line %d: %w", line, err)
+		}
+		var w wireRow
+		// The fast decoder takes the lines WriteRows writes; anything
+		// else goes through encoding/json, which accepts it or names
+		// the error.
+		if !fastRow(b, &w) {
+			w = wireRow{}
+			if err := strictUnmarshal(b, &w); err != nil {
+				return h, nil, fmt.Errorf("line %d: %w", line, err)
+			}
 		}
 		if w.Realisation != nil {
 			if w.Path != "" || w.NarHash != "" || w.NarSize != 0 || w.Deriver != "" || len(w.Refs) > 0 || w.Time != 0 ||
@@ -262,8 +295,20 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 	return h, rs, nil
 }
 
+func strictUnmarshal(b []byte, v any) error {
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(v); err != nil {
+		return err
+	}
+	if d.More() {
+		return errors.New("more than one JSON value on the line")
+	}
+	return nil
+}
+
 // CheckRows reports the first row that is not well formed for store dir
-// dir: the registration checks of CheckInfos (and every path in dir),
+// dir: the registration checks of CheckInfos (every path in dir),
 // paths sorted and unique, signatures and CA without spaces or newlines,
 // output names and paths, and realisations sorted, unique and pointing
 // at store paths.
@@ -278,6 +323,24 @@ func CheckRows(dir string, rs *Rows) error {
 		}
 		if i > 0 && rs.Paths[i-1].Path >= r.Path {
 			return fmt.Errorf("path %s: paths not sorted or repeated", r.Path)
+		}
+		// What CheckInfos checks of a registration record (uniqueness
+		// follows from the order).
+		if !isBase16SHA256(r.NarHash) {
+			return fmt.Errorf("path %s: NAR hash %q is not 64 lowercase hex digits", r.Path, clip(r.NarHash))
+		}
+		if r.Deriver != "" {
+			if err := checkStorePath(r.Deriver, dir); err != nil {
+				return fmt.Errorf("path %s: deriver: %w", r.Path, err)
+			}
+		}
+		for j, ref := range r.References {
+			if err := checkStorePath(ref, dir); err != nil {
+				return fmt.Errorf("path %s: reference: %w", r.Path, err)
+			}
+			if j > 0 && r.References[j-1] >= ref {
+				return fmt.Errorf("path %s: references not sorted or repeated at %s", r.Path, ref)
+			}
 		}
 		for _, s := range r.Sigs {
 			if s == "" || strings.ContainsAny(s, " \t\n") {
@@ -298,9 +361,6 @@ func CheckRows(dir string, rs *Rows) error {
 		if len(r.Outputs) > 0 && !strings.HasSuffix(r.Path, ".drv") {
 			return fmt.Errorf("path %s: has derivation outputs but is not a .drv", r.Path)
 		}
-	}
-	if err := CheckInfos(rs.Infos()); err != nil {
-		return err
 	}
 	for i, x := range rs.Realisations {
 		id := x.ID()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"errors"
+	"io"
 	"reflect"
 	"strconv"
 	"strings"
@@ -118,7 +119,7 @@ func TestReadRowsRejects(t *testing.T) {
 		{"outputs on non-drv", gz(hdr(1, 0), row(p1, `,"outputs":{"out":"`+p2+`"}`)), "not a .drv"},
 		{"unknown row key", gz(hdr(1, 0), row(p1, `,"colour":1`)), "line 2"},
 		{"garbage line", gz(hdr(1, 0), "{"), "line 2"},
-		{"two values", gz(hdr(1, 0), row(p1, "")+"{}"), "more paths"},
+		{"two values", gz(hdr(1, 0), row(p1, "")+"{}"), "line 2"},
 		{"path after realisation", gz(hdr(1, 1), `{"realisation":{"drv_hash":"sha256:1","output":"out","out_path":"`+p1+`"}}`, row(p1, "")), "after the realisations"},
 		{"realisation bad id", gz(hdr(0, 1), `{"realisation":{"drv_hash":"sha256:1!x","output":"out","out_path":"`+p1+`"}}`), "realisation 1"},
 		{"realisation with path", gz(hdr(0, 1), `{"path":"`+p1+`","realisation":{"drv_hash":"a","output":"out","out_path":"`+p1+`"}}`), "path fields"},
@@ -190,4 +191,57 @@ func indexRow(rs *Rows, p string) int {
 		}
 	}
 	return -1
+}
+
+// checkFastRow fails unless fastRow, whenever it takes a line, decodes it
+// exactly as encoding/json (strict) does.
+func checkFastRow(t *testing.T, line []byte) {
+	var fast, slow wireRow
+	if !fastRow(line, &fast) {
+		return
+	}
+	if err := strictUnmarshal(line, &slow); err != nil {
+		t.Fatalf("fastRow took %q, encoding/json refuses it: %v", line, err)
+	}
+	if !reflect.DeepEqual(fast, slow) {
+		t.Fatalf("%q: fastRow %+v, encoding/json %+v", line, fast, slow)
+	}
+}
+
+func TestFastRowAgreesWithJSON(t *testing.T) {
+	var buf bytes.Buffer
+	if err := WriteRows(&buf, RowsHeader{StoreDir: "/nix/store", Generation: 1}, fakeRows(300)); err != nil {
+		t.Fatal(err)
+	}
+	zr, err := gzip.NewReader(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, _ := io.ReadAll(zr)
+	lines := strings.Split(strings.TrimSpace(string(all)), "\n")[1:]
+	took := 0
+	for _, l := range lines {
+		var w wireRow
+		if fastRow([]byte(l), &w) {
+			took++
+		}
+		checkFastRow(t, []byte(l))
+	}
+	// Every path line WriteRows writes takes the fast path.
+	if want := len(lines) - 2; took != want {
+		t.Fatalf("fast path took %d of %d path lines", took, want)
+	}
+	for _, l := range []string{`{}`, `{"path":"a\u0041"}`, `{"nar_size":01}`, `{"nar_size":-1}`, `{"ultimate":true }`,
+		`{"refs":[]}`, `{"refs":null}`, `{"outputs":{}}`, `{"path":"x","path":"y"}`, `{"time":99999999999999999999}`,
+		`{"sigs":["a","b"]}x`, `{"ca":"é"}`, ` {"path":"x"}`} {
+		checkFastRow(t, []byte(l))
+	}
+}
+
+func FuzzFastRow(f *testing.F) {
+	for _, s := range []string{`{"path":"/nix/store/x","nar_size":1,"refs":["a","b"],"ultimate":true,"outputs":{"out":"b"}}`,
+		`{"time":0}`, `{"sigs":[]}`, `{}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) { checkFastRow(t, b) })
 }
