@@ -105,6 +105,18 @@ nfs:
 	if out, code := runStrata(t, nil, "publish", "--api", apiAddr); code != 0 || !strings.Contains(out, "published generation 2") {
 		t.Fatalf("publish: exit %d %q", code, out)
 	}
+	// strata registration N prints the dump-db text nix-store prints;
+	// strata paths N --from M the added rows as JSON lines.
+	if out, code := runStrata(t, nil, "registration", "2", "--api", apiAddr); code != 0 || out != st.DumpDB(t) {
+		t.Fatalf("registration 2: exit %d\n%s\nwant (nix-store --dump-db)\n%s", code, out, st.DumpDB(t))
+	}
+	if out, code := runStrata(t, nil, "paths", "2", "--from", "1", "--api", apiAddr); code != 0 ||
+		strings.Count(out, "\n") != 2 || !strings.Contains(out, `"format":"strata-rows"`) || !strings.Contains(out, `-new","nar_hash":"`) {
+		t.Fatalf("paths 2 --from 1: exit %d\n%s", code, out)
+	}
+	if out, code := runStrata(t, nil, "paths", "9", "--api", apiAddr); code == 0 || !strings.Contains(out, "no such generation") {
+		t.Fatalf("paths 9: exit %d %q", code, out)
+	}
 	if out, code := runStrata(t, nil, "pin", "1", "--name", "keep", "--api", apiAddr); code != 0 {
 		t.Fatalf("pin: exit %d %q", code, out)
 	}
