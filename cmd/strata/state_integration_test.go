@@ -658,7 +658,7 @@ func TestMissingSnapshotReportedUntilForgotten(t *testing.T) {
 	if got := ids(l.Generations); !slices.Equal(got, []uint64{1, 3}) || !slices.Equal(ids(l.Missing), []uint64{2}) {
 		t.Errorf("generations %v missing %v, want [1 3] and [2]", got, ids(l.Missing))
 	}
-	if out, code := runStrata(t, nil, "generations", "--api", srv.api); code != 0 || !regexp.MustCompile(`(?m)^2 .*pinned:golden\s+MISSING SNAPSHOT$`).MatchString(out) {
+	if out, code := runStrata(t, nil, "generations", "--api", srv.api); code != 0 || !regexp.MustCompile(`(?m)^2 .*pinned:golden\s+MISSING SNAPSHOT\b`).MatchString(out) {
 		t.Errorf("strata generations: exit %d\n%s", code, out)
 	}
 	if out, code := runStrata(t, nil, "status", "--api", srv.api); code != 0 || !strings.Contains(out, "missing:") || !strings.Contains(out, "[2]") {
