@@ -485,8 +485,8 @@ func (n *Node) loop() {
 			}
 			k, err := n.ml.Join(n.cfg.Join)
 			if err != nil || k == 0 {
-				n.log.Error("join cluster failed; retrying", "seeds", n.cfg.Join, "err", err, "retry_in", backoff,
-					"hint", "check that a seed runs, and that cluster.name and cluster.keyring_file match its")
+				n.log.Error("join cluster failed; retrying", "seeds", n.cfg.Join, "err", flatErr(err), "retry_in", backoff,
+					"hint", "check that a seed runs and that cluster.name and cluster.keyring_file match its (a seed that closes the connection at once (EOF) has another cluster.name)")
 				wait, backoff = backoff, min(2*backoff, 30*time.Second)
 				continue
 			}
@@ -565,6 +565,19 @@ func (n *Node) rejoinLost() {
 	} else {
 		n.log.Debug("re-join cluster seeds", "seeds", lost, "err", err)
 	}
+}
+
+// flatErr renders memberlist's multi-errors on one line.
+func flatErr(err error) string {
+	if err == nil {
+		return "no seed answered"
+	}
+	s := err.Error()
+	if i := strings.Index(s, "occurred:"); i >= 0 {
+		s = s[i+len("occurred:"):]
+	}
+	s = strings.ReplaceAll(s, "\n\t* ", "; ")
+	return strings.Trim(strings.Join(strings.Fields(s), " "), "; ")
 }
 
 func resolve(hostport string) ([]string, error) {
