@@ -267,6 +267,14 @@ cluster:
 	deadThenGone("b3", g3, func() { lab.builderLink(t, 2, false) })
 	out, _ = runStrata(t, nil, "members", "--api", apiAddr)
 	t.Logf("strata members:\n%s", out)
+	for _, want := range []string{"b1  ", "left", "dead", "central (self)"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("strata members lacks %q", want)
+		}
+	}
+	if out, code := runStrata(t, nil, "cluster", "keys", "--api", apiAddr); code != 0 || !strings.HasSuffix(strings.TrimSpace(out), "primary") {
+		t.Fatalf("strata cluster keys: exit %d %q", code, out)
+	}
 	lab.builderLink(t, 2, true)
 	poll(30*time.Second, "b3 to re-join after the link came back", func() bool { return members()["b3"].State == cluster.StateAlive })
 	if l := live(); len(l) != 1 || l[g4] != nil {
