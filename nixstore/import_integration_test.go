@@ -360,6 +360,7 @@ func TestIntegrationImportNextToNixWriters(t *testing.T) {
 			}
 		}()
 	}
+	schemaBefore := schemaOf(t, b)
 	<-started
 	<-started
 	res, err := ImportDB(context.Background(), dbDir(b), synth)
@@ -394,6 +395,33 @@ func TestIntegrationImportNextToNixWriters(t *testing.T) {
 		t.Fatalf("integrity_check: %q %v", ok, err)
 	}
 	noForeignKeyViolations(t, b)
+	// The bulk import rebuilt an index: the schema is Nix's own again.
+	if after := schemaOf(t, b); after != schemaBefore {
+		t.Fatalf("schema changed by the import:\nbefore %s\nafter  %s", schemaBefore, after)
+	}
+	var idx int
+	if err := openLiveDB(t, b).QueryRow("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'Refs'").Scan(&idx); err != nil || idx < 3 {
+		t.Fatalf("Refs has %d indexes (%v)", idx, err)
+	}
+}
+
+// schemaOf is the store DB's schema as SQLite records it.
+func schemaOf(t *testing.T, b nixtest.Store) string {
+	t.Helper()
+	rows, err := openLiveDB(t, b).Query("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master ORDER BY type, name")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var a, b, c, d string
+		if err := rows.Scan(&a, &b, &c, &d); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, a+" "+b+" "+c+" "+d)
+	}
+	return strings.Join(out, "\n")
 }
 
 // noForeignKeyViolations fails if any row of b's DB breaks a foreign key

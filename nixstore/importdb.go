@@ -250,25 +250,18 @@ type importer struct {
 // row stays far under SQLite's 32766 variables).
 const batchRows = 256
 
-func (im *importer) run(res *ImportResult) error {
+func (im *importer) run(res *ImportResult) (err error) {
 	rs := im.rs
 	// Which paths (rows and their references) are valid already: read
 	// every valid path when the DB is not much bigger than what we ask
 	// about (a cold import), else join the asked paths against the unique
 	// index through a temporary table (a rotation into a big store).
-	want := make(map[string]struct{}, len(rs.Paths))
-	for i := range rs.Paths {
-		want[rs.Paths[i].Path] = struct{}{}
-		for _, r := range rs.Paths[i].References {
-			want[r] = struct{}{}
-		}
-	}
 	var local int64
 	if err := im.tx.QueryRowContext(im.ctx, "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'ValidPaths'), 0)").Scan(&local); err != nil {
 		return fmt.Errorf("read ValidPaths size: %w", err)
 	}
-	im.ids = make(map[string]int64, len(want))
-	if local <= 4*int64(len(want)) {
+	im.ids = make(map[string]int64, len(rs.Paths))
+	if local <= 4*int64(len(rs.Paths)) {
 		if err := im.scan("SELECT id, path FROM ValidPaths", nil); err != nil {
 			return fmt.Errorf("read ValidPaths: %w", err)
 		}
@@ -278,6 +271,13 @@ func (im *importer) run(res *ImportResult) error {
 		}
 		if _, err := im.tx.ExecContext(im.ctx, "DELETE FROM strataWanted"); err != nil {
 			return fmt.Errorf("temp table: %w", err)
+		}
+		want := make(map[string]struct{}, len(rs.Paths))
+		for i := range rs.Paths {
+			want[rs.Paths[i].Path] = struct{}{}
+			for _, r := range rs.Paths[i].References {
+				want[r] = struct{}{}
+			}
 		}
 		paths := make([]string, 0, len(want))
 		for p := range want {
@@ -322,7 +322,7 @@ func (im *importer) run(res *ImportResult) error {
 	}
 
 	now := time.Now().Unix()
-	err := batches(im, len(fresh), 9,
+	err = batches(im, len(fresh), 9,
 		"INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) VALUES ",
 		"(?, ?, ?, ?, ?, ?, ?, ?)", " RETURNING id, path", func(i int, args []any) []any {
 			r := fresh[i]
@@ -345,6 +345,23 @@ func (im *importer) run(res *ImportResult) error {
 	}
 	res.Imported = len(fresh)
 
+	// A bulk import (more new paths than the DB holds, e.g. a builder's
+	// first start) rebuilds Refs' index on reference after the insert
+	// instead of updating it per row: SQLite builds an index by sorting,
+	// cheaper than a random insert per reference. They are
+	// recreated with their own SQL in the same transaction, so the schema
+	// Nix sees after the commit is the one it made.
+	if len(fresh) >= bulkRows && int64(len(fresh)) > local {
+		recreate, err := im.dropIndexes("Refs", "referrer")
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if ierr := im.recreate(recreate); ierr != nil && err == nil {
+				err = ierr
+			}
+		}()
+	}
 	type pair struct{ a, b int64 }
 	var refs []pair
 	for _, r := range fresh {
@@ -376,6 +393,58 @@ func (im *importer) run(res *ImportResult) error {
 	if err := batches(im, len(outs), 3, "INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES ", "(?, ?, ?)", "",
 		func(i int, args []any) []any { return append(args, outs[i].drv, outs[i].name, outs[i].path) }); err != nil {
 		return fmt.Errorf("insert DerivationOutputs: %w", err)
+	}
+	return nil
+}
+
+// bulkRows is the size from which a bulk import rebuilds indexes.
+const bulkRows = 5000
+
+// dropIndexes drops table's secondary indexes (those with their own SQL,
+// not the primary key's) whose first column is not leadColumn, and returns
+// their CREATE statements.
+func (im *importer) dropIndexes(table, leadColumn string) ([]string, error) {
+	rows, err := im.tx.QueryContext(im.ctx,
+		"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL ORDER BY name", table)
+	if err != nil {
+		return nil, fmt.Errorf("read indexes of %s: %w", table, err)
+	}
+	var names, sqls []string
+	for rows.Next() {
+		var n, q string
+		if err := rows.Scan(&n, &q); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read indexes of %s: %w", table, err)
+		}
+		names, sqls = append(names, n), append(sqls, q)
+	}
+	if err := rows.Close(); err != nil {
+		return nil, fmt.Errorf("read indexes of %s: %w", table, err)
+	}
+	var dropped []string
+	for i, n := range names {
+		// Rows go in in (referrer, reference) order: an index led by
+		// referrer takes appends and stays; the others are rebuilt.
+		var first string
+		if err := im.tx.QueryRowContext(im.ctx, "SELECT name FROM pragma_index_info(?) WHERE seqno = 0", n).Scan(&first); err != nil {
+			return nil, fmt.Errorf("read index %s: %w", n, err)
+		}
+		if first == leadColumn {
+			continue
+		}
+		if _, err := im.tx.ExecContext(im.ctx, `DROP INDEX "`+strings.ReplaceAll(n, `"`, `""`)+`"`); err != nil {
+			return nil, fmt.Errorf("drop index %s: %w", n, err)
+		}
+		dropped = append(dropped, sqls[i])
+	}
+	return dropped, nil
+}
+
+func (im *importer) recreate(sqls []string) error {
+	for _, q := range sqls {
+		if _, err := im.tx.ExecContext(im.ctx, q); err != nil {
+			return fmt.Errorf("recreate index (%s): %w", q, err)
+		}
 	}
 	return nil
 }
