@@ -3,7 +3,7 @@
 // store filled with nix-bin):
 //
 //   - cold start: `strata builder` from nothing to ready (NFS mount,
-//     overlay, nix-store --load-db of the whole registration) versus
+//     overlay, SQLite import of the generation's path rows) versus
 //     `nix copy --from` an HTTP binary cache (compression=none, served from
 //     the host) of the same closure, in the same guest run; the ratio is
 //     reported as copy/ready.
