@@ -39,6 +39,11 @@ type Generation struct {
 	PinName            string `json:"pin_name,omitempty"`
 	// MountPath is the NFS MOUNT path of the generation ("/gen/N").
 	MountPath string `json:"mount_path"`
+	// Origin is, on a replica, the primary's API URL the generation was
+	// received from (empty: published here).
+	Origin string `json:"origin,omitempty"`
+	// Arrived is, on a replica, when the generation went live here.
+	Arrived *time.Time `json:"arrived,omitempty"`
 }
 
 // RetentionWait is a generation retention would destroy but keeps, and why.
@@ -53,6 +58,12 @@ type GenerationList struct {
 	Generations []Generation `json:"generations"`
 	// NFS is the address builders mount from (host:port).
 	NFS string `json:"nfs,omitempty"`
+	// Backend is the server's snapshot backend (btrfs, zfs): a replica
+	// must have the same.
+	Backend string `json:"backend,omitempty"`
+	// Store is the identity of the central store the generations come
+	// from: a replica refuses a primary of another store.
+	Store string `json:"store,omitempty"`
 	// Missing are generations whose manifest the server keeps but whose
 	// snapshot is missing: not served, kept until `strata generations
 	// forget N`.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"time"
@@ -39,7 +40,15 @@ var Keys = []config.Key{
 	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a publish running longer than this counts as wedged: systemd watchdog pings stop and systemd restarts the daemon (0: never)"},
 }
 
-func init() { Keys = append(Keys, cluster.Keys...) }
+func init() { Keys = append(Keys, cluster.Keys...); Keys = append(Keys, replicaKeys...) }
+
+// replicaKeys make a server a replica of another (see package
+// server/replica).
+var replicaKeys = []config.Key{
+	{Name: "replica.of", Kind: config.String, Default: "", Usage: "primary server's API URL (http://host:7480): this server publishes nothing and pulls the primary's generations (empty: a primary)"},
+	{Name: "replica.token_file", Kind: config.String, Default: "/etc/strata/replica-token", Usage: "file with the primary's API token (streams need it)"},
+	{Name: "replica.interval", Kind: config.Duration, Default: "10s", Usage: "how often a replica asks the primary for new generations"},
+}
 
 // Config is the validated server configuration.
 type Config struct {
@@ -62,6 +71,10 @@ type Config struct {
 	NFSBusyPoll     time.Duration
 	LogLevel        string
 	StallAfter      time.Duration
+	// ReplicaOf is the primary's API URL when this server is a replica.
+	ReplicaOf        string
+	ReplicaTokenFile string
+	ReplicaInterval  time.Duration
 	// Cluster is gossip (cluster.*); off unless cluster.bind or
 	// cluster.join is set.
 	Cluster cluster.Settings
@@ -98,6 +111,10 @@ func ConfigFrom(v config.Values) (Config, error) {
 		NFSBusyPoll:     v.Duration("nfs.busy_poll"),
 		LogLevel:        v.String("log.level"),
 		StallAfter:      v.Duration("watchdog.stall_after"),
+
+		ReplicaOf:        v.String("replica.of"),
+		ReplicaTokenFile: v.String("replica.token_file"),
+		ReplicaInterval:  v.Duration("replica.interval"),
 	}
 	bad := func(key string, val any, want string) error {
 		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
@@ -174,6 +191,15 @@ func ConfigFrom(v config.Values) (Config, error) {
 	}
 	if c.StallAfter < 0 || (c.StallAfter > 0 && c.StallAfter < time.Minute) {
 		return c, bad("watchdog.stall_after", c.StallAfter, "0 (never) or at least 1m")
+	}
+	if c.ReplicaOf != "" {
+		u, err := url.Parse(c.ReplicaOf)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
+			return c, bad("replica.of", c.ReplicaOf, "the primary's API URL, such as http://primary:7480")
+		}
+		if c.ReplicaInterval < time.Second {
+			return c, bad("replica.interval", c.ReplicaInterval, "at least 1s")
+		}
 	}
 	cs, err := cluster.SettingsFrom(v)
 	if err != nil {

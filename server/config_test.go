@@ -56,6 +56,9 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"tiny interval", "publish:\n  interval: 1ms\n", nil, nil, []string{`"publish.interval"`, "at least 1s"}},
 		{"long busy poll", "nfs:\n  busy_poll: 5ms\n", nil, nil, []string{`"nfs.busy_poll"`, `"5ms"`, "up to 1ms"}},
 		{"bad yaml", "store: [\n", nil, nil, []string{"server.yaml"}},
+		{"replica.of not a URL", "replica:\n  of: primary:7480\n", nil, nil, []string{`"replica.of"`, `"primary:7480"`, "http://primary:7480"}},
+		{"replica.of with a path", "replica:\n  of: http://p:7480/v1\n", nil, nil, []string{`"replica.of"`, "API URL"}},
+		{"tiny replica interval", "replica:\n  of: http://p:7480\n  interval: 10ms\n", nil, nil, []string{`"replica.interval"`, "at least 1s"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

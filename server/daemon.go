@@ -21,6 +21,7 @@ import (
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/server/nfs"
+	"github.com/strata-nix/strata/server/replica"
 	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/btrfs"
 	"github.com/strata-nix/strata/snapshot/zfs"
@@ -28,6 +29,14 @@ import (
 
 // OpenBackend returns the snapshot backend the configuration names.
 func OpenBackend(cfg Config, log *slog.Logger) (snapshot.Backend, error) {
+	if cfg.ReplicaOf != "" {
+		switch cfg.Backend {
+		case "btrfs":
+			return btrfs.NewReplica(cfg.SnapshotDir, log)
+		case "zfs":
+			return zfs.NewReplica(cfg.Dataset, cfg.MountDir, log)
+		}
+	}
 	switch cfg.Backend {
 	case "btrfs":
 		if err := os.MkdirAll(cfg.SnapshotDir, 0o755); err != nil {
@@ -280,6 +289,13 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		return err
 	}
 	token := apiserve.NewToken(tokenText)
+	var puller *replica.Puller
+	if cfg.ReplicaOf != "" {
+		if puller, err = openPuller(cfg, srv, log, reg); err != nil {
+			ex.close()
+			return err
+		}
+	}
 	status := func() any {
 		g, _ := srv.Latest()
 		var missing []uint64
@@ -292,6 +308,9 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		if node != nil {
 			st["cluster"] = map[string]any{"name": cfg.Cluster.ClusterName, "member": node.Name(), "address": node.Addr(),
 				"members": len(node.Members()), "settling_for": node.SettleLeft().Round(time.Second).String()}
+		}
+		if cfg.ReplicaOf != "" {
+			st["role"], st["replica_of"] = "replica", cfg.ReplicaOf
 		}
 		return st
 	}
@@ -328,6 +347,10 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	pubDone := make(chan struct{})
 	go func() {
 		defer close(pubDone)
+		if puller != nil {
+			errc <- runPuller(runCtx, puller, cfg.ReplicaInterval, step, notifyStatus, log)
+			return
+		}
 		step.Begin()
 		_, err := srv.Publish(runCtx)
 		step.End()
@@ -416,6 +439,49 @@ func retainOnHoldChange(ctx context.Context, srv *Server, node *cluster.Node) {
 		}
 		last = key
 		srv.Retain(ctx)
+	}
+}
+
+// openPuller makes a replica's puller: the primary's API client with the
+// token from replica.token_file, which must be there (streams need it).
+func openPuller(cfg Config, srv *Server, log *slog.Logger, reg *prometheus.Registry) (*replica.Puller, error) {
+	tok, err := apiserve.ReadToken(cfg.ReplicaTokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("replica.token_file: %w", err)
+	}
+	if tok == "" {
+		return nil, fmt.Errorf("replica.token_file %s is missing or empty: a replica needs the primary's API token (replica.of %s)", cfg.ReplicaTokenFile, cfg.ReplicaOf)
+	}
+	b, ok := srv.Backend().(replica.Backend)
+	if !ok {
+		return nil, fmt.Errorf("the %s backend cannot receive snapshots", srv.Backend().Kind())
+	}
+	return replica.New(replica.Options{Origin: cfg.ReplicaOf, Primary: api.NewClient(cfg.ReplicaOf, tok),
+		Backend: b, Target: srv, StateDir: cfg.StateDir, Logger: log, Registry: reg}), nil
+}
+
+// runPuller syncs the replica now and every interval until ctx ends, each
+// sync bracketed by step for the watchdog.
+func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify func(), log *slog.Logger) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		step.Begin()
+		_, err := p.Sync(ctx)
+		step.End()
+		switch {
+		case ctx.Err() != nil:
+			return nil
+		case err != nil:
+			log.Error("replica sync failed", "err", err)
+		default:
+			notify()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
 	}
 }
 

@@ -31,7 +31,8 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		if gs == nil {
 			gs = []api.Generation{}
 		}
-		writeJSON(w, http.StatusOK, api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen, Missing: s.Missing(), Holders: s.Holders()})
+		writeJSON(w, http.StatusOK, api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen, Missing: s.Missing(), Holders: s.Holders(),
+			Backend: s.backend.Kind(), Store: s.StoreID()})
 	})
 	mux.HandleFunc("GET /v1/generations/{id}", func(w http.ResponseWriter, r *http.Request) {
 		id, ok := pathID(w, r)

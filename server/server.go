@@ -83,6 +83,9 @@ type Server struct {
 	// retention keeps those generations. Guarded by mu.
 	sending       map[uint64]int
 	streamMetrics *streamMetrics
+	// upstreamPinned are, on a replica, the generations the primary pins
+	// (replica.go); retention keeps them. Guarded by mu.
+	upstreamPinned map[uint64]bool
 }
 
 type generation struct {
@@ -414,6 +417,9 @@ func (s *Server) Delta(from, to uint64) (api.Delta, error) {
 // goes live. On any error the snapshot is destroyed and the previous
 // generations stay as they were.
 func (s *Server) Publish(ctx context.Context) (api.PublishResult, error) {
+	if s.cfg.ReplicaOf != "" {
+		return api.PublishResult{}, fmt.Errorf("%w: publish on the primary %s", ErrReplica, s.cfg.ReplicaOf)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	start := time.Now()
@@ -712,7 +718,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 		s.logWaits(prev)
 	}()
 	for _, g := range gs[:len(gs)-s.cfg.Keep] {
-		if g.Pinned {
+		if g.Pinned || s.upstreamPinned[g.ID] {
 			continue
 		}
 		if g.adopted {

@@ -1,0 +1,364 @@
+// Package replica is the puller of a replica server: it asks the primary
+// for its generations and receives each one it lacks as a snapshot stream
+// (GET /v1/generations/N/stream), whole the first time and afterwards
+// incremental from the newest generation it holds that is still live on
+// the primary (a whole stream when none is), then hands the received
+// snapshot to the server, which makes it live only when its registration's
+// sha256 equals the primary's manifest.
+//
+// Nothing half-received ever goes live: the backend's Receive leaves no
+// generation on failure, the stream's byte count and sha256 trailers must
+// match, and a snapshot the server refuses is destroyed. A replica of
+// another backend or of another central store (another cluster) is refused
+// before a byte is received, and so is a wrong token (the primary answers
+// 401).
+package replica
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/atomicfile"
+	"github.com/strata-nix/strata/snapshot"
+)
+
+// Target is the replica's own server.
+type Target interface {
+	// Generations are the live generations here, oldest first.
+	Generations() []api.Generation
+	// StoreID is the central store the generations here come from.
+	StoreID() string
+	// AddReceived makes a received snapshot live as generation g.ID, or
+	// refuses it (the puller then destroys it).
+	AddReceived(ctx context.Context, g api.Generation, snap snapshot.Snapshot, origin string) (api.Generation, error)
+	// SetUpstreamPinned names the generations the primary pins.
+	SetUpstreamPinned(ids map[uint64]bool)
+	// Retain applies retention.
+	Retain(ctx context.Context)
+}
+
+// Backend is the replica's snapshot backend.
+type Backend interface {
+	Kind() string
+	snapshot.Streamer
+	Destroy(ctx context.Context, id uint64) error
+}
+
+// Primary is the primary's API.
+type Primary interface {
+	Generations(ctx context.Context) (api.GenerationList, error)
+	Stream(ctx context.Context, r api.StreamRequest) (*api.Stream, error)
+}
+
+// Puller keeps a replica's generations in step with its primary.
+type Puller struct {
+	origin   string
+	primary  Primary
+	backend  Backend
+	target   Target
+	stateDir string
+	log      *slog.Logger
+	m        *metrics
+}
+
+// Options are what a Puller is made of.
+type Options struct {
+	// Origin is the primary's API URL, recorded with each generation.
+	Origin   string
+	Primary  Primary
+	Backend  Backend
+	Target   Target
+	StateDir string // holds the interrupted receive's record (ZFS resume)
+	Logger   *slog.Logger
+	Registry *prometheus.Registry // nil: metrics not registered
+}
+
+// New returns a Puller.
+func New(o Options) *Puller {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Puller{origin: o.Origin, primary: o.Primary, backend: o.Backend, target: o.Target,
+		stateDir: o.StateDir, log: log.With("component", "replica", "primary", o.Origin), m: newMetrics(o.Registry)}
+}
+
+// Result says what one Sync did.
+type Result struct {
+	// Received are the generations made live, in order.
+	Received []Received
+}
+
+// Received is one generation received.
+type Received struct {
+	ID, From uint64 // From 0: a whole stream
+	Bytes    int64
+	Took     time.Duration
+}
+
+// Sync receives every generation the primary has that is newer than the
+// newest one here (all of the primary's, when there is none here), oldest
+// first, then applies retention. It stops at the first failure.
+func (p *Puller) Sync(ctx context.Context) (Result, error) {
+	var res Result
+	list, err := p.primary.Generations(ctx)
+	if err != nil {
+		p.m.syncs.WithLabelValues("error").Inc()
+		return res, fmt.Errorf("ask primary %s for its generations: %w", p.origin, err)
+	}
+	if err := p.check(list); err != nil {
+		p.m.syncs.WithLabelValues("refused").Inc()
+		return res, err
+	}
+	if err := p.resume(ctx, list, &res); err != nil {
+		p.m.syncs.WithLabelValues("error").Inc()
+		return res, err
+	}
+	pins := map[uint64]bool{}
+	for _, g := range list.Generations {
+		if g.Pinned {
+			pins[g.ID] = true
+		}
+	}
+	p.target.SetUpstreamPinned(pins)
+	for _, g := range list.Generations {
+		local := p.target.Generations()
+		var newest uint64
+		if len(local) > 0 {
+			newest = local[len(local)-1].ID
+		}
+		if g.ID <= newest {
+			continue
+		}
+		r, err := p.pull(ctx, g, base(local, list.Generations, g.ID))
+		if err != nil {
+			p.m.syncs.WithLabelValues("error").Inc()
+			p.observeLag(list)
+			return res, err
+		}
+		res.Received = append(res.Received, r)
+	}
+	p.target.Retain(ctx)
+	p.m.syncs.WithLabelValues("ok").Inc()
+	p.m.lastSync.SetToCurrentTime()
+	p.observeLag(list)
+	return res, nil
+}
+
+// check refuses a primary of another backend or another central store.
+func (p *Puller) check(list api.GenerationList) error {
+	if list.Backend != "" && list.Backend != p.backend.Kind() {
+		return fmt.Errorf("primary %s keeps %s snapshots and this replica %s: mixed backends cannot replicate; nothing received", p.origin, list.Backend, p.backend.Kind())
+	}
+	if mine := p.target.StoreID(); mine != "" && list.Store != "" && list.Store != mine {
+		return fmt.Errorf("primary %s serves central store %s, but this replica's generations come from store %s (a primary of another cluster?): nothing received", p.origin, list.Store, mine)
+	}
+	return nil
+}
+
+// base is the generation an incremental stream of id starts from: the
+// newest generation here older than id that the primary still has live,
+// 0 (a whole stream) when there is none.
+func base(local, primary []api.Generation, id uint64) uint64 {
+	live := map[uint64]string{}
+	for _, g := range primary {
+		live[g.ID] = g.RegistrationSHA256
+	}
+	for i := len(local) - 1; i >= 0; i-- {
+		g := local[i]
+		if sum, ok := live[g.ID]; ok && g.ID < id && sum == g.RegistrationSHA256 {
+			return g.ID
+		}
+	}
+	return 0
+}
+
+// pull receives generation g (incremental from from unless 0) and makes it
+// live. An incremental stream that the backend cannot apply (btrfs: the
+// primary's base changed since it was sent) is retried once as a whole
+// stream.
+func (p *Puller) pull(ctx context.Context, g api.Generation, from uint64) (Received, error) {
+	r, err := p.receive(ctx, g, from, "")
+	if err != nil && from != 0 && ctx.Err() == nil && !errors.Is(err, errRefused) {
+		p.log.Warn("incremental stream failed; taking a whole stream", "generation", g.ID, "from", from, "err", err)
+		return p.receive(ctx, g, 0, "")
+	}
+	return r, err
+}
+
+// errRefused marks refusals that a whole stream would not cure.
+var errRefused = errors.New("refused")
+
+func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, token string) (Received, error) {
+	start := time.Now()
+	kind := "full"
+	if from != 0 {
+		kind = "incremental"
+	}
+	if token != "" {
+		kind = "resume"
+	}
+	st, err := p.primary.Stream(ctx, api.StreamRequest{ID: g.ID, From: from, Backend: p.backend.Kind(), Resume: token})
+	if err != nil {
+		var se *api.StatusError
+		if errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusConflict) {
+			return Received{}, fmt.Errorf("%w: generation %d: %w (check replica.token_file)", errRefused, g.ID, err)
+		}
+		return Received{}, fmt.Errorf("generation %d: %w", g.ID, err)
+	}
+	defer st.Close()
+	if token == "" {
+		if err := p.markReceiving(g.ID); err != nil {
+			return Received{}, err
+		}
+	}
+	var snap snapshot.Snapshot
+	if token != "" {
+		snap, err = p.backend.(snapshot.Resumer).ResumeReceive(ctx, st, g.ID)
+	} else {
+		snap, err = p.backend.Receive(ctx, st, g.ID, from)
+	}
+	if err != nil {
+		p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
+		return Received{}, fmt.Errorf("receive generation %d from %d: %w", g.ID, from, err)
+	}
+	// Whatever the backend left unread must arrive and match the trailers.
+	_, err = io.Copy(io.Discard, st)
+	p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
+	if err == nil {
+		_, err = p.target.AddReceived(ctx, g, snap, p.origin)
+		if err != nil {
+			err = fmt.Errorf("%w: %w", errRefused, err)
+		}
+	}
+	if err != nil {
+		if derr := p.backend.Destroy(context.WithoutCancel(ctx), g.ID); derr != nil {
+			p.log.Error("destroy refused snapshot", "generation", g.ID, "err", derr)
+		}
+		p.clearReceiving()
+		return Received{}, fmt.Errorf("generation %d: %w", g.ID, err)
+	}
+	p.clearReceiving()
+	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), Took: time.Since(start)}
+	p.log.Info("received generation", "generation", g.ID, "from", from, "kind", kind, "bytes", r.Bytes, "took", r.Took.Round(time.Millisecond))
+	return r, nil
+}
+
+// The receive in progress is recorded in <state_dir>/replica-receiving so
+// that after a crash a backend that can resume (ZFS) knows which
+// generation its resume token belongs to.
+func (p *Puller) receivingFile() string { return filepath.Join(p.stateDir, "replica-receiving") }
+
+func (p *Puller) markReceiving(id uint64) error {
+	if p.stateDir == "" {
+		return nil
+	}
+	if _, ok := p.backend.(snapshot.Resumer); !ok {
+		return nil
+	}
+	return atomicfile.WriteFile(p.receivingFile(), []byte(strconv.FormatUint(id, 10)+"\n"), 0o644)
+}
+
+func (p *Puller) clearReceiving() {
+	if p.stateDir != "" {
+		os.Remove(p.receivingFile())
+	}
+}
+
+// resume finishes an interrupted receive (ZFS resume token) when the
+// primary still has that generation, and otherwise discards it.
+func (p *Puller) resume(ctx context.Context, list api.GenerationList, res *Result) error {
+	rs, ok := p.backend.(snapshot.Resumer)
+	if !ok {
+		return nil
+	}
+	tok, err := rs.ResumeToken(ctx)
+	if err != nil || tok == "" {
+		return err
+	}
+	b, _ := os.ReadFile(p.receivingFile())
+	id, _ := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	for _, g := range list.Generations {
+		if g.ID != id {
+			continue
+		}
+		p.log.Info("resuming an interrupted receive", "generation", id)
+		r, err := p.receive(ctx, g, 0, tok)
+		if err == nil {
+			res.Received = append(res.Received, r)
+			return nil
+		}
+		p.log.Warn("resume failed; starting the generation again", "generation", id, "err", err)
+		break
+	}
+	p.clearReceiving()
+	return rs.AbortReceive(ctx)
+}
+
+func (p *Puller) observeLag(list api.GenerationList) {
+	local := p.target.Generations()
+	var newest uint64
+	if len(local) > 0 {
+		newest = local[len(local)-1].ID
+	}
+	behind := 0
+	var oldest time.Time
+	for _, g := range list.Generations {
+		if g.ID > newest {
+			if behind == 0 {
+				oldest = g.Created
+			}
+			behind++
+		}
+	}
+	p.m.lagGens.Set(float64(behind))
+	if behind == 0 {
+		p.m.lagSecs.Set(0)
+	} else {
+		p.m.lagSecs.Set(time.Since(oldest).Seconds())
+	}
+}
+
+type metrics struct {
+	bytes    *prometheus.CounterVec
+	syncs    *prometheus.CounterVec
+	lagGens  prometheus.Gauge
+	lagSecs  prometheus.Gauge
+	lastSync prometheus.Gauge
+}
+
+func newMetrics(reg *prometheus.Registry) *metrics {
+	m := &metrics{
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strata_replica_stream_bytes_total", Help: "Snapshot stream bytes received from the primary, by kind (full, incremental, resume).",
+		}, []string{"kind"}),
+		syncs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strata_replica_syncs_total", Help: "Replica syncs by result (ok, error, refused).",
+		}, []string{"result"}),
+		lagGens: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "strata_replica_lag_generations", Help: "Generations live on the primary and newer than the newest here.",
+		}),
+		lagSecs: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "strata_replica_lag_seconds", Help: "Age of the oldest generation the primary has and this replica still lacks (0: in step).",
+		}),
+		lastSync: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "strata_replica_last_sync_timestamp_seconds", Help: "When the last successful sync finished (Unix time).",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.bytes, m.syncs, m.lagGens, m.lagSecs, m.lastSync)
+	}
+	return m
+}

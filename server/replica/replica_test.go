@@ -1,0 +1,107 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/snapshot"
+)
+
+// Fakes for the decisions only; the data path (real btrfs, real streams
+// over HTTP) is proven by server's TestReplicaFollowsPrimary.
+
+type fakePrimary struct {
+	list    api.GenerationList
+	streams []api.StreamRequest
+}
+
+func (f *fakePrimary) Generations(context.Context) (api.GenerationList, error) { return f.list, nil }
+func (f *fakePrimary) Stream(_ context.Context, r api.StreamRequest) (*api.Stream, error) {
+	f.streams = append(f.streams, r)
+	return nil, errors.New("fake primary streams nothing")
+}
+
+type fakeBackend struct{ kind string }
+
+func (f fakeBackend) Kind() string { return f.kind }
+func (f fakeBackend) Send(context.Context, io.Writer, uint64, uint64) error {
+	return errors.New("not used")
+}
+func (f fakeBackend) Receive(context.Context, io.Reader, uint64, uint64) (snapshot.Snapshot, error) {
+	return snapshot.Snapshot{}, errors.New("not used")
+}
+func (f fakeBackend) Destroy(context.Context, uint64) error { return nil }
+
+type fakeTarget struct {
+	gens  []api.Generation
+	store string
+}
+
+func (f *fakeTarget) Generations() []api.Generation { return f.gens }
+func (f *fakeTarget) StoreID() string               { return f.store }
+func (f *fakeTarget) AddReceived(context.Context, api.Generation, snapshot.Snapshot, string) (api.Generation, error) {
+	return api.Generation{}, errors.New("not used")
+}
+func (f *fakeTarget) SetUpstreamPinned(map[uint64]bool) {}
+func (f *fakeTarget) Retain(context.Context)            {}
+
+func gen(id uint64, sum string) api.Generation {
+	return api.Generation{ID: id, RegistrationSHA256: sum}
+}
+
+func TestRefusedBeforeAnyStream(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		list  api.GenerationList
+		store string
+		want  string
+	}{
+		{"mixed backends", api.GenerationList{Backend: "zfs", Generations: []api.Generation{gen(1, "a")}}, "", "mixed backends"},
+		{"another store", api.GenerationList{Backend: "btrfs", Store: "s2", Generations: []api.Generation{gen(1, "a")}}, "s1", "another cluster"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pr := &fakePrimary{list: tc.list}
+			p := New(Options{Origin: "http://primary", Primary: pr, Backend: fakeBackend{"btrfs"}, Target: &fakeTarget{store: tc.store}})
+			_, err := p.Sync(context.Background())
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "nothing received") {
+				t.Fatalf("Sync: %v, want %q and nothing received", err, tc.want)
+			}
+			if len(pr.streams) != 0 {
+				t.Fatalf("asked for streams %+v after refusing", pr.streams)
+			}
+		})
+	}
+}
+
+func TestBase(t *testing.T) {
+	prim := []api.Generation{gen(3, "c"), gen(4, "d"), gen(5, "e")}
+	for _, tc := range []struct {
+		local []api.Generation
+		id    uint64
+		want  uint64
+	}{
+		{nil, 3, 0}, // nothing here: whole
+		{[]api.Generation{gen(3, "c")}, 4, 3},
+		{[]api.Generation{gen(3, "c"), gen(4, "d")}, 5, 4},
+		{[]api.Generation{gen(1, "a"), gen(2, "b")}, 3, 0}, // base gone on the primary: whole
+		{[]api.Generation{gen(3, "c"), gen(4, "X")}, 5, 3}, // 4 differs (another lineage): the older common one
+		{[]api.Generation{gen(3, "c"), gen(9, "z")}, 5, 3}, // never a base newer than the generation
+		{[]api.Generation{gen(3, "other")}, 4, 0},          // same id, other registration: whole
+	} {
+		if got := base(tc.local, prim, tc.id); got != tc.want {
+			t.Errorf("base(%v, %d) = %d, want %d", ids(tc.local), tc.id, got, tc.want)
+		}
+	}
+}
+
+func ids(gs []api.Generation) []uint64 {
+	var out []uint64
+	for _, g := range gs {
+		out = append(out, g.ID)
+	}
+	return out
+}
