@@ -6,7 +6,7 @@ export GOTOOLCHAIN ?= auto
 GO ?= go
 BIN := bin/strata
 
-.PHONY: all build deps demo demo-host test unit integration test-vm bench bench-nfs bench-builder bench-cluster fuzz clean
+.PHONY: all build deps demo demo-host test unit integration test-vm bench bench-nfs bench-builder bench-cluster bench-replica fuzz clean
 
 all: build
 
@@ -69,6 +69,14 @@ bench-builder: build
 # bytes at rest. Holds the machine-wide benchmark lock.
 bench-cluster: build
 	flock /tmp/strata-vm.lock $(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 30m ./bench/cluster/
+
+# bench-replica: replicating a generation that adds 1,000 paths to a
+# 100,000-path store to a replica server (btrfs send/receive through the
+# API) vs rsync -a --delete of the same change, same run. Under the
+# machine-wide benchmark lock.
+bench-replica: build
+	scripts/deps.sh bench
+	flock /tmp/strata-vm.lock $(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/replica/
 
 # fuzz: a short run of every fuzz target.
 fuzz: deps

@@ -9,7 +9,7 @@ for tier in "$@"; do
 	case "$tier" in
 	base) ;;
 	vm) want+=(qemu-system-x86 binutils) ;;
-	bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind) ;;
+	bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind rsync) ;;
 	nix-trixie) trixie=1 ;;
 	*) echo "deps.sh: unknown tier $tier (want base, vm, bench or nix-trixie)" >&2; exit 2 ;;
 	esac
