@@ -89,7 +89,10 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 				if err != nil {
 					return server.Config{}, err
 				}
-				return server.ConfigFrom(v)
+				next, err := server.ConfigFrom(v)
+				// One-shot start flags are not keys: a reload keeps them.
+				next.AdoptStore, next.NewHandleKey = *adoptStore, *newKey
+				return next, err
 			},
 		})
 	}
