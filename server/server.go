@@ -70,6 +70,9 @@ type Server struct {
 	storeErr error
 	// problems are snapshots kept but not served, for status.
 	problems []string
+	// leftover is the id of a failed publish whose snapshot could not be
+	// destroyed; "publishing" still names it.
+	leftover uint64
 	// pause is the publish step at which a test makes the process wait to
 	// be killed (STRATA_DEBUG_PUBLISH_PAUSE).
 	pause string
@@ -495,6 +498,20 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	if err := s.ensureStoreID(); err != nil {
 		return api.PublishResult{}, err
 	}
+	if s.leftover != 0 {
+		// A failed publish's snapshot that could not be destroyed: the
+		// state still names it, so it is the one to go before another.
+		if err := s.backend.Destroy(ctx, s.leftover); err != nil && !errors.Is(err, snapshot.ErrNotFound) {
+			return api.PublishResult{}, fmt.Errorf("publish: destroy snapshot %s of a failed publish first: %w", snapshot.Name(s.leftover), err)
+		}
+		if err := s.state.removeGeneration(s.leftover); err != nil {
+			return api.PublishResult{}, err
+		}
+		if err := s.state.clearPublishing(); err != nil {
+			return api.PublishResult{}, err
+		}
+		s.leftover = 0
+	}
 	id, err := s.state.nextID(1)
 	if err != nil {
 		return api.PublishResult{}, err
@@ -507,9 +524,9 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	if err := s.state.setNextID(id + 1); err != nil {
 		return api.PublishResult{}, err
 	}
-	stored := false
+	stored, left := false, false
 	defer func() {
-		if stored {
+		if stored || left {
 			return
 		}
 		if err := s.state.clearPublishing(); err != nil {
@@ -531,7 +548,11 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	defer func() {
 		if !ok {
 			if err := s.backend.Destroy(context.WithoutCancel(ctx), id); err != nil {
-				s.log.Error("destroy unpublished snapshot", "snapshot", snap.Name, "err", err)
+				// "publishing" keeps naming it: the next publish or start
+				// destroys it.
+				s.log.Error("destroy unpublished snapshot; the next publish or start tries again", "snapshot", snap.Name, "err", err)
+				s.leftover, left = id, true
+				return
 			}
 			if stored {
 				if err := s.state.removeGeneration(id); err != nil {
