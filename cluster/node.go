@@ -319,6 +319,20 @@ func (n *Node) merge(s State) bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if s.Node == n.self.Node {
+		// Others hold a state of ours at least as new as the current one
+		// (a previous run whose clock was ahead): outbid it, or they would
+		// ignore everything we say.
+		if s.Seq >= n.self.Seq {
+			n.self.Seq = s.Seq + 1
+			st := n.self
+			n.queue.QueueBroadcast(&broadcast{node: st.Node, msg: EncodeState(st.forBroadcast())})
+			if st.Role == RoleBuilder {
+				select {
+				case n.direct <- struct{}{}:
+				default:
+				}
+			}
+		}
 		return false
 	}
 	old, ok := n.states[s.Node]

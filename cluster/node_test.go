@@ -275,3 +275,20 @@ func TestKeyRotationWhileRunning(t *testing.T) {
 		t.Fatalf("using a removed key: %v", err)
 	}
 }
+
+// TestRestartOutbidsOldState: a member restarted with a clock behind its
+// previous run still gets its new state accepted.
+func TestRestartOutbidsOldState(t *testing.T) {
+	srv := mustNode(t, "srv", RoleServer, nil)
+	// What the previous run said, as others still hold it: a seq far ahead.
+	old := State{Node: "b", Seq: 1 << 62, Role: RoleBuilder, Mounted: []uint64{7}}
+	if !srv.merge(old) {
+		t.Fatal("old state not merged")
+	}
+	b := mustNode(t, "b", RoleBuilder, nil, srv.Addr())
+	b.SetBuilderState("x", "idle", []uint64{9})
+	waitFor(t, 5*time.Second, "the restarted member's state to win", func() bool {
+		h, _ := srv.Holds()
+		return reflect.DeepEqual(h, map[uint64][]string{9: {"b"}})
+	})
+}
