@@ -77,9 +77,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 type logWriter struct {
 	log     *slog.Logger
 	refused atomic.Int64
+	// off drops memberlist's lines once the member is closing: its
+	// goroutines may still log after Shutdown returns.
+	off atomic.Bool
 }
 
 func (w *logWriter) Write(p []byte) (int, error) {
+	if w.off.Load() {
+		return len(p), nil
+	}
 	for _, line := range bytes.Split(bytes.TrimRight(p, "\n"), []byte("\n")) {
 		s := string(line)
 		if i := strings.Index(s, "["); i >= 0 {

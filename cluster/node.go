@@ -133,6 +133,7 @@ type Node struct {
 	meta    []byte
 	started time.Time
 	stats   *stats
+	mlLog   *logWriter
 
 	mu      sync.Mutex
 	self    State
@@ -188,7 +189,8 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 		mc.Keyring = cfg.Keyring.ml
 		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	}
-	mc.LogOutput = &logWriter{log: n.log}
+	n.mlLog = &logWriter{log: n.log}
+	mc.LogOutput = n.mlLog
 	mc.Delegate = (*delegate)(n)
 	mc.Events = (*events)(n)
 	if cfg.Tune != nil {
@@ -818,6 +820,7 @@ func (n *Node) Close() error {
 	close(n.stop)
 	<-n.done
 	n.sendWG.Wait()
+	n.mlLog.off.Store(true)
 	if err := n.ml.Shutdown(); err != nil {
 		return fmt.Errorf("stop cluster member: %w", err)
 	}
