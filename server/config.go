@@ -11,6 +11,7 @@ import (
 
 	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/config"
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
 // DefaultConfigFile is where `strata server` reads its settings.
@@ -32,8 +33,9 @@ var Keys = []config.Key{
 	{Name: "api.token_file", Kind: config.String, Default: "/etc/strata/api-token", Usage: "file with the bearer token mutating TCP calls need"},
 	{Name: "api.socket", Kind: config.String, Default: "", Usage: "unix socket for the API; calls on it need no token (default <state_dir>/api.sock)"},
 	{Name: "nfs.listen", Kind: config.String, Default: "0.0.0.0:2049", Usage: "NFSv3 + MOUNT TCP address (empty disables the export)"},
-	{Name: "nfs.allow", Kind: config.List, Default: []string{"127.0.0.0/8"}, Usage: "client networks (CIDR) allowed to connect to the export"},
+	{Name: "nfs.allow", Kind: config.List, Default: []string{"127.0.0.0/8"}, Usage: "client networks (CIDR or address) allowed to connect to the export; must not be empty (allow everyone explicitly: 0.0.0.0/0,::/0)"},
 	{Name: "nfs.max_conns", Kind: config.Int, Default: 1024, Usage: "maximum concurrent NFS connections"},
+	{Name: "nfs.max_conns_per_client", Kind: config.Int, Default: 128, Usage: "maximum concurrent NFS connections from one client address"},
 	{Name: "nfs.idle_timeout", Kind: config.Duration, Default: "15m", Usage: "close NFS connections idle this long"},
 	{Name: "nfs.busy_poll", Kind: config.Duration, Default: "50us", Usage: "how long an NFS connection waits for its next call spinning, while CPU is spare, before it sleeps (0 disables)"},
 	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it, nfs.allow and the API token)"},
@@ -67,6 +69,7 @@ type Config struct {
 	NFSListen       string
 	NFSAllow        []netip.Prefix
 	NFSMaxConns     int
+	NFSMaxPerClient int
 	NFSIdleTimeout  time.Duration
 	NFSBusyPoll     time.Duration
 	LogLevel        string
@@ -107,6 +110,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		Socket:          v.String("api.socket"),
 		NFSListen:       v.String("nfs.listen"),
 		NFSMaxConns:     v.Int("nfs.max_conns"),
+		NFSMaxPerClient: v.Int("nfs.max_conns_per_client"),
 		NFSIdleTimeout:  v.Duration("nfs.idle_timeout"),
 		NFSBusyPoll:     v.Duration("nfs.busy_poll"),
 		LogLevel:        v.String("log.level"),
@@ -164,19 +168,16 @@ func ConfigFrom(v config.Values) (Config, error) {
 			return c, bad("nfs.listen", c.NFSListen, "host:port")
 		}
 	}
-	for _, s := range v.List("nfs.allow") {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			if a, err2 := netip.ParseAddr(s); err2 == nil {
-				p = netip.PrefixFrom(a, a.BitLen())
-			} else {
-				return c, bad("nfs.allow", s, "a CIDR such as 10.0.0.0/8")
-			}
-		}
-		c.NFSAllow = append(c.NFSAllow, p.Masked())
+	allow, err := guard.ParseAllow(v.List("nfs.allow"))
+	if err != nil {
+		return c, fmt.Errorf("config: key %q (from %s): %w", "nfs.allow", v.Source["nfs.allow"], err)
 	}
+	c.NFSAllow = allow
 	if c.NFSMaxConns < 1 {
 		return c, bad("nfs.max_conns", c.NFSMaxConns, "at least 1")
+	}
+	if c.NFSMaxPerClient < 1 {
+		return c, bad("nfs.max_conns_per_client", c.NFSMaxPerClient, "at least 1")
 	}
 	if c.NFSIdleTimeout < time.Second {
 		return c, bad("nfs.idle_timeout", c.NFSIdleTimeout, "at least 1s")

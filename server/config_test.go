@@ -52,6 +52,12 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"impossible backend", "snapshot:\n  backend: ext4\n", nil, nil, []string{`"snapshot.backend"`, `"ext4"`, "btrfs or zfs"}},
 		{"relative path", "store:\n  root: nix\n", nil, nil, []string{`"store.root"`, `"nix"`, "absolute path"}},
 		{"bad cidr", "nfs:\n  allow: [10.0.0.0/33]\n", nil, nil, []string{`"nfs.allow"`, `"10.0.0.0/33"`, "CIDR"}},
+		{"empty allow in file", "nfs:\n  allow: []\n", nil, nil, []string{`"nfs.allow"`, "from file", "0.0.0.0/0", "::/0"}},
+		{"empty allow in env", "", map[string]string{"STRATA_NFS_ALLOW": ""}, nil, []string{`"nfs.allow"`, "STRATA_NFS_ALLOW", "0.0.0.0/0", "::/0"}},
+		{"comma allow in env", "", map[string]string{"STRATA_NFS_ALLOW": ","}, nil, []string{`"nfs.allow"`, "STRATA_NFS_ALLOW", "0.0.0.0/0"}},
+		{"empty allow in flag", "", nil, []string{"--nfs-allow="}, []string{`"nfs.allow"`, "--nfs-allow", "0.0.0.0/0"}},
+		{"short mapped allow", "nfs:\n  allow: ['::ffff:0.0.0.0/64']\n", nil, nil, []string{`"nfs.allow"`, "96 bits"}},
+		{"per-client cap", "nfs:\n  max_conns_per_client: 0\n", nil, nil, []string{`"nfs.max_conns_per_client"`, "at least 1"}},
 		{"bad listen", "nfs:\n  listen: 2049\n", nil, nil, []string{`"nfs.listen"`, `"2049"`, "host:port"}},
 		{"tiny interval", "publish:\n  interval: 1ms\n", nil, nil, []string{`"publish.interval"`, "at least 1s"}},
 		{"long busy poll", "nfs:\n  busy_poll: 5ms\n", nil, nil, []string{`"nfs.busy_poll"`, `"5ms"`, "up to 1ms"}},
@@ -89,6 +95,10 @@ func TestConfigPrecedence(t *testing.T) {
 	}
 	if len(c.NFSAllow) != 1 || c.NFSAllow[0].String() != "10.1.0.0/16" {
 		t.Errorf("nfs.allow %v", c.NFSAllow)
+	}
+	c, err = load(t, "nfs:\n  allow: ['::ffff:127.0.0.0/104', 0.0.0.0/0, '::/0']\n", nil)
+	if err != nil || len(c.NFSAllow) != 3 || c.NFSAllow[0].String() != "127.0.0.0/8" {
+		t.Errorf("mapped and allow-all entries: %v %v", c.NFSAllow, err)
 	}
 	if c.SnapshotDir != "/nix/.strata" || c.Socket != "/var/lib/strata/server/api.sock" || c.PublishInterval.String() != "5m0s" {
 		t.Errorf("derived defaults: %+v", c)

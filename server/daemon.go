@@ -20,6 +20,7 @@ import (
 	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/lifecycle"
+	"github.com/strata-nix/strata/internal/secretfile"
 	"github.com/strata-nix/strata/server/nfs"
 	"github.com/strata-nix/strata/server/replica"
 	"github.com/strata-nix/strata/snapshot"
@@ -228,8 +229,21 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = 20 * time.Second
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("create state dir: %w", err)
+	// A second daemon on the same state dir, or an unsafe token file,
+	// stops here, before anything is bound or touched.
+	if err := apiserve.CheckSocket(cfg.Socket); err != nil {
+		return err
+	}
+	tokenText, err := apiserve.ReadToken(cfg.TokenFile)
+	if err != nil {
+		return err
+	}
+	tightened, err := secretfile.PrivateDir(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	if tightened {
+		log.Warn("state dir was readable by other users; made it 0700", "dir", cfg.StateDir)
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -283,11 +297,6 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		node.SetServerState(ClusterGenerations(srv.Generations()))
 	}
 
-	tokenText, err := apiserve.ReadToken(cfg.TokenFile)
-	if err != nil {
-		ex.close()
-		return err
-	}
 	token := apiserve.NewToken(tokenText)
 	var puller *replica.Puller
 	if cfg.ReplicaOf != "" {
@@ -398,6 +407,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			node.Leave(2 * time.Second)
 		}
 		as.Shutdown(ctx)
+		srv.Shutdown() // publishes started over the API: cancelled and waited for
 		<-nfsDone
 		ex.close()
 	})

@@ -10,7 +10,6 @@ import (
 
 	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/server/nfs"
-	"github.com/strata-nix/strata/server/nfs/busypoll"
 	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
@@ -32,12 +31,14 @@ func (e export) close() {
 	}
 }
 
-// openExport builds the NFS export and binds its guarded listener. With
-// nfs.listen empty there is no export (a zero export, nil).
+// openExport builds the NFS export and binds its guarded listener (the
+// stack of nfs.Listen). With nfs.listen empty there is no export (a zero
+// export, nil).
 func openExport(_ context.Context, cfg Config, log *slog.Logger, reg *prometheus.Registry) (export, error) {
 	if cfg.NFSListen == "" {
 		return export{}, nil
 	}
+	nfs.SetGoNFSLogger(log)
 	exp, err := nfs.New(nfs.Options{StateDir: cfg.StateDir, Logger: log.With("component", "nfs"), Registry: reg})
 	if err != nil {
 		return export{}, err
@@ -48,18 +49,9 @@ func openExport(_ context.Context, cfg Config, log *slog.Logger, reg *prometheus
 		return export{}, fmt.Errorf("listen nfs %s: %w", cfg.NFSListen, err)
 	}
 	l := lifecycle.WatchListener(raw, "nfs accept loop", acceptStall)
-	window := cfg.NFSBusyPoll
-	if window == 0 {
-		window = -1 // disabled
-	}
-	bl := busypoll.Listen(l, window)
-	if err := reg.Register(bl); err != nil {
-		l.Close()
-		exp.Close()
-		return export{}, fmt.Errorf("register busy-poll metrics: %w", err)
-	}
-	gl, err := guard.Listen(bl, guard.Options{Allow: cfg.NFSAllow, MaxConns: cfg.NFSMaxConns, IdleTimeout: cfg.NFSIdleTimeout},
-		log.With("component", "nfs-guard"), reg)
+	gl, err := nfs.Listen(nfs.ListenOptions{Inner: l, BusyPoll: cfg.NFSBusyPoll, Guard: guard.Options{
+		Allow: cfg.NFSAllow, MaxConns: cfg.NFSMaxConns, MaxConnsPerClient: cfg.NFSMaxPerClient, IdleTimeout: cfg.NFSIdleTimeout,
+	}}, log, reg)
 	if err != nil {
 		l.Close()
 		exp.Close()

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -120,7 +121,9 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 	mux.HandleFunc("GET /v1/generations/{id}/stream", s.streamHandler(token))
 	mutating := func(h http.HandlerFunc) http.HandlerFunc { return apiserve.Mutating(token, h) }
 	mux.HandleFunc("POST /v1/publish", mutating(func(w http.ResponseWriter, r *http.Request) {
-		res, err := s.Publish(r.Context())
+		// A publish may take longer than the API's write timeout.
+		http.NewResponseController(w).SetWriteDeadline(time.Time{})
+		res, err := s.PublishDetached(r.Context())
 		if err != nil {
 			writeErr(w, http.StatusInternalServerError, err)
 			return

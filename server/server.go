@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,8 +55,17 @@ type Server struct {
 	inUse   InUse
 	step    *lifecycle.Step
 
-	mu   sync.Mutex // serialises publish, pin, unpin, forget, retention
-	gens map[uint64]*generation
+	// mu serialises every change of the generations and of the state dir:
+	// publish, pin, unpin, forget, retention. Reads of the generation list
+	// never take it: they read live, the sorted list swapped in after each
+	// change (swap), so a long publish never holds up GET /v1/generations,
+	// /v1/status or /metrics.
+	mu   sync.Mutex
+	gens map[uint64]*generation // guarded by mu
+	live atomic.Pointer[[]api.Generation]
+	// infoMu guards missing, problems and waits for readers (status) that
+	// must not wait for a publish; writers hold mu too.
+	infoMu sync.Mutex
 	// waits is what the last retention pass kept, and why.
 	waits []api.RetentionWait
 	// announce is Options.Announce.
@@ -76,6 +86,12 @@ type Server struct {
 	// pause is the publish step at which a test makes the process wait to
 	// be killed (STRATA_DEBUG_PUBLISH_PAUSE).
 	pause string
+
+	// life bounds work that outlives the request that started it (a
+	// publish over the API); Shutdown cancels it and waits for that work.
+	life     context.Context
+	stopLife context.CancelFunc
+	detached sync.WaitGroup
 
 	metrics *metrics
 
@@ -132,6 +148,8 @@ func New(ctx context.Context, o Options) (*Server, error) {
 	s := &Server{cfg: o.Config, log: o.Logger, backend: o.Backend, state: state{dir: o.Config.StateDir},
 		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}, missing: map[uint64]*generation{},
 		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce}
+	s.life, s.stopLife = context.WithCancel(context.WithoutCancel(ctx))
+	s.swap()
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -167,6 +185,7 @@ func New(ctx context.Context, o Options) (*Server, error) {
 			}
 		}
 	}
+	s.swap()
 	return s, nil
 }
 
@@ -191,8 +210,8 @@ func (s *Server) adoptStore(p *plan) error {
 
 // Missing returns the generations whose snapshot is missing, oldest first.
 func (s *Server) Missing() []api.Generation {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.infoMu.Lock()
+	defer s.infoMu.Unlock()
 	var out []api.Generation
 	for _, id := range slices.Sorted(maps.Keys(s.missing)) {
 		out = append(out, s.missing[id].Generation)
@@ -203,8 +222,8 @@ func (s *Server) Missing() []api.Generation {
 // Problems returns what a start found wrong but kept: snapshots not
 // served, and why publishing is refused.
 func (s *Server) Problems() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.infoMu.Lock()
+	defer s.infoMu.Unlock()
 	out := slices.Clone(s.problems)
 	if s.storeErr != nil {
 		out = append(out, s.storeErr.Error())
@@ -242,7 +261,9 @@ func (s *Server) Forget(id, confirm uint64) error {
 	if err := s.state.removeGeneration(id); err != nil {
 		return err
 	}
+	s.infoMu.Lock()
 	delete(s.missing, id)
+	s.infoMu.Unlock()
 	s.log.Warn("forgot generation whose snapshot is missing", "generation", id)
 	return nil
 }
@@ -258,41 +279,51 @@ func (s *Server) sorted() []*generation {
 	return out
 }
 
-// Generations returns the live generations, oldest first.
-func (s *Server) Generations() []api.Generation {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []api.Generation
-	for _, g := range s.sorted() {
-		out = append(out, g.Generation)
+// swap publishes the current generations to readers. Call it with mu held
+// (or before the Server is shared) after every change of s.gens.
+func (s *Server) swap() {
+	gs := s.sorted()
+	l := make([]api.Generation, len(gs))
+	for i, g := range gs {
+		l[i] = g.Generation
 	}
-	return out
+	s.live.Store(&l)
+}
+
+// Shutdown cancels publishes started over the API that are still running
+// and waits for them to end.
+func (s *Server) Shutdown() {
+	s.stopLife()
+	s.detached.Wait()
+}
+
+// Generations returns the live generations, oldest first. It never waits
+// for a publish.
+func (s *Server) Generations() []api.Generation {
+	l := *s.live.Load()
+	if len(l) == 0 {
+		return nil
+	}
+	return append([]api.Generation(nil), l...)
 }
 
 // Generation returns one live generation.
 func (s *Server) Generation(id uint64) (api.Generation, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	g, ok := s.gens[id]
-	if !ok {
-		return api.Generation{}, false
+	for _, g := range *s.live.Load() {
+		if g.ID == id {
+			return g, true
+		}
 	}
-	return g.Generation, true
+	return api.Generation{}, false
 }
 
 // Latest returns the newest live generation, if any.
 func (s *Server) Latest() (api.Generation, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.latestLocked()
-}
-
-func (s *Server) latestLocked() (api.Generation, bool) {
-	gs := s.sorted()
-	if len(gs) == 0 {
+	l := *s.live.Load()
+	if len(l) == 0 {
 		return api.Generation{}, false
 	}
-	return gs[len(gs)-1].Generation, true
+	return l[len(l)-1], true
 }
 
 // ErrUnknownGeneration is returned for ids that are not live.
@@ -462,11 +493,9 @@ func (s *Server) Holders() map[uint64][]string {
 		return nil
 	}
 	h, _ := s.inUse()
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	out := map[uint64][]string{}
 	for id, who := range h {
-		if _, live := s.gens[id]; live {
+		if _, live := s.Generation(id); live {
 			out[id] = who
 		}
 	}
@@ -476,16 +505,39 @@ func (s *Server) Holders() map[uint64][]string {
 // RetentionWaits lists the generations the last retention pass would
 // have destroyed but kept (held by builders, or holds not known yet).
 func (s *Server) RetentionWaits() []api.RetentionWait {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.infoMu.Lock()
+	defer s.infoMu.Unlock()
 	return append([]api.RetentionWait{}, s.waits...)
+}
+
+// PublishDetached is Publish for a caller that may go away (an HTTP
+// client): the publish runs on, bounded by the server's life (Shutdown), and
+// ctx only bounds the wait for its result.
+func (s *Server) PublishDetached(ctx context.Context) (api.PublishResult, error) {
+	type result struct {
+		res api.PublishResult
+		err error
+	}
+	ch := make(chan result, 1)
+	s.detached.Add(1)
+	go func() {
+		defer s.detached.Done()
+		res, err := s.Publish(s.life)
+		ch <- result{res, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.res, r.err
+	case <-ctx.Done():
+		return api.PublishResult{}, fmt.Errorf("publish continues without its caller: %w", ctx.Err())
+	}
 }
 
 func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	if s.storeErr != nil {
 		return api.PublishResult{}, fmt.Errorf("publish: %w", s.storeErr)
 	}
-	latest, haveLatest := s.latestLocked()
+	latest, haveLatest := s.Latest()
 	// Cheap check first: the live DB's valid paths equal the newest
 	// generation's, so a snapshot would publish nothing.
 	if haveLatest {
@@ -615,6 +667,7 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	}
 	ok = true
 	s.gens[id] = &generation{Generation: g, path: snap.Path}
+	s.swap()
 	return api.PublishResult{Published: true, Generation: &g}, nil
 }
 
@@ -704,6 +757,7 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 		s.log.Error("write pin onto snapshot", "generation", id, "err", err)
 	}
 	g.Pinned, g.PinName = pinned, name
+	s.swap()
 	if !pinned {
 		s.retainLocked(context.Background())
 	}
@@ -723,7 +777,12 @@ func (s *Server) Retain(ctx context.Context) {
 func (s *Server) retainLocked(ctx context.Context) {
 	gs := s.sorted()
 	prev := s.waits
-	s.waits = nil
+	var waits []api.RetentionWait
+	defer func() { // readers (RetentionWaits) take infoMu only
+		s.infoMu.Lock()
+		s.waits = waits
+		s.infoMu.Unlock()
+	}()
 	if len(gs) <= s.cfg.Keep {
 		return
 	}
@@ -736,27 +795,27 @@ func (s *Server) retainLocked(ctx context.Context) {
 		if destroyed {
 			s.announceLocked()
 		}
-		s.logWaits(prev)
+		s.logWaits(prev, waits)
 	}()
 	for _, g := range gs[:len(gs)-s.cfg.Keep] {
 		if g.Pinned || s.upstreamPinned[g.ID] {
 			continue
 		}
 		if g.adopted {
-			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "adopted from its snapshot by this start; retention resumes after a restart"})
+			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "adopted from its snapshot by this start; retention resumes after a restart"})
 			continue
 		}
 		if s.sending[g.ID] > 0 {
-			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "being sent to a replica"})
+			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "being sent to a replica"})
 			continue
 		}
 		if !known {
-			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "builders' holds not known yet (gossip settling)"})
+			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "builders' holds not known yet (gossip settling)"})
 			s.metrics.retentionDeferred("unknown")
 			continue
 		}
 		if h := holders[g.ID]; len(h) > 0 {
-			s.waits = append(s.waits, api.RetentionWait{Generation: g.ID, Reason: "held by builders", Holders: h})
+			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "held by builders", Holders: h})
 			s.metrics.retentionDeferred("held")
 			continue
 		}
@@ -775,16 +834,17 @@ func (s *Server) retainLocked(ctx context.Context) {
 			s.log.Error("retention: remove state", "generation", g.ID, "err", err)
 		}
 		delete(s.gens, g.ID)
+		s.swap()
 		s.log.Info("retention destroyed generation", "generation", g.ID)
 	}
 }
 
 // logWaits logs the retention waits when they differ from prev.
-func (s *Server) logWaits(prev []api.RetentionWait) {
-	if fmt.Sprint(prev) == fmt.Sprint(s.waits) {
+func (s *Server) logWaits(prev, waits []api.RetentionWait) {
+	if fmt.Sprint(prev) == fmt.Sprint(waits) {
 		return
 	}
-	for _, w := range s.waits {
+	for _, w := range waits {
 		s.log.Info("retention keeps generation", "generation", w.Generation, "reason", w.Reason, "holders", w.Holders)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/server/nfs"
+	"github.com/strata-nix/strata/server/nfs/guard"
 	"github.com/strata-nix/strata/vm/internal/manifest"
 )
 
@@ -148,7 +150,8 @@ func serveInProcess(t *testing.T, gens map[uint64]string) int {
 			t.Fatal(err)
 		}
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := nfs.Listen(nfs.ListenOptions{Addr: "127.0.0.1:0",
+		Guard: guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -51,18 +51,22 @@ func TestServerRefusesBadConfigAndStartsNothing(t *testing.T) {
 		args []string
 		want string
 	}{
-		"unknown key":    {"store:\n  roots: /nix\n", nil, nil, `unknown key "store.roots"`},
-		"wrong type":     {"retention:\n  keep: many\n", nil, nil, `"retention.keep"`},
-		"missing zfs ds": {"snapshot:\n  backend: zfs\n", nil, nil, `missing required key "snapshot.dataset"`},
-		"bad env":        {"", []string{"STRATA_PUBLISH_INTERVAL=soon"}, nil, "STRATA_PUBLISH_INTERVAL"},
-		"bad flag":       {"", nil, []string{"--nfs-allow=300.1.2.3/8"}, `"nfs.allow"`},
+		"unknown key":      {"store:\n  roots: /nix\n", nil, nil, `unknown key "store.roots"`},
+		"wrong type":       {"retention:\n  keep: many\n", nil, nil, `"retention.keep"`},
+		"missing zfs ds":   {"snapshot:\n  backend: zfs\n", nil, nil, `missing required key "snapshot.dataset"`},
+		"bad env":          {"", []string{"STRATA_PUBLISH_INTERVAL=soon"}, nil, "STRATA_PUBLISH_INTERVAL"},
+		"bad flag":         {"", nil, []string{"--nfs-allow=300.1.2.3/8"}, `"nfs.allow"`},
+		"empty allow file": {"nfs:\n  allow: []\n", nil, nil, `"nfs.allow"`},
+		"empty allow env":  {"", []string{"STRATA_NFS_ALLOW="}, nil, `"nfs.allow"`},
+		"comma allow env":  {"", []string{"STRATA_NFS_ALLOW=,"}, nil, `"nfs.allow"`},
+		"empty allow flag": {"", nil, []string{"--nfs-allow="}, `"nfs.allow"`},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			f := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".yaml")
 			os.WriteFile(f, []byte(tc.yaml+"state_dir: "+state+"\napi:\n  listen: "+port+"\n"), 0o644)
 			out, code := runStrata(t, tc.env, append([]string{"server", "--config", f}, tc.args...)...)
-			if code != 2 || !strings.Contains(out, tc.want) {
+			if code != 2 || !strings.Contains(out, tc.want) || (strings.Contains(name, "allow") && !strings.Contains(out, "0.0.0.0/0")) {
 				t.Fatalf("exit %d, output %q; want exit 2 and %q", code, out, tc.want)
 			}
 			if _, err := os.Stat(state); !os.IsNotExist(err) {

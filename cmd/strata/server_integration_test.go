@@ -92,10 +92,25 @@ nfs:
 		waitFor(t, ch, "READY=1")
 		return cmd, ch
 	}
+	// A token file others can read: refused before anything starts.
+	tok := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tok, []byte("secret\n"), 0o644)
+	if out, code := runStrata(t, nil, "server", "--config", cfg, "--api-token-file", tok); code == 0 || !strings.Contains(out, tok) || !strings.Contains(out, "chmod 600") {
+		t.Fatalf("server with a 0644 token file: exit %d %q; want a refusal naming the file and chmod 600", code, out)
+	}
+
 	cmd, ch := start()
 	waitFor(t, ch, "STATUS=serving generation 1")
 
 	apiAddr := "unix:" + filepath.Join(state, "api.sock")
+	// A second server on the same state dir fails clearly; the first one's
+	// socket keeps working.
+	if out, code := runStrata(t, nil, "server", "--config", cfg); code == 0 || !strings.Contains(out, "api.sock") || !strings.Contains(out, "running daemon") {
+		t.Fatalf("second server on the same state dir: exit %d %q", code, out)
+	}
+	if fi, err := os.Stat(state); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("state dir: %v %v, want mode 0700", fi, err)
+	}
 	out, code := runStrata(t, nil, "generations", "--json", "--api", apiAddr)
 	var l api.GenerationList
 	if code != 0 || json.Unmarshal([]byte(out), &l) != nil || len(l.Generations) != 1 || l.Generations[0].ID != 1 {

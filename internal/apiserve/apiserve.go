@@ -2,7 +2,8 @@
 // builder agent's) the same way for both:
 //
 //   - on a unix socket, where every call is allowed: the socket's file mode
-//     (0660, root's group) is the guard;
+//     (0660, root's group, set before the socket appears at its path) is the
+//     guard; a live daemon's socket is never taken over;
 //   - optionally on TCP, where mutating calls (wrapped with Mutating) need
 //     "Authorization: Bearer <token>" and are refused when no token is set;
 //   - errors as JSON api.Error bodies, indented JSON answers.
@@ -23,21 +24,23 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/secretfile"
 )
 
 // ReadToken reads the bearer token from file. An empty name or a missing
 // file gives the empty token: mutating TCP calls are then refused, and the
-// unix socket still works.
+// unix socket still works. A token file that group or other users can read,
+// or that another user owns, is refused (secretfile.Read).
 func ReadToken(file string) (string, error) {
 	if file == "" {
 		return "", nil
 	}
-	b, err := os.ReadFile(file)
+	b, err := secretfile.Read(file, "api.token_file")
 	if errors.Is(err, os.ErrNotExist) {
 		return "", nil
 	}
 	if err != nil {
-		return "", fmt.Errorf("read api.token_file: %w", err)
+		return "", err
 	}
 	return strings.TrimSpace(string(b)), nil
 }
@@ -105,6 +108,20 @@ func WriteError(w http.ResponseWriter, code int, err error) {
 	WriteJSON(w, code, api.Error{Error: err.Error()})
 }
 
+// Limits of every API server: a slow or stuck client cannot hold a
+// connection or a request slot for ever. Handlers that legitimately take
+// longer (a publish) lift their write deadline with http.ResponseController.
+const (
+	readHeaderTimeout = 10 * time.Second
+	readTimeout       = 30 * time.Second
+	writeTimeout      = 5 * time.Minute
+	idleTimeout       = 2 * time.Minute
+	// MaxInFlight bounds the requests served at once over both listeners;
+	// more wait up to queueWait for a slot, then get 503.
+	MaxInFlight = 64
+	queueWait   = 10 * time.Second
+)
+
 // Server is a running API: the unix socket listener and, if asked for, a TCP
 // one, both serving the same handler.
 type Server struct {
@@ -113,11 +130,70 @@ type Server struct {
 	errc    chan error
 }
 
-// Start listens on socket (replacing a stale socket file, mode 0660) and, if
-// tcp is not empty, on tcp, and serves h on both until Shutdown. A listen
-// failure closes what was opened and is returned naming the address.
+// Limit bounds the requests h serves at once to n; a request that finds no
+// slot within queueWait gets 503 with Retry-After.
+func Limit(n int, h http.Handler) http.Handler {
+	slots := make(chan struct{}, n)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t := time.NewTimer(queueWait)
+		defer t.Stop()
+		select {
+		case slots <- struct{}{}:
+		case <-r.Context().Done():
+			return
+		case <-t.C:
+			w.Header().Set("Retry-After", "1")
+			WriteError(w, http.StatusServiceUnavailable, fmt.Errorf("server busy: %d requests in flight", n))
+			return
+		}
+		defer func() { <-slots }()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// ErrSocketInUse is Start's error when a live daemon answers on the socket.
+var ErrSocketInUse = errors.New("a running daemon is listening on it (another daemon with the same state dir or api.socket?)")
+
+// CheckSocket returns ErrSocketInUse (naming the socket) when a daemon
+// accepts connections on socket, and nil when nothing does (no file, or a
+// stale one). A path that exists and is not a socket is an error too.
+func CheckSocket(socket string) error {
+	fi, err := os.Lstat(socket)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("api socket %s: %w", socket, err)
+	}
+	if fi.Mode().Type() != os.ModeSocket {
+		return fmt.Errorf("api socket %s exists and is not a socket; remove it or set api.socket", socket)
+	}
+	c, err := net.DialTimeout("unix", socket, 2*time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("api socket %s: %w", socket, ErrSocketInUse)
+	}
+	return nil
+}
+
+// Start listens on socket and, if tcp is not empty, on tcp, and serves h on
+// both until Shutdown, with the timeouts above and at most MaxInFlight
+// requests at once. The socket appears at its path with its final mode
+// (0660): it is bound under a temporary name, chmodded, then renamed into
+// place. A live daemon's socket is never replaced (CheckSocket): that is an
+// error; a stale socket file is. A listen failure closes what was opened and
+// is returned naming the address.
 func Start(h http.Handler, tcp, socket string, log *slog.Logger) (*Server, error) {
+	if err := CheckSocket(socket); err != nil {
+		return nil, err
+	}
+	h = Limit(MaxInFlight, h)
 	s := &Server{socket: socket, errc: make(chan error, 2)}
+	newServer := func() *http.Server {
+		return &http.Server{Handler: h, ReadHeaderTimeout: readHeaderTimeout, ReadTimeout: readTimeout,
+			WriteTimeout: writeTimeout, IdleTimeout: idleTimeout,
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	}
 	var ls []net.Listener
 	if tcp != "" {
 		l, err := net.Listen("tcp", tcp)
@@ -125,20 +201,20 @@ func Start(h http.Handler, tcp, socket string, log *slog.Logger) (*Server, error
 			return nil, fmt.Errorf("listen api %s: %w", tcp, err)
 		}
 		ls = append(ls, l)
-		s.servers = append(s.servers, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second})
+		s.servers = append(s.servers, newServer())
 		log.Info("api listening", "addr", l.Addr().String())
 	}
-	os.Remove(socket)
-	ul, err := net.Listen("unix", socket)
+	ul, err := listenSocket(socket)
 	if err != nil {
 		for _, l := range ls {
 			l.Close()
 		}
-		return nil, fmt.Errorf("listen api socket %s: %w", socket, err)
+		return nil, err
 	}
-	os.Chmod(socket, 0o660)
 	ls = append(ls, ul)
-	s.servers = append(s.servers, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ConnContext: SocketConnContext})
+	us := newServer()
+	us.ConnContext = SocketConnContext
+	s.servers = append(s.servers, us)
 	for i, hs := range s.servers {
 		go func() {
 			if err := hs.Serve(ls[i]); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -147,6 +223,30 @@ func Start(h http.Handler, tcp, socket string, log *slog.Logger) (*Server, error
 		}()
 	}
 	return s, nil
+}
+
+// listenSocket binds socket with mode 0660 from the start: under a
+// temporary name in the same directory, chmodded, then renamed over a stale
+// file.
+func listenSocket(socket string) (net.Listener, error) {
+	tmp := fmt.Sprintf("%s.%d.tmp", socket, os.Getpid())
+	os.Remove(tmp)
+	ul, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen api socket %s: %w", socket, err)
+	}
+	ul.SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o660); err != nil {
+		ul.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("listen api socket %s: chmod: %w", socket, err)
+	}
+	if err := os.Rename(tmp, socket); err != nil {
+		ul.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("listen api socket %s: %w", socket, err)
+	}
+	return ul, nil
 }
 
 // Err delivers the error of a listener that stopped serving on its own.

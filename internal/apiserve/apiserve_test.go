@@ -2,6 +2,7 @@ package apiserve
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -58,12 +59,16 @@ func TestMutatingOverSocketAndTCP(t *testing.T) {
 	}
 }
 
-// Start replaces a stale socket file; Shutdown removes the socket.
+// Start replaces a stale socket (no daemon behind it); Shutdown removes
+// the socket.
 func TestStartReplacesStaleSocketAndShutdownRemovesIt(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "api.sock")
-	if err := os.WriteFile(sock, nil, 0o600); err != nil {
+	stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
 		t.Fatal(err)
 	}
+	stale.SetUnlinkOnClose(false)
+	stale.Close()
 	s, err := Start(http.NotFoundHandler(), "", sock, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -74,6 +79,33 @@ func TestStartReplacesStaleSocketAndShutdownRemovesIt(t *testing.T) {
 	s.Shutdown(context.Background())
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Fatalf("socket still there after Shutdown: %v", err)
+	}
+}
+
+// A second Start on a live daemon's socket fails naming it, and the first
+// daemon keeps answering on it; a path that is not a socket is left alone.
+func TestStartRefusesLiveSocket(t *testing.T) {
+	_, sock := start(t, "")
+	_, err := Start(http.NotFoundHandler(), "", sock, slog.New(slog.DiscardHandler))
+	if !errors.Is(err, ErrSocketInUse) || !strings.Contains(err.Error(), sock) {
+		t.Fatalf("second Start: %v, want ErrSocketInUse naming %s", err, sock)
+	}
+	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	res, err := c.Post("http://x/do", "", nil)
+	if err != nil || res.StatusCode != http.StatusOK {
+		t.Fatalf("first daemon after the second start: %v %v", res, err)
+	}
+	res.Body.Close()
+
+	file := filepath.Join(t.TempDir(), "api.sock")
+	os.WriteFile(file, []byte("data"), 0o600)
+	if _, err := Start(http.NotFoundHandler(), "", file, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("Start over a regular file: %v", err)
+	}
+	if b, _ := os.ReadFile(file); string(b) != "data" {
+		t.Fatal("Start replaced a regular file")
 	}
 }
 
@@ -94,6 +126,18 @@ func TestReadToken(t *testing.T) {
 	os.WriteFile(f, []byte("  abc\n"), 0o600)
 	if tok, err := ReadToken(f); err != nil || tok != "abc" {
 		t.Fatalf("ReadToken = %q %v, want abc", tok, err)
+	}
+	// Readable by others: refused, naming the file and the fix.
+	os.Chmod(f, 0o644)
+	if _, err := ReadToken(f); err == nil || !strings.Contains(err.Error(), f) || !strings.Contains(err.Error(), "chmod 600") {
+		t.Fatalf("mode 0644 token: %v, want a refusal naming the file and chmod 600", err)
+	}
+	os.Chmod(f, 0o600)
+	if os.Geteuid() == 0 {
+		os.Chown(f, 4242, 4242)
+		if _, err := ReadToken(f); err == nil || !strings.Contains(err.Error(), "owned by uid 4242") || !strings.Contains(err.Error(), "chown") {
+			t.Fatalf("token of another user: %v, want a refusal", err)
+		}
 	}
 }
 

@@ -1,39 +1,41 @@
 package nfs
 
 import (
-	"bufio"
 	"encoding/binary"
-	"io"
+	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
-// conn is the connection go-nfs serves. It sits between go-nfs and the
-// accepted connection (in production the guard's, which has already checked
-// every record) and does three things:
+// conn is the one owner of an accepted connection, from Accept to Close.
+// go-nfs serves it as a net.Conn, but every byte passes through here:
 //
-//   - It reads whole RPC records and answers the hot calls itself (READ,
-//     LOOKUP, GETATTR of NFSv3: see fastpath.go) when they succeed. go-nfs
-//     spends most of its time on those calls outside strata's code:
-//     reflection-based XDR, three to four full-size buffer allocations and
-//     copies per READ, and a hand-off to a writer goroutine per reply. Every
-//     other call, and every hot call that would not succeed (a bad handle,
-//     a missing name, a symlink or directory to READ...), is passed to
-//     go-nfs byte for byte, so its answers and errors are go-nfs's own.
+//   - It reads each RPC record once, through the guard (guard.Conn's
+//     ReadRecord: deadlines, size cap, the bounded record check), answers
+//     the hot calls itself (READ, LOOKUP, GETATTR, READDIRPLUS and COMMIT of
+//     NFSv3: see fastpath.go) when they succeed, and hands every other
+//     record to go-nfs byte for byte, so its answers and errors are go-nfs's
+//     own.
 //   - It writes go-nfs's replies and its own as whole records, never
 //     interleaved (RPC over TCP lets replies come back in any order).
+//   - It closes the socket on the first read or write error, on every path
+//     (fast path, sendfile, go-nfs's reply writer), and at shutdown. After
+//     that, Read returns the error (go-nfs's reader goroutine then ends) and
+//     Write accepts and drops go-nfs's replies: go-nfs never sees a write
+//     error, because its writer goroutine stops on one and leaves the
+//     reader blocked handing it the next reply, for good.
 //   - It counts requests and error replies for the metrics.
 type conn struct {
-	net.Conn
+	gc *guard.Conn
 	e  *Export
 	m  *metrics
-	br *bufio.Reader
 
 	// read side, used only by go-nfs's reader goroutine
-	pass     []byte // bytes of the current record for go-nfs not yet read
-	passLeft int    // bytes of a streamed (large) record still in br
-	rec      []byte // receive buffer for small records
-	marker   [4]byte
+	pass []byte // bytes of the current record for go-nfs not yet read
 
 	wmu  sync.Mutex
 	wbuf []byte // go-nfs reply bytes that are not yet a whole record
@@ -41,25 +43,22 @@ type conn struct {
 	pmu     sync.Mutex
 	pending map[uint32]call // xid -> call passed to go-nfs, for reply metrics
 
+	closed   atomic.Bool
+	readErr  error // set by the reader goroutine when it failed
 	closeOne sync.Once
 	onClose  func()
 }
 
-// maxFastRecord is the largest call record read whole and considered for
-// the fast path; larger ones stream to go-nfs. A LOOKUP with the largest
-// credential and verifier (400 bytes each), handle and name fits.
-const maxFastRecord = 2048
+var _ net.Conn = (*conn)(nil)
 
-func newConn(c net.Conn, e *Export, onClose func()) *conn {
-	s := &conn{
-		Conn: c, e: e, m: e.metrics, br: bufio.NewReaderSize(c, 16<<10),
-		rec: make([]byte, 0, maxFastRecord+4), pending: make(map[uint32]call), onClose: onClose,
-	}
+func newConn(c *guard.Conn, e *Export, onClose func()) *conn {
+	s := &conn{gc: c, e: e, m: e.metrics, pending: make(map[uint32]call), onClose: onClose}
 	s.m.conns.Inc()
 	return s
 }
 
-// Read gives go-nfs the records the fast path did not answer.
+// Read gives go-nfs the records the fast path did not answer. After an
+// error the connection is closed and every later Read returns that error.
 func (c *conn) Read(b []byte) (int, error) {
 	for {
 		if len(c.pass) > 0 {
@@ -67,56 +66,50 @@ func (c *conn) Read(b []byte) (int, error) {
 			c.pass = c.pass[n:]
 			return n, nil
 		}
-		if c.passLeft > 0 {
-			n, err := c.br.Read(b[:min(len(b), c.passLeft)])
-			c.passLeft -= n
-			return n, err
+		if c.readErr != nil {
+			return 0, c.readErr
 		}
-		if err := c.next(); err != nil {
-			return 0, err
+		if c.closed.Load() {
+			c.readErr = net.ErrClosed
+			return 0, c.readErr
+		}
+		rec, call, err := c.gc.ReadRecord()
+		if err != nil {
+			return 0, c.failRead(err)
+		}
+		handled, err := c.fast(rec[4:], call)
+		if err != nil {
+			return 0, c.failRead(err) // the reply could not be written
+		}
+		if !handled {
+			c.onCall(call)
+			c.pass = rec
 		}
 	}
 }
 
-// next reads one record: answers it, or queues it for go-nfs.
-func (c *conn) next() error {
-	if _, err := io.ReadFull(c.br, c.marker[:]); err != nil {
-		return err // io.EOF between records is a clean close for go-nfs
-	}
-	m := binary.BigEndian.Uint32(c.marker[:])
-	n := int(m & 0x7fffffff)
-	if m&(1<<31) == 0 || n > maxFastRecord {
-		// A fragment (go-nfs refuses those) or a large record: stream it.
-		if p, _ := c.br.Peek(min(n, 24)); len(p) > 0 {
-			c.onCall(p)
-		}
-		c.pass, c.passLeft = c.marker[:], n
-		return nil
-	}
-	rec := c.rec[:4+n]
-	copy(rec, c.marker[:])
-	if _, err := io.ReadFull(c.br, rec[4:]); err != nil {
-		// go-nfs gets the partial record and the error, as it would have.
-		return err
-	}
-	handled, err := c.fast(rec[4:])
-	if err != nil {
-		return err // the reply could not be written: the connection is gone
-	}
-	if !handled {
-		c.onCall(rec[4:])
-		c.pass = rec
-	}
-	return nil
+// failRead closes the connection and remembers why. go-nfs closes the
+// connection itself after io.EOF and only then; any other error leaves it
+// to us.
+func (c *conn) failRead(err error) error {
+	c.readErr = err
+	c.Close()
+	return err
 }
 
-// Write takes go-nfs's reply stream and writes it in whole records.
+// Write takes go-nfs's reply stream and writes it in whole records. It
+// never fails: after a write error, or once the connection is closed, the
+// bytes are dropped (see conn).
 func (c *conn) Write(b []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return len(b), nil
+	}
 	if len(c.wbuf) == 0 && wholeRecords(b) == len(b) {
-		if _, err := c.Conn.Write(b); err != nil {
-			return 0, err
+		if _, err := c.gc.Write(b); err != nil {
+			c.Close()
+			return len(b), nil
 		}
 		c.replies(b)
 		return len(b), nil
@@ -126,8 +119,9 @@ func (c *conn) Write(b []byte) (int, error) {
 	if k == 0 {
 		return len(b), nil
 	}
-	if _, err := c.Conn.Write(c.wbuf[:k]); err != nil {
-		return 0, err
+	if _, err := c.gc.Write(c.wbuf[:k]); err != nil {
+		c.Close()
+		return len(b), nil
 	}
 	c.replies(c.wbuf[:k])
 	c.wbuf = c.wbuf[:copy(c.wbuf, c.wbuf[k:])]
@@ -137,12 +131,22 @@ func (c *conn) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-// writeRecord writes one reply of the fast path (marker included).
+// errConnClosed is the fast path's error for a reply to a closed connection.
+var errConnClosed = errors.New("nfs connection closed")
+
+// writeRecord writes one reply of the fast path (marker included). An error
+// closes the connection.
 func (c *conn) writeRecord(r []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	_, err := c.Conn.Write(r)
-	return err
+	if c.closed.Load() {
+		return errConnClosed
+	}
+	if _, err := c.gc.Write(r); err != nil {
+		c.Close()
+		return err
+	}
+	return nil
 }
 
 // wholeRecords returns the length of the longest prefix of b made of
@@ -168,12 +172,25 @@ func (c *conn) replies(b []byte) {
 	}
 }
 
+// Close closes the socket once, releases the guard's slots and drops the
+// connection from the export. It is safe from any goroutine.
 func (c *conn) Close() error {
+	c.closed.Store(true)
+	err := net.ErrClosed
 	c.closeOne.Do(func() {
+		err = c.gc.Close()
 		c.m.conns.Dec()
 		if c.onClose != nil {
 			c.onClose()
 		}
 	})
-	return c.Conn.Close()
+	return err
 }
+
+func (c *conn) LocalAddr() net.Addr  { return c.gc.LocalAddr() }
+func (c *conn) RemoteAddr() net.Addr { return c.gc.RemoteAddr() }
+
+// Deadlines are the guard's; go-nfs sets none.
+func (c *conn) SetDeadline(t time.Time) error      { return c.gc.SetDeadline(t) }
+func (c *conn) SetReadDeadline(t time.Time) error  { return c.gc.SetReadDeadline(t) }
+func (c *conn) SetWriteDeadline(t time.Time) error { return c.gc.SetWriteDeadline(t) }

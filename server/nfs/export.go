@@ -23,8 +23,8 @@
 // go-nfs serves each TCP connection strictly one request at a time, so
 // builders mount with nconnect (see the overlay package for the options).
 // go-nfs has no bound on XDR lengths, no recover and no connection limit:
-// Serve must be given a listener wrapped by the connection guard
-// (server/nfs/guard) in production.
+// Serve takes only a listener of the connection guard (server/nfs/guard),
+// and Listen builds the one strata server uses.
 package nfs
 
 import (
@@ -47,6 +47,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	gonfs "github.com/willscott/go-nfs"
 	"golang.org/x/sys/unix"
+
+	"github.com/strata-nix/strata/server/nfs/busypoll"
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
 // Options configure an Export.
@@ -79,7 +82,7 @@ type Export struct {
 	closed bool
 
 	connMu sync.Mutex
-	conns  map[net.Conn]struct{}
+	conns  map[*conn]struct{}
 
 	// noFastPath makes go-nfs answer every call (tests compare the two).
 	noFastPath bool
@@ -119,7 +122,7 @@ func New(opts Options) (*Export, error) {
 	}
 	e := &Export{
 		log: log, key: key, metrics: m, dirs: newDirCache(n),
-		gens: make(map[uint64]*gen), conns: make(map[net.Conn]struct{}),
+		gens: make(map[uint64]*gen), conns: make(map[*conn]struct{}),
 	}
 	// id 0 owns no handle; root nil: every call fails
 	e.dead = &genFS{g: &gen{e: e, attrs: newAttrCache(1), fds: newFDCache(1)}}
@@ -229,10 +232,59 @@ func (e *Export) gen(id uint64) *gen {
 	return e.gens[id]
 }
 
+// ListenOptions configure the export's listener as strata server runs it.
+type ListenOptions struct {
+	// Addr is the TCP address (config key nfs.listen).
+	Addr string
+	// Inner, if set, is a bound listener used instead of binding Addr.
+	Inner net.Listener
+	// BusyPoll is how long a connection waiting for its next call spins
+	// first (nfs.busy_poll); 0 disables busy polling.
+	BusyPoll time.Duration
+	// Guard are the admission and record limits (nfs.allow, nfs.max_conns,
+	// nfs.max_conns_per_client, nfs.idle_timeout); Allow must not be empty.
+	Guard guard.Options
+}
+
+// Listen binds the export's TCP listener the way strata server does: busy
+// polling under the connection guard. log and reg may be nil.
+func Listen(o ListenOptions, log *slog.Logger, reg prometheus.Registerer) (*guard.Listener, error) {
+	l := o.Inner
+	if l == nil {
+		var err error
+		if l, err = net.Listen("tcp", o.Addr); err != nil {
+			return nil, fmt.Errorf("listen nfs %s: %w", o.Addr, err)
+		}
+	}
+	window := o.BusyPoll
+	if window == 0 {
+		window = -1 // disabled
+	}
+	bl := busypoll.Listen(l, window)
+	if reg != nil {
+		if err := reg.Register(bl); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				l.Close()
+				return nil, fmt.Errorf("register busy-poll metrics: %w", err)
+			}
+		}
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	gl, err := guard.Listen(bl, o.Guard, log.With("component", "nfs-guard"), reg)
+	if err != nil {
+		l.Close()
+		return nil, fmt.Errorf("listen nfs %s: %w", l.Addr(), err)
+	}
+	return gl, nil
+}
+
 // Serve answers NFS and MOUNT calls on l until ctx is cancelled, then closes l
-// and every connection it accepted and returns nil. Wrap l with the
-// connection guard (record checks, allowlist, caps) before passing it.
-func (e *Export) Serve(ctx context.Context, l net.Listener) error {
+// and every connection it accepted and returns nil. Each connection is owned
+// by one conn from accept to close (see conn).
+func (e *Export) Serve(ctx context.Context, l *guard.Listener) error {
 	srv := &gonfs.Server{Handler: e, Context: ctx}
 	done := make(chan struct{})
 	defer close(done)
@@ -245,7 +297,7 @@ func (e *Export) Serve(ctx context.Context, l net.Listener) error {
 		}
 	}()
 	e.log.Info("nfs serving", "addr", l.Addr().String())
-	err := srv.Serve(&connListener{Listener: l, e: e})
+	err := srv.Serve(&connListener{l: l, e: e})
 	if ctx.Err() != nil {
 		return nil
 	}
@@ -270,9 +322,16 @@ func (e *Export) Close() error {
 	return nil
 }
 
+// Conns returns the number of open connections.
+func (e *Export) Conns() int {
+	e.connMu.Lock()
+	defer e.connMu.Unlock()
+	return len(e.conns)
+}
+
 func (e *Export) closeConns() {
 	e.connMu.Lock()
-	conns := make([]net.Conn, 0, len(e.conns))
+	conns := make([]*conn, 0, len(e.conns))
 	for c := range e.conns {
 		conns = append(conns, c)
 	}
@@ -282,19 +341,23 @@ func (e *Export) closeConns() {
 	}
 }
 
+// connListener hands go-nfs connections owned by a conn.
 type connListener struct {
-	net.Listener
+	l *guard.Listener
 	e *Export
 }
 
+func (l *connListener) Addr() net.Addr { return l.l.Addr() }
+func (l *connListener) Close() error   { return l.l.Close() }
+
 func (l *connListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
+	c, err := l.l.Accept()
 	if err != nil {
 		return nil, err
 	}
 	e := l.e
 	var s *conn
-	s = newConn(c, e, func() {
+	s = newConn(c.(*guard.Conn), e, func() {
 		e.connMu.Lock()
 		delete(e.conns, s)
 		e.connMu.Unlock()

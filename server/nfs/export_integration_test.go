@@ -14,6 +14,8 @@ import (
 	"io/fs"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,6 +29,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"golang.org/x/sys/unix"
@@ -34,6 +37,7 @@ import (
 	"github.com/strata-nix/strata/internal/nfsdial"
 	"github.com/strata-nix/strata/internal/nfsraw"
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
 // childEnv makes TestMain run an export server instead of the tests:
@@ -57,7 +61,8 @@ func serveChild(spec string) error {
 	if len(parts) != 3 {
 		return fmt.Errorf("bad %s %q", childEnv, spec)
 	}
-	e, err := New(Options{StateDir: parts[1], Registry: prometheus.NewRegistry(),
+	reg := prometheus.NewRegistry()
+	e, err := New(Options{StateDir: parts[1], Registry: reg,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 	if err != nil {
 		return err
@@ -69,12 +74,41 @@ func serveChild(spec string) error {
 			return err
 		}
 	}
-	l, err := net.Listen("tcp", parts[0])
+	maxConns, _ := strconv.Atoi(os.Getenv("STRATA_NFSTEST_MAX_CONNS"))
+	l, err := Listen(productionListen(parts[0], maxConns), slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), reg)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("LISTEN %s\n", l.Addr())
+	ml, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	go http.Serve(ml, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if n, _ := strconv.ParseUint(os.Getenv("STRATA_NFSTEST_NOFILE"), 10, 64); n > 0 {
+		// Out of descriptors from here on: Accept must back off, not fail.
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: n, Max: n}); err != nil {
+			return err
+		}
+	}
+	fmt.Printf("LISTEN %s %s\n", l.Addr(), ml.Addr())
 	return e.Serve(context.Background(), l)
+}
+
+// productionListen is the listener configuration strata server uses by
+// default (busy polling, guard defaults), admitting loopback clients.
+func productionListen(addr string, maxConns int) ListenOptions {
+	return ListenOptions{Addr: addr, BusyPoll: 50 * time.Microsecond,
+		Guard: guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, MaxConns: maxConns}}
+}
+
+// testListen binds the production listener stack on addr.
+func testListen(t *testing.T, addr string) *guard.Listener {
+	t.Helper()
+	l, err := Listen(productionListen(addr, 0), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
 }
 
 // fixture is a btrfs with a central store subvolume and read-only snapshots
@@ -187,10 +221,7 @@ func (fx *fixture) serveWith(t *testing.T, noFastPath bool) (*Export, string, *p
 			t.Fatal(err)
 		}
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	l := testListen(t, "127.0.0.1:0")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.Serve(ctx, l) }()
@@ -659,12 +690,20 @@ func TestMountPaths(t *testing.T) {
 // address once it listens.
 func startChild(t *testing.T, addr string, fx *fixture) (*exec.Cmd, string) {
 	t.Helper()
+	cmd, addr, _ := startChildWith(t, addr, fx)
+	return cmd, addr
+}
+
+// startChildWith is startChild with extra environment for the child; it
+// also returns the address of the child's /metrics.
+func startChildWith(t *testing.T, addr string, fx *fixture, env ...string) (*exec.Cmd, string, string) {
+	t.Helper()
 	var gens []string
 	for id, dir := range fx.gen {
 		gens = append(gens, fmt.Sprintf("%d=%s", id, dir))
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+addr+"|"+fx.stateDir+"|"+strings.Join(gens, ","))
+	cmd.Env = append(append(os.Environ(), env...), childEnv+"="+addr+"|"+fx.stateDir+"|"+strings.Join(gens, ","))
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -678,7 +717,11 @@ func startChild(t *testing.T, addr string, fx *fixture) (*exec.Cmd, string) {
 	if err != nil {
 		t.Fatalf("child server: %v", err)
 	}
-	return cmd, strings.TrimSpace(strings.TrimPrefix(line, "LISTEN "))
+	f := strings.Fields(line)
+	if len(f) != 3 || f[0] != "LISTEN" {
+		t.Fatalf("child server said %q", line)
+	}
+	return cmd, f[1], f[2]
 }
 
 func TestHandlesSurviveRestart(t *testing.T) {
@@ -888,10 +931,7 @@ func TestMemoryBoundedHandles(t *testing.T) {
 	if err := e.Add(1, filepath.Join(mnt, "strata-1/store")); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	l := testListen(t, "127.0.0.1:0")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go e.Serve(ctx, l)

@@ -13,6 +13,8 @@ import (
 
 	gonfs "github.com/willscott/go-nfs"
 	"golang.org/x/sys/unix"
+
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
 // The fast path answers successful NFSv3 GETATTR, LOOKUP, READ and
@@ -73,22 +75,15 @@ func (r *xdrReader) opaque(max int) []byte {
 	return v
 }
 
-// fast answers the call in rec (one record without its marker) if it is a
-// hot call that succeeds. An error means the reply could not be written.
-func (c *conn) fast(rec []byte) (bool, error) {
-	if c.e.noFastPath {
+// fast answers the call in rec (one checked record without its marker,
+// call its parsed header) if it is a hot call that succeeds. An error means
+// the reply could not be written (the connection is closed).
+func (c *conn) fast(rec []byte, call guard.Call) (bool, error) {
+	if c.e.noFastPath || call.Prog != progNFS || call.Vers != 3 {
 		return false, nil
 	}
-	r := xdrReader{b: rec, ok: true}
-	xid := r.u32()
-	msgType, rpcVers, prog, vers, proc := r.u32(), r.u32(), r.u32(), r.u32(), r.u32()
-	r.u32() // credential flavor: go-nfs accepts any
-	r.opaque(400)
-	r.u32() // verifier flavor
-	r.opaque(400)
-	if !r.ok || msgType != 0 || rpcVers != 2 || prog != progNFS || vers != 3 {
-		return false, nil
-	}
+	r := xdrReader{b: rec[call.ArgsOff:], ok: true}
+	xid, proc := call.XID, call.Proc
 	var reply *[]byte
 	switch proc {
 	case nfsProcGetattr:
@@ -203,10 +198,8 @@ func (c *conn) read(xid uint32, r *xdrReader) (*[]byte, bool, error) {
 	}
 	count = min(count, goNFSMaxRead)
 	if count >= sendfileMin {
-		if sc, ok := c.Conn.(syscall.Conn); ok {
-			if rc, err := sc.SyscallConn(); err == nil {
-				return nil, true, c.readSendfile(rc, xid, f, info, off, count, eof)
-			}
+		if rc, err := c.gc.SyscallConn(); err == nil {
+			return nil, true, c.readSendfile(rc, xid, f, info, off, count, eof)
 		}
 	}
 	b := getReply(4 + readReplyFixed + pad4(int(count)))
@@ -276,6 +269,9 @@ func (c *conn) readSendfile(rc syscall.RawConn, xid uint32, f *roFile, info *inf
 
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return errConnClosed
+	}
 	foff := int64(off)
 	left := int(count)
 	var werr error
@@ -324,6 +320,7 @@ func (c *conn) readSendfile(rc syscall.RawConn, xid uint32, f *roFile, info *inf
 		err = werr
 	}
 	if err != nil {
+		c.Close() // the record stream is cut: nothing more can follow
 		return fmt.Errorf("%w: %w", errSendfile, err)
 	}
 	return nil

@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+
+	"github.com/strata-nix/strata/internal/secretfile"
 )
 
 // Sealed NFS file handle layout (all handles are a multiple of 4 bytes and at
@@ -185,9 +187,9 @@ func loadKey(dir string) ([]byte, error) {
 }
 
 func readKey(path string) ([]byte, error) {
-	key, err := os.ReadFile(path)
+	key, err := secretfile.Read(path, "nfs handle key")
 	if err != nil {
-		return nil, fmt.Errorf("read handle key %s: %w", path, err)
+		return nil, err
 	}
 	if len(key) != keyLen {
 		return nil, fmt.Errorf("read handle key %s: %d bytes, want %d (file damaged? removing it makes every client handle stale)", path, len(key), keyLen)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -144,6 +145,13 @@ func TestKeyCreatedOnceAndReused(t *testing.T) {
 	if !bytes.Equal(k1, k2) || len(k1) != keyLen {
 		t.Error("second start did not reuse the key")
 	}
+	// A key others can read is refused, naming the file and the fix.
+	kf := filepath.Join(dir, keyFileName)
+	os.Chmod(kf, 0o644)
+	if _, err := loadKey(dir); err == nil || !strings.Contains(err.Error(), kf) || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("mode 0644 key: %v, want a refusal naming %s and chmod 600", err, kf)
+	}
+	os.Chmod(kf, 0o600)
 	left, _ := filepath.Glob(filepath.Join(dir, "*.tmp-*"))
 	if len(left) != 0 {
 		t.Errorf("temp files left behind: %v", left)

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
 // metrics are the export's Prometheus collectors. Requests and errors are
@@ -109,18 +111,13 @@ const maxPending = 1024
 
 func be(b []byte, i int) uint32 { return binary.BigEndian.Uint32(b[i:]) }
 
-func (s *conn) onCall(p []byte) {
-	// xid, msg_type=0, rpcvers, prog, vers, proc
-	if len(p) < 24 || be(p, 4) != 0 {
-		return
-	}
-	c := call{prog: be(p, 12), proc: be(p, 20)}
-	s.m.requests.WithLabelValues(procName(c.prog, c.proc)).Inc()
+func (s *conn) onCall(c guard.Call) {
+	s.m.requests.WithLabelValues(procName(c.Prog, c.Proc)).Inc()
 	s.pmu.Lock()
 	if len(s.pending) >= maxPending {
 		clear(s.pending)
 	}
-	s.pending[be(p, 0)] = c
+	s.pending[c.XID] = call{prog: c.Prog, proc: c.Proc}
 	s.pmu.Unlock()
 }
 

@@ -26,6 +26,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -59,13 +60,19 @@ const (
 	maxLogAddrs = 4096
 )
 
-// Options configure a guard. Zero values take the defaults above.
+// Options configure a guard. Zero values take the defaults above, except
+// Allow: an empty allowlist is an error (the guard fails closed).
 type Options struct {
-	// Allow lists the client networks admitted (config key nfs.allow). An
-	// empty list admits every client; firewall the port then.
+	// Allow lists the client networks admitted (config key nfs.allow). It
+	// must not be empty: admit every client explicitly with 0.0.0.0/0 and
+	// ::/0. Build it with ParseAllow.
 	Allow []netip.Prefix
 	// MaxConns is the most concurrent connections; more are closed at accept.
 	MaxConns int
+	// MaxConnsPerClient is the most concurrent connections from one client
+	// address (config key nfs.max_conns_per_client), so one client cannot
+	// take every slot; 0 means MaxConns.
+	MaxConnsPerClient int
 	// IdleTimeout closes a connection that starts no record for this long.
 	IdleTimeout time.Duration
 	// RecordTimeout closes a connection whose record does not complete
@@ -79,33 +86,56 @@ type Options struct {
 	MaxBuffered int64
 }
 
-// ParseAllow parses CIDR prefixes (or single addresses) as written in the
-// nfs.allow config key. The error names the first bad entry.
+// ErrEmptyAllow is ParseAllow's error for a list with no entries.
+var ErrEmptyAllow = errors.New("nfs.allow is empty, which would refuse every client: list the client networks, or allow every client explicitly with 0.0.0.0/0 and ::/0")
+
+// ParseAllow is the one parser of the nfs.allow config key: CIDR prefixes
+// or single addresses, blank entries ignored. IPv4-mapped IPv6 prefixes
+// (::ffff:10.0.0.0/104) are normalised to their IPv4 form, since client
+// addresses are compared unmapped. An empty list is ErrEmptyAllow; other
+// errors name the first bad entry.
 func ParseAllow(entries []string) ([]netip.Prefix, error) {
 	out := make([]netip.Prefix, 0, len(entries))
 	for _, e := range entries {
+		e = strings.TrimSpace(e)
+		if e == "" {
+			continue
+		}
 		p, err := netip.ParsePrefix(e)
 		if err != nil {
 			a, aerr := netip.ParseAddr(e)
 			if aerr != nil {
-				return nil, fmt.Errorf("parse nfs.allow entry %q: not a CIDR prefix or address", e)
+				return nil, fmt.Errorf("nfs.allow entry %q: not a CIDR prefix (10.0.0.0/8, fd00::/8) or an address", e)
 			}
-			p = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+			a = a.Unmap()
+			p = netip.PrefixFrom(a, a.BitLen())
 		}
 		if p.Addr().Is4In6() {
+			if p.Bits() < 96 {
+				return nil, fmt.Errorf("nfs.allow entry %q: an IPv4-mapped prefix needs at least 96 bits (::ffff:10.0.0.0/104 is 10.0.0.0/8)", e)
+			}
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
 		out = append(out, p.Masked())
+	}
+	if len(out) == 0 {
+		return nil, ErrEmptyAllow
 	}
 	return out, nil
 }
 
 func (o Options) withDefaults() (Options, error) {
-	if o.MaxConns < 0 || o.IdleTimeout < 0 || o.RecordTimeout < 0 || o.MaxRecord < 0 || o.MaxBuffered < 0 {
+	if o.MaxConns < 0 || o.MaxConnsPerClient < 0 || o.IdleTimeout < 0 || o.RecordTimeout < 0 || o.MaxRecord < 0 || o.MaxBuffered < 0 {
 		return o, errors.New("guard options: negative limit")
+	}
+	if len(o.Allow) == 0 {
+		return o, fmt.Errorf("guard options: %w", ErrEmptyAllow)
 	}
 	if o.MaxConns == 0 {
 		o.MaxConns = DefaultMaxConns
+	}
+	if o.MaxConnsPerClient == 0 || o.MaxConnsPerClient > o.MaxConns {
+		o.MaxConnsPerClient = o.MaxConns
 	}
 	if o.IdleTimeout == 0 {
 		o.IdleTimeout = DefaultIdleTimeout
@@ -130,7 +160,7 @@ type Reason int
 
 const (
 	ReasonAllowlist Reason = iota // client address not in Options.Allow
-	ReasonCap                     // Options.MaxConns reached
+	ReasonCap                     // Options.MaxConns or MaxConnsPerClient reached
 	ReasonIdle                    // idle, record or reply timeout
 	ReasonRecord                  // a record failed the check
 )
@@ -150,7 +180,7 @@ func (r Reason) String() string {
 }
 
 // Listener is the guarded listener. Accept returns only admitted
-// connections, whose Read hands out checked records only.
+// connections, as *Conn.
 type Listener struct {
 	inner net.Listener
 	opts  Options
@@ -161,8 +191,15 @@ type Listener struct {
 	active   atomic.Int64
 	buffered atomic.Int64
 
+	perMu     sync.Mutex
+	perClient map[netip.Addr]int
+
 	logMu   sync.Mutex
 	logSeen map[string]*logState
+
+	// acceptBackoff bounds the wait after a temporary accept error
+	// (tests lower it).
+	acceptBackoff time.Duration
 }
 
 type logState struct {
@@ -185,16 +222,15 @@ func Listen(inner net.Listener, opts Options, log *slog.Logger, reg prometheus.R
 	if err != nil {
 		return nil, err
 	}
-	l := &Listener{inner: inner, opts: o, log: log, m: m, logSeen: map[string]*logState{}}
+	l := &Listener{inner: inner, opts: o, log: log, m: m, logSeen: map[string]*logState{},
+		perClient: map[netip.Addr]int{}, acceptBackoff: time.Second}
 	l.SetAllow(o.Allow)
-	if len(o.Allow) == 0 {
-		log.Warn("nfs guard admits every client: nfs.allow is empty", "addr", inner.Addr().String())
-	}
 	return l, nil
 }
 
 // SetAllow replaces the allowlist for connections accepted from now on
-// (e.g. after a config reload); open connections are not re-checked.
+// (e.g. after a config reload); open connections are not re-checked. An
+// empty list refuses every client.
 func (l *Listener) SetAllow(allow []netip.Prefix) {
 	a := append([]netip.Prefix(nil), allow...)
 	l.allow.Store(&a)
@@ -211,13 +247,32 @@ func (l *Listener) Close() error { return l.inner.Close() }
 
 // Accept waits for the next admitted connection. Refused connections are
 // closed here, counted and logged (once per address per minute); they never
-// reach the caller. Errors are the inner listener's.
+// reach the caller. A temporary accept error (out of file descriptors:
+// EMFILE, ENFILE; ENOBUFS, ENOMEM; a connection aborted before it was
+// accepted) is counted in strata_nfs_guard_accept_errors_total, logged at
+// most once a minute, and retried after a backoff of 5 ms doubling to 1 s:
+// the connections already open keep being served, and accepting resumes once
+// descriptors are free. Other errors (the listener was closed) are returned.
 func (l *Listener) Accept() (net.Conn, error) {
+	var delay time.Duration
+	var lastLog time.Time
 	for {
 		c, err := l.inner.Accept()
 		if err != nil {
-			return nil, err
+			errno, temporary := temporaryAccept(err)
+			if !temporary {
+				return nil, err
+			}
+			l.m.acceptErrors.WithLabelValues(errno).Inc()
+			delay = min(max(2*delay, 5*time.Millisecond), l.acceptBackoff)
+			if now := time.Now(); now.Sub(lastLog) >= logEvery {
+				lastLog = now
+				l.log.Warn("nfs accept failed; retrying", "err", err, "retry_in", delay)
+			}
+			time.Sleep(delay)
+			continue
 		}
+		delay = 0
 		addr := remoteAddr(c)
 		// Counted before the close, so a client that sees the close sees
 		// the count.
@@ -231,12 +286,71 @@ func (l *Listener) Accept() (net.Conn, error) {
 			l.active.Add(-1)
 			l.m.rejected.WithLabelValues(ReasonCap.String()).Inc()
 			c.Close()
-			l.logRefusal(addr, ReasonCap, fmt.Sprintf("connection cap of %d reached", l.opts.MaxConns))
+			l.logRefusal(addr, ReasonCap, fmt.Sprintf("connection cap of %d reached (nfs.max_conns)", l.opts.MaxConns))
+			continue
+		}
+		if !l.takeClientSlot(addr) {
+			l.active.Add(-1)
+			l.m.rejected.WithLabelValues(ReasonCap.String()).Inc()
+			c.Close()
+			l.logRefusal(addr, ReasonCap, fmt.Sprintf("per-client cap of %d reached (nfs.max_conns_per_client)", l.opts.MaxConnsPerClient))
 			continue
 		}
 		l.m.accepted.Inc()
 		l.m.current.Inc()
-		return &conn{Conn: c, l: l, addr: addr, br: bufio.NewReaderSize(c, 4096)}, nil
+		return &Conn{Conn: c, l: l, addr: addr, br: bufio.NewReaderSize(c, 4096)}, nil
+	}
+}
+
+// temporaryAccept says whether an accept error is worth retrying, and
+// names its errno for the metric.
+func temporaryAccept(err error) (string, bool) {
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EPROTO, syscall.EPERM} {
+		if errors.Is(err, e) {
+			return unixErrName(e), true
+		}
+	}
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		return "timeout", true
+	}
+	return "", false
+}
+
+func unixErrName(e syscall.Errno) string {
+	switch e {
+	case syscall.EMFILE:
+		return "emfile"
+	case syscall.ENFILE:
+		return "enfile"
+	case syscall.ENOBUFS:
+		return "enobufs"
+	case syscall.ENOMEM:
+		return "enomem"
+	case syscall.ECONNABORTED:
+		return "econnaborted"
+	case syscall.EPROTO:
+		return "eproto"
+	case syscall.EPERM:
+		return "eperm"
+	}
+	return "other"
+}
+
+func (l *Listener) takeClientSlot(a netip.Addr) bool {
+	l.perMu.Lock()
+	defer l.perMu.Unlock()
+	if l.perClient[a] >= l.opts.MaxConnsPerClient {
+		return false
+	}
+	l.perClient[a]++
+	return true
+}
+
+func (l *Listener) releaseClientSlot(a netip.Addr) {
+	l.perMu.Lock()
+	defer l.perMu.Unlock()
+	if l.perClient[a]--; l.perClient[a] <= 0 {
+		delete(l.perClient, a)
 	}
 }
 
@@ -248,11 +362,7 @@ func remoteAddr(c net.Conn) netip.Addr {
 }
 
 func (l *Listener) allowed(a netip.Addr) bool {
-	allow := *l.allow.Load()
-	if len(allow) == 0 {
-		return true
-	}
-	for _, p := range allow {
+	for _, p := range *l.allow.Load() {
 		if p.Contains(a) {
 			return true
 		}
@@ -293,17 +403,23 @@ func (l *Listener) logRefusal(a netip.Addr, r Reason, msg string) {
 	l.log.Warn("nfs guard closed connection", "client", key, "reason", r.String(), "detail", msg, "suppressed", suppressed)
 }
 
-// errClosedByGuard is what Read returns after the guard closed a connection.
-var errClosedByGuard = errors.New("connection closed by nfs guard")
+// ErrClosedByGuard is wrapped by ReadRecord's errors for a connection the
+// guard refused (bad record, timeout): its owner closes it.
+var ErrClosedByGuard = errors.New("connection refused by nfs guard")
 
-// conn hands its reader one checked record at a time.
-type conn struct {
+// Conn is an admitted connection. Its owner reads checked records with
+// ReadRecord, writes replies with Write (or through SyscallConn), and closes
+// it on the first error of either; Close releases the connection's slots
+// once. Read is an adapter for a server that reads a byte stream (go-nfs
+// directly): it hands out checked records and closes the connection itself
+// on any error.
+type Conn struct {
 	net.Conn
 	l    *Listener
 	addr netip.Addr
 	br   *bufio.Reader // batches small records into few read syscalls
 
-	out []byte // checked record (marker included) not yet read
+	out []byte // Read: checked record (marker included) not yet read
 	buf []byte // receive buffer, reused for small records
 
 	idleSet  time.Time    // when the idle deadline was last set
@@ -311,20 +427,28 @@ type conn struct {
 	writeSet atomic.Int64 // when the write deadline was last set (Unix ns)
 	once     sync.Once
 	dead     error
+	selfOwn  atomic.Bool // Read was used: the Conn closes itself on errors
 }
 
+// Client returns the client's address (IPv4 unmapped).
+func (c *Conn) Client() netip.Addr { return c.addr }
+
 // Read returns bytes of the current checked record; when it is used up it
-// receives, checks and buffers the next one. On a bad record or a timeout
-// the connection is closed and an error returned.
-func (c *conn) Read(p []byte) (int, error) {
+// receives, checks and buffers the next one. On any error the connection is
+// closed and the error returned (io.EOF for a clean close between records).
+func (c *Conn) Read(p []byte) (int, error) {
+	c.selfOwn.Store(true)
 	if len(c.out) == 0 {
 		if c.dead != nil {
 			return 0, c.dead
 		}
-		if err := c.next(); err != nil {
+		rec, _, err := c.ReadRecord()
+		if err != nil {
 			c.dead = err
+			c.Close()
 			return 0, err
 		}
+		c.out = rec
 	}
 	n := copy(p, c.out)
 	c.out = c.out[n:]
@@ -336,14 +460,21 @@ func (c *conn) Read(p []byte) (int, error) {
 func slack(d time.Duration) time.Duration { return min(time.Second, d/8) }
 
 // recordDeadline starts the record timeout, once per record.
-func (c *conn) recordDeadline() {
+func (c *Conn) recordDeadline() {
 	if !c.inRecord {
 		c.Conn.SetReadDeadline(time.Now().Add(c.l.opts.RecordTimeout))
 		c.inRecord = true
 	}
 }
 
-func (c *conn) next() error {
+// ReadRecord receives the next record and checks it (CheckMarker,
+// ParseCall). It returns the record with its 4-byte marker, valid until the
+// next ReadRecord, and its parsed call. io.EOF is a clean close between
+// records; any other error (a read error, a timeout, a refused record: those
+// are counted and logged here and wrap ErrClosedByGuard) means the
+// connection is unusable. ReadRecord never closes the connection: its
+// owner does. It must not be called concurrently.
+func (c *Conn) ReadRecord() ([]byte, Call, error) {
 	l := c.l
 	var hdr [4]byte
 	// Deadlines cost a timer update each, so they are set only when needed:
@@ -355,18 +486,18 @@ func (c *conn) next() error {
 		c.idleSet, c.inRecord = now, false
 	}
 	if _, err := io.ReadFull(c.br, hdr[:1]); err != nil {
-		return c.readFailed(err, "waiting for a record")
+		return nil, Call{}, c.readFailed(err, "waiting for a record")
 	}
 	if c.br.Buffered() < 3 {
 		c.recordDeadline()
 	}
 	if _, err := io.ReadFull(c.br, hdr[1:]); err != nil {
-		return c.readFailed(err, "record marker")
+		return nil, Call{}, c.readFailed(err, "record marker")
 	}
 	marker := uint32(hdr[0])<<24 | uint32(hdr[1])<<16 | uint32(hdr[2])<<8 | uint32(hdr[3])
 	n, err := CheckMarker(marker, l.opts.MaxRecord)
 	if err != nil {
-		return c.reject(err)
+		return nil, Call{}, c.reject(err)
 	}
 	if c.br.Buffered() < n {
 		c.recordDeadline()
@@ -375,7 +506,7 @@ func (c *conn) next() error {
 	if total > smallRecord {
 		if l.buffered.Add(int64(total)) > l.opts.MaxBuffered {
 			l.buffered.Add(-int64(total))
-			return c.reject(&RecordError{Problem: ProblemSize, Detail: fmt.Sprintf("record of %d bytes: receive buffers of all connections are full", n)})
+			return nil, Call{}, c.reject(&RecordError{Problem: ProblemSize, Detail: fmt.Sprintf("record of %d bytes: receive buffers of all connections are full", n)})
 		}
 		defer l.buffered.Add(-int64(total))
 	}
@@ -392,42 +523,39 @@ func (c *conn) next() error {
 		m, err := io.ReadFull(c.br, buf[len(buf):len(buf)+chunk])
 		buf = buf[:len(buf)+m]
 		if err != nil {
-			return c.readFailed(err, "record body")
+			return nil, Call{}, c.readFailed(err, "record body")
 		}
 	}
-	if _, err := ParseCall(buf[4:]); err != nil {
-		return c.reject(err)
+	call, err := ParseCall(buf[4:])
+	if err != nil {
+		return nil, Call{}, c.reject(err)
 	}
 	if cap(buf) <= smallRecord+4 {
 		c.buf = buf // keep small buffers; let large ones go
 	} else {
 		c.buf = nil
 	}
-	c.out = buf
-	return nil
+	return buf, call, nil
 }
 
-// readFailed turns a read error into the error go-nfs sees: io.EOF for a
-// clean close between records (go-nfs then closes the connection itself),
-// otherwise the connection is closed here, since go-nfs leaves it open.
-func (c *conn) readFailed(err error, during string) error {
+// readFailed counts a timeout and turns a read error into ReadRecord's:
+// io.EOF only for a clean close between records.
+func (c *Conn) readFailed(err error, during string) error {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		c.l.m.rejected.WithLabelValues(ReasonIdle.String()).Inc()
 		c.l.log.Debug("nfs guard closed connection", "client", c.addr.String(), "reason", ReasonIdle.String(), "during", during)
-		c.Close()
-		return fmt.Errorf("nfs guard %s: timeout %s: %w", c.addr, during, errClosedByGuard)
+		return fmt.Errorf("nfs guard %s: timeout %s: %w", c.addr, during, ErrClosedByGuard)
 	}
 	if during == "waiting for a record" && errors.Is(err, io.EOF) {
 		return io.EOF
 	}
-	c.Close()
 	if errors.Is(err, io.EOF) {
 		return io.ErrUnexpectedEOF
 	}
 	return err
 }
 
-func (c *conn) reject(err error) error {
+func (c *Conn) reject(err error) error {
 	var re *RecordError
 	problem := "other"
 	if errors.As(err, &re) {
@@ -436,16 +564,16 @@ func (c *conn) reject(err error) error {
 	c.l.m.rejected.WithLabelValues(ReasonRecord.String()).Inc()
 	c.l.m.badRecords.WithLabelValues(problem).Inc()
 	c.l.logRefusal(c.addr, ReasonRecord, err.Error())
-	c.Close()
-	return fmt.Errorf("nfs guard %s: %w: %w", c.addr, err, errClosedByGuard)
+	return fmt.Errorf("nfs guard %s: %w: %w", c.addr, err, ErrClosedByGuard)
 }
 
 // Write sends reply bytes. A client that stops taking its replies stalls
 // the server's writer (and, when the reply is written on the reading
 // goroutine, the reader too, so no read deadline fires): writes carry a
-// deadline of RecordTimeout, renewed lazily like the idle one, and a write
-// that runs into it closes the connection as a timeout.
-func (c *conn) Write(b []byte) (int, error) {
+// deadline of RecordTimeout, renewed lazily like the idle one; a write that
+// runs into it is counted as a timeout. Write closes the connection on an
+// error only for a reader of Read (ReadRecord's owner closes it itself).
+func (c *Conn) Write(b []byte) (int, error) {
 	c.writeDeadline()
 	n, err := c.Conn.Write(b)
 	if err != nil {
@@ -456,8 +584,8 @@ func (c *conn) Write(b []byte) (int, error) {
 
 // SyscallConn gives the socket to a server that writes replies with
 // sendfile(2); its writes get Write's deadline. Reads must still go through
-// Read: the record check is there.
-func (c *conn) SyscallConn() (syscall.RawConn, error) {
+// ReadRecord: the record check is there.
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 	sc, ok := c.Conn.(syscall.Conn)
 	if !ok {
 		return nil, errors.ErrUnsupported
@@ -471,7 +599,7 @@ func (c *conn) SyscallConn() (syscall.RawConn, error) {
 
 type rawConn struct {
 	syscall.RawConn
-	c *conn
+	c *Conn
 }
 
 func (r rawConn) Write(f func(fd uintptr) bool) error {
@@ -484,7 +612,7 @@ func (r rawConn) Write(f func(fd uintptr) bool) error {
 }
 
 // writeDeadline renews the write deadline when it is older than the slack.
-func (c *conn) writeDeadline() {
+func (c *Conn) writeDeadline() {
 	o := c.l.opts
 	now := time.Now()
 	if set := c.writeSet.Load(); now.UnixNano()-set > int64(slack(o.RecordTimeout)) {
@@ -493,22 +621,24 @@ func (c *conn) writeDeadline() {
 	}
 }
 
-// writeFailed closes the connection of a client that did not take its
-// replies in time.
-func (c *conn) writeFailed(err error) {
+// writeFailed counts a client that did not take its replies in time.
+func (c *Conn) writeFailed(err error) {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		c.l.m.rejected.WithLabelValues(ReasonIdle.String()).Inc()
 		c.l.log.Debug("nfs guard closed connection", "client", c.addr.String(), "reason", ReasonIdle.String(), "during", "writing a reply")
+	}
+	if c.selfOwn.Load() {
 		c.Close()
 	}
 }
 
-// Close closes the connection once and releases its slot.
-func (c *conn) Close() error {
+// Close closes the connection once and releases its slots.
+func (c *Conn) Close() error {
 	err := net.ErrClosed
 	c.once.Do(func() {
 		err = c.Conn.Close()
 		c.l.active.Add(-1)
+		c.l.releaseClientSlot(c.addr)
 		c.l.m.current.Dec()
 	})
 	return err

@@ -34,6 +34,9 @@ func serve(t *testing.T, opts Options) *served {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
+	if opts.Allow == nil {
+		opts.Allow = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	}
 	l, err := Listen(inner, opts, nil, reg)
 	if err != nil {
 		t.Fatal(err)
@@ -352,6 +355,76 @@ func TestParseAllow(t *testing.T) {
 	}
 	if _, err := ParseAllow([]string{"10.0.0.0/8", "10.0.0/33"}); err == nil || !contains(err.Error(), `"10.0.0/33"`) {
 		t.Errorf("bad entry error %v does not name the entry", err)
+	}
+	// IPv4-mapped prefixes become their IPv4 form: client addresses are
+	// compared unmapped.
+	got, err = ParseAllow([]string{"::ffff:127.0.0.0/104", " ::ffff:10.1.2.3/128 "})
+	if err != nil || len(got) != 2 || got[0].String() != "127.0.0.0/8" || got[1].String() != "10.1.2.3/32" {
+		t.Errorf("mapped prefixes = %v, %v; want [127.0.0.0/8 10.1.2.3/32]", got, err)
+	}
+	if _, err := ParseAllow([]string{"::ffff:0.0.0.0/90"}); err == nil || !contains(err.Error(), "96 bits") {
+		t.Errorf("mapped prefix shorter than /96: %v", err)
+	}
+	// Empty lists fail closed, and say how to allow everyone.
+	for _, in := range [][]string{nil, {}, {""}, {" ", ""}} {
+		_, err := ParseAllow(in)
+		if !errors.Is(err, ErrEmptyAllow) || !contains(err.Error(), "nfs.allow") || !contains(err.Error(), "0.0.0.0/0") || !contains(err.Error(), "::/0") {
+			t.Errorf("ParseAllow(%q) = %v, want the empty-allowlist error", in, err)
+		}
+	}
+}
+
+// A mapped entry admits the IPv4 loopback client it covers; an empty
+// allowlist is refused by Listen.
+func TestMappedAllowAdmitsIPv4Client(t *testing.T) {
+	allow, err := ParseAllow([]string{"::ffff:127.0.0.0/104"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := serve(t, Options{Allow: allow})
+	if err := readHello(t, s.l.Addr().String()); err != nil {
+		t.Fatalf("IPv4 loopback client under ::ffff:127.0.0.0/104: %v", err)
+	}
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inner.Close()
+	if _, err := Listen(inner, Options{}, nil, nil); !errors.Is(err, ErrEmptyAllow) {
+		t.Errorf("Listen with no allowlist: %v, want ErrEmptyAllow", err)
+	}
+}
+
+// One client cannot take more than MaxConnsPerClient slots; its own
+// closed connections give them back.
+func TestPerClientCap(t *testing.T) {
+	s := serve(t, Options{MaxConnsPerClient: 2})
+	addr := s.l.Addr().String()
+	var held []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		held = append(held, c)
+	}
+	waitFor(t, "two admitted connections", func() bool { return s.l.Active() == 2 })
+	over, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !closedByServer(over) {
+		t.Fatal("third connection of one client was not closed")
+	}
+	over.Close()
+	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "cap"); got != 1 {
+		t.Errorf("rejected{cap} = %v, want 1", got)
+	}
+	held[0].Close()
+	waitFor(t, "slot freed", func() bool { return s.l.Active() == 1 })
+	if err := readHello(t, addr); err != nil {
+		t.Fatalf("client after its slot freed: %v", err)
 	}
 }
 

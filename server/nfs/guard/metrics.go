@@ -13,11 +13,13 @@ import (
 //	strata_nfs_guard_connections_rejected_total{reason}   closed by the guard: allowlist, cap, idle, record
 //	strata_nfs_guard_connections                          open admitted connections
 //	strata_nfs_guard_bad_records_total{problem}           refused records by Problem
+//	strata_nfs_guard_accept_errors_total{errno}           temporary accept errors retried (emfile, enfile...)
 type metrics struct {
-	accepted   prometheus.Counter
-	rejected   *prometheus.CounterVec
-	current    prometheus.Gauge
-	badRecords *prometheus.CounterVec
+	acceptErrors *prometheus.CounterVec
+	accepted     prometheus.Counter
+	rejected     *prometheus.CounterVec
+	current      prometheus.Gauge
+	badRecords   *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -39,6 +41,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "ONC RPC records refused by the guard, by problem.",
 		}, []string{"problem"}),
 	}
+	m.acceptErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "strata_nfs_guard_accept_errors_total",
+		Help: "Temporary errors accepting NFS connections (emfile, enfile, enobufs, enomem, econnaborted...), each retried after a backoff.",
+	}, []string{"errno"})
 	for _, r := range []Reason{ReasonAllowlist, ReasonCap, ReasonIdle, ReasonRecord} {
 		m.rejected.WithLabelValues(r.String())
 	}
@@ -57,6 +63,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return nil, err
 	}
 	if m.badRecords, err = register(reg, m.badRecords); err != nil {
+		return nil, err
+	}
+	if m.acceptErrors, err = register(reg, m.acceptErrors); err != nil {
 		return nil, err
 	}
 	return m, nil

@@ -107,6 +107,9 @@ type Call struct {
 	// were checked too); false for other programs, whose calls go-nfs
 	// answers with an error without reading their arguments.
 	Known bool
+	// ArgsOff is the offset in the record body where the procedure's
+	// arguments start (after the verifier).
+	ArgsOff int
 }
 
 // UnixCred is an AUTH_UNIX (AUTH_SYS) credential body.
@@ -171,6 +174,7 @@ func ParseCall(b []byte) (Call, error) {
 	if err != nil {
 		return c, err
 	}
+	c.ArgsOff = d.off
 
 	switch c.Prog {
 	case ProgNFS:

@@ -15,7 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strconv"
@@ -23,6 +23,7 @@ import (
 	"syscall"
 
 	"github.com/strata-nix/strata/server/nfs"
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
 type gens map[uint64]string
@@ -66,7 +67,8 @@ func run(listen, state string, g gens) error {
 			return err
 		}
 	}
-	l, err := net.Listen("tcp", listen)
+	l, err := nfs.Listen(nfs.ListenOptions{Addr: listen,
+		Guard: guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}}}, log, nil)
 	if err != nil {
 		return err
 	}
