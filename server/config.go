@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -169,7 +170,11 @@ func ConfigFrom(v config.Values) (Config, error) {
 		}
 	}
 	allow, err := guard.ParseAllow(v.List("nfs.allow"))
-	if err != nil {
+	var ae *guard.AllowError
+	switch {
+	case errors.As(err, &ae):
+		return c, bad("nfs.allow", ae.Entry, ae.Want)
+	case err != nil:
 		return c, fmt.Errorf("config: key %q (from %s): %w", "nfs.allow", v.Source["nfs.allow"], err)
 	}
 	c.NFSAllow = allow

@@ -89,11 +89,21 @@ type Options struct {
 // ErrEmptyAllow is ParseAllow's error for a list with no entries.
 var ErrEmptyAllow = errors.New("nfs.allow is empty, which would refuse every client: list the client networks, or allow every client explicitly with 0.0.0.0/0 and ::/0")
 
+// AllowError is ParseAllow's error for a bad entry.
+type AllowError struct {
+	Entry string // as written
+	Want  string // what an entry must be
+}
+
+func (e *AllowError) Error() string {
+	return fmt.Sprintf("nfs.allow entry %q: want %s", e.Entry, e.Want)
+}
+
 // ParseAllow is the one parser of the nfs.allow config key: CIDR prefixes
 // or single addresses, blank entries ignored. IPv4-mapped IPv6 prefixes
 // (::ffff:10.0.0.0/104) are normalised to their IPv4 form, since client
 // addresses are compared unmapped. An empty list is ErrEmptyAllow; other
-// errors name the first bad entry.
+// errors are *AllowError naming the first bad entry.
 func ParseAllow(entries []string) ([]netip.Prefix, error) {
 	out := make([]netip.Prefix, 0, len(entries))
 	for _, e := range entries {
@@ -105,14 +115,14 @@ func ParseAllow(entries []string) ([]netip.Prefix, error) {
 		if err != nil {
 			a, aerr := netip.ParseAddr(e)
 			if aerr != nil {
-				return nil, fmt.Errorf("nfs.allow entry %q: not a CIDR prefix (10.0.0.0/8, fd00::/8) or an address", e)
+				return nil, &AllowError{Entry: e, Want: "a CIDR such as 10.0.0.0/8"}
 			}
 			a = a.Unmap()
 			p = netip.PrefixFrom(a, a.BitLen())
 		}
 		if p.Addr().Is4In6() {
 			if p.Bits() < 96 {
-				return nil, fmt.Errorf("nfs.allow entry %q: an IPv4-mapped prefix needs at least 96 bits (::ffff:10.0.0.0/104 is 10.0.0.0/8)", e)
+				return nil, &AllowError{Entry: e, Want: "an IPv4-mapped prefix of at least 96 bits (::ffff:10.0.0.0/104 is 10.0.0.0/8)"}
 			}
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
