@@ -82,6 +82,7 @@ func (c *conn) Read(b []byte) (int, error) {
 			return 0, c.failRead(err) // the reply could not be written
 		}
 		if !handled {
+			clampReadCount(rec[4:], call)
 			c.onCall(call)
 			c.pass = rec
 		}

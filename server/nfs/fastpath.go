@@ -32,12 +32,22 @@ const (
 	nfsProcLookup  = 3
 	nfsProcRead    = 6
 	nfsProcRdPlus  = 17
+	nfsProcFsinfo  = 19
 	nfsProcCommit  = 21
 
 	nfs3ErrServerFault = 10006
 
-	// goNFSMaxRead is go-nfs's MaxRead: READ counts are clamped to it.
-	goNFSMaxRead = 1 << 24
+	// MaxRead is the most bytes one READ returns, on every path: the fast
+	// path clamps to it, calls go-nfs answers have their count clamped to
+	// it before go-nfs reads them (its own MaxRead is the same, but it
+	// claims end of file for a clamped READ), and FSINFO advertises it as
+	// rtmax.
+	MaxRead = 1 << 24
+	// prefRead is FSINFO's rtpref: what clients read in when free to choose.
+	prefRead = 1 << 20
+	// maxWrite is FSINFO's wtmax: the export is read-only, and the guard
+	// refuses records larger than a 1 MiB WRITE.
+	maxWrite = 1 << 20
 	// fattrLen is the XDR size of fattr3.
 	fattrLen = 84
 	// replyHeaderLen: marker, xid, REPLY, MSG_ACCEPTED, AUTH_NULL verifier
@@ -100,6 +110,8 @@ func (c *conn) fast(rec []byte, call guard.Call) (bool, error) {
 		}
 	case nfsProcRdPlus:
 		reply = c.readdirplus(xid, &r)
+	case nfsProcFsinfo:
+		reply = c.fsinfo(xid, &r)
 	case nfsProcCommit:
 		if reply = c.commit(xid, &r); reply != nil {
 			c.m.errors.WithLabelValues(procName(progNFS, proc), "NFS3ERR_SERVERFAULT").Inc()
@@ -170,7 +182,8 @@ func (c *conn) lookup(xid uint32, r *xdrReader) *[]byte {
 }
 
 // read: READ3resok is status, post_op_attr, count, eof, opaque data. The
-// count is clamped as go-nfs does (to the file's end and to 16 MiB). It
+// count is clamped to the file's end and to MaxRead; eof is true only when
+// offset plus the bytes returned is the file's size. It
 // returns the reply to write, or written when readSendfile wrote it (with
 // the error that makes the connection unusable, if any); neither means
 // go-nfs answers.
@@ -189,6 +202,8 @@ func (c *conn) read(xid uint32, r *xdrReader) (*[]byte, bool, error) {
 		return nil, false, nil
 	}
 	defer f.Close()
+	// eof only when the bytes returned reach the end of the file.
+	count = min(count, MaxRead)
 	eof := false
 	size := info.Size()
 	if int64(off) >= size || int64(off) < 0 {
@@ -196,7 +211,6 @@ func (c *conn) read(xid uint32, r *xdrReader) (*[]byte, bool, error) {
 	} else if size-int64(off) <= int64(count) {
 		count, eof = uint32(size-int64(off)), true
 	}
-	count = min(count, goNFSMaxRead)
 	if count >= sendfileMin {
 		if rc, err := c.gc.SyscallConn(); err == nil {
 			return nil, true, c.readSendfile(rc, xid, f, info, off, count, eof)
@@ -324,6 +338,60 @@ func (c *conn) readSendfile(rc syscall.RawConn, xid uint32, f *roFile, info *inf
 		return fmt.Errorf("%w: %w", errSendfile, err)
 	}
 	return nil
+}
+
+// fsinfo: FSINFO3resok is status, post_op_attr, rtmax, rtpref, rtmult,
+// wtmax, wtpref, wtmult, dtpref, maxfilesize, time_delta, properties. It
+// is go-nfs's answer with the sizes this server really serves (go-nfs
+// advertises 1 GiB reads, then serves 16 MiB).
+func (c *conn) fsinfo(xid uint32, r *xdrReader) *[]byte {
+	h := r.opaque(maxHandle)
+	if !r.ok {
+		return nil
+	}
+	g, err := c.e.genOf(h)
+	if err != nil {
+		return nil
+	}
+	obj, oerr := g.resolve(ref{handle: h})
+	n := 4*6 + 4 + 4 + 7*4 + 8 + 8 + 4
+	if oerr == nil {
+		n += fattrLen
+	}
+	b := getReply(4 + n)
+	*b = appendReplyHeader(*b, n, xid)
+	*b = binary.BigEndian.AppendUint32(*b, 0) // NFS3_OK
+	*b = appendPostOp(*b, obj, oerr)
+	for _, v := range [...]uint32{MaxRead, prefRead, 4096, maxWrite, maxWrite, 4096, 8192} {
+		*b = binary.BigEndian.AppendUint32(*b, v)
+	}
+	*b = binary.BigEndian.AppendUint64(*b, 1<<62) // maxfilesize, as go-nfs
+	*b = binary.BigEndian.AppendUint32(*b, 0)     // time_delta: 1 ns
+	*b = binary.BigEndian.AppendUint32(*b, 1)
+	// FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS, as go-nfs sets them for
+	// a filesystem with symlinks and without write capability.
+	*b = binary.BigEndian.AppendUint32(*b, 0x1|0x2|0x8)
+	return b
+}
+
+// clampReadCount lowers the count of a READ call in rec (a record body
+// without its marker) to MaxRead before go-nfs answers it: go-nfs clamps
+// the count itself but then claims end of file.
+func clampReadCount(rec []byte, call guard.Call) {
+	if call.Prog != progNFS || call.Vers != 3 || call.Proc != nfsProcRead {
+		return
+	}
+	off := call.ArgsOff
+	if off+4 > len(rec) {
+		return
+	}
+	off += 4 + pad4(int(binary.BigEndian.Uint32(rec[off:]))) + 8 // handle, offset
+	if off+4 > len(rec) || off < 0 {
+		return
+	}
+	if binary.BigEndian.Uint32(rec[off:]) > MaxRead {
+		binary.BigEndian.PutUint32(rec[off:], MaxRead)
+	}
 }
 
 // commit: go-nfs answers COMMIT of a valid handle on a filesystem without
