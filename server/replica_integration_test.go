@@ -9,7 +9,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"net"
+	"net/netip"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -27,6 +27,7 @@ import (
 	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/server/nfs"
+	"github.com/strata-nix/strata/server/nfs/guard"
 	"github.com/strata-nix/strata/server/replica"
 	"github.com/strata-nix/strata/snapshot/btrfs"
 )
@@ -48,7 +49,8 @@ func serveNFS(t *testing.T, stateDir string) (*nfs.Export, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := nfs.Listen(nfs.ListenOptions{Addr: "127.0.0.1:0",
+		Guard: guard.Options{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
