@@ -103,6 +103,7 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		}
 	}
 	s.gens[g.ID] = &generation{Generation: ng, path: snap.Path}
+	s.swap()
 	s.log.Info("received generation is live", "generation", g.ID, "origin", origin, "paths", ng.Paths)
 	return ng, nil
 }
