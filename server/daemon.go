@@ -146,6 +146,10 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 	var err error
 	switch cfg.Backend {
 	case "btrfs":
+		if cfg.ReplicaOf != "" {
+			b, err = checkReplica(cfg, say, refuse)
+			break
+		}
 		if _, serr := os.Stat(cfg.SnapshotDir); errors.Is(serr, os.ErrNotExist) {
 			say("snapshot.snapshot_dir %s does not exist: a start creates it", cfg.SnapshotDir)
 			b, err = emptyInspect{}, btrfs.CheckRoot(cfg.StoreRoot)
@@ -153,6 +157,10 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 			b, err = btrfs.Inspect(cfg.StoreRoot, cfg.SnapshotDir, nil)
 		}
 	case "zfs":
+		if cfg.ReplicaOf != "" {
+			b, err = checkReplica(cfg, say, refuse)
+			break
+		}
 		b, err = zfs.Inspect(cfg.Dataset, cfg.MountDir, nil)
 	}
 	if err != nil {
@@ -450,6 +458,25 @@ func retainOnHoldChange(ctx context.Context, srv *Server, node *cluster.Node) {
 		last = key
 		srv.Retain(ctx)
 	}
+}
+
+// checkReplica is --check-config's part for a replica: the token file and
+// the backend opened for looking only.
+func checkReplica(cfg Config, say func(string, ...any), refuse func(error)) (snapshot.Backend, error) {
+	say("replica of %s: receives the primary's generations every %s, publishes nothing; store.root is not used", cfg.ReplicaOf, cfg.ReplicaInterval)
+	if tok, err := apiserve.ReadToken(cfg.ReplicaTokenFile); err != nil {
+		refuse(fmt.Errorf("replica.token_file: %w", err))
+	} else if tok == "" {
+		refuse(fmt.Errorf("replica.token_file %s is missing or empty: a replica needs the primary's API token", cfg.ReplicaTokenFile))
+	}
+	if cfg.Backend == "zfs" {
+		return zfs.InspectReplica(cfg.Dataset, cfg.MountDir, nil)
+	}
+	if _, serr := os.Stat(cfg.SnapshotDir); errors.Is(serr, os.ErrNotExist) {
+		say("snapshot.snapshot_dir %s does not exist: a start creates it", cfg.SnapshotDir)
+		return emptyInspect{}, nil
+	}
+	return btrfs.InspectReplica(cfg.SnapshotDir, nil)
 }
 
 // openPuller makes a replica's puller: the primary's API client with the

@@ -165,7 +165,8 @@ func (p *plan) refusal(cfg Config) error {
 // storeMismatch is the error that stops publishing, nil if store.root is
 // the store the generations come from (or none was recorded yet).
 func (p *plan) storeMismatch(cfg Config) error {
-	if p.storeWant == "" || p.storeHave == p.storeWant {
+	// A replica publishes nothing: store.root is not used.
+	if p.storeWant == "" || p.storeHave == p.storeWant || cfg.ReplicaOf != "" {
 		return nil
 	}
 	have := p.storeHave

@@ -132,6 +132,9 @@ func (b *Backend) Receive(ctx context.Context, r io.Reader, id, from uint64) (sn
 	if err := snapshot.ValidID(id); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs receive: %w", err)
 	}
+	if b.inspect {
+		return snapshot.Snapshot{}, fmt.Errorf("btrfs receive %s: %w", snapshot.Name(id), errInspect)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	name := snapshot.Name(id)
@@ -262,4 +265,26 @@ func streamHead(br *bufio.Reader) (name string, incremental bool, err error) {
 		attrs = attrs[4+l:]
 	}
 	return "", false, errors.New("stream's first command names no subvolume")
+}
+
+// InspectReplica opens a replica's snapshot dir for looking only, as
+// Inspect does for a primary: it deletes and repairs nothing, and its
+// Create, SetLabels, Receive and Destroy fail. `strata server --check-config`
+// of a replica uses it.
+func InspectReplica(snapshotDir string, log *slog.Logger) (*Backend, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	dir, err := realDir(snapshotDir)
+	if err != nil {
+		return nil, fmt.Errorf("btrfs snapshot dir: %w", err)
+	}
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(dir, &sfs); err != nil {
+		return nil, fmt.Errorf("btrfs statfs %s: %w", dir, err)
+	}
+	if uint32(sfs.Type) != superMagic {
+		return nil, unsupported(dir, "snapshot dir is not on btrfs (filesystem magic %#x)", uint32(sfs.Type))
+	}
+	return &Backend{snapDir: dir, inspect: true, log: log.With("backend", "btrfs", "replica", dir)}, nil
 }

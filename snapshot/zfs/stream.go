@@ -121,6 +121,9 @@ func (b *Backend) Receive(ctx context.Context, r io.Reader, id, from uint64) (sn
 	if err := snapshot.ValidID(id); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("zfs receive: %w", err)
 	}
+	if b.inspect {
+		return snapshot.Snapshot{}, fmt.Errorf("zfs receive %s: %w", snapshot.Name(id), errInspect)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	name := snapshot.Name(id)
@@ -224,6 +227,9 @@ func (b *Backend) ResumeReceive(ctx context.Context, r io.Reader, id uint64) (sn
 	if err := snapshot.ValidID(id); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("zfs receive: %w", err)
 	}
+	if b.inspect {
+		return snapshot.Snapshot{}, fmt.Errorf("zfs receive %s: %w", snapshot.Name(id), errInspect)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	name := snapshot.Name(id)
@@ -254,6 +260,9 @@ func (b *Backend) AbortReceive(ctx context.Context) error {
 	tok, err := b.ResumeToken(ctx)
 	if err != nil || tok == "" {
 		return err
+	}
+	if b.inspect {
+		return fmt.Errorf("zfs receive -A %s: %w", b.dataset, errInspect)
 	}
 	if out, err := exec.CommandContext(ctx, "zfs", "receive", "-A", b.dataset).CombinedOutput(); err != nil {
 		return fmt.Errorf("zfs receive -A %s: %w: %s", b.dataset, err, strings.TrimSpace(string(out)))
@@ -294,4 +303,22 @@ func zstreamHead(br *bufio.Reader) (toname string, incremental bool, err error) 
 		name = name[:i]
 	}
 	return string(name), order.Uint64(b[48:56]) != 0, nil
+}
+
+// InspectReplica opens a replica's dataset for looking only (it need not
+// exist yet): nothing is mounted, received or destroyed. `strata server
+// --check-config` of a replica uses it.
+func InspectReplica(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if dataset == "" || strings.ContainsAny(dataset, "@#% ") || strings.HasPrefix(dataset, "/") || !strings.Contains(dataset, "/") {
+		return nil, fmt.Errorf("zfs dataset %q: not a child filesystem dataset name (pool/name): %w", dataset, snapshot.ErrUnsupported)
+	}
+	mountDir, err := filepath.Abs(mountDir)
+	if err != nil {
+		return nil, fmt.Errorf("zfs mount dir: %w", err)
+	}
+	return &Backend{dataset: dataset, mountDir: mountDir, replica: true, inspect: true,
+		log: log.With("backend", "zfs", "replica", dataset), mountinfo: "/proc/self/mountinfo"}, nil
 }

@@ -1,0 +1,117 @@
+//go:build integration
+
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/testenv"
+)
+
+// The real `strata server` as primary and as replica (replica.of,
+// replica.token_file): the replica starts only with the primary's token,
+// receives what the primary publishes on its own (replica.interval), shows
+// origin and arrival in `strata generations --json`, refuses `strata
+// publish`, and after a kill -9 and restart serves the same generations and
+// catches up.
+func TestReplicaDaemon(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	papi := freePort(t)
+	pcfg := filepath.Join(dir, "primary.yaml")
+	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
+	prim := start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "published generation") // the publish at start
+	publishOne(t, s, prim, "first")
+
+	rmnt := testenv.LoopBtrfs(t, "1G")
+	rstate := filepath.Join(dir, "rstate")
+	rcfg := func(token string) string {
+		f := filepath.Join(t.TempDir(), "replica.yaml")
+		os.WriteFile(f, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
+			papi, token, filepath.Join(rmnt, "gens"), rstate)), 0o644)
+		return f
+	}
+	// No token file: the replica does not start.
+	out := refused(t, rcfg(filepath.Join(dir, "missing")))
+	if !strings.Contains(out, "replica.token_file") {
+		t.Errorf("replica without a token file: %s", out)
+	}
+	cfg := rcfg(tokenFile)
+	repl := start(t, cfg, rstate, nil)
+	// waitGens waits until the replica serves what the primary serves.
+	waitGens := func(d *daemonProc) api.GenerationList {
+		t.Helper()
+		want := fmt.Sprint(ids(prim.generations(t).Generations))
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			l := d.generations(t)
+			if fmt.Sprint(ids(l.Generations)) == want {
+				return l
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("replica serves %v, want %s\n%s", ids(l.Generations), want, d.logs)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitGens(repl)
+	g2 := publishOne(t, s, prim, "second")
+	if l := waitGens(repl); len(l.Generations) < 2 || l.Generations[len(l.Generations)-1].ID != g2 {
+		t.Fatalf("replica serves %v, want up to %d", ids(l.Generations), g2)
+	}
+
+	jsonOut, code := runStrata(t, nil, "generations", "--json", "--api", repl.api)
+	var list api.GenerationList
+	if code != 0 || json.Unmarshal([]byte(jsonOut), &list) != nil {
+		t.Fatalf("strata generations --json on the replica: exit %d\n%s", code, jsonOut)
+	}
+	for _, g := range list.Generations {
+		if g.Origin != "http://"+papi || g.Arrived == nil {
+			t.Errorf("generation %d: origin %q, arrived %v", g.ID, g.Origin, g.Arrived)
+		}
+		pg, _ := prim.client().Generation(t.Context(), g.ID)
+		if pg.RegistrationSHA256 != g.RegistrationSHA256 || pg.Paths != g.Paths {
+			t.Errorf("generation %d on the replica %+v, on the primary %+v", g.ID, g, pg)
+		}
+	}
+	if out, code := runStrata(t, nil, "publish", "--api", repl.api); code == 0 || !strings.Contains(out, "replica") {
+		t.Errorf("strata publish on the replica: exit %d\n%s", code, out)
+	}
+
+	// kill -9 the replica; the primary publishes; the restarted replica
+	// serves what it had and catches up.
+	repl.cmd.Process.Kill()
+	<-repl.done
+	g3 := publishOne(t, s, prim, "third")
+	repl = start(t, cfg, rstate, nil)
+	if l := waitGens(repl); l.Generations[len(l.Generations)-1].ID != g3 {
+		t.Fatalf("restarted replica serves %v, want up to %d", ids(l.Generations), g3)
+	}
+	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g3, g2))
+	repl.stop(t)
+	prim.stop(t)
+
+	// --check-config of a replica: reports what it would serve; a missing
+	// token file is an error.
+	out, code = runStrata(t, nil, "server", "--config", cfg, "--check-config")
+	if code != 0 || !strings.Contains(out, "replica of http://"+papi) || !strings.Contains(out, fmt.Sprintf("would serve generations")) {
+		t.Errorf("--check-config of the replica: exit %d\n%s", code, out)
+	}
+	out, code = runStrata(t, nil, "server", "--config", rcfg(filepath.Join(dir, "missing")), "--check-config")
+	if code == 0 || !strings.Contains(out, "replica.token_file") {
+		t.Errorf("--check-config of a replica without its token: exit %d\n%s", code, out)
+	}
+}
