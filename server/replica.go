@@ -84,6 +84,15 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	if err := s.state.writeGeneration(ng, text, rowsFile.Bytes()); err != nil {
 		return api.Generation{}, err
 	}
+	// Bind what this replica knows to its copy, so that it too can rebuild
+	// its state dir from its snapshots (btrfs send carries only the labels
+	// given at creation, which say "publishing").
+	if store == "" {
+		store = s.storeID
+	}
+	if err := s.backend.SetLabels(ctx, g.ID, liveLabels(ng, store)); err != nil {
+		s.log.Warn("label received snapshot; the next start tries again", "snapshot", snap.Name, "err", err)
+	}
 	if s.storeID == "" && store != "" {
 		if err := s.state.setStoreID(store); err != nil {
 			s.state.removeGeneration(g.ID)

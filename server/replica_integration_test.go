@@ -267,10 +267,9 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 	}
 
 	// The replica is down while the primary pins 3 and publishes 4 and 5;
-	// restarted, it catches up: the pin label changed 3's snapshot on the
-	// primary (btrfs: a new transaction id), so btrfs receive finds no
-	// parent for an incremental from 3 and 4 comes whole; 5 comes
-	// incrementally from 4.
+	// restarted, it catches up incrementally: the pin is recorded beside
+	// 3's read-only snapshot (strata-3.labels), never in it, so 4 comes
+	// from 3 and 5 from 4.
 	if _, err := prim.srv.Pin(3, "keep"); err != nil {
 		t.Fatal(err)
 	}
@@ -283,8 +282,8 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 		t.Fatalf("restarted replica serves %v, want [1 2 3]", got)
 	}
 	res = syncOnce(t, p)
-	if len(res.Received) != 2 || res.Received[0].ID != 4 || res.Received[0].From != 0 || res.Received[1].From != 4 {
-		t.Fatalf("catch-up received %+v, want 4 whole (after the failed incremental from the re-labelled 3), 5 from 4", res.Received)
+	if len(res.Received) != 2 || res.Received[0].ID != 4 || res.Received[0].From != 3 || res.Received[1].From != 4 {
+		t.Fatalf("catch-up received %+v, want 4 from the pinned 3, 5 from 4", res.Received)
 	}
 	// Without a label change in between, a restarted replica that missed
 	// two publishes catches up incrementally.
@@ -303,8 +302,8 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 
 	// Down again while the primary publishes 8, 9, 10 and its retention
 	// (keep 3, plus the pinned 3) destroys 4 to 7: the replica's newest
-	// (7) is gone there, so the oldest live one newer than 7 comes whole
-	// and the rest incrementally.
+	// (7) is gone there, so 8 comes incrementally from the newest
+	// generation both still have (the pinned 3) and the rest from 8 and 9.
 	for _, n := range []string{"eight", "nine", "ten"} {
 		prim.c.store.AddText(t, n, n+"\n")
 		publish(t, prim.srv.Server)
@@ -313,8 +312,8 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 		t.Fatalf("primary serves %v, want [3 8 9 10]", plive)
 	}
 	res = syncOnce(t, p)
-	if len(res.Received) != 3 || res.Received[0].ID != 8 || res.Received[0].From != 0 || res.Received[1].From != 8 || res.Received[2].From != 9 {
-		t.Fatalf("after losing its base the replica received %+v, want 8 whole, 9 from 8, 10 from 9", res.Received)
+	if len(res.Received) != 3 || res.Received[0].ID != 8 || res.Received[0].From != 3 || res.Received[1].From != 8 || res.Received[2].From != 9 {
+		t.Fatalf("after losing its base the replica received %+v, want 8 from 3, 9 from 8, 10 from 9", res.Received)
 	}
 	if a, b := regSHA(t, prim.srv.Server, 10), regSHA(t, rs.Server, 10); a != b {
 		t.Errorf("generation 10: registration sha256 differs")

@@ -52,11 +52,13 @@ type Snapshot struct {
 // not kept beside it: the server writes the generation id, the central
 // store's identity and whether the generation went live, so that the
 // snapshots alone say what they are when the server's state dir is lost or
-// wrong. btrfs keeps them as user.strata.<key> xattrs of the snapshot's
-// root directory (written while the snapshot is still writable, then it is
-// made read-only); ZFS as strata:<key> user properties of the snapshot.
-// Both travel with the snapshot (btrfs send carries xattrs, zfs send -p
-// properties).
+// wrong. btrfs keeps the labels given to Create as user.strata.<key>
+// xattrs of the snapshot's root directory (written while the snapshot is
+// still writable, then it is made read-only, so they travel with btrfs
+// send), and later changes in a file strata-N.labels beside it (a
+// read-only snapshot is never made writable again: that would break
+// incremental sends from it); ZFS keeps them as strata:<key> user
+// properties of the snapshot (zfs send -p carries them).
 //
 // The key "generation", when set, is the snapshot's id in decimal: it is how
 // a backend recognises a snapshot that it made itself.

@@ -9,33 +9,43 @@
 // is a directory on the same btrfs filesystem, outside root.
 //
 // Crash safety: a snapshot is taken writable under the temporary name
-// snapshotDir/.tmp-strata-N, its labels are written as user.strata.<key>
-// xattrs of its root directory, it is made read-only (`btrfs property set
-// ro true`) and only then renamed (RENAME_NOREPLACE) to strata-N, then the
-// directory is fsynced. SetLabels makes the snapshot writable for the few
-// milliseconds it takes to change its xattrs (nothing else is written); a
-// crash in between leaves strata-N writable, and New makes every writable
-// strata-N whose generation label says N read-only again. List never shows a
-// temporary name; New deletes leftovers from a crash. List shows only read-
-// only subvolume roots named strata-N: a plain directory or writable
-// subvolume of that name made by hand is skipped with a warning.
+// snapshotDir/.tmp-strata-N, the labels given to Create are written as
+// user.strata.<key> xattrs of its root directory (so they are inside the
+// snapshot and travel with btrfs send), it is made read-only (`btrfs
+// property set ro true`) and only then renamed (RENAME_NOREPLACE) to
+// strata-N, then the directory is fsynced. List never shows a temporary
+// name; New deletes leftovers from a crash. List shows only read-only
+// subvolume roots named strata-N: a plain directory or writable subvolume
+// of that name made by hand is skipped with a warning.
+//
+// A read-only snapshot is never made writable again: that would change it
+// under incremental sends that use it as parent (btrfs receive then fails,
+// e.g. removing an xattr its copy never had). SetLabels therefore writes
+// its changes to snapshotDir/strata-N.labels beside the snapshot (JSON,
+// written atomically), tied to the snapshot's subvolume UUID so that a
+// file left over from a snapshot of the same name deleted by hand is
+// ignored; Destroy removes it. A snapshot's labels are its xattrs with
+// that file's changes on top.
 package btrfs
 
 import (
 	"context"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 
+	"github.com/strata-nix/strata/internal/atomicfile"
 	"github.com/strata-nix/strata/mountinfo"
 
 	"golang.org/x/sys/unix"
@@ -102,7 +112,7 @@ func New(root, snapshotDir string, log *slog.Logger) (*Backend, error) {
 // Inspect returns a backend over the same layout as New that changes
 // nothing: it checks root and snapshotDir the way New does, but does not
 // create snapshotDir (a missing one is an error wrapping fs.ErrNotExist),
-// does not delete or repair leftovers, and its Create, SetLabels and
+// does not delete leftovers, and its Create, SetLabels and
 // Destroy fail. `strata server --check-config` uses it.
 func Inspect(root, snapshotDir string, log *slog.Logger) (*Backend, error) {
 	if log == nil {
@@ -337,7 +347,7 @@ func writeLabels(dir string, labels snapshot.Labels) error {
 
 // clearLabels removes every label xattr of dir.
 func clearLabels(dir string) error {
-	l, err := readLabels(dir)
+	l, err := readXattrLabels(dir)
 	if err != nil {
 		return err
 	}
@@ -347,8 +357,69 @@ func clearLabels(dir string) error {
 	return writeLabels(dir, l)
 }
 
-// readLabels returns the label xattrs of dir (never nil).
+// sidecar is the file strata-N.labels: label changes made after the
+// snapshot became read-only.
+type sidecar struct {
+	// UUID is the subvolume UUID of the snapshot the changes belong to.
+	UUID string `json:"subvolume_uuid"`
+	// Labels are the changes; an empty value removes an xattr label.
+	Labels snapshot.Labels `json:"labels"`
+}
+
+func sidecarPath(snap string) string { return snap + ".labels" }
+
+// readSidecar returns the changes recorded for the snapshot at snap, whose
+// subvolume UUID is uuid; none if there is no file or it belongs to
+// another subvolume.
+func readSidecar(snap string, uuid [16]byte) (snapshot.Labels, error) {
+	b, err := os.ReadFile(sidecarPath(snap))
+	if errors.Is(err, fs.ErrNotExist) {
+		return snapshot.Labels{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read labels %s: %w", sidecarPath(snap), err)
+	}
+	var sc sidecar
+	if err := json.Unmarshal(b, &sc); err != nil {
+		return nil, fmt.Errorf("read labels %s: %w", sidecarPath(snap), err)
+	}
+	if sc.UUID != hex.EncodeToString(uuid[:]) || sc.Labels == nil {
+		return snapshot.Labels{}, nil
+	}
+	return sc.Labels, nil
+}
+
+// readLabels returns the labels of the snapshot (or half-made snapshot) at
+// dir: its xattrs with the changes of its strata-N.labels on top. Never
+// nil.
 func readLabels(dir string) (snapshot.Labels, error) {
+	l, err := readXattrLabels(dir)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Lstat(sidecarPath(dir)); errors.Is(err, fs.ErrNotExist) {
+		return l, nil
+	}
+	info, err := getSubvolInfo(dir)
+	if err != nil {
+		return nil, err
+	}
+	changes, err := readSidecar(dir, info.UUID)
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range changes {
+		if v == "" {
+			delete(l, k)
+		} else {
+			l[k] = v
+		}
+	}
+	return l, nil
+}
+
+// readXattrLabels returns the label xattrs of dir (never nil).
+func readXattrLabels(dir string) (snapshot.Labels, error) {
 	out := snapshot.Labels{}
 	buf := make([]byte, 4096)
 	n, err := unix.Listxattr(dir, buf)
@@ -382,10 +453,9 @@ func readLabels(dir string) (snapshot.Labels, error) {
 	return out, nil
 }
 
-// SetLabels changes generation id's labels. The snapshot is made writable
-// for the change and read-only again at once; its files are not touched.
-// A snapshot made by btrfs receive is refused: making it writable would cut
-// it off from incremental receives, and its labels come from its sender.
+// SetLabels changes generation id's labels by recording the changes in
+// snapshotDir/strata-N.labels (written to a temp file, synced, renamed);
+// the snapshot itself, read-only, is not touched.
 func (b *Backend) SetLabels(ctx context.Context, id uint64, labels snapshot.Labels) error {
 	if err := snapshot.ValidID(id); err != nil {
 		return fmt.Errorf("btrfs set labels: %w", err)
@@ -406,22 +476,23 @@ func (b *Backend) SetLabels(ctx context.Context, id uint64, labels snapshot.Labe
 	if err != nil {
 		return fmt.Errorf("btrfs set labels %s: %w", p, err)
 	}
-	if info.ReceivedUUID != ([16]byte{}) {
-		return fmt.Errorf("btrfs set labels %s: made by btrfs receive; its labels come from the sending host", p)
-	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("btrfs set labels %s: %w", p, err)
 	}
-	if err := b.run(ctx, "property", "set", "-t", "subvol", p, "ro", "false"); err != nil {
+	changes, err := readSidecar(p, info.UUID)
+	if err != nil {
+		return fmt.Errorf("btrfs set labels: %w", err)
+	}
+	maps.Copy(changes, labels)
+	data, err := json.MarshalIndent(sidecar{UUID: hex.EncodeToString(info.UUID[:]), Labels: changes}, "", "  ")
+	if err != nil {
 		return fmt.Errorf("btrfs set labels %s: %w", p, err)
 	}
-	werr := writeLabels(p, labels)
-	// Read-only again whatever happened, even if ctx ended meanwhile.
-	if err := b.run(context.WithoutCancel(ctx), "property", "set", "-t", "subvol", p, "ro", "true"); err != nil {
-		return fmt.Errorf("btrfs set labels %s: make read-only again: %w", p, err)
+	if err := atomicfile.WriteFile(sidecarPath(p), append(data, '\n'), 0o644); err != nil {
+		return fmt.Errorf("btrfs set labels %s: %w", p, err)
 	}
-	if werr != nil {
-		return fmt.Errorf("btrfs set labels %s: %w", p, werr)
+	if err := syncDir(b.snapDir); err != nil {
+		return fmt.Errorf("btrfs set labels %s: %w", p, err)
 	}
 	b.log.Debug("snapshot labels set", "id", id, "labels", labels)
 	return nil
@@ -510,6 +581,9 @@ func (b *Backend) Destroy(ctx context.Context, id uint64) error {
 	if err := b.run(ctx, "subvolume", "delete", "--commit-after", p); err != nil {
 		return fmt.Errorf("btrfs destroy %s: %w", p, err)
 	}
+	if err := os.Remove(sidecarPath(p)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		b.log.Warn("remove labels file of destroyed snapshot", "path", sidecarPath(p), "err", err)
+	}
 	b.log.Info("snapshot destroyed", "id", id, "path", p)
 	return nil
 }
@@ -522,12 +596,6 @@ func (b *Backend) removeLeftovers(ctx context.Context) error {
 		return fmt.Errorf("btrfs read %s: %w", b.snapDir, err)
 	}
 	for _, e := range entries {
-		if id, ok := snapshot.ParseName(e.Name()); ok {
-			if err := b.repairWritable(ctx, id); err != nil {
-				return err
-			}
-			continue
-		}
 		rest, ok := strings.CutPrefix(e.Name(), tmpPrefix)
 		if _, isOurs := snapshot.ParseName(rest); !ok || !isOurs {
 			continue
@@ -535,30 +603,6 @@ func (b *Backend) removeLeftovers(ctx context.Context) error {
 		if err := b.removeTmp(ctx, filepath.Join(b.snapDir, e.Name())); err != nil {
 			return err
 		}
-	}
-	return nil
-}
-
-// repairWritable makes strata-N read-only again when a crash inside
-// SetLabels left it writable. Only a subvolume whose generation label says
-// N is touched: that label proves the server made it read-only before.
-func (b *Backend) repairWritable(ctx context.Context, id uint64) error {
-	p := b.path(id)
-	var st unix.Stat_t
-	if err := unix.Lstat(p, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Ino != firstFreeObjectID {
-		return nil
-	}
-	info, err := getSubvolInfo(p)
-	if err != nil || info.ReadOnly {
-		return nil
-	}
-	labels, err := readLabels(p)
-	if err != nil || labels["generation"] != strconv.FormatUint(id, 10) {
-		return nil
-	}
-	b.log.Warn("making snapshot read-only again after an interrupted label change", "path", p)
-	if err := b.run(ctx, "property", "set", "-t", "subvol", p, "ro", "true"); err != nil {
-		return fmt.Errorf("btrfs repair %s: %w", p, err)
 	}
 	return nil
 }

@@ -5,13 +5,12 @@ package btrfs
 import (
 	"errors"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/snapshot"
@@ -206,37 +205,83 @@ func TestNewLayoutErrors(t *testing.T) {
 	}
 }
 
-// A crash inside SetLabels leaves strata-N writable: New makes it read-only
-// again when its generation label proves it is strata's, and leaves a
-// writable strata-M without that label alone (it is not listed either).
-func TestWritableAfterCrashInSetLabels(t *testing.T) {
-	_, root, snaps := newStore(t)
+// SetLabels never makes a read-only snapshot writable again: a replica
+// that received strata-1 still receives strata-2 incrementally from it
+// after strata-1 was pinned (changing strata-1's xattrs would make btrfs
+// receive fail). The changes live in strata-1.labels, which a snapshot
+// of the same name made later ignores, and Destroy removes.
+func TestSetLabelsKeepsIncrementalSend(t *testing.T) {
+	mnt, root, snaps := newStore(t)
 	b, err := New(root, snaps, testLog(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.Create(t.Context(), 3, snapshot.Labels{"generation": "3", "state": "live"}); err != nil {
+	ctx := t.Context()
+	s1, err := b.Create(ctx, 1, snapshot.Labels{"generation": "1", "state": "publishing"})
+	if err != nil {
 		t.Fatal(err)
 	}
-	p := filepath.Join(snaps, "strata-3")
-	testenv.Run(t, "btrfs", "property", "set", "-t", "subvol", p, "ro", "false") // the crash
-	stranger := filepath.Join(snaps, "strata-4")
-	testenv.Run(t, "btrfs", "subvolume", "snapshot", root, stranger)
-	if err := unix.Setxattr(stranger, "user.strata.generation", []byte("9"), 0); err != nil {
+	before, err := getSubvolInfo(s1.Path)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(root, snaps, testLog(t)); err != nil {
+	recv := filepath.Join(mnt, "replica")
+	if err := os.Mkdir(recv, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if info, err := getSubvolInfo(p); err != nil || !info.ReadOnly {
-		t.Errorf("strata-3 after New: read-only %v, %v; want read-only", info.ReadOnly, err)
+	sendRecv := func(args ...string) {
+		t.Helper()
+		cmd := exec.Command("sh", "-c", `btrfs send -q "$@" | btrfs receive -e "$RECV"`, "sh")
+		cmd.Args = append(cmd.Args, args...)
+		cmd.Env = append(os.Environ(), "RECV="+recv)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("btrfs send %v | btrfs receive: %v\n%s", args, err, out)
+		}
 	}
-	if info, err := getSubvolInfo(stranger); err != nil || info.ReadOnly {
-		t.Errorf("strata-4 (labelled 9) after New: read-only %v, %v; want left writable", info.ReadOnly, err)
+	sendRecv(s1.Path)
+	if err := b.SetLabels(ctx, 1, snapshot.Labels{"state": "live", "pinned": "true", "pin_name": "golden", "generation": ""}); err != nil {
+		t.Fatal(err)
 	}
-	l, err := b.List(t.Context())
-	if err != nil || len(l) != 1 || l[0].ID != 3 || l[0].Labels["state"] != "live" {
-		t.Errorf("List = %+v, %v; want strata-3 with its labels only", l, err)
+	after, err := getSubvolInfo(s1.Path)
+	if err != nil || !after.ReadOnly || after.UUID != before.UUID {
+		t.Fatalf("strata-1 after SetLabels: %+v, %v", after, err)
+	}
+	if l, _ := b.List(ctx); len(l) != 1 || !maps.Equal(l[0].Labels, snapshot.Labels{"state": "live", "pinned": "true", "pin_name": "golden"}) {
+		t.Errorf("List after SetLabels: %+v", l)
+	}
+	if err := os.WriteFile(filepath.Join(root, "store/new"), []byte("2"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := b.Create(ctx, 2, snapshot.Labels{"generation": "2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendRecv("-p", s1.Path, s2.Path)
+	if got, err := os.ReadFile(filepath.Join(recv, "strata-2/store/new")); err != nil || string(got) != "2" {
+		t.Errorf("received strata-2: %q, %v", got, err)
+	}
+
+	// Destroy removes the labels file; a later strata-1 starts clean even
+	// if a stale labels file is put back.
+	stale, err := os.ReadFile(filepath.Join(snaps, "strata-1.labels"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Destroy(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(snaps, "strata-1.labels")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("strata-1.labels left after Destroy: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(snaps, "strata-1.labels"), stale, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n1, err := b.Create(ctx, 1, snapshot.Labels{"generation": "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !maps.Equal(n1.Labels, snapshot.Labels{"generation": "1"}) {
+		t.Errorf("a new strata-1 took a stale labels file: %v", n1.Labels)
 	}
 }
 
