@@ -48,6 +48,8 @@ import (
 	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
+
+	"golang.org/x/sys/unix"
 )
 
 // Server is what the agent asks the strata server. *api.Client is one.
@@ -100,6 +102,8 @@ type Agent struct {
 	nfs       string // advertised by the server
 	latest    uint64 // newest generation the server listed
 	waitSince time.Time
+	// noMetacopy: the kernel refused metacopy=on once; mount without it.
+	noMetacopy bool
 
 	rotateReq chan chan error
 	wake      chan struct{} // gossip: a newer generation may exist
@@ -234,15 +238,21 @@ func (a *Agent) registration(ctx context.Context, gen uint64) ([]nixstore.PathIn
 	return infos, nil
 }
 
+// isOurs reports whether m is one of the agent's overlays: its upper is
+// state_dir/upper.
+func (a *Agent) isOurs(m mountinfo.Mount) bool {
+	if m.FSType != "overlay" {
+		return false
+	}
+	u, ok := m.Option("upperdir")
+	return ok && filepath.Clean(u) == filepath.Clean(a.cfg.upperDir())
+}
+
 // ourOverlays returns the agent's overlays at the store dir (upper is ours),
 // in mountinfo order, and the visible one.
 func (a *Agent) ourOverlays(ms []mountinfo.Mount) (all []mountinfo.Mount, top mountinfo.Mount, hasTop bool) {
-	upper := filepath.Clean(a.cfg.upperDir())
 	for _, m := range mountinfo.At(ms, a.cfg.StoreDir) {
-		if m.FSType != "overlay" {
-			continue
-		}
-		if u, ok := m.Option("upperdir"); ok && filepath.Clean(u) == upper {
+		if a.isOurs(m) {
 			all = append(all, m)
 		}
 	}
@@ -260,7 +270,10 @@ func (a *Agent) lowersOf(m mountinfo.Mount) ([]uint64, string, error) {
 		return nil, "", err
 	}
 	var out []uint64
-	for _, d := range l.Lower {
+	for i, d := range l.Lower {
+		if i == len(l.Lower)-1 && i > 0 && filepath.Clean(d) == filepath.Clean(a.cfg.localDir()) {
+			break // the local store, bottom layer
+		}
 		if filepath.Dir(filepath.Clean(d)) != filepath.Clean(a.cfg.lowerRoot()) {
 			return nil, "", fmt.Errorf("overlay %d: lower %s is not under %s", m.ID, d, a.cfg.lowerRoot())
 		}
@@ -273,12 +286,65 @@ func (a *Agent) lowersOf(m mountinfo.Mount) ([]uint64, string, error) {
 	return out, l.Work, nil
 }
 
+// layers are the overlay's layers for lowers ls: the generations top
+// first, then the local store (state_dir/local), then the upper.
 func (a *Agent) layers(ls []Lower, work string) overlay.Layers {
-	l := overlay.Layers{Upper: a.cfg.upperDir(), Work: work}
+	a.mu.Lock()
+	meta := !a.cfg.NoMetacopy && !a.noMetacopy
+	a.mu.Unlock()
+	l := overlay.Layers{Upper: a.cfg.upperDir(), Work: work, Metacopy: meta}
 	for _, x := range ls {
 		l.Lower = append(l.Lower, a.cfg.lowerDir(x.Gen))
 	}
+	l.Lower = append(l.Lower, a.cfg.localDir())
 	return l
+}
+
+// metacopyRefused reports whether err is the kernel refusing an overlay
+// with metacopy=on (a layer filesystem or kernel without support). The
+// caller then mounts without it: hard links to generation files will copy
+// them into the upper (README, "Upper growth"). That is logged as an error
+// once per agent.
+func (a *Agent) metacopyRefused(err error, l overlay.Layers) bool {
+	if !l.Metacopy || !errors.Is(err, unix.EINVAL) {
+		return false
+	}
+	a.mu.Lock()
+	first := !a.noMetacopy
+	a.noMetacopy = true
+	a.mu.Unlock()
+	if first {
+		a.log.Error("the kernel refused the overlay with metacopy=on; mounting without it: sandboxed builds and nix-store --optimise will copy generation files into the upper",
+			"err", err)
+	}
+	return true
+}
+
+// ensureLocal makes sure state_dir/local shows the local store: what the
+// store dir held before the agent covered it (the running system, Nix
+// itself, paths built or added before strata). It is bound there once,
+// before the first overlay covers the store dir, and serves as the
+// overlay's bottom lower layer, so every path that was valid locally stays
+// readable at every instant, with the same files, and is never copied. An
+// overlay of an older agent without it gets it at the next rotation (then
+// the local store is reached through the store dir's parent mount).
+func (a *Agent) ensureLocal(ctx context.Context) error {
+	ms, err := a.m.Mounts()
+	if err != nil {
+		return err
+	}
+	dir := a.cfg.localDir()
+	if len(mountinfo.At(ms, dir)) > 0 {
+		return nil
+	}
+	if err := mkdirs(a.cfg.StoreDir, dir); err != nil {
+		return fmt.Errorf("local store layer: %w", err)
+	}
+	if err := a.m.BindLocal(ctx, a.cfg.StoreDir, dir, a.isOurs); err != nil {
+		return fmt.Errorf("local store layer: %w", err)
+	}
+	a.log.Info("bound the local store as the bottom layer", "store", a.cfg.StoreDir, "dir", dir)
+	return nil
 }
 
 // ensureLower mounts generation g at lower/<g> unless something is

@@ -272,13 +272,13 @@ type killMounter struct {
 
 func (k *killMounter) Detach(context.Context, string) error { return k.kill }
 
-func (k *killMounter) Swap(_ context.Context, target string, l overlay.Layers) (overlay.Method, error) {
+func (k *killMounter) Swap(_ context.Context, target string, l overlay.Layers) (overlay.SwapResult, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if err := k.beneath(target, l); err != nil {
-		return 0, err
+		return overlay.SwapResult{}, err
 	}
-	return 0, k.kill
+	return overlay.SwapResult{}, k.kill
 }
 
 func TestIdlePolicyWaitsForBuilds(t *testing.T) {
@@ -440,5 +440,78 @@ func TestNFSAddress(t *testing.T) {
 	c.ServerNFS = ""
 	if _, _, err := c.NFSAddress(""); err == nil {
 		t.Error("no address accepted")
+	}
+}
+
+// A swap that switched and then failed (read-back, staging cleanup) is a
+// done swap: the rotation goes on to import the new paths and ends idle on
+// the new generation, with the old lower released.
+func TestSwapErrorAfterSwitchContinuesRotation(t *testing.T) {
+	u := newUnitEnv(t)
+	a1, b1 := info("a"), info("bb")
+	u.srv.publish(a1)
+	a := u.agent(t)
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	u.srv.publish(a1, b1)
+	u.m.failAfterSwitch = errors.New("read mountinfo: too many open files")
+	if err := a.Check(context.Background(), true); err != nil {
+		t.Fatalf("check: %v, want the rotation to carry on after the switch", err)
+	}
+	if st := a.State(); st.String() != "idle(2)" || st.PathsImported != 1 {
+		t.Fatalf("state %s, imported %d: want idle(2) with 1 path imported", st, st.PathsImported)
+	}
+	if !u.nix.isValid(b1.Path) {
+		t.Fatal("new path not imported after a swap that switched")
+	}
+	if g, n := u.overlayLowers(t, a); !slices.Equal(g, []uint64{2}) || n != 1 {
+		t.Fatalf("overlay lowers %v (%d overlays), want [2] once", g, n)
+	}
+	if m := u.lowerMounts(a); m["2"] != 1 || len(m) != 1 {
+		t.Fatalf("lower mounts %v, want only 2", m)
+	}
+}
+
+// The local store is bound before the first overlay covers the store dir
+// and is every overlay's bottom lower; a path it holds stays valid when it
+// leaves the central store.
+func TestLocalStoreIsBottomLayer(t *testing.T) {
+	u := newUnitEnv(t)
+	a1, shared := info("a"), info("shared-with-local")
+	u.srv.publish(a1, shared)
+	a := u.agent(t)
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	local := u.cfg.localDir()
+	if len(u.m.calls) < 3 || u.m.calls[1] != "bindlocal "+local || !strings.HasPrefix(u.m.calls[2], "overlay ") {
+		t.Fatalf("calls %q: want the local bind right before the overlay", u.m.calls)
+	}
+	ms, _ := u.m.Mounts()
+	_, top, _ := a.ourOverlays(ms)
+	l, err := overlay.LayersOf(top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Lower[len(l.Lower)-1] != local || !strings.Contains(top.SuperOptions, "metacopy=on") {
+		t.Fatalf("overlay %q: want %s as bottom lower and metacopy=on", top.SuperOptions, local)
+	}
+	// The local store holds "shared" too (same store path built locally).
+	if err := os.WriteFile(filepath.Join(local, filepath.Base(shared.Path)), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	u.srv.publish(a1)
+	if err := a.Check(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	if !u.nix.isValid(shared.Path) {
+		t.Fatal("a path the local store holds was invalidated when it left the central store")
+	}
+	if g, _ := u.overlayLowers(t, a); !slices.Equal(g, []uint64{2}) {
+		t.Fatalf("overlay lowers %v, want [2] (no old generation kept for a local path)", g)
+	}
+	if n := strings.Count(strings.Join(u.m.calls, "\n"), "bindlocal"); n != 1 {
+		t.Fatalf("%d local binds, want 1", n)
 	}
 }

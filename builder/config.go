@@ -32,6 +32,7 @@ var Keys = []config.Key{
 	{Name: "rotate.max_wait", Kind: config.Duration, Default: "1h", Usage: "idle policy: rotate anyway after waiting this long for builds to end"},
 	{Name: "rotate.check_interval", Kind: config.Duration, Default: "30s", Usage: "how often to ask the server for a newer generation"},
 	{Name: "swap.method", Kind: config.String, Default: "auto", Usage: "overlay swap method: auto, beneath (Linux 6.5+) or propagation"},
+	{Name: "overlay.metacopy", Kind: config.Bool, Default: true, Usage: "mount the overlay with metacopy=on, so hard links to generation files (sandboxed builds, nix-store --optimise) copy no data into the upper"},
 	{Name: "swap.staging_dir", Kind: config.String, Default: overlay.DefaultStagingDir, Usage: "propagation swap: where the private staging tmpfs lives"},
 	{Name: "api.socket", Kind: config.String, Default: "", Usage: "unix socket for the agent's API; calls on it need no token (default <state_dir>/api.sock)"},
 	{Name: "api.listen", Kind: config.String, Default: "", Usage: "TCP address for the agent's API (empty: socket only)"},
@@ -88,6 +89,8 @@ type Config struct {
 	// Cluster is gossip (cluster.*): with it the agent learns of a publish
 	// at once and, when ServerAPI is empty, finds its server.
 	Cluster cluster.Settings
+	// NoMetacopy turns overlay.metacopy off (the zero Config keeps it on).
+	NoMetacopy bool
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error
@@ -106,6 +109,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		MaxWait:       v.Duration("rotate.max_wait"),
 		CheckInterval: v.Duration("rotate.check_interval"),
 		StagingDir:    v.String("swap.staging_dir"),
+		NoMetacopy:    !v.Bool("overlay.metacopy"),
 		Socket:        v.String("api.socket"),
 		APIListen:     v.String("api.listen"),
 		TokenFile:     v.String("api.token_file"),
@@ -225,6 +229,7 @@ func (c Config) upperDir() string  { return filepath.Join(c.StateDir, "upper") }
 func (c Config) workRoot() string  { return filepath.Join(c.StateDir, "work") }
 func (c Config) lowerRoot() string { return filepath.Join(c.StateDir, "lower") }
 func (c Config) stateFile() string { return filepath.Join(c.StateDir, "state.json") }
+func (c Config) localDir() string  { return filepath.Join(c.StateDir, "local") }
 func (c Config) lowerDir(g uint64) string {
 	return filepath.Join(c.lowerRoot(), fmt.Sprint(g))
 }

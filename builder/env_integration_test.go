@@ -357,8 +357,11 @@ func (e *env) checkMounts(t *testing.T, st State) {
 	for _, x := range st.Lowers {
 		want = append(want, e.cfg.lowerDir(x.Gen))
 	}
-	if !slices.Equal(l.Lower, want) {
-		t.Fatalf("overlay lowers %v, state says %v", l.Lower, want)
+	if !slices.Equal(l.Lower, append(slices.Clone(want), e.cfg.localDir())) {
+		t.Fatalf("overlay lowers %v, state says %v above the local store %s", l.Lower, want, e.cfg.localDir())
+	}
+	if len(mountinfo.At(ms, e.cfg.localDir())) != 1 {
+		t.Fatalf("local store layer %s: want exactly one bind mount", e.cfg.localDir())
 	}
 	got := map[string]int{}
 	for _, m := range mountinfo.Under(ms, e.cfg.lowerRoot()) {

@@ -28,7 +28,9 @@ type fakeMounter struct {
 	next     int
 	failGen  error
 	failSwap error
-	calls    []string
+	// failAfterSwitch is returned by Swap after it switched.
+	failAfterSwitch error
+	calls           []string
 }
 
 func newFakeMounter() *fakeMounter {
@@ -66,18 +68,33 @@ func (f *fakeMounter) MountOverlay(_ context.Context, target string, l overlay.L
 }
 
 // Swap mounts the new overlay beneath the top one and detaches the top,
-// as MOVE_MOUNT_BENEATH does.
-func (f *fakeMounter) Swap(_ context.Context, target string, l overlay.Layers) (overlay.Method, error) {
+// as MOVE_MOUNT_BENEATH does. failSwap fails before anything changes;
+// failAfterSwitch fails after the switch, as a failed read-back or staging
+// cleanup does.
+func (f *fakeMounter) Swap(_ context.Context, target string, l overlay.Layers) (overlay.SwapResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, "swap "+l.String())
 	if f.failSwap != nil {
-		return 0, f.failSwap
+		return overlay.SwapResult{}, f.failSwap
 	}
 	if err := f.beneath(target, l); err != nil {
-		return 0, err
+		return overlay.SwapResult{}, err
 	}
-	return overlay.MethodBeneath, f.detach(target)
+	if err := f.detach(target); err != nil {
+		return overlay.SwapResult{Method: overlay.MethodBeneath}, err
+	}
+	res := overlay.SwapResult{Method: overlay.MethodBeneath, Switched: true}
+	return res, f.failAfterSwitch
+}
+
+// BindLocal records a bind mount of the store dir at dir.
+func (f *fakeMounter) BindLocal(_ context.Context, storeDir, dir string, _ func(mountinfo.Mount) bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "bindlocal "+dir)
+	f.add(dir, "ext4", "/dev/root", "rw")
+	return nil
 }
 
 func (f *fakeMounter) beneath(target string, l overlay.Layers) error {
@@ -188,6 +205,12 @@ func (n *fakeNix) Invalidate(_ context.Context, paths []string) error {
 		delete(n.valid, p)
 	}
 	return nil
+}
+
+func (n *fakeNix) References(_ context.Context, p string) ([]string, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Clone(n.valid[p].References), nil
 }
 
 func (n *fakeNix) isValid(p string) bool {

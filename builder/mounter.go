@@ -20,9 +20,14 @@ type Mounter interface {
 	MountGeneration(ctx context.Context, gen uint64, dir string) error
 	// MountOverlay mounts an overlay of l at target.
 	MountOverlay(ctx context.Context, target string, l overlay.Layers) error
-	// Swap atomically replaces the overlay at target by one of l and
-	// returns the method used.
-	Swap(ctx context.Context, target string, l overlay.Layers) (overlay.Method, error)
+	// Swap atomically replaces the overlay at target by one of l. With an
+	// error, the result's Switched still says whether the new overlay
+	// became the visible one before the error.
+	Swap(ctx context.Context, target string, l overlay.Layers) (overlay.SwapResult, error)
+	// BindLocal bind-mounts at dir what storeDir shows below the overlays
+	// ours accepts (overlay.BindBelow): the local store as it was before
+	// strata covered it.
+	BindLocal(ctx context.Context, storeDir, dir string, ours func(mountinfo.Mount) bool) error
 	// Detach lazily unmounts the top mount at target.
 	Detach(ctx context.Context, target string) error
 	// Mounts returns the mount table of the agent's mount namespace.
@@ -70,9 +75,16 @@ func (s *System) MountOverlay(ctx context.Context, target string, l overlay.Laye
 	return overlay.Mount(ctx, target, l)
 }
 
-func (s *System) Swap(ctx context.Context, target string, l overlay.Layers) (overlay.Method, error) {
-	res, err := overlay.Swap(ctx, target, l, s.SwapOptions)
-	return res.Method, err
+func (s *System) Swap(ctx context.Context, target string, l overlay.Layers) (overlay.SwapResult, error) {
+	return overlay.Swap(ctx, target, l, s.SwapOptions)
+}
+
+func (s *System) BindLocal(ctx context.Context, storeDir, dir string, ours func(mountinfo.Mount) bool) error {
+	staging := s.SwapOptions.StagingDir
+	if staging == "" {
+		staging = overlay.DefaultStagingDir
+	}
+	return overlay.BindBelow(ctx, storeDir, dir, staging, ours)
 }
 
 func (s *System) Detach(ctx context.Context, target string) error { return overlay.Detach(ctx, target) }

@@ -28,6 +28,9 @@ type Nix interface {
 	// Invalidate removes paths from the local DB without touching files.
 	// No valid path outside paths may refer to any of them.
 	Invalidate(ctx context.Context, paths []string) error
+	// References returns the references of valid path p (nil when p is
+	// not valid).
+	References(ctx context.Context, p string) ([]string, error)
 }
 
 // NixStore is the local Nix store: registration with the nix-store CLI,
@@ -231,6 +234,32 @@ func referrersFirst(paths []string, refs map[string][]string) ([]string, error) 
 		if err := visit(p, nil); err != nil {
 			return nil, err
 		}
+	}
+	return out, nil
+}
+
+func (n *NixStore) References(ctx context.Context, p string) ([]string, error) {
+	conn, done, err := n.open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	rows, err := conn.QueryContext(ctx,
+		"SELECT v2.path FROM ValidPaths v1 JOIN Refs r ON r.referrer = v1.id JOIN ValidPaths v2 ON v2.id = r.reference WHERE v1.path = ?", p)
+	if err != nil {
+		return nil, fmt.Errorf("query nix db %s: %w", n.DB, err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var r string
+		if err := rows.Scan(&r); err != nil {
+			return nil, fmt.Errorf("query nix db %s: %w", n.DB, err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("query nix db %s: %w", n.DB, err)
 	}
 	return out, nil
 }

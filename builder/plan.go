@@ -73,6 +73,27 @@ func planRemoval(cands map[string]uint64, valid map[string]bool, referrers map[s
 	return r
 }
 
+// localHolds reports whether store path p lives locally, outside every
+// generation: the upper holds it (upperHolds) or the local store layer
+// below the generations does, and the upper does not hide it.
+func localHolds(upper, local, p string) bool {
+	if upperHolds(upper, p) {
+		return true
+	}
+	if isWhiteout(filepath.Join(upper, filepath.Base(p))) {
+		return false
+	}
+	_, err := os.Lstat(filepath.Join(local, filepath.Base(p)))
+	return err == nil
+}
+
+// isWhiteout reports whether q is an overlayfs whiteout: a character
+// device 0/0.
+func isWhiteout(q string) bool {
+	var st unix.Stat_t
+	return unix.Lstat(q, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0
+}
+
 // upperHolds reports whether the upper layer holds store path p as a
 // local path of its own: an entry exists, is not a whiteout, and is not a
 // copy-up of a lower entry (overlayfs marks those with the

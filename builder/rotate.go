@@ -5,7 +5,10 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"time"
+
+	"github.com/strata-nix/strata/nixstore"
 )
 
 // Rotate moves the store dir from the current generation N to gen:
@@ -101,7 +104,12 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	if err != nil {
 		return err
 	}
-	plan := planRemoval(cands, valid, refs, func(p string) bool { return upperHolds(a.cfg.upperDir(), p) })
+	// The generation's GC root refers to every path of it; it is no
+	// reason to keep one. It is replaced below, under the GC lock.
+	for p, rs := range refs {
+		refs[p] = slices.DeleteFunc(rs, isRootPath)
+	}
+	plan := planRemoval(cands, valid, refs, func(p string) bool { return localHolds(a.cfg.upperDir(), a.cfg.localDir(), p) })
 	next := []Lower{{Gen: gen}}
 	var keptGens []uint64
 	for g := range plan.Keep {
@@ -112,10 +120,32 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	for _, g := range keptGens {
 		next = append(next, Lower{Gen: g, Kept: plan.Keep[g]})
 	}
+	// No garbage collection from here until the new paths are registered
+	// and rooted (see gcroot.go): the current root goes with the paths
+	// that leave, the next one comes after the import.
+	unlock, err := a.gcLock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	oldRoot, _ := os.Readlink(a.cfg.gcRootLink())
+	prev, rerr := a.rootRefs(ctx)
 	if err := a.transition(func(s *State) { s.Phase, s.Next = PhaseInvalidating, next }); err != nil {
 		return err
 	}
-	if err := a.nix.Invalidate(ctx, plan.Invalidate); err != nil {
+	inval := plan.Invalidate
+	if len(prev) > 0 && rerr == nil && len(inval) > 0 {
+		inval = append(slices.Clone(inval), oldRoot)
+		defer func() {
+			if !swapped && err != nil {
+				// Root the current generation again, without what left.
+				if rerr := a.rootGeneration(context.WithoutCancel(ctx), cur, without(prev, plan.Invalidate)); rerr != nil {
+					a.log.Error("re-root generation after failed rotation", "generation", cur, "err", rerr)
+				}
+			}
+		}()
+	}
+	if err := a.nix.Invalidate(ctx, inval); err != nil {
 		return err
 	}
 	if len(plan.Invalidate)+len(plan.InUpper)+len(keptGens) > 0 {
@@ -127,6 +157,13 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 			return err
 		}
 	}
+	if err := a.ensureLocal(ctx); err != nil {
+		return err
+	}
+	repaired, err := a.repairHidden(a.cfg.lowerDir(gen))
+	if err != nil {
+		return err
+	}
 	work, err := newWorkdir(a.cfg, gen)
 	if err != nil {
 		return err
@@ -135,11 +172,22 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 		os.Remove(work)
 		return err
 	}
-	method, err := a.m.Swap(ctx, a.cfg.StoreDir, a.layers(next, work))
-	if err != nil {
+	l := a.layers(next, work)
+	res, err := a.m.Swap(ctx, a.cfg.StoreDir, l)
+	if err != nil && !res.Switched && a.metacopyRefused(err, l) {
+		l.Metacopy = false
+		res, err = a.m.Swap(ctx, a.cfg.StoreDir, l)
+	}
+	if err != nil && !res.Switched {
 		return err
 	}
 	swapped = true
+	if err != nil {
+		// The new overlay serves the store dir: carry on as after a swap
+		// (import, release), or its new paths would never be registered.
+		a.log.Warn("the swap switched to the new overlay, then failed; continuing the rotation", "err", err)
+	}
+	method := res.Method
 	swapTook := time.Since(began)
 	a.mu.Lock()
 	a.method = method
@@ -150,12 +198,37 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	}); err != nil {
 		return err
 	}
-	n, err := a.nix.Load(ctx, addedRows)
+	// The generation's paths for its GC root: the previous root's minus
+	// the removed plus the added, or the full rows when there is no
+	// previous root or hidden paths were repaired (then all of them are
+	// imported again; only paths not valid are registered).
+	var full *nixstore.Rows
+	if len(repaired) > 0 || len(prev) == 0 || rerr != nil {
+		if full, err = a.rows(ctx, gen, 0); err != nil {
+			return fmt.Errorf("import: %w", err)
+		}
+	}
+	toLoad := addedRows
+	if len(repaired) > 0 {
+		toLoad = full
+	}
+	n, skipped, err := a.load(ctx, toLoad)
 	if err != nil {
 		return fmt.Errorf("import: %w", err)
 	}
+	var genPaths []string
+	if full != nil {
+		genPaths = without(rowPaths(full), skipped)
+	} else {
+		genPaths = without(append(without(prev, d.Removed), rowPaths(addedRows)...), skipped)
+	}
+	msg := skippedError(gen, skipped)
+	if err := a.rootGeneration(ctx, gen, genPaths); err != nil {
+		a.log.Error("generation not rooted: a garbage collection may delete its paths", "generation", gen, "err", err)
+		msg = strings.TrimPrefix(msg+"; "+err.Error(), "; ")
+	}
 	if err := a.transition(func(s *State) {
-		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, ""
+		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, msg
 		s.LastRotation, s.LastRotationDuration = time.Now(), time.Since(began)
 	}); err != nil {
 		return err

@@ -76,7 +76,13 @@ var ErrBusy = errors.New("a build is running; rotation deferred")
 // earlier failure is retried first.
 func (a *Agent) Check(ctx context.Context, force bool) error {
 	if st := a.State(); st.Phase == PhaseImporting {
-		if err := a.importFull(ctx, st.Generation); err != nil {
+		unlock, err := a.gcLock(ctx)
+		if err != nil {
+			return err
+		}
+		err = a.importFull(ctx, st.Generation)
+		unlock()
+		if err != nil {
 			a.setError(err)
 			return err
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/strata-nix/strata/api"
@@ -83,6 +84,19 @@ func (a *Agent) Start(ctx context.Context) error {
 			}); err != nil {
 				return err
 			}
+			if !a.rooted(ctx) {
+				// A rotation cut short after it dropped the old root.
+				a.log.Warn("the mounted generation has no valid GC root; importing and rooting it again", "generation", lg[0])
+				unlock, err := a.gcLock(ctx)
+				if err != nil {
+					return fmt.Errorf("start: %w", err)
+				}
+				err = a.importFull(ctx, lg[0])
+				unlock()
+				if err != nil {
+					return fmt.Errorf("start: %w", err)
+				}
+			}
 		} else {
 			// The swap to Target happened (or the state file does not know
 			// this overlay): finish importing.
@@ -96,7 +110,13 @@ func (a *Agent) Start(ctx context.Context) error {
 			}); err != nil {
 				return err
 			}
-			if err := a.importFull(ctx, lg[0]); err != nil {
+			unlock, err := a.gcLock(ctx)
+			if err != nil {
+				return fmt.Errorf("start: %w", err)
+			}
+			err = a.importFull(ctx, lg[0])
+			unlock()
+			if err != nil {
 				return fmt.Errorf("start: %w", err)
 			}
 		}
@@ -143,14 +163,30 @@ func (a *Agent) Start(ctx context.Context) error {
 			return fmt.Errorf("start: %w", err)
 		}
 	}
+	// No garbage collection from before the overlay is mounted until its
+	// paths are registered and rooted: it would delete them as invalid.
+	unlock, err := a.gcLock(ctx)
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	defer unlock()
+	if _, err := a.repairHidden(a.cfg.lowerDir(g)); err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
 	work, err := newWorkdir(a.cfg, g)
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
-	if err := mkdirs(a.cfg.StoreDir); err != nil {
-		return fmt.Errorf("start: store dir: %w", err)
+	if err := a.ensureLocal(ctx); err != nil {
+		return fmt.Errorf("start: %w", err)
 	}
-	if err := a.m.MountOverlay(ctx, a.cfg.StoreDir, a.layers(want, work)); err != nil {
+	ol := a.layers(want, work)
+	err = a.m.MountOverlay(ctx, a.cfg.StoreDir, ol)
+	if err != nil && a.metacopyRefused(err, ol) {
+		ol.Metacopy = false
+		err = a.m.MountOverlay(ctx, a.cfg.StoreDir, ol)
+	}
+	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
 	a.log.Info("mounted overlay", "store", a.cfg.StoreDir, "generation", g, "lowers", gens(want))
@@ -194,21 +230,46 @@ func lowersFor(gs []uint64, st State) []Lower {
 }
 
 // importFull registers generation g's whole registration (only paths not
-// valid yet are loaded), then marks the state Idle.
+// valid yet are loaded; unreadable ones are skipped, see load), roots the
+// generation for garbage collection, then marks the state Releasing. The
+// caller holds the GC lock.
 func (a *Agent) importFull(ctx context.Context, g uint64) error {
 	rows, err := a.rows(ctx, g, 0)
 	if err != nil {
 		return err
 	}
 	began := time.Now()
-	n, err := a.nix.Load(ctx, rows)
+	n, skipped, err := a.load(ctx, rows)
 	if err != nil {
 		return fmt.Errorf("import generation %d: %w", g, err)
 	}
 	a.log.Info("imported generation", "generation", g, "paths", len(rows.Paths), "new", n, "took", time.Since(began).Round(time.Millisecond))
+	msg := skippedError(g, skipped)
+	if err := a.rootGeneration(ctx, g, without(rowPaths(rows), skipped)); err != nil {
+		a.log.Error("generation not rooted: a garbage collection may delete its paths", "generation", g, "err", err)
+		msg = strings.TrimPrefix(msg+"; "+err.Error(), "; ")
+	}
 	return a.transition(func(s *State) {
-		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, ""
+		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, msg
 	})
+}
+
+// without returns ps minus the paths in drop.
+func without(ps, drop []string) []string {
+	if len(drop) == 0 {
+		return ps
+	}
+	d := make(map[string]bool, len(drop))
+	for _, p := range drop {
+		d[p] = true
+	}
+	out := make([]string, 0, len(ps))
+	for _, p := range ps {
+		if !d[p] {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // release detaches lowers the overlay no longer uses, prunes workdirs and

@@ -30,6 +30,15 @@ type Layers struct {
 	// mount as Upper, never shared by two live overlays. Set exactly when
 	// Upper is.
 	Work string
+	// Metacopy mounts with metacopy=on (which implies redirect_dir=on): a
+	// change of metadata only, and a hard link (link(2) copies its source
+	// up), copies a lower file's inode up without its data, which the
+	// upper file keeps reading from the lower. Without it a hard link to a
+	// generation file (Nix's sandbox does that for single-file inputs,
+	// nix-store --optimise for every file) copies the whole file into the
+	// upper. It is not compared or read back: a kernel built with metacopy
+	// on by default does not show it in the mount options.
+	Metacopy bool
 }
 
 // Validate checks the layer paths without touching the filesystem: all
@@ -92,6 +101,9 @@ func (l Layers) String() string {
 	s := "lowerdir=" + strings.Join(l.Lower, ":")
 	if l.Upper != "" {
 		s += ",upperdir=" + l.Upper + ",workdir=" + l.Work
+	}
+	if l.Metacopy {
+		s += ",metacopy=on"
 	}
 	return s
 }
@@ -162,6 +174,11 @@ func newOverlay(l Layers) (int, error) {
 		// index=on (a kernel build default on some distributions) locks
 		// the upper to one mount; a swap mounts the same upper twice.
 		if err := set("index", "off"); err != nil {
+			return -1, err
+		}
+	}
+	if l.Metacopy {
+		if err := set("metacopy", "on"); err != nil {
 			return -1, err
 		}
 	}

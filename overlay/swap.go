@@ -119,8 +119,14 @@ type SwapOptions struct {
 	Logger *slog.Logger
 }
 
-// SwapResult tells the caller what Swap did.
+// SwapResult tells the caller what Swap did. Swap returns it with an
+// error too: Switched says whether the new overlay became the visible one
+// before the error, so a caller never mistakes a done swap for a failed one.
 type SwapResult struct {
+	// Switched is true once the old overlay was detached from the target
+	// and the new one is what path lookups see, even if Swap then failed
+	// (reading the mount table back, dropping the staging bind).
+	Switched bool
 	// Method is the method used: MethodBeneath or MethodPropagation.
 	Method Method
 	// Old are the layers of the overlay that was replaced, as the kernel
@@ -159,7 +165,9 @@ func (r SwapResult) Cleanup() error {
 // overlay, so bad layers, a busy workdir or a lower that cannot be mounted
 // give an error and leave the current overlay in place. After the swap it
 // reads the mount table back and returns an error if the new overlay is not
-// the one visible at target.
+// the one visible at target. An error after the old overlay was detached
+// comes with Switched true in the result: the new overlay serves the
+// target, and the caller must carry on as after a swap.
 //
 // The target's parent mount must not be the mount namespace's root for
 // MethodBeneath (the kernel refuses with EINVAL; it happens in an
@@ -172,8 +180,9 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	var res SwapResult
 	fail := func(err error) (SwapResult, error) {
-		return SwapResult{}, fmt.Errorf("swap overlay at %s: %w", target, err)
+		return res, fmt.Errorf("swap overlay at %s: %w", target, err)
 	}
 	if err := ctx.Err(); err != nil {
 		return fail(err)
@@ -253,17 +262,21 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 		}
 	}
 
+	res.Old = old
 	if method == MethodBeneath {
+		res.Method = method
 		err := unix.MoveMount(mfd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH|moveMountBeneath)
 		if errors.Is(err, unix.EINVAL) && opts.Method == MethodAuto {
 			log.Info("move_mount beneath refused; using propagation", "target", target, "err", err)
 			method = MethodPropagation
 		} else if err != nil {
 			return fail(fmt.Errorf("move_mount beneath: %w", err))
-		} else if err := Detach(ctx, target); err != nil {
+		} else if err := detachTop(ctx, target); err != nil {
 			// The new overlay sits beneath the old one; lookups still see
 			// the old one. A later Swap replaces the top again.
 			return fail(fmt.Errorf("new overlay is beneath, old one stays on top: %w", err))
+		} else {
+			res.Switched = true
 		}
 	}
 	if method == MethodPropagation {
@@ -274,26 +287,41 @@ func Swap(ctx context.Context, target string, next Layers, opts SwapOptions) (Sw
 		if staging == "" {
 			staging = DefaultStagingDir
 		}
-		if err := swapPropagation(target, top, parent, next, mfd, staging, log); err != nil {
+		res.Method = method
+		switched, err := swapPropagation(target, top, parent, next, mfd, staging, log)
+		res.Switched = switched
+		if err != nil {
 			return fail(err)
 		}
 	}
 
-	after, err := mountinfo.Read()
+	// The old overlay is gone from the target: from here on an error does
+	// not undo the switch. The read-back decides when it can.
+	after, err := readBack()
 	if err != nil {
-		return fail(err)
+		return fail(fmt.Errorf("switched with %s, but reading the mount table back failed: %w", method, err))
 	}
 	now, ok := mountinfo.Top(after, target)
 	if !ok || now.FSType != "overlay" {
+		res.Switched = false
 		return fail(fmt.Errorf("after %s swap no overlay is visible", method))
 	}
 	if nowLayers, err := LayersOf(now); err != nil || !sameLayers(nowLayers, next) {
+		res.Switched = false
 		return fail(fmt.Errorf("after %s swap the visible overlay is mount %d with layers %s, not the new one", method, now.ID, nowLayers))
 	}
+	res.Mount = now
 	log.Info("swapped overlay", "target", target, "method", method.String(),
 		"old_lower", strings.Join(old.Lower, ":"), "new_lower", strings.Join(next.Lower, ":"), "mount_id", now.ID)
-	return SwapResult{Method: method, Old: old, Mount: now}, nil
+	return res, nil
 }
+
+// Seams for tests of the error paths after the switch; the real calls
+// otherwise.
+var (
+	readBack  = mountinfo.Read
+	detachTop = Detach
+)
 
 // freshWorkdir creates work if missing and checks it is empty and used by
 // no visible overlay.
@@ -326,28 +354,28 @@ func freshWorkdir(work, current string, mounts []mountinfo.Mount) error {
 // swapPropagation is MethodPropagation (swap-fallback.md, P1). mfd is the
 // detached new overlay, or -1 to mount next with mount(2) on kernels
 // without the new mount API.
-func swapPropagation(target string, top, parent mountinfo.Mount, next Layers, mfd int, staging string, log *slog.Logger) error {
+func swapPropagation(target string, top, parent mountinfo.Mount, next Layers, mfd int, staging string, log *slog.Logger) (switched bool, err error) {
 	if rel, err := filepath.Rel(target, filepath.Clean(staging)); err == nil && !strings.HasPrefix(rel, "..") {
-		return fmt.Errorf("staging dir %s is under the target", staging)
+		return false, fmt.Errorf("staging dir %s is under the target", staging)
 	}
 	if parent.PeerGroup() == 0 {
 		if err := unix.Mount("", parent.Mountpoint, "", unix.MS_SHARED, ""); err != nil {
-			return fmt.Errorf("make parent mount %s shared: %w", parent.Mountpoint, err)
+			return false, fmt.Errorf("make parent mount %s shared: %w", parent.Mountpoint, err)
 		}
 		log.Info("made the target's parent mount shared for propagation swaps", "parent", parent.Mountpoint)
 	}
 	if err := ensureStaging(staging); err != nil {
-		return err
+		return false, err
 	}
 	s, err := os.MkdirTemp(staging, "swap-")
 	if err != nil {
-		return fmt.Errorf("staging: %w", err)
+		return false, fmt.Errorf("staging: %w", err)
 	}
 	defer os.Remove(s)
 	// A non-recursive bind of the parent: a peer of it, without the old
 	// overlay on top of the target.
 	if err := unix.Mount(parent.Mountpoint, s, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind parent %s on staging %s: %w", parent.Mountpoint, s, err)
+		return false, fmt.Errorf("bind parent %s on staging %s: %w", parent.Mountpoint, s, err)
 	}
 	// The bind must stop being a peer BEFORE it goes, or its unmount
 	// propagates to the target and removes the new overlay too.
@@ -363,7 +391,7 @@ func swapPropagation(target string, top, parent mountinfo.Mount, next Layers, mf
 	rel, err := filepath.Rel(parent.Mountpoint, top.Mountpoint)
 	if err != nil || strings.HasPrefix(rel, "..") {
 		_ = dropBind()
-		return fmt.Errorf("target %s is not inside its parent mount %s", top.Mountpoint, parent.Mountpoint)
+		return false, fmt.Errorf("target %s is not inside its parent mount %s", top.Mountpoint, parent.Mountpoint)
 	}
 	inner := filepath.Join(s, rel)
 	if mfd >= 0 {
@@ -375,7 +403,7 @@ func swapPropagation(target string, top, parent mountinfo.Mount, next Layers, mf
 		if derr := dropBind(); derr != nil {
 			log.Warn("staging bind left mounted", "dir", s, "err", derr)
 		}
-		return fmt.Errorf("mount new overlay on staging %s: %w", inner, err)
+		return false, fmt.Errorf("mount new overlay on staging %s: %w", inner, err)
 	}
 	// The kernel propagated a copy to target and tucked it under the old
 	// overlay. Detaching the old one reveals it.
@@ -383,12 +411,12 @@ func swapPropagation(target string, top, parent mountinfo.Mount, next Layers, mf
 		if derr := dropBind(); derr != nil {
 			log.Warn("staging bind left mounted", "dir", s, "err", derr)
 		}
-		return fmt.Errorf("new overlay is beneath, old one stays on top: detach %s: %w", target, err)
+		return false, fmt.Errorf("new overlay is beneath, old one stays on top: detach %s: %w", target, err)
 	}
 	if err := dropBind(); err != nil {
-		return fmt.Errorf("swap done, but %w", err)
+		return true, fmt.Errorf("swap done, but %w", err)
 	}
-	return nil
+	return true, nil
 }
 
 // ensureStaging makes sure a private tmpfs named stagingSource is mounted

@@ -138,7 +138,7 @@ derivation { name = "local-build"; system = builtins.currentSystem; builder = "/
 EOF2
 OUT=$(nix-build /local.nix --no-out-link 2>/dev/null)
 run cat $OUT/greeting
-d "the upper layer holds only what was built here (nothing was copied):"
+d "the upper layer holds only what was built here (nothing was copied), and the generation's GC root:"
 run sh -c "ls /var/lib/strata/builder/upper | grep -v '\.lock$'"
 statloop -stop /tmp/stop -ready /tmp/ready $DATA $TOOL/bin/tool > /tmp/loop 2>&1 &
 LOOP=$!
