@@ -73,6 +73,21 @@ type GenerationList struct {
 	Holders map[uint64][]string `json:"holders,omitempty"`
 }
 
+// NFSAccess is the answer of GET /v1/nfs/access: whether the server's NFS
+// export admits the caller, judged by the address the API sees it call
+// from (a builder's NFS connections normally come from the same address).
+type NFSAccess struct {
+	// Address is the caller's IP address as the server sees it; empty on
+	// the unix socket.
+	Address string `json:"address"`
+	// Allowed: the export is on and Address is in nfs.allow.
+	Allowed bool `json:"allowed"`
+	// Allow is the server's nfs.allow.
+	Allow []string `json:"allow"`
+	// NFS is the export's listen address; empty when the export is off.
+	NFS string `json:"nfs,omitempty"`
+}
+
 // Delta is the answer of GET /v1/generations/N/delta?from=M.
 type Delta struct {
 	From uint64 `json:"from"`

@@ -142,6 +142,12 @@ func (c *Client) Generations(ctx context.Context) (GenerationList, error) {
 	return l, c.Do(ctx, http.MethodGet, "/v1/generations", &l)
 }
 
+// NFSAccess asks whether the server's NFS export admits this client.
+func (c *Client) NFSAccess(ctx context.Context) (NFSAccess, error) {
+	var a NFSAccess
+	return a, c.Do(ctx, http.MethodGet, "/v1/nfs/access", &a)
+}
+
 // Generation returns generation id's manifest.
 func (c *Client) Generation(ctx context.Context, id uint64) (Generation, error) {
 	var g Generation

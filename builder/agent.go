@@ -105,6 +105,8 @@ type Agent struct {
 	// noMetacopy: the kernel refused metacopy=on once; mount without it.
 	noMetacopy bool
 
+	usage usageCache
+
 	rotateReq chan chan error
 	wake      chan struct{} // gossip: a newer generation may exist
 	watchers  []func(State) // called after each transition (see Watch)
@@ -361,10 +363,46 @@ func (a *Agent) ensureLower(ctx context.Context, g uint64) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("mount generation %d: %w", g, err)
 	}
+	if err := a.checkNFSAccess(ctx); err != nil {
+		return fmt.Errorf("mount generation %d: %w", g, err)
+	}
 	if err := a.m.MountGeneration(ctx, g, dir); err != nil {
 		return fmt.Errorf("mount generation %d at %s: %w", g, dir, err)
 	}
 	a.log.Info("mounted generation", "generation", g, "dir", dir)
+	return nil
+}
+
+// NFSAccessChecker is asked before a generation is mounted whether the
+// server's NFS export admits this builder. *api.Client is one; a Server
+// without it is not asked.
+type NFSAccessChecker interface {
+	NFSAccess(ctx context.Context) (api.NFSAccess, error)
+}
+
+// checkNFSAccess asks the server (GET /v1/nfs/access) whether its export
+// admits the address this builder calls from, and returns a clear error
+// if not: a refused NFS connection otherwise shows as a mount that hangs
+// or fails with "connection refused" or "input/output error". A server
+// that cannot answer (older, unreachable) is not an error here; the mount
+// then tells.
+func (a *Agent) checkNFSAccess(ctx context.Context) error {
+	c, ok := a.srv.(NFSAccessChecker)
+	if !ok {
+		return nil
+	}
+	acc, err := c.NFSAccess(ctx)
+	if err != nil {
+		a.log.Debug("nfs access check", "err", err)
+		return nil
+	}
+	switch {
+	case acc.NFS == "" && a.cfg.ServerNFS == "":
+		return fmt.Errorf("the strata server at %s exports nothing over NFS (its nfs.listen is empty)", a.cfg.ServerAPI)
+	case acc.NFS != "" && !acc.Allowed:
+		return fmt.Errorf("the strata server refuses NFS connections from this builder: it sees this builder as %s, which is not in its nfs.allow %v (add this builder's network to nfs.allow on the server)",
+			acc.Address, acc.Allow)
+	}
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/strata-nix/strata/mountinfo"
 
+	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
@@ -513,5 +514,37 @@ func TestLocalStoreIsBottomLayer(t *testing.T) {
 	}
 	if n := strings.Count(strings.Join(u.m.calls, "\n"), "bindlocal"); n != 1 {
 		t.Fatalf("%d local binds, want 1", n)
+	}
+}
+
+// accessServer is a fakeServer whose NFS export refuses this builder.
+type accessServer struct {
+	*fakeServer
+	acc api.NFSAccess
+}
+
+func (s accessServer) NFSAccess(context.Context) (api.NFSAccess, error) { return s.acc, nil }
+
+// A server whose nfs.allow leaves this builder out: no mount is tried,
+// the store dir is untouched, and status says why in the server's words.
+func TestNFSRefusalIsNamed(t *testing.T) {
+	u := newUnitEnv(t)
+	u.srv.publish(info("a"))
+	srv := accessServer{fakeServer: u.srv, acc: api.NFSAccess{Address: "10.0.2.15", Allow: []string{"127.0.0.0/8"}, NFS: "0.0.0.0:2049"}}
+	a := u.agent(t, func(o *Options) { o.Server = srv })
+	err := a.Start(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "refuses NFS connections from this builder") ||
+		!strings.Contains(err.Error(), "10.0.2.15") || !strings.Contains(err.Error(), "127.0.0.0/8") {
+		t.Fatalf("start: %v, want the refusal with address and allowlist", err)
+	}
+	for _, c := range u.m.calls {
+		if strings.HasPrefix(c, "mountgen") || strings.HasPrefix(c, "overlay") {
+			t.Fatalf("mount calls %v after a refusal", u.m.calls)
+		}
+	}
+	srv.acc.Allowed = true
+	a = u.agent(t, func(o *Options) { o.Server = srv })
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatalf("start once allowed: %v", err)
 	}
 }

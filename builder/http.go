@@ -41,17 +41,22 @@ type Status struct {
 	PathsImported        int           `json:"paths_imported"`
 	PathsInvalidated     int           `json:"paths_invalidated"`
 	LastError            string        `json:"last_error,omitempty"`
+	// Metacopy says whether the overlay is mounted with metacopy=on.
+	Metacopy bool `json:"metacopy"`
+	// Upper is what the upper holds (walked at most once a minute).
+	Upper UpperUsage `json:"upper"`
 }
 
 // Status describes the agent for GET /v1/status and `strata status`.
 func (a *Agent) Status() Status {
+	upper := a.upperUsage()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	st := a.st
 	s := Status{Role: "builder", Ready: a.ready, Generation: st.Generation, Latest: a.latest, Server: a.cfg.ServerAPI,
 		State: st.String(), Policy: a.cfg.Policy.String(), StoreDir: a.cfg.StoreDir,
 		PathsImported: st.PathsImported, PathsInvalidated: st.PathsInvalidated, LastError: st.LastError,
-		Mounts: []MountStatus{}}
+		Mounts: []MountStatus{}, Upper: upper, Metacopy: !a.cfg.NoMetacopy && !a.noMetacopy}
 	if host, port, err := a.cfg.NFSAddress(a.nfs); err == nil {
 		s.NFS = net.JoinHostPort(host, strconv.Itoa(port))
 	}

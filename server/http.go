@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"time"
 
@@ -34,6 +35,9 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		}
 		writeJSON(w, http.StatusOK, api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen, Missing: s.Missing(), Holders: s.Holders(),
 			Backend: s.backend.Kind(), Store: s.StoreID()})
+	})
+	mux.HandleFunc("GET /v1/nfs/access", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.nfsAccess(r.RemoteAddr))
 	})
 	mux.HandleFunc("GET /v1/generations/{id}", func(w http.ResponseWriter, r *http.Request) {
 		id, ok := pathID(w, r)
@@ -198,3 +202,28 @@ func statusOf(err error) int {
 func writeJSON(w http.ResponseWriter, code int, v any) { apiserve.WriteJSON(w, code, v) }
 
 func writeErr(w http.ResponseWriter, code int, err error) { apiserve.WriteError(w, code, err) }
+
+// nfsAccess answers GET /v1/nfs/access for a caller at remote (the
+// request's RemoteAddr): the same allowlist check the NFS listener makes.
+func (s *Server) nfsAccess(remote string) api.NFSAccess {
+	a := api.NFSAccess{NFS: s.cfg.NFSListen, Allow: []string{}}
+	for _, p := range s.cfg.NFSAllow {
+		a.Allow = append(a.Allow, p.String())
+	}
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		return a // the unix socket
+	}
+	addr := ap.Addr().Unmap()
+	a.Address = addr.String()
+	if s.cfg.NFSListen == "" {
+		return a
+	}
+	a.Allowed = len(s.cfg.NFSAllow) == 0 // as the guard: no list admits all
+	for _, p := range s.cfg.NFSAllow {
+		if p.Contains(addr) {
+			a.Allowed = true
+		}
+	}
+	return a
+}

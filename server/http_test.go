@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -94,5 +95,39 @@ func TestAPIBadInput(t *testing.T) {
 		if resp.StatusCode != want {
 			t.Errorf("GET %s: %d, want %d", path, resp.StatusCode, want)
 		}
+	}
+}
+
+// GET /v1/nfs/access answers for the caller's address with the guard's
+// rule: in nfs.allow (or no list), and only while the export is on.
+func TestNFSAccess(t *testing.T) {
+	s := &Server{}
+	for _, tc := range []struct {
+		listen, remote string
+		allow          []string
+		want           bool
+		addr           string
+	}{
+		{"0.0.0.0:2049", "127.0.0.1:5555", []string{"127.0.0.0/8"}, true, "127.0.0.1"},
+		{"0.0.0.0:2049", "10.0.2.15:5555", []string{"127.0.0.0/8"}, false, "10.0.2.15"},
+		{"0.0.0.0:2049", "[::ffff:10.1.2.3]:5555", []string{"10.1.0.0/16"}, true, "10.1.2.3"},
+		{"0.0.0.0:2049", "[fd00::1]:5555", nil, true, "fd00::1"},
+		{"", "127.0.0.1:5555", []string{"127.0.0.0/8"}, false, "127.0.0.1"},
+		{"0.0.0.0:2049", "@", []string{"127.0.0.0/8"}, false, ""},
+	} {
+		s.cfg.NFSListen, s.cfg.NFSAllow = tc.listen, nil
+		for _, a := range tc.allow {
+			s.cfg.NFSAllow = append(s.cfg.NFSAllow, netip.MustParsePrefix(a))
+		}
+		got := s.nfsAccess(tc.remote)
+		if got.Allowed != tc.want || got.Address != tc.addr || len(got.Allow) != len(tc.allow) {
+			t.Errorf("listen %q remote %q allow %v: %+v, want allowed=%v address %q", tc.listen, tc.remote, tc.allow, got, tc.want, tc.addr)
+		}
+	}
+	// Through the API.
+	tcp, _ := newTestAPI(t)
+	a, err := api.NewClient(tcp.URL, "").NFSAccess(context.Background())
+	if err != nil || a.Address != "127.0.0.1" {
+		t.Fatalf("GET /v1/nfs/access: %+v %v", a, err)
 	}
 }

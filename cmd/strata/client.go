@@ -350,5 +350,11 @@ func printStatus(w io.Writer, st map[string]any) error {
 			}
 		}
 	}
+	// A builder's upper: its size and what it holds from the lowers.
+	if u, ok := st["upper"].(map[string]any); ok {
+		num := func(k string) int64 { f, _ := u[k].(float64); return int64(f) }
+		fmt.Fprintf(tw, "upper:\t%d bytes in %d files; copied up from generations: %d files, %d bytes; metadata-only copies: %d; whiteouts: %d\n",
+			num("bytes"), num("files"), num("from_lowers_files"), num("from_lowers_bytes"), num("metacopy_files"), num("whiteouts"))
+	}
 	return tw.Flush()
 }
