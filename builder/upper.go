@@ -29,7 +29,7 @@ type UpperUsage struct {
 	MetacopyFiles int `json:"metacopy_files"`
 	// Whiteouts count deleted lower entries.
 	Whiteouts int `json:"whiteouts"`
-	// Measured is when the upper was walked (at most once a minute).
+	// Measured is when the upper was walked (at most every 5 seconds).
 	Measured time.Time `json:"measured"`
 }
 
@@ -40,11 +40,11 @@ type usageCache struct {
 }
 
 // upperUsage walks the upper (local and small; never a lower), reusing
-// a walk younger than a minute.
+// a walk younger than 5 seconds.
 func (a *Agent) upperUsage() UpperUsage {
 	a.usage.mu.Lock()
 	defer a.usage.mu.Unlock()
-	if time.Since(a.usage.last.Measured) < time.Minute {
+	if time.Since(a.usage.last.Measured) < 5*time.Second {
 		return a.usage.last
 	}
 	a.usage.last = measureUpper(a.cfg.upperDir())

@@ -92,6 +92,13 @@ func TestBuilderRotation(t *testing.T) {
 // "vm-test-token"; it is killed at cleanup.
 func startStrataServer(t *testing.T, strata, mnt string, central nixtest.Store, api, nfsPort int) {
 	t.Helper()
+	startStrataServerAllow(t, strata, mnt, central, api, nfsPort, "[127.0.0.0/8]")
+}
+
+// startStrataServerAllow is startStrataServer with nfs.allow set to allow
+// (YAML flow list).
+func startStrataServerAllow(t *testing.T, strata, mnt string, central nixtest.Store, api, nfsPort int, allow string) {
+	t.Helper()
 	dir := t.TempDir()
 	token := filepath.Join(dir, "token")
 	os.WriteFile(token, []byte("vm-test-token\n"), 0o600)
@@ -108,8 +115,8 @@ api:
   token_file: %s
 nfs:
   listen: 127.0.0.1:%d
-  allow: [127.0.0.0/8]
-`, central.NixRoot(), filepath.Join(mnt, "snaps"), filepath.Join(dir, "server"), api, token, nfsPort)
+  allow: %s
+`, central.NixRoot(), filepath.Join(mnt, "snaps"), filepath.Join(dir, "server"), api, token, nfsPort, allow)
 	os.MkdirAll(filepath.Join(mnt, "snaps"), 0o755)
 	os.WriteFile(filepath.Join(dir, "server.yaml"), []byte(cfg), 0o644)
 	srv := exec.Command(strata, "server", "--config", filepath.Join(dir, "server.yaml"))
