@@ -396,10 +396,7 @@ func (a *Agent) checkNFSAccess(ctx context.Context) error {
 		a.log.Debug("nfs access check", "err", err)
 		return nil
 	}
-	switch {
-	case acc.NFS == "" && a.cfg.ServerNFS == "":
-		return fmt.Errorf("the strata server at %s exports nothing over NFS (its nfs.listen is empty)", a.cfg.ServerAPI)
-	case acc.NFS != "" && !acc.Allowed:
+	if acc.NFS != "" && acc.Address != "" && !acc.Allowed {
 		return fmt.Errorf("the strata server refuses NFS connections from this builder: it sees this builder as %s, which is not in its nfs.allow %v (add this builder's network to nfs.allow on the server)",
 			acc.Address, acc.Allow)
 	}
