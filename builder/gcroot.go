@@ -248,13 +248,15 @@ func narOfFile(b []byte) (string, uint64) {
 // textPath is the store path Nix gives a text file with these contents and
 // references (Store::makeTextPath): the name's hash commits to both.
 func textPath(storeDir, name string, contents []byte, refs []string) string {
-	typ := "text"
+	var s strings.Builder
+	s.WriteString("text")
 	for _, r := range refs {
-		typ += ":" + r
+		s.WriteString(":")
+		s.WriteString(r)
 	}
 	h := sha256.Sum256(contents)
-	s := typ + ":sha256:" + hex.EncodeToString(h[:]) + ":" + storeDir + ":" + name
-	full := sha256.Sum256([]byte(s))
+	s.WriteString(":sha256:" + hex.EncodeToString(h[:]) + ":" + storeDir + ":" + name)
+	full := sha256.Sum256([]byte(s.String()))
 	var c [20]byte
 	for i, x := range full {
 		c[i%20] ^= x
