@@ -298,7 +298,12 @@ derivation { name = "sandboxed"; system = builtins.currentSystem; builder = "/bi
   big = builtins.storePath "$BIG"; dir = builtins.storePath "$DIRIN"; }
 EOF2
 U0=$(du -sk $UP | cut -f1)
-check "sandboxed build (sandbox = true, build users) on a 16 MiB file and a directory of the generation" sh -c "nix-build /sb.nix --no-out-link $NIXOPTS > /tmp/sbout 2> /tmp/sberr || { cat /tmp/sberr; exit 1; }"
+# Nix's sandbox pivot_roots, which the initramfs root (rootfs, the
+# namespace root) refuses: build from a recursive bind of / instead, as a
+# booted system's root is a real mount.
+mkdir -p /newroot && mount --rbind / /newroot
+check "sandboxed build (sandbox = true, build users) on a 16 MiB file and a directory of the generation" sh -c "chroot /newroot nix-build /sb.nix --no-out-link $NIXOPTS > /tmp/sbout 2> /tmp/sberr || { cat /tmp/sberr; exit 1; }"
+umount -l /newroot
 SB=$(cat /tmp/sbout)
 check "it read both inputs" sh -c "[ \$(cat $SB/size) -eq 16777216 ] && [ \$(cat $SB/dirsize) -eq 5005 ]"
 check "nix-store --optimise" sh -c "nix-store --optimise > /tmp/opt 2>&1 || { cat /tmp/opt; exit 1; }"
