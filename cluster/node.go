@@ -675,6 +675,8 @@ type Server struct {
 	API    string
 	NFS    string
 	Newest uint64
+	// Replica: the server is a replica of another (publishes nothing).
+	Replica bool
 }
 
 // Servers returns the alive server members, the ones with the newest
@@ -687,7 +689,7 @@ func (n *Node) Servers() []Server {
 		if m.meta.Role != RoleServer || (m.state != StateAlive && m.state != StateSuspect) || !m.known {
 			continue
 		}
-		out = append(out, Server{Name: name, API: m.meta.API, NFS: m.meta.NFS, Newest: n.states[name].Newest()})
+		out = append(out, Server{Name: name, API: m.meta.API, NFS: m.meta.NFS, Newest: n.states[name].Newest(), Replica: m.meta.Replica})
 	}
 	slices.SortFunc(out, func(a, b Server) int {
 		if a.Newest != b.Newest {

@@ -70,6 +70,9 @@ type Meta struct {
 	API string `json:"api,omitempty"`
 	// NFS is a server's NFS address host:port as builders reach it.
 	NFS string `json:"nfs,omitempty"`
+	// Replica marks a server that is a replica of another (it serves
+	// generations but publishes none).
+	Replica bool `json:"-"`
 }
 
 type metaWire struct {
@@ -78,6 +81,7 @@ type metaWire struct {
 	Version string `json:"version,omitempty"`
 	API     string `json:"api,omitempty"`
 	NFS     string `json:"nfs,omitempty"`
+	Replica bool   `json:"replica,omitempty"`
 }
 
 // metaVersion is the version of the metadata encoding.
@@ -89,7 +93,7 @@ var ErrMetaTooLarge = fmt.Errorf("cluster metadata exceeds %d bytes", memberlist
 
 // EncodeMeta renders m, or fails when it is over memberlist.MetaMaxSize.
 func EncodeMeta(m Meta) ([]byte, error) {
-	b, err := json.Marshal(metaWire{V: metaVersion, Role: m.Role.String(), Version: m.Version, API: m.API, NFS: m.NFS})
+	b, err := json.Marshal(metaWire{V: metaVersion, Role: m.Role.String(), Version: m.Version, API: m.API, NFS: m.NFS, Replica: m.Replica})
 	if err != nil {
 		return nil, fmt.Errorf("encode cluster metadata: %w", err)
 	}
@@ -112,7 +116,7 @@ func ParseMeta(b []byte) (Meta, error) {
 	if err != nil {
 		return Meta{}, fmt.Errorf("cluster metadata: %w", err)
 	}
-	return Meta{Role: r, Version: w.Version, API: w.API, NFS: w.NFS}, nil
+	return Meta{Role: r, Version: w.Version, API: w.API, NFS: w.NFS, Replica: w.Replica}, nil
 }
 
 // Generation is one live generation as a server announces it.

@@ -51,6 +51,7 @@ var replicaKeys = []config.Key{
 	{Name: "replica.of", Kind: config.String, Default: "", Usage: "primary server's API URL (http://host:7480): this server publishes nothing and pulls the primary's generations (empty: a primary)"},
 	{Name: "replica.token_file", Kind: config.String, Default: "/etc/strata/replica-token", Usage: "file with the primary's API token (streams need it)"},
 	{Name: "replica.interval", Kind: config.Duration, Default: "10s", Usage: "how often a replica asks the primary for new generations"},
+	{Name: "replica.from_cluster", Kind: config.Bool, Default: false, Usage: "be a replica of the cluster's primary server, found by gossip (cluster.*), instead of replica.of"},
 }
 
 // Config is the validated server configuration.
@@ -79,6 +80,8 @@ type Config struct {
 	ReplicaOf        string
 	ReplicaTokenFile string
 	ReplicaInterval  time.Duration
+	// ReplicaFromCluster: a replica of the primary that gossip names.
+	ReplicaFromCluster bool
 	// Cluster is gossip (cluster.*); off unless cluster.bind or
 	// cluster.join is set.
 	Cluster cluster.Settings
@@ -120,6 +123,8 @@ func ConfigFrom(v config.Values) (Config, error) {
 		ReplicaOf:        v.String("replica.of"),
 		ReplicaTokenFile: v.String("replica.token_file"),
 		ReplicaInterval:  v.Duration("replica.interval"),
+
+		ReplicaFromCluster: v.Bool("replica.from_cluster"),
 	}
 	bad := func(key string, val any, want string) error {
 		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
@@ -198,13 +203,16 @@ func ConfigFrom(v config.Values) (Config, error) {
 	if c.StallAfter < 0 || (c.StallAfter > 0 && c.StallAfter < time.Minute) {
 		return c, bad("watchdog.stall_after", c.StallAfter, "0 (never) or at least 1m")
 	}
+	if c.ReplicaOf != "" && c.ReplicaFromCluster {
+		return c, fmt.Errorf("config: keys %q and %q: set one, not both", "replica.of", "replica.from_cluster")
+	}
+	if c.Replica() && c.ReplicaInterval < time.Second {
+		return c, bad("replica.interval", c.ReplicaInterval, "at least 1s")
+	}
 	if c.ReplicaOf != "" {
 		u, err := url.Parse(c.ReplicaOf)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
 			return c, bad("replica.of", c.ReplicaOf, "the primary's API URL, such as http://primary:7480")
-		}
-		if c.ReplicaInterval < time.Second {
-			return c, bad("replica.interval", c.ReplicaInterval, "at least 1s")
 		}
 	}
 	cs, err := cluster.SettingsFrom(v)
@@ -212,6 +220,9 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, err
 	}
 	c.Cluster = cs
+	if c.ReplicaFromCluster && !cs.Enabled {
+		return c, fmt.Errorf("config: key %q: gossip is off: set cluster.bind or cluster.join, or name the primary with replica.of", "replica.from_cluster")
+	}
 	if cs.Enabled {
 		if err := cluster.CheckMeta(c.ClusterMeta("")); err != nil {
 			return c, fmt.Errorf("config: api.listen %q and nfs.listen %q: %w", c.APIListen, c.NFSListen, err)
@@ -242,12 +253,17 @@ func (c Config) ClusterMeta(version string) cluster.Meta {
 		}
 		return net.JoinHostPort(h, p)
 	}
-	m := cluster.Meta{Role: cluster.RoleServer, Version: version, NFS: reach(c.NFSListen)}
+	m := cluster.Meta{Role: cluster.RoleServer, Version: version, NFS: reach(c.NFSListen), Replica: c.Replica()}
 	if a := reach(c.APIListen); a != "" {
 		m.API = "http://" + a
 	}
 	return m
 }
+
+// Replica reports whether the server is a replica (replica.of or
+// replica.from_cluster): it publishes nothing and receives the primary's
+// generations.
+func (c Config) Replica() bool { return c.ReplicaOf != "" || c.ReplicaFromCluster }
 
 // PhysicalStore is the directory under a central-store root (live or a
 // snapshot of it) that holds the store paths.

@@ -65,6 +65,8 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"replica.of not a URL", "replica:\n  of: primary:7480\n", nil, nil, []string{`"replica.of"`, `"primary:7480"`, "http://primary:7480"}},
 		{"replica.of with a path", "replica:\n  of: http://p:7480/v1\n", nil, nil, []string{`"replica.of"`, "API URL"}},
 		{"tiny replica interval", "replica:\n  of: http://p:7480\n  interval: 10ms\n", nil, nil, []string{`"replica.interval"`, "at least 1s"}},
+		{"replica from cluster without gossip", "replica:\n  from_cluster: true\n", nil, nil, []string{`"replica.from_cluster"`, "gossip is off"}},
+		{"replica of and from cluster", "replica:\n  of: http://p:7480\n  from_cluster: true\n", nil, nil, []string{`"replica.of"`, `"replica.from_cluster"`, "not both"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

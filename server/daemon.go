@@ -30,7 +30,7 @@ import (
 
 // OpenBackend returns the snapshot backend the configuration names.
 func OpenBackend(cfg Config, log *slog.Logger) (snapshot.Backend, error) {
-	if cfg.ReplicaOf != "" {
+	if cfg.Replica() {
 		switch cfg.Backend {
 		case "btrfs":
 			return btrfs.NewReplica(cfg.SnapshotDir, log)
@@ -146,7 +146,7 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 	var err error
 	switch cfg.Backend {
 	case "btrfs":
-		if cfg.ReplicaOf != "" {
+		if cfg.Replica() {
 			b, err = checkReplica(cfg, say, refuse)
 			break
 		}
@@ -157,7 +157,7 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 			b, err = btrfs.Inspect(cfg.StoreRoot, cfg.SnapshotDir, nil)
 		}
 	case "zfs":
-		if cfg.ReplicaOf != "" {
+		if cfg.Replica() {
 			b, err = checkReplica(cfg, say, refuse)
 			break
 		}
@@ -307,8 +307,8 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 
 	token := apiserve.NewToken(tokenText)
 	var puller *replica.Puller
-	if cfg.ReplicaOf != "" {
-		if puller, err = openPuller(cfg, srv, log, reg); err != nil {
+	if cfg.Replica() {
+		if puller, err = openPuller(cfg, srv, node, log, reg); err != nil {
 			ex.close()
 			return err
 		}
@@ -326,8 +326,8 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			st["cluster"] = map[string]any{"name": cfg.Cluster.ClusterName, "member": node.Name(), "address": node.Addr(),
 				"members": len(node.Members()), "settling_for": node.SettleLeft().Round(time.Second).String()}
 		}
-		if cfg.ReplicaOf != "" {
-			st["role"], st["replica_of"] = "replica", cfg.ReplicaOf
+		if cfg.Replica() {
+			st["role"], st["replica_of"] = "replica", puller.Primary()
 		}
 		return st
 	}
@@ -463,7 +463,11 @@ func retainOnHoldChange(ctx context.Context, srv *Server, node *cluster.Node) {
 // checkReplica is --check-config's part for a replica: the token file and
 // the backend opened for looking only.
 func checkReplica(cfg Config, say func(string, ...any), refuse func(error)) (snapshot.Backend, error) {
-	say("replica of %s: receives the primary's generations every %s, publishes nothing; store.root is not used", cfg.ReplicaOf, cfg.ReplicaInterval)
+	of := cfg.ReplicaOf
+	if cfg.ReplicaFromCluster {
+		of = "the cluster's primary (found by gossip)"
+	}
+	say("replica of %s: receives the primary's generations every %s, publishes nothing; store.root is not used", of, cfg.ReplicaInterval)
 	if tok, err := apiserve.ReadToken(cfg.ReplicaTokenFile); err != nil {
 		refuse(fmt.Errorf("replica.token_file: %w", err))
 	} else if tok == "" {
@@ -481,20 +485,26 @@ func checkReplica(cfg Config, say func(string, ...any), refuse func(error)) (sna
 
 // openPuller makes a replica's puller: the primary's API client with the
 // token from replica.token_file, which must be there (streams need it).
-func openPuller(cfg Config, srv *Server, log *slog.Logger, reg *prometheus.Registry) (*replica.Puller, error) {
+func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry) (*replica.Puller, error) {
 	tok, err := apiserve.ReadToken(cfg.ReplicaTokenFile)
 	if err != nil {
 		return nil, fmt.Errorf("replica.token_file: %w", err)
 	}
 	if tok == "" {
-		return nil, fmt.Errorf("replica.token_file %s is missing or empty: a replica needs the primary's API token (replica.of %s)", cfg.ReplicaTokenFile, cfg.ReplicaOf)
+		return nil, fmt.Errorf("replica.token_file %s is missing or empty: a replica needs the primary's API token", cfg.ReplicaTokenFile)
 	}
 	b, ok := srv.Backend().(replica.Backend)
 	if !ok {
 		return nil, fmt.Errorf("the %s backend cannot receive snapshots", srv.Backend().Kind())
 	}
-	return replica.New(replica.Options{Origin: cfg.ReplicaOf, Primary: api.NewClient(cfg.ReplicaOf, tok),
-		Backend: b, Target: srv, StateDir: cfg.StateDir, Logger: log, Registry: reg}), nil
+	var primary replica.Primary = replica.Fixed(api.NewClient(cfg.ReplicaOf, tok), cfg.ReplicaOf)
+	if cfg.ReplicaFromCluster {
+		if node == nil {
+			return nil, fmt.Errorf("replica.from_cluster needs gossip (cluster.bind or cluster.join)")
+		}
+		primary = replica.FromCluster(node.Servers, tok)
+	}
+	return replica.New(replica.Options{Primary: primary, Backend: b, Target: srv, StateDir: cfg.StateDir, Logger: log, Registry: reg}), nil
 }
 
 // runPuller syncs the replica now and every interval until ctx ends, each

@@ -166,7 +166,7 @@ func (p *plan) refusal(cfg Config) error {
 // the store the generations come from (or none was recorded yet).
 func (p *plan) storeMismatch(cfg Config) error {
 	// A replica publishes nothing: store.root is not used.
-	if p.storeWant == "" || p.storeHave == p.storeWant || cfg.ReplicaOf != "" {
+	if p.storeWant == "" || p.storeHave == p.storeWant || cfg.Replica() {
 		return nil
 	}
 	have := p.storeHave

@@ -40,8 +40,8 @@ func (s *Server) Backend() snapshot.Backend { return s.backend }
 // received records the primary's store identity (the snapshot's store
 // label); a snapshot of another store is refused.
 func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapshot.Snapshot, origin string) (api.Generation, error) {
-	if s.cfg.ReplicaOf == "" {
-		return api.Generation{}, errors.New("add received generation: this server is not a replica (replica.of)")
+	if !s.cfg.Replica() {
+		return api.Generation{}, errors.New("add received generation: this server is not a replica (replica.of, replica.from_cluster)")
 	}
 	if snap.ID != g.ID {
 		return api.Generation{}, fmt.Errorf("add received generation %d: snapshot is %s", g.ID, snap.Name)

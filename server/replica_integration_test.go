@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nfsraw"
 	"github.com/strata-nix/strata/internal/nixtest"
@@ -114,7 +115,7 @@ func (r *replicaEnv) start(t *testing.T, token string) (served, *replica.Puller)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := replica.New(replica.Options{Origin: r.cfg.ReplicaOf, Primary: api.NewClient(r.cfg.ReplicaOf, token),
+	p := replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(r.cfg.ReplicaOf, token), r.cfg.ReplicaOf),
 		Backend: b, Target: s, StateDir: r.cfg.StateDir, Registry: prometheus.NewRegistry()})
 	return served{s, addr}, p
 }
@@ -400,4 +401,53 @@ func addMany(t *testing.T, st nixtest.Store, prefix string, n int) {
 		}
 	}
 	flush()
+}
+
+// replica.from_cluster: the replica finds its primary by gossip (real
+// memberlist over loopback): the one alive server that is not a replica.
+func TestReplicaFromCluster(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.Fill(t)
+	publish(t, prim.srv.Server)
+	pn, err := cluster.New(cluster.Config{Name: "primary", ClusterName: "t", Bind: "127.0.0.1:0", Settle: time.Second,
+		Meta: cluster.Meta{Role: cluster.RoleServer, API: prim.api.URL}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pn.Close()
+	rn, err := cluster.New(cluster.Config{Name: "replica", ClusterName: "t", Bind: "127.0.0.1:0", Join: []string{pn.Addr()}, Settle: time.Second,
+		Meta: cluster.Meta{Role: cluster.RoleServer, API: "http://127.0.0.1:1", Replica: true}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rn.Close()
+	re := newReplicaEnv(t, "")
+	re.cfg.ReplicaFromCluster = true
+	exp, _ := serveNFS(t, re.cfg.StateDir)
+	b, err := btrfs.NewReplica(re.snapDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := New(context.Background(), Options{Config: re.cfg, Backend: b, Export: exp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := replica.New(replica.Options{Primary: replica.FromCluster(rn.Servers, "primary-token"), Backend: b, Target: rs, Registry: prometheus.NewRegistry()})
+	var res replica.Result
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if res, err = p.Sync(context.Background()); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sync from the cluster's primary: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if len(res.Received) != 1 || p.Primary() != prim.api.URL {
+		t.Fatalf("received %+v from %q, want generation 1 from %s", res.Received, p.Primary(), prim.api.URL)
+	}
+	if g, _ := rs.Generation(1); g.Origin != prim.api.URL {
+		t.Errorf("origin %q", g.Origin)
+	}
 }

@@ -451,8 +451,8 @@ func (s *Server) Delta(from, to uint64) (api.Delta, error) {
 // goes live. On any error the snapshot is destroyed and the previous
 // generations stay as they were.
 func (s *Server) Publish(ctx context.Context) (api.PublishResult, error) {
-	if s.cfg.ReplicaOf != "" {
-		return api.PublishResult{}, fmt.Errorf("%w: publish on the primary %s", ErrReplica, s.cfg.ReplicaOf)
+	if s.cfg.Replica() {
+		return api.PublishResult{}, fmt.Errorf("%w: publish on the primary", ErrReplica)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -200,7 +200,7 @@ func BenchmarkReplicate(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	p := replica.New(replica.Options{Origin: ts.URL, Primary: api.NewClient(ts.URL, "bench"), Backend: rb, Target: rs,
+	p := replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(ts.URL, "bench"), ts.URL), Backend: rb, Target: rs,
 		StateDir: rcfg.StateDir, Registry: prometheus.NewRegistry()})
 	first, err := p.Sync(ctx)
 	if err != nil || len(first.Received) != 1 {

@@ -58,13 +58,27 @@ type Backend interface {
 
 // Primary is the primary's API.
 type Primary interface {
+	// Generations lists the primary's live generations.
 	Generations(ctx context.Context) (api.GenerationList, error)
+	// Stream asks for a snapshot stream.
 	Stream(ctx context.Context, r api.StreamRequest) (*api.Stream, error)
+	// URL is the primary's API URL ("" while none is known), recorded
+	// as each received generation's origin.
+	URL() string
 }
+
+// Fixed is the primary at url (replica.of) through client.
+func Fixed(client *api.Client, url string) Primary { return fixed{client, url} }
+
+type fixed struct {
+	*api.Client
+	url string
+}
+
+func (f fixed) URL() string { return f.url }
 
 // Puller keeps a replica's generations in step with its primary.
 type Puller struct {
-	origin   string
 	primary  Primary
 	backend  Backend
 	target   Target
@@ -75,8 +89,6 @@ type Puller struct {
 
 // Options are what a Puller is made of.
 type Options struct {
-	// Origin is the primary's API URL, recorded with each generation.
-	Origin   string
 	Primary  Primary
 	Backend  Backend
 	Target   Target
@@ -91,9 +103,12 @@ func New(o Options) *Puller {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Puller{origin: o.Origin, primary: o.Primary, backend: o.Backend, target: o.Target,
-		stateDir: o.StateDir, log: log.With("component", "replica", "primary", o.Origin), m: newMetrics(o.Registry)}
+	return &Puller{primary: o.Primary, backend: o.Backend, target: o.Target,
+		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry)}
 }
+
+// Primary returns the primary's API URL ("" while none is known).
+func (p *Puller) Primary() string { return p.primary.URL() }
 
 // Result says what one Sync did.
 type Result struct {
@@ -116,7 +131,7 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 	list, err := p.primary.Generations(ctx)
 	if err != nil {
 		p.m.syncs.WithLabelValues("error").Inc()
-		return res, fmt.Errorf("ask primary %s for its generations: %w", p.origin, err)
+		return res, fmt.Errorf("ask primary %s for its generations: %w", p.primary.URL(), err)
 	}
 	if err := p.check(list); err != nil {
 		p.m.syncs.WithLabelValues("refused").Inc()
@@ -160,10 +175,10 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 // check refuses a primary of another backend or another central store.
 func (p *Puller) check(list api.GenerationList) error {
 	if list.Backend != "" && list.Backend != p.backend.Kind() {
-		return fmt.Errorf("primary %s keeps %s snapshots and this replica %s: mixed backends cannot replicate; nothing received", p.origin, list.Backend, p.backend.Kind())
+		return fmt.Errorf("primary %s keeps %s snapshots and this replica %s: mixed backends cannot replicate; nothing received", p.primary.URL(), list.Backend, p.backend.Kind())
 	}
 	if mine := p.target.StoreID(); mine != "" && list.Store != "" && list.Store != mine {
-		return fmt.Errorf("primary %s serves central store %s, but this replica's generations come from store %s (a primary of another cluster?): nothing received", p.origin, list.Store, mine)
+		return fmt.Errorf("primary %s serves central store %s, but this replica's generations come from store %s (a primary of another cluster?): nothing received", p.primary.URL(), list.Store, mine)
 	}
 	return nil
 }
@@ -238,7 +253,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	_, err = io.Copy(io.Discard, st)
 	p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
 	if err == nil {
-		_, err = p.target.AddReceived(ctx, g, snap, p.origin)
+		_, err = p.target.AddReceived(ctx, g, snap, p.primary.URL())
 		if err != nil {
 			err = fmt.Errorf("%w: %w", errRefused, err)
 		}
@@ -252,7 +267,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	}
 	p.clearReceiving()
 	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), Took: time.Since(start)}
-	p.log.Info("received generation", "generation", g.ID, "from", from, "kind", kind, "bytes", r.Bytes, "took", r.Took.Round(time.Millisecond))
+	p.log.Info("received generation", "primary", p.primary.URL(), "generation", g.ID, "from", from, "kind", kind, "bytes", r.Bytes, "took", r.Took.Round(time.Millisecond))
 	return r, nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -20,6 +21,7 @@ type fakePrimary struct {
 }
 
 func (f *fakePrimary) Generations(context.Context) (api.GenerationList, error) { return f.list, nil }
+func (f *fakePrimary) URL() string                                             { return "http://primary" }
 func (f *fakePrimary) Stream(_ context.Context, r api.StreamRequest) (*api.Stream, error) {
 	f.streams = append(f.streams, r)
 	return nil, errors.New("fake primary streams nothing")
@@ -65,7 +67,7 @@ func TestRefusedBeforeAnyStream(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			pr := &fakePrimary{list: tc.list}
-			p := New(Options{Origin: "http://primary", Primary: pr, Backend: fakeBackend{"btrfs"}, Target: &fakeTarget{store: tc.store}})
+			p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: &fakeTarget{store: tc.store}})
 			_, err := p.Sync(context.Background())
 			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "nothing received") {
 				t.Fatalf("Sync: %v, want %q and nothing received", err, tc.want)
@@ -104,4 +106,26 @@ func ids(gs []api.Generation) []uint64 {
 		out = append(out, g.ID)
 	}
 	return out
+}
+
+func TestFromClusterPicksTheOnePrimary(t *testing.T) {
+	var members []cluster.Server
+	p := FromCluster(func() []cluster.Server { return members }, "tok")
+	ctx := context.Background()
+	if _, err := p.Generations(ctx); err == nil || !strings.Contains(err.Error(), "no primary server") {
+		t.Errorf("no servers: %v", err)
+	}
+	members = []cluster.Server{{Name: "r1", API: "http://127.0.0.1:1", Replica: true}}
+	if _, err := p.Generations(ctx); err == nil || !strings.Contains(err.Error(), "no primary server") {
+		t.Errorf("only a replica: %v", err)
+	}
+	members = append(members, cluster.Server{Name: "p1", API: "http://127.0.0.1:2"}, cluster.Server{Name: "p2", API: "http://127.0.0.1:3"})
+	if _, err := p.Generations(ctx); err == nil || !strings.Contains(err.Error(), "2 primary servers") {
+		t.Errorf("two primaries: %v", err)
+	}
+	members = members[:2]
+	p.Generations(ctx) // nothing listens: an error, but the primary is chosen
+	if p.URL() != "http://127.0.0.1:2" {
+		t.Errorf("URL() = %q, want p1's API", p.URL())
+	}
 }
