@@ -118,7 +118,14 @@ func clientCommands() []*cobra.Command {
 				return printJSON(cmd.OutOrStdout(), l)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT\tHOLDERS")
+			// On a replica: where the generations came from, and when.
+			replicated := slices.ContainsFunc(l.Generations, func(g api.Generation) bool { return g.Arrived != nil })
+			if replicated {
+				fmt.Fprintf(cmd.OutOrStdout(), "replica of %s\n", l.Generations[len(l.Generations)-1].Origin)
+				fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT\tHOLDERS\tARRIVED")
+			} else {
+				fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT\tHOLDERS")
+			}
 			for _, g := range l.Missing {
 				g.MountPath = "MISSING SNAPSHOT"
 				l.Generations = append(l.Generations, g)
@@ -136,7 +143,15 @@ func clientCommands() []*cobra.Command {
 				if h := l.Holders[g.ID]; len(h) > 0 {
 					holders = strings.Join(h, ",")
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", g.ID, g.Created.Format("2006-01-02 15:04:05Z"), g.Parent, g.Paths, g.NarBytes, pin, g.MountPath, holders)
+				fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s", g.ID, g.Created.Format("2006-01-02 15:04:05Z"), g.Parent, g.Paths, g.NarBytes, pin, g.MountPath, holders)
+				if replicated {
+					arrived := "-"
+					if g.Arrived != nil {
+						arrived = g.Arrived.Format("2006-01-02 15:04:05Z")
+					}
+					fmt.Fprintf(tw, "\t%s", arrived)
+				}
+				fmt.Fprintln(tw)
 			}
 			return tw.Flush()
 		},

@@ -87,6 +87,9 @@ func TestReplicaDaemon(t *testing.T) {
 			t.Errorf("generation %d on the replica %+v, on the primary %+v", g.ID, g, pg)
 		}
 	}
+	if out, code := runStrata(t, nil, "generations", "--api", repl.api); code != 0 || !strings.Contains(out, "replica of http://"+papi) || !strings.Contains(out, "ARRIVED") {
+		t.Errorf("strata generations on the replica: exit %d\n%s", code, out)
+	}
 	if out, code := runStrata(t, nil, "publish", "--api", repl.api); code == 0 || !strings.Contains(out, "replica") {
 		t.Errorf("strata publish on the replica: exit %d\n%s", code, out)
 	}
