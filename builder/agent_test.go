@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -546,5 +547,49 @@ func TestNFSRefusalIsNamed(t *testing.T) {
 	a = u.agent(t, func(o *Options) { o.Server = srv })
 	if err := a.Start(context.Background()); err != nil {
 		t.Fatalf("start once allowed: %v", err)
+	}
+}
+
+// readingNix refuses a load, as nix-store --load-db does when it cannot
+// open a .drv, while any path of it is missing under the store dir.
+type readingNix struct {
+	*fakeNix
+	storeDir string
+}
+
+func (n readingNix) Load(ctx context.Context, rows *nixstore.Rows) (int, error) {
+	for _, r := range rows.Paths {
+		if strings.Contains(r.Path, "strata-generation-") {
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(n.storeDir, filepath.Base(r.Path))); err != nil {
+			return 0, fmt.Errorf("opening file '%s': No such file or directory", r.Path)
+		}
+	}
+	return n.fakeNix.Load(ctx, rows)
+}
+
+// An import never wedges on a path that vanished locally: the unreadable
+// path and the paths referring to it are skipped, the rest registered,
+// the agent is ready and status names what it skipped.
+func TestImportSkipsUnreadablePaths(t *testing.T) {
+	u := newUnitEnv(t)
+	a1, gone := info("a"), info("gone.drv")
+	user := info("uses-gone", gone.Path)
+	u.srv.publish(a1, gone, user)
+	for _, in := range []nixstore.PathInfo{a1, user} {
+		if err := os.MkdirAll(filepath.Join(u.cfg.StoreDir, filepath.Base(in.Path)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a := u.agent(t, func(o *Options) { o.Nix = readingNix{fakeNix: u.nix, storeDir: u.cfg.StoreDir} })
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatalf("start: %v, want ready despite an unreadable path", err)
+	}
+	if !a.Ready() || !u.nix.isValid(a1.Path) || u.nix.isValid(gone.Path) || u.nix.isValid(user.Path) {
+		t.Fatalf("ready %v, valid a=%v gone=%v user=%v: want ready, a only", a.Ready(), u.nix.isValid(a1.Path), u.nix.isValid(gone.Path), u.nix.isValid(user.Path))
+	}
+	if s := a.Status(); !strings.Contains(s.LastError, "2 paths are not readable") || !strings.Contains(s.LastError, gone.Path) {
+		t.Fatalf("status last_error %q: want the skipped paths named", s.LastError)
 	}
 }

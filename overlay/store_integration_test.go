@@ -155,3 +155,51 @@ func TestMetacopyHardLink(t *testing.T) {
 		})
 	}
 }
+
+// NixOS mounts the store read-only on itself. BindBelow binds that mount
+// (read-only still) before the overlay covers it; once covered, no path
+// reaches it any more, and BindBelow says so instead of binding the
+// overlay.
+func TestBindBelowReadOnlyStoreMount(t *testing.T) {
+	requireOverlay(t)
+	ctx := context.Background()
+	e := newEnv(t, 0)
+	writeFile(t, filepath.Join(e.target, "system-path", "bin", "init"), "the running system\n")
+	if err := unix.Mount(e.target, e.target, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("", e.target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		t.Fatal(err)
+	}
+	ours := func(m mountinfo.Mount) bool {
+		u, _ := m.Option("upperdir")
+		return m.FSType == "overlay" && u == e.upper
+	}
+	local := filepath.Join(e.base, "local")
+	os.Mkdir(local, 0o755)
+	if err := BindBelow(ctx, e.target, local, e.staging, ours); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(local, unix.MNT_DETACH)
+	if b, ok := mountinfo.Top(readMounts(t), local); !ok || !b.ReadOnly() {
+		t.Fatalf("local bind %+v: want read-only like the store mount", b)
+	}
+	l := e.layers(t, 0)
+	l.Lower = append(l.Lower, local)
+	if err := Mount(ctx, e.target, l); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(e.target, unix.MNT_DETACH)
+	if c := readFile(t, filepath.Join(e.target, "system-path", "bin", "init")); c != "the running system\n" {
+		t.Fatalf("system path through the overlay = %q", c)
+	}
+	other := filepath.Join(e.base, "local2")
+	os.Mkdir(other, 0o755)
+	err := BindBelow(ctx, e.target, other, e.staging, ours)
+	if err == nil || !strings.Contains(err.Error(), "unmount the overlays") {
+		t.Fatalf("BindBelow under the overlay = %v, want an error saying the store mount cannot be reached", err)
+	}
+	if len(mountinfo.At(readMounts(t), other)) != 0 {
+		t.Fatal("a failed BindBelow left a mount")
+	}
+}
