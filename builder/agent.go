@@ -302,24 +302,27 @@ func (a *Agent) layers(ls []Lower, work string) overlay.Layers {
 	return l
 }
 
-// metacopyRefused reports whether err is the kernel refusing an overlay
-// with metacopy=on (a layer filesystem or kernel without support). The
-// caller then mounts without it: hard links to generation files will copy
-// them into the upper (README, "Upper growth"). That is logged as an error
-// once per agent.
-func (a *Agent) metacopyRefused(err error, l overlay.Layers) bool {
-	if !l.Metacopy || !errors.Is(err, unix.EINVAL) {
-		return false
-	}
+// mayBeMetacopy reports whether err (mounting l) may be the kernel
+// refusing metacopy=on (a layer filesystem or kernel without support: a
+// bare EINVAL). The caller then tries once without it and, if that works,
+// calls metacopyOff.
+func mayBeMetacopy(err error, l overlay.Layers) bool {
+	return l.Metacopy && errors.Is(err, unix.EINVAL)
+}
+
+// metacopyOff records that the kernel refused metacopy=on (the same
+// overlay mounted without it): later overlays are mounted without it and
+// hard links to generation files copy them into the upper. Logged as an
+// error once per agent; status shows metacopy false.
+func (a *Agent) metacopyOff(err error) {
 	a.mu.Lock()
 	first := !a.noMetacopy
 	a.noMetacopy = true
 	a.mu.Unlock()
 	if first {
-		a.log.Error("the kernel refused the overlay with metacopy=on; mounting without it: sandboxed builds and nix-store --optimise will copy generation files into the upper",
+		a.log.Error("the kernel refused the overlay with metacopy=on and took it without; sandboxed builds and nix-store --optimise will copy generation files into the upper",
 			"err", err)
 	}
-	return true
 }
 
 // ensureLocal makes sure state_dir/local shows the local store: what the

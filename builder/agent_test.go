@@ -593,3 +593,40 @@ func TestImportSkipsUnreadablePaths(t *testing.T) {
 		t.Fatalf("status last_error %q: want the skipped paths named", s.LastError)
 	}
 }
+
+// A kernel that refuses metacopy=on: the overlay is mounted (and swapped)
+// without it, and status says metacopy is off.
+func TestMetacopyRefusedFallsBack(t *testing.T) {
+	u := newUnitEnv(t)
+	a1 := info("a")
+	u.srv.publish(a1)
+	u.m.noMetacopy = true
+	a := u.agent(t)
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	if a.Status().Metacopy {
+		t.Fatal("status says metacopy on after the kernel refused it")
+	}
+	u.srv.publish(a1, info("b"))
+	if err := a.Check(context.Background(), true); err != nil {
+		t.Fatalf("rotation: %v", err)
+	}
+	n := 0
+	for _, c := range u.m.calls {
+		if strings.Contains(c, "metacopy=on") {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d mount calls with metacopy=on, want only the first: %q", n, u.m.calls)
+	}
+	// A failure that is not metacopy's stays an error, metacopy stays on.
+	v := newUnitEnv(t)
+	v.srv.publish(a1)
+	v.m.failSwap = errors.New("boom")
+	b := v.agent(t)
+	if err := b.Start(context.Background()); err != nil || !b.Status().Metacopy {
+		t.Fatalf("start: %v, metacopy %v", err, b.Status().Metacopy)
+	}
+}

@@ -18,6 +18,8 @@ import (
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
+
+	"golang.org/x/sys/unix"
 )
 
 // fakeMounter keeps a mount table in memory with the kernel's parent
@@ -30,7 +32,10 @@ type fakeMounter struct {
 	failSwap error
 	// failAfterSwitch is returned by Swap after it switched.
 	failAfterSwitch error
-	calls           []string
+	// noMetacopy: overlays with metacopy=on fail with EINVAL, as on a
+	// kernel or lower that refuses it.
+	noMetacopy bool
+	calls      []string
 }
 
 func newFakeMounter() *fakeMounter {
@@ -63,6 +68,9 @@ func (f *fakeMounter) MountOverlay(_ context.Context, target string, l overlay.L
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, "overlay "+l.String())
+	if f.noMetacopy && l.Metacopy {
+		return fmt.Errorf("create overlay: %w", unix.EINVAL)
+	}
 	f.add(target, "overlay", overlay.Source, "rw,"+l.String())
 	return nil
 }
@@ -75,6 +83,9 @@ func (f *fakeMounter) Swap(_ context.Context, target string, l overlay.Layers) (
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, "swap "+l.String())
+	if f.noMetacopy && l.Metacopy {
+		return overlay.SwapResult{}, fmt.Errorf("create overlay: %w", unix.EINVAL)
+	}
 	if f.failSwap != nil {
 		return overlay.SwapResult{}, f.failSwap
 	}

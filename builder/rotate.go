@@ -174,9 +174,12 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	}
 	l := a.layers(next, work)
 	res, err := a.m.Swap(ctx, a.cfg.StoreDir, l)
-	if err != nil && !res.Switched && a.metacopyRefused(err, l) {
+	if err != nil && !res.Switched && mayBeMetacopy(err, l) {
 		l.Metacopy = false
-		res, err = a.m.Swap(ctx, a.cfg.StoreDir, l)
+		if res2, err2 := a.m.Swap(ctx, a.cfg.StoreDir, l); err2 == nil || res2.Switched {
+			a.metacopyOff(err)
+			res, err = res2, err2
+		}
 	}
 	if err != nil && !res.Switched {
 		return err

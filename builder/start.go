@@ -182,9 +182,12 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	ol := a.layers(want, work)
 	err = a.m.MountOverlay(ctx, a.cfg.StoreDir, ol)
-	if err != nil && a.metacopyRefused(err, ol) {
+	if err != nil && mayBeMetacopy(err, ol) {
 		ol.Metacopy = false
-		err = a.m.MountOverlay(ctx, a.cfg.StoreDir, ol)
+		if a.m.MountOverlay(ctx, a.cfg.StoreDir, ol) == nil {
+			a.metacopyOff(err)
+			err = nil
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
