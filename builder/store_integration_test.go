@@ -4,6 +4,8 @@ package builder
 
 import (
 	"context"
+	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -234,4 +236,99 @@ func unmountAll(t *testing.T, e *env) {
 	if n := len(mountinfo.Under(ms, e.cfg.StateDir)) + len(mountinfo.At(ms, e.cfg.StoreDir)); n != 0 {
 		t.Fatalf("%d mounts left after the simulated reboot", n)
 	}
+}
+
+// A rotation while a sandboxed build runs: the builder's root (the build
+// chroot, which Nix makes in the store dir) and cwd stay in the old
+// overlay after the swap, and it writes, renames and deletes there; Nix
+// then moves the output into place through the new overlay. The build
+// succeeds, its output holds exactly what the builder left and verifies,
+// with each swap method.
+func TestRotationDuringBuild(t *testing.T) {
+	for _, m := range []overlay.Method{overlay.MethodBeneath, overlay.MethodPropagation} {
+		t.Run(m.String(), func(t *testing.T) {
+			if m == overlay.MethodBeneath {
+				testenv.Require(t, overlay.BeneathSupported(), "kernel has MOVE_MOUNT_BENEATH (Linux 6.5+)")
+			}
+			e := newEnv(t)
+			e.cfg.SwapMethod = m
+			paths := e.central.Fill(t)
+			e.publish(t)
+			e.startServer(t)
+			a := e.agent(t)
+			ctx := context.Background()
+			if err := a.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			sync := t.TempDir()
+			script := `mkdir $out; cd $out; cat $in0/data.txt > a; touch /sync/mid
+while [ ! -e /sync/go ]; do sleep 0.05; done
+echo two > b; mv a c; rm b; mkdir d; echo e > d/e; mv d dd; echo gone > $out/abs; rm $out/abs; echo done > done`
+			expr := fmt.Sprintf(`derivation { name = "busy"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" %q ]; in0 = builtins.storePath %q; }`, script, paths[1])
+			f := filepath.Join(t.TempDir(), "busy.nix")
+			if err := os.WriteFile(f, []byte(expr), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			sh, err := filepath.EvalSymlinks(mustLookPath(t, "busybox"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cmd := e.builder.Command("nix-build", f, "--no-out-link", "--option", "sandbox-paths", "/bin/sh="+sh+" /sync="+sync)
+			var out, stderr strings.Builder
+			cmd.Stdout, cmd.Stderr = &out, &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(2 * time.Minute)
+			for {
+				if _, err := os.Stat(filepath.Join(sync, "mid")); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					cmd.Process.Kill()
+					cmd.Wait()
+					t.Fatalf("build never reached its middle: %s", stderr.String())
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			e.central.AddText(t, "during-build", "new\n")
+			g := e.publish(t)
+			if err := a.Check(ctx, true); err != nil {
+				t.Fatalf("rotation during the build: %v", err)
+			}
+			if st := a.State(); st.Generation != g {
+				t.Fatalf("after rotation: %s", st)
+			}
+			os.WriteFile(filepath.Join(sync, "go"), nil, 0o644)
+			if err := cmd.Wait(); err != nil {
+				t.Fatalf("build across the rotation failed: %v\n%s", err, stderr.String())
+			}
+			o := strings.TrimSpace(out.String())
+			got := map[string]string{}
+			filepath.WalkDir(e.local(o), func(p string, d fs.DirEntry, err error) error {
+				if err == nil && !d.IsDir() {
+					b, _ := os.ReadFile(p)
+					rel, _ := filepath.Rel(e.local(o), p)
+					got[rel] = string(b)
+				}
+				return nil
+			})
+			want := map[string]string{"c": strings.Repeat("b", 10000), "dd/e": "e\n", "done": "done\n"}
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("output holds %v, want %v", got, want)
+			}
+			e.nix(t, "nix-store", "--verify-path", o)
+			e.verify(t)
+		})
+	}
+}
+
+func mustLookPath(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
