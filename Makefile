@@ -6,7 +6,7 @@ export GOTOOLCHAIN ?= auto
 GO ?= go
 BIN := bin/strata
 
-.PHONY: all build deps demo demo-host test unit integration test-vm bench bench-nfs bench-builder bench-cluster bench-replica fuzz clean
+.PHONY: all build deps demo demo-host test unit integration test-vm test-deploy bench bench-nfs bench-builder bench-cluster bench-replica fuzz clean
 
 all: build
 
@@ -28,7 +28,7 @@ demo-host: build
 	scripts/demo.sh
 
 # test: every tier. Under CI=true nothing may skip (internal/testenv).
-test: unit integration test-vm
+test: unit integration test-vm test-deploy
 
 # unit: fast, no root.
 unit: deps
@@ -48,6 +48,14 @@ integration: build
 test-vm: build
 	scripts/deps.sh vm nix-trixie
 	$(GO) test -v -count=1 -p 1 -tags vm -timeout 80m ./vm/...
+
+# test-deploy: the Ansible roles applied for real (ansible-playbook over SSH)
+# to systemd-nspawn containers booted from a cached mmdebstrap bookworm
+# rootfs (/var/cache/strata/deploy), plus ansible-lint of the collection.
+# -v: each ansible-playbook run's PLAY RECAP is printed.
+test-deploy: build
+	scripts/deps.sh deploy
+	$(GO) test -v -count=1 -p 1 -tags deploy -timeout 40m ./deploy/...
 
 # Benchmarks print tables comparing strata with a named peer in the same run.
 bench: build

@@ -202,7 +202,7 @@ func TestModuleEval(t *testing.T) {
 		wantRM, wantRW := words("RequiresMountsFor"), []string(nil)
 		if role == "server" {
 			wantRM = append(wantRM, "/srv/strata/nix", "/srv/strata/snapshots")
-			wantRW = []string{"/srv/strata/snapshots"}
+			wantRW = []string{"/srv/strata/nix", "/srv/strata/snapshots"}
 		}
 		if rm := values(t, got.UnitConfig["RequiresMountsFor"]); strings.Join(rm, " ") != strings.Join(wantRM, " ") {
 			t.Errorf("%s: RequiresMountsFor %q, want %q", name, rm, wantRM)

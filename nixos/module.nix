@@ -154,7 +154,9 @@ let
     {
       unitConfig.RequiresMountsFor = (unitFor "strata-server" c.package).unitConfig.RequiresMountsFor
         ++ [ root ] ++ lib.optional (snaps != null) snaps;
-      serviceConfig.ReadWritePaths = lib.optional (backend == "btrfs" && snaps != null) snaps;
+      # The store root (its var/nix/strata-store-id; a bind mount of a
+      # directory below it would be refused as a store-layout mount point).
+      serviceConfig.ReadWritePaths = [ root ] ++ lib.optional (backend == "btrfs" && snaps != null) snaps;
     };
 
   serviceFor = role: c:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deps.sh installs what strata's demo and tests need on a fresh Debian 12
 # machine, as root: Debian packages and a Go toolchain. It is idempotent and
-# quick when everything is present. Usage: scripts/deps.sh [base|vm|bench]...
+# quick when everything is present. Usage: scripts/deps.sh [base|vm|bench|deploy]...
 set -euo pipefail
 
 want=(nix-bin btrfs-progs busybox-static cpio libnfs-utils sqlite3 iproute2 xz-utils kmod util-linux curl ca-certificates)
@@ -10,8 +10,9 @@ for tier in "$@"; do
 	base) ;;
 	vm) want+=(qemu-system-x86 binutils) ;;
 	bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind rsync) ;;
+	deploy) want+=(mmdebstrap systemd-container ansible-core ansible-lint yamllint openssh-client btrfs-progs) ;;
 	nix-trixie) trixie=1 ;;
-	*) echo "deps.sh: unknown tier $tier (want base, vm, bench or nix-trixie)" >&2; exit 2 ;;
+	*) echo "deps.sh: unknown tier $tier (want base, vm, bench, deploy or nix-trixie)" >&2; exit 2 ;;
 	esac
 done
 
