@@ -159,10 +159,10 @@ func TestAnsibleNspawn(t *testing.T) {
 	if s := server.prop(t, unit, "ActiveState"); s != "active" {
 		t.Fatalf("server unit %s, want active", s)
 	}
-	// Active only after READY=1: the daemon logged its API and NFS
-	// listeners, and re-exported, before systemd logged the unit started.
+	// Active only after READY=1: the daemon logged its NFS and API
+	// listeners bound before systemd logged the unit started.
 	journal := server.sh(t, "journalctl -b -o short-monotonic --no-pager -u "+unit)
-	iAPI, iNFS, iStarted := strings.Index(journal, "api listening"), strings.Index(journal, "nfs serving"), strings.Index(journal, "Started strata-server.service")
+	iAPI, iNFS, iStarted := strings.Index(journal, "api listening"), strings.Index(journal, "nfs export listening"), strings.Index(journal, "Started strata-server.service")
 	if iStarted < 0 {
 		iStarted = strings.Index(journal, "Started strata server")
 	}
