@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deps.sh installs what strata's demo and tests need on a fresh Debian 12
 # machine, as root: Debian packages and a Go toolchain. It is idempotent and
-# quick when everything is present. Usage: scripts/deps.sh [base|vm|bench|deploy]...
+# quick when everything is present. Usage: scripts/deps.sh [base|vm|bench|deploy|nix-trixie]...
 set -euo pipefail
 
 want=(nix-bin btrfs-progs busybox-static cpio libnfs-utils sqlite3 iproute2 xz-utils kmod util-linux curl ca-certificates)
