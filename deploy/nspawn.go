@@ -171,17 +171,44 @@ func boot(t *testing.T, rootfs string, br bridge, host int, key, pub string, ext
 	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// The container's init (systemd, PID 1 inside) is nspawn's child; it
+	// must not outlive the test.
+	var initPID int
+	for range 100 {
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", c.cmd.Process.Pid, c.cmd.Process.Pid)); err == nil {
+			if f := strings.Fields(string(b)); len(f) > 0 {
+				fmt.Sscan(f[0], &initPID)
+				break
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	t.Cleanup(func() {
-		c.cmd.Process.Signal(unix.Signal(34 + 4)) // SIGRTMIN+4: systemd powers off
+		// SIGTERM: nspawn sends the container's init SIGRTMIN+3, an
+		// orderly shutdown, and exits when it is done.
+		c.cmd.Process.Signal(unix.SIGTERM)
 		done := make(chan struct{})
 		go func() { c.cmd.Wait(); close(done) }()
 		select {
 		case <-done:
-		case <-time.After(30 * time.Second):
+		case <-time.After(60 * time.Second):
+			if initPID > 0 {
+				unix.Kill(initPID, unix.SIGKILL) // ends the whole PID namespace
+			}
 			c.cmd.Process.Kill()
 			<-done
 		}
 		logf.Close()
+		if initPID > 0 {
+			for range 100 {
+				if unix.Kill(initPID, 0) != nil {
+					return
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			t.Errorf("container %s: its init (pid %d) outlived systemd-nspawn", c.name, initPID)
+			unix.Kill(initPID, unix.SIGKILL)
+		}
 	})
 	deadline := time.Now().Add(120 * time.Second)
 	for {
