@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -56,14 +55,7 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		if !ok {
 			return
 		}
-		b, err := s.Registration(id)
-		if err != nil {
-			writeErr(w, statusOf(err), err)
-			return
-		}
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-		w.Write(b)
+		s.serveRegistration(w, r, id)
 	})
 	mux.HandleFunc("GET /v1/generations/{id}/paths", func(w http.ResponseWriter, r *http.Request) {
 		id, ok := pathID(w, r)
@@ -115,18 +107,12 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 			writeErr(w, http.StatusBadRequest, fmt.Errorf("query parameter from=%q: want a generation id", r.URL.Query().Get("from")))
 			return
 		}
-		d, err := s.Delta(from, id)
-		if err != nil {
-			writeErr(w, statusOf(err), err)
-			return
-		}
-		writeJSON(w, http.StatusOK, d)
+		s.serveDelta(w, r, from, id)
 	})
 	mux.HandleFunc("GET /v1/generations/{id}/stream", s.streamHandler(token))
 	mutating := func(h http.HandlerFunc) http.HandlerFunc { return apiserve.Mutating(token, h) }
 	mux.HandleFunc("POST /v1/publish", mutating(func(w http.ResponseWriter, r *http.Request) {
-		// A publish may take longer than the API's write timeout.
-		http.NewResponseController(w).SetWriteDeadline(time.Time{})
+		apiserve.LongResponse(w) // a publish may take longer than the API's write timeout
 		res, err := s.PublishDetached(r.Context())
 		if err != nil {
 			writeErr(w, http.StatusInternalServerError, err)

@@ -23,9 +23,10 @@ var ErrReplica = errors.New("this server is a replica and publishes nothing")
 // StoreID returns the identity of the central store the generations come
 // from ("" before the first generation).
 func (s *Server) StoreID() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.storeID
+	if id := s.liveStoreID.Load(); id != nil {
+		return *id // never waits for a publish
+	}
+	return ""
 }
 
 // Backend returns the server's snapshot backend.

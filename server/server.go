@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"sync"
@@ -63,6 +64,10 @@ type Server struct {
 	mu   sync.Mutex
 	gens map[uint64]*generation // guarded by mu
 	live atomic.Pointer[[]api.Generation]
+	// liveStoreID is storeID as readers see it (StoreID), set by swap.
+	liveStoreID atomic.Pointer[string]
+	// cacheMu serialises making the API's cache files (apicache.go).
+	cacheMu sync.Mutex
 	// infoMu guards missing, problems and waits for readers (status) that
 	// must not wait for a publish; writers hold mu too.
 	infoMu sync.Mutex
@@ -288,6 +293,8 @@ func (s *Server) swap() {
 		l[i] = g.Generation
 	}
 	s.live.Store(&l)
+	id := s.storeID
+	s.liveStoreID.Store(&id)
 }
 
 // Shutdown cancels publishes started over the API that are still running
@@ -463,6 +470,10 @@ func (s *Server) Publish(ctx context.Context) (api.PublishResult, error) {
 		s.log.Error("publish failed", "err", err)
 		return res, err
 	}
+	// A publish reads the whole registration of a generation into memory;
+	// give that back to the system now rather than when the runtime gets to
+	// it, so the daemon stays small between publishes.
+	defer debug.FreeOSMemory()
 	if res.Published {
 		s.log.Info("published generation", "generation", res.Generation.ID, "paths", res.Generation.Paths,
 			"nar_bytes", res.Generation.NarBytes, "took", time.Since(start).Round(time.Millisecond))

@@ -78,6 +78,7 @@ func (s *Server) hold(ids ...uint64) (release func(), err error) {
 
 func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 	return apiserve.Mutating(token, func(w http.ResponseWriter, r *http.Request) {
+		apiserve.LongResponse(w) // a whole snapshot may take longer than the API's write timeout
 		id, ok := pathID(w, r)
 		if !ok {
 			return

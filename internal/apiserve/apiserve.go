@@ -117,10 +117,18 @@ const (
 	writeTimeout      = 5 * time.Minute
 	idleTimeout       = 2 * time.Minute
 	// MaxInFlight bounds the requests served at once over both listeners;
-	// more wait up to queueWait for a slot, then get 503.
-	MaxInFlight = 64
-	queueWait   = 10 * time.Second
+	// more wait up to queueWait for a slot, then get 503. Large answers
+	// (registrations) are streamed from files, so a request in flight
+	// costs little memory.
+	MaxInFlight = 256
+	queueWait   = 30 * time.Second
 )
+
+// LongResponse lifts the write timeout for a handler whose answer may take
+// longer (a publish, a snapshot stream): call it before writing.
+func LongResponse(w http.ResponseWriter) {
+	http.NewResponseController(w).SetWriteDeadline(time.Time{})
+}
 
 // Server is a running API: the unix socket listener and, if asked for, a TCP
 // one, both serving the same handler.
