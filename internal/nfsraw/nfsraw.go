@@ -15,8 +15,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"time"
+
+	"github.com/strata-nix/strata/internal/xdr"
 )
 
 // ONC RPC program numbers.
@@ -113,37 +116,13 @@ func (e *Enc) Str(s string) *Enc { return e.Opaque([]byte(s)) }
 // NoSattr appends an sattr3 that sets nothing.
 func (e *Enc) NoSattr() *Enc { return e.U32(0).U32(0).U32(0).U32(0).U32(0).U32(0) }
 
-// Dec reads XDR; a short buffer sets Err and yields zeros.
-type Dec struct {
-	B   []byte
-	Err error
-}
-
-func (d *Dec) U32() uint32 {
-	if len(d.B) < 4 {
-		d.Err = io.ErrUnexpectedEOF
-		return 0
-	}
-	v := binary.BigEndian.Uint32(d.B)
-	d.B = d.B[4:]
-	return v
-}
-
-func (d *Dec) U64() uint64 { return uint64(d.U32())<<32 | uint64(d.U32()) }
+// Dec reads XDR with strata's one bounded decoder (internal/xdr): a short
+// buffer sets Err and yields zeros. B is what is left to read.
+type Dec struct{ xdr.Decoder }
 
 // OpaqueView returns variable-length opaque data without copying: valid
 // until the client's next call.
-func (d *Dec) OpaqueView() []byte {
-	n := int(d.U32())
-	p := (n + 3) &^ 3
-	if d.Err != nil || n > len(d.B) || p > len(d.B) {
-		d.Err = io.ErrUnexpectedEOF
-		return nil
-	}
-	v := d.B[:n:n]
-	d.B = d.B[p:]
-	return v
-}
+func (d *Dec) OpaqueView() []byte { return d.Decoder.Opaque(math.MaxInt32, "opaque") }
 
 // Opaque returns a copy of variable-length opaque data.
 func (d *Dec) Opaque() []byte { return append([]byte(nil), d.OpaqueView()...) }
@@ -220,7 +199,7 @@ func (c *Client) ReadReply() (uint32, *Dec, error) {
 	if _, err := io.ReadFull(c.r, body); err != nil {
 		return 0, nil, err
 	}
-	d := &Dec{B: body}
+	d := &Dec{xdr.Decoder{B: body}}
 	xid := d.U32()
 	if d.U32() != 1 {
 		return xid, nil, errors.New("not a reply")

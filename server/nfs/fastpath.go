@@ -14,6 +14,7 @@ import (
 	gonfs "github.com/willscott/go-nfs"
 	"golang.org/x/sys/unix"
 
+	"github.com/strata-nix/strata/internal/xdr"
 	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
@@ -55,36 +56,6 @@ const (
 	replyHeaderLen = 4 + 4*6
 )
 
-// xdrReader decodes the XDR of a call; any short or oversized field makes
-// ok false.
-type xdrReader struct {
-	b  []byte
-	ok bool
-}
-
-func (r *xdrReader) u32() uint32 {
-	if !r.ok || len(r.b) < 4 {
-		r.ok = false
-		return 0
-	}
-	v := binary.BigEndian.Uint32(r.b)
-	r.b = r.b[4:]
-	return v
-}
-
-func (r *xdrReader) u64() uint64 { return uint64(r.u32())<<32 | uint64(r.u32()) }
-
-func (r *xdrReader) opaque(max int) []byte {
-	n := int(r.u32())
-	if !r.ok || n > max || pad4(n) > len(r.b) {
-		r.ok = false
-		return nil
-	}
-	v := r.b[:n]
-	r.b = r.b[pad4(n):]
-	return v
-}
-
 // fast answers the call in rec (one checked record without its marker,
 // call its parsed header) if it is a hot call that succeeds. An error means
 // the reply could not be written (the connection is closed).
@@ -92,28 +63,28 @@ func (c *conn) fast(rec []byte, call guard.Call) (bool, error) {
 	if c.e.noFastPath || call.Prog != progNFS || call.Vers != 3 {
 		return false, nil
 	}
-	r := xdrReader{b: rec[call.ArgsOff:], ok: true}
+	r := xdr.NewDecoder(rec[call.ArgsOff:])
 	xid, proc := call.XID, call.Proc
 	var reply *[]byte
 	switch proc {
 	case nfsProcGetattr:
-		reply = c.getattr(xid, &r)
+		reply = c.getattr(xid, r)
 	case nfsProcLookup:
-		reply = c.lookup(xid, &r)
+		reply = c.lookup(xid, r)
 	case nfsProcRead:
 		var written bool
 		var err error
-		if reply, written, err = c.read(xid, &r); written {
+		if reply, written, err = c.read(xid, r); written {
 			c.m.nfsRequests[proc].Inc()
 			c.e.fastCalls.Add(1)
 			return true, err
 		}
 	case nfsProcRdPlus:
-		reply = c.readdirplus(xid, &r)
+		reply = c.readdirplus(xid, r)
 	case nfsProcFsinfo:
-		reply = c.fsinfo(xid, &r)
+		reply = c.fsinfo(xid, r)
 	case nfsProcCommit:
-		if reply = c.commit(xid, &r); reply != nil {
+		if reply = c.commit(xid, r); reply != nil {
 			c.m.errors.WithLabelValues(procName(progNFS, proc), "NFS3ERR_SERVERFAULT").Inc()
 		}
 	}
@@ -128,9 +99,9 @@ func (c *conn) fast(rec []byte, call guard.Call) (bool, error) {
 }
 
 // getattr: GETATTR3res is status, fattr3.
-func (c *conn) getattr(xid uint32, r *xdrReader) *[]byte {
-	h := r.opaque(maxHandle)
-	if !r.ok {
+func (c *conn) getattr(xid uint32, r *xdr.Decoder) *[]byte {
+	h := r.Opaque(maxHandle, "file handle")
+	if r.Err != nil {
 		return nil
 	}
 	g, err := c.e.genOf(h)
@@ -151,10 +122,10 @@ func (c *conn) getattr(xid uint32, r *xdrReader) *[]byte {
 
 // lookup: LOOKUP3resok is status, handle, post_op_attr object, post_op_attr
 // directory. "." and ".." and names that are not plain are go-nfs's.
-func (c *conn) lookup(xid uint32, r *xdrReader) *[]byte {
-	dh := r.opaque(maxHandle)
-	name := r.opaque(255)
-	if !r.ok || !validName(string(name)) {
+func (c *conn) lookup(xid uint32, r *xdr.Decoder) *[]byte {
+	dh := r.Opaque(maxHandle, "file handle")
+	name := r.Opaque(255, "file name")
+	if r.Err != nil || !validName(string(name)) {
 		return nil
 	}
 	g, err := c.e.genOf(dh)
@@ -187,10 +158,10 @@ func (c *conn) lookup(xid uint32, r *xdrReader) *[]byte {
 // returns the reply to write, or written when readSendfile wrote it (with
 // the error that makes the connection unusable, if any); neither means
 // go-nfs answers.
-func (c *conn) read(xid uint32, r *xdrReader) (*[]byte, bool, error) {
-	h := r.opaque(maxHandle)
-	off, count := r.u64(), r.u32()
-	if !r.ok {
+func (c *conn) read(xid uint32, r *xdr.Decoder) (*[]byte, bool, error) {
+	h := r.Opaque(maxHandle, "file handle")
+	off, count := r.U64(), r.U32()
+	if r.Err != nil {
 		return nil, false, nil
 	}
 	g, err := c.e.genOf(h)
@@ -344,9 +315,9 @@ func (c *conn) readSendfile(rc syscall.RawConn, xid uint32, f *roFile, info *inf
 // wtmax, wtpref, wtmult, dtpref, maxfilesize, time_delta, properties. It
 // is go-nfs's answer with the sizes this server really serves (go-nfs
 // advertises 1 GiB reads, then serves 16 MiB).
-func (c *conn) fsinfo(xid uint32, r *xdrReader) *[]byte {
-	h := r.opaque(maxHandle)
-	if !r.ok {
+func (c *conn) fsinfo(xid uint32, r *xdr.Decoder) *[]byte {
+	h := r.Opaque(maxHandle, "file handle")
+	if r.Err != nil {
 		return nil
 	}
 	g, err := c.e.genOf(h)
@@ -381,15 +352,13 @@ func clampReadCount(rec []byte, call guard.Call) {
 	if call.Prog != progNFS || call.Vers != 3 || call.Proc != nfsProcRead {
 		return
 	}
-	off := call.ArgsOff
-	if off+4 > len(rec) {
-		return
+	d := xdr.NewDecoder(rec[call.ArgsOff:])
+	d.Opaque(maxHandle, "file handle")
+	d.U64() // offset
+	if d.Err != nil || d.Left() < 4 {
+		return // go-nfs answers it GARBAGE_ARGS
 	}
-	off += 4 + pad4(int(binary.BigEndian.Uint32(rec[off:]))) + 8 // handle, offset
-	if off+4 > len(rec) || off < 0 {
-		return
-	}
-	if binary.BigEndian.Uint32(rec[off:]) > MaxRead {
+	if off := call.ArgsOff + d.Off; binary.BigEndian.Uint32(rec[off:]) > MaxRead {
 		binary.BigEndian.PutUint32(rec[off:], MaxRead)
 	}
 }
@@ -397,9 +366,9 @@ func clampReadCount(rec []byte, call guard.Call) {
 // commit: go-nfs answers COMMIT of a valid handle on a filesystem without
 // write capability with NFS3ERR_SERVERFAULT and empty wcc_data. Clients
 // (go-nfs-client on every Close) send it after reading, so it is hot too.
-func (c *conn) commit(xid uint32, r *xdrReader) *[]byte {
-	h := r.opaque(maxHandle)
-	if !r.ok {
+func (c *conn) commit(xid uint32, r *xdr.Decoder) *[]byte {
+	h := r.Opaque(maxHandle, "file handle")
+	if r.Err != nil {
 		return nil
 	}
 	if _, err := c.e.genOf(h); err != nil {
@@ -423,10 +392,10 @@ func (c *conn) commit(xid uint32, r *xdrReader) *[]byte {
 // taken from the cache even for cookie 0, which go-nfs re-reads (a
 // generation never changes, so the listing is the same). Too small counts,
 // bad cookies and unreadable directories are go-nfs's.
-func (c *conn) readdirplus(xid uint32, r *xdrReader) *[]byte {
-	h := r.opaque(maxHandle)
-	cookie, cverf, dirCount, maxCount := r.u64(), r.u64(), r.u32(), r.u32()
-	if !r.ok || dirCount < 512 || maxCount < 4096 {
+func (c *conn) readdirplus(xid uint32, r *xdr.Decoder) *[]byte {
+	h := r.Opaque(maxHandle, "file handle")
+	cookie, cverf, dirCount, maxCount := r.U64(), r.U64(), r.U32(), r.U32()
+	if r.Err != nil || dirCount < 512 || maxCount < 4096 {
 		return nil
 	}
 	e := c.e

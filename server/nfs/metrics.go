@@ -1,10 +1,9 @@
 package nfs
 
 import (
-	"encoding/binary"
-
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/strata-nix/strata/internal/xdr"
 	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
@@ -109,8 +108,6 @@ type call struct{ prog, proc uint32 }
 // connection's calls in order, one at a time, so only a few are ever pending).
 const maxPending = 1024
 
-func be(b []byte, i int) uint32 { return binary.BigEndian.Uint32(b[i:]) }
-
 func (s *conn) onCall(c guard.Call) {
 	s.m.requests.WithLabelValues(procName(c.Prog, c.Proc)).Inc()
 	s.pmu.Lock()
@@ -122,30 +119,33 @@ func (s *conn) onCall(c guard.Call) {
 }
 
 func (s *conn) onReply(p []byte) {
-	// xid, msg_type=1, reply_stat, [verf flavor, verf len, verf body], accept_stat, results
-	if len(p) < 12 || be(p, 4) != 1 {
+	// xid, msg_type=1, reply_stat, [verf flavor, verf body, accept_stat, results]
+	d := xdr.NewDecoder(p)
+	xid, msgType := d.U32(), d.U32()
+	if d.Err != nil || msgType != 1 {
 		return
 	}
 	s.pmu.Lock()
-	c, ok := s.pending[be(p, 0)]
-	delete(s.pending, be(p, 0))
+	c, ok := s.pending[xid]
+	delete(s.pending, xid)
 	s.pmu.Unlock()
 	if !ok {
 		return
 	}
 	proc := procName(c.prog, c.proc)
-	if be(p, 8) != 0 {
+	if replyStat := d.U32(); d.Err != nil {
+		return
+	} else if replyStat != 0 {
 		s.m.errors.WithLabelValues(proc, "DENIED").Inc()
 		return
 	}
-	if len(p) < 20 {
+	d.U32() // verifier flavor
+	d.Opaque(400, "verifier")
+	as := d.U32()
+	if d.Err != nil {
 		return
 	}
-	off := 20 + pad4(int(min(be(p, 16), 400)))
-	if len(p) < off+4 {
-		return
-	}
-	if as := be(p, off); as != 0 {
+	if as != 0 {
 		name := "SYSTEM_ERR"
 		if as < uint32(len(acceptStatNames)) {
 			name = acceptStatNames[as]
@@ -153,11 +153,11 @@ func (s *conn) onReply(p []byte) {
 		s.m.errors.WithLabelValues(proc, name).Inc()
 		return
 	}
-	if c.proc == 0 || len(p) < off+8 {
+	if c.proc == 0 {
 		return // NULL has no status
 	}
-	st := be(p, off+4)
-	if st == 0 {
+	st := d.U32()
+	if d.Err != nil || st == 0 {
 		return
 	}
 	switch {

@@ -1,8 +1,9 @@
 package guard
 
 import (
-	"encoding/binary"
 	"fmt"
+
+	"github.com/strata-nix/strata/internal/xdr"
 )
 
 // ONC RPC and NFS constants used by the record check (RFC 5531, RFC 1813).
@@ -141,25 +142,25 @@ type UnixCred struct {
 // after the arguments are allowed: go-nfs discards them.
 func ParseCall(b []byte) (Call, error) {
 	var c Call
-	d := decoder{b: b}
+	d := xdr.NewDecoder(b)
 	if len(b) < MinCall {
 		return c, bad(ProblemSize, "record of %d bytes is shorter than a call header (%d)", len(b), MinCall)
 	}
-	c.XID = d.u32()
-	if mt := d.u32(); mt != msgCall {
+	c.XID = d.U32()
+	if mt := d.U32(); mt != msgCall {
 		return c, bad(ProblemMsgType, "msg_type %d is not CALL", mt)
 	}
-	if v := d.u32(); v != rpcVersion {
+	if v := d.U32(); v != rpcVersion {
 		return c, bad(ProblemRPCVers, "rpcvers %d is not 2", v)
 	}
-	c.Prog, c.Vers, c.Proc = d.u32(), d.u32(), d.u32()
+	c.Prog, c.Vers, c.Proc = d.U32(), d.U32(), d.U32()
 	if (c.Prog == ProgNFS || c.Prog == ProgMount) && c.Vers != 3 {
 		return c, bad(ProblemVersion, "program %d version %d is not served (only 3)", c.Prog, c.Vers)
 	}
 
 	var cred []byte
 	var err *RecordError
-	c.CredFlavor, cred, err = d.auth(ProblemCred, "credential")
+	c.CredFlavor, cred, err = auth(d, ProblemCred, "credential")
 	if err != nil {
 		return c, err
 	}
@@ -170,138 +171,56 @@ func ParseCall(b []byte) (Call, error) {
 		}
 		c.Unix = u
 	}
-	c.VerfFlavor, _, err = d.auth(ProblemVerf, "verifier")
+	c.VerfFlavor, _, err = auth(d, ProblemVerf, "verifier")
 	if err != nil {
 		return c, err
 	}
-	c.ArgsOff = d.off
+	c.ArgsOff = d.Off
 
 	switch c.Prog {
 	case ProgNFS:
 		c.Known = true
-		if err := checkNFSArgs(&d, c.Proc); err != nil {
+		if err := checkNFSArgs(d, c.Proc); err != nil {
 			return c, err
 		}
 	case ProgMount:
 		c.Known = true
-		if err := checkMountArgs(&d, c.Proc); err != nil {
+		if err := checkMountArgs(d, c.Proc); err != nil {
 			return c, err
 		}
 	}
 	return c, nil
 }
 
-// decoder walks a record body. Every read is bounds-checked; a failed read
-// sets err and makes later reads return zero.
-type decoder struct {
-	b   []byte
-	off int
-	err *RecordError
-}
-
-func (d *decoder) left() int { return len(d.b) - d.off }
-
-func (d *decoder) need(n int, what string) bool {
-	if d.err != nil {
-		return false
-	}
-	if n < 0 || n > d.left() {
-		d.err = bad(ProblemShort, "%s needs %d bytes at offset %d, record has %d", what, n, d.off, len(d.b))
-		return false
-	}
-	return true
-}
-
-func (d *decoder) u32() uint32 {
-	if !d.need(4, "uint32") {
-		return 0
-	}
-	v := binary.BigEndian.Uint32(d.b[d.off:])
-	d.off += 4
-	return v
-}
-
-func (d *decoder) skip(n int, what string) {
-	if d.need(n, what) {
-		d.off += n
-	}
-}
-
-// opaque reads a variable-length opaque of at most max bytes. pad says
-// whether the XDR padding to 4 bytes is consumed after it: go-nfs's
-// xdr.ReadOpaque does not, its struct decoding does.
-func (d *decoder) opaque(max int, pad bool, what string) []byte {
-	n := d.u32()
-	if d.err != nil {
-		return nil
-	}
-	if n > uint32(max) {
-		d.err = bad(ProblemArgs, "%s of %d bytes exceeds %d", what, n, max)
-		return nil
-	}
-	l := int(n)
-	if pad {
-		l = (l + 3) &^ 3
-	}
-	if !d.need(l, what) {
-		d.err.Problem = ProblemArgs
-		return nil
-	}
-	v := d.b[d.off : d.off+int(n)]
-	d.off += l
-	return v
-}
-
 // auth reads an opaque_auth: flavor and a body of at most MaxAuthBody bytes.
-func (d *decoder) auth(p Problem, what string) (uint32, []byte, *RecordError) {
-	flavor := d.u32()
-	n := d.u32()
-	if d.err != nil {
-		d.err.Problem = p
-		return 0, nil, d.err
+func auth(d *xdr.Decoder, p Problem, what string) (uint32, []byte, *RecordError) {
+	flavor := d.U32()
+	body := d.Opaque(MaxAuthBody, what+" body")
+	if d.Err != nil {
+		return 0, nil, bad(p, "%s", d.Err)
 	}
-	if n > MaxAuthBody {
-		return 0, nil, bad(p, "%s body of %d bytes exceeds %d", what, n, MaxAuthBody)
-	}
-	l := (int(n) + 3) &^ 3
-	if l > d.left() {
-		return 0, nil, bad(p, "%s body of %d bytes runs past the record end", what, n)
-	}
-	body := d.b[d.off : d.off+int(n)]
-	d.off += l
 	return flavor, body, nil
 }
 
 func parseUnix(b []byte) (*UnixCred, error) {
-	d := decoder{b: b}
-	u := &UnixCred{Stamp: d.u32()}
-	n := d.u32()
-	if d.err != nil {
-		return nil, bad(ProblemCred, "AUTH_UNIX body of %d bytes is truncated", len(b))
+	d := xdr.NewDecoder(b)
+	u := &UnixCred{Stamp: d.U32()}
+	name := d.Opaque(MaxMachineName, "AUTH_UNIX machine name")
+	u.UID, u.GID = d.U32(), d.U32()
+	ng := d.U32()
+	if d.Err != nil {
+		return nil, bad(ProblemCred, "AUTH_UNIX body of %d bytes: %s", len(b), d.Err)
 	}
-	if n > MaxMachineName {
-		return nil, bad(ProblemCred, "AUTH_UNIX machine name of %d bytes exceeds %d", n, MaxMachineName)
-	}
-	l := (int(n) + 3) &^ 3
-	if l > d.left() {
-		return nil, bad(ProblemCred, "AUTH_UNIX machine name of %d bytes runs past the credential", n)
-	}
-	u.MachineName = string(d.b[d.off : d.off+int(n)])
-	d.off += l
-	u.UID, u.GID = d.u32(), d.u32()
-	ng := d.u32()
-	if d.err != nil {
-		return nil, bad(ProblemCred, "AUTH_UNIX body of %d bytes is truncated", len(b))
-	}
+	u.MachineName = string(name)
 	if ng > MaxGids {
 		return nil, bad(ProblemCred, "AUTH_UNIX has %d groups, more than %d", ng, MaxGids)
 	}
-	if int(ng)*4 != d.left() {
-		return nil, bad(ProblemCred, "AUTH_UNIX with %d groups has %d bytes left for them", ng, d.left())
+	if int(ng)*4 != d.Left() {
+		return nil, bad(ProblemCred, "AUTH_UNIX with %d groups has %d bytes left for them", ng, d.Left())
 	}
 	u.Gids = make([]uint32, ng)
 	for i := range u.Gids {
-		u.Gids[i] = d.u32()
+		u.Gids[i] = d.U32()
 	}
 	return u, nil
 }
@@ -337,106 +256,99 @@ const (
 // xdr.ReadOpaque (no padding consumed), struct fields via xdr.Unmarshal
 // (padded). Procedures go-nfs does not serve need no check: go-nfs answers
 // them without reading their arguments.
-func checkNFSArgs(d *decoder, proc uint32) *RecordError {
-	rawFH := func() { d.opaque(maxFileHandle, false, "file handle") }
-	fh := func() { d.opaque(maxFileHandle, true, "file handle") }
-	dirop := func() { fh(); d.opaque(maxName, true, "file name") }
+func checkNFSArgs(d *xdr.Decoder, proc uint32) *RecordError {
+	rawFH := func() { d.OpaqueNoPad(maxFileHandle, "file handle") }
+	fh := func() { d.Opaque(maxFileHandle, "file handle") }
+	dirop := func() { fh(); d.Opaque(maxName, "file name") }
 	switch proc {
 	case nfsNull:
 	case nfsGetattr, nfsReadlink, nfsFsstat, nfsFsinfo, nfsPathconf:
 		rawFH()
 	case nfsCommit:
 		rawFH()
-		d.skip(12, "commit offset and count")
+		d.Skip(12, "commit offset and count")
 	case nfsSetattr:
 		rawFH()
-		d.sattr()
-		if guard := d.u32(); guard != 0 {
-			d.skip(8, "setattr guard ctime")
+		sattr(d)
+		if guard := d.U32(); guard != 0 {
+			d.Skip(8, "setattr guard ctime")
 		}
 	case nfsLookup, nfsRemove, nfsRmdir:
 		dirop()
 	case nfsAccess:
 		rawFH()
-		d.u32()
+		d.U32()
 	case nfsRead:
 		fh()
-		d.skip(12, "read offset and count")
+		d.Skip(12, "read offset and count")
 	case nfsWrite:
 		fh()
-		d.skip(16, "write offset, count and stable")
-		d.opaque(len(d.b), true, "write data")
+		d.Skip(16, "write offset, count and stable")
+		d.Opaque(d.Left(), "write data")
 	case nfsCreate:
 		dirop()
-		switch how := d.u32(); how {
+		switch how := d.U32(); how {
 		case 0, 1: // UNCHECKED, GUARDED
-			d.sattr()
+			sattr(d)
 		case 2: // EXCLUSIVE
-			d.skip(8, "create verifier")
+			d.Skip(8, "create verifier")
 		default:
-			if d.err == nil {
-				d.err = bad(ProblemArgs, "create mode %d", how)
-			}
+			d.Fail(fmt.Errorf("create mode %d", how))
 		}
 	case nfsMkdir:
 		dirop()
-		d.sattr()
+		sattr(d)
 	case nfsSymlink:
 		dirop()
-		d.sattr()
-		d.opaque(maxPath, false, "symlink target")
+		sattr(d)
+		d.OpaqueNoPad(maxPath, "symlink target")
 	case nfsLink:
 		// go-nfs decodes LINK like SYMLINK (diropargs, sattr, opaque), not
 		// as RFC 1813's (file, diropargs); follow what it reads.
 		dirop()
-		d.sattr()
-		d.opaque(maxPath, false, "link target")
+		sattr(d)
+		d.OpaqueNoPad(maxPath, "link target")
 	case nfsMknod:
 		dirop()
-		d.u32() // type; go-nfs refuses read-only exports before reading more
+		d.U32() // type; go-nfs refuses read-only exports before reading more
 	case nfsRename:
 		dirop()
 		dirop()
 	case nfsReaddir:
 		fh()
-		d.skip(20, "readdir cookie, verifier and count")
+		d.Skip(20, "readdir cookie, verifier and count")
 	case nfsReaddirplus:
 		fh()
-		d.skip(24, "readdirplus cookie, verifier and counts")
+		d.Skip(24, "readdirplus cookie, verifier and counts")
 	}
-	if d.err != nil {
-		d.err.Problem = ProblemArgs
-		return d.err
+	if d.Err != nil {
+		return bad(ProblemArgs, "%s", d.Err)
 	}
 	return nil
 }
 
 // sattr walks an sattr3 as go-nfs's ReadSetFileAttributes reads it; XDR
 // booleans must be 0 or 1 and time_how 0, 1 or 2.
-func (d *decoder) sattr() {
+func sattr(d *xdr.Decoder) {
 	for _, f := range []struct {
 		what string
 		size int
 	}{{"mode", 4}, {"uid", 4}, {"gid", 4}, {"size", 8}} {
-		switch set := d.u32(); set {
+		switch set := d.U32(); set {
 		case 0:
 		case 1:
-			d.skip(f.size, "sattr3 "+f.what)
+			d.Skip(f.size, "sattr3 "+f.what)
 		default:
-			if d.err == nil {
-				d.err = bad(ProblemArgs, "sattr3 set_%s is %d, not a boolean", f.what, set)
-			}
+			d.Fail(fmt.Errorf("sattr3 set_%s is %d, not a boolean", f.what, set))
 		}
 	}
 	for _, what := range []string{"atime", "mtime"} {
-		switch how := d.u32(); how {
+		switch how := d.U32(); how {
 		case 0, 1:
 		case 2:
-			d.skip(8, "sattr3 "+what)
+			d.Skip(8, "sattr3 "+what)
 		default:
-			if d.err == nil {
-				d.err = bad(ProblemArgs, "sattr3 %s how is %d", what, how)
-			}
+			d.Fail(fmt.Errorf("sattr3 %s how is %d", what, how))
 		}
 	}
 }
@@ -448,14 +360,13 @@ const (
 	mountUmnt = 3
 )
 
-func checkMountArgs(d *decoder, proc uint32) *RecordError {
+func checkMountArgs(d *xdr.Decoder, proc uint32) *RecordError {
 	switch proc {
 	case mountMnt, mountUmnt:
-		d.opaque(maxDirPath, false, "mount dirpath")
+		d.OpaqueNoPad(maxDirPath, "mount dirpath")
 	}
-	if d.err != nil {
-		d.err.Problem = ProblemArgs
-		return d.err
+	if d.Err != nil {
+		return bad(ProblemArgs, "%s", d.Err)
 	}
 	return nil
 }
