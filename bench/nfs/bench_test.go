@@ -530,6 +530,107 @@ func leanRead(l *leanConn, fh []byte) (int64, error) {
 	}
 }
 
+// churner opens a fresh connection per work item (see leanChurn).
+type churner struct {
+	ns   string
+	ep   endpoint
+	root []byte
+}
+
+// churnItems are the churn workload's work items: "dNNN/G", the files
+// fG0..fG9 of directory dNNN, over the first churnDirs directories.
+func churnItems() []string {
+	var out []string
+	for d := range churnDirs {
+		for g := range perDir / churnFiles {
+			out = append(out, fmt.Sprintf("d%03d/%d", d, g))
+		}
+	}
+	return out
+}
+
+const (
+	churnDirs  = 100
+	churnFiles = 10
+)
+
+// openChurner mounts ep once (for the root handle); every work item then
+// connects anew.
+func openChurner(b *testing.B, ns string, ep endpoint) *churner {
+	l := dialLean(b, ns, ep)
+	defer l.c.Close()
+	return &churner{ns: ns, ep: ep, root: l.root}
+}
+
+func closeChurner(*churner) {}
+
+// leanChurn is what a short-lived client does: connect to the NFS port,
+// LOOKUP a directory and 10 of its files, READ each, close.
+func leanChurn(c *churner, item string, _ []byte) (int, int64, error) {
+	dir, group, _ := strings.Cut(item, "/")
+	var conn net.Conn
+	var err error
+	// The socket is made in the benchmark's network namespace; once
+	// connected it is used from any thread.
+	func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		orig, oerr := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if oerr != nil {
+			err = oerr
+			return
+		}
+		defer unix.Close(orig)
+		target, terr := unix.Open("/run/netns/"+c.ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if terr != nil {
+			err = terr
+			return
+		}
+		defer unix.Close(target)
+		if err = unix.Setns(target, unix.CLONE_NEWNET); err != nil {
+			return
+		}
+		conn, err = net.DialTimeout("tcp", c.ep.nfsAddr, 10*time.Second)
+		if serr := unix.Setns(orig, unix.CLONE_NEWNET); serr != nil {
+			panic(serr) // a thread left in the wrong namespace must not run anything else
+		}
+	}()
+	if err != nil {
+		return 0, 0, err
+	}
+	rc := nfsraw.New(conn)
+	defer rc.Close()
+	l := &leanConn{c: rc, root: c.root}
+	st, dfh, _, err := rc.Lookup(c.root, dir)
+	if err == nil && st != nfsraw.NFS3OK {
+		err = fmt.Errorf("lookup %s: status %d", dir, st)
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	files, total := 0, int64(0)
+	for k := range churnFiles {
+		name := fmt.Sprintf("f%s%d", group, k)
+		st, fh, attr, err := rc.Lookup(dfh, name)
+		if err == nil && st != nfsraw.NFS3OK {
+			err = fmt.Errorf("lookup %s/%s: status %d", dir, name, st)
+		}
+		if err != nil {
+			return files, total, err
+		}
+		n, err := leanRead(l, fh)
+		if err == nil && uint64(n) != attr.Size {
+			err = fmt.Errorf("%s/%s: read %d bytes, size %d", dir, name, n, attr.Size)
+		}
+		if err != nil {
+			return files, total, err
+		}
+		files++
+		total += n
+	}
+	return files, total, nil
+}
+
 func leanReadFile(l *leanConn, p string, _ []byte) (int, int64, error) {
 	dir, name, _ := strings.Cut(p, "/")
 	st, dfh, _, err := l.c.Lookup(l.root, dir)
@@ -711,6 +812,9 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	testenv.Run(b, "ip", "netns", "add", ns)
 	b.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
 	testenv.Run(b, "ip", "-n", ns, "link", "set", "lo", "up")
+	// The churn rows make thousands of short connections from one address:
+	// let the client reuse ports in TIME-WAIT.
+	testenv.Run(b, "ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")
 
 	srv := startStrata(b, ns, snap)
 	gexport, gpid := startGanesha(b, ns, snap)
@@ -743,7 +847,7 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 	}
 	var order []workload
 	samples := map[workload]*[2][]sample{}
-	conns, loads := benchList("STRATA_BENCH_CONNS", "1,4"), benchList("STRATA_BENCH_LOADS", "small,large")
+	conns, loads := benchList("STRATA_BENCH_CONNS", "1,4"), benchList("STRATA_BENCH_LOADS", "small,large,churn")
 	clients := benchList("STRATA_BENCH_CLIENTS", "lean,go-nfs-client")
 	for _, client := range clients {
 		if client != "lean" && client != "go-nfs-client" {
@@ -755,8 +859,11 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 				b.Fatalf("STRATA_BENCH_CONNS: %q is not a connection count", js)
 			}
 			for _, load := range loads {
-				if load != "small" && load != "large" {
-					b.Fatalf("STRATA_BENCH_LOADS: %q is not small or large", load)
+				if load != "small" && load != "large" && load != "churn" {
+					b.Fatalf("STRATA_BENCH_LOADS: %q is not small, large or churn", load)
+				}
+				if load == "churn" && client != "lean" {
+					continue // the churn rows use the lean client only
 				}
 				order = append(order, workload{client, load, j})
 			}
@@ -778,6 +885,8 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 				cpu0 := cpuTime(b, pids[s])
 				var r result
 				switch {
+				case w.load == "churn":
+					r = run(b, ns, ep, w.j, churnItems(), openChurner, closeChurner, leanChurn)
 				case w.client == "lean" && w.load == "small":
 					r = run(b, ns, ep, w.j, dirs, dialLean, closeLean, leanWalkDir)
 				case w.client == "lean":
@@ -789,7 +898,13 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 				}
 				cpu := cpuTime(b, pids[s]) - cpu0
 				var sm sample
-				if w.load == "small" {
+				if w.load == "churn" {
+					if r.files != churnDirs*perDir {
+						b.Fatalf("%s -j %d churned %d files, want %d", ep.name, w.j, r.files, churnDirs*perDir)
+					}
+					sm = sample{float64(r.files) / r.elapsed.Seconds(), float64(cpu.Microseconds()) / float64(r.files)}
+					b.Logf("%-7s %s -j %d: churn %.0f files/s (%.0f connections/s), server CPU %v (%.0f us/file)", ep.name, w.client, w.j, sm.rate, sm.rate/churnFiles, cpu, sm.cpu)
+				} else if w.load == "small" {
 					if r.files != nDirs*perDir {
 						b.Fatalf("%s -j %d walked %d files, want %d", ep.name, w.j, r.files, nDirs*perDir)
 					}
@@ -836,6 +951,10 @@ func BenchmarkStrataVsGanesha(b *testing.B) {
 		}
 		name := fmt.Sprintf("%s: small files/s, %d conn", w.client, w.j)
 		format, goal := "%-42s %10.0f %10.0f %7.2fx %6.2f-%.2fx %6s %6.0f / %3.0f us/file\n", "1.3x"
+		if w.load == "churn" {
+			name = fmt.Sprintf("%s: churn files/s, %d at once", w.client, w.j)
+			goal = "1.0x"
+		}
 		if w.load == "large" {
 			name = fmt.Sprintf("%s: large MB/s, %d conn", w.client, w.j)
 			format, goal = "%-42s %10.1f %10.1f %7.2fx %6.2f-%.2fx %6s %6.2f / %.2f ms/MB\n", "1.0x"
