@@ -71,18 +71,18 @@ func BenchmarkCluster(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var rows []row
-	for range b.N {
-		for _, n := range sizes {
-			rows = append(rows, gossipRow(b, n, publishes), pollRow(b, n, poll))
-		}
-	}
 	fmt.Printf("\nnew generation reaching builders: gossip (memberlist LAN defaults, strata's re-broadcast) vs polling every %s\n", poll)
 	fmt.Printf("%-22s %6s %10s %10s %10s %14s %16s  %s\n", "method", "nodes", "median", "p99", "max", "last-of-N med", "bytes/node/s", "samples")
-	for _, r := range rows {
-		fmt.Printf("%-22s %6d %10s %10s %10s %14s %16.1f  %d builders x %d publishes%s\n", r.method, r.nodes,
+	show := func(r row) {
+		fmt.Printf("%-22s %6d %10s %10s %10s %14s %16.1f  %d samples, %d publishes%s\n", r.method, r.nodes,
 			r.median.Round(time.Millisecond), r.p99.Round(time.Millisecond), r.worst.Round(time.Millisecond),
-			r.lastMedian.Round(time.Millisecond), r.bytesPerNodeSec, r.samples/max(r.publishes, 1), r.publishes, r.note)
+			r.lastMedian.Round(time.Millisecond), r.bytesPerNodeSec, r.samples, r.publishes, r.note)
+	}
+	for range b.N {
+		for _, n := range sizes {
+			show(gossipRow(b, n, publishes))
+			show(pollRow(b, n, poll))
+		}
 	}
 	fmt.Println("median/p99/max: per builder, from publish to the builder knowing; last-of-N med: median over publishes of the slowest builder;")
 	fmt.Println("bytes/node/s: gossip at rest (after convergence, 20 s) per member incl. the server; polling: request+answer bytes per poller")
@@ -97,13 +97,16 @@ func gossipRow(b *testing.B, n, publishes int) row {
 	defer s.Close()
 	time.Sleep(2 * time.Second)
 	var all, last []time.Duration
+	note := ""
 	for g := uint64(1); g <= uint64(publishes); g++ {
 		d, _, err := s.Publish(g, 60*time.Second)
-		if err != nil {
-			b.Fatalf("%d members: %v", n, err)
+		if err != nil && len(d) < n {
+			note += fmt.Sprintf(" (publish %d: %d builders missed it within 60 s)", g, n-len(d))
 		}
 		all = append(all, d...)
-		last = append(last, quantile(d, 1))
+		if len(d) == n {
+			last = append(last, quantile(d, 1))
+		}
 		time.Sleep(500 * time.Millisecond)
 	}
 	// At rest: the state is settled; count what the members send.
@@ -112,7 +115,7 @@ func gossipRow(b *testing.B, n, publishes int) row {
 	time.Sleep(20 * time.Second)
 	rate := float64(s.BytesSent()-before) / time.Since(t0).Seconds() / float64(n+1)
 	return row{method: "gossip", nodes: n, median: quantile(all, .5), p99: quantile(all, .99), worst: quantile(all, 1),
-		lastMedian: quantile(last, .5), bytesPerNodeSec: rate, samples: len(all), publishes: publishes}
+		lastMedian: quantile(last, .5), bytesPerNodeSec: rate, samples: len(all), publishes: publishes, note: note}
 }
 
 // pollRow: n pollers GET /v1/generations every interval from a random

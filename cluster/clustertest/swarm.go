@@ -94,7 +94,7 @@ func Start(n int, kr func() *cluster.Keyring, tune func(*memberlist.Config), log
 		s.wg.Add(1)
 		go s.builder(i, b)
 	}
-	deadline := time.Now().Add(time.Duration(30+n/5) * time.Second)
+	deadline := time.Now().Add(time.Duration(30+n/2) * time.Second)
 	for {
 		alive := 0
 		for _, m := range srv.Members() {
