@@ -231,4 +231,24 @@ nfs:
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+
+	// The delta 1 -> 2 is computed once, kept as a file, and served with
+	// an ETag.
+	g2 := generations().Generations[1]
+	path := fmt.Sprintf("/v1/generations/%d/delta?from=%d", g2.ID, g.ID)
+	res, body, _ := get(path)
+	var d api.Delta
+	if res.StatusCode != 200 || json.Unmarshal(body, &d) != nil || !strings.Contains(d.Added, "after-load") || len(d.Removed) != 0 {
+		t.Fatalf("GET %s: %d %.300s", path, res.StatusCode, body)
+	}
+	if _, err := os.Stat(filepath.Join(state, "generations", strconv.FormatUint(g2.ID, 10), fmt.Sprintf("delta-from-%d.json", g.ID))); err != nil {
+		t.Errorf("delta not cached: %v", err)
+	}
+	res2, body2, _ := get(path)
+	if res2.StatusCode != 200 || string(body2) != string(body) {
+		t.Errorf("second delta GET: %d, same body %v", res2.StatusCode, string(body2) == string(body))
+	}
+	if res3, _, _ := get(path, "If-None-Match", res.Header.Get("ETag")); res.Header.Get("ETag") == "" || res3.StatusCode != http.StatusNotModified {
+		t.Errorf("delta with If-None-Match %q: %d, want 304", res.Header.Get("ETag"), res3.StatusCode)
+	}
 }
