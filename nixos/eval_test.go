@@ -303,3 +303,22 @@ func buildStrata(t *testing.T) string {
 	}
 	return out
 }
+
+// The nixpkgs-format VM test and its package expression cannot run here
+// (no nixpkgs, no KVM), but they must at least parse, and the test must be
+// a function of strata giving a name, nodes and a test script.
+func TestVMTestParses(t *testing.T) {
+	testenv.RequireCommands(t, "nix-instantiate")
+	for _, f := range []string{"tests/strata.nix", "tests/package.nix"} {
+		if out, err := exec.Command("nix-instantiate", "--parse", f).CombinedOutput(); err != nil {
+			t.Errorf("nix-instantiate --parse %s: %v\n%s", f, err, out)
+		}
+	}
+	cmd := exec.Command("nix-instantiate", "--eval", "--strict", "--json", "-E",
+		`builtins.attrNames ((import ./tests/strata.nix { strata = null; }).nodes) ++ [ (import ./tests/strata.nix { strata = null; }).name ]`)
+	cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
+	out, err := cmd.Output()
+	if err != nil || string(out) != `["builder","central","strata"]` {
+		t.Fatalf("nixos/tests/strata.nix: nodes and name %s, %v", out, err)
+	}
+}
