@@ -14,6 +14,7 @@ import (
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/apiserve"
+	"github.com/strata-nix/strata/server/nfs/guard"
 )
 
 // Handler returns the HTTP API (see package api for the routes). Mutating
@@ -205,11 +206,6 @@ func (s *Server) nfsAccess(remote string) api.NFSAccess {
 	if s.cfg.NFSListen == "" {
 		return a
 	}
-	a.Allowed = len(s.cfg.NFSAllow) == 0 // as the guard: no list admits all
-	for _, p := range s.cfg.NFSAllow {
-		if p.Contains(addr) {
-			a.Allowed = true
-		}
-	}
+	a.Allowed = guard.Admits(s.cfg.NFSAllow, addr) // the guard's own check
 	return a
 }

@@ -99,7 +99,8 @@ func TestAPIBadInput(t *testing.T) {
 }
 
 // GET /v1/nfs/access answers for the caller's address with the guard's
-// rule: in nfs.allow (or no list), and only while the export is on.
+// rule: in nfs.allow (an empty list admits no one: the guard fails closed),
+// and only while the export is on.
 func TestNFSAccess(t *testing.T) {
 	s := &Server{}
 	for _, tc := range []struct {
@@ -111,7 +112,8 @@ func TestNFSAccess(t *testing.T) {
 		{"0.0.0.0:2049", "127.0.0.1:5555", []string{"127.0.0.0/8"}, true, "127.0.0.1"},
 		{"0.0.0.0:2049", "10.0.2.15:5555", []string{"127.0.0.0/8"}, false, "10.0.2.15"},
 		{"0.0.0.0:2049", "[::ffff:10.1.2.3]:5555", []string{"10.1.0.0/16"}, true, "10.1.2.3"},
-		{"0.0.0.0:2049", "[fd00::1]:5555", nil, true, "fd00::1"},
+		{"0.0.0.0:2049", "[fd00::1]:5555", nil, false, "fd00::1"},
+		{"0.0.0.0:2049", "[fd00::1]:5555", []string{"0.0.0.0/0", "::/0"}, true, "fd00::1"},
 		{"", "127.0.0.1:5555", []string{"127.0.0.0/8"}, false, "127.0.0.1"},
 		{"0.0.0.0:2049", "@", []string{"127.0.0.0/8"}, false, ""},
 	} {

@@ -371,8 +371,14 @@ func remoteAddr(c net.Conn) netip.Addr {
 	return netip.Addr{}
 }
 
-func (l *Listener) allowed(a netip.Addr) bool {
-	for _, p := range *l.allow.Load() {
+func (l *Listener) allowed(a netip.Addr) bool { return Admits(*l.allow.Load(), a) }
+
+// Admits is the allowlist check: whether allow (as ParseAllow makes it)
+// admits client address a (IPv4-mapped addresses are compared unmapped).
+// An empty list admits no one.
+func Admits(allow []netip.Prefix, a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range allow {
 		if p.Contains(a) {
 			return true
 		}
