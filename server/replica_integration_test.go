@@ -267,57 +267,60 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 		t.Errorf("Publish on a replica: %v", err)
 	}
 
-	// The replica is down while the primary pins 3 and publishes 4 and 5;
-	// restarted, it catches up incrementally: the pin is recorded beside
-	// 3's read-only snapshot (strata-3.labels), never in it, so 4 comes
-	// from 3 and 5 from 4.
+	// The primary pins 3 (a label change on its snapshot, made writable
+	// for a moment) and publishes 4: it still comes incrementally.
 	if _, err := prim.srv.Pin(3, "keep"); err != nil {
 		t.Fatal(err)
 	}
+	testenv.Run(t, "btrfs", "filesystem", "sync", prim.c.cfg.SnapshotDir)
 	prim.c.store.AddText(t, "four", "4\n")
 	publish(t, prim.srv.Server)
-	prim.c.store.AddText(t, "five", "5\n")
-	publish(t, prim.srv.Server)
-	rs, p = re.start(t, "primary-token")
-	if got := ids(rs.Generations()); fmt.Sprint(got) != "[1 2 3]" {
-		t.Fatalf("restarted replica serves %v, want [1 2 3]", got)
+	if plive := ids(prim.srv.Generations()); fmt.Sprint(plive) != "[2 3 4]" {
+		t.Fatalf("primary serves %v, want [2 3 4]", plive)
 	}
 	res = syncOnce(t, p)
-	if len(res.Received) != 2 || res.Received[0].ID != 4 || res.Received[0].From != 3 || res.Received[1].From != 4 {
-		t.Fatalf("catch-up received %+v, want 4 from the pinned 3, 5 from 4", res.Received)
-	}
-	// Without a label change in between, a restarted replica that missed
-	// two publishes catches up incrementally.
-	prim.c.store.AddText(t, "four-b", "4b\n")
-	publish(t, prim.srv.Server) // 6
-	prim.c.store.AddText(t, "four-c", "4c\n")
-	publish(t, prim.srv.Server) // 7
-	rs, p = re.start(t, "primary-token")
-	res = syncOnce(t, p)
-	if len(res.Received) != 2 || res.Received[0].ID != 6 || res.Received[0].From != 5 || res.Received[1].From != 6 {
-		t.Fatalf("catch-up received %+v, want 6 from 5, 7 from 6", res.Received)
-	}
-	if w, r := exportWalk(t, prim.srv.nfsAddr, 7), exportWalk(t, rs.nfsAddr, 7); w != r {
-		t.Errorf("generation 7 differs after catch-up")
+	if len(res.Received) != 1 || res.Received[0].ID != 4 || res.Received[0].From == 0 {
+		t.Fatalf("after the pin the replica received %+v, want 4 incrementally", res.Received)
 	}
 
-	// Down again while the primary publishes 8, 9, 10 and its retention
-	// (keep 3, plus the pinned 3) destroys 4 to 7: the replica's newest
-	// (7) is gone there, so 8 comes incrementally from the newest
-	// generation both still have (the pinned 3) and the rest from 8 and 9.
-	for _, n := range []string{"eight", "nine", "ten"} {
+	// The replica is down while the primary publishes 5 and 6; restarted,
+	// it serves what it had and catches up incrementally.
+	prim.c.store.AddText(t, "five", "5\n")
+	publish(t, prim.srv.Server)
+	prim.c.store.AddText(t, "six", "6\n")
+	publish(t, prim.srv.Server)
+	rs, p = re.start(t, "primary-token")
+	if got := ids(rs.Generations()); fmt.Sprint(got) != "[1 2 3 4]" {
+		t.Fatalf("restarted replica serves %v, want [1 2 3 4]", got)
+	}
+	res = syncOnce(t, p)
+	if len(res.Received) != 2 || res.Received[0].ID != 5 || res.Received[0].From != 4 || res.Received[1].From != 5 {
+		t.Fatalf("catch-up received %+v, want 5 from 4, 6 from 5", res.Received)
+	}
+	if w, r := exportWalk(t, prim.srv.nfsAddr, 6), exportWalk(t, rs.nfsAddr, 6); w != r {
+		t.Errorf("generation 6 differs after catch-up")
+	}
+
+	// The primary unpins 3; the replica is down again while the primary
+	// publishes 7, 8, 9 and its retention (keep 3) destroys 3 to 6: none
+	// of the replica's generations is live there any more, so the oldest
+	// live one comes whole, the rest incrementally.
+	if _, err := prim.srv.Unpin(3); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"seven", "eight", "nine"} {
 		prim.c.store.AddText(t, n, n+"\n")
 		publish(t, prim.srv.Server)
 	}
-	if plive := ids(prim.srv.Generations()); fmt.Sprint(plive) != "[3 8 9 10]" {
-		t.Fatalf("primary serves %v, want [3 8 9 10]", plive)
+	if plive := ids(prim.srv.Generations()); fmt.Sprint(plive) != "[7 8 9]" {
+		t.Fatalf("primary serves %v, want [7 8 9]", plive)
 	}
 	res = syncOnce(t, p)
-	if len(res.Received) != 3 || res.Received[0].ID != 8 || res.Received[0].From != 3 || res.Received[1].From != 8 || res.Received[2].From != 9 {
-		t.Fatalf("after losing its base the replica received %+v, want 8 from 3, 9 from 8, 10 from 9", res.Received)
+	if len(res.Received) != 3 || res.Received[0].ID != 7 || res.Received[0].From != 0 || res.Received[1].From != 7 || res.Received[2].From != 8 {
+		t.Fatalf("after losing its base the replica received %+v, want 7 whole, 8 from 7, 9 from 8", res.Received)
 	}
-	if a, b := regSHA(t, prim.srv.Server, 10), regSHA(t, rs.Server, 10); a != b {
-		t.Errorf("generation 10: registration sha256 differs")
+	if a, b := regSHA(t, prim.srv.Server, 9), regSHA(t, rs.Server, 9); a != b {
+		t.Errorf("generation 9: registration sha256 differs")
 	}
 
 	// A primary of another central store: refused, nothing received.

@@ -157,7 +157,7 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		if g.ID <= newest {
 			continue
 		}
-		r, err := p.pull(ctx, g, base(local, list.Generations, g.ID))
+		r, err := p.pull(ctx, g, bases(local, list.Generations, g.ID))
 		if err != nil {
 			p.m.syncs.WithLabelValues("error").Inc()
 			p.observeLag(list)
@@ -183,34 +183,44 @@ func (p *Puller) check(list api.GenerationList) error {
 	return nil
 }
 
-// base is the generation an incremental stream of id starts from: the
-// newest generation here older than id that the primary still has live,
-// 0 (a whole stream) when there is none.
-func base(local, primary []api.Generation, id uint64) uint64 {
+// bases are the generations an incremental stream of id may start from,
+// best first: the generations here older than id that the primary still
+// has live with the same registration, newest first. None: a whole stream.
+func bases(local, primary []api.Generation, id uint64) []uint64 {
 	live := map[uint64]string{}
 	for _, g := range primary {
 		live[g.ID] = g.RegistrationSHA256
 	}
+	var out []uint64
 	for i := len(local) - 1; i >= 0; i-- {
 		g := local[i]
 		if sum, ok := live[g.ID]; ok && g.ID < id && sum == g.RegistrationSHA256 {
-			return g.ID
+			out = append(out, g.ID)
 		}
 	}
-	return 0
+	return out
 }
 
-// pull receives generation g (incremental from from unless 0) and makes it
-// live. An incremental stream that the backend cannot apply (btrfs: the
-// primary's base changed since it was sent) is retried once as a whole
-// stream.
-func (p *Puller) pull(ctx context.Context, g api.Generation, from uint64) (Received, error) {
-	r, err := p.receive(ctx, g, from, "")
-	if err != nil && from != 0 && ctx.Err() == nil && !errors.Is(err, errRefused) {
-		p.log.Warn("incremental stream failed; taking a whole stream", "generation", g.ID, "from", from, "err", err)
-		return p.receive(ctx, g, 0, "")
+// maxBases bounds the incremental attempts before a whole stream.
+const maxBases = 3
+
+// pull receives generation g and makes it live: incrementally from the
+// first base the backend can apply, else whole. A base fails cheaply, at
+// the stream's first command (btrfs finds no parent when a label change on
+// the primary, such as a pin, gave the base's snapshot a new transaction
+// id), so the next older one is tried, up to maxBases.
+func (p *Puller) pull(ctx context.Context, g api.Generation, from []uint64) (Received, error) {
+	for i, b := range from {
+		if i == maxBases {
+			break
+		}
+		r, err := p.receive(ctx, g, b, "")
+		if err == nil || ctx.Err() != nil || errors.Is(err, errRefused) {
+			return r, err
+		}
+		p.log.Warn("incremental stream failed; trying an older base or a whole stream", "generation", g.ID, "from", b, "err", err)
 	}
-	return r, err
+	return p.receive(ctx, g, 0, "")
 }
 
 // errRefused marks refusals that a whole stream would not cure.
