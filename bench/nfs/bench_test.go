@@ -32,7 +32,7 @@
 // to the next.
 //
 // STRATA_BENCH_CLIENTS (default "lean,go-nfs-client"), STRATA_BENCH_CONNS
-// (default "1,4") and STRATA_BENCH_LOADS (default "small,large") pick the
+// (default "1,4") and STRATA_BENCH_LOADS (default "small,large,churn") pick the
 // phases; STRATA_BENCH_BUSYPOLL sets strata's nfs.busy_poll window (a Go
 // duration; default 50us, -1ns turns it off). STRATA_BENCH_CPUPROFILE=PREFIX
 // writes a CPU profile of the strata server per round:
