@@ -215,7 +215,7 @@ func (p *Puller) pull(ctx context.Context, g api.Generation, from []uint64) (Rec
 			break
 		}
 		r, err := p.receive(ctx, g, b, "")
-		if err == nil || ctx.Err() != nil || errors.Is(err, errRefused) {
+		if err == nil || ctx.Err() != nil || errors.Is(err, errRefused) || errors.Is(err, errBroken) {
 			return r, err
 		}
 		p.log.Warn("incremental stream failed; trying an older base or a whole stream", "generation", g.ID, "from", b, "err", err)
@@ -225,6 +225,10 @@ func (p *Puller) pull(ctx context.Context, g api.Generation, from []uint64) (Rec
 
 // errRefused marks refusals that a whole stream would not cure.
 var errRefused = errors.New("refused")
+
+// errBroken marks a stream that did not arrive whole (its trailers): the
+// next sync asks again, from the same base.
+var errBroken = errors.New("stream broken")
 
 func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, token string) (Received, error) {
 	start := time.Now()
@@ -262,7 +266,9 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	// Whatever the backend left unread must arrive and match the trailers.
 	_, err = io.Copy(io.Discard, st)
 	p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
-	if err == nil {
+	if err != nil {
+		err = fmt.Errorf("%w: %w", errBroken, err)
+	} else {
 		_, err = p.target.AddReceived(ctx, g, snap, p.primary.URL())
 		if err != nil {
 			err = fmt.Errorf("%w: %w", errRefused, err)
