@@ -57,7 +57,9 @@ func synth(from, to int) *nixstore.Rows {
 			row.Deriver = storePath(name + ".drv")
 		}
 		if i%4 == 0 {
-			row.CA = "fixed:r:sha256:" + nixHash(name+"ca", 52)
+			// 52 base-32 digits carry 260 bits: the first holds the
+			// top 1 bit of a SHA-256.
+			row.CA = "fixed:r:sha256:" + "01"[i%2:i%2+1] + nixHash(name+"ca", 51)
 		}
 		for k := range sig {
 			sig[k] = h[k%32] ^ byte(k)
@@ -220,6 +222,7 @@ func BenchmarkImport(b *testing.B) {
 		}
 		lines = append(lines, line{fmt.Sprintf("cold import, %d paths", n),
 			fmt.Sprintf("%s = decode %s + import %s", cold, dec, imp), peerLabel, ratio(peer, cold)})
+		b.Logf("%s: strata %s; load-db %s; %s", lines[len(lines)-1].what, lines[len(lines)-1].strata, peerLabel, ratio(peer, cold))
 
 		// Rotation: 1,000 new paths (referring to old ones) into the store
 		// holding n; the peer loads the same 1,000 into a store that holds
@@ -238,6 +241,7 @@ func BenchmarkImport(b *testing.B) {
 		rpeer := loadDB(b, peerStore, delta.Infos())
 		lines = append(lines, line{fmt.Sprintf("rotation, +%d paths on %d", rotation, n),
 			fmt.Sprintf("%s = decode %s + import %s", rot, dec, imp), rpeer.String(), ratio(rpeer, rot)})
+		b.Logf("%s: strata %s; load-db %s; %s", lines[len(lines)-1].what, lines[len(lines)-1].strata, rpeer, ratio(rpeer, rot))
 		// Check what Nix sees: the imported store verifies and the
 		// delta's paths are valid with their signatures.
 		p := delta.Paths[0].Path
