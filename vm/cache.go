@@ -425,6 +425,9 @@ func addDynamic(ctx context.Context, a *archive, bins ...string) error {
 	return nil
 }
 
+// libgccS is the unwinder glibc dlopens for pthread_cancel.
+const libgccS = "/lib/x86_64-linux-gnu/libgcc_s.so.1"
+
 // zfsArchive holds OpenZFS userland: zfs, zpool, mount.zfs, zdb and their
 // libraries, /etc/zfs.
 func (c *cache) zfsArchive(ctx context.Context) (string, error) {
@@ -432,9 +435,14 @@ func (c *cache) zfsArchive(ctx context.Context) (string, error) {
 	if ver == "" {
 		return "", errors.New("zfs userland: zfsutils-linux is not installed")
 	}
-	return c.entry("zfsuser", "zfsutils-"+ver+"-"+layoutVersion+".cpio", func(tmp string) error {
+	return c.entry("zfsuser", "zfsutils-"+ver+"-"+layoutVersion+"-libgcc.cpio", func(tmp string) error {
 		a := newArchive()
 		if err := addDynamic(ctx, a, "/sbin/zfs", "/sbin/zpool", "/sbin/mount.zfs", "/sbin/zdb"); err != nil {
+			return err
+		}
+		// glibc loads libgcc_s at run time for pthread_cancel, which zfs
+		// send's threads use; ldd does not list it.
+		if err := a.file(libgccS, libgccS, 0); err != nil {
 			return err
 		}
 		if err := a.dir("/etc/zfs", 0o755); err != nil {
