@@ -317,7 +317,24 @@ func statesEqual(a, b State) bool {
 
 // merge keeps s when it is newer than what is known of its member and
 // reports whether it was.
+//
+// Lock order: memberlist calls the event delegate with its node lock held,
+// and the broadcast queue asks memberlist for the member count with the
+// queue's lock held; so nothing here calls memberlist or the queue while
+// holding n.mu.
 func (n *Node) merge(s State) bool {
+	var outbid *State
+	defer func() { // runs after n.mu is released
+		if outbid != nil {
+			n.queue.QueueBroadcast(&broadcast{node: outbid.Node, msg: EncodeState(outbid.forBroadcast())})
+			if outbid.Role == RoleBuilder {
+				select {
+				case n.direct <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if s.Node == n.self.Node {
@@ -327,13 +344,7 @@ func (n *Node) merge(s State) bool {
 		if s.Seq >= n.self.Seq {
 			n.self.Seq = s.Seq + 1
 			st := n.self
-			n.queue.QueueBroadcast(&broadcast{node: st.Node, msg: EncodeState(st.forBroadcast())})
-			if st.Role == RoleBuilder {
-				select {
-				case n.direct <- struct{}{}:
-				default:
-				}
-			}
+			outbid = &st
 		}
 		return false
 	}
@@ -741,6 +752,7 @@ type Member struct {
 // Members lists every member this node knows, itself included, by name.
 func (n *Node) Members() []Member {
 	now := time.Now()
+	addr := n.Addr() // memberlist's lock: never while holding n.mu (see merge)
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	gensOf := func(s State) []uint64 {
@@ -753,7 +765,7 @@ func (n *Node) Members() []Member {
 		}
 		return append(out, s.Mounted...)
 	}
-	self := Member{Name: n.self.Node, Role: n.self.Role, Address: n.Addr(), State: StateAlive, Since: n.started,
+	self := Member{Name: n.self.Node, Role: n.self.Role, Address: addr, State: StateAlive, Since: n.started,
 		Generations: gensOf(n.self), Server: n.self.Server, Phase: n.self.Phase, Version: n.cfg.Meta.Version,
 		API: n.cfg.Meta.API, NFS: n.cfg.Meta.NFS, LastSeen: &now, Holds: n.self.Role == RoleBuilder, Self: true}
 	out := []Member{self}

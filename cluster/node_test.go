@@ -92,8 +92,33 @@ func memberState(n *Node, name string) string {
 	return "unknown"
 }
 
+// hammer calls what the API and metrics call, in a loop, while members
+// join, die and leave: memberlist calls the event delegate with its node
+// lock held, so a Node method that took its own lock and then memberlist's
+// would deadlock here (bench-cluster once hung on Members).
+func hammer(t *testing.T, n *Node) {
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			n.Members()
+			n.Holds()
+			n.Servers()
+			n.NewestGeneration()
+		}
+	}()
+	t.Cleanup(func() { close(stop); <-done })
+}
+
 func TestHoldsLifecycle(t *testing.T) {
 	srv := mustNode(t, "srv", RoleServer, nil)
+	hammer(t, srv.Node)
 	b1 := mustNode(t, "b1", RoleBuilder, nil, srv.Addr())
 	b2 := mustNode(t, "b2", RoleBuilder, nil, srv.Addr())
 	b3 := mustNode(t, "b3", RoleBuilder, nil, srv.Addr())
