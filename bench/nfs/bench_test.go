@@ -610,7 +610,7 @@ func leanChurn(c *churner, item string, _ []byte) (int, int64, error) {
 	}
 	files, total := 0, int64(0)
 	for k := range churnFiles {
-		name := fmt.Sprintf("f%s%d", group, k)
+		name := fmt.Sprintf("f0%s%d", group, k) // f0GK: files are f000..f099
 		st, fh, attr, err := rc.Lookup(dfh, name)
 		if err == nil && st != nfsraw.NFS3OK {
 			err = fmt.Errorf("lookup %s/%s: status %d", dir, name, st)
