@@ -54,7 +54,7 @@ test-vm: build
 # rootfs (/var/cache/strata/deploy), plus ansible-lint of the collection.
 # -v: each ansible-playbook run's PLAY RECAP is printed.
 test-deploy: build
-	scripts/deps.sh deploy
+	scripts/deps.sh deploy vm
 	$(GO) test -v -count=1 -p 1 -tags deploy -timeout 40m ./deploy/...
 
 # Benchmarks print tables comparing strata with a named peer in the same run.

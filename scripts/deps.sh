@@ -10,7 +10,7 @@ for tier in "$@"; do
 	base) ;;
 	vm) want+=(qemu-system-x86 binutils) ;;
 	bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind rsync) ;;
-	deploy) want+=(mmdebstrap systemd-container ansible-core ansible-lint yamllint openssh-client btrfs-progs) ;;
+	deploy) want+=(mmdebstrap systemd-container ansible-core ansible-lint yamllint openssh-client btrfs-progs e2fsprogs) ;;
 	nix-trixie) trixie=1 ;;
 	*) echo "deps.sh: unknown tier $tier (want base, vm, bench, deploy or nix-trixie)" >&2; exit 2 ;;
 	esac
