@@ -42,7 +42,9 @@ func newRoot() *cobra.Command {
 A server snapshots the central store into numbered, immutable generations and
 exports them read-only over NFSv3 (MOUNT path /gen/N). A builder mounts the
 newest generation as the lower layer of an overlay on /nix/store, registers its
-paths with nix-store --load-db, and rotates atomically to each new one.`,
+paths in the local Nix DB (signatures and content addresses included), and
+rotates atomically to each new one. Gossip (strata members) announces new
+generations and keeps generations a builder uses from retention.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
