@@ -75,35 +75,14 @@ var _ snapshot.Backend = (*Backend)(nil)
 // snapshot would not capture it), or, if the dataset has a mountpoint, when
 // store/ or var/nix/db is missing there or mountDir lies inside it.
 func New(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	if dataset == "" || strings.ContainsAny(dataset, "@#") || strings.HasPrefix(dataset, "/") {
-		return nil, fmt.Errorf("zfs dataset %q: not a filesystem dataset name: %w", dataset, snapshot.ErrUnsupported)
-	}
-	ds, err := gozfs.GetDataset(dataset)
+	b, err := open(dataset, mountDir, log)
 	if err != nil {
-		return nil, fmt.Errorf("zfs dataset %s: %w: %w", dataset, snapshot.ErrUnsupported, zfsErr("zfs list", dataset, err))
-	}
-	if ds.Type != gozfs.DatasetFilesystem {
-		return nil, fmt.Errorf("zfs dataset %s: is a %s, not a filesystem: %w", dataset, ds.Type, snapshot.ErrUnsupported)
-	}
-	mountDir, err = filepath.Abs(mountDir)
-	if err != nil {
-		return nil, fmt.Errorf("zfs mount dir: %w", err)
-	}
-	if err := checkLayout(ds, mountDir); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(mountDir, 0o755); err != nil {
+	if err := os.MkdirAll(b.mountDir, 0o755); err != nil {
 		return nil, fmt.Errorf("zfs mount dir: %w", err)
 	}
-	return &Backend{
-		dataset:   dataset,
-		mountDir:  mountDir,
-		log:       log.With("backend", "zfs", "dataset", dataset),
-		mountinfo: "/proc/self/mountinfo",
-	}, nil
+	return b, nil
 }
 
 // Inspect returns a backend over the same dataset as New that changes
@@ -111,6 +90,17 @@ func New(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
 // mountDir, its List mounts nothing (a Path may then be unreadable), and its
 // Create, SetLabels and Destroy fail. `strata server --check-config` uses it.
 func Inspect(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
+	b, err := open(dataset, mountDir, log)
+	if err != nil {
+		return nil, err
+	}
+	b.inspect = true
+	return b, nil
+}
+
+// open checks what New and Inspect both require (a filesystem dataset whose
+// layout one snapshot captures) and returns the backend, changing nothing.
+func open(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -130,8 +120,12 @@ func Inspect(dataset, mountDir string, log *slog.Logger) (*Backend, error) {
 	if err := checkLayout(ds, mountDir); err != nil {
 		return nil, err
 	}
-	return &Backend{dataset: dataset, mountDir: mountDir, inspect: true,
-		log: log.With("backend", "zfs", "dataset", dataset), mountinfo: "/proc/self/mountinfo"}, nil
+	return &Backend{
+		dataset:   dataset,
+		mountDir:  mountDir,
+		log:       log.With("backend", "zfs", "dataset", dataset),
+		mountinfo: "/proc/self/mountinfo",
+	}, nil
 }
 
 // within reports whether p is dir or below it.
