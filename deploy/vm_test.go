@@ -194,7 +194,7 @@ func TestBuilderVM(t *testing.T) {
 	defer cancel()
 	qemu := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults",
 		"-nographic", "-no-reboot", "-serial", "stdio", "-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 panic=-1 net.ifnames=0 quiet systemd.show_status=1 systemd.mask="+strings.Join(masked, " systemd.mask="),
+		"-append", "console=ttyS0 panic=-1 tsc=reliable net.ifnames=0 quiet systemd.show_status=1 systemd.mask="+strings.Join(masked, " systemd.mask="),
 		"-drive", "file="+img+",if=virtio,format=raw,cache=unsafe",
 		"-netdev", "user,id=n0,hostfwd=tcp:"+sshAddr+"-:22", "-device", "virtio-net-pci,netdev=n0")
 	console := filepath.Join(t.TempDir(), "console.log")

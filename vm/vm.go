@@ -406,7 +406,11 @@ func qemuArgs(g Guest, kernel, initrd, disk string) []string {
 		"-accel", "tcg", "-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus),
 		"-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 panic=-1 quiet loglevel=4",
+		// tsc=reliable: under TCG on a busy host the clocksource watchdog
+		// declares the TSC unstable, and the static-key text poke that
+		// follows races with the other vCPU ("Oops: int3" in
+		// sched_clock_cpu, kernel panic). Seen twice on loaded 2-core hosts.
+		"-append", "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable",
 		"-netdev", netdev(g.HostFwd), "-device", "virtio-net-pci,netdev=n0,romfile=",
 	}
 	if disk != "" {
