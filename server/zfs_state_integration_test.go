@@ -19,25 +19,6 @@ import (
 	"github.com/strata-nix/strata/snapshot/zfs"
 )
 
-// requirePool returns the OpenZFS pool named by STRATA_TEST_ZPOOL. This
-// host tier has no ZFS: the VM tier (vm.TestOpenZFSServerState) runs this
-// package's test binary in a guest with a pool. Where it is unset the test
-// skips if STRATA_ZFS_IN_VM=1 (the Makefile's statement that the VM tier
-// runs it) and otherwise fails under CI=true.
-func requirePool(t *testing.T) string {
-	t.Helper()
-	pool := os.Getenv("STRATA_TEST_ZPOOL")
-	if pool == "" {
-		if os.Getenv("STRATA_ZFS_IN_VM") == "1" {
-			t.Skip("run by the VM tier")
-		}
-		testenv.Require(t, false, "needs an OpenZFS pool named by STRATA_TEST_ZPOOL (or STRATA_ZFS_IN_VM=1 when the VM tier runs this test)")
-	}
-	testenv.RequireRoot(t)
-	testenv.RequireCommands(t, "zfs", "mount", "umount")
-	return pool
-}
-
 func zfsSnapshots(t *testing.T, dataset string) []string {
 	t.Helper()
 	out, err := exec.Command("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", dataset).Output()
@@ -60,7 +41,7 @@ func zfsSnapshots(t *testing.T, dataset string) []string {
 // snapshot a start destroys, while another state's unfinished publish and a
 // snapshot without labels are kept.
 func TestZFSStateRebuiltFromProperties(t *testing.T) {
-	pool := requirePool(t)
+	pool := testenv.RequireZpool(t)
 	testenv.RequireCommands(t, "nix-store")
 	dir := t.TempDir()
 	dataset := fmt.Sprintf("%s/strata-state-%d", pool, os.Getpid())

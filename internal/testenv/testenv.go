@@ -44,6 +44,26 @@ func RequireCommands(t testing.TB, names ...string) {
 	}
 }
 
+// RequireZpool returns the OpenZFS pool named by STRATA_TEST_ZPOOL. The host
+// tier has no ZFS: the VM tier builds a package's integration test binary and
+// runs it as root in a guest with a pool, with STRATA_TEST_ZPOOL set. Where it
+// is unset the test skips if STRATA_ZFS_IN_VM=1 (the Makefile's statement that
+// the VM tier runs it) and otherwise goes through Require, so under CI=true it
+// fails rather than vanishes. The binary needs zfs, mount and umount on PATH.
+func RequireZpool(t testing.TB) string {
+	t.Helper()
+	pool := os.Getenv("STRATA_TEST_ZPOOL")
+	if pool == "" {
+		if os.Getenv("STRATA_ZFS_IN_VM") == "1" {
+			t.Skip("run by the VM tier")
+		}
+		Require(t, false, "needs an OpenZFS pool named by STRATA_TEST_ZPOOL (or STRATA_ZFS_IN_VM=1 when the VM tier runs this test)")
+	}
+	RequireRoot(t)
+	RequireCommands(t, "zfs", "mount", "umount")
+	return pool
+}
+
 // Run runs a command and fails t with its output if it fails. It returns
 // the combined output.
 func Run(t testing.TB, name string, args ...string) string {

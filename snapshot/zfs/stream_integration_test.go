@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -116,7 +117,7 @@ func replicaDataset(t *testing.T, pool string) (dataset, mountDir string) {
 // change; refusals leave nothing; a receive killed with SIGKILL halfway
 // resumes from its token and gives the same generation.
 func TestSendReceive(t *testing.T) {
-	pool := requirePool(t)
+	pool := testenv.RequireZpool(t)
 	ctx := context.Background()
 	dataset, live, mountDir := newDataset(t, pool)
 	prim, err := New(dataset, mountDir, testLog(t))

@@ -20,31 +20,10 @@ import (
 	"github.com/strata-nix/strata/snapshot/snapshottest"
 )
 
-// These tests need a real OpenZFS pool, named by STRATA_TEST_ZPOOL; each
-// test makes a child dataset of it and destroys it afterwards. This host
-// tier has no ZFS, so the VM tier runs them: it builds the test binary with
-//
-//	CGO_ENABLED=0 go test -c -tags integration ./snapshot/zfs
-//
-// and runs it as root inside a qemu guest with OpenZFS 2.3 and a pool, with
-// STRATA_TEST_ZPOOL=tank. The binary needs only zfs, mount and umount on the
-// guest's PATH. Where STRATA_TEST_ZPOOL is unset, the tests skip if
-// STRATA_ZFS_IN_VM=1 (the Makefile's statement that the VM tier runs them)
-// and otherwise go through testenv.Require, so under CI=true they fail
-// rather than vanish.
-func requirePool(t *testing.T) string {
-	t.Helper()
-	pool := os.Getenv("STRATA_TEST_ZPOOL")
-	if pool == "" {
-		if os.Getenv("STRATA_ZFS_IN_VM") == "1" {
-			t.Skip("run by the VM tier")
-		}
-		testenv.Require(t, false, "needs an OpenZFS pool named by STRATA_TEST_ZPOOL (or STRATA_ZFS_IN_VM=1 when the VM tier runs this test)")
-	}
-	testenv.RequireRoot(t)
-	testenv.RequireCommands(t, "zfs", "mount", "umount")
-	return pool
-}
+// These tests need a real OpenZFS pool (testenv.RequireZpool); each test
+// makes a child dataset of it and destroys it afterwards. The VM tier builds
+// this package's test binary (CGO_ENABLED=0 go test -c -tags integration) and
+// runs it in a guest with OpenZFS 2.3 and STRATA_TEST_ZPOOL=tank.
 
 var seq atomic.Int64
 
@@ -93,7 +72,7 @@ func newDataset(t *testing.T, pool string) (dataset, live, mountDir string) {
 }
 
 func TestConformance(t *testing.T) {
-	pool := requirePool(t)
+	pool := testenv.RequireZpool(t)
 	snapshottest.Run(t, func(t *testing.T) snapshottest.Env {
 		dataset, live, mountDir := newDataset(t, pool)
 		b, err := New(dataset, mountDir, testLog(t))
@@ -121,7 +100,7 @@ func TestConformance(t *testing.T) {
 // After a reboot (here: the snapshot mounts are gone), List mounts every
 // strata snapshot again at its Path, read-only.
 func TestRemountAfterReboot(t *testing.T) {
-	pool := requirePool(t)
+	pool := testenv.RequireZpool(t)
 	dataset, live, mountDir := newDataset(t, pool)
 	if err := os.WriteFile(filepath.Join(live, "store/f"), []byte("v1"), 0o644); err != nil {
 		t.Fatal(err)
@@ -182,7 +161,7 @@ func mustMounts(t *testing.T, b *Backend) map[string]mount {
 }
 
 func TestNewLayoutErrors(t *testing.T) {
-	pool := requirePool(t)
+	pool := testenv.RequireZpool(t)
 	dataset, live, mountDir := newDataset(t, pool)
 
 	_, err := New(pool+"/strata-test-missing", mountDir, testLog(t))
