@@ -7,14 +7,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
-	"syscall"
 
 	"github.com/hashicorp/memberlist"
 
 	"github.com/strata-nix/strata/internal/atomicfile"
+	"github.com/strata-nix/strata/internal/secretfile"
 )
 
 // Keyring is the gossip encryption keyring: AES-256 keys, the first the
@@ -59,37 +58,14 @@ func Fingerprint(k []byte) string {
 	return hex.EncodeToString(s[:8])
 }
 
-// CheckSecretFile refuses a secret file that others may read or write, or
-// that belongs to another user than this process (root may own it too).
-func CheckSecretFile(key, file string) error {
-	fi, err := os.Stat(file)
-	if err != nil {
-		return fmt.Errorf("config: key %q: %w", key, err)
-	}
-	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("config: key %q: %s is not a regular file", key, file)
-	}
-	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return fmt.Errorf("config: key %q: %s has mode %#o: want 0600 or stricter (chmod 600 %s)", key, file, perm, file)
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		if uid := uint32(os.Geteuid()); st.Uid != uid && st.Uid != 0 {
-			return fmt.Errorf("config: key %q: %s is owned by uid %d: want uid %d or root", key, file, st.Uid, uid)
-		}
-	}
-	return nil
-}
-
 // LoadKeyring reads file: one base64 key per line, the first the primary;
-// blank lines and lines starting with # are ignored. The file must pass
-// CheckSecretFile. key is the config key named in errors.
+// blank lines and lines starting with # are ignored. The file must be
+// private to its owner (secretfile.Read). key is the config key named in
+// errors.
 func LoadKeyring(key, file string) (*Keyring, error) {
-	if err := CheckSecretFile(key, file); err != nil {
-		return nil, err
-	}
-	b, err := os.ReadFile(file)
+	b, err := secretfile.Read(file, key)
 	if err != nil {
-		return nil, fmt.Errorf("config: key %q: %w", key, err)
+		return nil, fmt.Errorf("config: %w", err)
 	}
 	var keys [][]byte
 	for i, line := range strings.Split(string(b), "\n") {

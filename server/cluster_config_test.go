@@ -22,7 +22,7 @@ func TestClusterConfig(t *testing.T) {
 
 	cases := []struct{ name, yaml, want string }{
 		{"missing keyring", "cluster:\n  bind: 127.0.0.1:7946\n  keyring_file: " + filepath.Join(dir, "none") + "\n", `"cluster.keyring_file"`},
-		{"loose mode", "cluster:\n  bind: 127.0.0.1:7946\n  keyring_file: " + loose + "\n", "want 0600"},
+		{"loose mode", "cluster:\n  bind: 127.0.0.1:7946\n  keyring_file: " + loose + "\n", "chmod 600"},
 		{"short key", "cluster:\n  bind: 127.0.0.1:7946\n  keyring_file: " + short + "\n", "line 2: key is 16 bytes: want 32"},
 		{"bad bind", "cluster:\n  bind: nowhere\n  insecure: true\n", `"cluster.bind"`},
 		{"bad advertise", "cluster:\n  bind: 0.0.0.0:7946\n  advertise: 0.0.0.0:7946\n  insecure: true\n", `"cluster.advertise"`},

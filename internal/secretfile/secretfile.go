@@ -15,8 +15,10 @@ const maxSize = 1 << 16
 
 // Read returns the contents of the secret file path, what it holds named by
 // what (e.g. "api.token_file"). It refuses a file that is not a regular
-// file, that its group or other users may read or write, or that another
-// user owns; the error names the file and the fix (chmod 600, chown). A
+// file, that its group or other users may read or write, or that a user
+// other than this process's or root owns (systemd's credentials and files
+// an operator installs as root are root's); the error names the file and
+// the fix (chmod 600, chown). A
 // missing file is an error wrapping fs.ErrNotExist.
 func Read(path, what string) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
@@ -50,7 +52,7 @@ func Check(f *os.File, path, what string) error {
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
 		return fmt.Errorf("%s %s has mode %04o: group and other users must not read it; run: chmod 600 %s", what, path, perm, path)
 	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
 		return fmt.Errorf("%s %s is owned by uid %d, not by this process's uid %d; run: chown %d %s", what, path, st.Uid, os.Geteuid(), os.Geteuid(), path)
 	}
 	return nil
