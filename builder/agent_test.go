@@ -103,7 +103,7 @@ func TestRotateRemovesAndKeeps(t *testing.T) {
 	}
 	// A local build refers to lib.
 	local := info("local-out", lib.Path)
-	u.nix.Load(context.Background(), nixstore.RowsFromInfos([]nixstore.PathInfo{local}))
+	u.nix.Load(context.Background(), nixstore.RowsFromInfos([]nixstore.PathInfo{local}), nil)
 	fresh := info("fresh")
 	u.srv.publish(same, fresh)
 	if err := a.Check(context.Background(), false); err != nil {
@@ -557,7 +557,7 @@ type readingNix struct {
 	storeDir string
 }
 
-func (n readingNix) Load(ctx context.Context, rows *nixstore.Rows) (int, error) {
+func (n readingNix) Load(ctx context.Context, rows *nixstore.Rows, root *nixstore.RootUpdate) (int, error) {
 	for _, r := range rows.Paths {
 		if strings.Contains(r.Path, "strata-generation-") {
 			continue
@@ -566,7 +566,7 @@ func (n readingNix) Load(ctx context.Context, rows *nixstore.Rows) (int, error) 
 			return 0, fmt.Errorf("opening file '%s': No such file or directory", r.Path)
 		}
 	}
-	return n.fakeNix.Load(ctx, rows)
+	return n.fakeNix.Load(ctx, rows, root)
 }
 
 // An import never wedges on a path that vanished locally: the unreadable

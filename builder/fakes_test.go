@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -165,7 +166,7 @@ func newFakeNix() *fakeNix {
 	return &fakeNix{valid: map[string]nixstore.PathInfo{}, rows: map[string]nixstore.Row{}}
 }
 
-func (n *fakeNix) Load(_ context.Context, rows *nixstore.Rows) (int, error) {
+func (n *fakeNix) Load(_ context.Context, rows *nixstore.Rows, root *nixstore.RootUpdate) (int, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.failLoad != nil {
@@ -180,6 +181,26 @@ func (n *fakeNix) Load(_ context.Context, rows *nixstore.Rows) (int, error) {
 		}
 	}
 	n.loads++
+	if root != nil {
+		// As nixstore.ImportDB: rename the previous root, then full or
+		// delta references.
+		in, ok := n.valid[root.Path]
+		if prev, pok := n.valid[root.Prev]; !ok && pok && root.Prev != "" {
+			in = prev
+			delete(n.valid, root.Prev)
+		}
+		in.Path, in.NarHash, in.NarSize = root.Path, root.NarHash, root.NarSize
+		refs := slices.DeleteFunc(slices.Clone(in.References), func(p string) bool { return slices.Contains(root.Remove, p) })
+		if root.Full {
+			refs = nil
+		}
+		for _, r := range rows.Paths {
+			refs = append(refs, r.Path)
+		}
+		slices.Sort(refs)
+		in.References = slices.Compact(refs)
+		n.valid[root.Path] = in
+	}
 	return c, nil
 }
 
@@ -207,13 +228,20 @@ func (n *fakeNix) Invalidate(_ context.Context, paths []string) error {
 	defer n.mu.Unlock()
 	for _, p := range paths {
 		for q, in := range n.valid {
-			if q != p && !slices.Contains(paths, q) && slices.Contains(in.References, p) {
+			if q != p && !slices.Contains(paths, q) && slices.Contains(in.References, p) && !strings.Contains(q, "-strata-generation-") {
 				return fmt.Errorf("invalidate %s: referred to by %s", p, q)
 			}
 		}
 	}
 	for _, p := range paths {
 		delete(n.valid, p)
+	}
+	// A generation root's references to them go with them.
+	for q, in := range n.valid {
+		if strings.Contains(q, "-strata-generation-") {
+			in.References = slices.DeleteFunc(slices.Clone(in.References), func(r string) bool { return slices.Contains(paths, r) })
+			n.valid[q] = in
+		}
 	}
 	return nil
 }

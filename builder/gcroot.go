@@ -27,12 +27,16 @@ import (
 //
 //   - A root path per generation, <hash>-strata-generation-<N>: a small
 //     text file in the upper, registered in the local DB with every path
-//     of the generation as a reference, and one GC root,
-//     <nix.state_dir>/gcroots/strata, a symlink to it. GC keeps the
-//     root's closure, so it never deletes, whiteouts or invalidates a
-//     generation path; paths built locally are collected as before.
-//     Rotation registers the next root and replaces the symlink by
-//     rename(2) (atomic), then drops the old root.
+//     of the generation as a reference (in the import's own SQLite
+//     transaction), and one GC root, <nix.state_dir>/gcroots/strata, a
+//     symlink to it. GC keeps the root's closure, so it never deletes,
+//     whiteouts or invalidates a generation path; paths built locally are
+//     collected as before. Rotation renames the previous root's DB row to
+//     the next root path and changes only the references of paths that
+//     came or went (a million-path generation is not re-referenced on
+//     every rotation), replaces the symlink by rename(2) (atomic), then
+//     removes the old root's file. Invalidating a path that left drops the
+//     root's reference to it in the same transaction.
 //   - The GC lock. Nix's collector holds an exclusive flock on
 //     <nix.state_dir>/gc.lock for its whole run; the agent holds a shared
 //     one from before the swap until the new generation's paths are
@@ -100,25 +104,57 @@ func (a *Agent) gcLock(ctx context.Context) (func(), error) {
 	}
 }
 
-// rootGeneration registers gen's root path with refs (the generation's
-// paths valid here) as references, points the GC root at it, and drops
-// the previous root. Call it with the GC lock held.
-func (a *Agent) rootGeneration(ctx context.Context, gen uint64, refs []string) error {
-	refs = slices.Clone(refs)
-	slices.Sort(refs)
-	refs = slices.Compact(refs)
-	content := fmt.Sprintf("strata generation %d: a garbage collector root for its %d store paths\n", gen, len(refs))
-	p := textPath(a.cfg.logicalStoreDir(), rootName(gen), []byte(content), refs)
+// rootUpdate writes generation gen's root path (a small text file in the
+// upper, named after the generation only) and returns the update that
+// registers it with the import (nixstore.RootUpdate), replacing the root
+// the GC root link names: with full its references become exactly the
+// imported rows' paths; without, the previous root's row is renamed and
+// only remove (paths that left) and the rows' paths change, so a rotation
+// writes as many references as paths changed, not one per path of the
+// generation.
+func (a *Agent) rootUpdate(gen uint64, full bool, remove []string) (*nixstore.RootUpdate, error) {
+	content := fmt.Sprintf("strata generation %d: a garbage collector root for its store paths\n", gen)
+	p := textPath(a.cfg.logicalStoreDir(), rootName(gen), []byte(content), nil)
 	phys := filepath.Join(a.cfg.StoreDir, filepath.Base(p))
 	if b, err := os.ReadFile(phys); err != nil || string(b) != content {
 		if err := writeStoreFile(phys, []byte(content)); err != nil {
-			return fmt.Errorf("root generation %d: %w", gen, err)
+			return nil, fmt.Errorf("root generation %d: %w", gen, err)
 		}
 	}
 	h, size := narOfFile([]byte(content))
-	if _, err := a.nix.Load(ctx, nixstore.RowsFromInfos([]nixstore.PathInfo{{Path: p, NarHash: h, NarSize: size, References: refs}})); err != nil {
-		return fmt.Errorf("root generation %d: register %s: %w", gen, p, err)
+	prev, _ := os.Readlink(a.cfg.gcRootLink())
+	if !isRootPath(prev) || prev == p {
+		prev = ""
 	}
+	return &nixstore.RootUpdate{Path: p, NarHash: h, NarSize: size, Prev: prev, Full: full, Remove: remove}, nil
+}
+
+// importRooted registers rows (see load) and, in the same transaction,
+// points generation gen's root path at them (see rootUpdate), then the GC
+// root link at the root path. It returns how many paths it registered,
+// those it skipped, and what status should say (skipped paths, a root
+// that could not be made; the import itself succeeded). Call it with the
+// GC lock held.
+func (a *Agent) importRooted(ctx context.Context, gen uint64, rows *nixstore.Rows, full bool, remove []string) (int, []string, string, error) {
+	root, rerr := a.rootUpdate(gen, full, remove)
+	n, skipped, err := a.load(ctx, rows, root)
+	if err != nil {
+		return 0, nil, "", err
+	}
+	msg := skippedError(gen, skipped)
+	if rerr == nil {
+		rerr = a.linkRoot(ctx, gen, root.Path)
+	}
+	if rerr != nil {
+		a.log.Error("generation not rooted: a garbage collection may delete its paths", "generation", gen, "err", rerr)
+		msg = strings.TrimPrefix(msg+"; "+rerr.Error(), "; ")
+	}
+	return n, skipped, msg, nil
+}
+
+// linkRoot points the GC root link at root path p (registered) and drops
+// the earlier roots.
+func (a *Agent) linkRoot(ctx context.Context, gen uint64, p string) error {
 	link := a.cfg.gcRootLink()
 	old, _ := os.Readlink(link)
 	if old != p {
@@ -135,7 +171,7 @@ func (a *Agent) rootGeneration(ctx context.Context, gen uint64, refs []string) e
 			return fmt.Errorf("root generation %d: %w", gen, err)
 		}
 	}
-	a.log.Info("generation rooted for garbage collection", "generation", gen, "root", p, "link", link, "paths", len(refs))
+	a.log.Info("generation rooted for garbage collection", "generation", gen, "root", p, "link", link)
 	a.dropOldRoots(ctx, p, old)
 	return nil
 }
@@ -194,16 +230,6 @@ func (a *Agent) rooted(ctx context.Context) bool {
 	}
 	valid, _, err := a.nix.Referrers(ctx, []string{p})
 	return err == nil && valid[p]
-}
-
-// rootRefs returns the references of the current GC root's path (the
-// previous generation's paths), or nil when there is none.
-func (a *Agent) rootRefs(ctx context.Context) ([]string, error) {
-	p, err := os.Readlink(a.cfg.gcRootLink())
-	if err != nil {
-		return nil, nil
-	}
-	return a.nix.References(ctx, p)
 }
 
 // writeStoreFile writes a store file as Nix leaves one: mode 0444, mtime
@@ -320,8 +346,8 @@ func repairWhiteouts(upper string, paths []string) ([]string, error) {
 // a lower), those and every path that refers to them are skipped and the
 // rest registered: an import never wedges on a path that vanished
 // locally. The skipped paths are returned; the caller reports them.
-func (a *Agent) load(ctx context.Context, rows *nixstore.Rows) (int, []string, error) {
-	n, err := a.nix.Load(ctx, rows)
+func (a *Agent) load(ctx context.Context, rows *nixstore.Rows, root *nixstore.RootUpdate) (int, []string, error) {
+	n, err := a.nix.Load(ctx, rows, root)
 	if err == nil {
 		return n, nil, nil
 	}
@@ -366,7 +392,7 @@ func (a *Agent) load(ctx context.Context, rows *nixstore.Rows) (int, []string, e
 	slices.Sort(skipped)
 	a.log.Error("skipping paths that are not readable on this builder, and the paths that refer to them",
 		"count", len(skipped), "paths", firstFew(skipped), "load_error", err)
-	n, err2 := a.nix.Load(ctx, keep)
+	n, err2 := a.nix.Load(ctx, keep, root)
 	if err2 != nil {
 		return 0, nil, fmt.Errorf("%w (and without the %d unreadable paths: %v)", err, len(skipped), err2)
 	}

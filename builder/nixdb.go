@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	_ "modernc.org/sqlite" // the cgo-free "sqlite" driver
@@ -20,13 +21,15 @@ import (
 // real one.
 type Nix interface {
 	// Load registers the rows whose paths are not valid yet and returns
-	// how many it registered.
-	Load(ctx context.Context, rows *nixstore.Rows) (int, error)
+	// how many it registered; with root set, it points that GC root path
+	// at the rows in the same transaction (see nixstore.RootUpdate).
+	Load(ctx context.Context, rows *nixstore.Rows, root *nixstore.RootUpdate) (int, error)
 	// Referrers reports, for each of paths, whether it is valid and which
 	// valid paths (other than itself) refer to it.
 	Referrers(ctx context.Context, paths []string) (valid map[string]bool, referrers map[string][]string, err error)
 	// Invalidate removes paths from the local DB without touching files.
-	// No valid path outside paths may refer to any of them.
+	// No valid path outside paths may refer to any of them, except a
+	// generation's root path, whose references to them go with them.
 	Invalidate(ctx context.Context, paths []string) error
 	// References returns the references of valid path p (nil when p is
 	// not valid).
@@ -77,9 +80,11 @@ func NewNixStore(cfg Config, log *slog.Logger) *NixStore {
 // a path whatever this Nix supports, since nothing parses it. When the DB's
 // schema is not one ImportDB knows (or there is no DB yet), it falls back
 // to `nix-store --load-db` of the registration fields, which keeps
-// neither signatures nor content addresses, and logs that it did. A store
-// without a DB yet (Nix never ran) is first initialised by Nix itself.
-func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows) (int, error) {
+// neither signatures nor content addresses, and logs that it did (the root
+// then gets a fresh row with all its references, in a second --load-db).
+// A store without a DB yet (Nix never ran) is first initialised by Nix
+// itself.
+func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows, root *nixstore.RootUpdate) (int, error) {
 	if _, err := os.Stat(n.DB); errors.Is(err, os.ErrNotExist) {
 		// A Nix that never ran on this machine: let it create its DB (any
 		// query does), with its own schema and settings (the
@@ -88,11 +93,15 @@ func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows) (int, error) {
 			return 0, err
 		}
 	}
-	res, err := nixstore.ImportDB(ctx, filepath.Dir(n.DB), rows)
+	res, err := nixstore.ImportDB(ctx, filepath.Dir(n.DB), rows, root)
 	if errors.Is(err, nixstore.ErrUnknownSchema) {
 		n.Log.Warn("nix db schema unknown: importing with nix-store --load-db instead (signatures, ca and realisations are not kept)",
 			"db", n.DB, "reason", err)
-		return n.CLI.LoadDB(ctx, rows.Infos())
+		c, err := n.CLI.LoadDB(ctx, rows.Infos())
+		if err != nil || root == nil {
+			return c, err
+		}
+		return c, n.loadRoot(ctx, rows, root)
 	}
 	if err != nil {
 		return 0, err
@@ -102,6 +111,28 @@ func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows) (int, error) {
 			"nix_has_ca_derivations", res.HasRealisations)
 	}
 	return res.Imported, nil
+}
+
+// loadRoot registers root with `nix-store --load-db` (a DB whose schema
+// ImportDB does not know): a new row referring to every path it must
+// keep, read from the previous root unless root.Full. The previous root
+// is left for the caller to drop.
+func (n *NixStore) loadRoot(ctx context.Context, rows *nixstore.Rows, root *nixstore.RootUpdate) error {
+	var refs []string
+	if !root.Full && root.Prev != "" {
+		old, err := n.References(ctx, root.Prev)
+		if err != nil {
+			return fmt.Errorf("register root %s: %w", root.Path, err)
+		}
+		refs = without(old, root.Remove)
+	}
+	refs = append(refs, rowPaths(rows)...)
+	slices.Sort(refs)
+	refs = slices.Compact(refs)
+	if _, err := n.CLI.LoadDB(ctx, []nixstore.PathInfo{{Path: root.Path, NarHash: root.NarHash, NarSize: root.NarSize, References: refs}}); err != nil {
+		return fmt.Errorf("register root %s: %w", root.Path, err)
+	}
+	return nil
 }
 
 func (n *NixStore) open(ctx context.Context) (*sql.Conn, func(), error) {
@@ -174,6 +205,23 @@ func (n *NixStore) Invalidate(ctx context.Context, paths []string) error {
 	if err != nil {
 		return err
 	}
+	// A generation's root path refers to them: its references to them
+	// go with them (the root stays).
+	type ref struct{ root, p string }
+	var unroot []ref
+	in := make(map[string]bool, len(paths))
+	for _, p := range paths {
+		in[p] = true
+	}
+	for p, rs := range refs {
+		refs[p] = slices.DeleteFunc(rs, func(r string) bool {
+			if isRootPath(r) && !in[r] {
+				unroot = append(unroot, ref{r, p})
+				return true
+			}
+			return false
+		})
+	}
 	order, err := referrersFirst(paths, refs)
 	if err != nil {
 		return fmt.Errorf("invalidate: %w", err)
@@ -183,6 +231,12 @@ func (n *NixStore) Invalidate(ctx context.Context, paths []string) error {
 		return fmt.Errorf("invalidate: %w", err)
 	}
 	defer tx.Rollback()
+	for _, u := range unroot {
+		if _, err := tx.ExecContext(ctx, "DELETE FROM Refs WHERE referrer = (SELECT id FROM ValidPaths WHERE path = ?) AND reference = (SELECT id FROM ValidPaths WHERE path = ?)",
+			u.root, u.p); err != nil {
+			return fmt.Errorf("invalidate %s: drop reference from %s: %w", u.p, u.root, err)
+		}
+	}
 	for _, p := range order {
 		if _, err := tx.ExecContext(ctx, "DELETE FROM ValidPaths WHERE path = ?", p); err != nil {
 			return fmt.Errorf("invalidate %s: %w", p, err)

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -21,7 +22,9 @@ import (
 // a store whose Nix never ran (no DB yet) Nix first creates its DB and the
 // rows are imported the same way; on a DB whose schema ImportDB does not
 // know (a column Nix 2.8/2.26 lack) it falls back to `nix-store --load-db`,
-// says so in the log, and every path is valid.
+// says so in the log, and every path is valid. Either way the GC root
+// path given with the rows refers to every one of them, and a second
+// root updating it (one path less) refers to the rest.
 func TestIntegrationLoadImportsRowsOrFallsBack(t *testing.T) {
 	testenv.RequireRoot(t)
 	central := nixtest.New(t, filepath.Join(t.TempDir(), "central"))
@@ -59,7 +62,17 @@ func TestIntegrationLoadImportsRowsOrFallsBack(t *testing.T) {
 				DB:  filepath.Join(root, "nix", "var", "nix", "db", "db.sqlite"),
 				Log: slog.New(slog.NewTextHandler(&logs, nil)),
 			}
-			got, err := n.Load(context.Background(), rows)
+			mkRoot := func(gen uint64, prev string, remove []string) *nixstore.RootUpdate {
+				content := []byte(rootName(gen) + "\n")
+				p := textPath("/nix/store", rootName(gen), content, nil)
+				if err := writeStoreFile(filepath.Join(root, p), content); err != nil {
+					t.Fatal(err)
+				}
+				h, size := narOfFile(content)
+				return &nixstore.RootUpdate{Path: p, NarHash: h, NarSize: size, Prev: prev, Full: prev == "", Remove: remove}
+			}
+			r1 := mkRoot(1, "", nil)
+			got, err := n.Load(context.Background(), rows, r1)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -71,9 +84,33 @@ func TestIntegrationLoadImportsRowsOrFallsBack(t *testing.T) {
 				t.Fatalf("fell back to --load-db: %v, want %v; log:\n%s", fellBack, c.fallback, logs.String())
 			}
 			b := nixtest.Store{Root: root}
+			refsOf := func(p string) []string {
+				return strings.Fields(b.Run(t, "nix-store", "--query", "--references", p))
+			}
+			all := make([]string, len(rows.Paths))
+			for i := range rows.Paths {
+				all[i] = rows.Paths[i].Path
+			}
+			if got := refsOf(r1.Path); !slices.Equal(got, all) {
+				t.Fatalf("root refers to %d paths, want all %d", len(got), len(all))
+			}
+			r2 := mkRoot(2, r1.Path, made[:1])
+			if _, err := n.Load(context.Background(), &nixstore.Rows{}, r2); err != nil {
+				t.Fatal(err)
+			}
+			if got := refsOf(r2.Path); !slices.Equal(got, without(all, made[:1])) {
+				t.Fatalf("updated root refers to %d paths, want %d (all but %s)", len(got), len(all)-1, made[0])
+			}
+			if !c.fallback {
+				if v := b.Run(t, "nix-store", "--check-validity", "--print-invalid", r1.Path); v != r1.Path {
+					t.Fatalf("previous root %s still valid after the update renamed it", r1.Path)
+				}
+			} else if err := n.Invalidate(context.Background(), []string{r1.Path}); err != nil {
+				t.Fatal(err)
+			}
 			infos := b.PathInfos(t)
-			if len(infos) != len(rows.Paths) {
-				t.Fatalf("%d valid paths, want %d", len(infos), len(rows.Paths))
+			if len(infos) != len(rows.Paths)+1 {
+				t.Fatalf("%d valid paths, want %d and the root", len(infos), len(rows.Paths))
 			}
 			for _, p := range made {
 				sigs := infos[p].Signatures

@@ -5,10 +5,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"strings"
 	"time"
-
-	"github.com/strata-nix/strata/nixstore"
 )
 
 // Rotate moves the store dir from the current generation N to gen:
@@ -128,24 +125,12 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 		return err
 	}
 	defer unlock()
-	oldRoot, _ := os.Readlink(a.cfg.gcRootLink())
-	prev, rerr := a.rootRefs(ctx)
+	rooted := a.rooted(ctx)
 	if err := a.transition(func(s *State) { s.Phase, s.Next = PhaseInvalidating, next }); err != nil {
 		return err
 	}
-	inval := plan.Invalidate
-	if len(prev) > 0 && rerr == nil && len(inval) > 0 {
-		inval = append(slices.Clone(inval), oldRoot)
-		defer func() {
-			if !swapped && err != nil {
-				// Root the current generation again, without what left.
-				if rerr := a.rootGeneration(context.WithoutCancel(ctx), cur, without(prev, plan.Invalidate)); rerr != nil {
-					a.log.Error("re-root generation after failed rotation", "generation", cur, "err", rerr)
-				}
-			}
-		}()
-	}
-	if err := a.nix.Invalidate(ctx, inval); err != nil {
+	// Invalidate drops the root's references to these paths with them.
+	if err := a.nix.Invalidate(ctx, plan.Invalidate); err != nil {
 		return err
 	}
 	if len(plan.Invalidate)+len(plan.InUpper)+len(keptGens) > 0 {
@@ -201,34 +186,20 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	}); err != nil {
 		return err
 	}
-	// The generation's paths for its GC root: the previous root's minus
-	// the removed plus the added, or the full rows when there is no
-	// previous root or hidden paths were repaired (then all of them are
-	// imported again; only paths not valid are registered).
-	var full *nixstore.Rows
-	if len(repaired) > 0 || len(prev) == 0 || rerr != nil {
-		if full, err = a.rows(ctx, gen, 0); err != nil {
+	// The new paths, with the generation's GC root updated in the same
+	// transaction: the previous root minus the removed plus the added; or
+	// every path of the generation when there is no previous root or
+	// hidden paths were repaired (then all of them are imported again;
+	// only paths not valid are registered).
+	toLoad, full := addedRows, len(repaired) > 0 || !rooted
+	if full {
+		if toLoad, err = a.rows(ctx, gen, 0); err != nil {
 			return fmt.Errorf("import: %w", err)
 		}
 	}
-	toLoad := addedRows
-	if len(repaired) > 0 {
-		toLoad = full
-	}
-	n, skipped, err := a.load(ctx, toLoad)
+	n, _, msg, err := a.importRooted(ctx, gen, toLoad, full, d.Removed)
 	if err != nil {
 		return fmt.Errorf("import: %w", err)
-	}
-	var genPaths []string
-	if full != nil {
-		genPaths = without(rowPaths(full), skipped)
-	} else {
-		genPaths = without(append(without(prev, d.Removed), rowPaths(addedRows)...), skipped)
-	}
-	msg := skippedError(gen, skipped)
-	if err := a.rootGeneration(ctx, gen, genPaths); err != nil {
-		a.log.Error("generation not rooted: a garbage collection may delete its paths", "generation", gen, "err", err)
-		msg = strings.TrimPrefix(msg+"; "+err.Error(), "; ")
 	}
 	if err := a.transition(func(s *State) {
 		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, msg

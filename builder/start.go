@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/strata-nix/strata/api"
@@ -242,16 +241,11 @@ func (a *Agent) importFull(ctx context.Context, g uint64) error {
 		return err
 	}
 	began := time.Now()
-	n, skipped, err := a.load(ctx, rows)
+	n, _, msg, err := a.importRooted(ctx, g, rows, true, nil)
 	if err != nil {
 		return fmt.Errorf("import generation %d: %w", g, err)
 	}
 	a.log.Info("imported generation", "generation", g, "paths", len(rows.Paths), "new", n, "took", time.Since(began).Round(time.Millisecond))
-	msg := skippedError(g, skipped)
-	if err := a.rootGeneration(ctx, g, without(rowPaths(rows), skipped)); err != nil {
-		a.log.Error("generation not rooted: a garbage collection may delete its paths", "generation", g, "err", err)
-		msg = strings.TrimPrefix(msg+"; "+err.Error(), "; ")
-	}
 	return a.transition(func(s *State) {
 		s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, msg
 	})

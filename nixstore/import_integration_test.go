@@ -127,7 +127,7 @@ func TestIntegrationImportKeepsEverything(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			res, err := ImportDB(context.Background(), dbDir(b), rows)
+			res, err := ImportDB(context.Background(), dbDir(b), rows, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -186,7 +186,7 @@ func TestIntegrationImportKeepsEverything(t *testing.T) {
 			b.Build(t, "after-import", `mkdir $out; echo $in0 > $out/ref`, made[3])
 
 			// Again: nothing new, nothing touched.
-			res, err = ImportDB(context.Background(), dbDir(b), rows)
+			res, err = ImportDB(context.Background(), dbDir(b), rows, nil)
 			if err != nil || res.Imported != 0 || res.Skipped != len(rows.Paths) {
 				t.Fatalf("second import: %+v, %v", res, err)
 			}
@@ -246,7 +246,7 @@ func TestIntegrationImportRefusesAndLeavesDB(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dbDir(b), "schema"), []byte("11"), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		_, err := ImportDB(context.Background(), dbDir(b), rows)
+		_, err := ImportDB(context.Background(), dbDir(b), rows, nil)
 		if !errors.Is(err, ErrUnknownSchema) || !strings.Contains(err.Error(), "schema version 11") {
 			t.Fatalf("got %v", err)
 		}
@@ -261,13 +261,13 @@ func TestIntegrationImportRefusesAndLeavesDB(t *testing.T) {
 		if _, err := db.Exec("ALTER TABLE ValidPaths ADD COLUMN future text"); err != nil {
 			t.Fatal(err)
 		}
-		_, err := ImportDB(context.Background(), dbDir(b), rows)
+		_, err := ImportDB(context.Background(), dbDir(b), rows, nil)
 		if !errors.Is(err, ErrUnknownSchema) || !strings.Contains(err.Error(), "column future") {
 			t.Fatalf("got %v", err)
 		}
 	})
 	t.Run("no database", func(t *testing.T) {
-		_, err := ImportDB(context.Background(), filepath.Join(t.TempDir(), "db"), rows)
+		_, err := ImportDB(context.Background(), filepath.Join(t.TempDir(), "db"), rows, nil)
 		if !errors.Is(err, ErrUnknownSchema) {
 			t.Fatalf("got %v", err)
 		}
@@ -281,7 +281,7 @@ func TestIntegrationImportRefusesAndLeavesDB(t *testing.T) {
 				part.Paths = append(part.Paths, r)
 			}
 		}
-		_, err := ImportDB(context.Background(), dbDir(b), &part)
+		_, err := ImportDB(context.Background(), dbDir(b), &part, nil)
 		var mr *MissingRefsError
 		if !errors.As(err, &mr) || mr.Missing[made[0]] == "" {
 			t.Fatalf("got %v, want %s missing", err, made[0])
@@ -302,10 +302,10 @@ func TestIntegrationImportRefusesAndLeavesDB(t *testing.T) {
 				sub.Paths = append(sub.Paths, r)
 			}
 		}
-		if _, err := ImportDB(context.Background(), dbDir(b), sub); err != nil {
+		if _, err := ImportDB(context.Background(), dbDir(b), sub, nil); err != nil {
 			t.Fatal(err)
 		}
-		res, err := ImportDB(context.Background(), dbDir(b), rows)
+		res, err := ImportDB(context.Background(), dbDir(b), rows, nil)
 		if err != nil || res.Skipped != 1 || res.Imported != len(rows.Paths)-1 {
 			t.Fatalf("%+v %v", res, err)
 		}
@@ -363,7 +363,7 @@ func TestIntegrationImportNextToNixWriters(t *testing.T) {
 	schemaBefore := schemaOf(t, b)
 	<-started
 	<-started
-	res, err := ImportDB(context.Background(), dbDir(b), synth)
+	res, err := ImportDB(context.Background(), dbDir(b), synth, nil)
 	stop.Store(true)
 	wg.Wait()
 	if err != nil {
@@ -456,4 +456,62 @@ func pathsOf(rs *Rows) []string {
 		out[i] = rs.Paths[i].Path
 	}
 	return out
+}
+
+// TestIntegrationImportRoot: the GC root given with an import refers to
+// every row, in Nix's own view (nix-store --query --references); a full
+// import again with fewer rows drops the references to the others; an
+// update renames the previous root (no longer valid) and drops only the
+// references it is told to, keeping the rest; the foreign keys hold
+// throughout.
+func TestIntegrationImportRoot(t *testing.T) {
+	central, _ := centralStore(t, nix28, false)
+	rows, err := ReadDBRows(context.Background(), dbDir(central))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := storeOf(t, nix28)
+	copyStore(t, central, filepath.Join(b.NixRoot(), "store"))
+	root := func(name string) *RootUpdate {
+		return &RootUpdate{Path: "/nix/store/" + strings.Repeat("r", 31) + name[len(name)-1:] + "-strata-" + name,
+			NarHash: strings.Repeat("ab", 32), NarSize: 120}
+	}
+	refs := func(p string) []string {
+		return strings.Fields(b.Run(t, "nix-store", "--query", "--references", p))
+	}
+	all := pathsOf(rows)
+	r1 := root("generation-1")
+	r1.Full = true
+	if _, err := ImportDB(context.Background(), dbDir(b), rows, r1); err != nil {
+		t.Fatal(err)
+	}
+	if got := refs(r1.Path); !slices.Equal(got, all) {
+		t.Fatalf("root refers to %v, want all %d rows", got, len(all))
+	}
+	// Full again with every row but the first: the first is dropped.
+	sub := &Rows{Paths: rows.Paths[1:]}
+	if _, err := ImportDB(context.Background(), dbDir(b), sub, r1); err != nil {
+		t.Fatal(err)
+	}
+	if got := refs(r1.Path); !slices.Equal(got, all[1:]) {
+		t.Fatalf("full root again refers to %v, want %v", got, all[1:])
+	}
+	// Update: renamed, the second row removed, the first added back.
+	r2 := root("generation-2")
+	r2.Prev, r2.Remove = r1.Path, all[1:2]
+	res, err := ImportDB(context.Background(), dbDir(b), &Rows{Paths: rows.Paths[:1]}, r2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Imported != 0 || res.Skipped != 1 {
+		t.Fatalf("result %+v, want the one row skipped as valid", res)
+	}
+	if out := b.Run(t, "nix-store", "--check-validity", "--print-invalid", r1.Path, r2.Path); out != r1.Path {
+		t.Fatalf("invalid among the roots: %q, want only the renamed %s", out, r1.Path)
+	}
+	want := append(slices.Clone(all[:1]), all[2:]...)
+	if got := refs(r2.Path); !slices.Equal(got, want) {
+		t.Fatalf("updated root refers to %v, want %v", got, want)
+	}
+	noForeignKeyViolations(t, b)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -102,11 +103,15 @@ func slicesSortedKeys(m map[string]string) []string {
 // a nix-daemon writing at the same time waits for the commit, or makes
 // ImportDB wait, never sees half of it.
 //
+// With root set, the same transaction also points a garbage-collector root
+// path at the rows (see RootUpdate), so no collection can see them
+// registered and unrooted.
+//
 // Before touching anything it checks <dbDir>/schema against
 // KnownSchemaVersions and the tables' columns; an unknown, missing or
 // unreadable schema is an error wrapping ErrUnknownSchema.
-func ImportDB(ctx context.Context, dbDir string, rs *Rows) (ImportResult, error) {
-	res, err := importDB(ctx, dbDir, rs)
+func ImportDB(ctx context.Context, dbDir string, rs *Rows, root *RootUpdate) (ImportResult, error) {
+	res, err := importDB(ctx, dbDir, rs, root)
 	if err != nil {
 		return res, fmt.Errorf("import rows into %s: %w", dbDir, err)
 	}
@@ -126,7 +131,7 @@ func SchemaVersion(dbDir string) (int, error) {
 	return v, nil
 }
 
-func importDB(ctx context.Context, dbDir string, rs *Rows) (ImportResult, error) {
+func importDB(ctx context.Context, dbDir string, rs *Rows, root *RootUpdate) (ImportResult, error) {
 	var res ImportResult
 	v, err := SchemaVersion(dbDir)
 	if err != nil {
@@ -197,7 +202,15 @@ func importDB(ctx context.Context, dbDir string, rs *Rows) (ImportResult, error)
 		return res, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback()
-	im := importer{ctx: ctx, tx: tx, rs: rs}
+	if root != nil {
+		if err := checkStorePath(root.Path, path.Dir(root.Path)); err != nil {
+			return res, fmt.Errorf("root: %w", err)
+		}
+		if !isBase16SHA256(root.NarHash) {
+			return res, fmt.Errorf("root %s: NAR hash %q is not 64 lowercase hex digits", root.Path, clip(root.NarHash))
+		}
+	}
+	im := importer{ctx: ctx, tx: tx, rs: rs, root: root}
 	if err := im.run(&res); err != nil {
 		return res, err
 	}
@@ -240,10 +253,38 @@ func lockShared(ctx context.Context, path string) (func(), error) {
 }
 
 type importer struct {
-	ctx context.Context
-	tx  *sql.Tx
-	rs  *Rows
-	ids map[string]int64 // valid paths (before and after the insert) -> id
+	ctx  context.Context
+	tx   *sql.Tx
+	rs   *Rows
+	root *RootUpdate
+	ids  map[string]int64 // valid paths (before and after the insert) -> id
+}
+
+// RootUpdate is a garbage-collector root path that ImportDB points at the
+// rows it imports: a small file the caller wrote under the store dir,
+// registered as a valid path whose references are the paths to keep
+// (Nix's collector keeps a root's closure).
+//
+// A rotation changes a few paths of a big generation, so the root is
+// updated in place rather than replaced: when Prev (the root path it
+// replaces) is valid and Path is not, Prev's row is renamed to Path,
+// keeping its id and its references, and only the difference is written.
+// Nix never derives an input-addressed path's name from its references,
+// and nothing else refers to a root, so the rename is invisible to it
+// beyond the new name.
+type RootUpdate struct {
+	// Path, NarHash (base-16 SHA-256) and NarSize describe the root path
+	// as it is registered.
+	Path    string
+	NarHash string
+	NarSize uint64
+	// Prev is the root path this one replaces, or "".
+	Prev string
+	// Full makes the root's references exactly the rows' paths. Without
+	// it they are the root's (or Prev's) references, minus Remove, plus
+	// every path of the rows (imported now or valid already).
+	Full   bool
+	Remove []string
 }
 
 // batchRows is how many rows one multi-row INSERT carries (9 parameters a
@@ -273,6 +314,13 @@ func (im *importer) run(res *ImportResult) (err error) {
 			return fmt.Errorf("temp table: %w", err)
 		}
 		want := make(map[string]struct{}, len(rs.Paths))
+		if im.root != nil {
+			for _, p := range append([]string{im.root.Path, im.root.Prev}, im.root.Remove...) {
+				if p != "" {
+					want[p] = struct{}{}
+				}
+			}
+		}
 		for i := range rs.Paths {
 			want[rs.Paths[i].Path] = struct{}{}
 			for _, r := range rs.Paths[i].References {
@@ -287,7 +335,10 @@ func (im *importer) run(res *ImportResult) (err error) {
 			func(i int, args []any) []any { return append(args, paths[i]) }); err != nil {
 			return fmt.Errorf("temp table: %w", err)
 		}
-		if err := im.scan("SELECT v.id, v.path FROM strataWanted w JOIN ValidPaths v ON v.path = w.path", nil); err != nil {
+		// CROSS JOIN keeps the asked paths the outer loop: one index
+		// probe each, never a scan of ValidPaths (which SQLite's planner,
+		// without statistics, otherwise picks).
+		if err := im.scan("SELECT v.id, v.path FROM strataWanted w CROSS JOIN ValidPaths v ON v.path = w.path", nil); err != nil {
 			return fmt.Errorf("read ValidPaths: %w", err)
 		}
 		if _, err := im.tx.ExecContext(im.ctx, "DROP TABLE strataWanted"); err != nil {
@@ -317,7 +368,14 @@ func (im *importer) run(res *ImportResult) (err error) {
 	if len(missing) > 0 {
 		return &MissingRefsError{Missing: missing}
 	}
-	if len(fresh) == 0 {
+	newRoot, err := im.prepareRoot()
+	if err != nil {
+		return err
+	}
+	if newRoot != nil {
+		fresh = append(fresh, newRoot)
+	}
+	if len(fresh) == 0 && im.root == nil {
 		return nil
 	}
 
@@ -344,6 +402,9 @@ func (im *importer) run(res *ImportResult) (err error) {
 		}
 	}
 	res.Imported = len(fresh)
+	if newRoot != nil {
+		res.Imported--
+	}
 
 	// A bulk import (more new paths than the DB holds, e.g. a builder's
 	// first start) rebuilds Refs' index on reference after the insert
@@ -367,6 +428,16 @@ func (im *importer) run(res *ImportResult) (err error) {
 	for _, r := range fresh {
 		for _, ref := range r.References {
 			refs = append(refs, pair{im.ids[r.Path], im.ids[ref]})
+		}
+	}
+	if im.root != nil {
+		root := im.ids[im.root.Path]
+		add, err := im.rootRefs(root)
+		if err != nil {
+			return err
+		}
+		for _, id := range add {
+			refs = append(refs, pair{root, id})
 		}
 	}
 	// In primary-key order: the B-tree takes appends.
@@ -395,6 +466,92 @@ func (im *importer) run(res *ImportResult) (err error) {
 		return fmt.Errorf("insert DerivationOutputs: %w", err)
 	}
 	return nil
+}
+
+// prepareRoot renames Prev's row to the root path when the root is not
+// valid and Prev is, and returns the root's row to insert with the new
+// paths when neither is valid.
+func (im *importer) prepareRoot() (*Row, error) {
+	u := im.root
+	if u == nil || im.ids[u.Path] != 0 {
+		return nil, nil
+	}
+	if prev := im.ids[u.Prev]; u.Prev != "" && prev != 0 {
+		if _, err := im.tx.ExecContext(im.ctx, "UPDATE ValidPaths SET path = ?, hash = ?, narSize = ?, registrationTime = ? WHERE id = ?",
+			u.Path, "sha256:"+u.NarHash, nullSize(u.NarSize), time.Now().Unix(), prev); err != nil {
+			return nil, fmt.Errorf("rename root %s to %s: %w", u.Prev, u.Path, err)
+		}
+		delete(im.ids, u.Prev)
+		im.ids[u.Path] = prev
+		return nil, nil
+	}
+	return &Row{PathInfo: PathInfo{Path: u.Path, NarHash: u.NarHash, NarSize: u.NarSize}}, nil
+}
+
+// rootRefs deletes the references of the root (id) that go (those not
+// among the rows' paths with Full, else those in Remove) and returns the
+// ids of the rows' paths, to which it must refer; with Full, only those
+// it does not refer to yet.
+func (im *importer) rootRefs(root int64) ([]int64, error) {
+	u := im.root
+	add := make([]int64, 0, len(im.rs.Paths))
+	for i := range im.rs.Paths {
+		add = append(add, im.ids[im.rs.Paths[i].Path])
+	}
+	if !u.Full {
+		del, err := im.tx.PrepareContext(im.ctx, "DELETE FROM Refs WHERE referrer = ? AND reference = ?")
+		if err != nil {
+			return nil, fmt.Errorf("update root %s: %w", u.Path, err)
+		}
+		defer del.Close()
+		for _, p := range u.Remove {
+			if id := im.ids[p]; id != 0 && id != root {
+				if _, err := del.ExecContext(im.ctx, root, id); err != nil {
+					return nil, fmt.Errorf("update root %s: drop reference %s: %w", u.Path, p, err)
+				}
+			}
+		}
+		return add, nil
+	}
+	have := map[int64]bool{}
+	rows, err := im.tx.QueryContext(im.ctx, "SELECT reference FROM Refs WHERE referrer = ?", root)
+	if err != nil {
+		return nil, fmt.Errorf("read references of root %s: %w", u.Path, err)
+	}
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read references of root %s: %w", u.Path, err)
+		}
+		have[id] = true
+	}
+	if err := rows.Close(); err != nil {
+		return nil, fmt.Errorf("read references of root %s: %w", u.Path, err)
+	}
+	if len(have) == 0 {
+		return add, nil
+	}
+	keep := make(map[int64]bool, len(add))
+	out := add[:0]
+	for _, id := range add {
+		keep[id] = true
+		if !have[id] {
+			out = append(out, id)
+		}
+	}
+	var gone []int64
+	for id := range have {
+		if !keep[id] {
+			gone = append(gone, id)
+		}
+	}
+	slices.Sort(gone)
+	if err := batches(im, len(gone), 1, "DELETE FROM Refs WHERE referrer = "+strconv.FormatInt(root, 10)+" AND reference IN (", "?", ")",
+		func(i int, args []any) []any { return append(args, gone[i]) }); err != nil {
+		return nil, fmt.Errorf("update root %s: %w", u.Path, err)
+	}
+	return out, nil
 }
 
 // bulkRows is the size from which a bulk import rebuilds indexes.
@@ -469,7 +626,8 @@ func (im *importer) scan(query string, args []any) error {
 
 // batches runs prefix + n tuples + suffix in multi-row statements of at
 // most batchRows tuples; arg appends tuple i's nargs values. With a
-// RETURNING suffix, each returned (id, path) is recorded in im.ids.
+// suffix " RETURNING id, path", each returned (id, path) is recorded in
+// im.ids.
 func batches(im *importer, n, nargs int, prefix, tuple, suffix string, arg func(i int, args []any) []any) error {
 	stmts := map[int]*sql.Stmt{}
 	defer func() {
@@ -502,7 +660,7 @@ func batches(im *importer, n, nargs int, prefix, tuple, suffix string, arg func(
 		for i := start; i < end; i++ {
 			args = arg(i, args)
 		}
-		if suffix == "" {
+		if !strings.HasPrefix(suffix, " RETURNING") {
 			if _, err := st.ExecContext(im.ctx, args...); err != nil {
 				return err
 			}

@@ -111,8 +111,22 @@ func measure(f func()) cost {
 	return cost{time.Since(t0), selfCPU() - c0}
 }
 
-// strataImport decodes a rows file and imports it, costing both.
-func strataImport(b *testing.B, s nixtest.Store, file []byte) (decode, imp cost, n int) {
+// root is generation gen's GC root as the agent registers it with the
+// import: full on a cold import, else renamed from the previous one with
+// only the new paths' references added.
+func root(gen uint64) *nixstore.RootUpdate {
+	name := "strata-generation-" + strconv.FormatUint(gen, 10)
+	h := sha256.Sum256([]byte(name))
+	u := &nixstore.RootUpdate{Path: storePath(name), NarHash: hex.EncodeToString(h[:]), NarSize: 128, Full: gen == 1}
+	if gen > 1 {
+		u.Prev = storePath("strata-generation-" + strconv.FormatUint(gen-1, 10))
+	}
+	return u
+}
+
+// strataImport decodes a rows file and imports it with its GC root (none
+// when root is nil), costing both.
+func strataImport(b *testing.B, s nixtest.Store, file []byte, root *nixstore.RootUpdate) (decode, imp cost, n int) {
 	b.Helper()
 	var rs *nixstore.Rows
 	decode = measure(func() {
@@ -122,7 +136,7 @@ func strataImport(b *testing.B, s nixtest.Store, file []byte) (decode, imp cost,
 		}
 	})
 	imp = measure(func() {
-		res, err := nixstore.ImportDB(context.Background(), dbDir(s), rs)
+		res, err := nixstore.ImportDB(context.Background(), dbDir(s), rs, root)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -201,7 +215,7 @@ func BenchmarkImport(b *testing.B) {
 
 		// Cold: strata.
 		s := emptyStore(b)
-		dec, imp, got := strataImport(b, s, file)
+		dec, imp, got := strataImport(b, s, file, root(1))
 		if got != n {
 			b.Fatalf("imported %d of %d", got, n)
 		}
@@ -229,13 +243,13 @@ func BenchmarkImport(b *testing.B) {
 		// the same n (made with strata's import: load-db makes the same DB).
 		delta := synth(n, n+rotation)
 		dfile := rowsFile(b, delta, 2, 1)
-		dec, imp, got = strataImport(b, s, dfile)
+		dec, imp, got = strataImport(b, s, dfile, root(2))
 		if got != rotation {
 			b.Fatalf("rotation imported %d of %d", got, rotation)
 		}
 		rot := dec.add(imp)
 		peerStore := emptyStore(b)
-		if _, _, got := strataImport(b, peerStore, file); got != n {
+		if _, _, got := strataImport(b, peerStore, file, nil); got != n {
 			b.Fatal("peer store import")
 		}
 		rpeer := loadDB(b, peerStore, delta.Infos())
@@ -251,12 +265,20 @@ func BenchmarkImport(b *testing.B) {
 		if pi := s.PathInfos(b, p)[p]; len(pi.Signatures) != 1 {
 			b.Fatalf("%s: signatures %v after import", p, pi.Signatures)
 		}
+		// The GC root: renamed, referring to every path of both.
+		r1, r2 := root(1).Path, root(2).Path
+		if out := s.Run(b, "nix-store", "--check-validity", "--print-invalid", r1, r2); out != r1 {
+			b.Fatalf("invalid of roots %s, %s: %q, want only the first", r1, r2, out)
+		}
+		if refs := strings.Count(s.Run(b, "nix-store", "--query", "--references", r2), "\n") + 1; refs != n+rotation {
+			b.Fatalf("root refers to %d paths, want %d", refs, n+rotation)
+		}
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	load, _ := os.ReadFile("/proc/loadavg")
 	fmt.Fprintf(tw, "\nbuilder import (host, %s, nix-bin %s, %d CPUs, load average %s)\t\t\t\n", time.Now().UTC().Format("2006-01-02 15:04"),
 		nixVersion(b), runtime.NumCPU(), strings.Join(strings.Fields(string(load))[:3], " "))
-	fmt.Fprintf(tw, "case\tstrata (rows → SQLite)\tnix-store --load-db\tspeed-up\n")
+	fmt.Fprintf(tw, "case\tstrata (rows → SQLite, with the GC root)\tnix-store --load-db\tspeed-up\n")
 	for _, l := range lines {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", l.what, l.strata, l.peer, l.ratio)
 	}
