@@ -9,6 +9,7 @@
 //	upper/        the overlay's upper: local builds, kept for ever
 //	work/gen<N>-* one fresh overlay workdir per mounted overlay (same fs as upper/)
 //	lower/<N>/    mountpoint of generation N's NFS mount
+//	lower/<N>@<server>/  the same generation from another server (failover)
 //	state.json    the agent's State, replaced atomically after each transition
 //	api.sock      the agent's API (GET /v1/status, POST /v1/rotate)
 //
@@ -35,10 +36,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -64,8 +67,12 @@ type Server interface {
 
 // Options are the parts an Agent is built from.
 type Options struct {
-	Config  Config
-	Logger  *slog.Logger
+	Config Config
+	Logger *slog.Logger
+	// Servers are the servers the agent may use and fail over between;
+	// nil: Server alone (server.api), no failover.
+	Servers Directory
+	// Server is the one server of an agent without Servers.
 	Server  Server
 	Mounter Mounter
 	Nix     Nix
@@ -80,6 +87,9 @@ type Options struct {
 	// Progress brackets each start attempt and each check of Run (mount,
 	// import, rotation), for the watchdog; may be nil.
 	Progress *lifecycle.Step
+	// ProbeLower asks the NFS server of the lower mounted at dir whether
+	// it answers (failover monitor); nil: statfs(2) of dir.
+	ProbeLower func(dir string) error
 }
 
 // Agent is the builder agent. Run drives it; Status and RequestRotation
@@ -87,27 +97,31 @@ type Options struct {
 type Agent struct {
 	cfg          Config
 	log          *slog.Logger
-	srv          Server
+	dir          Directory
 	m            Mounter
 	nix          Nix
 	busy         func() (bool, string, error)
 	notify       func(string)
 	onTransition func(State)
 	step         *lifecycle.Step
+	probe        func(dir string) error
 
 	mu        sync.Mutex
 	st        State
 	ready     bool
 	method    overlay.Method
-	nfs       string // advertised by the server
-	latest    uint64 // newest generation the server listed
+	cur       Endpoint          // the server in use (zero: none chosen yet)
+	nfs       map[string]string // NFS address each server advertised, by API URL
+	latest    uint64            // newest generation the server listed
+	health    health            // the server in use as the failover monitor sees it
 	waitSince time.Time
 	// noMetacopy: the kernel refused metacopy=on once; mount without it.
 	noMetacopy bool
 
 	usage usageCache
 
-	rotateReq chan chan error
+	rotateReq chan rotateRequest
+	failover  chan failoverRequest
 	wake      chan struct{} // gossip: a newer generation may exist
 	watchers  []func(State) // called after each transition (see Watch)
 }
@@ -115,11 +129,16 @@ type Agent struct {
 // New creates the state dir layout and loads the state file. It mounts
 // nothing.
 func New(o Options) (*Agent, error) {
-	if o.Server == nil || o.Mounter == nil || o.Nix == nil {
-		return nil, errors.New("new builder agent: Server, Mounter and Nix are required")
+	if (o.Server == nil && o.Servers == nil) || o.Mounter == nil || o.Nix == nil {
+		return nil, errors.New("new builder agent: Server or Servers, Mounter and Nix are required")
 	}
-	a := &Agent{cfg: o.Config, log: o.Logger, srv: o.Server, m: o.Mounter, nix: o.Nix, busy: o.Busy,
-		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, rotateReq: make(chan chan error), wake: make(chan struct{}, 1)}
+	dir := o.Servers
+	if dir == nil {
+		dir = fixedServer{e: Endpoint{Name: o.Config.ServerAPI, API: o.Config.ServerAPI, NFS: o.Config.ServerNFS}, srv: o.Server}
+	}
+	a := &Agent{cfg: o.Config, log: o.Logger, dir: dir, m: o.Mounter, nix: o.Nix, busy: o.Busy, nfs: map[string]string{},
+		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, probe: o.ProbeLower, rotateReq: make(chan rotateRequest),
+		failover: make(chan failoverRequest), wake: make(chan struct{}, 1)}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -137,6 +156,10 @@ func New(o Options) (*Agent, error) {
 		return nil, fmt.Errorf("new builder agent: %w", err)
 	}
 	a.st = st
+	a.cur = st.Server
+	if o.Servers == nil {
+		a.cur = dir.Candidates()[0].Endpoint
+	}
 	return a, nil
 }
 
@@ -165,6 +188,10 @@ func (a *Agent) State() State {
 	s := a.st
 	s.Lowers = slices.Clone(s.Lowers)
 	s.Next = slices.Clone(s.Next)
+	if s.LastFailover != nil {
+		f := *s.LastFailover
+		s.LastFailover = &f
+	}
 	return s
 }
 
@@ -175,12 +202,15 @@ func (a *Agent) Ready() bool {
 	return a.ready
 }
 
-// AdvertisedNFS is the NFS address the server last advertised.
-func (a *Agent) AdvertisedNFS() string {
+// Current returns the server in use (zero before one is chosen).
+func (a *Agent) Current() Endpoint {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.nfs
+	return a.cur
 }
+
+// client returns the API client of the server in use.
+func (a *Agent) client() Server { return a.dir.Client(a.Current()) }
 
 // transition changes the state, persists it, logs it and calls the hook.
 // A failure to persist is returned: the caller stops its step.
@@ -212,15 +242,19 @@ func (a *Agent) setError(err error) {
 	}
 }
 
-// generations asks the server for its live generations and remembers the
-// advertised NFS address.
+// generations asks the server in use for its live generations (choosing
+// one first if none is: pickServer) and remembers the advertised NFS
+// address.
 func (a *Agent) generations(ctx context.Context) (api.GenerationList, error) {
-	l, err := a.srv.Generations(ctx)
+	e := a.Current()
+	if e.IsZero() {
+		return a.pickServer(ctx)
+	}
+	l, err := a.list(ctx, e)
 	if err != nil {
-		return l, fmt.Errorf("list generations at %s: %w", a.cfg.ServerAPI, err)
+		return l, err
 	}
 	a.mu.Lock()
-	a.nfs = l.NFS
 	if n := len(l.Generations); n > 0 {
 		a.latest = l.Generations[n-1].ID
 	}
@@ -228,8 +262,69 @@ func (a *Agent) generations(ctx context.Context) (api.GenerationList, error) {
 	return l, nil
 }
 
-func (a *Agent) registration(ctx context.Context, gen uint64) ([]nixstore.PathInfo, error) {
-	b, err := a.srv.Registration(ctx, gen)
+// list asks server e for its live generations, within failover.after
+// (at least 10 s) so a dead server cannot stall the agent, and remembers
+// the NFS address it advertises.
+func (a *Agent) list(ctx context.Context, e Endpoint) (api.GenerationList, error) {
+	ctx, cancel := context.WithTimeout(ctx, max(a.cfg.FailoverAfter, 10*time.Second))
+	defer cancel()
+	l, err := a.dir.Client(e).Generations(ctx)
+	if err != nil {
+		return l, fmt.Errorf("list generations at %s: %w", e, err)
+	}
+	a.mu.Lock()
+	a.nfs[normAPI(e.API)] = l.NFS
+	a.mu.Unlock()
+	return l, nil
+}
+
+// pickServer chooses the server to use when none is (first start): the
+// first candidate, best first, that lists its generations.
+func (a *Agent) pickServer(ctx context.Context) (api.GenerationList, error) {
+	cs := a.dir.Candidates()
+	if len(cs) == 0 {
+		return api.GenerationList{}, fmt.Errorf("no strata server known yet (server.api %q, server.prefer %v, cluster.join %v)",
+			a.cfg.ServerAPI, a.cfg.Prefer, a.cfg.Cluster.Join)
+	}
+	var errs []error
+	for _, c := range cs {
+		l, err := a.list(ctx, c.Endpoint)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		a.mu.Lock()
+		a.cur = c.Endpoint
+		if n := len(l.Generations); n > 0 {
+			a.latest = l.Generations[n-1].ID
+		}
+		a.mu.Unlock()
+		a.log.Info("using server", "server", c.String())
+		return l, a.transition(func(s *State) { s.Server = c.Endpoint })
+	}
+	return api.GenerationList{}, errors.Join(errs...)
+}
+
+// nfsAddress is the host:port to mount server e's generations from: its
+// configured or gossiped NFS address, else what it advertised, with an
+// unspecified host replaced by its API URL's host.
+func (a *Agent) nfsAddress(e Endpoint) (string, error) {
+	addr := e.NFS
+	if addr == "" {
+		a.mu.Lock()
+		addr = a.nfs[normAPI(e.API)]
+		a.mu.Unlock()
+	}
+	c := Config{ServerNFS: addr, ServerAPI: e.API}
+	h, p, err := c.NFSAddress("")
+	if err != nil {
+		return "", fmt.Errorf("server %s: %w", e, err)
+	}
+	return net.JoinHostPort(h, strconv.Itoa(p)), nil
+}
+
+func (a *Agent) registration(ctx context.Context, srv Server, gen uint64) ([]nixstore.PathInfo, error) {
+	b, err := srv.Registration(ctx, gen)
 	if err != nil {
 		return nil, fmt.Errorf("fetch registration of generation %d: %w", gen, err)
 	}
@@ -265,13 +360,15 @@ func (a *Agent) ourOverlays(ms []mountinfo.Mount) (all []mountinfo.Mount, top mo
 	return all, mountinfo.Mount{}, false
 }
 
-// lowersOf reads the generations of an overlay's lowers (lower/<N> paths).
-func (a *Agent) lowersOf(m mountinfo.Mount) ([]uint64, string, error) {
+// lowersOf reads the lowers of an overlay (lower/<N> or lower/<N>@<server>
+// paths): generation and mountpoint name, with the server the state
+// records for that mountpoint (none recorded: the server in use).
+func (a *Agent) lowersOf(m mountinfo.Mount) ([]Lower, string, error) {
 	l, err := overlay.LayersOf(m)
 	if err != nil {
 		return nil, "", err
 	}
-	var out []uint64
+	var out []Lower
 	for i, d := range l.Lower {
 		if i == len(l.Lower)-1 && i > 0 && filepath.Clean(d) == filepath.Clean(a.cfg.localDir()) {
 			break // the local store, bottom layer
@@ -279,14 +376,40 @@ func (a *Agent) lowersOf(m mountinfo.Mount) ([]uint64, string, error) {
 		if filepath.Dir(filepath.Clean(d)) != filepath.Clean(a.cfg.lowerRoot()) {
 			return nil, "", fmt.Errorf("overlay %d: lower %s is not under %s", m.ID, d, a.cfg.lowerRoot())
 		}
-		g, err := strconv.ParseUint(filepath.Base(d), 10, 64)
-		if err != nil || g == 0 {
+		g, ok := parseLowerName(filepath.Base(d))
+		if !ok {
 			return nil, "", fmt.Errorf("overlay %d: lower %s is not a generation", m.ID, d)
 		}
-		out = append(out, g)
+		x := Lower{Gen: g, Server: a.ownerOf(filepath.Base(d))}
+		if filepath.Base(d) != x.name() {
+			x.Dir = filepath.Base(d)
+		}
+		out = append(out, x)
 	}
 	return out, l.Work, nil
 }
+
+// parseLowerName reads a lower mountpoint name: "<N>" or "<N>@<server>".
+func parseLowerName(name string) (uint64, bool) {
+	n, _, _ := strings.Cut(name, "@")
+	g, err := strconv.ParseUint(n, 10, 64)
+	return g, err == nil && g > 0
+}
+
+// ownerOf returns the API URL of the server whose generation the state
+// records at lower/<name>; unrecorded: the server in use.
+func (a *Agent) ownerOf(name string) string {
+	st := a.State()
+	for _, l := range append(st.Lowers, st.Next...) {
+		if l.name() == name && l.Server != "" {
+			return l.Server
+		}
+	}
+	return a.Current().API
+}
+
+// lowerPath is where lower l is mounted.
+func (a *Agent) lowerPath(l Lower) string { return filepath.Join(a.cfg.lowerRoot(), l.name()) }
 
 // layers are the overlay's layers for lowers ls: the generations top
 // first, then the local store (state_dir/local), then the upper.
@@ -296,7 +419,7 @@ func (a *Agent) layers(ls []Lower, work string) overlay.Layers {
 	a.mu.Unlock()
 	l := overlay.Layers{Upper: a.cfg.upperDir(), Work: work, Metacopy: meta}
 	for _, x := range ls {
-		l.Lower = append(l.Lower, a.cfg.lowerDir(x.Gen))
+		l.Lower = append(l.Lower, a.lowerPath(x))
 	}
 	l.Lower = append(l.Lower, a.cfg.localDir())
 	return l
@@ -352,28 +475,41 @@ func (a *Agent) ensureLocal(ctx context.Context) error {
 	return nil
 }
 
-// ensureLower mounts generation g at lower/<g> unless something is
-// mounted there already.
-func (a *Agent) ensureLower(ctx context.Context, g uint64) error {
+// ensureLower mounts generation g of server e under lower/ unless it is
+// mounted there already, and returns the lower. Its mountpoint is
+// lower/<g>, or lower/<g>@<server> when lower/<g> holds generation g of
+// another server (a failover mounts the same generation twice, for a
+// moment).
+func (a *Agent) ensureLower(ctx context.Context, e Endpoint, g uint64) (Lower, error) {
 	ms, err := a.m.Mounts()
 	if err != nil {
-		return err
+		return Lower{}, err
 	}
-	dir := a.cfg.lowerDir(g)
+	l := Lower{Gen: g, Server: e.API}
+	if len(mountinfo.At(ms, a.lowerPath(l))) > 0 && normAPI(a.ownerOf(l.name())) != normAPI(e.API) {
+		l.Dir = fmt.Sprintf("%d@%s", g, e.slug())
+	}
+	dir := a.lowerPath(l)
 	if len(mountinfo.At(ms, dir)) > 0 {
-		return nil
+		return l, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("mount generation %d: %w", g, err)
+		return l, fmt.Errorf("mount generation %d: %w", g, err)
 	}
-	if err := a.checkNFSAccess(ctx); err != nil {
-		return fmt.Errorf("mount generation %d: %w", g, err)
+	if err := a.checkNFSAccess(ctx, e); err != nil {
+		return l, fmt.Errorf("mount generation %d: %w", g, err)
 	}
-	if err := a.m.MountGeneration(ctx, g, dir); err != nil {
-		return fmt.Errorf("mount generation %d at %s: %w", g, dir, err)
+	// Without an address (none configured or advertised) the mounter
+	// is given "": the NFS one refuses it, with nerr's words.
+	nfs, nerr := a.nfsAddress(e)
+	if err := a.m.MountGeneration(ctx, nfs, g, dir); err != nil {
+		if nerr != nil {
+			err = nerr
+		}
+		return l, fmt.Errorf("mount generation %d of %s at %s: %w", g, e, dir, err)
 	}
-	a.log.Info("mounted generation", "generation", g, "dir", dir)
-	return nil
+	a.log.Info("mounted generation", "generation", g, "server", e.String(), "nfs", nfs, "dir", dir)
+	return l, nil
 }
 
 // NFSAccessChecker is asked before a generation is mounted whether the
@@ -389,8 +525,8 @@ type NFSAccessChecker interface {
 // or fails with "connection refused" or "input/output error". A server
 // that cannot answer (older, unreachable) is not an error here; the mount
 // then tells.
-func (a *Agent) checkNFSAccess(ctx context.Context) error {
-	c, ok := a.srv.(NFSAccessChecker)
+func (a *Agent) checkNFSAccess(ctx context.Context, e Endpoint) error {
+	c, ok := a.dir.Client(e).(NFSAccessChecker)
 	if !ok {
 		return nil
 	}
@@ -410,8 +546,10 @@ func (a *Agent) checkNFSAccess(ctx context.Context) error {
 // and all but one mount stacked on a kept one, then removes empty
 // mountpoints of released generations. Detach never touches the NFS
 // server, so it works while the server is down; the kernel frees a lower
-// once the last overlay (even a detached one still in use) lets go.
-func (a *Agent) releaseLowers(ctx context.Context, keep []uint64) error {
+// once the last overlay (even a detached one still in use) lets go. A
+// released mountpoint for which force says so is force-unmounted instead
+// (Mounter.ForceUnmount: a dead server's lower, after a failover).
+func (a *Agent) releaseLowers(ctx context.Context, keep []Lower, force func(name string) bool) error {
 	ms, err := a.m.Mounts()
 	if err != nil {
 		return err
@@ -426,12 +564,20 @@ func (a *Agent) releaseLowers(ctx context.Context, keep []uint64) error {
 		if filepath.Dir(dir) != root {
 			continue
 		}
-		g, _ := strconv.ParseUint(filepath.Base(dir), 10, 64)
+		name := filepath.Base(dir)
 		want := 0
-		if slices.Contains(keep, g) {
+		if slices.ContainsFunc(keep, func(l Lower) bool { return l.name() == name }) {
 			want = 1
 		}
 		for ; n > want; n-- {
+			if want == 0 && force != nil && force(name) {
+				if err := a.m.ForceUnmount(ctx, dir); err != nil {
+					errs = append(errs, err)
+					break
+				}
+				a.log.Info("force-unmounted generation mount of a dead server", "dir", dir)
+				continue
+			}
 			if err := a.m.Detach(ctx, dir); err != nil {
 				errs = append(errs, err)
 				break

@@ -32,7 +32,7 @@ func (u *unitEnv) overlayLowers(t *testing.T, a *Agent) ([]uint64, int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return g, len(all)
+	return gens(g), len(all)
 }
 
 func (u *unitEnv) lowerMounts(a *Agent) map[string]int {

@@ -2,12 +2,8 @@ package builder
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
-	"net"
 	"slices"
-	"strconv"
-	"sync"
 	"time"
 
 	"github.com/strata-nix/strata/cluster"
@@ -15,16 +11,13 @@ import (
 
 // Gossip connects an agent to the cluster (cluster.*): it reports the
 // agent's mounted generations (extra lowers and the generation a rotation is
-// mounting included), its phase and its server to every member, wakes the
-// agent when a server announces a newer generation, and, when server.api is
-// empty, picks the server the agent talks to from the server members.
+// mounting included), its phase and its server to every member, and wakes
+// the agent when a server announces a newer generation. The server members
+// it knows are failover candidates (Servers).
 type Gossip struct {
 	node *cluster.Node
 	cfg  Config
 	log  *slog.Logger
-
-	mu  sync.Mutex
-	cur string // name of the server member in use (server.api empty)
 }
 
 // NewGossip starts the agent's cluster member.
@@ -39,61 +32,14 @@ func NewGossip(cfg Config, version string, log *slog.Logger) (*Gossip, error) {
 // Node is the cluster member.
 func (g *Gossip) Node() *cluster.Node { return g.node }
 
-// Server returns the server member the agent uses: the one it used before
-// while it is alive, else the one with the newest generation.
-func (g *Gossip) Server() (cluster.Server, error) {
-	ss := g.node.Servers()
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if i := slices.IndexFunc(ss, func(s cluster.Server) bool { return s.Name == g.cur }); i >= 0 {
-		return ss[i], nil
-	}
-	if len(ss) == 0 {
-		return cluster.Server{}, fmt.Errorf("no strata server known by gossip yet (cluster.join %v)", g.cfg.Cluster.Join)
-	}
-	if g.cur != "" {
-		g.log.Warn("server member gone; switching", "from", g.cur, "to", ss[0].Name)
-	}
-	g.cur = ss[0].Name
-	return ss[0], nil
-}
-
-// API returns the API base URL of Server (for api.NewResolvingClient).
-func (g *Gossip) API() (string, error) {
-	s, err := g.Server()
-	if err != nil {
-		return "", err
-	}
-	if s.API == "" {
-		return "", fmt.Errorf("server member %s announces no API address (its api.listen is empty)", s.Name)
-	}
-	return s.API, nil
-}
-
-// NFS returns the NFS address of Server.
-func (g *Gossip) NFS() (string, int, error) {
-	s, err := g.Server()
-	if err != nil {
-		return "", 0, err
-	}
-	h, p, err := net.SplitHostPort(s.NFS)
-	port, perr := strconv.Atoi(p)
-	if err != nil || perr != nil || h == "" {
-		return "", 0, fmt.Errorf("server member %s announces NFS address %q: want host:port", s.Name, s.NFS)
-	}
-	return h, port, nil
-}
-
 // Attach reports ag's state after each transition and wakes ag when a
 // server announces a generation newer than the mounted one, until ctx
 // ends.
 func (g *Gossip) Attach(ctx context.Context, ag *Agent) {
 	report := func(s State) {
-		server := g.cfg.ServerAPI
+		server := s.Server.API
 		if server == "" {
-			g.mu.Lock()
-			server = g.cur
-			g.mu.Unlock()
+			server = g.cfg.ServerAPI
 		}
 		g.node.SetBuilderState(server, s.Phase.String(), Holding(s))
 	}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -21,6 +22,8 @@ const DefaultConfigFile = "/etc/strata/builder.yaml"
 var Keys = []config.Key{
 	{Name: "server.api", Kind: config.String, Default: "http://127.0.0.1:7480", Usage: "the strata server's HTTP API (http://host:port); may be empty with cluster.join: servers are found by gossip"},
 	{Name: "server.nfs", Kind: config.String, Default: "", Usage: "the server's NFS address host:port (default: the \"nfs\" field of GET /v1/generations, with an unspecified host replaced by the API host)"},
+	{Name: "server.prefer", Kind: config.List, Default: []string{}, Usage: "servers to prefer, best first: gossip member names or API URLs (a URL is also a failover candidate without gossip); after them come server.api, then the lowest gossip round-trip time"},
+	{Name: "failover.after", Kind: config.Duration, Default: "30s", Usage: "move to another server that serves the same generation when the one in use leaves API or NFS calls unanswered this long, or at once when gossip declares it dead (0: never)"},
 	{Name: "store.dir", Kind: config.String, Default: "/nix/store", Usage: "store directory the overlay is mounted on"},
 	{Name: "nix.state_dir", Kind: config.String, Default: "/nix/var/nix", Usage: "Nix state directory holding db/db.sqlite"},
 	{Name: "nix.store", Kind: config.String, Default: "", Usage: "value of nix-store --store (empty: the default store; a directory: a chroot store whose <dir>/nix/store is store.dir)"},
@@ -67,8 +70,12 @@ func (p Policy) String() string {
 
 // Config is the validated builder configuration.
 type Config struct {
-	ServerAPI     string
-	ServerNFS     string // host:port, or "" to ask the server
+	ServerAPI string
+	ServerNFS string // host:port, or "" to ask the server
+	// Prefer lists servers (gossip names or API URLs) best first.
+	Prefer []string
+	// FailoverAfter is failover.after (0: no automatic failover).
+	FailoverAfter time.Duration
 	StoreDir      string
 	NixStateDir   string
 	NixStore      string
@@ -99,6 +106,8 @@ func ConfigFrom(v config.Values) (Config, error) {
 	c := Config{
 		ServerAPI:     v.String("server.api"),
 		ServerNFS:     v.String("server.nfs"),
+		Prefer:        v.List("server.prefer"),
+		FailoverAfter: v.Duration("failover.after"),
 		StoreDir:      v.String("store.dir"),
 		NixStateDir:   v.String("nix.state_dir"),
 		NixStore:      v.String("nix.store"),
@@ -124,8 +133,8 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, err
 	}
 	c.Cluster = cs
-	if c.ServerAPI == "" && len(cs.Join) == 0 {
-		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480 (it may be empty only with cluster.join)")
+	if c.ServerAPI == "" && len(cs.Join) == 0 && !slices.ContainsFunc(c.Prefer, isURL) {
+		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480 (it may be empty only with cluster.join or API URLs in server.prefer)")
 	}
 	if u, err := url.Parse(c.ServerAPI); c.ServerAPI != "" && (err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "") {
 		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480")
@@ -134,6 +143,14 @@ func ConfigFrom(v config.Values) (Config, error) {
 		if h, p, err := net.SplitHostPort(c.ServerNFS); err != nil || h == "" || p == "" {
 			return c, bad("server.nfs", c.ServerNFS, "host:port such as central:2049")
 		}
+	}
+	for _, p := range c.Prefer {
+		if p == "" || strings.ContainsAny(p, " \t\n,") || (strings.Contains(p, "://") && !isURL(p)) {
+			return c, bad("server.prefer", p, "a gossip member name or an http:// API URL per entry")
+		}
+	}
+	if c.FailoverAfter < 0 || (c.FailoverAfter > 0 && c.FailoverAfter < time.Second) {
+		return c, bad("failover.after", c.FailoverAfter, "0 (never) or at least 1s")
 	}
 	for _, kv := range [][2]string{{"store.dir", c.StoreDir}, {"nix.state_dir", c.NixStateDir}, {"state_dir", c.StateDir}, {"swap.staging_dir", c.StagingDir}} {
 		if !filepath.IsAbs(kv[1]) || strings.ContainsAny(kv[1], ",:\\\n") {

@@ -53,7 +53,6 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	if o.Notify == nil {
 		o.Notify = lifecycle.Systemd(log)
 	}
-	var ag *Agent
 	if cfg.Cluster.Enabled && o.Gossip == nil {
 		g, err := NewGossip(cfg, o.Version, log)
 		if err != nil {
@@ -62,26 +61,16 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		defer g.Node().Close()
 		o.Gossip = g
 	}
-	server := api.NewClient(cfg.ServerAPI, "")
-	discover := cfg.ServerAPI == "" && o.Gossip != nil
-	if discover {
-		server = api.NewResolvingClient(o.Gossip.API, "")
+	var view GossipView
+	if o.Gossip != nil {
+		view = o.Gossip.Node()
 	}
-	gm := func(ctx context.Context, gen uint64, dir string) error {
-		host, port, err := cfg.NFSAddress(ag.AdvertisedNFS())
-		if discover && cfg.ServerNFS == "" {
-			host, port, err = o.Gossip.NFS()
-		}
-		if err != nil {
-			return err
-		}
-		return NFSGenerations(host, port, cfg.NConnect, cfg.MountOptions)(ctx, gen, dir)
-	}
+	servers := NewServers(cfg, view, func(u string) Server { return api.NewClient(u, "") })
 	ag, err := New(Options{
 		Config:   cfg,
 		Logger:   log,
-		Server:   server,
-		Mounter:  NewSystem(gm, cfg.SwapMethod, cfg.StagingDir, log),
+		Servers:  servers,
+		Mounter:  NewSystem(NFSGenerations(cfg.NConnect, cfg.MountOptions), cfg.SwapMethod, cfg.StagingDir, log),
 		Nix:      NewNixStore(cfg, log),
 		Notify:   o.Notify,
 		Progress: lifecycle.NewStep("builder loop", cfg.StallAfter),

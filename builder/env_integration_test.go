@@ -95,7 +95,7 @@ func (r *recExporter) dir(id uint64) (string, bool) {
 // mount of the server's snapshot store dir (the same read-only lower the
 // NFS export serves, minus NFS, which this kernel lacks).
 func bindGenerations(dirOf func(uint64) (string, bool)) GenerationMounter {
-	return func(ctx context.Context, gen uint64, dir string) error {
+	return func(ctx context.Context, _ string, gen uint64, dir string) error {
 		src, ok := dirOf(gen)
 		if !ok {
 			return fmt.Errorf("bind generation %d: not exported", gen)

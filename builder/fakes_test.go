@@ -3,9 +3,12 @@ package builder
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -54,15 +57,23 @@ func (f *fakeMounter) add(target, fstype, source, opts string) mountinfo.Mount {
 	return m
 }
 
-func (f *fakeMounter) MountGeneration(_ context.Context, gen uint64, dir string) error {
+func (f *fakeMounter) MountGeneration(_ context.Context, nfs string, gen uint64, dir string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, fmt.Sprintf("mountgen %d", gen))
 	if f.failGen != nil {
 		return f.failGen
 	}
-	f.add(dir, "nfs", fmt.Sprintf("server:/gen/%d", gen), "ro")
+	f.add(dir, "nfs", fmt.Sprintf("%s:/gen/%d", nfs, gen), "ro")
 	return nil
+}
+
+// ForceUnmount removes the top mount at target, as MNT_FORCE|MNT_DETACH.
+func (f *fakeMounter) ForceUnmount(_ context.Context, target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "forceunmount "+target)
+	return f.detach(target)
 }
 
 func (f *fakeMounter) MountOverlay(_ context.Context, target string, l overlay.Layers) error {
@@ -271,6 +282,22 @@ type fakeServer struct {
 	noRows bool
 	// pathsCalls counts /paths requests (full, delta).
 	pathsCalls [2]int
+	// nfs is the NFS address advertised (default 0.0.0.0:2049).
+	nfs string
+}
+
+// replicaOf returns a server that serves the same generations as s.
+func (s *fakeServer) replicaOf() *fakeServer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := &fakeServer{gens: maps.Clone(s.gens), nfs: "0.0.0.0:3049"}
+	return r
+}
+
+func (s *fakeServer) setDown(d bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.down = d
 }
 
 func (s *fakeServer) publish(infos ...nixstore.PathInfo) uint64 {
@@ -279,7 +306,10 @@ func (s *fakeServer) publish(infos ...nixstore.PathInfo) uint64 {
 	if s.gens == nil {
 		s.gens = map[uint64][]nixstore.PathInfo{}
 	}
-	id := uint64(len(s.gens) + 1)
+	id := uint64(1)
+	for g := range s.gens {
+		id = max(id, g+1)
+	}
 	c := slices.Clone(infos)
 	nixstore.Sort(c)
 	s.gens[id] = c
@@ -294,9 +324,16 @@ func (s *fakeServer) Generations(context.Context) (api.GenerationList, error) {
 	if s.down {
 		return api.GenerationList{}, errDown
 	}
-	l := api.GenerationList{NFS: "0.0.0.0:2049"}
-	for id := uint64(1); id <= uint64(len(s.gens)); id++ {
-		l.Generations = append(l.Generations, api.Generation{ID: id, Paths: len(s.gens[id])})
+	l := api.GenerationList{NFS: s.nfs}
+	if l.NFS == "" {
+		l.NFS = "0.0.0.0:2049"
+	}
+	ids := slices.Sorted(maps.Keys(s.gens))
+	for _, id := range ids {
+		var b bytes.Buffer
+		nixstore.WriteRegistration(&b, s.gens[id])
+		sum := sha256.Sum256(b.Bytes())
+		l.Generations = append(l.Generations, api.Generation{ID: id, Paths: len(s.gens[id]), RegistrationSHA256: hex.EncodeToString(sum[:])})
 	}
 	return l, nil
 }
@@ -403,4 +440,62 @@ func (u *unitEnv) agent(t *testing.T, opts ...func(*Options)) *Agent {
 		t.Fatal(err)
 	}
 	return a
+}
+
+// fakeDir is a Directory of fake servers: candidates in the order given,
+// dead ones left out (as gossip does).
+type fakeDir struct {
+	mu   sync.Mutex
+	eps  []Candidate
+	srvs map[string]*fakeServer
+	dead map[string]bool
+}
+
+func newFakeDir() *fakeDir {
+	return &fakeDir{srvs: map[string]*fakeServer{}, dead: map[string]bool{}}
+}
+
+func (d *fakeDir) add(name string, s *fakeServer) Endpoint {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := Endpoint{Name: name, API: "http://" + name + ":7480"}
+	d.eps = append(d.eps, Candidate{Endpoint: e})
+	d.srvs[e.API] = s
+	return e
+}
+
+func (d *fakeDir) setDead(name string, dead bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.dead[name] = dead
+}
+
+func (d *fakeDir) Candidates() []Candidate {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []Candidate
+	for _, c := range d.eps {
+		if !d.dead[c.Name] {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (d *fakeDir) Dead(e Endpoint) (bool, string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.dead[e.Name] {
+		return true, "gossip: member " + e.Name + " is dead"
+	}
+	return false, ""
+}
+
+func (d *fakeDir) Client(e Endpoint) Server {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if s, ok := d.srvs[e.API]; ok {
+		return s
+	}
+	return &fakeServer{down: true}
 }

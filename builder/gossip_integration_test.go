@@ -51,7 +51,10 @@ func TestGossipDiscoveryAndWake(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Node().Close()
-	ag := e.agent(t, func(o *Options) { o.Config = cfg; o.Server = api.NewResolvingClient(g.API, "") })
+	ag := e.agent(t, func(o *Options) {
+		o.Config = cfg
+		o.Server, o.Servers = nil, NewServers(cfg, g.Node(), func(u string) Server { return api.NewClient(u, "") })
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -15,6 +16,8 @@ import (
 type MountStatus struct {
 	Generation uint64 `json:"generation"`
 	Dir        string `json:"dir"`
+	// Server is the API URL of the server it is mounted from.
+	Server string `json:"server,omitempty"`
 	// Kept is set on a lower kept below the newest generation, with the
 	// number of paths it is kept for.
 	Kept int `json:"kept_paths,omitempty"`
@@ -26,7 +29,10 @@ type Status struct {
 	Ready      bool   `json:"ready"`
 	Generation uint64 `json:"generation"`
 	Latest     uint64 `json:"latest"`
+	// Server is the API URL of the server in use, ServerName its gossip
+	// member name (or the URL).
 	Server     string `json:"server"`
+	ServerName string `json:"server_name,omitempty"`
 	// NFS is the address generations are mounted from: server.nfs, or
 	// what the server advertises.
 	NFS                  string        `json:"nfs,omitempty"`
@@ -45,26 +51,81 @@ type Status struct {
 	Metacopy bool `json:"metacopy"`
 	// Upper is what the upper holds (walked at most once a minute).
 	Upper UpperUsage `json:"upper"`
+	// Failover is the failover monitor's view and history.
+	Failover FailoverStatus `json:"failover"`
+}
+
+// FailoverStatus is the failover part of the builder's status.
+type FailoverStatus struct {
+	// After is failover.after ("0s": no automatic failover).
+	After string `json:"after"`
+	// Count is the number of automatic failovers (kept across restarts).
+	Count int `json:"count"`
+	// Last is the newest server change, automatic or requested.
+	Last *FailoverEvent `json:"last,omitempty"`
+	// UnansweredSince is when the server in use stopped answering the
+	// monitor's probes (absent while it answers), Reason what failed.
+	UnansweredSince *time.Time `json:"unanswered_since,omitempty"`
+	Reason          string     `json:"reason,omitempty"`
+	// Candidates are the servers the agent may use, best first.
+	Candidates []string `json:"candidates"`
+}
+
+// FailoverEvent is one server change as status shows it.
+type FailoverEvent struct {
+	At         time.Time `json:"at"`
+	From       string    `json:"from"`
+	To         string    `json:"to"`
+	Reason     string    `json:"reason"`
+	Generation uint64    `json:"generation"`
+	Rotated    bool      `json:"rotated,omitempty"`
+	Took       string    `json:"took"`
 }
 
 // Status describes the agent for GET /v1/status and `strata status`.
 func (a *Agent) Status() Status {
 	upper := a.upperUsage()
+	var cands []string
+	for _, c := range a.dir.Candidates() {
+		x := c.String()
+		if c.RTT > 0 {
+			x += fmt.Sprintf(" rtt %s", c.RTT.Round(10*time.Microsecond))
+		}
+		cands = append(cands, x)
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	st := a.st
-	s := Status{Role: "builder", Ready: a.ready, Generation: st.Generation, Latest: a.latest, Server: a.cfg.ServerAPI,
+	s := Status{Role: "builder", Ready: a.ready, Generation: st.Generation, Latest: a.latest, Server: a.cur.API, ServerName: a.cur.Name,
 		State: st.String(), Policy: a.cfg.Policy.String(), StoreDir: a.cfg.StoreDir,
 		PathsImported: st.PathsImported, PathsInvalidated: st.PathsInvalidated, LastError: st.LastError,
 		Mounts: []MountStatus{}, Upper: upper, Metacopy: !a.cfg.NoMetacopy && !a.noMetacopy}
-	if host, port, err := a.cfg.NFSAddress(a.nfs); err == nil {
-		s.NFS = net.JoinHostPort(host, strconv.Itoa(port))
+	if !a.cur.IsZero() {
+		addr := a.cur.NFS
+		if addr == "" {
+			addr = a.nfs[normAPI(a.cur.API)]
+		}
+		if host, port, err := (Config{ServerNFS: addr, ServerAPI: a.cur.API}).NFSAddress(""); err == nil {
+			s.NFS = net.JoinHostPort(host, strconv.Itoa(port))
+		}
+	}
+	s.Failover = FailoverStatus{After: a.cfg.FailoverAfter.String(), Count: st.Failovers, Candidates: cands, Reason: a.health.Reason}
+	if s.Failover.Candidates == nil {
+		s.Failover.Candidates = []string{}
+	}
+	if !a.health.Since.IsZero() {
+		t := a.health.Since
+		s.Failover.UnansweredSince = &t
+	}
+	if f := st.LastFailover; f != nil {
+		s.Failover.Last = &FailoverEvent{At: f.At, From: f.From, To: f.To, Reason: f.Reason, Generation: f.Generation,
+			Rotated: f.Rotated, Took: f.Took.Round(time.Millisecond).String()}
 	}
 	if a.method != 0 {
 		s.SwapMethod = a.method.String()
 	}
 	for _, l := range st.Lowers {
-		s.Mounts = append(s.Mounts, MountStatus{Generation: l.Gen, Dir: a.cfg.lowerDir(l.Gen), Kept: len(l.Kept)})
+		s.Mounts = append(s.Mounts, MountStatus{Generation: l.Gen, Dir: filepath.Join(a.cfg.lowerRoot(), l.name()), Server: l.Server, Kept: len(l.Kept)})
 	}
 	if !st.LastRotation.IsZero() {
 		t := st.LastRotation
@@ -79,7 +140,9 @@ func (a *Agent) Status() Status {
 //
 //	GET  /v1/status  -> Status
 //	POST /v1/rotate  -> Status after checking for a newer generation and
-//	                    rotating to it now, whatever the policy (mutating)
+//	                    rotating to it now, whatever the policy (mutating);
+//	                    ?server=X moves to server X (a gossip member name
+//	                    or API URL) instead: see Agent.SwitchServer
 //	GET  /healthz    -> "ok" once ready, 503 before
 //
 // Mutating calls need "Authorization: Bearer <token>" unless they arrive on
@@ -99,7 +162,7 @@ func (a *Agent) Handler(token *apiserve.Token) http.Handler {
 			apiserve.WriteError(w, http.StatusServiceUnavailable, errors.New("builder is not ready yet: "+a.State().LastError))
 			return
 		}
-		if err := a.RequestRotation(r.Context()); err != nil {
+		if err := a.RequestRotation(r.Context(), r.URL.Query().Get("server")); err != nil {
 			apiserve.WriteError(w, http.StatusInternalServerError, err)
 			return
 		}

@@ -2,9 +2,15 @@ package builder
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/mountinfo"
 
@@ -15,9 +21,9 @@ import (
 // table (Mounts) is the truth the agent reconciles its state file with.
 // System is the real one; unit tests use a fake.
 type Mounter interface {
-	// MountGeneration mounts generation gen read-only at dir (an existing
-	// directory).
-	MountGeneration(ctx context.Context, gen uint64, dir string) error
+	// MountGeneration mounts generation gen of the server whose NFS
+	// address is nfs (host:port) read-only at dir (an existing directory).
+	MountGeneration(ctx context.Context, nfs string, gen uint64, dir string) error
 	// MountOverlay mounts an overlay of l at target.
 	MountOverlay(ctx context.Context, target string, l overlay.Layers) error
 	// Swap atomically replaces the overlay at target by one of l. With an
@@ -30,20 +36,35 @@ type Mounter interface {
 	BindLocal(ctx context.Context, storeDir, dir string, ours func(mountinfo.Mount) bool) error
 	// Detach lazily unmounts the top mount at target.
 	Detach(ctx context.Context, target string) error
+	// ForceUnmount releases the NFS mount at target of a server that is
+	// gone, so that nothing waits on it for ever: calls still pending on
+	// it fail (MNT_FORCE), and it leaves the namespace (MNT_DETACH). It
+	// never waits for the server.
+	ForceUnmount(ctx context.Context, target string) error
 	// Mounts returns the mount table of the agent's mount namespace.
 	Mounts() ([]mountinfo.Mount, error)
 }
 
-// GenerationMounter mounts generation gen read-only at dir. NFSGenerations
-// returns the production one; tests substitute a bind mount of the
-// server's snapshot (same semantics as the read-only NFS lower, minus NFS).
-type GenerationMounter func(ctx context.Context, gen uint64, dir string) error
+// GenerationMounter mounts generation gen of the server at NFS address
+// nfs (host:port) read-only at dir. NFSGenerations returns the production
+// one; tests substitute a bind mount of the server's snapshot (same
+// semantics as the read-only NFS lower, minus NFS).
+type GenerationMounter func(ctx context.Context, nfs string, gen uint64, dir string) error
 
-// NFSGenerations mounts /gen/<N> from the strata NFS server at host:port
-// with overlay.MountNFS (nosharecache, since two generations are mounted
-// during a rotation).
-func NFSGenerations(host string, port, nconnect int, extra []string) GenerationMounter {
-	return func(ctx context.Context, gen uint64, dir string) error {
+// NFSGenerations mounts /gen/<N> from the strata NFS server at nfs with
+// overlay.MountNFS (nosharecache, since two generations are mounted
+// during a rotation, and the same generation of two servers during a
+// failover).
+func NFSGenerations(nconnect int, extra []string) GenerationMounter {
+	return func(ctx context.Context, nfs string, gen uint64, dir string) error {
+		if nfs == "" {
+			return fmt.Errorf("mount generation %d: no NFS address", gen)
+		}
+		host, p, err := net.SplitHostPort(nfs)
+		port, perr := strconv.Atoi(p)
+		if err != nil || perr != nil {
+			return fmt.Errorf("mount generation %d: nfs address %q: want host:port", gen, nfs)
+		}
 		return overlay.MountNFS(ctx, host, fmt.Sprintf("/gen/%d", gen), dir,
 			overlay.NFSOptions{Port: port, NConnect: nconnect, Extra: extra})
 	}
@@ -64,11 +85,11 @@ func NewSystem(gen GenerationMounter, method overlay.Method, stagingDir string, 
 	return &System{Generation: gen, SwapOptions: overlay.SwapOptions{Method: method, StagingDir: stagingDir, Logger: log}}
 }
 
-func (s *System) MountGeneration(ctx context.Context, gen uint64, dir string) error {
+func (s *System) MountGeneration(ctx context.Context, nfs string, gen uint64, dir string) error {
 	if s.Generation == nil {
 		return fmt.Errorf("mount generation %d: no generation mounter", gen)
 	}
-	return s.Generation(ctx, gen, dir)
+	return s.Generation(ctx, nfs, gen, dir)
 }
 
 func (s *System) MountOverlay(ctx context.Context, target string, l overlay.Layers) error {
@@ -88,6 +109,39 @@ func (s *System) BindLocal(ctx context.Context, storeDir, dir string, ours func(
 }
 
 func (s *System) Detach(ctx context.Context, target string) error { return overlay.Detach(ctx, target) }
+
+// ForceUnmount shuts the NFS client of the mount at target down where the
+// kernel offers it (/sys/fs/nfs/<major>:<minor>/shutdown, Linux 6.7+:
+// every call on it, pending or later, fails with EIO at once), then
+// unmounts it with MNT_FORCE (pending calls fail with EIO; EBUSY is
+// expected while a detached overlay still uses it) and detaches it
+// (MNT_DETACH). None of these waits for the server; target itself is
+// never stat-ed.
+func (s *System) ForceUnmount(ctx context.Context, target string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("force unmount %s: %w", target, err)
+	}
+	log := s.SwapOptions.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if ms, err := mountinfo.Read(); err == nil {
+		if m, ok := mountinfo.Top(ms, target); ok && strings.HasPrefix(m.FSType, "nfs") {
+			knob := fmt.Sprintf("/sys/fs/nfs/%d:%d/shutdown", m.Major, m.Minor)
+			if err := os.WriteFile(knob, []byte("1\n"), 0); err == nil {
+				log.Info("shut the NFS client of a dead server's mount down", "dir", target, "knob", knob)
+			}
+		}
+	}
+	err := unix.Unmount(target, unix.MNT_FORCE|unix.UMOUNT_NOFOLLOW)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EBUSY) && !errors.Is(err, unix.EINTR) {
+		log.Warn("forced unmount", "dir", target, "err", err)
+	}
+	return overlay.Detach(ctx, target)
+}
 
 func (s *System) Mounts() ([]mountinfo.Mount, error) { return mountinfo.Read() }
 

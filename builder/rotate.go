@@ -6,7 +6,44 @@ import (
 	"os"
 	"slices"
 	"time"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/nixstore"
 )
+
+// hasGeneration reports whether l lists generation id (with registration
+// sha256 sha, unless sha is empty).
+func hasGeneration(l api.GenerationList, id uint64, sha string) bool {
+	return slices.ContainsFunc(l.Generations, func(g api.Generation) bool {
+		return g.ID == id && (sha == "" || g.RegistrationSHA256 == sha)
+	})
+}
+
+// registrationSHA returns the registration sha256 l lists for generation
+// id ("" if none).
+func registrationSHA(l api.GenerationList, id uint64) string {
+	for _, g := range l.Generations {
+		if g.ID == id {
+			return g.RegistrationSHA256
+		}
+	}
+	return ""
+}
+
+// endpointOf is the server lower x is mounted from (the server in use
+// when the state does not say).
+func (a *Agent) endpointOf(x Lower) Endpoint {
+	cur := a.Current()
+	if x.Server == "" || normAPI(x.Server) == normAPI(cur.API) {
+		return cur
+	}
+	for _, c := range a.dir.Candidates() {
+		if normAPI(c.API) == normAPI(x.Server) {
+			return c.Endpoint
+		}
+	}
+	return Endpoint{Name: x.Server, API: x.Server}
+}
 
 // Rotate moves the store dir from the current generation N to gen:
 //
@@ -31,7 +68,25 @@ import (
 // and the DB stays closed under references). An error while importing
 // leaves the new overlay with the state at Importing; the next Check
 // imports the full registration again.
-func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
+//
+// Rotate goes through the server in use; rotateVia through another one,
+// which becomes the server in use once the new overlay serves.
+func (a *Agent) Rotate(ctx context.Context, gen uint64) error {
+	e := a.Current()
+	l, err := a.list(ctx, e)
+	if err != nil {
+		return fmt.Errorf("rotate to generation %d: %w", gen, err)
+	}
+	return a.rotateVia(ctx, e, l, gen)
+}
+
+// rotateVia rotates to generation gen of server e, whose live generations
+// are l. When e does not have the mounted generation (a failover to a
+// server without it), the delta is worked out here: the paths leaving are
+// the mounted generation's (its GC root lists them) that gen does not
+// have, and gen's whole path rows are imported (only paths not valid yet
+// are registered).
+func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList, gen uint64) (err error) {
 	st := a.State()
 	if st.Phase != PhaseIdle {
 		return fmt.Errorf("rotate to generation %d: agent is %s, not idle", gen, st)
@@ -63,21 +118,42 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 		}
 	}()
 
-	d, err := a.srv.Delta(ctx, cur, gen)
-	if err != nil {
-		return fmt.Errorf("fetch delta: %w", err)
-	}
-	addedRows, err := a.rows(ctx, gen, cur)
-	if err != nil {
-		return err
+	srv := a.dir.Client(e)
+	var d api.Delta
+	var addedRows, wholeRows *nixstore.Rows
+	if hasGeneration(l, cur, "") {
+		if d, err = srv.Delta(ctx, cur, gen); err != nil {
+			return fmt.Errorf("fetch delta: %w", err)
+		}
+		if addedRows, err = a.rowsFrom(ctx, srv, gen, cur); err != nil {
+			return err
+		}
+	} else {
+		var prev []string
+		root, err := os.Readlink(a.cfg.gcRootLink())
+		if err == nil && a.rooted(ctx) {
+			prev, err = a.nix.References(ctx, root)
+		}
+		if err != nil || len(prev) == 0 {
+			return fmt.Errorf("server %s does not have generation %d, and this builder's GC root does not list its paths (%v): cannot tell which paths leave", e, cur, err)
+		}
+		if wholeRows, err = a.rowsFrom(ctx, srv, gen, 0); err != nil {
+			return err
+		}
+		addedRows = wholeRows
+		d = api.Delta{From: cur, To: gen, Removed: without(without(prev, []string{root}), rowPaths(wholeRows))}
+		a.log.Info("server does not have the mounted generation; importing the new one whole", "server", e.String(),
+			"mounted", cur, "generation", gen, "leaving", len(d.Removed))
 	}
 	added := addedRows.Paths
 	if err := a.transition(func(s *State) { s.Phase, s.Target = PhaseMounting, gen }); err != nil {
 		return err
 	}
-	if err := a.ensureLower(ctx, gen); err != nil {
+	top, err := a.ensureLower(ctx, e, gen)
+	if err != nil {
 		return err
 	}
+	top.SHA256 = registrationSHA(l, gen)
 
 	// Paths leaving, each with the generation whose lower holds it.
 	cands := map[string]uint64{}
@@ -107,7 +183,7 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 		refs[p] = slices.DeleteFunc(rs, isRootPath)
 	}
 	plan := planRemoval(cands, valid, refs, func(p string) bool { return localHolds(a.cfg.upperDir(), a.cfg.localDir(), p) })
-	next := []Lower{{Gen: gen}}
+	next := []Lower{top}
 	var keptGens []uint64
 	for g := range plan.Keep {
 		keptGens = append(keptGens, g)
@@ -115,7 +191,12 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	slices.Sort(keptGens)
 	slices.Reverse(keptGens)
 	for _, g := range keptGens {
-		next = append(next, Lower{Gen: g, Kept: plan.Keep[g]})
+		x := Lower{Gen: g}
+		if i := slices.IndexFunc(st.Lowers, func(l Lower) bool { return l.Gen == g }); i >= 0 {
+			x = st.Lowers[i]
+		}
+		x.Kept = plan.Keep[g]
+		next = append(next, x)
 	}
 	// No garbage collection from here until the new paths are registered
 	// and rooted (see gcroot.go): the current root goes with the paths
@@ -137,15 +218,17 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 		a.log.Info("paths left the central store", "invalidated", len(plan.Invalidate),
 			"kept_in_upper", len(plan.InUpper), "kept_through_old_lowers", keptGens)
 	}
-	for _, x := range next[1:] {
-		if err := a.ensureLower(ctx, x.Gen); err != nil {
+	for i, x := range next[1:] {
+		k, err := a.ensureLower(ctx, a.endpointOf(x), x.Gen)
+		if err != nil {
 			return err
 		}
+		next[i+1].Server, next[i+1].Dir = k.Server, k.Dir
 	}
 	if err := a.ensureLocal(ctx); err != nil {
 		return err
 	}
-	repaired, err := a.repairHidden(a.cfg.lowerDir(gen))
+	repaired, err := a.repairHidden(a.lowerPath(top))
 	if err != nil {
 		return err
 	}
@@ -157,11 +240,11 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 		os.Remove(work)
 		return err
 	}
-	l := a.layers(next, work)
-	res, err := a.m.Swap(ctx, a.cfg.StoreDir, l)
-	if err != nil && !res.Switched && mayBeMetacopy(err, l) {
-		l.Metacopy = false
-		if res2, err2 := a.m.Swap(ctx, a.cfg.StoreDir, l); err2 == nil || res2.Switched {
+	ol := a.layers(next, work)
+	res, err := a.m.Swap(ctx, a.cfg.StoreDir, ol)
+	if err != nil && !res.Switched && mayBeMetacopy(err, ol) {
+		ol.Metacopy = false
+		if res2, err2 := a.m.Swap(ctx, a.cfg.StoreDir, ol); err2 == nil || res2.Switched {
 			a.metacopyOff(err)
 			res, err = res2, err2
 		}
@@ -177,12 +260,17 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	}
 	method := res.Method
 	swapTook := time.Since(began)
+	old := a.Current()
 	a.mu.Lock()
 	a.method = method
+	a.cur = e
 	a.mu.Unlock()
 	a.log.Info("swapped overlay", "from", cur, "to", gen, "method", method.String(), "lowers", gens(next))
+	if normAPI(old.API) != normAPI(e.API) {
+		a.log.Info("the store dir now serves generations of another server", "from", old.String(), "to", e.String(), "generation", gen)
+	}
 	if err := a.transition(func(s *State) {
-		s.Phase, s.Generation, s.Lowers, s.PrevWork, s.Work = PhaseImporting, gen, next, s.Work, work
+		s.Phase, s.Generation, s.Lowers, s.PrevWork, s.Work, s.Server = PhaseImporting, gen, next, s.Work, work, e
 	}); err != nil {
 		return err
 	}
@@ -190,10 +278,11 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) (err error) {
 	// transaction: the previous root minus the removed plus the added; or
 	// every path of the generation when there is no previous root or
 	// hidden paths were repaired (then all of them are imported again;
-	// only paths not valid are registered).
-	toLoad, full := addedRows, len(repaired) > 0 || !rooted
-	if full {
-		if toLoad, err = a.rows(ctx, gen, 0); err != nil {
+	// only paths not valid are registered), or when the server did not
+	// have the mounted generation (the rows are the whole generation).
+	toLoad, full := addedRows, wholeRows != nil || len(repaired) > 0 || !rooted
+	if full && wholeRows == nil {
+		if toLoad, err = a.rowsFrom(ctx, srv, gen, 0); err != nil {
 			return fmt.Errorf("import: %w", err)
 		}
 	}

@@ -17,12 +17,17 @@ import (
 // registration text (or the delta's added part) stands in, without
 // signatures or content addresses, and the log says so.
 func (a *Agent) rows(ctx context.Context, gen, from uint64) (*nixstore.Rows, error) {
-	body, err := a.srv.Paths(ctx, gen, from)
+	return a.rowsFrom(ctx, a.client(), gen, from)
+}
+
+// rowsFrom is rows from server srv.
+func (a *Agent) rowsFrom(ctx context.Context, srv Server, gen, from uint64) (*nixstore.Rows, error) {
+	body, err := srv.Paths(ctx, gen, from)
 	var se *api.StatusError
 	if errors.As(err, &se) && se.Code == http.StatusNotFound {
 		a.log.Warn("server has no path rows for this generation; importing its registration (no signatures or ca)",
 			"generation", gen, "from", from, "reason", se.Message)
-		return a.registrationRows(ctx, gen, from)
+		return a.registrationRows(ctx, srv, gen, from)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("fetch path rows of generation %d: %w", gen, err)
@@ -38,15 +43,15 @@ func (a *Agent) rows(ctx context.Context, gen, from uint64) (*nixstore.Rows, err
 	return rs, nil
 }
 
-func (a *Agent) registrationRows(ctx context.Context, gen, from uint64) (*nixstore.Rows, error) {
+func (a *Agent) registrationRows(ctx context.Context, srv Server, gen, from uint64) (*nixstore.Rows, error) {
 	if from == 0 {
-		infos, err := a.registration(ctx, gen)
+		infos, err := a.registration(ctx, srv, gen)
 		if err != nil {
 			return nil, err
 		}
 		return nixstore.RowsFromInfos(infos), nil
 	}
-	d, err := a.srv.Delta(ctx, from, gen)
+	d, err := srv.Delta(ctx, from, gen)
 	if err != nil {
 		return nil, fmt.Errorf("fetch delta: %w", err)
 	}

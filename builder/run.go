@@ -11,8 +11,9 @@ import (
 // 1 min while the server is unreachable or a mount fails; the agent is not
 // READY meanwhile), sends READY=1, then checks for a newer generation every
 // rotate.check_interval, on Wake (gossip) and on RequestRotation until ctx
-// ends. It returns nil when ctx is cancelled: mounts stay for the next
-// start.
+// ends. Once ready, with failover.after set, a monitor watches the server
+// in use and the loop fails over when it asks (see Failover). It returns
+// nil when ctx is cancelled: mounts stay for the next start.
 func (a *Agent) Run(ctx context.Context) error {
 	backoff := time.Second
 	for {
@@ -36,7 +37,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		backoff = min(2*backoff, time.Minute)
 	}
-	a.log.Info("ready", "generation", a.State().Generation, "store", a.cfg.StoreDir)
+	a.log.Info("ready", "generation", a.State().Generation, "store", a.cfg.StoreDir, "server", a.Current().String())
+	if a.cfg.FailoverAfter > 0 {
+		mctx, stop := context.WithCancel(ctx)
+		defer stop()
+		go a.monitor(mctx)
+	}
 
 	t := time.NewTicker(a.cfg.CheckInterval)
 	defer t.Stop()
@@ -58,9 +64,17 @@ func (a *Agent) Run(ctx context.Context) error {
 			if err != nil && ctx.Err() == nil && !errors.Is(err, ErrBusy) {
 				a.log.Warn("check for a newer generation (announced by gossip)", "err", err)
 			}
-		case reply := <-a.rotateReq:
+		case r := <-a.rotateReq:
 			a.step.Begin()
-			reply <- a.Check(ctx, true)
+			if r.server != "" {
+				r.reply <- a.SwitchServer(ctx, r.server)
+			} else {
+				r.reply <- a.Check(ctx, true)
+			}
+			a.step.End()
+		case r := <-a.failover:
+			a.step.Begin()
+			r.reply <- a.Failover(ctx, r.reason)
 			a.step.End()
 		}
 	}
@@ -73,7 +87,11 @@ var ErrBusy = errors.New("a build is running; rotation deferred")
 // it is newer than the mounted one. With the idle policy it first waits
 // for no build to run (Busy), at most rotate.max_wait from the first time
 // it deferred; force skips the policy. An import left unfinished by an
-// earlier failure is retried first.
+// earlier failure is retried first. When a server ranked above the one in
+// use (server.prefer, RTT) has a generation newer than the mounted one and
+// at least as new as the one in use has, the rotation goes through it,
+// and it becomes the server in use: that is the only time the agent goes
+// back to a preferred server by itself.
 func (a *Agent) Check(ctx context.Context, force bool) error {
 	if st := a.State(); st.Phase == PhaseImporting {
 		unlock, err := a.gcLock(ctx)
@@ -98,7 +116,16 @@ func (a *Agent) Check(ctx context.Context, force bool) error {
 	if len(l.Generations) == 0 {
 		return nil
 	}
+	via, vl := a.Current(), l
 	newest := l.Generations[len(l.Generations)-1].ID
+	if cs := a.dir.Candidates(); len(cs) > 0 && normAPI(cs[0].API) != normAPI(via.API) {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		bl, err := a.dir.Client(cs[0].Endpoint).Generations(pctx)
+		cancel()
+		if n := len(bl.Generations); err == nil && n > 0 && bl.Generations[n-1].ID >= newest && bl.Generations[n-1].ID > a.State().Generation {
+			via, vl, newest = cs[0].Endpoint, bl, bl.Generations[n-1].ID
+		}
+	}
 	if newest <= a.State().Generation {
 		return nil
 	}
@@ -125,15 +152,17 @@ func (a *Agent) Check(ctx context.Context, force bool) error {
 	a.mu.Lock()
 	a.waitSince = time.Time{}
 	a.mu.Unlock()
-	return a.Rotate(ctx, newest)
+	return a.rotateVia(ctx, via, vl, newest)
 }
 
 // RequestRotation asks the running agent to check for a newer generation
 // now and rotate to it regardless of the policy, and waits for the result.
-func (a *Agent) RequestRotation(ctx context.Context) error {
+// With server set (a gossip member name or an API URL) it moves to that
+// server instead (SwitchServer).
+func (a *Agent) RequestRotation(ctx context.Context, server string) error {
 	reply := make(chan error, 1)
 	select {
-	case a.rotateReq <- reply:
+	case a.rotateReq <- rotateRequest{server: server, reply: reply}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}

@@ -42,13 +42,21 @@ func (a *Agent) Start(ctx context.Context) error {
 	forward := st.Target != 0 && (st.Phase == PhaseSwapping || st.Phase == PhaseImporting ||
 		(st.Phase == PhaseMounting && st.Generation == 0))
 
+	// isTarget: l is the top lower of the overlay the rotation (or
+	// failover: same generation, another server) was swapping to.
+	isTarget := func(l Lower) bool {
+		if len(st.Next) > 0 {
+			return l.name() == st.Next[0].name()
+		}
+		return l.Gen == st.Target
+	}
 	all, top, hasTop := a.ourOverlays(ms)
 	if hasTop && forward {
-		if g, _, err := a.lowersOf(top); err == nil && g[0] != st.Target {
+		if g, _, err := a.lowersOf(top); err == nil && !isTarget(g[0]) {
 			for _, m := range all {
-				if mg, _, err := a.lowersOf(m); err == nil && m.ID != top.ID && mg[0] == st.Target {
+				if mg, _, err := a.lowersOf(m); err == nil && m.ID != top.ID && isTarget(mg[0]) {
 					a.log.Warn("completing an interrupted swap: detaching the old overlay above the new one",
-						"old", g[0], "new", st.Target)
+						"old", g[0].name(), "new", mg[0].name())
 					if err := a.m.Detach(ctx, a.cfg.StoreDir); err != nil {
 						return fmt.Errorf("start: complete interrupted swap: %w", err)
 					}
@@ -71,26 +79,36 @@ func (a *Agent) Start(ctx context.Context) error {
 			return fmt.Errorf("start: adopt overlay at %s: %w", a.cfg.StoreDir, err)
 		}
 		lowers := lowersFor(lg, st)
-		if st.Generation != 0 && lg[0] == st.Generation && lg[0] != st.Target {
+		// The overlay serves the generation the state names and no
+		// rotation to it is unfinished (a failover cut short, before or
+		// after its swap, is Swapping with Target the same generation:
+		// nothing to import): adopt it with the server its top lower
+		// comes from.
+		failover := st.Phase == PhaseSwapping && st.Target == st.Generation
+		if st.Generation != 0 && lg[0].Gen == st.Generation && (lg[0].Gen != st.Target || failover) {
+			e := a.endpointOf(lg[0])
+			a.mu.Lock()
+			a.cur = e
+			a.mu.Unlock()
 			if st.Phase == PhaseIdle || st.Phase == PhaseReleasing {
-				a.log.Info("re-adopted mounted overlay", "generation", lg[0], "lowers", lg, "mount_id", top.ID)
+				a.log.Info("re-adopted mounted overlay", "generation", lg[0].Gen, "lowers", gens(lg), "mount_id", top.ID)
 			} else {
-				a.log.Warn("re-adopted mounted overlay; abandoning the interrupted rotation", "generation", lg[0],
+				a.log.Warn("re-adopted mounted overlay; abandoning the interrupted rotation", "generation", lg[0].Gen,
 					"state", st.String())
 			}
 			if err := a.transition(func(s *State) {
-				s.Phase, s.Lowers, s.Work, s.Target, s.Next = PhaseReleasing, lowers, work, 0, nil
+				s.Phase, s.Lowers, s.Work, s.Target, s.Next, s.Server = PhaseReleasing, lowers, work, 0, nil, e
 			}); err != nil {
 				return err
 			}
 			if !a.rooted(ctx) {
 				// A rotation cut short after it dropped the old root.
-				a.log.Warn("the mounted generation has no valid GC root; importing and rooting it again", "generation", lg[0])
+				a.log.Warn("the mounted generation has no valid GC root; importing and rooting it again", "generation", lg[0].Gen)
 				unlock, err := a.gcLock(ctx)
 				if err != nil {
 					return fmt.Errorf("start: %w", err)
 				}
-				err = a.importFull(ctx, lg[0])
+				err = a.importFull(ctx, lg[0].Gen)
 				unlock()
 				if err != nil {
 					return fmt.Errorf("start: %w", err)
@@ -99,13 +117,13 @@ func (a *Agent) Start(ctx context.Context) error {
 		} else {
 			// The swap to Target happened (or the state file does not know
 			// this overlay): finish importing.
-			a.log.Warn("re-adopted mounted overlay; finishing its import", "generation", lg[0], "state", st.String())
+			a.log.Warn("re-adopted mounted overlay; finishing its import", "generation", lg[0].Gen, "state", st.String())
 			prev := st.Work
 			if prev == work {
 				prev = st.PrevWork
 			}
 			if err := a.transition(func(s *State) {
-				s.Phase, s.Generation, s.Lowers, s.Work, s.PrevWork, s.Target = PhaseImporting, lg[0], lowers, work, prev, lg[0]
+				s.Phase, s.Generation, s.Lowers, s.Work, s.PrevWork, s.Target = PhaseImporting, lg[0].Gen, lowers, work, prev, lg[0].Gen
 			}); err != nil {
 				return err
 			}
@@ -113,7 +131,7 @@ func (a *Agent) Start(ctx context.Context) error {
 			if err != nil {
 				return fmt.Errorf("start: %w", err)
 			}
-			err = a.importFull(ctx, lg[0])
+			err = a.importFull(ctx, lg[0].Gen)
 			unlock()
 			if err != nil {
 				return fmt.Errorf("start: %w", err)
@@ -154,13 +172,21 @@ func (a *Agent) Start(ctx context.Context) error {
 	if err := a.transition(func(s *State) { s.Phase, s.Target, s.Next = PhaseMounting, g, want }); err != nil {
 		return err
 	}
-	if err := a.releaseLowers(ctx, gens(want)); err != nil {
+	// Every lower comes from the server in use (it may differ from the
+	// one the state names after a restart while that one was down).
+	e := a.Current()
+	for i := range want {
+		want[i].Server, want[i].Dir, want[i].SHA256 = e.API, "", registrationSHA(l, want[i].Gen)
+	}
+	if err := a.releaseLowers(ctx, want, nil); err != nil {
 		a.log.Warn("release stale lowers", "err", err)
 	}
-	for _, x := range want {
-		if err := a.ensureLower(ctx, x.Gen); err != nil {
+	for i, x := range want {
+		k, err := a.ensureLower(ctx, e, x.Gen)
+		if err != nil {
 			return fmt.Errorf("start: %w", err)
 		}
+		want[i].Dir = k.Dir
 	}
 	// No garbage collection from before the overlay is mounted until its
 	// paths are registered and rooted: it would delete them as invalid.
@@ -169,7 +195,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		return fmt.Errorf("start: %w", err)
 	}
 	defer unlock()
-	if _, err := a.repairHidden(a.cfg.lowerDir(g)); err != nil {
+	if _, err := a.repairHidden(a.lowerPath(want[0])); err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
 	work, err := newWorkdir(a.cfg, g)
@@ -191,9 +217,9 @@ func (a *Agent) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
-	a.log.Info("mounted overlay", "store", a.cfg.StoreDir, "generation", g, "lowers", gens(want))
+	a.log.Info("mounted overlay", "store", a.cfg.StoreDir, "generation", g, "lowers", gens(want), "server", e.String())
 	if err := a.transition(func(s *State) {
-		s.Phase, s.Generation, s.Lowers, s.PrevWork, s.Work = PhaseImporting, g, want, "", work
+		s.Phase, s.Generation, s.Lowers, s.PrevWork, s.Work, s.Server = PhaseImporting, g, want, "", work, e
 	}); err != nil {
 		return err
 	}
@@ -212,20 +238,19 @@ func (a *Agent) Start(ctx context.Context) error {
 	return nil
 }
 
-// lowersFor pairs the generations of a mounted overlay with the kept
-// paths the state knows for them.
-func lowersFor(gs []uint64, st State) []Lower {
-	known := map[uint64][]string{}
+// lowersFor pairs the lowers of a mounted overlay with what the state
+// knows of their mountpoints (kept paths, registration sha256).
+func lowersFor(ls []Lower, st State) []Lower {
+	known := map[string]Lower{}
 	for _, l := range append(slices.Clone(st.Lowers), st.Next...) {
-		if len(l.Kept) > 0 {
-			known[l.Gen] = l.Kept
-		}
+		known[l.name()] = l
 	}
-	out := make([]Lower, len(gs))
-	for i, g := range gs {
-		out[i] = Lower{Gen: g}
+	out := slices.Clone(ls)
+	for i := range out {
+		k := known[out[i].name()]
+		out[i].SHA256 = k.SHA256
 		if i > 0 {
-			out[i].Kept = known[g]
+			out[i].Kept = k.Kept
 		}
 	}
 	return out
@@ -273,7 +298,7 @@ func without(ps, drop []string) []string {
 // marks the state Idle.
 func (a *Agent) release(ctx context.Context) error {
 	st := a.State()
-	if err := a.releaseLowers(ctx, gens(st.Lowers)); err != nil {
+	if err := a.releaseLowers(ctx, st.Lowers, nil); err != nil {
 		a.log.Warn("release old lowers", "err", err)
 	}
 	a.pruneWorkdirs(st.Work, st.PrevWork)

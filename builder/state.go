@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/strata-nix/strata/internal/atomicfile"
@@ -72,6 +73,41 @@ func (p *Phase) UnmarshalText(b []byte) error {
 type Lower struct {
 	Gen  uint64   `json:"gen"`
 	Kept []string `json:"kept,omitempty"`
+	// Server is the API URL of the server the lower is mounted from
+	// (empty in a state file written before failover existed: the server
+	// in use). Dir is its mountpoint's name under lower/ (empty: "<Gen>");
+	// the same generation from another server is mounted at
+	// "<Gen>@<server>" (see Agent.ensureLower).
+	Server string `json:"server,omitempty"`
+	Dir    string `json:"dir,omitempty"`
+	// SHA256 is the generation's registration sha256 as its server
+	// listed it: a failover moves only to a server whose generation has
+	// the same.
+	SHA256 string `json:"registration_sha256,omitempty"`
+}
+
+// name is the lower's mountpoint name under lower/.
+func (l Lower) name() string {
+	if l.Dir != "" {
+		return l.Dir
+	}
+	return strconv.FormatUint(l.Gen, 10)
+}
+
+// Failover is one move of the store dir's lowers from one server to
+// another (see Agent.Failover).
+type Failover struct {
+	At   time.Time `json:"at"`
+	From string    `json:"from"`
+	To   string    `json:"to"`
+	// Reason says why: the dead server's symptom, or "requested".
+	Reason string `json:"reason"`
+	// Generation is the generation served after the move; Rotated is set
+	// when the other server did not have the mounted one and the move was
+	// a rotation to its newest.
+	Generation uint64        `json:"generation"`
+	Rotated    bool          `json:"rotated,omitempty"`
+	Took       time.Duration `json:"took"`
 }
 
 // State is what the agent persists in <state_dir>/state.json after every
@@ -98,6 +134,16 @@ type State struct {
 	PathsImported        int           `json:"paths_imported"`
 	PathsInvalidated     int           `json:"paths_invalidated"`
 	LastError            string        `json:"last_error,omitempty"`
+
+	// Server is the server in use (its gossip name and API URL): it stays
+	// the one in use across restarts, until a failover or a rotation
+	// through another server (rotate --server, or the next rotation when a
+	// more preferred server has the new generation).
+	Server Endpoint `json:"server,omitzero"`
+	// Failovers counts the automatic failovers; LastFailover is the newest
+	// server change, automatic or requested.
+	Failovers    int       `json:"failovers,omitempty"`
+	LastFailover *Failover `json:"last_failover,omitempty"`
 }
 
 // String is the state as logs and status show it: "idle(3)",

@@ -122,6 +122,9 @@ type member struct {
 	since    time.Time // when state began
 	lastSeen time.Time
 	known    bool // seen by memberlist (else only learned from push/pull)
+	// rtt is the smoothed round-trip time of this node's direct probes of
+	// the member (memberlist's ping delegate; 0: none yet).
+	rtt time.Duration
 }
 
 // Node is a running member.
@@ -193,6 +196,7 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 	mc.LogOutput = n.mlLog
 	mc.Delegate = (*delegate)(n)
 	mc.Events = (*events)(n)
+	mc.Ping = (*pings)(n)
 	if cfg.Tune != nil {
 		cfg.Tune(mc)
 	}
@@ -493,6 +497,27 @@ func (e *events) NotifyJoin(nd *memberlist.Node)   { e.note(nd, StateAlive) }
 func (e *events) NotifyUpdate(nd *memberlist.Node) { e.note(nd, StateAlive) }
 func (e *events) NotifyLeave(nd *memberlist.Node)  { e.note(nd, StateDead) }
 
+// pings implements memberlist.PingDelegate: it keeps each member's
+// round-trip time, smoothed (7/8 old, 1/8 new), from memberlist's direct
+// probes (one member per ProbeInterval, 1 s on a LAN). Builders rank
+// servers by it.
+type pings Node
+
+func (p *pings) AckPayload() []byte { return nil }
+
+func (p *pings) NotifyPingComplete(nd *memberlist.Node, rtt time.Duration, _ []byte) {
+	n := (*Node)(p)
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if m := n.members[nd.Name]; m != nil {
+		if m.rtt == 0 {
+			m.rtt = rtt
+		} else {
+			m.rtt = (7*m.rtt + rtt) / 8
+		}
+	}
+}
+
 // loop joins the seeds (backoff 1 s to 30 s until one answers), then
 // re-joins lost seeds every RejoinInterval and keeps last-seen times.
 func (n *Node) loop() {
@@ -688,6 +713,20 @@ type Server struct {
 	Newest uint64
 	// Replica: the server is a replica of another (publishes nothing).
 	Replica bool
+	// RTT is the smoothed round-trip time of this node's probes of the
+	// server (0: not probed yet).
+	RTT time.Duration
+}
+
+// MemberState returns what this node knows of member name's liveness.
+func (n *Node) MemberState(name string) (MemberState, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	m := n.members[name]
+	if m == nil || !m.known {
+		return 0, false
+	}
+	return m.state, true
 }
 
 // Servers returns the alive server members, the ones with the newest
@@ -700,7 +739,7 @@ func (n *Node) Servers() []Server {
 		if m.meta.Role != RoleServer || (m.state != StateAlive && m.state != StateSuspect) || !m.known {
 			continue
 		}
-		out = append(out, Server{Name: name, API: m.meta.API, NFS: m.meta.NFS, Newest: n.states[name].Newest(), Replica: m.meta.Replica})
+		out = append(out, Server{Name: name, API: m.meta.API, NFS: m.meta.NFS, Newest: n.states[name].Newest(), Replica: m.meta.Replica, RTT: m.rtt})
 	}
 	slices.SortFunc(out, func(a, b Server) int {
 		if a.Newest != b.Newest {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 
@@ -64,13 +65,19 @@ YAML file is also an environment variable STRATA_SECTION_KEY and a flag
 }
 
 func newBuilderRotateCmd() *cobra.Command {
-	var addr, tokenFile string
+	var addr, tokenFile, server string
 	var jsonOut bool
 	cmd := &cobra.Command{
 		Use:   "rotate",
 		Short: "Make the local builder agent rotate to the server's newest generation now",
 		Long: `Ask the local builder agent to check for a newer generation and rotate to it
-now, whatever rotate.policy says, and wait for the result.`,
+now, whatever rotate.policy says, and wait for the result.
+
+With --server X (a gossip member name or an API URL the builder knows), move
+to server X instead: rotate through it to its newest generation when that is
+newer than the mounted one, else serve the mounted generation from X (the
+same atomic swap as a failover; X must serve it with the same registration).
+X stays the server in use until the next failover or rotate --server.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if addr == "" {
@@ -89,19 +96,24 @@ now, whatever rotate.policy says, and wait for the result.`,
 			}
 			var st builder.Status
 			c := api.NewClient(addr, token)
-			if err := c.Do(context.WithoutCancel(cmd.Context()), http.MethodPost, "/v1/rotate", &st); err != nil {
+			path := "/v1/rotate"
+			if server != "" {
+				path += "?server=" + url.QueryEscape(server)
+			}
+			if err := c.Do(context.WithoutCancel(cmd.Context()), http.MethodPost, path, &st); err != nil {
 				return err
 			}
 			if jsonOut {
 				return printJSON(cmd.OutOrStdout(), st)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "generation %d (%s), last rotation took %s, %d paths imported\n",
-				st.Generation, st.State, st.LastRotationDuration, st.PathsImported)
+			fmt.Fprintf(cmd.OutOrStdout(), "generation %d (%s) from server %s, last rotation took %s, %d paths imported\n",
+				st.Generation, st.State, st.ServerName, st.LastRotationDuration, st.PathsImported)
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&addr, "api", "", "builder API: unix:/path or host:port (default unix:"+defaultBuilderSocket+"; env STRATA_API)")
 	cmd.Flags().StringVar(&tokenFile, "token-file", "", "bearer token file, for TCP")
 	cmd.Flags().BoolVar(&jsonOut, "json", false, "print the status as JSON")
+	cmd.Flags().StringVar(&server, "server", "", "move to this server (gossip member name or API URL) now")
 	return cmd
 }

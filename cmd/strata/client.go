@@ -343,7 +343,7 @@ func addedPaths(reg string) []string {
 
 func printStatus(w io.Writer, st map[string]any) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	for _, k := range []string{"role", "latest", "generation", "server", "state", "nfs", "backend", "last_rotation", "last_error", "missing", "problems"} {
+	for _, k := range []string{"role", "latest", "generation", "server", "server_name", "state", "nfs", "backend", "last_rotation", "last_error", "missing", "problems"} {
 		if v, ok := st[k]; ok && v != nil && v != "" {
 			fmt.Fprintf(tw, "%s:\t%v\n", k, v)
 		}
@@ -363,6 +363,26 @@ func printStatus(w io.Writer, st map[string]any) error {
 				}
 				fmt.Fprintf(tw, "retention waits:\t%s\n", line)
 			}
+		}
+	}
+	// A builder's failovers: the monitor's view and the last server change.
+	if f, ok := st["failover"].(map[string]any); ok {
+		n, _ := f["count"].(float64)
+		line := fmt.Sprintf("after %v; %d automatic so far", f["after"], int(n))
+		if since, ok := f["unanswered_since"].(string); ok {
+			line += fmt.Sprintf("; the server in use has not answered since %s (%v)", since, f["reason"])
+		}
+		fmt.Fprintf(tw, "failover:\t%s\n", line)
+		if l, ok := f["last"].(map[string]any); ok {
+			how := "same generation"
+			if r, _ := l["rotated"].(bool); r {
+				how = "rotated"
+			}
+			fmt.Fprintf(tw, "last server change:\t%v: %v -> %v, generation %v (%s), took %v: %v\n",
+				l["at"], l["from"], l["to"], l["generation"], how, l["took"], l["reason"])
+		}
+		if c, ok := f["candidates"].([]any); ok && len(c) > 0 {
+			fmt.Fprintf(tw, "servers (best first):\t%v\n", c)
 		}
 	}
 	// A builder's upper: its size and what it holds from the lowers.

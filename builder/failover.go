@@ -1,0 +1,417 @@
+package builder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/strata-nix/strata/api"
+	"golang.org/x/sys/unix"
+)
+
+// Failover. The agent watches the server in use (monitor): its API
+// (GET /v1/generations) and its NFS export as this builder's kernel sees
+// it (statfs of the top lower, which always asks the server, in a goroutine
+// of its own: the mount is hard, so a call to a dead server blocks until
+// the server returns or the mount is forced off). When both have answered
+// nothing else is done. When either has gone unanswered for failover.after
+// without a break, or at once when gossip declares the server dead and its
+// API does not answer, the agent fails over (Failover):
+//
+//  1. It asks the other servers, best first (server.prefer, then gossip
+//     RTT), for their generations, and takes the first one that serves
+//     every generation of the overlay's lowers with the same registration
+//     sha256.
+//  2. It mounts those generations from that server (lower/<N>@<server>)
+//     and swaps the overlay to them exactly as a rotation does (same upper,
+//     fresh workdir, overlay.Swap): no import, the registration is the
+//     same. Path lookups see the new overlay at once.
+//  3. It force-unmounts the dead server's lowers (Mounter.ForceUnmount), so
+//     that nothing waits on them for ever; what processes holding files
+//     open on them see is in the README (Failover).
+//
+// When no other server serves the mounted generation, the agent rotates to
+// the newest generation of the first other server that answers (a normal
+// rotation through it, the delta worked out locally) and says so. The
+// server in use then stays the one in use, even when the old one comes
+// back (no flapping), until a rotation finds a more preferred server with
+// the new generation, or `strata builder rotate --server X`.
+
+// health is the server in use as the monitor last saw it.
+type health struct {
+	// Since is when the current run of unanswered probes began (zero:
+	// the last probe was answered).
+	Since time.Time
+	// Reason describes the last failed probe.
+	Reason string
+}
+
+type failoverRequest struct {
+	reason string
+	reply  chan error
+}
+
+type rotateRequest struct {
+	server string // rotate --server: move to this server
+	reply  chan error
+}
+
+// probeInterval is how often the monitor probes the server in use:
+// failover.after / 5, between 200 ms and 5 s.
+func probeInterval(after time.Duration) time.Duration {
+	return min(max(after/5, 200*time.Millisecond), 5*time.Second)
+}
+
+// shouldFailover decides from one probe: the run of failures began at
+// since (zero: none), apiErr and nfsErr are this probe's failures, dead
+// whether gossip declares the server dead. It returns whether to fail
+// over now and the reason.
+func shouldFailover(now, since time.Time, after time.Duration, apiErr, nfsErr error, dead bool, deadWhy string) (bool, string) {
+	if apiErr == nil && nfsErr == nil {
+		return false, ""
+	}
+	var why []string
+	if dead {
+		why = append(why, deadWhy)
+	}
+	if apiErr != nil {
+		why = append(why, "api: "+apiErr.Error())
+	}
+	if nfsErr != nil {
+		why = append(why, "nfs: "+nfsErr.Error())
+	}
+	reason := strings.Join(why, "; ")
+	if dead && apiErr != nil {
+		return true, reason
+	}
+	if after > 0 && !since.IsZero() && now.Sub(since) >= after {
+		return true, fmt.Sprintf("unanswered for %s: %s", now.Sub(since).Round(100*time.Millisecond), reason)
+	}
+	return false, reason
+}
+
+// lowerProbe is one statfs of a lower, in its own goroutine (it may block
+// until the mount is forced off).
+type lowerProbe struct {
+	dir   string
+	began time.Time
+	done  chan error
+}
+
+// statfsLower asks the NFS server of the mount at dir for its file system
+// statistics (NFSv3 FSSTAT: never answered from the client's cache).
+func statfsLower(dir string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", dir, err)
+	}
+	return nil
+}
+
+// monitor probes the server in use every probeInterval and asks the
+// agent's loop to fail over when shouldFailover says so, until ctx ends.
+func (a *Agent) monitor(ctx context.Context) {
+	every := probeInterval(a.cfg.FailoverAfter)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var probe *lowerProbe
+	var lastFail time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		st := a.State()
+		if !a.Ready() || len(st.Lowers) == 0 || (st.Phase != PhaseIdle && st.Phase != PhaseImporting) {
+			continue
+		}
+		e := a.Current()
+		dir := a.lowerPath(st.Lowers[0])
+		if probe == nil || probe.dir != dir {
+			probe = &lowerProbe{dir: dir, began: time.Now(), done: make(chan error, 1)}
+			go func(p *lowerProbe) { p.done <- a.probeLower(p.dir) }(probe)
+		}
+		var nfsErr error
+		select {
+		case err := <-probe.done:
+			nfsErr, probe = err, nil
+		case <-time.After(min(every, time.Second)):
+			nfsErr = fmt.Errorf("statfs %s unanswered for %s", dir, time.Since(probe.began).Round(100*time.Millisecond))
+		}
+		pctx, cancel := context.WithTimeout(ctx, max(every, time.Second))
+		_, apiErr := a.dir.Client(e).Generations(pctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		dead, deadWhy := a.dir.Dead(e)
+		now := time.Now()
+		a.mu.Lock()
+		h := a.health
+		if apiErr == nil && nfsErr == nil {
+			a.health = health{}
+		} else if h.Since.IsZero() {
+			a.health.Since = now
+			if probe != nil && probe.began.Before(now) {
+				a.health.Since = probe.began
+			}
+		}
+		since := a.health.Since
+		a.mu.Unlock()
+		if apiErr == nil && nfsErr == nil {
+			if !h.Since.IsZero() {
+				a.log.Info("server answers again", "server", e.String(), "after", now.Sub(h.Since).Round(100*time.Millisecond))
+			}
+			continue
+		}
+		if apiErr != nil && errors.Is(apiErr, context.Canceled) {
+			continue
+		}
+		do, reason := shouldFailover(now, since, a.cfg.FailoverAfter, apiErr, nfsErr, dead, deadWhy)
+		a.mu.Lock()
+		a.health.Reason = reason
+		a.mu.Unlock()
+		if h.Since.IsZero() {
+			a.log.Warn("server does not answer", "server", e.String(), "reason", reason, "failover_after", a.cfg.FailoverAfter)
+		}
+		if !do {
+			continue
+		}
+		reply := make(chan error, 1)
+		select {
+		case a.failover <- failoverRequest{reason: reason, reply: reply}:
+		case <-ctx.Done():
+			return
+		}
+		var err error
+		select {
+		case err = <-reply:
+		case <-ctx.Done():
+			return
+		}
+		if err != nil && time.Since(lastFail) > time.Minute {
+			lastFail = time.Now()
+			a.log.Error("failover failed; still on the dead server, retrying", "server", e.String(), "err", err)
+		}
+		if err == nil {
+			a.mu.Lock()
+			a.health = health{}
+			a.mu.Unlock()
+		}
+	}
+}
+
+func (a *Agent) probeLower(dir string) error {
+	if a.probe != nil {
+		return a.probe(dir)
+	}
+	return statfsLower(dir)
+}
+
+// Failover moves the store dir off the server in use, which does not
+// answer (reason says how), to another live server (see the comment at
+// the top of this file). On error nothing changed: the store dir still
+// serves the old server's lowers.
+func (a *Agent) Failover(ctx context.Context, reason string) error {
+	st := a.State()
+	old := a.Current()
+	if st.Phase != PhaseIdle && st.Phase != PhaseImporting {
+		return fmt.Errorf("fail over from %s: agent is %s", old, st)
+	}
+	a.log.Warn("failing over: the server in use does not answer", "server", old.String(), "reason", reason,
+		"generation", st.Generation)
+	var answered []Endpoint
+	var lists []api.GenerationList
+	var errs []error
+	for _, c := range a.dir.Candidates() {
+		if normAPI(c.API) == normAPI(old.API) {
+			continue
+		}
+		l, err := a.list(ctx, c.Endpoint)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if a.servesLowers(l, st.Lowers) {
+			return a.moveTo(ctx, c.Endpoint, l, reason, true)
+		}
+		answered = append(answered, c.Endpoint)
+		lists = append(lists, l)
+	}
+	for i, e := range answered {
+		n := len(lists[i].Generations)
+		if n == 0 || lists[i].Generations[n-1].ID <= st.Generation {
+			errs = append(errs, fmt.Errorf("server %s does not serve generation %d or a newer one", e, st.Generation))
+			continue
+		}
+		newest := lists[i].Generations[n-1].ID
+		a.log.Warn("no other server serves the mounted generation; rotating to the newest generation of another server",
+			"generation", st.Generation, "server", e.String(), "to", newest)
+		began := time.Now()
+		if err := a.rotateVia(ctx, e, lists[i], newest); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		rec := Failover{At: time.Now(), From: old.String(), To: e.String(), Reason: reason, Generation: newest, Rotated: true,
+			Took: time.Since(began)}
+		a.log.Warn("failed over by rotating", "from", old.String(), "to", e.String(), "generation", newest, "reason", reason)
+		return a.transition(func(s *State) { s.Failovers++; s.LastFailover = &rec })
+	}
+	if len(errs) == 0 {
+		return fmt.Errorf("fail over from %s: no other server known", old)
+	}
+	return fmt.Errorf("fail over from %s: %w", old, errors.Join(errs...))
+}
+
+// servesLowers reports whether l lists every generation of lowers, each
+// with the registration sha256 the state recorded (when it did).
+func (a *Agent) servesLowers(l api.GenerationList, lowers []Lower) bool {
+	for _, x := range lowers {
+		if !hasGeneration(l, x.Gen, x.SHA256) {
+			return false
+		}
+	}
+	return len(lowers) > 0
+}
+
+// SwitchServer makes the store dir serve server name's generations now
+// (`strata builder rotate --server X`): a rotation through it when it has
+// a newer generation than the mounted one, else the mounted generation
+// from it (the same swap as a failover, the old server's lowers detached,
+// not forced: it is alive). name is a gossip member name or an API URL.
+func (a *Agent) SwitchServer(ctx context.Context, name string) error {
+	cs := a.dir.Candidates()
+	i := slices.IndexFunc(cs, func(c Candidate) bool { return c.Is(name) })
+	if i < 0 {
+		var known []string
+		for _, c := range cs {
+			known = append(known, c.String())
+		}
+		return fmt.Errorf("rotate to server %q: not a live server this builder knows (it knows %s)", name, strings.Join(known, ", "))
+	}
+	e := cs[i].Endpoint
+	l, err := a.list(ctx, e)
+	if err != nil {
+		return fmt.Errorf("rotate to server %s: %w", e, err)
+	}
+	st := a.State()
+	if n := len(l.Generations); n > 0 && l.Generations[n-1].ID > st.Generation {
+		return a.rotateVia(ctx, e, l, l.Generations[n-1].ID)
+	}
+	if normAPI(e.API) == normAPI(a.Current().API) {
+		return nil // in use, nothing newer
+	}
+	if !a.servesLowers(l, st.Lowers) {
+		return fmt.Errorf("rotate to server %s: it does not serve generation %d (lowers %v) with the same registration, nor a newer one",
+			e, st.Generation, gens(st.Lowers))
+	}
+	return a.moveTo(ctx, e, l, "requested (strata builder rotate --server)", false)
+}
+
+// moveTo swaps the store dir's overlay to the same lowers mounted from
+// server e (whose generations are l), then releases the old server's
+// lowers: forced when auto (a failover from a dead server), detached
+// otherwise. An error before the swap leaves everything as it was.
+func (a *Agent) moveTo(ctx context.Context, e Endpoint, l api.GenerationList, reason string, auto bool) (err error) {
+	st := a.State()
+	old := a.Current()
+	began := time.Now()
+	phase := st.Phase
+	var next []Lower
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("move generation %d from %s to %s: %w", st.Generation, old, e, err)
+			a.setError(err)
+		}
+	}()
+	undo := func() {
+		if rerr := a.releaseLowers(context.WithoutCancel(ctx), st.Lowers, nil); rerr != nil {
+			a.log.Warn("release lowers after a failed move", "err", rerr)
+		}
+	}
+	for _, x := range st.Lowers {
+		n, err := a.ensureLower(ctx, e, x.Gen)
+		if err != nil {
+			undo()
+			return err
+		}
+		n.Kept, n.SHA256 = x.Kept, registrationSHA(l, x.Gen)
+		next = append(next, n)
+	}
+	if err := a.transition(func(s *State) { s.Phase, s.Target, s.Next = PhaseSwapping, st.Generation, next }); err != nil {
+		undo()
+		return err
+	}
+	back := func(err error) error {
+		if terr := a.transition(func(s *State) { s.Phase, s.Target, s.Next = phase, 0, nil }); terr != nil {
+			a.log.Error("persist state", "err", terr)
+		}
+		undo()
+		return err
+	}
+	work, err := newWorkdir(a.cfg, st.Generation)
+	if err != nil {
+		return back(err)
+	}
+	ol := a.layers(next, work)
+	res, err := a.m.Swap(ctx, a.cfg.StoreDir, ol)
+	if err != nil && !res.Switched && mayBeMetacopy(err, ol) {
+		ol.Metacopy = false
+		if res2, err2 := a.m.Swap(ctx, a.cfg.StoreDir, ol); err2 == nil || res2.Switched {
+			a.metacopyOff(err)
+			res, err = res2, err2
+		}
+	}
+	if err != nil && !res.Switched {
+		return back(err)
+	}
+	if err != nil {
+		a.log.Warn("the swap switched to the new overlay, then failed; carrying on with the move", "err", err)
+	}
+	swapTook := time.Since(began)
+	a.mu.Lock()
+	a.cur = e
+	a.method = res.Method
+	a.health = health{}
+	a.mu.Unlock()
+	rec := Failover{At: time.Now(), From: old.String(), To: e.String(), Reason: reason, Generation: st.Generation, Took: swapTook}
+	after := PhaseReleasing
+	if phase == PhaseImporting {
+		after = PhaseImporting
+	}
+	if terr := a.transition(func(s *State) {
+		s.Phase, s.Lowers, s.PrevWork, s.Work, s.Target, s.Next, s.Server = after, next, s.Work, work, 0, nil, e
+		s.LastFailover, s.LastError = &rec, ""
+		if auto {
+			s.Failovers++
+		}
+	}); terr != nil {
+		return terr
+	}
+	var force func(string) bool
+	if auto {
+		force = func(string) bool { return true }
+	}
+	if rerr := a.releaseLowers(ctx, next, force); rerr != nil {
+		a.log.Warn("release the old server's lowers", "err", rerr)
+	}
+	a.pruneWorkdirs(work, st.Work)
+	if phase == PhaseIdle {
+		if err := a.transition(func(s *State) { s.Phase = PhaseIdle }); err != nil {
+			return err
+		}
+	}
+	a.notify(fmt.Sprintf("STATUS=serving generation %d from %s", st.Generation, e))
+	if auto {
+		a.log.Warn("failed over", "from", old.String(), "to", e.String(), "generation", st.Generation, "reason", reason,
+			"until_swap", swapTook.Round(time.Millisecond), "took", time.Since(began).Round(time.Millisecond))
+	} else {
+		a.log.Info("moved to another server", "from", old.String(), "to", e.String(), "generation", st.Generation,
+			"took", time.Since(began).Round(time.Millisecond))
+	}
+	return nil
+}
