@@ -19,7 +19,7 @@ const DefaultNFSPort = 2049
 // NFSOptions are the options of a builder's NFS mount of a generation. This
 // is the one place in strata that writes NFS mount options. String renders
 //
-//	vers=3,proto=tcp,port=P,mountport=P,mountproto=tcp,nolock,noacl,ro,hard[,nconnect=N][,nosharecache],addr=IP,mountaddr=IP[,extra...]
+//	vers=3,proto=tcp,port=P,mountport=P,mountproto=tcp,nolock,ro,hard[,nconnect=N][,nosharecache],addr=IP,mountaddr=IP[,extra...]
 //
 // and every option is there for a reason:
 //   - vers=3,proto=tcp: the strata server speaks NFSv3 over TCP only.
@@ -28,8 +28,12 @@ const DefaultNFSPort = 2049
 //     not ask rpcbind for either port.
 //   - nolock: no NLM lock manager on the server; the export is read-only, so
 //     locks are kept local to the client.
-//   - noacl: no NFSACL program on the server; without it the kernel probes
-//     for it on every mount and logs errors.
+//   - no noacl: the server answers NFSACL's GETACL with "no ACL", and the
+//     client must ask. An NFSv3 superblock always has SB_POSIXACL, so a
+//     user who does not own a file (a Nix build user in the sandbox, any
+//     non-root user) who opens it through the overlay makes overlayfs ask
+//     this mount for the file's ACL; with noacl the client answers
+//     EOPNOTSUPP and the open fails with "Operation not supported".
 //   - ro: the export is read-only (writes would get NFS3ERR_ROFS anyway);
 //     the mount is also made with MS_RDONLY.
 //   - hard: an operation retries forever while the server is away instead
@@ -92,7 +96,7 @@ func (o NFSOptions) String() string {
 	}
 	p := strconv.Itoa(port)
 	opts := []string{"vers=3", "proto=tcp", "port=" + p, "mountport=" + p, "mountproto=tcp",
-		"nolock", "noacl", "ro", "hard"}
+		"nolock", "ro", "hard"}
 	if o.NConnect > 1 {
 		opts = append(opts, "nconnect="+strconv.Itoa(o.NConnect))
 	}

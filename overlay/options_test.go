@@ -13,11 +13,11 @@ func TestNFSOptionsString(t *testing.T) {
 		want string
 	}{
 		{"defaults", NFSOptions{Addr: "10.0.2.2"},
-			"vers=3,proto=tcp,port=2049,mountport=2049,mountproto=tcp,nolock,noacl,ro,hard,nosharecache,addr=10.0.2.2,mountaddr=10.0.2.2"},
+			"vers=3,proto=tcp,port=2049,mountport=2049,mountproto=tcp,nolock,ro,hard,nosharecache,addr=10.0.2.2,mountaddr=10.0.2.2"},
 		{"nconnect and port", NFSOptions{Port: 20490, NConnect: 4, Addr: "192.0.2.1"},
-			"vers=3,proto=tcp,port=20490,mountport=20490,mountproto=tcp,nolock,noacl,ro,hard,nconnect=4,nosharecache,addr=192.0.2.1,mountaddr=192.0.2.1"},
+			"vers=3,proto=tcp,port=20490,mountport=20490,mountproto=tcp,nolock,ro,hard,nconnect=4,nosharecache,addr=192.0.2.1,mountaddr=192.0.2.1"},
 		{"share cache, extra", NFSOptions{Port: 1, NConnect: 1, Addr: "::1", ShareCache: true, Extra: []string{"timeo=50", "retrans=3"}},
-			"vers=3,proto=tcp,port=1,mountport=1,mountproto=tcp,nolock,noacl,ro,hard,addr=::1,mountaddr=::1,timeo=50,retrans=3"},
+			"vers=3,proto=tcp,port=1,mountport=1,mountproto=tcp,nolock,ro,hard,addr=::1,mountaddr=::1,timeo=50,retrans=3"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

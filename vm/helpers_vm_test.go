@@ -25,7 +25,7 @@ import (
 // prints "CHECK ok: DESC", or prints "CHECK FAILED: DESC" and exits 1.
 const checkFuncs = `
 check() { d="$1"; shift; if "$@"; then echo "CHECK ok: $d"; else echo "CHECK FAILED: $d"; exit 1; fi; }
-nfsopts() { echo "vers=3,proto=tcp,port=$1,mountport=$1,mountproto=tcp,nolock,noacl,ro,hard,nconnect=4,addr=$2,mountaddr=$2"; }
+nfsopts() { echo "vers=3,proto=tcp,port=$1,mountport=$1,mountproto=tcp,nolock,ro,hard,nconnect=4,addr=$2,mountaddr=$2"; }
 nfs_dmesg_clean() { ! dmesg | grep -iE 'nfs|rpc|stale' | grep -viE 'Registering|Installing knfsd|RPC: Registered'; }
 `
 

@@ -15,7 +15,8 @@ import (
 // file's sha256 equal the host's; a 20,000-entry directory lists completely
 // without duplicates; the mount is read-only; an overlay on top creates,
 // copies up on append and deletes with a 0/0 whiteout while the lower stays
-// unchanged; the kernel logs no NFS errors.
+// unchanged; a user who owns none of the files lists and reads them through
+// the overlay; the kernel logs no NFS errors.
 func TestKernelClient(t *testing.T) {
 	store := btrfsGeneration(t, func(store string) { testTree(t, store, true) })
 	want := writeManifest(t, store)
@@ -34,7 +35,7 @@ func TestKernelClient(t *testing.T) {
 				},
 				Script: checkFuncs + kernelClientScript,
 			})
-			requireChecks(t, res, 13)
+			requireChecks(t, res, 14)
 		})
 	}
 }
@@ -65,6 +66,10 @@ check "delete leaves a whiteout char dev 0/0" sh -c "[ ! -e /merged/dir/rmme.txt
 echo 3 > /proc/sys/vm/drop_caches
 check "lower dir/ unchanged after overlay writes" vmtool compare /host-dir.manifest /mnt/gen1/dir
 check "lower file content unchanged" sh -c "[ \"\$(sha256sum < /mnt/gen1/dir/a.txt)\" = '$lower' ]"
+# A user who owns nothing in the tree lists and reads it through the
+# overlay: overlayfs asks the NFS lower for each inode's ACL (NFSACL GETACL).
+echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >> /etc/passwd
+check "a user who does not own the files lists and reads lower files through the overlay" su -s /bin/sh nobody -c "ls /merged/dir/sub/deeper > /dev/null && cmp -s /merged/dir/sub/deeper/leaf /mnt/gen1/dir/sub/deeper/leaf"
 umount /merged
 check "no kernel NFS errors in dmesg" nfs_dmesg_clean
 `

@@ -191,3 +191,179 @@ check "no NFS errors in dmesg" nfs_dmesg_clean
 check "builder log has no error" sh -c "! grep -q 'level=ERROR' /builder.log"
 grep -iE 'level=(warn|error)' /builder.log | tail -20
 `
+
+// TestBuilderGarbageCollection (6.12 and 6.1 guests, kernel NFS client):
+//   - a user who does not own them (a build user) lists and reads
+//     generation files through the overlay;
+//   - a builder pointed at a server whose nfs.allow leaves it out says so
+//     in status and log (address and allowlist) and mounts nothing;
+//   - a sandboxed build (sandbox = true, nixbld build users, as NixOS runs
+//     it) whose inputs are a 16 MiB single-file path and a directory path
+//     of the generation, then nix-store --optimise: the upper grows by no
+//     more than the output and its .drv plus metadata (bytes printed);
+//   - after that local build and a rotation, nix-collect-garbage -d frees
+//     the unreferenced local output, while a stat loop over generation
+//     files sees no failure, and no generation path is invalid or hidden
+//     by a whiteout;
+//   - a publish that adds a path referring to a generation path, then a
+//     "reboot" (agent killed, every mount gone): the agent is READY and
+//     every path of the newest generation is valid and readable.
+func TestBuilderGarbageCollection(t *testing.T) {
+	testenv.RequireRoot(t)
+	strata := buildStatic(t, "github.com/strata-nix/strata/cmd/strata")
+	statloop := buildStatic(t, "github.com/strata-nix/strata/internal/cmd/statloop")
+	for _, k := range []Kernel{Kernel612, Kernel61} {
+		t.Run(k.String(), func(t *testing.T) {
+			mnt := testenv.LoopBtrfs(t, "1G")
+			testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
+			central := nixtest.New(t, mnt)
+			central.Fill(t)
+			big := central.AddText(t, "big-input.tar", strings.Repeat("sixteen MiB of generation input\n", 16<<20/32))
+			dirIn := central.AddTree(t, "dir-input", map[string]string{"data.txt": strings.Repeat("d", 5000), "sub/more": "more\n"})
+			api, nfsPort := freePort(t), freePort(t)
+			startStrataServer(t, strata, mnt, central, api, nfsPort)
+			waitGenerations(t, api, 1)
+
+			// A second server that admits no builder of this test.
+			mnt2 := testenv.LoopBtrfs(t, "1G")
+			testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt2, "nix"))
+			central2 := nixtest.New(t, mnt2)
+			central2.AddText(t, "other", "other store\n")
+			api2, nfs2 := freePort(t), freePort(t)
+			startStrataServerAllow(t, strata, mnt2, central2, api2, nfs2, "[10.99.0.0/16]")
+			waitGenerations(t, api2, 1)
+
+			onLine := hostChanges(t, central, map[string]func(){
+				"HOST-ADD-REF": func() {
+					t.Logf("added %s", central.Build(t, "uses-dir-input", `mkdir $out; cat $in0/data.txt > $out/copy`, dirIn))
+				},
+			})
+			res := Boot(context.Background(), t, Guest{
+				Kernel: k,
+				Nix:    true,
+				Env: map[string]string{"API": strconv.Itoa(api), "NFS": strconv.Itoa(nfsPort), "API2": strconv.Itoa(api2),
+					"NFS2": strconv.Itoa(nfs2), "BIG": big, "DIRIN": dirIn},
+				Files: []File{
+					{Guest: "/bin/strata", Host: strata},
+					{Guest: "/bin/statloop", Host: statloop},
+					{Guest: "/token", Data: []byte("vm-test-token\n")},
+				},
+				Script:   checkFuncs + storeCommon + gcScript,
+				Timeout:  25 * time.Minute,
+				MemoryMB: 2048,
+				OnLine:   onLine,
+			})
+			requireChecks(t, res, 24)
+		})
+	}
+}
+
+const gcScript = `
+echo 'nixbld:x:30000:nixbld1' >> /etc/group
+echo 'nixbld1:x:30001:30000:nix build user:/var/empty:/bin/false' >> /etc/passwd
+cat > /etc/strata/builder.yaml <<EOF2
+server:
+  api: http://10.0.2.2:$API
+  nfs: 10.0.2.2:$NFS
+rotate:
+  check_interval: 1h
+EOF2
+startb
+check "builder ready" waitready
+# Every generation file is owned by root: a build user (or anyone else)
+# reading one through the overlay makes overlayfs ask the NFS lower for its
+# ACL (NFSACL GETACL, answered by the server).
+check "a user who does not own them lists and reads generation files through the overlay" su -s /bin/sh nixbld1 -c "ls $DIRIN/sub > /dev/null && [ \$(cat $DIRIN/data.txt | wc -c) -eq 5000 ] && [ \$(wc -c < $BIG) -eq 16777216 ]"
+
+# A server whose nfs.allow leaves this builder out.
+mkdir -p /nix2/store /nix2/var/nix
+cat > /etc/strata/b2.yaml <<EOF2
+server:
+  api: http://10.0.2.2:$API2
+  nfs: 10.0.2.2:$NFS2
+store:
+  dir: /nix2/store
+nix:
+  state_dir: /nix2/var/nix
+state_dir: /var/lib/strata/b2
+swap:
+  staging_dir: /run/strata/swap2
+EOF2
+strata builder --config /etc/strata/b2.yaml > /b2.log 2>&1 &
+B2=$!
+S2=unix:/var/lib/strata/b2/api.sock
+i=0; until strata status --api $S2 --json 2>/dev/null | grep -q 'refuses NFS' || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done
+strata status --api $S2
+check "status names the refusal, the address the server sees and its nfs.allow" sh -c "strata status --api $S2 --json > /tmp/s2; grep -q 'refuses NFS connections from this builder' /tmp/s2 && grep -q 'as 127.0.0.1, which is not in its nfs.allow' /tmp/s2 && grep -q '10.99.0.0/16' /tmp/s2 && grep -q '\"ready\": false' /tmp/s2"
+check "the log says so" grep -q 'refuses NFS connections from this builder' /b2.log
+check "nothing mounted for the refused builder" sh -c "! grep -qE ' /nix2/store |/var/lib/strata/b2/' /proc/mounts"
+kill $B2; wait $B2
+
+# Sandboxed build on generation inputs, then optimise.
+SH=$(readlink -f /bin/sh)
+NIXOPTS="--option sandbox true --option build-users-group nixbld --option sandbox-paths /bin/sh=$SH"
+cat > /sb.nix <<EOF2
+derivation { name = "sandboxed"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "mkdir \$out; wc -c < \$big > \$out/size; cat \$dir/data.txt \$dir/sub/more | wc -c > \$out/dirsize; [ -e /var/lib/strata ] || echo yes > \$out/sandboxed; id -u > \$out/uid" ];
+  big = builtins.storePath "$BIG"; dir = builtins.storePath "$DIRIN"; }
+EOF2
+U0=$(du -sk $UP | cut -f1)
+# Nix's sandbox pivot_roots, which the initramfs root (rootfs, the
+# namespace root) refuses: build from a recursive bind of / instead, as a
+# booted system's root is a real mount.
+mkdir -p /newroot && mount --rbind / /newroot
+check "sandboxed build (sandbox = true, build users) on a 16 MiB file and a directory of the generation" sh -c "chroot /newroot nix-build /sb.nix --no-out-link $NIXOPTS > /tmp/sbout 2> /tmp/sberr || { cat /tmp/sberr; exit 1; }"
+umount -l /newroot
+SB=$(cat /tmp/sbout)
+check "it read both inputs" sh -c "[ \$(cat $SB/size) -eq 16777216 ] && [ \$(cat $SB/dirsize) -eq 5005 ]"
+echo "builder uid in the sandbox: $(cat $SB/uid)"
+check "the build ran in the sandbox (no host paths) and not as root" sh -c "[ \"\$(cat $SB/sandboxed)\" = yes ] && [ \$(cat $SB/uid) -ne 0 ]"
+check "nix-store --optimise" sh -c "nix-store --optimise > /tmp/opt 2>&1 || { cat /tmp/opt; exit 1; }"
+tail -2 /tmp/opt
+U1=$(du -sk $UP | cut -f1)
+O=$(du -sk $SB $(nix-store -qd $SB) | awk '{s+=$1} END {print s}')
+echo "UPPER before=$((U0*1024)) after=$((U1*1024)) growth=$(((U1-U0)*1024)) bytes; output+drv=$((O*1024)) bytes"
+check "upper grew by no more than the output and its .drv plus 256 KiB of metadata" [ $((U1-U0)) -le $((O+256)) ]
+sleep 6
+strata status --api $S | grep upper
+check "status: nothing of the generation copied up with data" sh -c "strata status --api $S --json | grep -q '\"from_lowers_bytes\": 0,'"
+
+# A rotation, then garbage collection under a stat loop.
+echo HOST-CHANGE-STORE
+publish
+check "rotation" strata builder rotate --api $S
+G=$(newest)
+genpaths $G > /genpaths
+find $(cat /genpaths) -type f | head -200 > /genfiles
+statloop -stop /tmp/stop -ready /tmp/ready $(cat /genfiles) > /tmp/loop 2>&1 &
+LPID=$!
+while [ ! -e /tmp/ready ]; do sleep 0.1; done
+t0=$(cut -d' ' -f1 /proc/uptime)
+check "nix-collect-garbage -d" sh -c "nix-collect-garbage -d > /tmp/gc 2>&1 || { cat /tmp/gc; exit 1; }"
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "TIMING nix-collect-garbage -d: $t0 -> $t1 s (guest uptime)"
+tail -3 /tmp/gc
+touch /tmp/stop; wait $LPID; cat /tmp/loop
+check "stat loop over generation files during GC: 0 failures" grep -q 'failures=0 heldfail=0' /tmp/loop
+check "every generation path still valid" sh -c "nix-store --check-validity \$(cat /genpaths)"
+check "no generation path has a whiteout in the upper" sh -c "for p in \$(cat /genpaths); do [ -c $UP/\$(basename \$p) ] && { echo whiteout: \$p; exit 1; }; done; exit 0"
+check "the unreferenced local output was freed" sh -c "! nix-store --check-validity $SB 2>/dev/null && [ ! -e $SB ]"
+
+# A path referring to a generation path, then a reboot.
+echo HOST-ADD-REF
+publish
+kill -9 $BPID; wait $BPID 2>/dev/null
+for i in 1 2 3; do umount -l /nix/store 2>/dev/null; done
+for m in $(awk '$2 ~ /^\/var\/lib\/strata\/builder\// {print $2}' /proc/mounts | sort -r); do umount -l $m; done
+check "reboot: no strata mount left" sh -c "! grep -qE ' /nix/store |/var/lib/strata/builder/' /proc/mounts"
+startb
+check "after the reboot the agent is READY" waitready
+check "rotation to the newest generation" strata builder rotate --api $S
+G=$(newest)
+genpaths $G > /genpaths2
+check "every path of generation $G valid and readable" sh -c "nix-store --check-validity \$(cat /genpaths2) && for p in \$(cat /genpaths2); do [ -e \$p ] || exit 1; done"
+check "the new path reads its generation input" sh -c "cat /nix/store/*-uses-dir-input/copy | wc -c | grep -qx 5000"
+check "verify --check-contents clean" verify
+check "no NFS errors in dmesg" nfs_dmesg_clean
+grep -iE 'level=(warn|error)' /builder.log | tail -20
+`

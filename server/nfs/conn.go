@@ -17,7 +17,8 @@ import (
 //   - It reads each RPC record once, through the guard (guard.Conn's
 //     ReadRecord: deadlines, size cap, the bounded record check), answers
 //     the hot calls itself (READ, LOOKUP, GETATTR, READDIRPLUS and COMMIT of
-//     NFSv3: see fastpath.go) when they succeed, and hands every other
+//     NFSv3: see fastpath.go) when they succeed, and NFSACL's NULL and
+//     GETACL (nfsacl.go), and hands every other
 //     record to go-nfs byte for byte, so its answers and errors are go-nfs's
 //     own.
 //   - It writes go-nfs's replies and its own as whole records, never
@@ -77,7 +78,10 @@ func (c *conn) Read(b []byte) (int, error) {
 		if err != nil {
 			return 0, c.failRead(err)
 		}
-		handled, err := c.fast(rec[4:], call)
+		handled, err := c.nfsacl(rec[4:], call)
+		if !handled && err == nil {
+			handled, err = c.fast(rec[4:], call)
+		}
 		if err != nil {
 			return 0, c.failRead(err) // the reply could not be written
 		}

@@ -66,6 +66,8 @@ var nfsProcNames = [...]string{"NULL", "GETATTR", "SETATTR", "LOOKUP", "ACCESS",
 
 var mountProcNames = [...]string{"NULL", "MNT", "DUMP", "UMNT", "UMNTALL", "EXPORT"}
 
+var nfsaclProcNames = [...]string{"NULL", "GETACL", "SETACL"}
+
 // procName is a bounded label for (prog, proc).
 func procName(prog, proc uint32) string {
 	switch {
@@ -73,6 +75,8 @@ func procName(prog, proc uint32) string {
 		return "NFS3_" + nfsProcNames[proc]
 	case prog == progMount && proc < uint32(len(mountProcNames)):
 		return "MOUNT3_" + mountProcNames[proc]
+	case prog == progNFSACL && proc < uint32(len(nfsaclProcNames)):
+		return "NFSACL3_" + nfsaclProcNames[proc]
 	}
 	return "other"
 }

@@ -10,7 +10,7 @@ import (
 const (
 	ProgNFS    = 100003 // NFS; only version 3 is served
 	ProgMount  = 100005 // MOUNT; only version 3 is served
-	ProgNFSACL = 100227 // NFSACL, probed by Linux unless mounted with noacl
+	ProgNFSACL = 100227 // NFSACL: Linux asks it for POSIX ACLs unless mounted with noacl
 
 	rpcVersion = 2
 	msgCall    = 0
