@@ -80,11 +80,13 @@ bench-cluster: build
 
 # bench-replica: replicating a generation that adds 1,000 paths to a
 # 100,000-path store to a replica server (btrfs send/receive through the
-# API) vs rsync -a --delete of the same change, same run. Under the
-# machine-wide benchmark lock.
+# API on the host; then zfs send/receive in a guest with OpenZFS) vs
+# rsync -a --delete of the same change, same run. Under the machine-wide
+# benchmark lock.
 bench-replica: build
-	scripts/deps.sh bench
-	flock /tmp/strata-vm.lock $(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/replica/
+	scripts/deps.sh bench vm
+	STRATA_ZFS_IN_VM=1 flock /tmp/strata-vm.lock $(GO) test -count=1 -tags integration -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/replica/
+	flock /tmp/strata-vm.lock $(GO) test -count=1 -tags vm -run '^$$' -bench ReplicateZFSInVM -benchtime 1x -timeout 90m ./bench/replica/
 
 # fuzz: a short run of every fuzz target.
 fuzz: deps

@@ -128,6 +128,9 @@ type Guest struct {
 	// (wrappers in NixTrixieBin, its own loader and glibc), next to Nix
 	// (which also provides /etc/nix/nix.conf). Needs scripts/nix-trixie.sh.
 	NixTrixie bool
+	// Binaries are host dynamic binaries (e.g. "/usr/bin/rsync") added at
+	// the same paths in the guest with every library they load (ldd).
+	Binaries []string
 	// DiskBytes > 0 attaches an empty sparse virtio disk of that size as
 	// /dev/vda (partition it before zpool create: no udev in the guest).
 	DiskBytes int64
@@ -272,6 +275,17 @@ func prepare(ctx context.Context, log *slog.Logger, g Guest, dir string) (initrd
 		p, err := c.nixTrixieArchive(ctx)
 		if err != nil {
 			return "", "", err
+		}
+		parts = append(parts, p)
+	}
+	if len(g.Binaries) > 0 {
+		a := newArchive()
+		if err := addDynamic(ctx, a, g.Binaries...); err != nil {
+			return "", "", fmt.Errorf("add host binaries %v: %w", g.Binaries, err)
+		}
+		p := filepath.Join(dir, "binaries.cpio")
+		if err := writeArchive(a, p); err != nil {
+			return "", "", fmt.Errorf("write binaries archive: %w", err)
 		}
 		parts = append(parts, p)
 	}

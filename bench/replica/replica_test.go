@@ -8,7 +8,9 @@
 // from=1, btrfs receive, the registration check, making it live) and counts
 // the stream's bytes, next to `rsync -a --delete` of the same change
 // between the same two snapshots (generation 1's files already copied to
-// the destination), in the same run. Run it as root with
+// the destination), in the same run. BenchmarkReplicateZFS (zfs_test.go)
+// is the same on OpenZFS, run in a guest by BenchmarkReplicateZFSInVM
+// (vm_test.go, tag vm). Run it as root with
 //
 //	go test -tags integration -run '^$' -bench . -benchtime 1x ./bench/replica
 package replica

@@ -1,0 +1,126 @@
+//go:build integration
+
+package replica
+
+import (
+	"context"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
+	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/server"
+	"github.com/strata-nix/strata/server/replica"
+	"github.com/strata-nix/strata/snapshot/zfs"
+)
+
+// BenchmarkReplicateZFS is BenchmarkReplicate on OpenZFS: the primary's
+// store is a dataset of the pool named by STRATA_TEST_ZPOOL and the replica
+// receives into another (zfs send -i / zfs receive -s through the API);
+// rsync copies between directories of a third. This host has no ZFS: the
+// VM tier's BenchmarkReplicateZFSInVM (vm_test.go, tag vm) runs it in a
+// guest with a pool; on the host it skips with STRATA_ZFS_IN_VM=1.
+func BenchmarkReplicateZFS(b *testing.B) {
+	pool := testenv.RequireZpool(b)
+	testenv.RequireCommands(b, "rsync", "nix-store")
+	n := benchPaths(b)
+	ctx := context.Background()
+	dir := b.TempDir()
+	parent := fmt.Sprintf("%s/strata-bench-%d", pool, os.Getpid())
+	root := filepath.Join(dir, "root")
+	testenv.Run(b, "zfs", "create", "-p", "-o", "mountpoint=none", parent)
+	testenv.Run(b, "zfs", "create", "-o", "mountpoint="+filepath.Join(root, "nix"), parent+"/primary")
+	rdst := filepath.Join(dir, "rsync")
+	testenv.Run(b, "zfs", "create", "-o", "mountpoint="+rdst, parent+"/rsync")
+	pmount, rmount := filepath.Join(dir, "pgens"), filepath.Join(dir, "rgens")
+	b.Cleanup(func() {
+		for _, m := range []string{pmount, rmount} {
+			ents, _ := os.ReadDir(m)
+			for _, e := range ents {
+				testenv.Run(b, "umount", filepath.Join(m, e.Name()))
+			}
+		}
+		testenv.Run(b, "zfs", "destroy", "-r", "-f", parent)
+	})
+
+	st := nixtest.New(b, root)
+	addPaths(b, st, "base", n)
+	pcfg := server.Config{StoreRoot: st.NixRoot(), StoreDir: "/nix/store", Backend: "zfs", Dataset: parent + "/primary",
+		MountDir: pmount, StateDir: filepath.Join(dir, "pstate"), Keep: 10}
+	pb, err := zfs.New(pcfg.Dataset, pmount, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	prim, err := server.New(ctx, server.Options{Config: pcfg, Backend: pb})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ts := httptest.NewServer(prim.Handler(apiserve.NewToken("bench"), nil, func() any { return nil }))
+	defer ts.Close()
+	publish := func() string {
+		res, err := prim.Publish(ctx)
+		if err != nil || !res.Published {
+			b.Fatalf("publish: %v %+v", err, res)
+		}
+		snaps, err := pb.List(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, s := range snaps {
+			if s.ID == res.Generation.ID {
+				return s.Path
+			}
+		}
+		b.Fatalf("generation %d published but not listed", res.Generation.ID)
+		return ""
+	}
+	gen1 := publish()
+
+	rcfg := server.Config{ReplicaOf: ts.URL, StoreRoot: filepath.Join(dir, "none"), StoreDir: "/nix/store", Backend: "zfs",
+		Dataset: parent + "/replica", MountDir: rmount, StateDir: filepath.Join(dir, "rstate"), Keep: 10}
+	rb, err := zfs.NewReplica(rcfg.Dataset, rmount, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	rs, err := server.New(ctx, server.Options{Config: rcfg, Backend: rb})
+	if err != nil {
+		b.Fatal(err)
+	}
+	p := replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(ts.URL, "bench"), ts.URL), Backend: rb, Target: rs,
+		StateDir: rcfg.StateDir, Registry: prometheus.NewRegistry()})
+	first, err := p.Sync(ctx)
+	if err != nil || len(first.Received) != 1 {
+		b.Fatalf("first sync: %v %+v", err, first)
+	}
+	rsyncFullT, rsyncFullB := rsync(b, gen1, rdst)
+
+	addPaths(b, st, "new", 1000)
+	gen2 := publish()
+	b.ResetTimer()
+	res, err := p.Sync(ctx)
+	b.StopTimer()
+	if err != nil || len(res.Received) != 1 || res.Received[0].From != 1 {
+		b.Fatalf("incremental sync: %v %+v", err, res)
+	}
+	rsyncT, rsyncB := rsync(b, gen2, rdst)
+	g1, _ := rs.Generation(1)
+	g2, _ := rs.Generation(2)
+	full, incr := first.Received[0], res.Received[0]
+
+	fmt.Printf("\nreplicate a generation adding 1,000 paths to a %d-path store (OpenZFS datasets of one pool, same guest)\n", g1.Paths)
+	fmt.Printf("%-44s %10s %14s\n", "", "seconds", "bytes")
+	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 1 whole (%d paths)", g1.Paths), full.Took.Seconds(), full.Bytes)
+	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a generation 1 (initial copy)", rsyncFullT.Seconds(), rsyncFullB)
+	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 2 incremental (%d paths)", g2.Paths), incr.Took.Seconds(), incr.Bytes)
+	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete generation 1 -> 2", rsyncT.Seconds(), rsyncB)
+	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", rsyncT.Seconds()/incr.Took.Seconds(), float64(rsyncB)/float64(incr.Bytes))
+	b.ReportMetric(incr.Took.Seconds(), "strata-s")
+	b.ReportMetric(rsyncT.Seconds(), "rsync-s")
+}
