@@ -349,9 +349,10 @@ check "every generation path still valid" sh -c "nix-store --check-validity \$(c
 check "no generation path has a whiteout in the upper" sh -c "for p in \$(cat /genpaths); do [ -c $UP/\$(basename \$p) ] && { echo whiteout: \$p; exit 1; }; done; exit 0"
 check "the unreferenced local output was freed" sh -c "! nix-store --check-validity $SB 2>/dev/null && [ ! -e $SB ]"
 
-# A path referring to a generation path, then a reboot.
+# A path referring to a generation path, then a reboot. The host adds the
+# .drv before it builds the output: publish until a generation has it.
 echo HOST-ADD-REF
-publish
+until publish && strata registration --api 10.0.2.2:$API $(newest) | grep -q -- '-uses-dir-input$'; do sleep 0.5; done
 kill -9 $BPID; wait $BPID 2>/dev/null
 for i in 1 2 3; do umount -l /nix/store 2>/dev/null; done
 for m in $(awk '$2 ~ /^\/var\/lib\/strata\/builder\// {print $2}' /proc/mounts | sort -r); do umount -l $m; done
