@@ -514,4 +514,23 @@ func TestIntegrationImportRoot(t *testing.T) {
 		t.Fatalf("updated root refers to %v, want %v", got, want)
 	}
 	noForeignKeyViolations(t, b)
+	// The import gives ids itself: the AUTOINCREMENT counter follows
+	// them, and a path Nix adds afterwards gets the next one.
+	seqIsMax := func() int64 {
+		var seq, max int64
+		if err := openLiveDB(t, b).QueryRow("SELECT (SELECT seq FROM sqlite_sequence WHERE name = 'ValidPaths'), (SELECT max(id) FROM ValidPaths)").Scan(&seq, &max); err != nil {
+			t.Fatal(err)
+		}
+		if seq != max {
+			t.Fatalf("sqlite_sequence says %d, ValidPaths' largest id is %d", seq, max)
+		}
+		return max
+	}
+	before := seqIsMax()
+	added := strings.TrimSpace(b.Run(t, "nix-store", "--add", writeTemp(t, "after-import")))
+	var id int64
+	if err := openLiveDB(t, b).QueryRow("SELECT id FROM ValidPaths WHERE path = ?", added).Scan(&id); err != nil || id != before+1 {
+		t.Fatalf("path added by Nix after the import has id %d (%v), want %d", id, err, before+1)
+	}
+	seqIsMax()
 }

@@ -158,7 +158,7 @@ func importDB(ctx context.Context, dbDir string, rs *Rows, root *RootUpdate) (Im
 	// large page cache keeps the transaction's pages in memory instead of
 	// spilling them to the WAL before the commit.
 	dsn := sqliteURI(filepath.Join(dbDir, dbFile),
-		"_pragma=foreign_keys(0)&_pragma=busy_timeout(60000)&_pragma=synchronous(normal)&_pragma=cache_size(-262144)&_pragma=temp_store(memory)&_txlock=immediate")
+		"_pragma=foreign_keys(0)&_pragma=busy_timeout(60000)&_pragma=synchronous(normal)&_pragma=cache_size(-262144)&_pragma=temp_store(memory)&_pragma=threads(2)&_txlock=immediate")
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return res, err
@@ -257,7 +257,11 @@ type importer struct {
 	tx   *sql.Tx
 	rs   *Rows
 	root *RootUpdate
-	ids  map[string]int64 // valid paths (before and after the insert) -> id
+	// ids are the valid paths asked about (rows, references, roots) and
+	// a root inserted now; index finds a row by path, rowID is its id.
+	ids   map[string]int64
+	index map[string]int32
+	rowID []int64
 }
 
 // RootUpdate is a garbage-collector root path that ImportDB points at the
@@ -345,23 +349,27 @@ func (im *importer) run(res *ImportResult) (err error) {
 			return fmt.Errorf("temp table: %w", err)
 		}
 	}
-	valid := func(p string) bool { return im.ids[p] != 0 }
-
-	fresh := make([]*Row, 0, len(rs.Paths))
-	inFresh := make(map[string]bool)
+	// Rows are found by path through one map built once; each row's id
+	// is the one it has (valid already) or the one assigned below.
+	im.index = make(map[string]int32, len(rs.Paths))
 	for i := range rs.Paths {
-		if valid(rs.Paths[i].Path) {
+		im.index[rs.Paths[i].Path] = int32(i)
+	}
+	im.rowID = make([]int64, len(rs.Paths))
+	fresh := make([]int32, 0, len(rs.Paths))
+	for i := range rs.Paths {
+		if id := im.ids[rs.Paths[i].Path]; id != 0 {
+			im.rowID[i] = id
 			res.Skipped++
 			continue
 		}
-		fresh = append(fresh, &rs.Paths[i])
-		inFresh[rs.Paths[i].Path] = true
+		fresh = append(fresh, int32(i))
 	}
 	missing := map[string]string{}
-	for _, r := range fresh {
-		for _, ref := range r.References {
-			if !valid(ref) && !inFresh[ref] {
-				missing[ref] = r.Path
+	for _, i := range fresh {
+		for _, ref := range rs.Paths[i].References {
+			if _, ok := im.index[ref]; !ok && im.ids[ref] == 0 {
+				missing[ref] = rs.Paths[i].Path
 			}
 		}
 	}
@@ -372,39 +380,50 @@ func (im *importer) run(res *ImportResult) (err error) {
 	if err != nil {
 		return err
 	}
-	if newRoot != nil {
-		fresh = append(fresh, newRoot)
-	}
 	if len(fresh) == 0 && im.root == nil {
 		return nil
 	}
 
+	// Ids are assigned here, above every id the table has had (the
+	// transaction holds the write lock, so nobody else takes one):
+	// nothing is read back per row, and the AUTOINCREMENT counter
+	// follows the explicit ids as it follows its own.
+	var base int64
+	if err := im.tx.QueryRowContext(im.ctx,
+		"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'ValidPaths'), 0), coalesce((SELECT max(id) FROM ValidPaths), 0))").Scan(&base); err != nil {
+		return fmt.Errorf("read ValidPaths ids: %w", err)
+	}
+	for k, i := range fresh {
+		im.rowID[i] = base + 1 + int64(k)
+	}
+	inserts := make([]*Row, len(fresh), len(fresh)+1)
+	ids := make([]int64, len(fresh), len(fresh)+1)
+	for k, i := range fresh {
+		inserts[k], ids[k] = &rs.Paths[i], im.rowID[i]
+	}
+	if newRoot != nil {
+		id := base + 1 + int64(len(fresh))
+		inserts, ids = append(inserts, newRoot), append(ids, id)
+		im.ids[newRoot.Path] = id
+	}
 	now := time.Now().Unix()
-	err = batches(im, len(fresh), 9,
-		"INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) VALUES ",
-		"(?, ?, ?, ?, ?, ?, ?, ?)", " RETURNING id, path", func(i int, args []any) []any {
-			r := fresh[i]
+	err = batches(im, len(inserts), 9,
+		"INSERT INTO ValidPaths (id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) VALUES ",
+		"(?, ?, ?, ?, ?, ?, ?, ?, ?)", "", func(i int, args []any) []any {
+			r := inserts[i]
 			t := r.RegistrationTime
 			if t == 0 {
 				t = now
 			}
 			// NULLs where Nix writes NULL: no deriver, size 0, not
 			// ultimate, no sigs, no ca.
-			return append(args, r.Path, "sha256:"+r.NarHash, t, nullStr(r.Deriver), nullSize(r.NarSize),
-				nullTrue(r.Ultimate), nullStr(strings.Join(r.Sigs, " ")), nullStr(r.CA))
+			return append(args, ids[i], r.Path, "sha256:"+r.NarHash, t, nullStr(r.Deriver), nullSize(r.NarSize),
+				nullTrue(r.Ultimate), nullSigs(r.Sigs), nullStr(r.CA))
 		})
 	if err != nil {
 		return fmt.Errorf("insert ValidPaths: %w", err)
 	}
-	for _, r := range fresh {
-		if !valid(r.Path) {
-			return fmt.Errorf("insert ValidPaths: %s got no id", r.Path)
-		}
-	}
 	res.Imported = len(fresh)
-	if newRoot != nil {
-		res.Imported--
-	}
 
 	// A bulk import (more new paths than the DB holds, e.g. a builder's
 	// first start) rebuilds Refs' index on reference after the insert
@@ -423,11 +442,15 @@ func (im *importer) run(res *ImportResult) (err error) {
 			}
 		}()
 	}
-	type pair struct{ a, b int64 }
-	var refs []pair
-	for _, r := range fresh {
-		for _, ref := range r.References {
-			refs = append(refs, pair{im.ids[r.Path], im.ids[ref]})
+	nrefs := 0
+	for _, i := range fresh {
+		nrefs += len(rs.Paths[i].References)
+	}
+	refs := make([]pair, 0, nrefs)
+	for _, i := range fresh {
+		a := im.rowID[i]
+		for _, ref := range rs.Paths[i].References {
+			refs = append(refs, pair{a, im.id(ref)})
 		}
 	}
 	if im.root != nil {
@@ -440,13 +463,11 @@ func (im *importer) run(res *ImportResult) (err error) {
 			refs = append(refs, pair{root, id})
 		}
 	}
-	// In primary-key order: the B-tree takes appends.
-	slices.SortFunc(refs, func(x, y pair) int {
-		if x.a != y.a {
-			return cmp.Compare(x.a, y.a)
-		}
-		return cmp.Compare(x.b, y.b)
-	})
+	// In primary-key order: the B-tree takes appends. Fresh rows come in
+	// id order with sorted references, so this is mostly sorted already.
+	if !slices.IsSortedFunc(refs, comparePairs) {
+		slices.SortFunc(refs, comparePairs)
+	}
 	if err := batches(im, len(refs), 2, "INSERT OR IGNORE INTO Refs (referrer, reference) VALUES ", "(?, ?)", "",
 		func(i int, args []any) []any { return append(args, refs[i].a, refs[i].b) }); err != nil {
 		return fmt.Errorf("insert Refs: %w", err)
@@ -456,9 +477,10 @@ func (im *importer) run(res *ImportResult) (err error) {
 		name, path string
 	}
 	var outs []output
-	for _, r := range fresh {
+	for _, i := range fresh {
+		r := &rs.Paths[i]
 		for _, name := range slicesSortedKeys(r.Outputs) {
-			outs = append(outs, output{im.ids[r.Path], name, r.Outputs[name]})
+			outs = append(outs, output{im.rowID[i], name, r.Outputs[name]})
 		}
 	}
 	if err := batches(im, len(outs), 3, "INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES ", "(?, ?, ?)", "",
@@ -466,6 +488,24 @@ func (im *importer) run(res *ImportResult) (err error) {
 		return fmt.Errorf("insert DerivationOutputs: %w", err)
 	}
 	return nil
+}
+
+type pair struct{ a, b int64 }
+
+func comparePairs(x, y pair) int {
+	if x.a != y.a {
+		return cmp.Compare(x.a, y.a)
+	}
+	return cmp.Compare(x.b, y.b)
+}
+
+// id returns path p's id: a row's (valid or imported now), else a valid
+// path's that was asked about, else 0.
+func (im *importer) id(p string) int64 {
+	if i, ok := im.index[p]; ok {
+		return im.rowID[i]
+	}
+	return im.ids[p]
 }
 
 // prepareRoot renames Prev's row to the root path when the root is not
@@ -494,10 +534,7 @@ func (im *importer) prepareRoot() (*Row, error) {
 // it does not refer to yet.
 func (im *importer) rootRefs(root int64) ([]int64, error) {
 	u := im.root
-	add := make([]int64, 0, len(im.rs.Paths))
-	for i := range im.rs.Paths {
-		add = append(add, im.ids[im.rs.Paths[i].Path])
-	}
+	add := slices.Clone(im.rowID)
 	if !u.Full {
 		del, err := im.tx.PrepareContext(im.ctx, "DELETE FROM Refs WHERE referrer = ? AND reference = ?")
 		if err != nil {
@@ -505,7 +542,7 @@ func (im *importer) rootRefs(root int64) ([]int64, error) {
 		}
 		defer del.Close()
 		for _, p := range u.Remove {
-			if id := im.ids[p]; id != 0 && id != root {
+			if id := im.id(p); id != 0 && id != root {
 				if _, err := del.ExecContext(im.ctx, root, id); err != nil {
 					return nil, fmt.Errorf("update root %s: drop reference %s: %w", u.Path, p, err)
 				}
@@ -625,9 +662,7 @@ func (im *importer) scan(query string, args []any) error {
 }
 
 // batches runs prefix + n tuples + suffix in multi-row statements of at
-// most batchRows tuples; arg appends tuple i's nargs values. With a
-// suffix " RETURNING id, path", each returned (id, path) is recorded in
-// im.ids.
+// most batchRows tuples; arg appends tuple i's nargs values.
 func batches(im *importer, n, nargs int, prefix, tuple, suffix string, arg func(i int, args []any) []any) error {
 	stmts := map[int]*sql.Stmt{}
 	defer func() {
@@ -660,26 +695,7 @@ func batches(im *importer, n, nargs int, prefix, tuple, suffix string, arg func(
 		for i := start; i < end; i++ {
 			args = arg(i, args)
 		}
-		if !strings.HasPrefix(suffix, " RETURNING") {
-			if _, err := st.ExecContext(im.ctx, args...); err != nil {
-				return err
-			}
-			continue
-		}
-		rows, err := st.QueryContext(im.ctx, args...)
-		if err != nil {
-			return err
-		}
-		for rows.Next() {
-			var id int64
-			var p string
-			if err := rows.Scan(&id, &p); err != nil {
-				rows.Close()
-				return err
-			}
-			im.ids[p] = id
-		}
-		if err := rows.Close(); err != nil {
+		if _, err := st.ExecContext(im.ctx, args...); err != nil {
 			return err
 		}
 	}
@@ -721,7 +737,7 @@ func (im *importer) realisations(res *ImportResult) error {
 			res.RealisationsSkipped++
 			continue
 		}
-		out := im.ids[x.OutPath]
+		out := im.id(x.OutPath)
 		if out == 0 {
 			err := pathID.QueryRowContext(im.ctx, x.OutPath).Scan(&out)
 			if errors.Is(err, sql.ErrNoRows) {
@@ -775,6 +791,17 @@ func nullStr(s string) any {
 		return nil
 	}
 	return s
+}
+
+// nullSigs is ValidPaths.sigs: space-separated, NULL for none.
+func nullSigs(sigs []string) any {
+	switch len(sigs) {
+	case 0:
+		return nil
+	case 1:
+		return sigs[0]
+	}
+	return strings.Join(sigs, " ")
 }
 
 func nullSize(n uint64) any {

@@ -3,7 +3,6 @@ package nixstore
 import (
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +11,8 @@ import (
 	"path"
 	"slices"
 	"strings"
+
+	"github.com/klauspost/compress/gzip"
 )
 
 // Row is one valid store path as Nix's own database holds it: the
@@ -201,28 +202,11 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 		return h, nil, fmt.Errorf("not a gzip stream: %w", err)
 	}
 	zr.Multistream(false)
-	br := bufio.NewReaderSize(zr, 256<<10)
-	var buf []byte
-	// nextLine returns the next line without its newline; a line that
-	// does not end in one is the stream's end (or a cut).
-	nextLine := func() ([]byte, error) {
-		b, err := br.ReadSlice('\n')
-		if errors.Is(err, bufio.ErrBufferFull) {
-			buf = append(buf[:0], b...)
-			for errors.Is(err, bufio.ErrBufferFull) {
-				b, err = br.ReadSlice('\n')
-				buf = append(buf, b...)
-			}
-			b = buf
-		}
-		if err != nil {
-			if errors.Is(err, io.EOF) && len(b) > 0 {
-				return nil, io.ErrUnexpectedEOF // no final newline
-			}
-			return nil, err
-		}
-		return b[:len(b)-1], nil
-	}
+	// Inflating takes about as long as parsing: one goroutine inflates
+	// into chunks of whole lines while this one parses.
+	lr := newLineReader(zr)
+	defer lr.close()
+	nextLine := lr.next
 	b, err := nextLine()
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -293,6 +277,116 @@ func readRows(r io.Reader) (RowsHeader, *Rows, error) {
 		return h, nil, err
 	}
 	return h, rs, nil
+}
+
+// lineReader splits a stream into lines, reading it ahead in another
+// goroutine in chunks that end at a line's end.
+type lineReader struct {
+	chunks chan chunk
+	free   chan []byte
+	done   chan struct{}
+	exited chan struct{}
+	cur    []byte
+	held   []byte // the chunk buffer cur points into
+	err    error
+}
+
+// chunk is whole lines, or the reason there are no more (io.EOF at the
+// end, io.ErrUnexpectedEOF when the stream ends inside a line).
+type chunk struct {
+	b   []byte
+	err error
+}
+
+const chunkSize = 1 << 20
+
+func newLineReader(r io.Reader) *lineReader {
+	l := &lineReader{chunks: make(chan chunk, 2), free: make(chan []byte, 4), done: make(chan struct{}), exited: make(chan struct{})}
+	for range 3 {
+		l.free <- make([]byte, chunkSize)
+	}
+	go l.fill(r)
+	return l
+}
+
+// fill runs in its own goroutine until the stream ends or close.
+func (l *lineReader) fill(r io.Reader) {
+	defer close(l.exited)
+	send := func(c chunk) bool {
+		select {
+		case l.chunks <- c:
+			return true
+		case <-l.done:
+			return false
+		}
+	}
+	var rest []byte // a line begun in the previous chunk
+	for {
+		var buf []byte
+		select {
+		case buf = <-l.free:
+		case <-l.done:
+			return
+		}
+		buf = buf[:cap(buf)]
+		n := copy(buf, rest)
+		for len(rest) > len(buf)/2 || n == len(buf) {
+			// A line longer than half a chunk: a bigger buffer.
+			buf = append(buf[:n], make([]byte, len(buf))...)
+			buf = buf[:cap(buf)]
+		}
+		var err error
+		for n < len(buf) && err == nil {
+			var m int
+			m, err = r.Read(buf[n:])
+			n += m
+		}
+		end := bytes.LastIndexByte(buf[:n], '\n') + 1
+		rest = append(rest[:0], buf[end:n]...)
+		if end > 0 && !send(chunk{b: buf[:end]}) {
+			return
+		}
+		if end == 0 {
+			l.free <- buf // nothing in it: give it back
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(rest) > 0 {
+				err = io.ErrUnexpectedEOF // no final newline
+			}
+			send(chunk{err: err})
+			return
+		}
+	}
+}
+
+// next returns the next line without its newline; io.EOF after the last.
+// The line is valid until the next call.
+func (l *lineReader) next() ([]byte, error) {
+	for len(l.cur) == 0 {
+		if l.err != nil {
+			return nil, l.err
+		}
+		if l.held != nil {
+			l.free <- l.held[:cap(l.held)]
+			l.held = nil
+		}
+		c := <-l.chunks
+		if c.err != nil {
+			l.err = c.err
+			continue
+		}
+		l.cur, l.held = c.b, c.b
+	}
+	i := bytes.IndexByte(l.cur, '\n')
+	line := l.cur[:i]
+	l.cur = l.cur[i+1:]
+	return line, nil
+}
+
+// close stops the reading goroutine and waits for it.
+func (l *lineReader) close() {
+	close(l.done)
+	<-l.exited
 }
 
 func strictUnmarshal(b []byte, v any) error {

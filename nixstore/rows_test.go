@@ -6,9 +6,11 @@ import (
 	"errors"
 	"io"
 	"reflect"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // fakeRows makes n sorted rows with every field set on some of them.
@@ -244,4 +246,62 @@ func FuzzFastRow(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) { checkFastRow(t, b) })
+}
+
+// Files bigger than the reader's chunks, with a line longer than a chunk,
+// read back whole; a last line without its newline, a corrupt stream and
+// an early error leave no reading goroutine behind.
+func TestReadRowsChunks(t *testing.T) {
+	rs := fakeRows(8000)
+	big := &rs.Paths[len(rs.Paths)/2]
+	for i := range 2 * chunkSize / 60 {
+		big.References = append(big.References, fakePath("/nix/store", "ref-"+strconv.Itoa(i)))
+	}
+	SortRows(rs)
+	file := writeRowsT(t, RowsHeader{StoreDir: "/nix/store", Generation: 3}, rs)
+	before := runtime.NumGoroutine()
+	_, got, err := ReadRows(bytes.NewReader(file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, rs) {
+		t.Fatal("round trip of a multi-chunk file differs")
+	}
+	var plain bytes.Buffer
+	zr, _ := gzip.NewReader(bytes.NewReader(file))
+	io.Copy(&plain, zr)
+	if plain.Len() < 4*chunkSize {
+		t.Fatalf("fixture is %d bytes, want several chunks", plain.Len())
+	}
+	noNewline := plain.Bytes()[:plain.Len()-1]
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	zw.Write(noNewline)
+	zw.Close()
+	if _, _, err := ReadRows(bytes.NewReader(buf.Bytes())); err == nil || !strings.Contains(err.Error(), "unexpected EOF") {
+		t.Fatalf("no final newline: %v", err)
+	}
+	corrupt := bytes.Clone(file)
+	corrupt[len(corrupt)-6] ^= 0xff // the CRC
+	if _, _, err := ReadRows(bytes.NewReader(corrupt)); err == nil {
+		t.Fatal("corrupt stream read without error")
+	}
+	bad := bytes.Clone(plain.Bytes())
+	bad[len(`{"format"`)+chunkSize/2] = 0 // somewhere in the first chunk
+	buf.Reset()
+	zw = gzip.NewWriter(&buf)
+	zw.Write(bad)
+	zw.Close()
+	if _, _, err := ReadRows(bytes.NewReader(buf.Bytes())); err == nil {
+		t.Fatal("bad line read without error")
+	}
+	for range 50 {
+		if runtime.NumGoroutine() <= before {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > before {
+		t.Fatalf("%d goroutines after reading, %d before", n, before)
+	}
 }
