@@ -24,7 +24,7 @@ import (
 //   - It writes go-nfs's replies and its own as whole records, never
 //     interleaved (RPC over TCP lets replies come back in any order).
 //   - It closes the socket on the first read or write error, on every path
-//     (fast path, sendfile, go-nfs's reply writer), and at shutdown. After
+//     (fast path, chunked READ replies, go-nfs's reply writer), and at shutdown. After
 //     that, Read returns the error (go-nfs's reader goroutine then ends) and
 //     Write accepts and drops go-nfs's replies: go-nfs never sees a write
 //     error, because its writer goroutine stops on one and leaves the

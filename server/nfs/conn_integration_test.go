@@ -26,7 +26,7 @@ import (
 )
 
 // connFixture is the fixture plus a 40 MiB file (READs of 16 MiB go out
-// with sendfile and outgrow every socket buffer) and a directory of 8,000
+// in 1 MiB chunks and outgrow every socket buffer) and a directory of 8,000
 // long names (one READDIRPLUS reply is about 3 MB).
 type connFixture struct {
 	*fixture
@@ -57,7 +57,7 @@ func newConnFixture(t *testing.T) *connFixture {
 }
 
 // served is the export in a child process, as strata server runs it
-// (nfs.Listen: busy polling, guard, fast path with sendfile).
+// (nfs.Listen: busy polling, guard, fast path).
 type served struct {
 	cmd     *exec.Cmd
 	addr    string
@@ -232,7 +232,7 @@ func (fx *connFixture) getattr(addr string, fh []byte) error {
 }
 
 // pipeline is a burst of calls sent without reading a reply: READs of
-// 1 MiB and 16 MiB (sendfile), READDIRPLUS pages of the big directory (fast
+// 1 MiB and 16 MiB (chunked), READDIRPLUS pages of the big directory (fast
 // path), and READDIR and FSINFO (go-nfs's own replies).
 func pipeline(h handles, cred []byte) []byte {
 	var b []byte
@@ -285,10 +285,10 @@ func (s *served) settled(t *testing.T, baseAll, baseSockets int) {
 	}
 }
 
-// TestResetsReleaseConnections: 2,000 connections pipeline READ (some with
-// sendfile), READDIRPLUS, READDIR and FSINFO calls and then reset before
+// TestResetsReleaseConnections: 2,000 connections pipeline READ (some of
+// 16 MiB, written in chunks), READDIRPLUS, READDIR and FSINFO calls and then reset before
 // reading a reply, interleaved with clean closes; then clients that reset
-// in the middle of a sendfile READ reply and of a READDIRPLUS reply. After
+// in the middle of a 16 MiB READ reply and of a READDIRPLUS reply. After
 // each round the server holds no connection, its descriptors are back to
 // their baseline, and a legitimate client mounts and reads.
 func TestResetsReleaseConnections(t *testing.T) {
@@ -348,13 +348,13 @@ func TestResetsReleaseConnections(t *testing.T) {
 	}
 
 	// Resets in the middle of a reply: the client reads the start of a
-	// 16 MiB sendfile READ reply, or of a 3 MB READDIRPLUS reply, then
+	// 16 MiB READ reply, or of a 3 MB READDIRPLUS reply, then
 	// resets while the server is still writing it.
 	for _, tc := range []struct {
 		name string
 		call []byte
 	}{
-		{"sendfile READ", nfsraw.CallRecord(nil, 7, nfsraw.ProgNFS, nfsraw.ProcRead, cred, (&nfsraw.Enc{}).Opaque(h.big).U64(1<<20).U32(1<<24).B)},
+		{"16 MiB READ", nfsraw.CallRecord(nil, 7, nfsraw.ProgNFS, nfsraw.ProcRead, cred, (&nfsraw.Enc{}).Opaque(h.big).U64(1<<20).U32(1<<24).B)},
 		{"READDIRPLUS", nfsraw.CallRecord(nil, 7, nfsraw.ProgNFS, nfsraw.ProcReaddirplus, cred, (&nfsraw.Enc{}).Opaque(h.dir).U64(0).U64(0).U32(1<<24).U32(1<<24).B)},
 	} {
 		before := s.metric(t, "strata_nfs_requests_total", "")

@@ -16,8 +16,9 @@ import (
 // TestReadCountsAndEOF reads a sparse file larger than MaxRead (4 GiB and
 // then some, with data written around 0, MaxRead, 4 GiB and its end) at
 // every interesting count, from 0 past MaxRead, and offsets around the end
-// of file, 4 GiB and MaxRead, through the fast path (pread below 64 KiB,
-// sendfile above) and through go-nfs (the export with the fast path off):
+// of file, 4 GiB and MaxRead, through the fast path (one buffer up to
+// readChunk, chunks of readChunk above, the last one padded) and through
+// go-nfs (the export with the fast path off):
 // every reply has the file's bytes, min(count, MaxRead, size-offset) of
 // them, and eof true exactly when offset + returned = size. FSINFO
 // advertises MaxRead.
@@ -55,8 +56,8 @@ func TestReadCountsAndEOF(t *testing.T) {
 		return b
 	}
 
-	counts := []uint32{0, 1, 2, 3, 4, 5, 4095, 4096, 4097, sendfileMin - 1, sendfileMin, sendfileMin + 1,
-		1<<20 - 1, 1 << 20, 1<<20 + 1, MaxRead - 1, MaxRead, MaxRead + 1, 2 * MaxRead, 1 << 30, 0xffffffff}
+	counts := []uint32{0, 1, 2, 3, 4, 5, 4095, 4096, 4097, 64<<10 - 1, 64 << 10, 64<<10 + 1,
+		readChunk - 1, readChunk, readChunk + 1, readChunk + 2, 2*readChunk + 3, MaxRead - 1, MaxRead, MaxRead + 1, 2 * MaxRead, 1 << 30, 0xffffffff}
 	offsets := []uint64{0, 1, MaxRead - 1, MaxRead, MaxRead + 1, 4<<30 - 1, 4 << 30, 4<<30 + 1,
 		size - MaxRead - 1, size - MaxRead, size - MaxRead + 1, size - 1<<20, size - 5, size - 1, size, size + 1, 1 << 40}
 

@@ -424,7 +424,7 @@ func (l *Listener) logRefusal(a netip.Addr, r Reason, msg string) {
 var ErrClosedByGuard = errors.New("connection refused by nfs guard")
 
 // Conn is an admitted connection. Its owner reads checked records with
-// ReadRecord, writes replies with Write (or through SyscallConn), and closes
+// ReadRecord, writes replies with Write, and closes
 // it on the first error of either; Close releases the connection's slots
 // once. Read is an adapter for a server that reads a byte stream (go-nfs
 // directly): it hands out checked records and closes the connection itself
@@ -596,35 +596,6 @@ func (c *Conn) Write(b []byte) (int, error) {
 		c.writeFailed(err)
 	}
 	return n, err
-}
-
-// SyscallConn gives the socket to a server that writes replies with
-// sendfile(2); its writes get Write's deadline. Reads must still go through
-// ReadRecord: the record check is there.
-func (c *Conn) SyscallConn() (syscall.RawConn, error) {
-	sc, ok := c.Conn.(syscall.Conn)
-	if !ok {
-		return nil, errors.ErrUnsupported
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
-	return rawConn{RawConn: rc, c: c}, nil
-}
-
-type rawConn struct {
-	syscall.RawConn
-	c *Conn
-}
-
-func (r rawConn) Write(f func(fd uintptr) bool) error {
-	r.c.writeDeadline()
-	err := r.RawConn.Write(f)
-	if err != nil {
-		r.c.writeFailed(err)
-	}
-	return err
 }
 
 // writeDeadline renews the write deadline when it is older than the slack.
