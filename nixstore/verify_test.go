@@ -2,8 +2,10 @@ package nixstore
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -114,4 +116,34 @@ func refersTo(infos []PathInfo, p string) bool {
 		}
 	}
 	return false
+}
+
+// TestVerifyLargeDirectory: the store directory is read in batches (it has
+// more entries than one read of the directory returns), and entries that
+// are not registered do not matter. The two paths removed, one from the
+// first batch's range and one from the last, are exactly the ones reported,
+// also when a path is registered twice.
+func TestVerifyLargeDirectory(t *testing.T) {
+	infos := fakeInfos("/nix/store", 6000, 0, 7)
+	store := t.TempDir()
+	makeStore(t, store, infos)
+	for i := range 500 {
+		if err := os.WriteFile(filepath.Join(store, fmt.Sprintf("stray-%d", i)), nil, 0o444); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := Verify(store, "/nix/store", infos); err != nil {
+		t.Fatalf("complete store: %v", err)
+	}
+	for _, i := range []int{10, 5990} {
+		if err := os.RemoveAll(filepath.Join(store, filepath.Base(infos[i].Path))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	twice := append(append([]PathInfo{}, infos...), infos[10], infos[20])
+	err := Verify(store, "/nix/store", twice)
+	var ve *VerifyError
+	if !errors.As(err, &ve) || !slices.Equal(ve.Missing, []string{infos[10].Path, infos[5990].Path, infos[10].Path}) {
+		t.Fatalf("got %v", err)
+	}
 }
