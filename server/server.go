@@ -104,8 +104,12 @@ type Server struct {
 	rowsMu sync.Mutex
 
 	// sending counts the streams in flight per generation (stream.go);
-	// retention keeps those generations. Guarded by mu.
+	// retention keeps those generations, and marks the ones it is
+	// destroying doomed. Both guarded by sendMu, never by mu: a stream
+	// does not wait for a publish.
+	sendMu        sync.Mutex
 	sending       map[uint64]int
+	doomed        map[uint64]bool
 	streamMetrics *streamMetrics
 	// upstreamPinned are, on a replica, the generations the primary pins
 	// (replica.go); retention keeps them. Guarded by mu.
@@ -816,7 +820,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "adopted from its snapshot by this start; retention resumes after a restart"})
 			continue
 		}
-		if s.sending[g.ID] > 0 {
+		if s.beingSent(g.ID) {
 			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "being sent to a replica"})
 			continue
 		}
@@ -830,6 +834,11 @@ func (s *Server) retainLocked(ctx context.Context) {
 			s.metrics.retentionDeferred("held")
 			continue
 		}
+		undoom, ok := s.doom(g.ID) // a stream that started just now wins
+		if !ok {
+			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "being sent to a replica"})
+			continue
+		}
 		destroyed = true
 		if s.export != nil {
 			s.export.Remove(g.ID)
@@ -839,6 +848,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 			if s.export != nil {
 				_ = s.export.Add(g.ID, PhysicalStore(g.path))
 			}
+			undoom()
 			continue
 		}
 		if err := s.state.removeGeneration(g.ID); err != nil {
@@ -846,6 +856,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 		}
 		delete(s.gens, g.ID)
 		s.swap()
+		undoom()
 		s.log.Info("retention destroyed generation", "generation", g.ID)
 	}
 }

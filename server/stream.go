@@ -50,12 +50,15 @@ func newStreamMetrics(reg *prometheus.Registry) *streamMetrics {
 }
 
 // hold keeps generations ids from retention until the returned func runs.
-// It fails if one of them is not live.
+// It fails if one of them is not live, or retention is destroying it. It
+// never waits for a publish: it reads the live list and takes sendMu only
+// (retention marks a generation doomed under sendMu before destroying it,
+// see doom).
 func (s *Server) hold(ids ...uint64) (release func(), err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
 	for _, id := range ids {
-		if _, ok := s.gens[id]; !ok {
+		if _, ok := s.Generation(id); !ok || s.doomed[id] {
 			return nil, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
 		}
 	}
@@ -66,14 +69,42 @@ func (s *Server) hold(ids ...uint64) (release func(), err error) {
 		s.sending[id]++
 	}
 	return func() {
-		s.mu.Lock()
-		defer s.mu.Unlock()
+		s.sendMu.Lock()
+		defer s.sendMu.Unlock()
 		for _, id := range ids {
 			if s.sending[id]--; s.sending[id] <= 0 {
 				delete(s.sending, id)
 			}
 		}
 	}, nil
+}
+
+// beingSent reports whether a stream holds generation id.
+func (s *Server) beingSent(id uint64) bool {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	return s.sending[id] > 0
+}
+
+// doom marks generation id as being destroyed by retention, unless a
+// stream holds it; from then on hold refuses it. The returned func ends
+// the mark (after the generation left the live list, or stayed because
+// its destruction failed).
+func (s *Server) doom(id uint64) (undoom func(), ok bool) {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.sending[id] > 0 {
+		return nil, false
+	}
+	if s.doomed == nil {
+		s.doomed = map[uint64]bool{}
+	}
+	s.doomed[id] = true
+	return func() {
+		s.sendMu.Lock()
+		defer s.sendMu.Unlock()
+		delete(s.doomed, id)
+	}, true
 }
 
 func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {

@@ -9,8 +9,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -29,6 +31,9 @@ import (
 func TestStreamEndpoint(t *testing.T) {
 	c := newCentral(t)
 	c.store.Fill(t)
+	// 16 MB in the store: a stream of it outgrows the socket buffers, so a
+	// client that does not read holds its sender.
+	c.store.AddText(t, "big", strings.Repeat("0123456789abcdef", 1<<20))
 	reg := prometheus.NewRegistry()
 	b, err := btrfs.New(c.cfg.StoreRoot, c.cfg.SnapshotDir, nil)
 	if err != nil {
@@ -93,8 +98,9 @@ func TestStreamEndpoint(t *testing.T) {
 	}
 	full := recv(g1, 0)
 
-	// Hold generation 1 in a stream that has not been read yet: a publish
-	// with keep=1 must not destroy it.
+	// Hold generation 1 in a stream that has not been read yet (its
+	// sender blocks on the full socket): a publish with keep=1 must not
+	// destroy it.
 	c.store.AddText(t, "second", "2\n")
 	st, err := cl.Stream(ctx, api.StreamRequest{ID: g1})
 	if err != nil {
@@ -131,4 +137,59 @@ func TestStreamEndpoint(t *testing.T) {
 	if len(l) != 2 || l[0].ID != g1 || l[1].ID != g2 {
 		t.Errorf("replica has %+v", l)
 	}
+}
+
+// A stream never waits for a publish: while a publish holds the publish
+// lock (paused after its snapshot), a whole stream of the live generation
+// is sent in full, trailers checked, and only then is the publish let go.
+func TestStreamDuringPublish(t *testing.T) {
+	c := newCentral(t)
+	c.store.Fill(t)
+	b, err := btrfs.New(c.cfg.StoreRoot, c.cfg.SnapshotDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(context.Background(), Options{Config: c.cfg, Backend: b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g1 := publish(t, s)
+	ts := httptest.NewServer(s.Handler(apiserve.NewToken("sekrit"), nil, func() any { return nil }))
+	defer ts.Close()
+
+	c.store.AddText(t, "second", "2\n")
+	s.pause = "snapshot"
+	pctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	published := make(chan error, 1)
+	go func() {
+		_, err := s.Publish(pctx)
+		published <- err
+	}()
+	for s.mu.TryLock() { // until the publish holds the lock
+		s.mu.Unlock()
+		runtime.Gosched()
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	st, err := api.NewClient(ts.URL, "sekrit").Stream(ctx, api.StreamRequest{ID: g1})
+	if err != nil {
+		t.Fatalf("stream during a publish: %v", err)
+	}
+	n, err := io.Copy(io.Discard, st)
+	st.Close()
+	if err != nil || n == 0 {
+		t.Fatalf("stream during a publish: %d bytes, %v", n, err)
+	}
+	select {
+	case err := <-published:
+		t.Fatalf("the publish ended (%v) before the stream was let go: nothing was measured during it", err)
+	default:
+	}
+	stop()
+	if err := <-published; err == nil {
+		t.Errorf("the publish cancelled while it held the lock published")
+	}
+	t.Logf("streamed %d bytes of generation %d while a publish held the lock", n, g1)
 }
