@@ -36,10 +36,12 @@ func (s *Server) Backend() snapshot.Backend { return s.backend }
 // generation g.ID: it reads the snapshot's own DB, refuses it (changing
 // nothing; the caller destroys the snapshot) unless its registration's
 // sha256 equals the primary's manifest g and every registered path exists
-// in it, then stores the manifest (with origin and arrival time), the
-// registration and the path rows, and exports it. The first generation
-// received records the primary's store identity (the snapshot's store
-// label); a snapshot of another store is refused.
+// in it, then stores the manifest (with origin and arrival time) and the
+// registration, and exports it. The path rows (the same DB rows as the
+// builders' rows file) are written right after, in the background
+// (writeRowsLater): requests for them wait for that write. The first
+// generation received records the primary's store identity (the snapshot's
+// store label); a snapshot of another store is refused.
 func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapshot.Snapshot, origin string) (api.Generation, error) {
 	if !s.cfg.Replica() {
 		return api.Generation{}, errors.New("add received generation: this server is not a replica (replica.of, replica.from_cluster)")
@@ -62,8 +64,7 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	if err := nixstore.Verify(PhysicalStore(snap.Path), s.cfg.StoreDir, infos); err != nil {
 		return api.Generation{}, fmt.Errorf("received generation %d: %w", g.ID, err)
 	}
-	var rowsFile bytes.Buffer
-	if err := nixstore.WriteRows(&rowsFile, nixstore.RowsHeader{StoreDir: s.cfg.StoreDir, Generation: g.ID}, rows); err != nil {
+	if err := nixstore.CheckRows(s.cfg.StoreDir, rows); err != nil {
 		return api.Generation{}, fmt.Errorf("received generation %d: %w", g.ID, err)
 	}
 	now := time.Now().UTC()
@@ -82,7 +83,7 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	if s.storeID != "" && store != "" && store != s.storeID {
 		return api.Generation{}, fmt.Errorf("received generation %d comes from store %s, but this replica's generations come from store %s (a primary of another cluster?): not made live", g.ID, store, s.storeID)
 	}
-	if err := s.state.writeGeneration(ng, text, rowsFile.Bytes()); err != nil {
+	if err := s.state.writeGeneration(ng, text, nil); err != nil {
 		return api.Generation{}, err
 	}
 	// Bind what this replica knows to its copy, so that it too can rebuild
@@ -113,6 +114,7 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		}
 	}
 	s.gens[g.ID] = &generation{Generation: ng, path: snap.Path}
+	s.writeRowsLater(g.ID, func() (*nixstore.Rows, error) { return rows, nil })
 	s.swap()
 	s.log.Info("received generation is live", "generation", g.ID, "origin", origin, "paths", ng.Paths)
 	return ng, nil
@@ -124,4 +126,85 @@ func (s *Server) SetUpstreamPinned(ids map[uint64]bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.upstreamPinned = ids
+}
+
+// writeRowsLater writes generation id's path rows (a rows file of what
+// load returns) in the background, joined by Shutdown: encoding and
+// compressing every row of a large store takes about as long as
+// everything else a replica does to make a received generation live, and
+// none of it is needed for that. OpenRows and RowsDelta wait for the
+// write. If it fails (or the process dies first), the generation has no
+// rows until the next start writes them (finishRows); meanwhile builders
+// import from its registration, as for a generation of an older strata.
+func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) {
+	done := make(chan struct{})
+	s.pendMu.Lock()
+	if s.rowsPending == nil {
+		s.rowsPending = map[uint64]chan struct{}{}
+	}
+	s.rowsPending[id] = done
+	s.pendMu.Unlock()
+	s.detached.Add(1)
+	go func() {
+		defer s.detached.Done()
+		defer func() {
+			s.pendMu.Lock()
+			delete(s.rowsPending, id)
+			s.pendMu.Unlock()
+			close(done)
+		}()
+		err := func() error {
+			rows, err := load()
+			if err != nil {
+				return err
+			}
+			var b bytes.Buffer
+			if err := nixstore.WriteRows(&b, nixstore.RowsHeader{StoreDir: s.cfg.StoreDir, Generation: id}, rows); err != nil {
+				return err
+			}
+			return s.state.writeRows(id, b.Bytes())
+		}()
+		if err != nil {
+			s.log.Error("write path rows; builders import this generation from its registration until the next start writes them", "generation", id, "err", err)
+		}
+	}()
+}
+
+// waitRows waits for a background write of generation id's rows.
+func (s *Server) waitRows(id uint64) {
+	s.pendMu.Lock()
+	done := s.rowsPending[id]
+	s.pendMu.Unlock()
+	if done != nil {
+		<-done
+	}
+}
+
+// finishRows writes, in the background, the path rows a replica's
+// generation lacks because the process ended before writeRowsLater did,
+// from the snapshot's own DB, once its registration is checked again
+// against the manifest.
+func (s *Server) finishRows() {
+	if !s.cfg.Replica() {
+		return
+	}
+	for _, g := range s.sorted() {
+		if g.Origin == "" || s.state.hasRows(g.ID) {
+			continue
+		}
+		s.writeRowsLater(g.ID, func() (*nixstore.Rows, error) {
+			rows, err := nixstore.ReadDBRows(s.life, DBDir(g.path))
+			if err != nil {
+				return nil, err
+			}
+			sum, _, err := registrationOf(rows.Infos())
+			if err != nil {
+				return nil, err
+			}
+			if sum != g.RegistrationSHA256 {
+				return nil, fmt.Errorf("registration sha256 %s differs from the manifest's %s", sum, g.RegistrationSHA256)
+			}
+			return rows, nil
+		})
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -115,6 +116,7 @@ func (r *replicaEnv) start(t *testing.T, token string) (served, *replica.Puller)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(s.Shutdown) // joins the background writes of path rows
 	p := replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(r.cfg.ReplicaOf, token), r.cfg.ReplicaOf),
 		Backend: b, Target: s, StateDir: r.cfg.StateDir, Registry: prometheus.NewRegistry()})
 	return served{s, addr}, p
@@ -241,6 +243,11 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 		if a, b := regSHA(t, prim.srv.Server, id), regSHA(t, rs.Server, id); a != b {
 			t.Errorf("generation %d: registration sha256 %s on the replica, %s on the primary", id, b, a)
 		}
+		// The replica writes the rows after the generation went live;
+		// asking for them waits for that write.
+		if a, b := rowsOf(t, prim.srv.Server, id), rowsOf(t, rs.Server, id); !bytes.Equal(a, b) {
+			t.Errorf("generation %d: the replica's path rows (%d bytes) differ from the primary's (%d bytes)", id, len(b), len(a))
+		}
 	}
 	// generations --json: origin and arrival time.
 	rapi := httptest.NewServer(rs.Handler(apiserve.NewToken(""), nil, func() any { return nil }))
@@ -285,11 +292,21 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 
 	// The replica is down while the primary publishes 5 and 6; restarted,
 	// it serves what it had and catches up incrementally.
+	// It also died before writing generation 4's rows (they are written
+	// after the generation went live): the next start writes them from the
+	// snapshot's DB.
+	rs.Shutdown()
+	if err := os.Remove(filepath.Join(re.cfg.StateDir, "generations", "4", "paths.jsonl.gz")); err != nil {
+		t.Fatal(err)
+	}
 	prim.c.store.AddText(t, "five", "5\n")
 	publish(t, prim.srv.Server)
 	prim.c.store.AddText(t, "six", "6\n")
 	publish(t, prim.srv.Server)
 	rs, p = re.start(t, "primary-token")
+	if a, b := rowsOf(t, prim.srv.Server, 4), rowsOf(t, rs.Server, 4); !bytes.Equal(a, b) {
+		t.Errorf("generation 4: rows written at the restart differ from the primary's")
+	}
 	if got := ids(rs.Generations()); fmt.Sprint(got) != "[1 2 3 4]" {
 		t.Fatalf("restarted replica serves %v, want [1 2 3 4]", got)
 	}
@@ -435,6 +452,7 @@ func TestReplicaFromCluster(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(rs.Shutdown)
 	p := replica.New(replica.Options{Primary: replica.FromCluster(rn.Servers, "primary-token"), Backend: b, Target: rs, Registry: prometheus.NewRegistry()})
 	var res replica.Result
 	deadline := time.Now().Add(30 * time.Second)
@@ -453,4 +471,19 @@ func TestReplicaFromCluster(t *testing.T) {
 	if g, _ := rs.Generation(1); g.Origin != prim.api.URL {
 		t.Errorf("origin %q", g.Origin)
 	}
+}
+
+// rowsOf returns generation id's path rows file as s serves it.
+func rowsOf(t *testing.T, s *Server, id uint64) []byte {
+	t.Helper()
+	f, err := s.OpenRows(id)
+	if err != nil {
+		t.Fatalf("rows of generation %d: %v", id, err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

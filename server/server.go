@@ -102,6 +102,11 @@ type Server struct {
 
 	// rowsMu serialises computing rows deltas (RowsDelta).
 	rowsMu sync.Mutex
+	// rowsPending are the generations whose path rows are being written
+	// after they went live (replica.go: writeRowsLater); each channel is
+	// closed when its write ended. Guarded by pendMu.
+	pendMu      sync.Mutex
+	rowsPending map[uint64]chan struct{}
 
 	// sending counts the streams in flight per generation (stream.go);
 	// retention keeps those generations, and marks the ones it is
@@ -187,6 +192,7 @@ func New(ctx context.Context, o Options) (*Server, error) {
 	}
 	s.metrics = newMetrics(o.Registry, s)
 	s.streamMetrics = newStreamMetrics(o.Registry)
+	s.finishRows()
 	if s.export != nil {
 		for _, g := range s.sorted() {
 			if err := s.export.Add(g.ID, PhysicalStore(g.path)); err != nil {
@@ -358,6 +364,7 @@ func (s *Server) OpenRows(id uint64) (*os.File, error) {
 	if _, ok := s.Generation(id); !ok {
 		return nil, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
 	}
+	s.waitRows(id)
 	return s.state.openRows(id)
 }
 
@@ -385,6 +392,8 @@ func (s *Server) RowsDelta(w io.Writer, id, from uint64) error {
 }
 
 func (s *Server) rowsDelta(id, from uint64) ([]byte, error) {
+	s.waitRows(id)
+	s.waitRows(from)
 	s.rowsMu.Lock()
 	defer s.rowsMu.Unlock()
 	if b, err := s.state.readRowsDelta(id, from); err == nil {

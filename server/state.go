@@ -130,7 +130,8 @@ func (s state) setNextID(n uint64) error {
 // rowsFile is the name of a generation's path rows (nixstore.WriteRows).
 const rowsFile = "paths.jsonl.gz"
 
-// writeGeneration stores a generation's manifest, registration and path rows.
+// writeGeneration stores a generation's manifest, registration and path
+// rows (none when rows is nil: writeRows adds them later).
 func (s state) writeGeneration(g api.Generation, registration, rows []byte) error {
 	tmp := filepath.Join(s.gensDir(), fmt.Sprintf(".%d.tmp", g.ID))
 	os.RemoveAll(tmp)
@@ -143,6 +144,9 @@ func (s state) writeGeneration(g api.Generation, registration, rows []byte) erro
 		return err
 	}
 	for name, data := range map[string][]byte{"manifest.json": append(m, '\n'), "registration": registration, rowsFile: rows} {
+		if data == nil && name == rowsFile {
+			continue
+		}
 		if err := atomicfile.WriteFile(filepath.Join(tmp, name), data, 0o644); err != nil {
 			os.RemoveAll(tmp)
 			return fmt.Errorf("write generation %d: %w", g.ID, err)
@@ -244,6 +248,20 @@ func (s state) openRows(id uint64) (*os.File, error) {
 		return nil, fmt.Errorf("read rows of generation %d: %w", id, err)
 	}
 	return f, nil
+}
+
+// writeRows stores the path rows of generation id, which is already stored.
+func (s state) writeRows(id uint64, rows []byte) error {
+	if err := atomicfile.WriteFile(filepath.Join(s.genDir(id), rowsFile), rows, 0o644); err != nil {
+		return fmt.Errorf("write rows of generation %d: %w", id, err)
+	}
+	return nil
+}
+
+// hasRows reports whether generation id's path rows are stored.
+func (s state) hasRows(id uint64) bool {
+	_, err := os.Stat(filepath.Join(s.genDir(id), rowsFile))
+	return err == nil
 }
 
 func (s state) rowsDeltaFile(id, from uint64) string {

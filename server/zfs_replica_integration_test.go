@@ -177,6 +177,7 @@ func TestZFSReplicaFollowsPrimary(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(s.Shutdown) // joins the background writes of path rows
 		return served{s, addr}, replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(papi.URL, "primary-token"), papi.URL),
 			Backend: b, Target: s, StateDir: rstate, Registry: reg})
 	}

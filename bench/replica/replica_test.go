@@ -202,6 +202,7 @@ func BenchmarkReplicate(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	defer rs.Shutdown()
 	p := replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(ts.URL, "bench"), ts.URL), Backend: rb, Target: rs,
 		StateDir: rcfg.StateDir, Registry: prometheus.NewRegistry()})
 	first, err := p.Sync(ctx)
@@ -222,6 +223,15 @@ func BenchmarkReplicate(b *testing.B) {
 	if err != nil || len(res.Received) != 1 || res.Received[0].From != 1 {
 		b.Fatalf("incremental sync: %v %+v", err, res)
 	}
+	// The replica writes the new generation's path rows after it went live;
+	// OpenRows waits for that write.
+	rowsStart := time.Now()
+	f, err := rs.OpenRows(2)
+	if err != nil {
+		b.Fatalf("rows of generation 2 on the replica: %v", err)
+	}
+	f.Close()
+	rowsT := time.Since(rowsStart)
 	rsyncT, rsyncB := rsync(b, filepath.Join(pcfg.SnapshotDir, "strata-2"), rdst)
 	g1, _ := rs.Generation(1)
 	g2, _ := rs.Generation(2)
@@ -232,6 +242,9 @@ func BenchmarkReplicate(b *testing.B) {
 	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 1 whole (%d paths)", g1.Paths), full.Took.Seconds(), full.Bytes)
 	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a generation 1 (initial copy)", rsyncFullT.Seconds(), rsyncFullB)
 	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 2 incremental (%d paths)", g2.Paths), incr.Took.Seconds(), incr.Bytes)
+	fmt.Printf("%-44s %10.2f\n", "  of which stream and btrfs receive", incr.Stream.Seconds())
+	fmt.Printf("%-44s %10.2f\n", "  of which check and make live", (incr.Took - incr.Stream).Seconds())
+	fmt.Printf("%-44s %10.2f\n", "  path rows written after (background)", rowsT.Seconds())
 	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete generation 1 -> 2", rsyncT.Seconds(), rsyncB)
 	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", rsyncT.Seconds()/incr.Took.Seconds(), float64(rsyncB)/float64(incr.Bytes))
 	b.ReportMetric(incr.Took.Seconds(), "strata-s")

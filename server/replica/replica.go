@@ -121,6 +121,9 @@ type Received struct {
 	ID, From uint64 // From 0: a whole stream
 	Bytes    int64
 	Took     time.Duration
+	// Stream is the part of Took spent receiving the stream into the
+	// backend; the rest is the target's check and making it live.
+	Stream time.Duration
 }
 
 // Sync receives every generation the primary has that is newer than the
@@ -265,6 +268,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	}
 	// Whatever the backend left unread must arrive and match the trailers.
 	_, err = io.Copy(io.Discard, st)
+	streamed := time.Since(start)
 	p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
 	if err != nil {
 		err = fmt.Errorf("%w: %w", errBroken, err)
@@ -282,7 +286,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 		return Received{}, fmt.Errorf("generation %d: %w", g.ID, err)
 	}
 	p.clearReceiving()
-	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), Took: time.Since(start)}
+	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), Took: time.Since(start), Stream: streamed}
 	p.log.Info("received generation", "primary", p.primary.URL(), "generation", g.ID, "from", from, "kind", kind, "bytes", r.Bytes, "took", r.Took.Round(time.Millisecond))
 	return r, nil
 }
