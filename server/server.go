@@ -860,6 +860,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 			undoom()
 			continue
 		}
+		s.waitRows(g.ID) // its rows may still be being written (replica.go)
 		if err := s.state.removeGeneration(g.ID); err != nil {
 			s.log.Error("retention: remove state", "generation", g.ID, "err", err)
 		}
