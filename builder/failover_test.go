@@ -452,3 +452,25 @@ func TestFailoverConfig(t *testing.T) {
 		}
 	}
 }
+
+// A reboot while the server in use is down: nothing is mounted, so the
+// agent starts on another server instead of waiting.
+func TestStartElsewhereWhenServerDown(t *testing.T) {
+	f := newFailoverEnv(t, 1)
+	f.m = newFakeMounter() // reboot: every mount gone
+	f.primary.setDown(true)
+	b := f.agent(t, func(o *Options) { o.Config = f.cfg; o.Server, o.Servers = nil, f.dir })
+	if b.Current() != f.pe {
+		t.Fatalf("state names %v, want the primary", b.Current())
+	}
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	f.a = b
+	if st := b.State(); st.String() != "idle(1)" || b.Current() != f.re || st.Server != f.re || st.Lowers[0].Server != f.re.API {
+		t.Fatalf("after a start with the primary down: %s on %v, lowers %+v", st, b.Current(), st.Lowers)
+	}
+	if top := f.topLower(t); top != "1" {
+		t.Fatalf("top lower %q, want 1 (nothing else mounted)", top)
+	}
+}

@@ -153,6 +153,13 @@ func (a *Agent) Start(ctx context.Context) error {
 		want = st.Lowers
 	}
 	l, err := a.generations(ctx)
+	if err != nil && len(a.dir.Candidates()) > 1 {
+		// Nothing is mounted: any server that answers will do.
+		a.log.Warn("the server in use does not answer; trying the others", "server", a.Current().String(), "err", err)
+		if l2, err2 := a.pickServer(ctx); err2 == nil {
+			l, err = l2, nil
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
