@@ -40,34 +40,6 @@ func NewClient(addr, token string) *Client {
 	return c
 }
 
-// NewResolvingClient returns a client whose base URL ("http://host:port")
-// resolve returns before every request: a builder that finds its server by
-// gossip follows it. An error of resolve fails the request.
-func NewResolvingClient(resolve func() (string, error), token string) *Client {
-	c := NewClient("http://server.unresolved", token)
-	c.hc.Transport = resolving{resolve: resolve, next: http.DefaultTransport}
-	return c
-}
-
-type resolving struct {
-	resolve func() (string, error)
-	next    http.RoundTripper
-}
-
-func (r resolving) RoundTrip(req *http.Request) (*http.Response, error) {
-	base, err := r.resolve()
-	if err != nil {
-		return nil, err
-	}
-	u, err := url.Parse(base)
-	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("server address %q: want http://host:port", base)
-	}
-	out := req.Clone(req.Context())
-	out.URL.Scheme, out.URL.Host, out.Host = u.Scheme, u.Host, u.Host
-	return r.next.RoundTrip(out)
-}
-
 // Do sends a request and decodes a JSON answer into out (nil: discard). A
 // non-2xx answer is an error carrying the server's message.
 func (c *Client) Do(ctx context.Context, method, path string, out any) error {
