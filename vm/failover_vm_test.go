@@ -261,12 +261,15 @@ echo "RESULT read by name through a cwd in the old overlay: $(probe cat /proc/$C
 echo "RESULT stat of the cwd in the old overlay: $(probe stat /proc/$CWD/cwd/.)"
 exec 7<&-
 kill $CWD 2>/dev/null
-# bwait PID SECS: wait for PID at most SECS, then kill it; prints its exit status or "hung".
-bwait() { i=0; while kill -0 $1 2>/dev/null && [ $i -lt $(($2*10)) ]; do sleep 0.1; i=$((i+1)); done; if kill -0 $1 2>/dev/null; then kill -9 $1; echo hung; else wait $1; echo $?; fi; }
-echo "stat loop across the failure: $(bwait $LDUR 90)"; cat /tmp/loop-during
+# bwait PID SECS: wait for child PID at most SECS, then kill it; sets BW to
+# its exit status or "hung". (A child that exited is a zombie until waited
+# for: kill -0 would still find it.)
+running() { [ -e /proc/$1/stat ] && ! awk '{exit !($3=="Z")}' /proc/$1/stat; }
+bwait() { i=0; while running $1 && [ $i -lt $(($2*10)) ]; do sleep 0.1; i=$((i+1)); done; if running $1; then kill -9 $1; wait $1; BW=hung; else wait $1; BW=$?; fi; }
+bwait $LDUR 90; echo "stat loop across the failure: $BW"; cat /tmp/loop-during
 echo "RESULT stat loop running across the failure: $(tail -1 /tmp/loop-during)"
 
-brc=$(bwait $BUILD 600)
+bwait $BUILD 600; brc=$BW
 tail -5 /tmp/build.out
 if [ $brc = 0 ]; then echo "RESULT build started before the failure: succeeded"; else echo "RESULT build started before the failure: failed (exit $brc): $(grep -m1 -iE 'error|input/output' /tmp/build.out)"; fi
 check "the build succeeded or failed with an I/O error" sh -c "[ $brc = 0 ] || grep -q 'Input/output error' /tmp/build.out"
