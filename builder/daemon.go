@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/strata-nix/strata/api"
@@ -66,11 +67,14 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		view = o.Gossip.Node()
 	}
 	servers := NewServers(cfg, view, func(u string) Server { return api.NewClient(u, "") })
+	sys := NewSystem(NFSGenerations(cfg.NConnect, cfg.MountOptions), cfg.SwapMethod, cfg.StagingDir, log)
+	sys.DeadDir = filepath.Join(cfg.StateDir, "dead")
+	ResetDead(sys.DeadDir, log)
 	ag, err := New(Options{
 		Config:   cfg,
 		Logger:   log,
 		Servers:  servers,
-		Mounter:  NewSystem(NFSGenerations(cfg.NConnect, cfg.MountOptions), cfg.SwapMethod, cfg.StagingDir, log),
+		Mounter:  sys,
 		Nix:      NewNixStore(cfg, log),
 		Notify:   o.Notify,
 		Progress: lifecycle.NewStep("builder loop", cfg.StallAfter),
