@@ -67,7 +67,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		view = o.Gossip.Node()
 	}
 	servers := NewServers(cfg, view, func(u string) Server { return api.NewClient(u, "") })
-	sys := NewSystem(NFSGenerations(cfg.NConnect, cfg.MountOptions), cfg.SwapMethod, cfg.StagingDir, log)
+	sys := NewSystem(NFSGenerations(cfg.NConnect, cfg.MountOptions, log), cfg.SwapMethod, cfg.StagingDir, log)
 	sys.DeadDir = filepath.Join(cfg.StateDir, "dead")
 	ResetDead(sys.DeadDir, log)
 	ag, err := New(Options{

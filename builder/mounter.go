@@ -54,8 +54,10 @@ type GenerationMounter func(ctx context.Context, nfs string, gen uint64, dir str
 // NFSGenerations mounts /gen/<N> from the strata NFS server at nfs with
 // overlay.MountNFS (nosharecache, since two generations are mounted
 // during a rotation, and the same generation of two servers during a
-// failover).
-func NFSGenerations(nconnect int, extra []string) GenerationMounter {
+// failover). A mount that answers no POSIX ACL query (overlay.CheckNFSACL)
+// is kept, since root reads work, and logged as an error: build users
+// cannot read it through the overlay.
+func NFSGenerations(nconnect int, extra []string, log *slog.Logger) GenerationMounter {
 	return func(ctx context.Context, nfs string, gen uint64, dir string) error {
 		if nfs == "" {
 			return fmt.Errorf("mount generation %d: no NFS address", gen)
@@ -65,8 +67,14 @@ func NFSGenerations(nconnect int, extra []string) GenerationMounter {
 		if err != nil || perr != nil {
 			return fmt.Errorf("mount generation %d: nfs address %q: want host:port", gen, nfs)
 		}
-		return overlay.MountNFS(ctx, host, fmt.Sprintf("/gen/%d", gen), dir,
-			overlay.NFSOptions{Port: port, NConnect: nconnect, Extra: extra})
+		if err := overlay.MountNFS(ctx, host, fmt.Sprintf("/gen/%d", gen), dir,
+			overlay.NFSOptions{Port: port, NConnect: nconnect, Extra: extra}); err != nil {
+			return err
+		}
+		if err := overlay.CheckNFSACL(dir); err != nil {
+			log.Error("build users cannot read this generation through the overlay", "generation", gen, "nfs", nfs, "err", err)
+		}
+		return nil
 	}
 }
 

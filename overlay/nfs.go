@@ -190,3 +190,20 @@ func isIP(s string) bool {
 	_, err := netip.ParseAddr(s)
 	return err == nil
 }
+
+// CheckNFSACL reports whether the NFS mount at dir answers POSIX ACL
+// queries, which overlayfs makes whenever a user who does not own a file
+// (a Nix build user, anyone but root) opens it through an overlay on the
+// mount. It returns an error naming the consequence when the client says
+// EOPNOTSUPP (a server without NFSACL, such as a strata server older than
+// its GETACL answer, or a mount with noacl); nil when the query is answered
+// (no ACL: ENODATA) or fails otherwise (the mount itself is not its
+// concern).
+func CheckNFSACL(dir string) error {
+	_, err := unix.Getxattr(dir, "system.posix_acl_access", nil)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return fmt.Errorf("nfs mount %s answers no POSIX ACL query (a server without NFSACL GETACL, or the mount option noacl): "+
+			"users other than the files' owner, such as Nix build users with sandbox = true, get \"Operation not supported\" opening its files through the overlay", dir)
+	}
+	return nil
+}

@@ -197,6 +197,8 @@ grep -iE 'level=(warn|error)' /builder.log | tail -20
 //     generation files through the overlay;
 //   - a builder pointed at a server whose nfs.allow leaves it out says so
 //     in status and log (address and allowlist) and mounts nothing;
+//   - a builder that mounts with noacl says in its log that build users
+//     cannot read the generation through the overlay;
 //   - a sandboxed build (sandbox = true, nixbld build users, as NixOS runs
 //     it) whose inputs are a 16 MiB single-file path and a directory path
 //     of the generation, then nix-store --optimise: the upper grows by no
@@ -253,7 +255,7 @@ func TestBuilderGarbageCollection(t *testing.T) {
 				MemoryMB: 2048,
 				OnLine:   onLine,
 			})
-			requireChecks(t, res, 24)
+			requireChecks(t, res, 26)
 		})
 	}
 }
@@ -299,6 +301,31 @@ check "the log says so" grep -q 'refuses NFS connections from this builder' /b2.
 check "nothing mounted for the refused builder" sh -c "! grep -qE ' /nix2/store |/var/lib/strata/b2/' /proc/mounts"
 kill $B2; wait $B2
 
+# A builder that mounts with noacl: build users could not read through its
+# overlay, and its log says so when it mounts the generation.
+mkdir -p /nix3/store /nix3/var/nix
+cat > /etc/strata/b3.yaml <<EOF2
+server:
+  api: http://10.0.2.2:$API
+  nfs: 10.0.2.2:$NFS
+mount:
+  options: [noacl]
+store:
+  dir: /nix3/store
+nix:
+  state_dir: /nix3/var/nix
+state_dir: /var/lib/strata/b3
+swap:
+  staging_dir: /run/strata/swap3
+EOF2
+strata builder --config /etc/strata/b3.yaml > /b3.log 2>&1 &
+B3=$!
+i=0; until grep -q 'answers no POSIX ACL query' /b3.log || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done
+grep 'POSIX ACL' /b3.log | head -1
+check "a noacl mount is named in the log as unreadable for build users; the main builder's mount is not" sh -c "grep -q 'answers no POSIX ACL query' /b3.log && ! grep -q 'POSIX ACL' /builder.log"
+kill $B3; wait $B3
+for m in $(awk '$2 ~ /^\/nix3\/store$|^\/var\/lib\/strata\/b3\// {print $2}' /proc/mounts | sort -r); do umount -l $m; done
+
 # Sandboxed build on generation inputs, then optimise.
 SH=$(readlink -f /bin/sh)
 NIXOPTS="--option sandbox true --option build-users-group nixbld --option sandbox-paths /bin/sh=$SH"
@@ -320,6 +347,8 @@ echo "builder uid in the sandbox: $(cat $SB/uid)"
 check "the build ran in the sandbox (no host paths) and not as root" sh -c "[ \"\$(cat $SB/sandboxed)\" = yes ] && [ \$(cat $SB/uid) -ne 0 ]"
 check "nix-store --optimise" sh -c "nix-store --optimise > /tmp/opt 2>&1 || { cat /tmp/opt; exit 1; }"
 tail -2 /tmp/opt
+ls -ls $UP/$(basename $BIG) $UP/$(basename $DIRIN)/data.txt
+check "the 16 MiB input and a file of the directory input are hard-linked, and the upper holds them as metadata only (0 data blocks)" sh -c "[ \$(stat -c %h $BIG) -ge 2 ] && [ \$(stat -c %h $DIRIN/data.txt) -ge 2 ] && [ \$(du -k $UP/\$(basename $BIG) | cut -f1) -eq 0 ] && [ \$(du -k $UP/\$(basename $DIRIN)/data.txt | cut -f1) -eq 0 ]"
 U1=$(du -sk $UP | cut -f1)
 O=$(du -sk $SB $(nix-store -qd $SB) | awk '{s+=$1} END {print s}')
 echo "UPPER before=$((U0*1024)) after=$((U1*1024)) growth=$(((U1-U0)*1024)) bytes; output+drv=$((O*1024)) bytes"
