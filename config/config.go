@@ -92,11 +92,36 @@ func (l *Loader) BindFlags(fs *pflag.FlagSet) {
 		case List:
 			fs.StringSlice(k.FlagName(), nil, usage)
 		case Bool:
-			fs.String(k.FlagName(), "", usage+" [true|false]")
+			// --name alone means true, as for any boolean flag;
+			// --name=false turns it off.
+			fs.Var(&flagValue{kind: k.Kind}, k.FlagName(), usage+" [--"+k.FlagName()+"=false to turn off]")
+			fs.Lookup(k.FlagName()).NoOptDefVal = "true"
 		default:
-			fs.String(k.FlagName(), "", usage)
+			fs.Var(&flagValue{kind: k.Kind}, k.FlagName(), usage)
 		}
 	}
+}
+
+// flagValue holds a flag's text as given; Load converts it with the
+// key's kind, like a value from the file or the environment. Its Type
+// names the kind in --help.
+type flagValue struct {
+	kind Kind
+	s    string
+}
+
+func (f *flagValue) String() string     { return f.s }
+func (f *flagValue) Set(s string) error { f.s = s; return nil }
+func (f *flagValue) Type() string {
+	switch f.kind {
+	case Int:
+		return "int"
+	case Duration:
+		return "duration"
+	case Bool:
+		return "bool"
+	}
+	return "string"
 }
 
 // Values are loaded settings.
