@@ -6,7 +6,8 @@
 #  2. `strata server` publishes generation 1 and exports it over NFSv3;
 #  3. a path is added to the central store; generation 2 is published and
 #     the delta 1 -> 2 is shown.
-# Run as root (make demo). Everything it makes is removed at exit.
+# Run as root (make demo-host). Everything it makes is removed at exit
+# (set SERVER_LOG outside DEMO_DIR to keep the server's log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STRATA=$PWD/bin/strata
