@@ -317,3 +317,27 @@ func TestRestartOutbidsOldState(t *testing.T) {
 		return reflect.DeepEqual(h, map[uint64][]string{9: {"b"}})
 	})
 }
+
+// A builder measures its RTT to each server (memberlist's probes) and sees
+// a killed server's member go dead: the two things failover ranks and
+// detects by.
+func TestServerRTTAndDeath(t *testing.T) {
+	srv := mustNode(t, "srv", RoleServer, nil)
+	b := mustNode(t, "b", RoleBuilder, nil, srv.Addr())
+	waitFor(t, 10*time.Second, "an RTT to the server", func() bool {
+		ss := b.Servers()
+		return len(ss) == 1 && ss[0].Name == "srv" && ss[0].RTT > 0
+	})
+	if st, ok := b.MemberState("srv"); !ok || st != StateAlive {
+		t.Fatalf("MemberState(srv) = %s %v, want alive", st, ok)
+	}
+	if _, ok := b.MemberState("nobody"); ok {
+		t.Fatal("MemberState of an unknown member is known")
+	}
+	t.Logf("rtt to srv: %s", b.Servers()[0].RTT)
+	srv.Close() // killed: no leave
+	waitFor(t, 15*time.Second, "the server to be dead", func() bool {
+		st, ok := b.MemberState("srv")
+		return ok && st == StateDead && len(b.Servers()) == 0
+	})
+}
