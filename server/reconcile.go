@@ -12,6 +12,7 @@ import (
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/nixstore"
+	"github.com/strata-nix/strata/server/replica"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -43,6 +44,8 @@ type plan struct {
 	destroy    uint64                       // the unfinished publish's snapshot, 0 if none
 	dropStored bool                         // destroy's manifest was written too
 	publishing uint64                       // the state's reserved id, 0 if none
+	receiving  uint64                       // a replica's recorded receive, 0 if none
+	received   uint64                       // its snapshot, here but never live, 0 if none
 	pins       map[uint64]string            // pins.json and pin labels together
 	nextID     uint64                       // id the next publish gets
 	storeWant  string                       // identity the generations come from ("" none yet)
@@ -76,6 +79,9 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 	}
 	if p.publishing, err = st.publishing(); err != nil {
 		return nil, err
+	}
+	if cfg.Replica() {
+		p.receiving = replica.Receiving(st.dir)
 	}
 	if p.storeWant, err = st.storeID(); err != nil {
 		return nil, err
@@ -113,6 +119,10 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 		case id == p.publishing && !live:
 			// The publish that reserved id never made it live.
 			p.destroy, p.dropStored = id, haveManifest
+		case id == p.receiving && !live && !haveManifest:
+			// A replica's receive whose stream arrived but that never went
+			// live: the puller's first sync settles it (replica.settle).
+			p.received = id
 		case haveManifest:
 			p.serve = append(p.serve, id)
 		case live:
@@ -202,6 +212,10 @@ func (p *plan) report(cfg Config) []string {
 	}
 	for _, id := range slices.Sorted(maps.Keys(p.kept)) {
 		add("WARNING: snapshot %s is kept but not served: %s", snapshot.Name(id), p.kept[id])
+	}
+	if p.received != 0 {
+		add("snapshot %s is this replica's own unfinished receive (%s): the first sync makes it live if its registration matches the primary's manifest, and destroys it otherwise",
+			snapshot.Name(p.received), replica.ReceivingFile(cfg.StateDir))
 	}
 	if p.destroy != 0 {
 		add("would destroy snapshot %s: the unfinished publish reserved in state_dir, never live", snapshot.Name(p.destroy))
@@ -346,6 +360,9 @@ func rebuildManifest(ctx context.Context, sn snapshot.Snapshot, storeDir string)
 }
 
 func logPlan(log *slog.Logger, p *plan) {
+	if p.received != 0 {
+		log.Info("found this replica's own unfinished receive; the first sync makes it live or destroys it", "snapshot", snapshot.Name(p.received))
+	}
 	if len(p.rebuild) > 0 {
 		log.Info("state_dir lacks generations that snapshots say are live; rebuilding them", "generations", p.rebuild)
 	}

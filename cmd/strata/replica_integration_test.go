@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -117,4 +118,107 @@ func TestReplicaDaemon(t *testing.T) {
 	if code == 0 || !strings.Contains(out, "replica.token_file") {
 		t.Errorf("--check-config of a replica without its token: exit %d\n%s", code, out)
 	}
+}
+
+// A replica killed (-9) after a stream arrived in full but before the
+// generation went live finds the received snapshot at its next start: the
+// record of its own receive (state_dir/replica-receiving) names it, so the
+// first sync makes it live after the registration check against the
+// primary's manifest instead of failing forever with "snapshot exists". A
+// snapshot received by hand (no record) is kept, reported, and no stream is
+// asked for it, until an operator removes it.
+func TestReplicaKilledBeforeLive(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	papi := freePort(t)
+	pcfg := filepath.Join(dir, "primary.yaml")
+	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
+	prim := start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "published generation")
+	g1 := prim.generations(t).Generations[0].ID
+
+	rmnt := testenv.LoopBtrfs(t, "1G")
+	rsnaps := filepath.Join(rmnt, "gens")
+	rstate := filepath.Join(dir, "rstate")
+	cfg := filepath.Join(dir, "replica.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
+		papi, tokenFile, rsnaps, rstate)), 0o644)
+
+	repl := start(t, cfg, rstate, []string{"STRATA_DEBUG_REPLICA_PAUSE=received"})
+	repl.waitLog(t, "replica receive paused")
+	repl.cmd.Process.Kill()
+	<-repl.done
+	if _, err := os.Stat(filepath.Join(rsnaps, fmt.Sprintf("strata-%d", g1))); err != nil {
+		t.Fatalf("the received snapshot is not there after the kill: %v", err)
+	}
+	if l := len(manifests(t, rstate)); l != 0 {
+		t.Fatalf("the killed replica has %d manifests, want none (never live)", l)
+	}
+	out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config")
+	if code != 0 || !strings.Contains(out, "own unfinished receive") {
+		t.Errorf("--check-config after the kill: exit %d\n%s", code, out)
+	}
+
+	repl = start(t, cfg, rstate, nil)
+	repl.waitLog(t, "adopted this replica's own unfinished receive")
+	deadline := time.Now().Add(60 * time.Second)
+	for fmt.Sprint(ids(repl.generations(t).Generations)) != fmt.Sprint([]uint64{g1}) {
+		if time.Now().After(deadline) {
+			t.Fatalf("restarted replica serves %v, want [%d]\n%s", ids(repl.generations(t).Generations), g1, repl.logs)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	pg, _ := prim.client().Generation(t.Context(), g1)
+	rg, _ := repl.client().Generation(t.Context(), g1)
+	if pg.RegistrationSHA256 == "" || pg.RegistrationSHA256 != rg.RegistrationSHA256 {
+		t.Errorf("registration sha256: primary %q, replica %q", pg.RegistrationSHA256, rg.RegistrationSHA256)
+	}
+	if _, err := os.Stat(filepath.Join(rstate, "replica-receiving")); err == nil {
+		t.Error("the receive record is still there after the generation went live")
+	}
+	g2 := publishOne(t, s, prim, "second")
+	waitServes := func(d *daemonProc, want []uint64) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for fmt.Sprint(ids(d.generations(t).Generations)) != fmt.Sprint(want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("replica serves %v, want %v\n%s", ids(d.generations(t).Generations), want, d.logs)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitServes(repl, []uint64{g1, g2})
+	repl.stop(t)
+
+	// By hand: generation 3 received without the replica knowing.
+	g3 := publishOne(t, s, prim, "third")
+	send := fmt.Sprintf("btrfs send -q -p %s/strata-%d %s/strata-%d | btrfs receive -e %s",
+		s.snaps, g2, s.snaps, g3, rsnaps)
+	if out, err := exec.Command("sh", "-c", send).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", send, err, out)
+	}
+	out, code = runStrata(t, nil, "server", "--config", cfg, "--check-config")
+	if !strings.Contains(out, fmt.Sprintf("snapshot strata-%d is kept but not served", g3)) {
+		t.Errorf("--check-config with a snapshot received by hand: exit %d\n%s", code, out)
+	}
+	repl = start(t, cfg, rstate, nil)
+	repl.waitLog(t, fmt.Sprintf("snapshot strata-%d is here but not live, and it is not this replica's own unfinished receive", g3))
+	time.Sleep(2 * time.Second) // two more syncs
+	if strings.Contains(repl.logs.String(), "incremental stream failed") || strings.Contains(repl.logs.String(), "snapshot exists") {
+		t.Errorf("the replica asked the primary for streams it cannot receive:\n%s", repl.logs)
+	}
+	if _, err := os.Stat(filepath.Join(rsnaps, fmt.Sprintf("strata-%d", g3))); err != nil {
+		t.Fatalf("the snapshot received by hand is gone: %v", err)
+	}
+	waitServes(repl, []uint64{g1, g2})
+	// The operator removes it: the replica catches up.
+	testenv.Run(t, "btrfs", "subvolume", "delete", filepath.Join(rsnaps, fmt.Sprintf("strata-%d", g3)))
+	waitServes(repl, []uint64{g1, g2, g3})
+	repl.stop(t)
+	prim.stop(t)
 }

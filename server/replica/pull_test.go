@@ -8,7 +8,11 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/strata-nix/strata/api"
@@ -40,6 +44,7 @@ func streamingPrimary(t *testing.T, list api.GenerationList, sum string) (*httpt
 type failingBackend struct {
 	bad       map[uint64]bool
 	destroyed []uint64
+	here      []snapshot.Snapshot // List's answer
 }
 
 func (f *failingBackend) Kind() string { return "btrfs" }
@@ -53,6 +58,7 @@ func (f *failingBackend) Receive(_ context.Context, r io.Reader, id, from uint64
 	}
 	return snapshot.Snapshot{ID: id, Name: snapshot.Name(id)}, nil
 }
+func (f *failingBackend) List(context.Context) ([]snapshot.Snapshot, error) { return f.here, nil }
 func (f *failingBackend) Destroy(_ context.Context, id uint64) error {
 	f.destroyed = append(f.destroyed, id)
 	return nil
@@ -60,10 +66,14 @@ func (f *failingBackend) Destroy(_ context.Context, id uint64) error {
 
 type recordingTarget struct {
 	fakeTarget
-	added []uint64
+	added  []uint64
+	refuse bool
 }
 
 func (r *recordingTarget) AddReceived(_ context.Context, g api.Generation, _ snapshot.Snapshot, _ string) (api.Generation, error) {
+	if r.refuse {
+		return api.Generation{}, errors.New("registration sha256 differs")
+	}
 	r.added = append(r.added, g.ID)
 	r.gens = append(r.gens, g)
 	return g, nil
@@ -108,4 +118,65 @@ func TestPullTriesOlderBasesThenWhole(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A snapshot here that is not live: this replica's own unfinished receive
+// (the record names it) is made live when the target accepts it and
+// destroyed when the target refuses it or the primary no longer has it;
+// any other such snapshot is kept, and no stream is asked for it.
+func TestSettleUnfinishedReceive(t *testing.T) {
+	good := "15147c8756c0a8568b264937b7ae5d722c9a760739459225f03042882d26d6c7"
+	for _, tc := range []struct {
+		name      string
+		record    string
+		primary   []api.Generation
+		refuse    bool
+		added     string
+		destroyed string
+		asked     string
+		err       string
+	}{
+		{"own receive adopted", "3\n", []api.Generation{gen(2, "b"), gen(3, "c")}, false, "[3]", "[]", "[]", ""},
+		{"own receive refused is destroyed and received again", "3\n", []api.Generation{gen(2, "b"), gen(3, "c")}, true, "[]", "[3 3]",
+			"[/v1/generations/3/stream?backend=btrfs&from=2]", "registration sha256 differs"},
+		{"own receive the primary dropped is destroyed", "3\n", []api.Generation{gen(2, "b"), gen(4, "d")}, false, "[4]", "[3]",
+			"[/v1/generations/4/stream?backend=btrfs&from=2]", ""},
+		{"unknown snapshot kept, no stream", "", []api.Generation{gen(2, "b"), gen(3, "c")}, false, "[]", "[]", "[]", "not this replica's own unfinished receive"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tc.record != "" {
+				if err := os.WriteFile(filepath.Join(dir, "replica-receiving"), []byte(tc.record), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			ts, asked := streamingPrimary(t, api.GenerationList{Backend: "btrfs", Generations: tc.primary}, good)
+			tg := &recordingTarget{fakeTarget: fakeTarget{gens: []api.Generation{gen(2, "b")}}, refuse: tc.refuse}
+			be := &failingBackend{here: []snapshot.Snapshot{{ID: 2, Name: "strata-2"}, {ID: 3, Name: "strata-3"}}}
+			be2 := &settleBackend{failingBackend: be}
+			p := New(Options{Primary: Fixed(api.NewClient(ts.URL, "tok"), ts.URL), Backend: be2, Target: tg, StateDir: dir})
+			_, err := p.Sync(context.Background())
+			if fmt.Sprint(tg.added) != tc.added && !(tc.added == "[]" && len(tg.added) == 0) {
+				t.Errorf("made live %v, want %s", tg.added, tc.added)
+			}
+			if got := fmt.Sprint(be.destroyed); got != tc.destroyed && !(tc.destroyed == "[]" && len(be.destroyed) == 0) {
+				t.Errorf("destroyed %v, want %s", be.destroyed, tc.destroyed)
+			}
+			if got := fmt.Sprint(*asked); got != tc.asked && !(tc.asked == "[]" && len(*asked) == 0) {
+				t.Errorf("streams asked for %v, want %s", *asked, tc.asked)
+			}
+			if tc.err == "" && err != nil || tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)) {
+				t.Errorf("sync: %v, want %q", err, tc.err)
+			}
+		})
+	}
+}
+
+// settleBackend drops a destroyed snapshot from List.
+type settleBackend struct{ *failingBackend }
+
+func (s *settleBackend) Destroy(ctx context.Context, id uint64) error {
+	s.failingBackend.Destroy(ctx, id)
+	s.here = slices.DeleteFunc(s.here, func(sn snapshot.Snapshot) bool { return sn.ID == id })
+	return nil
 }

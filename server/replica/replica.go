@@ -53,6 +53,7 @@ type Target interface {
 type Backend interface {
 	Kind() string
 	snapshot.Streamer
+	List(ctx context.Context) ([]snapshot.Snapshot, error)
 	Destroy(ctx context.Context, id uint64) error
 }
 
@@ -85,6 +86,7 @@ type Puller struct {
 	stateDir string
 	log      *slog.Logger
 	m        *metrics
+	pause    string
 }
 
 // Options are what a Puller is made of.
@@ -95,6 +97,10 @@ type Options struct {
 	StateDir string // holds the interrupted receive's record (ZFS resume)
 	Logger   *slog.Logger
 	Registry *prometheus.Registry // nil: metrics not registered
+	// Pause "received" blocks each receive after its stream arrived in
+	// full and before it goes live, until ctx ends, so that a test can
+	// kill -9 the process there (STRATA_DEBUG_REPLICA_PAUSE).
+	Pause string
 }
 
 // New returns a Puller.
@@ -104,7 +110,7 @@ func New(o Options) *Puller {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Puller{primary: o.Primary, backend: o.Backend, target: o.Target,
-		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry)}
+		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause}
 }
 
 // Primary returns the primary's API URL ("" while none is known).
@@ -138,6 +144,10 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 	}
 	if err := p.check(list); err != nil {
 		p.m.syncs.WithLabelValues("refused").Inc()
+		return res, err
+	}
+	if err := p.settle(ctx, list, &res); err != nil {
+		p.m.syncs.WithLabelValues("error").Inc()
 		return res, err
 	}
 	if err := p.resume(ctx, list, &res); err != nil {
@@ -213,6 +223,15 @@ const maxBases = 3
 // the primary, such as a pin, gave the base's snapshot a new transaction
 // id), so the next older one is tried, up to maxBases.
 func (p *Puller) pull(ctx context.Context, g api.Generation, from []uint64) (Received, error) {
+	// A snapshot of that id that is here but not live (settle has handled
+	// this replica's own unfinished receive) cannot be accounted for: it
+	// is kept, and no stream is asked for that could not be received.
+	if _, ok, err := p.local(ctx, g.ID); err != nil {
+		return Received{}, err
+	} else if ok {
+		return Received{}, fmt.Errorf("%w: generation %d: snapshot %s is here but not live, and it is not this replica's own unfinished receive: "+
+			"kept (never destroyed without knowing where it came from); remove it by hand to receive generation %d", errRefused, g.ID, snapshot.Name(g.ID), g.ID)
+	}
 	for i, b := range from {
 		if i == maxBases {
 			break
@@ -272,7 +291,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
 	if err != nil {
 		err = fmt.Errorf("%w: %w", errBroken, err)
-	} else {
+	} else if err = p.pauseAt(ctx, "received", g.ID); err == nil {
 		_, err = p.target.AddReceived(ctx, g, snap, p.primary.URL())
 		if err != nil {
 			err = fmt.Errorf("%w: %w", errRefused, err)
@@ -291,16 +310,29 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	return r, nil
 }
 
-// The receive in progress is recorded in <state_dir>/replica-receiving so
-// that after a crash a backend that can resume (ZFS) knows which
-// generation its resume token belongs to.
-func (p *Puller) receivingFile() string { return filepath.Join(p.stateDir, "replica-receiving") }
+// The receive in progress is recorded in <state_dir>/replica-receiving
+// (ReceivingFile) before its stream starts, and removed once it is live or
+// gone, so that after a crash the next start knows which generation a
+// resume token (ZFS) or a received but never live snapshot belongs to:
+// this replica's own, to be finished or destroyed (settle).
+func (p *Puller) receivingFile() string { return ReceivingFile(p.stateDir) }
+
+// ReceivingFile is the record of the receive in progress in stateDir.
+func ReceivingFile(stateDir string) string { return filepath.Join(stateDir, "replica-receiving") }
+
+// Receiving returns the generation whose receive the record in stateDir
+// names, 0 if none.
+func Receiving(stateDir string) uint64 {
+	b, err := os.ReadFile(ReceivingFile(stateDir))
+	if err != nil {
+		return 0
+	}
+	id, _ := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	return id
+}
 
 func (p *Puller) markReceiving(id uint64) error {
 	if p.stateDir == "" {
-		return nil
-	}
-	if _, ok := p.backend.(snapshot.Resumer); !ok {
 		return nil
 	}
 	return atomicfile.WriteFile(p.receivingFile(), []byte(strconv.FormatUint(id, 10)+"\n"), 0o644)
@@ -310,6 +342,85 @@ func (p *Puller) clearReceiving() {
 	if p.stateDir != "" {
 		os.Remove(p.receivingFile())
 	}
+}
+
+// local returns the backend's snapshot of generation id, ok=false if none.
+func (p *Puller) local(ctx context.Context, id uint64) (snapshot.Snapshot, bool, error) {
+	snaps, err := p.backend.List(ctx)
+	if err != nil {
+		return snapshot.Snapshot{}, false, fmt.Errorf("list snapshots: %w", err)
+	}
+	for _, sn := range snaps {
+		if sn.ID == id {
+			return sn, true, nil
+		}
+	}
+	return snapshot.Snapshot{}, false, nil
+}
+
+// settle finishes the receive the record names when the process ended
+// after its stream arrived in full and before it went live: the snapshot
+// is made live when the primary still has that generation and its
+// registration matches the primary's manifest (AddReceived checks it as
+// for any receive), and destroyed otherwise, as this replica's own
+// unfinished receive. A snapshot the record does not name is never touched
+// here.
+func (p *Puller) settle(ctx context.Context, list api.GenerationList, res *Result) error {
+	if p.stateDir == "" {
+		return nil
+	}
+	id := Receiving(p.stateDir)
+	if id == 0 {
+		return nil
+	}
+	for _, g := range p.target.Generations() {
+		if g.ID == id { // it went live; only the record was left
+			p.clearReceiving()
+			return nil
+		}
+	}
+	snap, ok, err := p.local(ctx, id)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		if _, resumable := p.backend.(snapshot.Resumer); !resumable {
+			p.clearReceiving() // nothing arrived
+		}
+		return nil // a resume token, if any, belongs to it (resume)
+	}
+	start := time.Now()
+	why := "the primary no longer has that generation"
+	for _, g := range list.Generations {
+		if g.ID != id {
+			continue
+		}
+		if _, err := p.target.AddReceived(ctx, g, snap, p.primary.URL()); err != nil {
+			why = err.Error()
+			break
+		}
+		p.clearReceiving()
+		r := Received{ID: id, Took: time.Since(start)}
+		res.Received = append(res.Received, r)
+		p.log.Info("adopted this replica's own unfinished receive: its registration matches the primary's manifest", "generation", id)
+		return nil
+	}
+	p.log.Warn("destroying this replica's own unfinished receive", "snapshot", snap.Name, "why", why)
+	if err := p.backend.Destroy(context.WithoutCancel(ctx), id); err != nil && !errors.Is(err, snapshot.ErrNotFound) {
+		return fmt.Errorf("destroy unfinished receive %s: %w", snap.Name, err)
+	}
+	p.clearReceiving()
+	return nil
+}
+
+// pauseAt blocks until ctx ends when the Pause option names step.
+func (p *Puller) pauseAt(ctx context.Context, step string, id uint64) error {
+	if p.pause != step {
+		return nil
+	}
+	p.log.Warn("replica receive paused (STRATA_DEBUG_REPLICA_PAUSE)", "step", step, "generation", id)
+	<-ctx.Done()
+	return ctx.Err()
 }
 
 // resume finishes an interrupted receive (ZFS resume token) when the
@@ -323,8 +434,7 @@ func (p *Puller) resume(ctx context.Context, list api.GenerationList, res *Resul
 	if err != nil || tok == "" {
 		return err
 	}
-	b, _ := os.ReadFile(p.receivingFile())
-	id, _ := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	id := Receiving(p.stateDir)
 	for _, g := range list.Generations {
 		if g.ID != id {
 			continue

@@ -37,7 +37,8 @@ func (f fakeBackend) Send(context.Context, io.Writer, uint64, uint64) error {
 func (f fakeBackend) Receive(context.Context, io.Reader, uint64, uint64) (snapshot.Snapshot, error) {
 	return snapshot.Snapshot{}, errors.New("not used")
 }
-func (f fakeBackend) Destroy(context.Context, uint64) error { return nil }
+func (f fakeBackend) Destroy(context.Context, uint64) error             { return nil }
+func (f fakeBackend) List(context.Context) ([]snapshot.Snapshot, error) { return nil, nil }
 
 type fakeTarget struct {
 	gens  []api.Generation
