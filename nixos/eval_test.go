@@ -123,6 +123,7 @@ const machine = `{ fakePackage }:
     package = fakePackage "strata";
     openFirewall = true;
     apiTokenFile = "/run/secrets/strata-token";
+    replicaTokenFile = "/run/secrets/strata-replica-token";
     settings = {
       nfs.allow = [ "10.0.0.0/8" ];
       nfs.listen = "0.0.0.0:2049";
@@ -220,7 +221,7 @@ func TestModuleEval(t *testing.T) {
 			case "LoadCredential":
 				want = nil
 				if role == "server" {
-					want = []string{"strata_api-token:/run/secrets/strata-token"}
+					want = []string{"strata_api-token:/run/secrets/strata-token", "strata_replica-token:/run/secrets/strata-replica-token"}
 				}
 			default:
 				for i, v := range want {

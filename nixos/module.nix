@@ -141,7 +141,8 @@ let
 
   credentials = c:
     lib.optional (c.apiTokenFile != null) "strata_api-token:${c.apiTokenFile}"
-    ++ lib.optional (c.clusterKeyringFile != null) "strata_cluster.keys:${c.clusterKeyringFile}";
+    ++ lib.optional (c.clusterKeyringFile != null) "strata_cluster.keys:${c.clusterKeyringFile}"
+    ++ lib.optional ((c.replicaTokenFile or null) != null) "strata_replica-token:${c.replicaTokenFile}";
 
   # The server's store layout (what the Ansible role's 50-layout.conf
   # drop-in says): mounts before start, the btrfs snapshot dir writable.
@@ -174,7 +175,18 @@ let
 in
 {
   options.services.strata = {
-    server = common "server";
+    server = common "server" // {
+      replicaTokenFile = mkOption {
+        type = types.nullOr (types.strMatching "/.+");
+        default = null;
+        example = "/run/secrets/strata-replica-token";
+        description = ''
+          A replica's copy of the primary's API token (replica.token_file), as an
+          absolute path string, never copied into the store. Passed with
+          LoadCredential=; a replica does not start without it.
+        '';
+      };
+    };
     builder = common "builder";
   };
 

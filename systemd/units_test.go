@@ -104,6 +104,9 @@ func TestUnitSemantics(t *testing.T) {
 				t.Errorf("%s: Environment lacks %s", name, want)
 			}
 		}
+		if name == "strata-server.service" && !strings.Contains(env, "STRATA_REPLICA_TOKEN_FILE=%d/strata_replica-token") {
+			t.Errorf("%s: Environment lacks the replica token credential", name)
+		}
 	}
 	b, _ := Load("strata-builder.service")
 	if got := b.Get("Unit", "Before"); strings.Join(got, " ") != "nix-daemon.service" {
