@@ -20,10 +20,10 @@ const DefaultConfigFile = "/etc/strata/builder.yaml"
 // Keys is the builder agent's configuration table: every key is a YAML key,
 // a STRATA_* environment variable and a flag (see package config).
 var Keys = []config.Key{
-	{Name: "server.api", Kind: config.String, Default: "http://127.0.0.1:7480", Usage: "the strata server's HTTP API (http://host:port); may be empty with cluster.join: servers are found by gossip"},
+	{Name: "server.api", Kind: config.String, Default: "http://127.0.0.1:7480", Usage: "the strata server's HTTP API (http://host:port); may be empty with cluster.join (servers are found by gossip) or API URLs in server.prefer, and its default is not used then unless this key is set"},
 	{Name: "server.nfs", Kind: config.String, Default: "", Usage: "the server's NFS address host:port (default: the \"nfs\" field of GET /v1/generations, with an unspecified host replaced by the API host)"},
 	{Name: "server.prefer", Kind: config.List, Default: []string{}, Usage: "servers to prefer, best first: gossip member names or API URLs (a URL is also a failover candidate without gossip); after them come server.api, then the lowest gossip round-trip time"},
-	{Name: "failover.after", Kind: config.Duration, Default: "30s", Usage: "move to another server that serves the same generation when the one in use leaves API or NFS calls unanswered this long, or at once when gossip declares it dead (0: never)"},
+	{Name: "failover.after", Kind: config.Duration, Default: "30s", Usage: "move to another server that serves the same generation when the one in use leaves API or NFS calls unanswered this long, or at once when gossip declares it dead and its API does not answer (0: never)"},
 	{Name: "store.dir", Kind: config.String, Default: "/nix/store", Usage: "store directory the overlay is mounted on"},
 	{Name: "nix.state_dir", Kind: config.String, Default: "/nix/var/nix", Usage: "Nix state directory holding db/db.sqlite"},
 	{Name: "nix.store", Kind: config.String, Default: "", Usage: "value of nix-store --store (empty: the default store; a directory: a chroot store whose <dir>/nix/store is store.dir)"},
@@ -133,6 +133,12 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, err
 	}
 	c.Cluster = cs
+	// server.api's default (a server on this host) is no candidate when
+	// the servers are found otherwise: by gossip, or listed in
+	// server.prefer. Only a server.api given explicitly is.
+	if v.Source["server.api"] == "default" && (len(cs.Join) > 0 || slices.ContainsFunc(c.Prefer, isURL)) {
+		c.ServerAPI = ""
+	}
 	if c.ServerAPI == "" && len(cs.Join) == 0 && !slices.ContainsFunc(c.Prefer, isURL) {
 		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480 (it may be empty only with cluster.join or API URLs in server.prefer)")
 	}

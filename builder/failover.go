@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -47,6 +48,12 @@ type health struct {
 	Since time.Time
 	// Reason describes the last failed probe.
 	Reason string
+	// Attempts counts the failovers tried in this outage that failed;
+	// AttemptError is the last one's error. An outage is logged once when
+	// it begins, once when its first failover attempt fails, and once
+	// when it ends, however long it lasts.
+	Attempts     int
+	AttemptError string
 }
 
 type failoverRequest struct {
@@ -118,7 +125,6 @@ func (a *Agent) monitor(ctx context.Context) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	var probe *lowerProbe
-	var lastFail time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -164,7 +170,8 @@ func (a *Agent) monitor(ctx context.Context) {
 		a.mu.Unlock()
 		if apiErr == nil && nfsErr == nil {
 			if !h.Since.IsZero() {
-				a.log.Info("server answers again", "server", e.String(), "after", now.Sub(h.Since).Round(100*time.Millisecond))
+				a.log.Info("server answers again", "server", e.String(), "after", now.Sub(h.Since).Round(100*time.Millisecond),
+					"failed_failovers", h.Attempts)
 			}
 			continue
 		}
@@ -193,14 +200,20 @@ func (a *Agent) monitor(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		}
-		if err != nil && time.Since(lastFail) > time.Minute {
-			lastFail = time.Now()
-			a.log.Error("failover failed; still on the dead server, retrying", "server", e.String(), "err", err)
-		}
+		a.mu.Lock()
 		if err == nil {
-			a.mu.Lock()
 			a.health = health{}
-			a.mu.Unlock()
+		} else {
+			a.health.Attempts++
+			a.health.AttemptError = err.Error()
+		}
+		n := a.health.Attempts
+		a.mu.Unlock()
+		if n == 1 {
+			a.log.Error("failover failed; still on the server that does not answer, retrying every probe (logged once per outage; status shows the attempts)",
+				"server", e.String(), "err", err)
+		} else if err != nil {
+			a.log.Debug("failover failed again", "server", e.String(), "attempts", n, "err", err)
 		}
 	}
 }
@@ -222,7 +235,14 @@ func (a *Agent) Failover(ctx context.Context, reason string) error {
 	if st.Phase != PhaseIdle && st.Phase != PhaseImporting {
 		return fmt.Errorf("fail over from %s: agent is %s", old, st)
 	}
-	a.log.Warn("failing over: the server in use does not answer", "server", old.String(), "reason", reason,
+	a.mu.Lock()
+	retry := a.health.Attempts > 0
+	a.mu.Unlock()
+	lvl := slog.LevelWarn
+	if retry {
+		lvl = slog.LevelDebug // logged at the outage's first attempt
+	}
+	a.log.Log(ctx, lvl, "failing over: the server in use does not answer", "server", old.String(), "reason", reason,
 		"generation", st.Generation)
 	var answered []Endpoint
 	var lists []api.GenerationList

@@ -67,6 +67,10 @@ type FailoverStatus struct {
 	// monitor's probes (absent while it answers), Reason what failed.
 	UnansweredSince *time.Time `json:"unanswered_since,omitempty"`
 	Reason          string     `json:"reason,omitempty"`
+	// Attempts counts the failovers tried since then that failed, and
+	// AttemptError is the last one's error.
+	Attempts     int    `json:"attempts,omitempty"`
+	AttemptError string `json:"attempt_error,omitempty"`
 	// Candidates are the servers the agent may use, best first.
 	Candidates []string `json:"candidates"`
 }
@@ -109,7 +113,8 @@ func (a *Agent) Status() Status {
 			s.NFS = net.JoinHostPort(host, strconv.Itoa(port))
 		}
 	}
-	s.Failover = FailoverStatus{After: a.cfg.FailoverAfter.String(), Count: st.Failovers, Candidates: cands, Reason: a.health.Reason}
+	s.Failover = FailoverStatus{After: a.cfg.FailoverAfter.String(), Count: st.Failovers, Candidates: cands, Reason: a.health.Reason,
+		Attempts: a.health.Attempts, AttemptError: a.health.AttemptError}
 	if s.Failover.Candidates == nil {
 		s.Failover.Candidates = []string{}
 	}

@@ -56,8 +56,9 @@ func (a *Agent) endpointOf(x Lower) Endpoint {
 //     the paths are still readable.
 //  3. Swapping(gen): overlay.Swap to lowers [gen, kept...] with the same
 //     upper and a fresh workdir.
-//  4. Importing(gen): register the delta's added paths (nix-store
-//     --load-db, only those not valid yet), now that they are readable.
+//  4. Importing(gen): register the delta's added paths (their rows
+//     written into the Nix DB, see NixStore.Load; only those not valid
+//     yet), now that they are readable.
 //  5. Releasing(gen): detach lowers no longer used (N's NFS mount, once
 //     the old overlay is detached; a detached overlay still in use keeps
 //     it alive in the kernel), prune workdirs but the current and previous.

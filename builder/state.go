@@ -35,8 +35,8 @@ const (
 	// PhaseSwapping: replacing the overlay with one whose top lower is
 	// Target.
 	PhaseSwapping
-	// PhaseImporting: registering Target's new paths with nix-store
-	// --load-db (after the swap, so every registered path is readable).
+	// PhaseImporting: registering Target's new paths in the Nix DB
+	// (after the swap, so every registered path is readable).
 	PhaseImporting
 	// PhaseReleasing: detaching lowers the new overlay no longer uses and
 	// pruning old workdirs.

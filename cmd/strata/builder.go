@@ -23,7 +23,9 @@ func newBuilderCmd() *cobra.Command {
 		Short: "Run the builder agent: mount the newest generation under the store dir and rotate",
 		Long: `Run the builder agent. It mounts the server's newest generation read-only over
 NFS as the lower layer of an overlay on store.dir (upper and workdirs in
-state_dir), registers its paths with nix-store --load-db, tells systemd
+state_dir), registers its paths in the local Nix database (rows written into
+its SQLite DB directly, signatures and content addresses included; nix-store
+--load-db only when the DB's schema is unknown), tells systemd
 READY=1, and rotates atomically to each newer generation. Every key of the
 YAML file is also an environment variable STRATA_SECTION_KEY and a flag
 --section-key.`,

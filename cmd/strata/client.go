@@ -371,6 +371,9 @@ func printStatus(w io.Writer, st map[string]any) error {
 		line := fmt.Sprintf("after %v; %d automatic so far", f["after"], int(n))
 		if since, ok := f["unanswered_since"].(string); ok {
 			line += fmt.Sprintf("; the server in use has not answered since %s (%v)", since, f["reason"])
+			if n, _ := f["attempts"].(float64); n > 0 {
+				line += fmt.Sprintf("; %d failovers tried, failed: %v", int(n), f["attempt_error"])
+			}
 		}
 		fmt.Fprintf(tw, "failover:\t%s\n", line)
 		if l, ok := f["last"].(map[string]any); ok {
