@@ -4,12 +4,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
 	"net/http"
 	"net/url"
 	"strconv"
+	"sync/atomic"
+	"time"
 )
 
 // StreamRequest names a snapshot stream to fetch.
@@ -25,7 +28,17 @@ type StreamRequest struct {
 	// Resume is a receive resume token (ZFS): the sender sends only the
 	// rest of the interrupted stream.
 	Resume string
+	// Stall ends the stream with ErrStreamStalled when the sender, still
+	// connected, sends no byte for this long while the receiver waits for
+	// one (the answer's headers included); 0 means DefaultStreamStall.
+	Stall time.Duration
 }
+
+// DefaultStreamStall is StreamRequest.Stall's default.
+const DefaultStreamStall = 2 * time.Minute
+
+// ErrStreamStalled means the sender sent nothing for StreamRequest.Stall.
+var ErrStreamStalled = errors.New("stream stalled")
 
 // Stream is a snapshot stream being received. Read returns io.EOF only
 // after the whole stream arrived and matched the sender's byte count and
@@ -37,10 +50,43 @@ type Stream struct {
 	resp    *http.Response
 	h       hash.Hash
 	n       int64
+	stall   *stallTimer
+	cancel  context.CancelFunc
+}
+
+// stallTimer cancels the request when one wait for the sender lasts
+// longer than d.
+type stallTimer struct {
+	d       time.Duration
+	t       *time.Timer
+	stalled atomic.Bool
+}
+
+func newStallTimer(d time.Duration, cancel context.CancelFunc) *stallTimer {
+	st := &stallTimer{d: d}
+	st.t = time.AfterFunc(time.Hour, func() { st.stalled.Store(true); cancel() })
+	st.t.Stop()
+	return st
+}
+
+func (st *stallTimer) begin() { st.t.Reset(st.d) }
+func (st *stallTimer) end()   { st.t.Stop() }
+
+// err is ErrStreamStalled, wrapped with what arrived, once the timer fired.
+func (st *stallTimer) err(n int64, err error) error {
+	if !st.stalled.Load() {
+		return err
+	}
+	return fmt.Errorf("%w: the sender sent nothing for %s after %d bytes (the next sync asks again): %w", ErrStreamStalled, st.d, n, err)
 }
 
 func (s *Stream) Read(p []byte) (int, error) {
+	s.stall.begin()
 	n, err := s.body.Read(p)
+	s.stall.end()
+	if err != nil && err != io.EOF {
+		err = s.stall.err(s.n+int64(n), err)
+	}
 	s.h.Write(p[:n])
 	s.n += int64(n)
 	if err == io.EOF {
@@ -59,11 +105,16 @@ func (s *Stream) Read(p []byte) (int, error) {
 func (s *Stream) Bytes() int64 { return s.n }
 
 // Close releases the connection.
-func (s *Stream) Close() error { return s.body.Close() }
+func (s *Stream) Close() error {
+	s.stall.end()
+	err := s.body.Close()
+	s.cancel()
+	return err
+}
 
 // Stream starts receiving a generation's snapshot stream. Unlike the other
 // calls it has no overall timeout (a whole stream can take long); ctx bounds
-// it.
+// it, and r.Stall ends it when the sender stops sending while connected.
 func (c *Client) Stream(ctx context.Context, r StreamRequest) (*Stream, error) {
 	q := url.Values{}
 	if r.From != 0 {
@@ -79,22 +130,33 @@ func (c *Client) Stream(ctx context.Context, r StreamRequest) (*Stream, error) {
 	if len(q) > 0 {
 		path += "?" + q.Encode()
 	}
+	stall := r.Stall
+	if stall <= 0 {
+		stall = DefaultStreamStall
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	st := newStallTimer(stall, cancel)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
 	if err != nil {
+		cancel()
 		return nil, err
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	hc := &http.Client{Transport: c.hc.Transport}
+	st.begin()
 	resp, err := hc.Do(req)
+	st.end()
 	if err != nil {
-		return nil, fmt.Errorf("GET %s: %w", path, err)
+		cancel()
+		return nil, fmt.Errorf("GET %s: %w", path, st.err(0, err))
 	}
 	if resp.StatusCode/100 != 2 {
+		defer cancel()
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		return nil, newStatusError(http.MethodGet, path, resp, b)
 	}
-	return &Stream{Backend: resp.Header.Get(HeaderBackend), body: resp.Body, resp: resp, h: sha256.New()}, nil
+	return &Stream{Backend: resp.Header.Get(HeaderBackend), body: resp.Body, resp: resp, h: sha256.New(), stall: st, cancel: cancel}, nil
 }

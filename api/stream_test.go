@@ -4,12 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A stream reads to io.EOF only when every byte arrived and matches the
@@ -65,6 +67,62 @@ func TestStreamChecksTrailer(t *testing.T) {
 			}
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("err = %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+// A sender that stays connected but stops sending ends the stream with
+// ErrStreamStalled after Stall, whether it stops before its headers or in
+// the middle of the body; a slow sender that keeps sending does not.
+func TestStreamStall(t *testing.T) {
+	data := strings.Repeat("x", 64<<10)
+	for _, tc := range []struct {
+		name    string
+		handler func(w http.ResponseWriter, r *http.Request)
+		stalled bool
+	}{
+		{"mid-stream", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, data)
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		}, true},
+		{"before headers", func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }, true},
+		{"slow but sending", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Trailer", TrailerStreamBytes+", "+TrailerStreamSHA256)
+			h := sha256.New()
+			for i := 0; i < 10; i++ {
+				io.WriteString(w, "chunk")
+				h.Write([]byte("chunk"))
+				w.(http.Flusher).Flush()
+				time.Sleep(100 * time.Millisecond)
+			}
+			w.Header().Set(TrailerStreamBytes, "50")
+			w.Header().Set(TrailerStreamSHA256, hex.EncodeToString(h.Sum(nil)))
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ts := httptest.NewServer(http.HandlerFunc(tc.handler))
+			defer ts.Close()
+			done := make(chan error, 1)
+			go func() {
+				st, err := NewClient(ts.URL, "").Stream(context.Background(), StreamRequest{ID: 1, Stall: 300 * time.Millisecond})
+				if err == nil {
+					_, err = io.Copy(io.Discard, st)
+					st.Close()
+				}
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if tc.stalled != errors.Is(err, ErrStreamStalled) {
+					t.Fatalf("stream: %v, want stalled %v", err, tc.stalled)
+				}
+				if !tc.stalled && err != nil {
+					t.Fatalf("slow stream: %v", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("the stream still waits for a sender that stopped sending")
 			}
 		})
 	}

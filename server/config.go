@@ -51,6 +51,7 @@ var replicaKeys = []config.Key{
 	{Name: "replica.of", Kind: config.String, Default: "", Usage: "primary server's API URL (http://host:7480): this server publishes nothing and pulls the primary's generations (empty: a primary)"},
 	{Name: "replica.token_file", Kind: config.String, Default: "/etc/strata/replica-token", Usage: "file with the primary's API token (streams need it)"},
 	{Name: "replica.interval", Kind: config.Duration, Default: "10s", Usage: "how often a replica asks the primary for new generations"},
+	{Name: "replica.stall_timeout", Kind: config.Duration, Default: "2m", Usage: "a replica aborts a snapshot stream from which no byte arrived for this long (the next sync asks again)"},
 	{Name: "replica.from_cluster", Kind: config.Bool, Default: false, Usage: "be a replica of the cluster's primary server, found by gossip (cluster.*), instead of replica.of"},
 }
 
@@ -80,6 +81,8 @@ type Config struct {
 	ReplicaOf        string
 	ReplicaTokenFile string
 	ReplicaInterval  time.Duration
+	// ReplicaStall aborts a stream that sends nothing for this long.
+	ReplicaStall time.Duration
 	// ReplicaFromCluster: a replica of the primary that gossip names.
 	ReplicaFromCluster bool
 	// Cluster is gossip (cluster.*); off unless cluster.bind or
@@ -123,6 +126,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		ReplicaOf:        v.String("replica.of"),
 		ReplicaTokenFile: v.String("replica.token_file"),
 		ReplicaInterval:  v.Duration("replica.interval"),
+		ReplicaStall:     v.Duration("replica.stall_timeout"),
 
 		ReplicaFromCluster: v.Bool("replica.from_cluster"),
 	}
@@ -208,6 +212,9 @@ func ConfigFrom(v config.Values) (Config, error) {
 	}
 	if c.Replica() && c.ReplicaInterval < time.Second {
 		return c, bad("replica.interval", c.ReplicaInterval, "at least 1s")
+	}
+	if c.Replica() && c.ReplicaStall < time.Second {
+		return c, bad("replica.stall_timeout", c.ReplicaStall, "at least 1s")
 	}
 	if c.ReplicaOf != "" {
 		u, err := url.Parse(c.ReplicaOf)

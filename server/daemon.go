@@ -505,7 +505,7 @@ func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, r
 		primary = replica.FromCluster(node.Servers, tok)
 	}
 	return replica.New(replica.Options{Primary: primary, Backend: b, Target: srv, StateDir: cfg.StateDir, Logger: log, Registry: reg,
-		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE")}), nil
+		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall}), nil
 }
 
 // runPuller syncs the replica now and every interval until ctx ends, each

@@ -35,14 +35,23 @@ func Run(ctx context.Context, cmd *exec.Cmd, r io.Reader) error {
 	copied := make(chan error, 1)
 	go func() {
 		_, err := io.Copy(stdin, r)
+		copied <- err // before the close: a command failing on the early end finds it
 		stdin.Close()
-		copied <- err
 	}()
 	err = cmd.Wait()
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
 	if err != nil {
+		// Reading the stream failed first (a stall, a reset): that is the
+		// cause, the command's failure on a short input its consequence.
+		select {
+		case rerr := <-copied:
+			if rerr != nil && !errors.Is(rerr, syscall.EPIPE) && !errors.Is(rerr, os.ErrClosed) {
+				return fmt.Errorf("%s: read stream: %w (%v: %s)", strings.Join(cmd.Args, " "), rerr, err, strings.TrimSpace(out.String()))
+			}
+		default:
+		}
 		return fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err, strings.TrimSpace(out.String()))
 	}
 	// The command read its stream to its end; the copy ends now (the pipe

@@ -87,6 +87,7 @@ type Puller struct {
 	log      *slog.Logger
 	m        *metrics
 	pause    string
+	stall    time.Duration
 }
 
 // Options are what a Puller is made of.
@@ -101,6 +102,9 @@ type Options struct {
 	// full and before it goes live, until ctx ends, so that a test can
 	// kill -9 the process there (STRATA_DEBUG_REPLICA_PAUSE).
 	Pause string
+	// Stall aborts a stream from which no byte arrived for this long
+	// (0: api.DefaultStreamStall); the next sync asks again.
+	Stall time.Duration
 }
 
 // New returns a Puller.
@@ -110,7 +114,7 @@ func New(o Options) *Puller {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Puller{primary: o.Primary, backend: o.Backend, target: o.Target,
-		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause}
+		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall}
 }
 
 // Primary returns the primary's API URL ("" while none is known).
@@ -261,7 +265,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	if token != "" {
 		kind = "resume"
 	}
-	st, err := p.primary.Stream(ctx, api.StreamRequest{ID: g.ID, From: from, Backend: p.backend.Kind(), Resume: token})
+	st, err := p.primary.Stream(ctx, api.StreamRequest{ID: g.ID, From: from, Backend: p.backend.Kind(), Resume: token, Stall: p.stall})
 	if err != nil {
 		var se *api.StatusError
 		if errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusConflict) {
