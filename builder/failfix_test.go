@@ -3,9 +3,13 @@ package builder
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"github.com/strata-nix/strata/nixstore"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -143,5 +147,276 @@ func TestServerAPIDefaultWithJoin(t *testing.T) {
 		if want == "" && len(got) > 0 && got[0] == "http://127.0.0.1:7480" {
 			t.Errorf("%q: candidates %v: the default server.api ranks first", yaml, got)
 		}
+	}
+}
+
+// overlayLowerDirs returns the lowerdir names (under lower/) of the
+// visible overlay.
+func (f *failoverEnv) overlayLowerDirs(t *testing.T) []string {
+	t.Helper()
+	ms, _ := f.m.Mounts()
+	_, top, ok := f.a.ourOverlays(ms)
+	if !ok {
+		t.Fatalf("no overlay of ours at the store dir")
+	}
+	ls, _, err := f.a.lowersOf(top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range ls {
+		out = append(out, l.name())
+	}
+	return out
+}
+
+func (f *failoverEnv) forced() []string {
+	f.m.mu.Lock()
+	defer f.m.mu.Unlock()
+	var out []string
+	for _, c := range f.m.calls {
+		if d, ok := strings.CutPrefix(c, "forceunmount "); ok {
+			out = append(out, filepath.Base(d))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// A failover done as a rotation (the replica lacks the mounted
+// generation) while a local path refers to a path only the dead server's
+// generation holds: no lower of the new overlay stays on the dead server.
+// The replica does not serve that generation, so the kept path and its
+// local referrer are invalidated; the dead server's lower is forced off.
+func TestFailoverRotationKeepsNothingOnDeadServer(t *testing.T) {
+	f := newFailoverEnv(t, 1) // generation 1: a, p0
+	a, p0, fresh := info("a"), info("p0"), info("fresh")
+	local := info("local-out", p0.Path)
+	f.nix.Load(context.Background(), nixstore.RowsFromInfos([]nixstore.PathInfo{local}), nil)
+	f.replica.mu.Lock()
+	f.replica.gens = map[uint64][]nixstore.PathInfo{2: {a, fresh}}
+	f.replica.mu.Unlock()
+	f.primary.setDown(true)
+	if err := f.a.Failover(context.Background(), "test"); err != nil {
+		t.Fatal(err)
+	}
+	st := f.a.State()
+	if st.String() != "idle(2)" || st.Server != f.re || !st.LastFailover.Rotated {
+		t.Fatalf("state %s on %v, last %+v", st, st.Server, st.LastFailover)
+	}
+	for _, x := range st.Lowers {
+		if x.Server != f.re.API {
+			t.Fatalf("lower %+v is not the replica's: lowers %+v", x, st.Lowers)
+		}
+	}
+	if got := f.overlayLowerDirs(t); !slices.Equal(got, []string{"2"}) {
+		t.Fatalf("overlay lowers %v, want [2]: nothing of the dead server", got)
+	}
+	if m := f.lowerMounts(f.a); len(m) != 1 || m["2"] != 1 {
+		t.Fatalf("lower mounts %v, want only the replica's 2", m)
+	}
+	if got := f.forced(); !slices.Equal(got, []string{"1"}) {
+		t.Fatalf("forced unmounts %v, want the dead server's lower 1", got)
+	}
+	if f.nix.isValid(p0.Path) || f.nix.isValid(local.Path) || !f.nix.isValid(a.Path) || !f.nix.isValid(fresh.Path) {
+		t.Fatalf("validity p0=%v local=%v a=%v fresh=%v, want false false true true", f.nix.isValid(p0.Path),
+			f.nix.isValid(local.Path), f.nix.isValid(a.Path), f.nix.isValid(fresh.Path))
+	}
+	if len(st.ForceRelease) != 0 {
+		t.Fatalf("force_release %v left after the release", st.ForceRelease)
+	}
+}
+
+// The same, when the replica serves the kept generation (not the top
+// one): the kept lower is mounted again from the replica.
+func TestFailoverRotationRemountsKeptFromReplica(t *testing.T) {
+	f := newFailoverEnv(t, 1) // generation 1: a, p0 on both
+	a, p0, x, y := info("a"), info("p0"), info("x"), info("y")
+	local := info("local-out", p0.Path)
+	f.nix.Load(context.Background(), nixstore.RowsFromInfos([]nixstore.PathInfo{local}), nil)
+	f.primary.publish(a, x)
+	if err := f.a.Check(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.overlayLowerDirs(t); !slices.Equal(got, []string{"2", "1"}) {
+		t.Fatalf("before: overlay lowers %v, want [2 1] (1 kept for local-out)", got)
+	}
+	f.replica.mu.Lock()
+	f.replica.gens[3] = []nixstore.PathInfo{a, y}
+	f.replica.mu.Unlock()
+	f.primary.setDown(true)
+	if err := f.a.Failover(context.Background(), "test"); err != nil {
+		t.Fatal(err)
+	}
+	st := f.a.State()
+	if st.String() != "idle(3)" || st.Server != f.re {
+		t.Fatalf("state %s on %v", st, st.Server)
+	}
+	if got := f.overlayLowerDirs(t); !slices.Equal(got, []string{"3", "1@replica_7480"}) {
+		t.Fatalf("overlay lowers %v, want [3 1@replica_7480]", got)
+	}
+	if m := f.lowerMounts(f.a); len(m) != 2 || m["3"] != 1 || m["1@replica_7480"] != 1 {
+		t.Fatalf("lower mounts %v, want only the replica's", m)
+	}
+	if got := f.forced(); !slices.Equal(got, []string{"1", "2"}) {
+		t.Fatalf("forced unmounts %v, want the dead server's 1 and 2", got)
+	}
+	if !f.nix.isValid(p0.Path) || !f.nix.isValid(local.Path) || f.nix.isValid(x.Path) || !f.nix.isValid(y.Path) {
+		t.Fatalf("validity p0=%v local=%v x=%v y=%v, want true true false true", f.nix.isValid(p0.Path),
+			f.nix.isValid(local.Path), f.nix.isValid(x.Path), f.nix.isValid(y.Path))
+	}
+}
+
+// A check never rotates through a preferred server that lacks a mounted
+// generation (it would leave that lower on the other server); rotate
+// --server to it says why.
+func TestCheckViaPreferredNeedsEveryLower(t *testing.T) {
+	f := newFailoverEnv(t, 1) // generation 1: a, p0 on both
+	a, p0 := info("a"), info("p0")
+	local := info("local-out", p0.Path)
+	f.nix.Load(context.Background(), nixstore.RowsFromInfos([]nixstore.PathInfo{local}), nil)
+	f.primary.setDown(true)
+	if err := f.a.Failover(context.Background(), "test"); err != nil || f.a.Current() != f.re {
+		t.Fatalf("failover: %v, on %v", err, f.a.Current())
+	}
+	// The primary comes back without generation 1, with a newer one.
+	f.primary.mu.Lock()
+	f.primary.gens = map[uint64][]nixstore.PathInfo{2: {a, info("new")}}
+	f.primary.down = false
+	f.primary.mu.Unlock()
+	if err := f.a.Check(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if st := f.a.State(); st.String() != "idle(1)" || f.a.Current() != f.re {
+		t.Fatalf("after the check: %s on %v, want still 1 on the replica", st, f.a.Current())
+	}
+	err := f.a.SwitchServer(context.Background(), "primary")
+	if err == nil || !strings.Contains(err.Error(), "does not serve generation 1") {
+		t.Fatalf("rotate --server primary: %v, want a refusal naming generation 1", err)
+	}
+	if st := f.a.State(); st.String() != "idle(1)" || f.a.Current() != f.re || !f.nix.isValid(local.Path) {
+		t.Fatalf("after the refused switch: %s on %v", st, f.a.Current())
+	}
+	if got := f.overlayLowerDirs(t); !slices.Equal(got, []string{"1@replica_7480"}) {
+		t.Fatalf("overlay lowers %v after the refused switch", got)
+	}
+	// The replica catches up: the rotation goes through it, the kept
+	// generation stays the replica's.
+	f.replica.mu.Lock()
+	f.replica.gens[2] = []nixstore.PathInfo{a, info("new")}
+	f.replica.mu.Unlock()
+	if err := f.a.Check(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range f.a.State().Lowers {
+		if x.Server != f.re.API {
+			t.Fatalf("lowers %+v: want every one the replica's", f.a.State().Lowers)
+		}
+	}
+}
+
+// A restart between a failover's swap and its release forces the dead
+// server's lowers off, as the failover would have.
+func TestRestartMidFailoverForces(t *testing.T) {
+	for _, rotated := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rotated=%v", rotated), func(t *testing.T) {
+			f := newFailoverEnv(t, 1)
+			if rotated {
+				f.replica.mu.Lock()
+				f.replica.gens = map[uint64][]nixstore.PathInfo{2: {info("a"), info("fresh")}}
+				f.replica.mu.Unlock()
+			}
+			f.primary.setDown(true)
+			// The process dies right after the swap: the state as it was
+			// persisted at Swapping is what the restart finds.
+			var atSwap *State
+			stop := errors.New("killed")
+			b := f.agent(t, func(o *Options) {
+				o.Config = f.cfg
+				o.Server, o.Servers, o.Mounter = nil, f.dir, &killMounter{fakeMounter: f.m, kill: stop}
+				o.OnTransition = func(s State) {
+					if s.Phase == PhaseSwapping && atSwap == nil {
+						c := s
+						atSwap = &c
+					}
+				}
+			})
+			f.a = b
+			if err := b.Failover(context.Background(), "test"); !errors.Is(err, stop) {
+				t.Fatalf("failover: %v", err)
+			}
+			if atSwap == nil {
+				t.Fatal("never reached Swapping")
+			}
+			if err := saveState(f.cfg.stateFile(), *atSwap); err != nil {
+				t.Fatal(err)
+			}
+			c := f.agent(t, func(o *Options) { o.Config = f.cfg; o.Server, o.Servers = nil, f.dir })
+			f.a = c
+			if err := c.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if got := f.forced(); !slices.Equal(got, []string{"1"}) {
+				t.Fatalf("forced unmounts %v, want the dead server's lower 1 (calls %v)", got, f.m.calls)
+			}
+			if st := c.State(); st.Phase != PhaseIdle || st.Server != f.re || len(st.ForceRelease) != 0 {
+				t.Fatalf("after restart: %s on %v, force_release %v", st, st.Server, st.ForceRelease)
+			}
+		})
+	}
+}
+
+// The monitor probes every lower, not only the top one: a kept lower
+// that hangs makes the agent fail over too.
+func TestMonitorProbesKeptLowers(t *testing.T) {
+	u := newUnitEnv(t)
+	a0, p0 := info("a"), info("p0")
+	u.srv.publish(a0, p0)
+	dir := newFakeDir()
+	primary := u.srv
+	dir.add("primary", primary)
+	u.cfg.FailoverAfter = time.Second
+	hang := make(chan struct{})
+	defer close(hang)
+	var mu sync.Mutex
+	dead := false
+	probe := func(d string) error {
+		mu.Lock()
+		h := dead && strings.HasSuffix(d, "/1")
+		mu.Unlock()
+		if h {
+			<-hang
+			return errors.New("statfs: input/output error")
+		}
+		return nil
+	}
+	a := u.agent(t, func(o *Options) { o.Server, o.Servers, o.ProbeLower = nil, dir, probe })
+	if err := a.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	u.nix.Load(context.Background(), nixstore.RowsFromInfos([]nixstore.PathInfo{info("local-out", p0.Path)}), nil)
+	primary.publish(a0, info("x"))
+	if err := a.Check(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if g := gens(a.State().Lowers); !slices.Equal(g, []uint64{2, 1}) {
+		t.Fatalf("lowers %v, want [2 1]", g)
+	}
+	re := dir.add("replica", primary.replicaOf())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(500 * time.Millisecond)
+	mu.Lock()
+	dead = true
+	mu.Unlock()
+	for start := time.Now(); a.Current() != re || a.State().Phase != PhaseIdle; time.Sleep(20 * time.Millisecond) {
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("no failover with the kept lower 1 hung (status %+v)", a.Status().Failover)
+		}
+	}
+	if st := a.State(); !strings.Contains(st.LastFailover.Reason, "/lower/1") {
+		t.Fatalf("failover reason %q, want the kept lower's statfs", st.LastFailover.Reason)
 	}
 }

@@ -15,9 +15,9 @@ import (
 
 // Failover. The agent watches the server in use (monitor): its API
 // (GET /v1/generations) and its NFS export as this builder's kernel sees
-// it (statfs of the top lower, which always asks the server, in a goroutine
-// of its own: the mount is hard, so a call to a dead server blocks until
-// the server returns or the mount is forced off). When both have answered
+// it (statfs of every lower of the overlay, which always asks the server,
+// each in a goroutine of its own: the mount is hard, so a call to a dead
+// server blocks until the server returns or the mount is forced off). When both have answered
 // nothing else is done. When either has gone unanswered for failover.after
 // without a break, or at once when gossip declares the server dead and its
 // API does not answer, the agent fails over (Failover):
@@ -124,7 +124,7 @@ func (a *Agent) monitor(ctx context.Context) {
 	every := probeInterval(a.cfg.FailoverAfter)
 	t := time.NewTicker(every)
 	defer t.Stop()
-	var probe *lowerProbe
+	probes := map[string]*lowerProbe{} // pending statfs by lower dir
 	for {
 		select {
 		case <-ctx.Done():
@@ -136,21 +136,57 @@ func (a *Agent) monitor(ctx context.Context) {
 			continue
 		}
 		e := a.Current()
-		dir := a.lowerPath(st.Lowers[0])
-		if probe == nil || probe.dir != dir {
-			probe = &lowerProbe{dir: dir, began: time.Now(), done: make(chan error, 1)}
-			go func(p *lowerProbe) { p.done <- a.probeLower(p.dir) }(probe)
+		// Every lower of the overlay, each on its own server (all the
+		// server in use's, unless a state from an older agent says
+		// otherwise): a hung one hangs lookups that reach it.
+		var nfsErrs []error
+		var oldest time.Time
+		wait := time.After(min(every, time.Second))
+		servers := []Endpoint{e}
+		for _, x := range st.Lowers {
+			dir := a.lowerPath(x)
+			p := probes[dir]
+			if p == nil {
+				p = &lowerProbe{dir: dir, began: time.Now(), done: make(chan error, 1)}
+				probes[dir] = p
+				go func(p *lowerProbe) { p.done <- a.probeLower(p.dir) }(p)
+			}
+			select {
+			case err := <-p.done:
+				delete(probes, dir)
+				if err != nil {
+					nfsErrs = append(nfsErrs, err)
+				}
+			case <-wait:
+				wait = closedChan
+				nfsErrs = append(nfsErrs, fmt.Errorf("statfs %s unanswered for %s", dir, time.Since(p.began).Round(100*time.Millisecond)))
+				if oldest.IsZero() || p.began.Before(oldest) {
+					oldest = p.began
+				}
+			}
+			if xe := a.endpointOf(x); !slices.ContainsFunc(servers, func(s Endpoint) bool { return normAPI(s.API) == normAPI(xe.API) }) {
+				servers = append(servers, xe)
+			}
 		}
-		var nfsErr error
-		select {
-		case err := <-probe.done:
-			nfsErr, probe = err, nil
-		case <-time.After(min(every, time.Second)):
-			nfsErr = fmt.Errorf("statfs %s unanswered for %s", dir, time.Since(probe.began).Round(100*time.Millisecond))
+		for dir := range probes { // lowers no longer in the overlay
+			if !slices.ContainsFunc(st.Lowers, func(x Lower) bool { return a.lowerPath(x) == dir }) {
+				delete(probes, dir)
+			}
 		}
-		pctx, cancel := context.WithTimeout(ctx, max(every, time.Second))
-		_, apiErr := a.dir.Client(e).Generations(pctx)
-		cancel()
+		nfsErr := errors.Join(nfsErrs...)
+		var apiErrs []error
+		for _, s := range servers {
+			pctx, cancel := context.WithTimeout(ctx, max(every, time.Second))
+			_, err := a.dir.Client(s).Generations(pctx)
+			cancel()
+			if err != nil {
+				if normAPI(s.API) != normAPI(e.API) {
+					err = fmt.Errorf("%s (of a lower): %w", s, err)
+				}
+				apiErrs = append(apiErrs, err)
+			}
+		}
+		apiErr := errors.Join(apiErrs...)
 		if ctx.Err() != nil {
 			return
 		}
@@ -162,8 +198,8 @@ func (a *Agent) monitor(ctx context.Context) {
 			a.health = health{}
 		} else if h.Since.IsZero() {
 			a.health.Since = now
-			if probe != nil && probe.began.Before(now) {
-				a.health.Since = probe.began
+			if !oldest.IsZero() && oldest.Before(now) {
+				a.health.Since = oldest
 			}
 		}
 		since := a.health.Since
@@ -217,6 +253,14 @@ func (a *Agent) monitor(ctx context.Context) {
 		}
 	}
 }
+
+// closedChan is ready at once: once one probe waited its time, the
+// others of the same round are not waited for again.
+var closedChan = func() <-chan time.Time {
+	c := make(chan time.Time)
+	close(c)
+	return c
+}()
 
 func (a *Agent) probeLower(dir string) error {
 	if a.probe != nil {
@@ -272,7 +316,7 @@ func (a *Agent) Failover(ctx context.Context, reason string) error {
 		a.log.Warn("no other server serves the mounted generation; rotating to the newest generation of another server",
 			"generation", st.Generation, "server", e.String(), "to", newest)
 		began := time.Now()
-		if err := a.rotateVia(ctx, e, lists[i], newest); err != nil {
+		if err := a.rotateVia(ctx, e, lists[i], newest, true); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -320,7 +364,7 @@ func (a *Agent) SwitchServer(ctx context.Context, name string) error {
 	}
 	st := a.State()
 	if n := len(l.Generations); n > 0 && l.Generations[n-1].ID > st.Generation {
-		return a.rotateVia(ctx, e, l, l.Generations[n-1].ID)
+		return a.rotateVia(ctx, e, l, l.Generations[n-1].ID, false)
 	}
 	if normAPI(e.API) == normAPI(a.Current().API) {
 		return nil // in use, nothing newer
@@ -362,12 +406,20 @@ func (a *Agent) moveTo(ctx context.Context, e Endpoint, l api.GenerationList, re
 		n.Kept, n.SHA256 = x.Kept, registrationSHA(l, x.Gen)
 		next = append(next, n)
 	}
-	if err := a.transition(func(s *State) { s.Phase, s.Target, s.Next = PhaseSwapping, st.Generation, next }); err != nil {
+	// A dead server's lowers are forced off once released; recorded
+	// before the swap, so a restart honours it.
+	var force []string
+	if auto {
+		for _, x := range st.Lowers {
+			force = append(force, x.name())
+		}
+	}
+	if err := a.transition(func(s *State) { s.Phase, s.Target, s.Next, s.ForceRelease = PhaseSwapping, st.Generation, next, force }); err != nil {
 		undo()
 		return err
 	}
 	back := func(err error) error {
-		if terr := a.transition(func(s *State) { s.Phase, s.Target, s.Next = phase, 0, nil }); terr != nil {
+		if terr := a.transition(func(s *State) { s.Phase, s.Target, s.Next, s.ForceRelease = phase, 0, nil, nil }); terr != nil {
 			a.log.Error("persist state", "err", terr)
 		}
 		undo()
@@ -412,18 +464,18 @@ func (a *Agent) moveTo(ctx context.Context, e Endpoint, l api.GenerationList, re
 	}); terr != nil {
 		return terr
 	}
-	var force func(string) bool
-	if auto {
-		force = func(string) bool { return true }
-	}
-	if rerr := a.releaseLowers(ctx, next, force); rerr != nil {
+	if rerr := a.releaseLowers(ctx, next, a.forced(a.State())); rerr != nil {
 		a.log.Warn("release the old server's lowers", "err", rerr)
 	}
 	a.pruneWorkdirs(work, st.Work)
-	if phase == PhaseIdle {
-		if err := a.transition(func(s *State) { s.Phase = PhaseIdle }); err != nil {
-			return err
+	left := a.stillForced(a.State())
+	if err := a.transition(func(s *State) {
+		s.ForceRelease = left
+		if phase == PhaseIdle {
+			s.Phase = PhaseIdle
 		}
+	}); err != nil {
+		return err
 	}
 	a.notify(fmt.Sprintf("STATUS=serving generation %d from %s", st.Generation, e))
 	if auto {

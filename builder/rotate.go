@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/mountinfo"
 	"github.com/strata-nix/strata/nixstore"
 )
 
@@ -78,7 +79,7 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) error {
 	if err != nil {
 		return fmt.Errorf("rotate to generation %d: %w", gen, err)
 	}
-	return a.rotateVia(ctx, e, l, gen)
+	return a.rotateVia(ctx, e, l, gen, false)
 }
 
 // rotateVia rotates to generation gen of server e, whose live generations
@@ -87,7 +88,19 @@ func (a *Agent) Rotate(ctx context.Context, gen uint64) error {
 // the mounted generation's (its GC root lists them) that gen does not
 // have, and gen's whole path rows are imported (only paths not valid yet
 // are registered).
-func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList, gen uint64) (err error) {
+//
+// Every lower of the new overlay comes from e: an older generation kept
+// for local paths that refer to it (planRemoval) and mounted from another
+// server is mounted again from e, which must serve it with the same
+// registration. When e does not, and the server it was mounted from is
+// alive, the rotation is refused before anything changes. When that
+// server is dead (dead: a failover), its files cannot be read, kept or
+// copied any more: the kept paths are invalidated with every local path
+// that refers to them, directly or not (logged), so that no valid path
+// needs the dead server and no lower of the new overlay is on it. With
+// dead set, the old server's lowers are force-unmounted once released
+// (State.ForceRelease, honoured by a restart too).
+func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList, gen uint64, dead bool) (err error) {
 	st := a.State()
 	if st.Phase != PhaseIdle {
 		return fmt.Errorf("rotate to generation %d: agent is %s, not idle", gen, st)
@@ -106,7 +119,7 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 		a.log.Error("rotation failed", "from", cur, "to", gen, "err", err)
 		if !swapped {
 			if terr := a.transition(func(s *State) {
-				s.Phase, s.Target, s.Next, s.LastError = PhaseReleasing, 0, nil, err.Error()
+				s.Phase, s.Target, s.Next, s.LastError, s.ForceRelease = PhaseReleasing, 0, nil, err.Error(), nil
 			}); terr != nil {
 				a.log.Error("persist state", "err", terr)
 				return
@@ -185,19 +198,67 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	}
 	plan := planRemoval(cands, valid, refs, func(p string) bool { return localHolds(a.cfg.upperDir(), a.cfg.localDir(), p) })
 	next := []Lower{top}
-	var keptGens []uint64
+	var keptGens, dropGens []uint64
 	for g := range plan.Keep {
 		keptGens = append(keptGens, g)
 	}
 	slices.Sort(keptGens)
 	slices.Reverse(keptGens)
+	old := a.Current()
+	remount := map[uint64]bool{} // kept generations mounted again from e
 	for _, g := range keptGens {
-		x := Lower{Gen: g}
+		x := Lower{Gen: g, Server: e.API}
 		if i := slices.IndexFunc(st.Lowers, func(l Lower) bool { return l.Gen == g }); i >= 0 {
 			x = st.Lowers[i]
 		}
 		x.Kept = plan.Keep[g]
+		if from := a.endpointOf(x); normAPI(from.API) != normAPI(e.API) {
+			// No lower stays on a server that is not the one in use.
+			if !hasGeneration(l, g, x.SHA256) {
+				if !dead {
+					return fmt.Errorf("server %s does not serve generation %d (registration %.12s), which %d local paths still need (e.g. %s) through server %s: rotate through %s, or once nothing refers to them",
+						e, g, x.SHA256, len(x.Kept), x.Kept[0], from, from)
+				}
+				dropGens = append(dropGens, g)
+				continue
+			}
+			x = Lower{Gen: g, Kept: x.Kept, Server: e.API, SHA256: registrationSHA(l, g)}
+			remount[g] = true
+		}
 		next = append(next, x)
+	}
+	if len(dropGens) > 0 {
+		drop, err := a.dropKept(ctx, plan, dropGens)
+		if err != nil {
+			return err
+		}
+		rest := next[:1]
+		for _, x := range next[1:] {
+			x.Kept = slices.DeleteFunc(slices.Clone(x.Kept), func(p string) bool { return slices.Contains(drop, p) })
+			if len(x.Kept) > 0 {
+				rest = append(rest, x)
+			}
+		}
+		next = rest
+		for _, p := range drop {
+			if !slices.Contains(plan.Invalidate, p) {
+				plan.Invalidate = append(plan.Invalidate, p)
+			}
+		}
+		slices.Sort(plan.Invalidate)
+		a.log.Warn("the new server does not serve generations that local paths needed from the dead one: invalidating those paths and every local path that refers to them (their files were on the dead server)",
+			"server", e.String(), "dead", old.String(), "generations", dropGens, "invalidated", len(drop), "paths", drop)
+		keptGens = gens(next[1:])
+	}
+	// The old server's lowers are forced off once released when it is
+	// dead; recorded before the swap, so a restart honours it.
+	var force []string
+	if dead {
+		for _, x := range st.Lowers {
+			if normAPI(a.endpointOf(x).API) != normAPI(e.API) {
+				force = append(force, x.name())
+			}
+		}
 	}
 	// No garbage collection from here until the new paths are registered
 	// and rooted (see gcroot.go): the current root goes with the paths
@@ -220,7 +281,11 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 			"kept_in_upper", len(plan.InUpper), "kept_through_old_lowers", keptGens)
 	}
 	for i, x := range next[1:] {
-		k, err := a.ensureLower(ctx, a.endpointOf(x), x.Gen)
+		if !remount[x.Gen] && normAPI(a.endpointOf(x).API) == normAPI(e.API) && a.isMounted(x) {
+			next[i+1].Server = e.API
+			continue
+		}
+		k, err := a.ensureLower(ctx, e, x.Gen)
 		if err != nil {
 			return err
 		}
@@ -237,7 +302,9 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	if err != nil {
 		return err
 	}
-	if err := a.transition(func(s *State) { s.Phase, s.PathsInvalidated = PhaseSwapping, len(plan.Invalidate) }); err != nil {
+	if err := a.transition(func(s *State) {
+		s.Phase, s.PathsInvalidated, s.Next, s.ForceRelease = PhaseSwapping, len(plan.Invalidate), next, force
+	}); err != nil {
 		os.Remove(work)
 		return err
 	}
@@ -261,7 +328,6 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	}
 	method := res.Method
 	swapTook := time.Since(began)
-	old := a.Current()
 	a.mu.Lock()
 	a.method = method
 	a.cur = e
@@ -304,4 +370,49 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	a.log.Info("rotated", "from", cur, "to", gen, "imported", n, "invalidated", len(plan.Invalidate),
 		"until_swap", swapTook.Round(time.Millisecond), "took", time.Since(began).Round(time.Millisecond))
 	return nil
+}
+
+// dropKept returns the paths plan keeps through generations gs (which no
+// live server in reach serves) with every valid local path that refers to
+// them, directly or not, generation roots aside: the set to invalidate so
+// that the local DB stays closed under references without them.
+func (a *Agent) dropKept(ctx context.Context, plan removal, gs []uint64) ([]string, error) {
+	in := map[string]bool{}
+	var frontier []string
+	for _, g := range gs {
+		for _, p := range plan.Keep[g] {
+			if !in[p] {
+				in[p] = true
+				frontier = append(frontier, p)
+			}
+		}
+	}
+	for len(frontier) > 0 {
+		slices.Sort(frontier)
+		_, refs, err := a.nix.Referrers(ctx, frontier)
+		if err != nil {
+			return nil, err
+		}
+		frontier = nil
+		for _, rs := range refs {
+			for _, r := range rs {
+				if !isRootPath(r) && !in[r] {
+					in[r] = true
+					frontier = append(frontier, r)
+				}
+			}
+		}
+	}
+	out := make([]string, 0, len(in))
+	for p := range in {
+		out = append(out, p)
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// isMounted reports whether lower x's mountpoint has a mount.
+func (a *Agent) isMounted(x Lower) bool {
+	ms, err := a.m.Mounts()
+	return err == nil && len(mountinfo.At(ms, a.lowerPath(x))) > 0
 }

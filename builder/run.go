@@ -89,9 +89,11 @@ var ErrBusy = errors.New("a build is running; rotation deferred")
 // it deferred; force skips the policy. An import left unfinished by an
 // earlier failure is retried first. When a server ranked above the one in
 // use (server.prefer, RTT) has a generation newer than the mounted one and
-// at least as new as the one in use has, the rotation goes through it,
-// and it becomes the server in use: that is the only time the agent goes
-// back to a preferred server by itself.
+// at least as new as the one in use has, and it serves every mounted
+// generation with the same registration (so no lower stays on the old
+// server), the rotation goes through it, and it becomes the server in
+// use: that is the only time the agent goes back to a preferred server by
+// itself.
 func (a *Agent) Check(ctx context.Context, force bool) error {
 	if st := a.State(); st.Phase == PhaseImporting {
 		unlock, err := a.gcLock(ctx)
@@ -122,7 +124,10 @@ func (a *Agent) Check(ctx context.Context, force bool) error {
 		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		bl, err := a.dir.Client(cs[0].Endpoint).Generations(pctx)
 		cancel()
-		if n := len(bl.Generations); err == nil && n > 0 && bl.Generations[n-1].ID >= newest && bl.Generations[n-1].ID > a.State().Generation {
+		// Only through a server that serves every mounted generation: no
+		// lower, kept ones included, may stay on another server.
+		if n := len(bl.Generations); err == nil && n > 0 && bl.Generations[n-1].ID >= newest && bl.Generations[n-1].ID > a.State().Generation &&
+			a.servesLowers(bl, a.State().Lowers) {
 			via, vl, newest = cs[0].Endpoint, bl, bl.Generations[n-1].ID
 		}
 	}
@@ -152,7 +157,7 @@ func (a *Agent) Check(ctx context.Context, force bool) error {
 	a.mu.Lock()
 	a.waitSince = time.Time{}
 	a.mu.Unlock()
-	return a.rotateVia(ctx, via, vl, newest)
+	return a.rotateVia(ctx, via, vl, newest, false)
 }
 
 // RequestRotation asks the running agent to check for a newer generation

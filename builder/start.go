@@ -122,8 +122,14 @@ func (a *Agent) Start(ctx context.Context) error {
 			if prev == work {
 				prev = st.PrevWork
 			}
+			// The rotation may have gone through another server (a
+			// failover, rotate --server): its top lower's is in use now.
+			e := a.endpointOf(lg[0])
+			a.mu.Lock()
+			a.cur = e
+			a.mu.Unlock()
 			if err := a.transition(func(s *State) {
-				s.Phase, s.Generation, s.Lowers, s.Work, s.PrevWork, s.Target = PhaseImporting, lg[0].Gen, lowers, work, prev, lg[0].Gen
+				s.Phase, s.Generation, s.Lowers, s.Work, s.PrevWork, s.Target, s.Server = PhaseImporting, lg[0].Gen, lowers, work, prev, lg[0].Gen, e
 			}); err != nil {
 				return err
 			}
@@ -185,7 +191,7 @@ func (a *Agent) Start(ctx context.Context) error {
 	for i := range want {
 		want[i].Server, want[i].Dir, want[i].SHA256 = e.API, "", registrationSHA(l, want[i].Gen)
 	}
-	if err := a.releaseLowers(ctx, want, nil); err != nil {
+	if err := a.releaseLowers(ctx, want, a.forced(st)); err != nil {
 		a.log.Warn("release stale lowers", "err", err)
 	}
 	for i, x := range want {
@@ -305,11 +311,35 @@ func without(ps, drop []string) []string {
 // marks the state Idle.
 func (a *Agent) release(ctx context.Context) error {
 	st := a.State()
-	if err := a.releaseLowers(ctx, st.Lowers, nil); err != nil {
+	if err := a.releaseLowers(ctx, st.Lowers, a.forced(st)); err != nil {
 		a.log.Warn("release old lowers", "err", err)
 	}
 	a.pruneWorkdirs(st.Work, st.PrevWork)
-	return a.transition(func(s *State) { s.Phase, s.Target, s.Next = PhaseIdle, 0, nil })
+	left := a.stillForced(st)
+	return a.transition(func(s *State) { s.Phase, s.Target, s.Next, s.ForceRelease = PhaseIdle, 0, nil, left })
+}
+
+// forced is the releaseLowers force predicate of st: the lowers of a dead
+// server a failover moved off (State.ForceRelease).
+func (a *Agent) forced(st State) func(string) bool {
+	if len(st.ForceRelease) == 0 {
+		return nil
+	}
+	return func(name string) bool { return slices.Contains(st.ForceRelease, name) }
+}
+
+// stillForced returns the names of st.ForceRelease still mounted under
+// lower/ and not in use (a release that failed): the next release forces
+// them again.
+func (a *Agent) stillForced(st State) []string {
+	var left []string
+	for _, n := range st.ForceRelease {
+		x := Lower{Dir: n}
+		if !slices.ContainsFunc(st.Lowers, func(l Lower) bool { return l.name() == n }) && a.isMounted(x) {
+			left = append(left, n)
+		}
+	}
+	return left
 }
 
 func (a *Agent) setReady() {

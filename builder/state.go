@@ -128,6 +128,11 @@ type State struct {
 	// the lowers of the overlay being built.
 	Target uint64  `json:"target,omitempty"`
 	Next   []Lower `json:"next,omitempty"`
+	// ForceRelease names the lower mountpoints (under lower/) of a dead
+	// server that a failover moved off: when released they are forced
+	// off (Mounter.ForceUnmount), not detached, also by a restarted
+	// agent. Names no longer mounted are dropped once released.
+	ForceRelease []string `json:"force_release,omitempty"`
 
 	LastRotation         time.Time     `json:"last_rotation,omitzero"`
 	LastRotationDuration time.Duration `json:"last_rotation_duration,omitempty"`
