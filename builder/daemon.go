@@ -94,7 +94,7 @@ func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger, o Daemo
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = 20 * time.Second
 	}
-	text, err := apiserve.ReadToken(cfg.TokenFile)
+	text, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file")
 	if err != nil {
 		return err
 	}
@@ -164,7 +164,7 @@ func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger, o Daemo
 // applyReload makes next's token and log level current; a token file that
 // cannot be read changes nothing.
 func applyReload(cur, next Config, token *apiserve.Token, level *slog.LevelVar, log *slog.Logger) error {
-	text, err := apiserve.ReadToken(next.TokenFile)
+	text, err := apiserve.ReadToken(next.TokenFile, "api.token_file")
 	if err != nil {
 		return fmt.Errorf("reload: %w", err)
 	}

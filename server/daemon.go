@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"time"
@@ -33,6 +34,12 @@ func OpenBackend(cfg Config, log *slog.Logger) (snapshot.Backend, error) {
 	if cfg.Replica() {
 		switch cfg.Backend {
 		case "btrfs":
+			// Checked where it would be created before it is created.
+			if parent := existingParent(cfg.SnapshotDir); parent != filepath.Clean(cfg.SnapshotDir) {
+				if _, err := btrfs.InspectReplica(parent, nil); err != nil {
+					return nil, fmt.Errorf("snapshot.snapshot_dir %s does not exist, and creating it in %s would not help: %w", cfg.SnapshotDir, parent, err)
+				}
+			}
 			return btrfs.NewReplica(cfg.SnapshotDir, log)
 		case "zfs":
 			return zfs.NewReplica(cfg.Dataset, cfg.MountDir, log)
@@ -40,6 +47,11 @@ func OpenBackend(cfg Config, log *slog.Logger) (snapshot.Backend, error) {
 	}
 	switch cfg.Backend {
 	case "btrfs":
+		if parent := existingParent(cfg.SnapshotDir); parent != filepath.Clean(cfg.SnapshotDir) {
+			if _, err := btrfs.Inspect(cfg.StoreRoot, parent, nil); err != nil {
+				return nil, fmt.Errorf("snapshot.snapshot_dir %s does not exist, and creating it in %s would not help: %w", cfg.SnapshotDir, parent, err)
+			}
+		}
 		if err := os.MkdirAll(cfg.SnapshotDir, 0o755); err != nil {
 			return nil, fmt.Errorf("create snapshot dir: %w", err)
 		}
@@ -123,67 +135,94 @@ func checkHandleKey(cfg Config, p *plan, log *slog.Logger) error {
 }
 
 // Check reports to w what a start with cfg would do, changing nothing
-// (`strata server --check-config`): the generations it would serve,
-// rebuild, destroy or report missing, the store identity, and the handle
-// key. It returns an error when the start, or publishing, would be refused.
+// (`strata server --check-config`): it reads the secret files the start
+// reads, checks the snapshot location the way the start does (a missing
+// snapshot dir where the start would create it), and reports the
+// generations it would serve, rebuild, destroy or report missing, the store
+// identity, and the handle key. Each problem is printed as an ERROR line,
+// then "configuration: ok" or "configuration: refused"; it returns an error
+// when the start, or publishing, would be refused.
 func Check(ctx context.Context, cfg Config, w io.Writer) error {
-	var refusals []string
+	problems := 0
 	say := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
 	refuse := func(err error) {
 		say("ERROR: %v", err)
-		refusals = append(refusals, err.Error())
+		problems++
 	}
-	say("configuration: ok")
+	done := func() error {
+		if problems == 0 {
+			say("configuration: ok")
+			return nil
+		}
+		say("configuration: refused")
+		return fmt.Errorf("check config: %d problem(s), printed above as ERROR", problems)
+	}
+	// The secrets first, as the start reads them before anything else.
+	if _, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file"); err != nil {
+		refuse(err)
+	}
+	if cfg.Replica() {
+		if _, err := replicaToken(cfg); err != nil {
+			refuse(err)
+		}
+	}
 	st := state{dir: cfg.StateDir}
 	if !st.exists() {
 		say("state_dir %s does not exist: a start creates it", cfg.StateDir)
 	}
 	if err := checkSnapshotDir(cfg, st); err != nil {
 		refuse(err)
-		return errors.New(strings.Join(refusals, "; "))
+		return done()
 	}
 	var b snapshot.Backend
 	var err error
 	switch cfg.Backend {
 	case "btrfs":
 		if cfg.Replica() {
-			b, err = checkReplica(cfg, say, refuse)
+			b, err = checkReplica(cfg, say)
 			break
 		}
 		if _, serr := os.Stat(cfg.SnapshotDir); errors.Is(serr, os.ErrNotExist) {
+			// The start creates it: the nearest existing parent must be
+			// where the start's checks would then pass.
+			parent := existingParent(cfg.SnapshotDir)
+			if _, err = btrfs.Inspect(cfg.StoreRoot, parent, nil); err != nil {
+				err = fmt.Errorf("snapshot.snapshot_dir %s does not exist, and a start would create it in %s, where it fails: %w", cfg.SnapshotDir, parent, err)
+				break
+			}
 			say("snapshot.snapshot_dir %s does not exist: a start creates it", cfg.SnapshotDir)
-			b, err = emptyInspect{}, btrfs.CheckRoot(cfg.StoreRoot)
+			b = emptyInspect{}
 		} else {
 			b, err = btrfs.Inspect(cfg.StoreRoot, cfg.SnapshotDir, nil)
 		}
 	case "zfs":
 		if cfg.Replica() {
-			b, err = checkReplica(cfg, say, refuse)
+			b, err = checkReplica(cfg, say)
 			break
 		}
 		b, err = zfs.Inspect(cfg.Dataset, cfg.MountDir, nil)
 	}
 	if err != nil {
 		refuse(fmt.Errorf("snapshot backend: %w", err))
-		return errors.New(strings.Join(refusals, "; "))
+		return done()
 	}
 	p, err := inspect(ctx, cfg, st, b)
 	if err != nil {
 		refuse(err)
-		return errors.New(strings.Join(refusals, "; "))
+		return done()
 	}
 	for _, line := range p.report(cfg) {
 		say("%s", line)
+		if strings.HasPrefix(line, "ERROR: ") {
+			problems++
+		}
 	}
 	if err := p.refusal(cfg); err != nil {
 		refuse(err)
 	}
-	if err := p.storeMismatch(cfg); err != nil {
-		if cfg.AdoptStore {
-			say("--adopt-store: publishing store.root %s from now on", cfg.StoreRoot)
-		} else {
-			refusals = append(refusals, "publishing refused: store.root is another store")
-		}
+	if err := p.storeMismatch(cfg); err != nil && cfg.AdoptStore {
+		problems-- // the report's ERROR line: --adopt-store accepts it
+		say("--adopt-store: publishing store.root %s from now on", cfg.StoreRoot)
 	}
 	if cfg.NFSListen != "" {
 		if err := checkHandleKey(cfg, p, slog.New(slog.DiscardHandler)); err != nil {
@@ -194,10 +233,23 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 			say("NFS handle key: %s would be made by this start", nfs.KeyFile(cfg.StateDir))
 		}
 	}
-	if len(refusals) > 0 {
-		return errors.New(strings.Join(refusals, "; "))
+	return done()
+}
+
+// existingParent returns dir's nearest ancestor that exists (dir itself if
+// it does).
+func existingParent(dir string) string {
+	dir = filepath.Clean(dir)
+	for {
+		if _, err := os.Stat(dir); err == nil {
+			return dir
+		}
+		up := filepath.Dir(dir)
+		if up == dir {
+			return dir
+		}
+		dir = up
 	}
-	return nil
 }
 
 // emptyInspect stands for a btrfs snapshot dir that does not exist yet.
@@ -242,9 +294,14 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	if err := apiserve.CheckSocket(cfg.Socket); err != nil {
 		return err
 	}
-	tokenText, err := apiserve.ReadToken(cfg.TokenFile)
+	tokenText, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file")
 	if err != nil {
 		return err
+	}
+	if cfg.Replica() {
+		if _, err := replicaToken(cfg); err != nil {
+			return err
+		}
 	}
 	tightened, err := secretfile.PrivateDir(cfg.StateDir)
 	if err != nil {
@@ -460,38 +517,47 @@ func retainOnHoldChange(ctx context.Context, srv *Server, node *cluster.Node) {
 	}
 }
 
-// checkReplica is --check-config's part for a replica: the token file and
-// the backend opened for looking only.
-func checkReplica(cfg Config, say func(string, ...any), refuse func(error)) (snapshot.Backend, error) {
+// checkReplica is --check-config's part for a replica: the backend opened
+// for looking only (a missing snapshot dir checked where the start would
+// create it).
+func checkReplica(cfg Config, say func(string, ...any)) (snapshot.Backend, error) {
 	of := cfg.ReplicaOf
 	if cfg.ReplicaFromCluster {
 		of = "the cluster's primary (found by gossip)"
 	}
 	say("replica of %s: receives the primary's generations every %s, publishes nothing; store.root is not used", of, cfg.ReplicaInterval)
-	if tok, err := apiserve.ReadToken(cfg.ReplicaTokenFile); err != nil {
-		refuse(fmt.Errorf("replica.token_file: %w", err))
-	} else if tok == "" {
-		refuse(fmt.Errorf("replica.token_file %s is missing or empty: a replica needs the primary's API token", cfg.ReplicaTokenFile))
-	}
 	if cfg.Backend == "zfs" {
 		return zfs.InspectReplica(cfg.Dataset, cfg.MountDir, nil)
 	}
 	if _, serr := os.Stat(cfg.SnapshotDir); errors.Is(serr, os.ErrNotExist) {
+		parent := existingParent(cfg.SnapshotDir)
+		if _, err := btrfs.InspectReplica(parent, nil); err != nil {
+			return nil, fmt.Errorf("snapshot.snapshot_dir %s does not exist, and a start would create it in %s, where it fails: %w", cfg.SnapshotDir, parent, err)
+		}
 		say("snapshot.snapshot_dir %s does not exist: a start creates it", cfg.SnapshotDir)
 		return emptyInspect{}, nil
 	}
 	return btrfs.InspectReplica(cfg.SnapshotDir, nil)
 }
 
+// replicaToken reads replica.token_file, which a replica needs.
+func replicaToken(cfg Config) (string, error) {
+	tok, err := apiserve.ReadToken(cfg.ReplicaTokenFile, "replica.token_file")
+	if err != nil {
+		return "", err
+	}
+	if tok == "" {
+		return "", fmt.Errorf("replica.token_file %s is missing or empty: a replica needs the primary's API token", cfg.ReplicaTokenFile)
+	}
+	return tok, nil
+}
+
 // openPuller makes a replica's puller: the primary's API client with the
 // token from replica.token_file, which must be there (streams need it).
 func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry) (*replica.Puller, error) {
-	tok, err := apiserve.ReadToken(cfg.ReplicaTokenFile)
+	tok, err := replicaToken(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("replica.token_file: %w", err)
-	}
-	if tok == "" {
-		return nil, fmt.Errorf("replica.token_file %s is missing or empty: a replica needs the primary's API token", cfg.ReplicaTokenFile)
+		return nil, err
 	}
 	b, ok := srv.Backend().(replica.Backend)
 	if !ok {
@@ -536,7 +602,7 @@ func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, s
 // applyReload makes next's nfs.allow, token and log level current. It reads
 // everything first, so a bad token file changes nothing.
 func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog.LevelVar, log *slog.Logger) error {
-	text, err := apiserve.ReadToken(next.TokenFile)
+	text, err := apiserve.ReadToken(next.TokenFile, "api.token_file")
 	if err != nil {
 		return fmt.Errorf("reload: %w", err)
 	}

@@ -220,6 +220,11 @@ func (p *plan) report(cfg Config) []string {
 	if p.destroy != 0 {
 		add("would destroy snapshot %s: the unfinished publish reserved in state_dir, never live", snapshot.Name(p.destroy))
 	}
+	if cfg.Replica() {
+		// A replica takes the primary's ids and publishes nothing: neither
+		// the next id nor store.root's identity applies.
+		return out
+	}
 	add("next generation id: %d", p.nextID)
 	switch {
 	case p.storeWant == "" && p.storeHave == "":

@@ -111,8 +111,10 @@ func TestReplicaDaemon(t *testing.T) {
 	// --check-config of a replica: reports what it would serve; a missing
 	// token file is an error.
 	out, code = runStrata(t, nil, "server", "--config", cfg, "--check-config")
-	if code != 0 || !strings.Contains(out, "replica of http://"+papi) || !strings.Contains(out, fmt.Sprintf("would serve generations")) {
-		t.Errorf("--check-config of the replica: exit %d\n%s", code, out)
+	if code != 0 || !strings.Contains(out, "replica of http://"+papi) || !strings.Contains(out, fmt.Sprintf("would serve generations")) ||
+		!strings.HasSuffix(strings.TrimSpace(out), "configuration: ok") || strings.Contains(out, "ERROR") ||
+		strings.Contains(out, "store identity") || strings.Contains(out, "next generation id") {
+		t.Errorf("--check-config of the replica: exit %d, want 0, ok, and no store identity or next id\n%s", code, out)
 	}
 	out, code = runStrata(t, nil, "server", "--config", rcfg(filepath.Join(dir, "missing")), "--check-config")
 	if code == 0 || !strings.Contains(out, "replica.token_file") {

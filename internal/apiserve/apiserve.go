@@ -27,15 +27,16 @@ import (
 	"github.com/strata-nix/strata/internal/secretfile"
 )
 
-// ReadToken reads the bearer token from file. An empty name or a missing
+// ReadToken reads the bearer token from file, named in errors by key, the
+// configuration key it comes from (api.token_file). An empty name or a missing
 // file gives the empty token: mutating TCP calls are then refused, and the
 // unix socket still works. A token file that group or other users can read,
 // or that another user owns, is refused (secretfile.Read).
-func ReadToken(file string) (string, error) {
+func ReadToken(file, key string) (string, error) {
 	if file == "" {
 		return "", nil
 	}
-	b, err := secretfile.Read(file, "api.token_file")
+	b, err := secretfile.Read(file, key)
 	if errors.Is(err, os.ErrNotExist) {
 		return "", nil
 	}

@@ -120,22 +120,22 @@ func TestStartNamesBadAddress(t *testing.T) {
 // ReadToken trims the file and treats a missing file as no token.
 func TestReadToken(t *testing.T) {
 	f := filepath.Join(t.TempDir(), "tok")
-	if tok, err := ReadToken(f); err != nil || tok != "" {
+	if tok, err := ReadToken(f, "api.token_file"); err != nil || tok != "" {
 		t.Fatalf("missing file: %q %v", tok, err)
 	}
 	os.WriteFile(f, []byte("  abc\n"), 0o600)
-	if tok, err := ReadToken(f); err != nil || tok != "abc" {
+	if tok, err := ReadToken(f, "api.token_file"); err != nil || tok != "abc" {
 		t.Fatalf("ReadToken = %q %v, want abc", tok, err)
 	}
 	// Readable by others: refused, naming the file and the fix.
 	os.Chmod(f, 0o644)
-	if _, err := ReadToken(f); err == nil || !strings.Contains(err.Error(), f) || !strings.Contains(err.Error(), "chmod 600") {
+	if _, err := ReadToken(f, "replica.token_file"); err == nil || !strings.Contains(err.Error(), f) || !strings.Contains(err.Error(), "chmod 600") || !strings.HasPrefix(err.Error(), "replica.token_file ") {
 		t.Fatalf("mode 0644 token: %v, want a refusal naming the file and chmod 600", err)
 	}
 	os.Chmod(f, 0o600)
 	if os.Geteuid() == 0 {
 		os.Chown(f, 4242, 4242)
-		if _, err := ReadToken(f); err == nil || !strings.Contains(err.Error(), "owned by uid 4242") || !strings.Contains(err.Error(), "chown") {
+		if _, err := ReadToken(f, "api.token_file"); err == nil || !strings.Contains(err.Error(), "owned by uid 4242") || !strings.Contains(err.Error(), "chown") {
 			t.Fatalf("token of another user: %v, want a refusal", err)
 		}
 	}

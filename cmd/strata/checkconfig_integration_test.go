@@ -1,0 +1,86 @@
+//go:build integration
+
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/strata-nix/strata/internal/testenv"
+)
+
+// `strata server --check-config` runs the checks a start runs, changing
+// nothing: what it passes, a start accepts, and what a start refuses it
+// reports as an ERROR, once, ending in "configuration: refused" and exit 1.
+func TestServerCheckConfigMatchesStart(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	loose := filepath.Join(dir, "loose-token")
+	if err := os.WriteFile(loose, []byte("secret\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	withToken := func(cfg, token string) string {
+		b, _ := os.ReadFile(cfg)
+		f := filepath.Join(t.TempDir(), "server.yaml")
+		os.WriteFile(f, []byte(strings.Replace(string(b), "api:\n", "api:\n  token_file: "+token+"\n", 1)), 0o644)
+		return f
+	}
+	refusedBoth := func(name, cfg string, want ...string) {
+		t.Helper()
+		out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config")
+		if code != 1 || !strings.Contains(out, "\nconfiguration: refused\n") || strings.Contains(out, "configuration: ok") {
+			t.Errorf("%s: --check-config exit %d, want 1 ending in \"configuration: refused\":\n%s", name, code, out)
+		}
+		for _, w := range want {
+			if n := strings.Count(out, w); n != 1 {
+				t.Errorf("%s: --check-config says %q %d times, want once:\n%s", name, w, n, out)
+			}
+		}
+		start := refused(t, cfg)
+		if !strings.Contains(start, want[0]) {
+			t.Errorf("%s: the start is refused for another reason than --check-config's %q:\n%s", name, want[0], start)
+		}
+	}
+
+	// A token file that other users can read.
+	cfg := withToken(s.config(t, nil), loose)
+	refusedBoth("api.token_file 0644", cfg, "api.token_file "+loose+" has mode 0644", "chmod 600 "+loose)
+
+	// A snapshot dir whose parent does not exist, on a filesystem that is
+	// not btrfs: the start would create it there and then fail.
+	missing := filepath.Join(dir, "no-such-parent", "snaps")
+	refusedBoth("snapshot_dir on ext4", s.config(t, map[string]string{"snapshot_dir": missing}), "not on btrfs")
+	if _, err := os.Stat(filepath.Dir(missing)); !os.IsNotExist(err) {
+		t.Errorf("--check-config or the refused start created %s: %v", filepath.Dir(missing), err)
+	}
+	// On the store's btrfs, a missing snapshot dir is fine: a start creates it.
+	out, code := runStrata(t, nil, "server", "--config", s.config(t, map[string]string{"snapshot_dir": filepath.Join(s.mnt, "new", "snaps")}), "--check-config")
+	if code != 0 || !strings.Contains(out, "a start creates it") || !strings.HasSuffix(strings.TrimSpace(out), "configuration: ok") {
+		t.Errorf("missing snapshot dir on btrfs: exit %d\n%s", code, out)
+	}
+
+	// A replica: its token file is replica.token_file in every message.
+	rmnt := testenv.LoopBtrfs(t, "1G")
+	rcfg := func(token, snaps string) string {
+		f := filepath.Join(t.TempDir(), "replica.yaml")
+		os.WriteFile(f, []byte(fmt.Sprintf("replica:\n  of: http://127.0.0.1:1\n  token_file: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
+			token, snaps, filepath.Join(t.TempDir(), "rstate"))), 0o644)
+		return f
+	}
+	refusedBoth("replica.token_file 0644", rcfg(loose, filepath.Join(rmnt, "gens")), "replica.token_file "+loose+" has mode 0644")
+	good := filepath.Join(dir, "token")
+	os.WriteFile(good, []byte("secret\n"), 0o600)
+	refusedBoth("replica snapshot_dir on ext4", rcfg(good, missing), "not on btrfs")
+	out, code = runStrata(t, nil, "server", "--config", rcfg(good, filepath.Join(rmnt, "gens")), "--check-config")
+	if code != 0 || !strings.HasSuffix(strings.TrimSpace(out), "configuration: ok") {
+		t.Errorf("fresh replica: exit %d\n%s", code, out)
+	}
+	for _, no := range []string{"api.token_file", "store identity", "next generation id", "ERROR"} {
+		if strings.Contains(out, no) {
+			t.Errorf("fresh replica: --check-config says %q, which does not apply to a replica:\n%s", no, out)
+		}
+	}
+}
