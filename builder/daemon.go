@@ -36,6 +36,14 @@ type DaemonOptions struct {
 	Gossip *Gossip
 }
 
+// CheckSecrets reads the secret files a start reads (api.token_file; the
+// gossip keyring is read with the configuration), changing nothing:
+// `strata builder --check-config` and the start's first step.
+func CheckSecrets(cfg Config) error {
+	_, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file")
+	return err
+}
+
 // Daemon runs `strata builder` until ctx ends. Order of start:
 //  1. create the state dir layout, load state.json, bind the API socket
 //     (and api.listen), so `strata status` works while waiting;
@@ -53,6 +61,11 @@ type DaemonOptions struct {
 func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) error {
 	if o.Notify == nil {
 		o.Notify = lifecycle.Systemd(log)
+	}
+	// The secrets before anything is created (the keyring was read with
+	// the configuration).
+	if err := CheckSecrets(cfg); err != nil {
+		return err
 	}
 	if cfg.Cluster.Enabled && o.Gossip == nil {
 		g, err := NewGossip(cfg, o.Version, log)

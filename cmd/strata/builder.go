@@ -32,7 +32,7 @@ YAML file is also an environment variable STRATA_SECTION_KEY and a flag
 		Args: cobra.NoArgs,
 	}
 	loader, file := configFlags(cmd, builder.Keys, builder.DefaultConfigFile)
-	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration and exit")
+	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration and read the secret files a start reads (api.token_file, cluster.keyring_file), change nothing, and exit")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		v, err := loadConfig(cmd, loader, *file)
 		if err != nil {
@@ -43,6 +43,9 @@ YAML file is also an environment variable STRATA_SECTION_KEY and a flag
 			return usageError{err}
 		}
 		if *checkOnly {
+			if err := builder.CheckSecrets(cfg); err != nil {
+				return err
+			}
 			fmt.Fprintln(cmd.OutOrStdout(), "configuration ok")
 			return nil
 		}

@@ -84,3 +84,31 @@ func TestServerCheckConfigMatchesStart(t *testing.T) {
 		}
 	}
 }
+
+// `strata builder --check-config` reads the token file a start reads; the
+// start refuses it before it creates anything in state_dir.
+func TestBuilderCheckConfigReadsSecrets(t *testing.T) {
+	dir := t.TempDir()
+	loose := filepath.Join(dir, "loose-token")
+	os.WriteFile(loose, []byte("secret\n"), 0o644)
+	state := filepath.Join(dir, "state")
+	cfg := filepath.Join(dir, "builder.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("server:\n  api: http://127.0.0.1:1\nstore:\n  dir: %s\nnix:\n  state_dir: %s\nstate_dir: %s\napi:\n  token_file: %s\n",
+		filepath.Join(dir, "store"), filepath.Join(dir, "var"), state, loose)), 0o644)
+	want := "api.token_file " + loose + " has mode 0644"
+	out, code := runStrata(t, nil, "builder", "--config", cfg, "--check-config")
+	if code != 1 || !strings.Contains(out, want) || strings.Contains(out, "configuration ok") {
+		t.Errorf("builder --check-config with a 0644 token file: exit %d, want 1 and %q:\n%s", code, want, out)
+	}
+	out, code = runStrata(t, nil, "builder", "--config", cfg)
+	if code != 1 || !strings.Contains(out, want) {
+		t.Errorf("builder start with a 0644 token file: exit %d, want 1 and %q:\n%s", code, want, out)
+	}
+	if ents, err := os.ReadDir(state); !os.IsNotExist(err) {
+		t.Errorf("the refused start made state_dir %s (%d entries: %v)", state, len(ents), err)
+	}
+	os.Chmod(loose, 0o600)
+	if out, code := runStrata(t, nil, "builder", "--config", cfg, "--check-config"); code != 0 || !strings.Contains(out, "configuration ok") {
+		t.Errorf("builder --check-config with a 0600 token file: exit %d\n%s", code, out)
+	}
+}
