@@ -365,7 +365,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	token := apiserve.NewToken(tokenText)
 	var puller *replica.Puller
 	if cfg.Replica() {
-		if puller, err = openPuller(cfg, srv, node, log, reg); err != nil {
+		if puller, err = openPuller(cfg, srv, node, log, reg, step.Progress); err != nil {
 			ex.close()
 			return err
 		}
@@ -554,7 +554,7 @@ func replicaToken(cfg Config) (string, error) {
 
 // openPuller makes a replica's puller: the primary's API client with the
 // token from replica.token_file, which must be there (streams need it).
-func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry) (*replica.Puller, error) {
+func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry, progress func()) (*replica.Puller, error) {
 	tok, err := replicaToken(cfg)
 	if err != nil {
 		return nil, err
@@ -571,11 +571,13 @@ func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, r
 		primary = replica.FromCluster(node.Servers, tok)
 	}
 	return replica.New(replica.Options{Primary: primary, Backend: b, Target: srv, StateDir: cfg.StateDir, Logger: log, Registry: reg,
-		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall}), nil
+		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall, Progress: progress}), nil
 }
 
 // runPuller syncs the replica now and every interval until ctx ends, each
-// sync bracketed by step for the watchdog.
+// sync bracketed by step for the watchdog; the puller reports progress to
+// step as stream bytes arrive, so only a sync that stopped moving for
+// watchdog.stall_after counts as wedged, however long a stream takes.
 func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify func(), log *slog.Logger) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()

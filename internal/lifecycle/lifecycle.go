@@ -58,7 +58,8 @@ func WatchdogInterval() time.Duration {
 type Check func(now time.Time) error
 
 // Step tracks a loop that does one bounded step at a time. It is wedged
-// when a step has run longer than its limit. The zero limit never wedges.
+// when a step has run longer than its limit since it began or last reported
+// Progress. The zero limit never wedges.
 type Step struct {
 	name  string
 	limit time.Duration
@@ -81,6 +82,18 @@ func (s *Step) Begin() {
 func (s *Step) End() {
 	if s != nil {
 		s.since.Store(0)
+	}
+}
+
+// Progress says the running step is moving (bytes of a long stream
+// arrived): its clock restarts, so a step is wedged only when it made no
+// progress for longer than the limit. Idle or nil, it does nothing.
+func (s *Step) Progress() {
+	if s == nil {
+		return
+	}
+	if since := s.since.Load(); since != 0 {
+		s.since.CompareAndSwap(since, time.Now().UnixNano())
 	}
 }
 

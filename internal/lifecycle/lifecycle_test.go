@@ -206,3 +206,31 @@ func TestStopIsBounded(t *testing.T) {
 		t.Fatalf("Stop of a hung part: %v", err)
 	}
 }
+
+// A step that reports progress is wedged only when it made none for longer
+// than the limit, however long it runs.
+func TestStepProgress(t *testing.T) {
+	step := NewStep("replica sync", time.Minute)
+	step.Progress() // idle: nothing to move
+	if err := step.Check(time.Now().Add(time.Hour)); err != nil {
+		t.Fatalf("idle step: %v", err)
+	}
+	step.Begin()
+	if err := step.Check(time.Now().Add(2 * time.Minute)); err == nil {
+		t.Fatal("a step without progress for twice its limit is not wedged")
+	}
+	time.Sleep(10 * time.Millisecond)
+	began := time.Now()
+	step.Progress()
+	if err := step.Check(began.Add(50 * time.Second)); err != nil {
+		t.Fatalf("50 s after its last progress (limit 1m): %v", err)
+	}
+	if err := step.Check(began.Add(2 * time.Minute)); err == nil {
+		t.Fatal("2 min after its last progress (limit 1m): not wedged")
+	}
+	step.End()
+	step.Progress()
+	if err := step.Check(time.Now().Add(time.Hour)); err != nil {
+		t.Fatalf("ended step: %v", err)
+	}
+}

@@ -2,6 +2,8 @@ package replica
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,8 +16,10 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -179,4 +183,61 @@ func (s *settleBackend) Destroy(ctx context.Context, id uint64) error {
 	s.failingBackend.Destroy(ctx, id)
 	s.here = slices.DeleteFunc(s.here, func(sn snapshot.Snapshot) bool { return sn.ID == id })
 	return nil
+}
+
+// A stream that takes longer than the watchdog's limit but keeps sending
+// keeps the sync's step healthy: the puller reports progress as bytes
+// arrive.
+func TestSlowStreamIsProgress(t *testing.T) {
+	chunk := []byte(strings.Repeat("x", 1000))
+	h := sha256.New()
+	for i := 0; i < 20; i++ {
+		h.Write(chunk)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/generations" {
+			json.NewEncoder(w).Encode(api.GenerationList{Backend: "btrfs", Generations: []api.Generation{gen(1, "a")}})
+			return
+		}
+		w.Header().Set("Trailer", api.TrailerStreamBytes+", "+api.TrailerStreamSHA256)
+		for i := 0; i < 20; i++ { // 1 s in all, a chunk every 50 ms
+			w.Write(chunk)
+			w.(http.Flusher).Flush()
+			time.Sleep(50 * time.Millisecond)
+		}
+		w.Header().Set(api.TrailerStreamBytes, strconv.Itoa(20*len(chunk)))
+		w.Header().Set(api.TrailerStreamSHA256, sum)
+	}))
+	defer ts.Close()
+	step := lifecycle.NewStep("replica sync", 300*time.Millisecond)
+	tg := &recordingTarget{}
+	p := New(Options{Primary: Fixed(api.NewClient(ts.URL, "tok"), ts.URL), Backend: &failingBackend{}, Target: tg, Progress: step.Progress})
+	done := make(chan error, 1)
+	go func() {
+		step.Begin()
+		defer step.End()
+		_, err := p.Sync(context.Background())
+		done <- err
+	}()
+	var wedged error
+	for running := true; running; {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("sync: %v", err)
+			}
+			running = false
+		case <-time.After(20 * time.Millisecond):
+			if err := step.Check(time.Now()); err != nil && wedged == nil {
+				wedged = err
+			}
+		}
+	}
+	if wedged != nil {
+		t.Errorf("a stream that kept sending for 1 s counted as wedged (limit 300 ms): %v", wedged)
+	}
+	if fmt.Sprint(tg.added) != "[1]" {
+		t.Errorf("made live %v, want [1]", tg.added)
+	}
 }

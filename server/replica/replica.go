@@ -88,6 +88,7 @@ type Puller struct {
 	m        *metrics
 	pause    string
 	stall    time.Duration
+	progress func()
 }
 
 // Options are what a Puller is made of.
@@ -105,6 +106,10 @@ type Options struct {
 	// Stall aborts a stream from which no byte arrived for this long
 	// (0: api.DefaultStreamStall); the next sync asks again.
 	Stall time.Duration
+	// Progress, if set, is called as stream bytes arrive and as each
+	// generation goes live, so that a watchdog measures a sync by its
+	// progress, not by its length (a first whole stream of a large store).
+	Progress func()
 }
 
 // New returns a Puller.
@@ -114,7 +119,7 @@ func New(o Options) *Puller {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Puller{primary: o.Primary, backend: o.Backend, target: o.Target,
-		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall}
+		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall, progress: o.Progress}
 }
 
 // Primary returns the primary's API URL ("" while none is known).
@@ -279,18 +284,23 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 			return Received{}, err
 		}
 	}
+	p.progressed()
+	var in io.Reader = st
+	if p.progress != nil {
+		in = progressReader{st, p.progress}
+	}
 	var snap snapshot.Snapshot
 	if token != "" {
-		snap, err = p.backend.(snapshot.Resumer).ResumeReceive(ctx, st, g.ID)
+		snap, err = p.backend.(snapshot.Resumer).ResumeReceive(ctx, in, g.ID)
 	} else {
-		snap, err = p.backend.Receive(ctx, st, g.ID, from)
+		snap, err = p.backend.Receive(ctx, in, g.ID, from)
 	}
 	if err != nil {
 		p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
 		return Received{}, fmt.Errorf("receive generation %d from %d: %w", g.ID, from, err)
 	}
 	// Whatever the backend left unread must arrive and match the trailers.
-	_, err = io.Copy(io.Discard, st)
+	_, err = io.Copy(io.Discard, in)
 	streamed := time.Since(start)
 	p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
 	if err != nil {
@@ -309,6 +319,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 		return Received{}, fmt.Errorf("generation %d: %w", g.ID, err)
 	}
 	p.clearReceiving()
+	p.progressed()
 	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), Took: time.Since(start), Stream: streamed}
 	p.log.Info("received generation", "primary", p.primary.URL(), "generation", g.ID, "from", from, "kind", kind, "bytes", r.Bytes, "took", r.Took.Round(time.Millisecond))
 	return r, nil
@@ -415,6 +426,26 @@ func (p *Puller) settle(ctx context.Context, list api.GenerationList, res *Resul
 	}
 	p.clearReceiving()
 	return nil
+}
+
+// progressReader reports each read that brought bytes.
+type progressReader struct {
+	r        io.Reader
+	progress func()
+}
+
+func (r progressReader) Read(b []byte) (int, error) {
+	n, err := r.r.Read(b)
+	if n > 0 {
+		r.progress()
+	}
+	return n, err
+}
+
+func (p *Puller) progressed() {
+	if p.progress != nil {
+		p.progress()
+	}
 }
 
 // pauseAt blocks until ctx ends when the Pause option names step.
