@@ -127,6 +127,9 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 			p.serve = append(p.serve, id)
 		case live:
 			p.rebuild = append(p.rebuild, id)
+		case cfg.Replica():
+			p.kept[id] = fmt.Sprintf("no manifest, its state label is %q and it is not this replica's own unfinished receive (%s): received by hand or under another state_dir? "+
+				"The replica receives no generation %d until it is removed", stateOf(l), replica.ReceivingFile(cfg.StateDir), id)
 		default:
 			p.kept[id] = fmt.Sprintf("no manifest, its state label is %q and it is not this state_dir's unfinished publish (left by a publish under another state_dir?)", stateOf(l))
 		}
