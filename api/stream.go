@@ -155,7 +155,9 @@ func (c *Client) Stream(ctx context.Context, r StreamRequest) (*Stream, error) {
 	if resp.StatusCode/100 != 2 {
 		defer cancel()
 		defer resp.Body.Close()
+		st.begin() // the error body is bounded like the stream
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		st.end()
 		return nil, newStatusError(http.MethodGet, path, resp, b)
 	}
 	return &Stream{Backend: resp.Header.Get(HeaderBackend), body: resp.Body, resp: resp, h: sha256.New(), stall: st, cancel: cancel}, nil
