@@ -41,9 +41,7 @@ func TestBuilderFailover(t *testing.T) {
 	testenv.RequireRoot(t)
 	strata := buildStatic(t, "github.com/strata-nix/strata/cmd/strata")
 	statloop := buildStatic(t, "github.com/strata-nix/strata/internal/cmd/statloop")
-	// 6.1 (no NFS shutdown knob: the reaper) is not in the list until it
-	// has been run.
-	for _, k := range []Kernel{Kernel612} {
+	for _, k := range []Kernel{Kernel612, Kernel61} {
 		t.Run(k.String(), func(t *testing.T) { builderFailover(t, k, strata, statloop) })
 	}
 }
