@@ -117,6 +117,8 @@ type Agent struct {
 	waitSince time.Time
 	// noMetacopy: the kernel refused metacopy=on once; mount without it.
 	noMetacopy bool
+	// minStall is the least stall time (see stall): 10 s.
+	minStall time.Duration
 
 	usage usageCache
 
@@ -138,7 +140,7 @@ func New(o Options) (*Agent, error) {
 	}
 	a := &Agent{cfg: o.Config, log: o.Logger, dir: dir, m: o.Mounter, nix: o.Nix, busy: o.Busy, nfs: map[string]string{},
 		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, probe: o.ProbeLower, rotateReq: make(chan rotateRequest),
-		failover: make(chan failoverRequest), wake: make(chan struct{}, 1)}
+		failover: make(chan failoverRequest), wake: make(chan struct{}, 1), minStall: 10 * time.Second}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}

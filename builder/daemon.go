@@ -82,7 +82,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	servers := NewServers(cfg, view, func(u string) Server { return api.NewClient(u, "") })
 	sys := NewSystem(NFSGenerations(cfg.NConnect, cfg.MountOptions, log), cfg.SwapMethod, cfg.StagingDir, log)
 	sys.DeadDir = filepath.Join(cfg.StateDir, "dead")
-	ResetDead(sys.DeadDir, log)
+	sys.AdoptDead(ctx)
 	ag, err := New(Options{
 		Config:   cfg,
 		Logger:   log,

@@ -420,3 +420,45 @@ func TestMonitorProbesKeptLowers(t *testing.T) {
 		t.Fatalf("failover reason %q, want the kept lower's statfs", st.LastFailover.Reason)
 	}
 }
+
+// A server that dies while a rotation fetches from it (the call hangs)
+// does not hold the failover up for the API client's 10 minutes: the call
+// is given up after the stall time without progress, and the monitor's
+// failover request runs next.
+func TestStalledRotationFailsOver(t *testing.T) {
+	f := newFailoverEnv(t, 1)
+	f.a.minStall = time.Second
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	wait := func(what string, d time.Duration, cond func() bool) time.Duration {
+		t.Helper()
+		start := time.Now()
+		for !cond() {
+			if time.Since(start) > d {
+				t.Fatalf("timed out after %s waiting for %s (state %s, status %+v)", d, what, f.a.State(), f.a.Status().Failover)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		return time.Since(start)
+	}
+	wait("ready", 10*time.Second, f.a.Ready)
+	f.primary.mu.Lock()
+	f.primary.stall = true
+	f.primary.mu.Unlock()
+	f.primary.publish(info("a"), info("new"))
+	wait("the rotation's call to hang", 10*time.Second, func() bool {
+		f.primary.mu.Lock()
+		defer f.primary.mu.Unlock()
+		return f.primary.stalled > 0
+	})
+	f.primary.setDown(true)
+	took := wait("failover to the replica", 20*time.Second, func() bool {
+		return f.a.Current() == f.re && f.a.State().Phase == PhaseIdle
+	})
+	t.Logf("rotation hung -> failed over in %s (failover.after 1s, stall 1s)", took.Round(10*time.Millisecond))
+	if st := f.a.State(); st.Failovers != 1 || st.String() != "idle(1)" {
+		t.Fatalf("state %s, %d failovers", st, st.Failovers)
+	}
+}

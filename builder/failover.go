@@ -132,7 +132,9 @@ func (a *Agent) monitor(ctx context.Context) {
 		case <-t.C:
 		}
 		st := a.State()
-		if !a.Ready() || len(st.Lowers) == 0 || (st.Phase != PhaseIdle && st.Phase != PhaseImporting) {
+		// Probed in every phase: a rotation under way gives up a call that
+		// makes no progress (stall), and the failover request waits for it.
+		if !a.Ready() || len(st.Lowers) == 0 {
 			continue
 		}
 		e := a.Current()

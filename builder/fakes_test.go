@@ -284,6 +284,23 @@ type fakeServer struct {
 	pathsCalls [2]int
 	// nfs is the NFS address advertised (default 0.0.0.0:2049).
 	nfs string
+	// stall makes Delta and Paths wait for their context to end, as a
+	// server that died in the middle of a call; stalled counts them.
+	stall   bool
+	stalled int
+}
+
+// wait blocks a call while s.stall is set, until ctx ends (s.mu held; it
+// is released while waiting).
+func (s *fakeServer) wait(ctx context.Context) error {
+	if !s.stall {
+		return nil
+	}
+	s.stalled++
+	s.mu.Unlock()
+	<-ctx.Done()
+	s.mu.Lock()
+	return ctx.Err()
 }
 
 // replicaOf returns a server that serves the same generations as s.
@@ -351,9 +368,12 @@ func (s *fakeServer) Registration(_ context.Context, id uint64) ([]byte, error) 
 	return b.Bytes(), nil
 }
 
-func (s *fakeServer) Paths(_ context.Context, id, from uint64) (io.ReadCloser, error) {
+func (s *fakeServer) Paths(ctx context.Context, id, from uint64) (io.ReadCloser, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.wait(ctx); err != nil {
+		return nil, err
+	}
 	if s.down {
 		return nil, errDown
 	}
@@ -386,9 +406,12 @@ func (s *fakeServer) Paths(_ context.Context, id, from uint64) (io.ReadCloser, e
 	return io.NopCloser(&b), nil
 }
 
-func (s *fakeServer) Delta(_ context.Context, from, to uint64) (api.Delta, error) {
+func (s *fakeServer) Delta(ctx context.Context, from, to uint64) (api.Delta, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.wait(ctx); err != nil {
+		return api.Delta{}, err
+	}
 	if s.down {
 		return api.Delta{}, errDown
 	}

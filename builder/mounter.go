@@ -168,6 +168,21 @@ func (s *System) ForceUnmount(ctx context.Context, target string) error {
 
 func (s *System) Mounts() ([]mountinfo.Mount, error) { return mountinfo.Read() }
 
+// AdoptDead reaps, until ctx ends, the dead servers' mounts an earlier
+// agent left bound under DeadDir (see reaper): a restart keeps failing the
+// calls of processes that still hold files on them, instead of letting
+// them hang again.
+func (s *System) AdoptDead(ctx context.Context) {
+	if s.DeadDir == "" {
+		return
+	}
+	log := s.SwapOptions.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s.reaper.adoptLeft(ctx, s.DeadDir, log)
+}
+
 func mkdirs(dirs ...string) error {
 	for _, d := range dirs {
 		if err := os.MkdirAll(d, 0o755); err != nil {

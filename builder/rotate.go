@@ -136,7 +136,13 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	var d api.Delta
 	var addedRows, wholeRows *nixstore.Rows
 	if hasGeneration(l, cur, "") {
-		if d, err = srv.Delta(ctx, cur, gen); err != nil {
+		dctx, _, stop := stallGuard(ctx, a.stall())
+		d, err = srv.Delta(dctx, cur, gen)
+		if err != nil {
+			err = stalled(dctx, err)
+		}
+		stop()
+		if err != nil {
 			return fmt.Errorf("fetch delta: %w", err)
 		}
 		if addedRows, err = a.rowsFrom(ctx, srv, gen, cur); err != nil {
