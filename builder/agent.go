@@ -511,6 +511,14 @@ func (a *Agent) ensureLower(ctx context.Context, e Endpoint, g uint64) (Lower, e
 		return l, fmt.Errorf("mount generation %d of %s at %s: %w", g, e, dir, err)
 	}
 	a.log.Info("mounted generation", "generation", g, "server", e.String(), "nfs", nfs, "dir", dir)
+	if st := a.State(); slices.Contains(st.ForceRelease, l.name()) {
+		// A live server's mount now: never to be forced.
+		if err := a.transition(func(s *State) {
+			s.ForceRelease = slices.DeleteFunc(slices.Clone(s.ForceRelease), func(n string) bool { return n == l.name() })
+		}); err != nil {
+			return l, err
+		}
+	}
 	return l, nil
 }
 

@@ -462,3 +462,27 @@ func TestStalledRotationFailsOver(t *testing.T) {
 		t.Fatalf("state %s, %d failovers", st, st.Failovers)
 	}
 }
+
+// A failover whose swap fails leaves no lower marked to be forced: the
+// old server's lower is still the one in use, and the server may come
+// back.
+func TestFailedFailoverForgetsForce(t *testing.T) {
+	f := newFailoverEnv(t, 1)
+	f.primary.setDown(true)
+	f.m.failSwap = errors.New("move_mount: no space left on device")
+	if err := f.a.Failover(context.Background(), "test"); err == nil {
+		t.Fatal("failover with a failing swap succeeded")
+	}
+	if st := f.a.State(); len(st.ForceRelease) != 0 || st.String() != "idle(1)" {
+		t.Fatalf("after the failed failover: %s, force_release %v", st, st.ForceRelease)
+	}
+	f.m.failSwap = nil
+	f.primary.setDown(false)
+	f.primary.publish(info("a"), info("b"))
+	if err := f.a.Check(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.forced(); len(got) != 0 {
+		t.Fatalf("a rotation on the live primary forced %v", got)
+	}
+}

@@ -416,12 +416,16 @@ func (a *Agent) moveTo(ctx context.Context, e Endpoint, l api.GenerationList, re
 			force = append(force, x.name())
 		}
 	}
-	if err := a.transition(func(s *State) { s.Phase, s.Target, s.Next, s.ForceRelease = PhaseSwapping, st.Generation, next, force }); err != nil {
+	if err := a.transition(func(s *State) {
+		s.Phase, s.Target, s.Next, s.ForceRelease = PhaseSwapping, st.Generation, next, union(s.ForceRelease, force)
+	}); err != nil {
 		undo()
 		return err
 	}
 	back := func(err error) error {
-		if terr := a.transition(func(s *State) { s.Phase, s.Target, s.Next, s.ForceRelease = phase, 0, nil, nil }); terr != nil {
+		if terr := a.transition(func(s *State) {
+			s.Phase, s.Target, s.Next, s.ForceRelease = phase, 0, nil, without(s.ForceRelease, without(force, st.ForceRelease))
+		}); terr != nil {
 			a.log.Error("persist state", "err", terr)
 		}
 		undo()

@@ -111,6 +111,7 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	began := time.Now()
 	cur := st.Generation
 	swapped := false
+	var force []string // the old server's lowers, when it is dead
 	defer func() {
 		if err == nil {
 			return
@@ -119,7 +120,8 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 		a.log.Error("rotation failed", "from", cur, "to", gen, "err", err)
 		if !swapped {
 			if terr := a.transition(func(s *State) {
-				s.Phase, s.Target, s.Next, s.LastError, s.ForceRelease = PhaseReleasing, 0, nil, err.Error(), nil
+				s.Phase, s.Target, s.Next, s.LastError = PhaseReleasing, 0, nil, err.Error()
+				s.ForceRelease = without(s.ForceRelease, without(force, st.ForceRelease))
 			}); terr != nil {
 				a.log.Error("persist state", "err", terr)
 				return
@@ -258,7 +260,6 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	}
 	// The old server's lowers are forced off once released when it is
 	// dead; recorded before the swap, so a restart honours it.
-	var force []string
 	if dead {
 		for _, x := range st.Lowers {
 			if normAPI(a.endpointOf(x).API) != normAPI(e.API) {
@@ -309,7 +310,7 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 		return err
 	}
 	if err := a.transition(func(s *State) {
-		s.Phase, s.PathsInvalidated, s.Next, s.ForceRelease = PhaseSwapping, len(plan.Invalidate), next, force
+		s.Phase, s.PathsInvalidated, s.Next, s.ForceRelease = PhaseSwapping, len(plan.Invalidate), next, union(s.ForceRelease, force)
 	}); err != nil {
 		os.Remove(work)
 		return err

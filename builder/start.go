@@ -328,6 +328,17 @@ func (a *Agent) forced(st State) func(string) bool {
 	return func(name string) bool { return slices.Contains(st.ForceRelease, name) }
 }
 
+// union returns a with the names of b it lacks.
+func union(a, b []string) []string {
+	out := slices.Clone(a)
+	for _, n := range b {
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 // stillForced returns the names of st.ForceRelease still mounted under
 // lower/ and not in use (a release that failed): the next release forces
 // them again.
