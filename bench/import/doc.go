@@ -55,7 +55,10 @@
 //
 // Goals: ≤ 5 s for 100,000 met; ≥ 10× load-db not met (4× CPU at
 // 100,000, 5–6× at 1,000,000); ≤ 0.5 s for a 1,000-path rotation met on
-// 100,000, not reliably on 1,000,000 (0.41, 0.52 and 0.63 s wall in three
-// runs, 1.19 s in one while others loaded the machine; 0.38–0.55 s CPU;
-// load-db takes 0.36 s CPU for the same paths).
+// 100,000, not reliably on 1,000,000 (0.41, 0.52, 0.53 and 0.63 s wall in
+// four runs, 1.19 s in one while others loaded the machine; 0.38–0.55 s
+// CPU; load-db takes 0.35–0.36 s CPU for the same paths). A third bench run
+// (06:31, load average 4.8 from others' tests) gave the same CPU times:
+// cold 100,000 2.63 s against load-db's 11.24 s, rotation on 1,000,000
+// 0.53 s (cpu 0.48) against 0.42 s (cpu 0.35).
 package importbench
