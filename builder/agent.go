@@ -10,6 +10,7 @@
 //	work/gen<N>-* one fresh overlay workdir per mounted overlay (same fs as upper/)
 //	lower/<N>/    mountpoint of generation N's NFS mount
 //	lower/<N>@<server>/  the same generation from another server (failover)
+//	dead/         dead servers' mounts being reaped (kernels without the NFS shutdown knob)
 //	state.json    the agent's State, replaced atomically after each transition
 //	api.sock      the agent's API (GET /v1/status, POST /v1/rotate)
 //
