@@ -61,7 +61,7 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 		Args: cobra.NoArgs,
 	}
 	loader, file := configFlags(cmd, server.Keys, server.DefaultConfigFile)
-	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration, report what a start would do with the state dir, the snapshots, the store identity and the NFS handle key, change nothing, and exit (1 if the start or publishing would be refused)")
+	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration, read the token files and check the snapshot location as a start does, report what a start would do with the state dir, the snapshots, the store identity and the NFS handle key, change nothing, and exit (1 if the start or publishing would be refused)")
 	adoptStore := cmd.Flags().Bool("adopt-store", false, "publish store.root although it is not the central store the generations come from (its identity is recorded from now on)")
 	newKey := cmd.Flags().Bool("new-handle-key", false, "make a new NFS handle key although generations exist and the key is missing: every mounted client gets ESTALE until it remounts")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
