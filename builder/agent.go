@@ -436,6 +436,22 @@ func mayBeMetacopy(err error, l overlay.Layers) bool {
 	return l.Metacopy && errors.Is(err, unix.EINVAL)
 }
 
+// swapLayers swaps the overlay on the store dir for one of ol, as a
+// rotation and a failover do. When the kernel refuses metacopy=on before
+// anything switched, it tries once without and, if that works, records
+// metacopyOff.
+func (a *Agent) swapLayers(ctx context.Context, ol overlay.Layers) (overlay.SwapResult, error) {
+	res, err := a.m.Swap(ctx, a.cfg.StoreDir, ol)
+	if err != nil && !res.Switched && mayBeMetacopy(err, ol) {
+		ol.Metacopy = false
+		if res2, err2 := a.m.Swap(ctx, a.cfg.StoreDir, ol); err2 == nil || res2.Switched {
+			a.metacopyOff(err)
+			res, err = res2, err2
+		}
+	}
+	return res, err
+}
+
 // metacopyOff records that the kernel refused metacopy=on (the same
 // overlay mounted without it): later overlays are mounted without it and
 // hard links to generation files copy them into the upper. Logged as an

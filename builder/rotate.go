@@ -316,14 +316,7 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 		return err
 	}
 	ol := a.layers(next, work)
-	res, err := a.m.Swap(ctx, a.cfg.StoreDir, ol)
-	if err != nil && !res.Switched && mayBeMetacopy(err, ol) {
-		ol.Metacopy = false
-		if res2, err2 := a.m.Swap(ctx, a.cfg.StoreDir, ol); err2 == nil || res2.Switched {
-			a.metacopyOff(err)
-			res, err = res2, err2
-		}
-	}
+	res, err := a.swapLayers(ctx, ol)
 	if err != nil && !res.Switched {
 		return err
 	}

@@ -237,18 +237,35 @@ func BenchmarkReplicate(b *testing.B) {
 	g2, _ := rs.Generation(2)
 	full, incr := first.Received[0], res.Received[0]
 
-	fmt.Printf("\nreplicate a generation adding 1,000 paths to a %d-path store (btrfs on loop devices, same host)\n", g1.Paths)
+	printTable(b, table{setup: "btrfs on loop devices, same host", tool: "btrfs receive", g1: g1.Paths, g2: g2.Paths,
+		full: full, incr: incr, rows: rowsT, rsyncFull: rsyncFullT, rsyncFullBytes: rsyncFullB, rsync: rsyncT, rsyncBytes: rsyncB})
+}
+
+// table is one bench-replica result: strata's whole and incremental
+// syncs next to rsync's initial copy and incremental copy.
+type table struct {
+	setup, tool                string // where it ran; the receiving tool
+	g1, g2                     int    // paths in generations 1 and 2
+	full, incr                 replica.Received
+	rows                       time.Duration // the path rows written after going live
+	rsyncFull, rsync           time.Duration
+	rsyncFullBytes, rsyncBytes int64
+}
+
+// printTable prints t and reports its numbers as benchmark metrics.
+func printTable(b *testing.B, t table) {
+	fmt.Printf("\nreplicate a generation adding 1,000 paths to a %d-path store (%s)\n", t.g1, t.setup)
 	fmt.Printf("%-44s %10s %14s\n", "", "seconds", "bytes")
-	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 1 whole (%d paths)", g1.Paths), full.Took.Seconds(), full.Bytes)
-	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a generation 1 (initial copy)", rsyncFullT.Seconds(), rsyncFullB)
-	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 2 incremental (%d paths)", g2.Paths), incr.Took.Seconds(), incr.Bytes)
-	fmt.Printf("%-44s %10.2f\n", "  of which stream and btrfs receive", incr.Stream.Seconds())
-	fmt.Printf("%-44s %10.2f\n", "  of which check and make live", (incr.Took - incr.Stream).Seconds())
-	fmt.Printf("%-44s %10.2f\n", "  path rows written after (background)", rowsT.Seconds())
-	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete generation 1 -> 2", rsyncT.Seconds(), rsyncB)
-	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", rsyncT.Seconds()/incr.Took.Seconds(), float64(rsyncB)/float64(incr.Bytes))
-	b.ReportMetric(incr.Took.Seconds(), "strata-s")
-	b.ReportMetric(rsyncT.Seconds(), "rsync-s")
-	b.ReportMetric(float64(incr.Bytes), "strata-bytes")
-	b.ReportMetric(float64(rsyncB), "rsync-bytes")
+	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 1 whole (%d paths)", t.g1), t.full.Took.Seconds(), t.full.Bytes)
+	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a generation 1 (initial copy)", t.rsyncFull.Seconds(), t.rsyncFullBytes)
+	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 2 incremental (%d paths)", t.g2), t.incr.Took.Seconds(), t.incr.Bytes)
+	fmt.Printf("%-44s %10.2f\n", "  of which stream and "+t.tool, t.incr.Stream.Seconds())
+	fmt.Printf("%-44s %10.2f\n", "  of which check and make live", (t.incr.Took - t.incr.Stream).Seconds())
+	fmt.Printf("%-44s %10.2f\n", "  path rows written after (background)", t.rows.Seconds())
+	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete generation 1 -> 2", t.rsync.Seconds(), t.rsyncBytes)
+	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", t.rsync.Seconds()/t.incr.Took.Seconds(), float64(t.rsyncBytes)/float64(t.incr.Bytes))
+	b.ReportMetric(t.incr.Took.Seconds(), "strata-s")
+	b.ReportMetric(t.rsync.Seconds(), "rsync-s")
+	b.ReportMetric(float64(t.incr.Bytes), "strata-bytes")
+	b.ReportMetric(float64(t.rsyncBytes), "rsync-bytes")
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -109,18 +110,16 @@ func BenchmarkReplicateZFS(b *testing.B) {
 	if err != nil || len(res.Received) != 1 || res.Received[0].From != 1 {
 		b.Fatalf("incremental sync: %v %+v", err, res)
 	}
+	rowsStart := time.Now()
+	f, err := rs.OpenRows(2)
+	if err != nil {
+		b.Fatalf("rows of generation 2 on the replica: %v", err)
+	}
+	f.Close()
+	rowsT := time.Since(rowsStart)
 	rsyncT, rsyncB := rsync(b, gen2, rdst)
 	g1, _ := rs.Generation(1)
 	g2, _ := rs.Generation(2)
-	full, incr := first.Received[0], res.Received[0]
-
-	fmt.Printf("\nreplicate a generation adding 1,000 paths to a %d-path store (OpenZFS datasets of one pool, same guest)\n", g1.Paths)
-	fmt.Printf("%-44s %10s %14s\n", "", "seconds", "bytes")
-	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 1 whole (%d paths)", g1.Paths), full.Took.Seconds(), full.Bytes)
-	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a generation 1 (initial copy)", rsyncFullT.Seconds(), rsyncFullB)
-	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 2 incremental (%d paths)", g2.Paths), incr.Took.Seconds(), incr.Bytes)
-	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete generation 1 -> 2", rsyncT.Seconds(), rsyncB)
-	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", rsyncT.Seconds()/incr.Took.Seconds(), float64(rsyncB)/float64(incr.Bytes))
-	b.ReportMetric(incr.Took.Seconds(), "strata-s")
-	b.ReportMetric(rsyncT.Seconds(), "rsync-s")
+	printTable(b, table{setup: "OpenZFS datasets of one pool, same guest", tool: "zfs receive", g1: g1.Paths, g2: g2.Paths,
+		full: first.Received[0], incr: res.Received[0], rows: rowsT, rsyncFull: rsyncFullT, rsyncFullBytes: rsyncFullB, rsync: rsyncT, rsyncBytes: rsyncB})
 }
