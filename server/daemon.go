@@ -574,6 +574,36 @@ func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, r
 		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall, Progress: progress}), nil
 }
 
+// outage keeps a replica's failing syncs from flooding the log (a sync
+// every replica.interval while the primary is down): an error is logged
+// when it first appears, when it changes, and again every outageRepeat
+// while it lasts; the end of an outage is logged once.
+type outage struct {
+	since, logged time.Time
+	last          string
+	count         int
+}
+
+const outageRepeat = 5 * time.Minute
+
+func (o *outage) failed(now time.Time, err error, log *slog.Logger) {
+	o.count++
+	if o.since.IsZero() {
+		o.since = now
+	}
+	if msg := err.Error(); msg != o.last || now.Sub(o.logged) >= outageRepeat {
+		log.Error("replica sync failed", "err", err, "failing_since", o.since.Format(time.RFC3339), "failed_syncs", o.count)
+		o.last, o.logged = msg, now
+	}
+}
+
+func (o *outage) ok(log *slog.Logger) {
+	if o.count > 0 {
+		log.Info("replica sync works again", "failed_syncs", o.count, "failing_for", time.Since(o.since).Round(time.Second))
+	}
+	*o = outage{}
+}
+
 // runPuller syncs the replica now and every interval until ctx ends, each
 // sync bracketed by step for the watchdog; the puller reports progress to
 // step as stream bytes arrive, so only a sync that stopped moving for
@@ -581,6 +611,7 @@ func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, r
 func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify func(), log *slog.Logger) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	var failing outage
 	for {
 		step.Begin()
 		_, err := p.Sync(ctx)
@@ -589,8 +620,9 @@ func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, s
 		case ctx.Err() != nil:
 			return nil
 		case err != nil:
-			log.Error("replica sync failed", "err", err)
+			failing.failed(time.Now(), err, log)
 		default:
+			failing.ok(log)
 			notify()
 		}
 		select {
