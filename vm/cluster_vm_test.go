@@ -138,7 +138,7 @@ cluster:
 EOF2
 strata builder --config /etc/strata/builder.yaml > /builder.log 2>&1 &
 BPID=$!
-trap 'echo "--- builder log"; tail -40 /builder.log' EXIT
+trap 'echo "--- builder log"; tail -60 /builder.log; echo "--- status"; strata status --api $S; echo "--- overlays"; grep -E " overlay " /proc/self/mountinfo' EXIT
 gen() { strata status --api $S --json 2>/dev/null | sed -n 's/^  "generation": \([0-9]*\),$/\1/p'; }
 ready() { strata status --api $S --json 2>/dev/null | grep -q '"ready": true'; }
 now() { cut -d' ' -f1 /proc/uptime; }

@@ -170,11 +170,31 @@ func serveInProcess(t *testing.T, gens map[uint64]string) int {
 
 // requireChecks fails t unless the guest succeeded and printed exactly the
 // wanted number of "CHECK ok:" lines.
+// failureSummary collects what says why a guest failed: the failed check
+// and every warning or error a daemon logged. It goes last in a failure
+// message, so a CI log that keeps only the end of the output still shows
+// it.
+func failureSummary(out string) string {
+	var b strings.Builder
+	b.WriteString("--- why (failed checks, then WARN/ERROR log lines):\n")
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, "CHECK FAILED") {
+			b.WriteString(l + "\n")
+		}
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") {
+			b.WriteString(l + "\n")
+		}
+	}
+	return b.String()
+}
+
 func requireChecks(t *testing.T, res Result, want int) {
 	t.Helper()
 	n := strings.Count(res.Output, "CHECK ok: ")
 	if res.Status != 0 || n != want {
-		t.Fatalf("guest status %d with %d of %d checks passed; output:\n%s", res.Status, n, want, lastLines(res.Output, 60))
+		t.Fatalf("guest status %d with %d of %d checks passed; output:\n%s\n%s", res.Status, n, want, lastLines(res.Output, 60), failureSummary(res.Output))
 	}
 	for _, l := range strings.Split(res.Output, "\n") {
 		if strings.HasPrefix(l, "CHECK ok: ") || strings.HasPrefix(l, "compare: ") || strings.HasPrefix(l, "TIMING ") {
