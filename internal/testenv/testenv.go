@@ -6,12 +6,15 @@
 package testenv
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // InCI reports whether the tests run under CI (CI=true).
@@ -99,4 +102,80 @@ func LoopBtrfs(t testing.TB, size string) string {
 		}
 	})
 	return mnt
+}
+
+// Fill fills the filesystem that holds dir until at most leave bytes are
+// free for data (statfs), so that writes there fail with ENOSPC: first one
+// preallocated file, then, with leave 0, small files until a write fails
+// (on btrfs they are inlined in metadata, so its metadata fills as well). It
+// returns a function that removes what it wrote and syncs the filesystem,
+// so the space is free again; Cleanup calls it too (a second call does
+// nothing).
+func Fill(t testing.TB, dir string, leave int64) (free func()) {
+	t.Helper()
+	fill, err := os.MkdirTemp(dir, ".testenv-fill-")
+	if err != nil {
+		t.Fatalf("fill %s: %v", dir, err)
+	}
+	done := false
+	free = func() {
+		if done {
+			return
+		}
+		done = true
+		if err := os.RemoveAll(fill); err != nil {
+			t.Errorf("free %s: %v", fill, err)
+		}
+		if d, err := os.Open(dir); err == nil {
+			_ = unix.Syncfs(int(d.Fd())) // btrfs frees at the commit
+			d.Close()
+		}
+	}
+	t.Cleanup(free)
+	avail := func() int64 {
+		var st unix.Statfs_t
+		if err := unix.Statfs(fill, &st); err != nil {
+			t.Fatalf("statfs %s: %v", fill, err)
+		}
+		return int64(st.Bavail) * st.Bsize
+	}
+	f, err := os.Create(filepath.Join(fill, "big"))
+	if err != nil {
+		t.Fatalf("fill %s: %v", dir, err)
+	}
+	defer f.Close()
+	var off int64
+	for n := avail() - leave; n >= 64<<10; n = avail() - leave {
+		if err := unix.Fallocate(int(f.Fd()), 0, off, n); err != nil {
+			if !errors.Is(err, unix.ENOSPC) {
+				t.Fatalf("fill %s: fallocate: %v", dir, err)
+			}
+			n /= 2 // the estimate was too high; take half and measure again
+			if err := unix.Fallocate(int(f.Fd()), 0, off, n); err != nil {
+				if errors.Is(err, unix.ENOSPC) {
+					break
+				}
+				t.Fatalf("fill %s: fallocate: %v", dir, err)
+			}
+		}
+		off += n
+	}
+	if leave > 0 {
+		return free
+	}
+	junk := make([]byte, 2000)
+	for i := range junk {
+		junk[i] = byte(i*7 + i/13)
+	}
+	for i := 0; i < 1_000_000; i++ {
+		err := os.WriteFile(filepath.Join(fill, fmt.Sprintf("s%07d", i)), junk, 0o644)
+		if errors.Is(err, unix.ENOSPC) {
+			return free
+		}
+		if err != nil {
+			t.Fatalf("fill %s: %v", dir, err)
+		}
+	}
+	t.Fatalf("fill %s: a million small files and still no ENOSPC", dir)
+	return free
 }
