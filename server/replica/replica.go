@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -246,12 +247,22 @@ func (p *Puller) pull(ctx context.Context, g api.Generation, from []uint64) (Rec
 			break
 		}
 		r, err := p.receive(ctx, g, b, "")
-		if err == nil || ctx.Err() != nil || errors.Is(err, errRefused) || errors.Is(err, errBroken) {
+		if err == nil || ctx.Err() != nil || errors.Is(err, errRefused) || errors.Is(err, errBroken) || noSpace(err) {
 			return r, err
 		}
 		p.log.Warn("incremental stream failed; trying an older base or a whole stream", "generation", g.ID, "from", b, "err", err)
 	}
 	return p.receive(ctx, g, 0, "")
+}
+
+// noSpace reports whether a receive failed because the replica's
+// filesystem is full (btrfs receive: "No space left on device"; zfs
+// receive: "out of space"): an older base or a whole stream needs no less
+// room, and would only fill the disk again, so pull stops there; the next
+// sync, once space is freed, asks for the same incremental stream.
+func noSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), "No space left on device") ||
+		strings.Contains(err.Error(), "out of space")
 }
 
 // errRefused marks refusals that a whole stream would not cure.

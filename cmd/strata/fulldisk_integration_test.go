@@ -1,0 +1,141 @@
+//go:build integration
+
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/strata-nix/strata/internal/testenv"
+)
+
+// A replica (the real `strata server` with replica.of) whose btrfs has less
+// room than the primary's next generation needs: its `btrfs receive` fails
+// with ENOSPC, and the replica logs an error that names its snapshot dir and
+// "No space left on device"; the half-received subvolume is deleted; the
+// generation it already had stays served, unchanged (API, registration,
+// file handles held by an NFS client read the same bytes), and its state
+// dir gains no manifest. Once space is freed on the replica's filesystem,
+// the running replica receives the generation on its own at its next
+// replica.interval, with no restart.
+func TestReplicaReceiveOnFullDisk(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	papi := freePort(t)
+	pcfg := filepath.Join(dir, "primary.yaml")
+	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
+	prim := start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "published generation")
+	g1 := prim.generations(t).Generations[0].ID
+
+	// The replica's filesystem: 300 MB of btrfs, all but 60 MB of its data
+	// space taken by a file that is not the replica's.
+	rmnt := testenv.LoopBtrfs(t, "300M")
+	rsnaps := filepath.Join(rmnt, "gens")
+	rstate := filepath.Join(dir, "rstate")
+	rcfg := filepath.Join(dir, "replica.yaml")
+	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 2s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
+		papi, tokenFile, rsnaps, rstate)), 0o644)
+	repl := start(t, rcfg, rstate, nil)
+	waitServes := func(want []uint64) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for !slices.Equal(ids(repl.generations(t).Generations), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("replica serves %v, want %v\n%s", ids(repl.generations(t).Generations), want, repl.logs)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitServes([]uint64{g1})
+	var file string // a file every generation has: Fill's "note-c"
+	for _, line := range strings.Split(s.store.DumpDB(t), "\n") {
+		if strings.HasSuffix(line, "-note-c") {
+			file = filepath.Base(line)
+		}
+	}
+	handles := holdHandles(t, repl.nfs, []uint64{g1}, file)
+	sums := regSums(t, repl, []uint64{g1})
+	free := testenv.Fill(t, rmnt, 60<<20)
+
+	// Generation 2 adds a 100 MB file: more than the replica has room for.
+	big := filepath.Join(t.TempDir(), "big")
+	block := bytes.Repeat([]byte("strata full-disk test block\n"), 1<<15)
+	f, err := os.Create(big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100<<20; i += len(block) {
+		block[0] = byte(i >> 20) // no two blocks alike
+		f.Write(block)
+	}
+	f.Close()
+	s.store.Run(t, "nix-store", "--add", big)
+	g2 := publishOne(t, s, prim, "second")
+
+	repl.waitLog(t, "replica sync failed")
+	logs := repl.logs.String()
+	var failed string
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, "replica sync failed") {
+			failed = l
+			break
+		}
+	}
+	t.Logf("the replica says: %s", failed)
+	if !strings.Contains(failed, "No space left on device") || !strings.Contains(failed, rsnaps) {
+		t.Errorf("the replica's error does not name its snapshot dir %s and ENOSPC: %s", rsnaps, failed)
+	}
+	// Right after a failed sync (the next is replica.interval away): the
+	// half-received subvolume is gone, and nothing went live.
+	var names []string
+	ents, _ := os.ReadDir(rsnaps)
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".labels") {
+			names = append(names, e.Name())
+		}
+	}
+	if !slices.Equal(names, []string{fmt.Sprintf("strata-%d", g1)}) {
+		t.Errorf("replica snapshot dir after the failed receive: %v, want only strata-%d", names, g1)
+	}
+	// A full disk is not cured by another base or a whole stream: the
+	// replica asks for nothing else until the next sync.
+	if strings.Contains(logs, "trying an older base or a whole stream") || !strings.Contains(failed, fmt.Sprintf("from %d", g1)) {
+		t.Errorf("after ENOSPC on the incremental stream from %d the replica asked for another stream:\n%s", g1, logs)
+	}
+	if got := manifests(t, rstate); !slices.Equal(got, []string{fmt.Sprint(g1)}) {
+		t.Errorf("replica state dir manifests %v, want only %d", got, g1)
+	}
+	if got := ids(repl.generations(t).Generations); !slices.Equal(got, []uint64{g1}) {
+		t.Errorf("replica serves %v, want [%d]", got, g1)
+	}
+	if got := regSums(t, repl, []uint64{g1}); got[g1] != sums[g1] {
+		t.Errorf("generation %d's registration changed on the replica", g1)
+	}
+	if st1, st2, data := resolve(t, repl.nfs, handles[g1]); st1 != 0 || st2 != 0 || !bytes.Equal(data, handles[g1].data) {
+		t.Errorf("held handles of generation %d on the full replica: GETATTR %d, READ %d, %q (want %q)", g1, st1, st2, data, handles[g1].data)
+	}
+
+	free()
+	waitServes([]uint64{g1, g2})
+	repl.waitLog(t, "replica sync works again")
+	if a, b := regSums(t, prim, []uint64{g2}), regSums(t, repl, []uint64{g2}); a[g2] != b[g2] {
+		t.Errorf("generation %d: registration sha256 differs between primary and replica", g2)
+	}
+	if st1, st2, data := resolve(t, repl.nfs, handles[g1]); st1 != 0 || st2 != 0 || !bytes.Equal(data, handles[g1].data) {
+		t.Errorf("held handles of generation %d after the catch-up: GETATTR %d, READ %d", g1, st1, st2)
+	}
+	repl.stop(t)
+	prim.stop(t)
+}
