@@ -630,3 +630,63 @@ func TestMetacopyRefusedFallsBack(t *testing.T) {
 		t.Fatalf("start: %v, metacopy %v", err, b.Status().Metacopy)
 	}
 }
+
+// mount.options may tune the NFS mount (timeouts, sizes, caching) but not
+// change what strata depends on: such an option is refused at config load
+// with an error naming the key, the option and why, since the kernel keeps
+// the last value given and an extra option would win over strata's.
+func TestMountOptionsRefuseWhatStrataDecides(t *testing.T) {
+	load := func(t *testing.T, opts string) (Config, error) {
+		t.Helper()
+		f := filepath.Join(t.TempDir(), "builder.yaml")
+		if err := os.WriteFile(f, []byte("mount:\n  options: ["+opts+"]\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		v, err := config.New(Keys).Load(f, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ConfigFrom(v)
+	}
+	for _, tc := range []struct{ opt, why string }{
+		{"soft", "hard"},
+		{"softerr", "hard"},
+		{"vers=4", "NFSv3"},
+		{"nfsvers=4.2", "NFSv3"},
+		{"proto=udp", "TCP"},
+		{"udp", "TCP"},
+		{"port=2050", "portmapper"},
+		{"mountport=111", "portmapper"},
+		{"mountproto=udp", "portmapper"},
+		{"addr=10.0.0.9", "server.nfs"},
+		{"mountaddr=10.0.0.9", "server.nfs"},
+		{"rw", "read-only"},
+		{"ro", "read-only"},
+		{"noacl", "Operation not supported"},
+		{"sharecache", "cache"},
+		{"nosharecache", "cache"},
+		{"lock", "lock manager"},
+		{"local_lock=none", "lock manager"},
+		{"nconnect=8", "mount.nconnect"},
+		{"HARD", "hard"},
+	} {
+		t.Run(tc.opt, func(t *testing.T) {
+			_, err := load(t, "timeo=600, "+tc.opt)
+			if err == nil {
+				t.Fatalf("mount.options %s accepted", tc.opt)
+			}
+			for _, want := range []string{`"mount.options"`, `"` + tc.opt + `"`, tc.why} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error %q does not say %q", err, want)
+				}
+			}
+		})
+	}
+	c, err := load(t, "timeo=600, retrans=5, rsize=1048576, wsize=1048576, actimeo=60, noac, nocto, lookupcache=positive, fsc")
+	if err != nil {
+		t.Fatalf("tuning options refused: %v", err)
+	}
+	if len(c.MountOptions) != 9 {
+		t.Fatalf("mount options %v, want the 9 given", c.MountOptions)
+	}
+}

@@ -29,7 +29,7 @@ var Keys = []config.Key{
 	{Name: "nix.store", Kind: config.String, Default: "", Usage: "value of nix-store --store (empty: the default store; a directory: a chroot store whose <dir>/nix/store is store.dir)"},
 	{Name: "nix.bin", Kind: config.String, Default: "nix-store", Usage: "the nix-store executable"},
 	{Name: "state_dir", Kind: config.String, Default: "/var/lib/strata/builder", Usage: "agent state: upper/, work/, lower/<N>/, state.json, api.sock"},
-	{Name: "mount.options", Kind: config.List, Default: []string{}, Usage: "extra NFS mount options, e.g. timeo=600"},
+	{Name: "mount.options", Kind: config.List, Default: []string{}, Usage: "extra NFS mount options for tuning, e.g. timeo=600 (options strata sets itself, such as vers, proto, port, addr, soft/hard, ro/rw, noacl, sharecache, nolock, nconnect, are refused)"},
 	{Name: "mount.nconnect", Kind: config.Int, Default: 4, Usage: "TCP connections per NFS mount (1-16)"},
 	{Name: "rotate.policy", Kind: config.String, Default: "immediate", Usage: "when to rotate to a new generation: immediate, or idle (when no build runs)"},
 	{Name: "rotate.max_wait", Kind: config.Duration, Default: "1h", Usage: "idle policy: rotate anyway after waiting this long for builds to end"},
@@ -172,6 +172,9 @@ func ConfigFrom(v config.Values) (Config, error) {
 	for _, o := range c.MountOptions {
 		if o == "" || strings.ContainsAny(o, ", \t\n") {
 			return c, bad("mount.options", o, "NFS options without commas or spaces, one per list entry")
+		}
+		if err := overlay.CheckExtraNFSOption(o); err != nil {
+			return c, fmt.Errorf("config: key %q: %w; mount.options is for tuning only (rsize, wsize, timeo, retrans, actimeo, ...)", "mount.options", err)
 		}
 	}
 	if c.NConnect < 1 || c.NConnect > 16 {

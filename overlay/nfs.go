@@ -80,9 +80,65 @@ func (o NFSOptions) Validate() error {
 		}
 	}
 	for _, e := range o.Extra {
-		if e == "" || strings.ContainsAny(e, ", \t\n") {
-			return fmt.Errorf("nfs options: extra option %q is empty or contains a comma or space", e)
+		if err := CheckExtraNFSOption(e); err != nil {
+			return fmt.Errorf("nfs options: %w", err)
 		}
+	}
+	return nil
+}
+
+// reservedNFSOptions are the options String decides (or leaves out on
+// purpose), by name as the kernel's NFS option parser knows them, each
+// with why an extra option may not set it: the kernel keeps the last
+// value given, so an extra option would silently win over strata's.
+var reservedNFSOptions = func() map[string]string {
+	m := map[string]string{}
+	for _, r := range []struct {
+		names []string
+		why   string
+	}{
+		{[]string{"vers", "nfsvers", "v2", "v3", "v4", "v4.0", "v4.1", "v4.2", "minorversion"},
+			"the strata server speaks NFSv3 only (strata sets vers=3)"},
+		{[]string{"proto", "tcp", "udp", "udp6", "tcp6", "rdma"},
+			"the strata server answers over TCP only (strata sets proto=tcp)"},
+		{[]string{"port", "mountport", "mountproto", "mountvers"},
+			"the strata server answers NFS and MOUNT on one TCP port and runs no portmapper (strata sets both ports from server.nfs)"},
+		{[]string{"addr", "mountaddr", "mounthost", "clientaddr"},
+			"strata resolves the server and sets its address itself (set server.nfs instead)"},
+		{[]string{"soft", "hard", "softerr", "intr", "nointr"},
+			"strata mounts hard, so a server restart stalls reads instead of failing them with EIO (DESIGN.md invariant 5)"},
+		{[]string{"ro", "rw"},
+			"generations are read-only (strata sets ro)"},
+		{[]string{"acl", "noacl"},
+			"build users need the server's POSIX ACL answer; with noacl they get \"Operation not supported\" on generation files"},
+		{[]string{"sharecache", "nosharecache"},
+			"two generations mounted at once must not share one cache (strata sets nosharecache)"},
+		{[]string{"lock", "nolock", "local_lock"},
+			"the strata server runs no lock manager (strata sets nolock)"},
+		{[]string{"nconnect"},
+			"set mount.nconnect instead"},
+	} {
+		for _, n := range r.names {
+			m[n] = r.why
+		}
+	}
+	return m
+}()
+
+// CheckExtraNFSOption checks one extra NFS mount option (NFSOptions.Extra,
+// the builder's mount.options): not empty, no comma or space, and not one
+// strata decides itself (vers, proto, port, mountport, mountproto, addr,
+// mountaddr, soft/hard, ro/rw, acl/noacl, sharecache/nosharecache,
+// lock/nolock, nconnect and their aliases); the error names the option and
+// why. Tuning options (rsize, wsize, timeo, retrans, actimeo, ac/noac, ...)
+// pass.
+func CheckExtraNFSOption(opt string) error {
+	if opt == "" || strings.ContainsAny(opt, ", \t\n") {
+		return fmt.Errorf("extra option %q is empty or contains a comma or space", opt)
+	}
+	name, _, _ := strings.Cut(strings.ToLower(opt), "=")
+	if why, ok := reservedNFSOptions[name]; ok {
+		return fmt.Errorf("extra option %q sets %s, which strata decides: %s", opt, name, why)
 	}
 	return nil
 }

@@ -136,3 +136,17 @@ func TestMethodString(t *testing.T) {
 		t.Error("ParseMethod(remount) accepted")
 	}
 }
+
+// Extra options may not override what String sets: Validate (and so
+// MountNFS) refuses them, naming the option.
+func TestNFSOptionsRefuseOverrides(t *testing.T) {
+	for _, e := range []string{"soft", "vers=4.1", "port=1", "mountaddr=::1", "rw", "noacl", "sharecache", "nolock", "nconnect=2"} {
+		err := NFSOptions{Extra: []string{"timeo=50", e}}.Validate()
+		if err == nil || !strings.Contains(err.Error(), `"`+e+`"`) || !strings.Contains(err.Error(), "strata decides") {
+			t.Errorf("Validate(extra %s) = %v, want an error naming it", e, err)
+		}
+	}
+	if err := (NFSOptions{Extra: []string{"timeo=50", "retrans=3", "rsize=65536", "actimeo=30", "nocto"}}).Validate(); err != nil {
+		t.Errorf("tuning options refused: %v", err)
+	}
+}
