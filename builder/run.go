@@ -95,7 +95,19 @@ var ErrBusy = errors.New("a build is running; rotation deferred")
 // use: that is the only time the agent goes back to a preferred server by
 // itself.
 func (a *Agent) Check(ctx context.Context, force bool) error {
-	if st := a.State(); st.Phase == PhaseImporting {
+	// Left by a failed step: an unfinished import (Importing); a rotation
+	// whose end could not be recorded (Releasing: the state dir was full);
+	// or, after an error, a mounted generation without a valid GC root
+	// (its root could not be written into a full upper). Each is finished
+	// here, as Start finishes it after a restart: the generation's rows
+	// are imported again (only paths not valid yet) and rooted, then the
+	// unused lowers released.
+	if st := a.State(); st.Phase == PhaseImporting || st.Phase == PhaseReleasing ||
+		(st.Generation != 0 && st.LastError != "" && !a.rooted(ctx)) {
+		if st.Phase != PhaseImporting {
+			a.log.Warn("finishing the last rotation or start: importing and rooting the mounted generation again, then releasing",
+				"generation", st.Generation, "state", st.String(), "last_error", st.LastError)
+		}
 		unlock, err := a.gcLock(ctx)
 		if err != nil {
 			return err
