@@ -1,0 +1,247 @@
+//go:build integration
+
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/strata-nix/strata/internal/testenv"
+)
+
+// throttle is a TCP proxy to a primary's API that passes the primary's
+// answers at about 20 MB/s and counts their bytes, so that a test can kill
+// a daemon in the middle of a snapshot stream.
+type throttle struct {
+	l    net.Listener
+	sent atomic.Int64
+}
+
+func newThrottle(t *testing.T, upstream string) *throttle {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &throttle{l: l}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go p.relay(c, upstream)
+		}
+	}()
+	return p
+}
+
+func (p *throttle) relay(c net.Conn, upstream string) {
+	defer c.Close()
+	u, err := net.Dial("tcp", upstream)
+	if err != nil {
+		return // the primary is down: the client sees its connection closed
+	}
+	defer u.Close()
+	go func() { io.Copy(u, c); u.(*net.TCPConn).CloseWrite() }()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := u.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+			p.sent.Add(int64(n))
+			time.Sleep(time.Duration(n) * time.Second / (20 << 20))
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// waitSent waits until at least n bytes passed since sent was reset.
+func (p *throttle) waitSent(t *testing.T, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for p.sent.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d bytes of the stream passed in a minute", p.sent.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// addBig adds a store path holding one file of mb MiB, no two 1 MiB blocks
+// alike.
+func addBig(t *testing.T, s *site, name string, mb int) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	block := bytes.Repeat([]byte(name+" block for a long stream\n"), (1<<20)/(len(name)+25)+1)[:1<<20]
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range mb {
+		copy(block, fmt.Sprintf("%08d", i))
+		if _, err := f.Write(block); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	s.store.Run(t, "nix-store", "--add", p)
+}
+
+// receiving lists the processes still running `btrfs receive` into dir.
+func receiving(dir string) []string {
+	var out []string
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		if cmd := strings.ReplaceAll(string(b), "\x00", " "); strings.HasPrefix(cmd, "btrfs receive") && strings.Contains(cmd, dir) {
+			out = append(out, filepath.Base(filepath.Dir(p))+": "+cmd)
+		}
+	}
+	return out
+}
+
+// kill -9 on either side of a replica stream, the real `strata server` as
+// primary and replica (btrfs on loop devices), the stream passing a proxy
+// that slows it to 20 MB/s. The primary killed 8 MB into a 60 MB
+// generation: the replica logs the failed sync, leaves no half-received
+// subvolume and no manifest, keeps serving what it had (held NFS handles
+// read the same bytes), and receives the generation on its own once the
+// primary is back. The replica killed 8 MB into the next one: its `btrfs
+// receive` ends (none left running), the restarted replica deletes the
+// half-received subvolume, serves what it had and receives the generation
+// whole and equal to the primary's.
+func TestReplicaStreamKilled(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	papi := freePort(t)
+	pcfg := filepath.Join(dir, "primary.yaml")
+	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
+	prim := start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "published generation")
+	g1 := prim.generations(t).Generations[0].ID
+	proxy := newThrottle(t, papi)
+
+	rmnt := testenv.LoopBtrfs(t, "1G")
+	rsnaps := filepath.Join(rmnt, "gens")
+	rstate := filepath.Join(dir, "rstate")
+	rcfg := filepath.Join(dir, "replica.yaml")
+	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
+		proxy.l.Addr(), tokenFile, rsnaps, rstate)), 0o644)
+	repl := start(t, rcfg, rstate, nil)
+	waitServes := func(want ...uint64) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for !slices.Equal(ids(repl.generations(t).Generations), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("replica serves %v, want %v\n%s", ids(repl.generations(t).Generations), want, repl.logs)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	snapshots := func() []string {
+		var names []string
+		ents, _ := os.ReadDir(rsnaps)
+		for _, e := range ents {
+			if !strings.HasSuffix(e.Name(), ".labels") {
+				names = append(names, e.Name())
+			}
+		}
+		return names
+	}
+	waitServes(g1)
+	var file string // a file every generation has: Fill's "note-c"
+	for _, line := range strings.Split(s.store.DumpDB(t), "\n") {
+		if strings.HasSuffix(line, "-note-c") {
+			file = filepath.Base(line)
+		}
+	}
+	handles := holdHandles(t, repl.nfs, []uint64{g1}, file)
+	sums := regSums(t, repl, []uint64{g1})
+	held := func(step string) {
+		t.Helper()
+		if st1, st2, data := resolve(t, repl.nfs, handles[g1]); st1 != 0 || st2 != 0 || !bytes.Equal(data, handles[g1].data) {
+			t.Errorf("%s: held handles of generation %d: GETATTR %d, READ %d, %q", step, g1, st1, st2, data)
+		}
+		if got := regSums(t, repl, []uint64{g1}); got[g1] != sums[g1] {
+			t.Errorf("%s: generation %d's registration changed on the replica", step, g1)
+		}
+	}
+
+	// The primary killed in the middle of generation 2's stream.
+	addBig(t, s, "big-two", 60)
+	proxy.sent.Store(0)
+	g2 := publishOne(t, s, prim, "second")
+	proxy.waitSent(t, 8<<20)
+	prim.cmd.Process.Kill()
+	<-prim.done
+	t.Logf("primary killed %d bytes into generation %d's stream", proxy.sent.Load(), g2)
+	repl.waitLog(t, "replica sync failed")
+	if got := snapshots(); !slices.Equal(got, []string{fmt.Sprintf("strata-%d", g1)}) {
+		t.Errorf("replica snapshot dir after the primary died mid-stream: %v, want only strata-%d", got, g1)
+	}
+	if got := manifests(t, rstate); !slices.Equal(got, []string{fmt.Sprint(g1)}) {
+		t.Errorf("replica state dir manifests %v, want only %d", got, g1)
+	}
+	if got := ids(repl.generations(t).Generations); !slices.Equal(got, []uint64{g1}) {
+		t.Errorf("replica serves %v while the primary is down, want [%d]", got, g1)
+	}
+	held("primary down")
+	prim = start(t, pcfg, s.state, nil)
+	waitServes(g1, g2)
+	if a, b := regSums(t, prim, []uint64{g2}), regSums(t, repl, []uint64{g2}); a[g2] != b[g2] {
+		t.Errorf("generation %d: registration sha256 differs between primary and replica", g2)
+	}
+	held("after the catch-up")
+
+	// The replica killed in the middle of generation 3's stream.
+	addBig(t, s, "big-three", 60)
+	proxy.sent.Store(0)
+	g3 := publishOne(t, s, prim, "third")
+	proxy.waitSent(t, 8<<20)
+	repl.cmd.Process.Kill()
+	<-repl.done
+	t.Logf("replica killed %d bytes into generation %d's stream", proxy.sent.Load(), g3)
+	deadline := time.Now().Add(10 * time.Second)
+	for len(receiving(rsnaps)) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("btrfs receive still runs 10 s after its replica was killed: %v", receiving(rsnaps))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	half := slices.Contains(snapshots(), fmt.Sprintf("strata-%d", g3))
+	t.Logf("after the kill the replica's snapshot dir holds %v", snapshots())
+	if got := manifests(t, rstate); !slices.Equal(got, []string{fmt.Sprint(g1), fmt.Sprint(g2)}) {
+		t.Errorf("killed replica's manifests %v, want [%d %d]", got, g1, g2)
+	}
+	repl = start(t, rcfg, rstate, nil)
+	if half {
+		repl.waitLog(t, "removing half-received snapshot")
+	}
+	waitServes(g1, g2, g3)
+	if a, b := regSums(t, prim, []uint64{g2, g3}), regSums(t, repl, []uint64{g2, g3}); a[g2] != b[g2] || a[g3] != b[g3] {
+		t.Errorf("registration sha256 of generations %d, %d differ between primary and replica", g2, g3)
+	}
+	held("after the restarted replica caught up")
+	repl.stop(t)
+	prim.stop(t)
+}
