@@ -24,6 +24,8 @@ import (
 type throttle struct {
 	l    net.Listener
 	sent atomic.Int64
+	// cutAt, when set, resets the connection that passes it (once).
+	cutAt atomic.Int64
 }
 
 func newThrottle(t *testing.T, upstream string) *throttle {
@@ -61,7 +63,12 @@ func (p *throttle) relay(c net.Conn, upstream string) {
 			if _, werr := c.Write(buf[:n]); werr != nil {
 				return
 			}
-			p.sent.Add(int64(n))
+			if at := p.cutAt.Load(); at > 0 && p.sent.Add(int64(n)) >= at && p.cutAt.CompareAndSwap(at, 0) {
+				c.(*net.TCPConn).SetLinger(0) // RST
+				return
+			} else if at == 0 {
+				p.sent.Add(int64(n))
+			}
 			time.Sleep(time.Duration(n) * time.Second / (20 << 20))
 		}
 		if err != nil {
@@ -115,10 +122,11 @@ func receiving(dir string) []string {
 	return out
 }
 
-// kill -9 on either side of a replica stream, the real `strata server` as
-// primary and replica (btrfs on loop devices), the stream passing a proxy
-// that slows it to 20 MB/s. The primary killed 8 MB into a 60 MB
-// generation: the replica logs the failed sync, leaves no half-received
+// A reset and kill -9 on either side of a replica stream, the real `strata
+// server` as primary and replica (btrfs on loop devices), the stream
+// passing a proxy that slows it to 20 MB/s. The connection reset 8 MB into
+// a 60 MB incremental stream: the next sync asks for the same incremental
+// stream, never a whole one. The primary killed 8 MB into the next: the replica logs the failed sync, leaves no half-received
 // subvolume and no manifest, keeps serving what it had (held NFS handles
 // read the same bytes), and receives the generation on its own once the
 // primary is back. The replica killed 8 MB into the next one: its `btrfs
@@ -187,59 +195,81 @@ func TestReplicaStreamKilled(t *testing.T) {
 		}
 	}
 
-	// The primary killed in the middle of generation 2's stream.
+	// A connection reset in the middle of generation 2's stream, the
+	// primary up: the next sync asks for the same incremental stream
+	// again, not for a whole one.
 	addBig(t, s, "big-two", 60)
 	proxy.sent.Store(0)
+	proxy.cutAt.Store(8 << 20)
 	g2 := publishOne(t, s, prim, "second")
-	proxy.waitSent(t, 8<<20)
-	prim.cmd.Process.Kill()
-	<-prim.done
-	t.Logf("primary killed %d bytes into generation %d's stream", proxy.sent.Load(), g2)
-	repl.waitLog(t, "replica sync failed")
-	if got := snapshots(); !slices.Equal(got, []string{fmt.Sprintf("strata-%d", g1)}) {
-		t.Errorf("replica snapshot dir after the primary died mid-stream: %v, want only strata-%d", got, g1)
-	}
-	if got := manifests(t, rstate); !slices.Equal(got, []string{fmt.Sprint(g1)}) {
-		t.Errorf("replica state dir manifests %v, want only %d", got, g1)
-	}
-	if got := ids(repl.generations(t).Generations); !slices.Equal(got, []uint64{g1}) {
-		t.Errorf("replica serves %v while the primary is down, want [%d]", got, g1)
-	}
-	held("primary down")
-	prim = start(t, pcfg, s.state, nil)
 	waitServes(g1, g2)
-	if a, b := regSums(t, prim, []uint64{g2}), regSums(t, repl, []uint64{g2}); a[g2] != b[g2] {
-		t.Errorf("generation %d: registration sha256 differs between primary and replica", g2)
+	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g2, g1))
+	if l := repl.logs.String(); !strings.Contains(l, "replica sync failed") || strings.Contains(l, "trying an older base or a whole stream") ||
+		strings.Contains(l, fmt.Sprintf("generation=%d from=0", g2)) {
+		t.Errorf("after a reset mid-stream the replica did not fail once and then receive generation %d incrementally again:\n%s", g2, l)
 	}
-	held("after the catch-up")
+	held("after a reset")
+	last := len(repl.logs.String())
 
-	// The replica killed in the middle of generation 3's stream.
+	// The primary killed in the middle of generation 3's stream.
 	addBig(t, s, "big-three", 60)
 	proxy.sent.Store(0)
 	g3 := publishOne(t, s, prim, "third")
 	proxy.waitSent(t, 8<<20)
+	prim.cmd.Process.Kill()
+	<-prim.done
+	t.Logf("primary killed %d bytes into generation %d's stream", proxy.sent.Load(), g3)
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(repl.logs.String()[last:], "replica sync failed") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica logged no failed sync after the primary died:\n%s", repl.logs.String()[last:])
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := snapshots(); !slices.Equal(got, []string{fmt.Sprintf("strata-%d", g1), fmt.Sprintf("strata-%d", g2)}) {
+		t.Errorf("replica snapshot dir after the primary died mid-stream: %v, want strata-%d and strata-%d", got, g1, g2)
+	}
+	if got := manifests(t, rstate); !slices.Equal(got, []string{fmt.Sprint(g1), fmt.Sprint(g2)}) {
+		t.Errorf("replica state dir manifests %v, want [%d %d]", got, g1, g2)
+	}
+	if got := ids(repl.generations(t).Generations); !slices.Equal(got, []uint64{g1, g2}) {
+		t.Errorf("replica serves %v while the primary is down, want [%d %d]", got, g1, g2)
+	}
+	held("primary down")
+	prim = start(t, pcfg, s.state, nil)
+	waitServes(g1, g2, g3)
+	if a, b := regSums(t, prim, []uint64{g3}), regSums(t, repl, []uint64{g3}); a[g3] != b[g3] {
+		t.Errorf("generation %d: registration sha256 differs between primary and replica", g3)
+	}
+	held("after the catch-up")
+
+	// The replica killed in the middle of generation 4's stream.
+	addBig(t, s, "big-four", 60)
+	proxy.sent.Store(0)
+	g4 := publishOne(t, s, prim, "fourth")
+	proxy.waitSent(t, 8<<20)
 	repl.cmd.Process.Kill()
 	<-repl.done
-	t.Logf("replica killed %d bytes into generation %d's stream", proxy.sent.Load(), g3)
-	deadline := time.Now().Add(10 * time.Second)
+	t.Logf("replica killed %d bytes into generation %d's stream", proxy.sent.Load(), g4)
+	deadline = time.Now().Add(10 * time.Second)
 	for len(receiving(rsnaps)) > 0 {
 		if time.Now().After(deadline) {
 			t.Fatalf("btrfs receive still runs 10 s after its replica was killed: %v", receiving(rsnaps))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	half := slices.Contains(snapshots(), fmt.Sprintf("strata-%d", g3))
+	half := slices.Contains(snapshots(), fmt.Sprintf("strata-%d", g4))
 	t.Logf("after the kill the replica's snapshot dir holds %v", snapshots())
-	if got := manifests(t, rstate); !slices.Equal(got, []string{fmt.Sprint(g1), fmt.Sprint(g2)}) {
-		t.Errorf("killed replica's manifests %v, want [%d %d]", got, g1, g2)
+	if got := manifests(t, rstate); !slices.Equal(got, []string{fmt.Sprint(g1), fmt.Sprint(g2), fmt.Sprint(g3)}) {
+		t.Errorf("killed replica's manifests %v, want [%d %d %d]", got, g1, g2, g3)
 	}
 	repl = start(t, rcfg, rstate, nil)
 	if half {
 		repl.waitLog(t, "removing half-received snapshot")
 	}
-	waitServes(g1, g2, g3)
-	if a, b := regSums(t, prim, []uint64{g2, g3}), regSums(t, repl, []uint64{g2, g3}); a[g2] != b[g2] || a[g3] != b[g3] {
-		t.Errorf("registration sha256 of generations %d, %d differ between primary and replica", g2, g3)
+	waitServes(g1, g2, g3, g4)
+	if a, b := regSums(t, prim, []uint64{g2, g3, g4}), regSums(t, repl, []uint64{g2, g3, g4}); a[g2] != b[g2] || a[g3] != b[g3] || a[g4] != b[g4] {
+		t.Errorf("registration sha256 of generations %d, %d, %d differ between primary and replica", g2, g3, g4)
 	}
 	held("after the restarted replica caught up")
 	repl.stop(t)

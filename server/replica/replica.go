@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -300,6 +301,8 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	if p.progress != nil {
 		in = progressReader{st, p.progress}
 	}
+	rd := &readErr{r: in}
+	in = rd
 	var snap snapshot.Snapshot
 	if token != "" {
 		snap, err = p.backend.(snapshot.Resumer).ResumeReceive(ctx, in, g.ID)
@@ -308,6 +311,12 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	}
 	if err != nil {
 		p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
+		if rd.failed() {
+			// The stream broke (the primary died, a reset, a stall), not
+			// the base: the next sync asks for the same stream again
+			// rather than this one for a whole stream.
+			err = fmt.Errorf("%w: %w", errBroken, err)
+		}
 		return Received{}, fmt.Errorf("receive generation %d from %d: %w", g.ID, from, err)
 	}
 	// Whatever the backend left unread must arrive and match the trailers.
@@ -438,6 +447,23 @@ func (p *Puller) settle(ctx context.Context, list api.GenerationList, res *Resul
 	p.clearReceiving()
 	return nil
 }
+
+// readErr records whether a read of the stream failed (io.EOF is not a
+// failure). The backend's copy may read from another goroutine.
+type readErr struct {
+	r   io.Reader
+	bad atomic.Bool
+}
+
+func (r *readErr) Read(b []byte) (int, error) {
+	n, err := r.r.Read(b)
+	if err != nil && err != io.EOF {
+		r.bad.Store(true)
+	}
+	return n, err
+}
+
+func (r *readErr) failed() bool { return r.bad.Load() }
 
 // progressReader reports each read that brought bytes.
 type progressReader struct {
