@@ -422,7 +422,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	go func() {
 		defer close(pubDone)
 		if puller != nil {
-			errc <- runPuller(runCtx, puller, cfg.ReplicaInterval, step, notifyStatus, log)
+			errc <- runPuller(runCtx, puller, cfg.ReplicaInterval, step, notifyStatus, srv.FinishRows, log)
 			return
 		}
 		step.Begin()
@@ -608,7 +608,9 @@ func (o *outage) ok(log *slog.Logger) {
 // sync bracketed by step for the watchdog; the puller reports progress to
 // step as stream bytes arrive, so only a sync that stopped moving for
 // watchdog.stall_after counts as wedged, however long a stream takes.
-func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify func(), log *slog.Logger) error {
+// After each sync, successful or not, it calls after (the rows a failed
+// write left out are written again).
+func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify, after func(), log *slog.Logger) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	var failing outage
@@ -616,6 +618,9 @@ func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, s
 		step.Begin()
 		_, err := p.Sync(ctx)
 		step.End()
+		if ctx.Err() == nil {
+			after()
+		}
 		switch {
 		case ctx.Err() != nil:
 			return nil

@@ -133,9 +133,10 @@ func (s *Server) SetUpstreamPinned(ids map[uint64]bool) {
 // compressing every row of a large store takes about as long as
 // everything else a replica does to make a received generation live, and
 // none of it is needed for that. OpenRows and RowsDelta wait for the
-// write. If it fails (or the process dies first), the generation has no
-// rows until the next start writes them (finishRows); meanwhile builders
-// import from its registration, as for a generation of an older strata.
+// write. If it fails (a full state dir) or the process dies first, the
+// generation has no rows until the daemon's next sync (FinishRows) or the
+// next start (finishRows) writes them; meanwhile builders import from its
+// registration, as for a generation of an older strata.
 func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) {
 	done := make(chan struct{})
 	s.pendMu.Lock()
@@ -165,7 +166,7 @@ func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) 
 			return s.state.writeRows(id, b.Bytes())
 		}()
 		if err != nil {
-			s.log.Error("write path rows; builders import this generation from its registration until the next start writes them", "generation", id, "err", err)
+			s.log.Error("write path rows; builders import this generation from its registration until they are written (after the next sync, or at the next start)", "generation", id, "err", err)
 		}
 	}()
 }
@@ -180,16 +181,28 @@ func (s *Server) waitRows(id uint64) {
 	}
 }
 
+// FinishRows is finishRows for a running replica: the daemon calls it
+// after each sync, so that rows whose write failed (a full state dir) are
+// written once there is room again, without a restart.
+func (s *Server) FinishRows() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.finishRows()
+}
+
 // finishRows writes, in the background, the path rows a replica's
 // generation lacks because the process ended before writeRowsLater did,
-// from the snapshot's own DB, once its registration is checked again
-// against the manifest.
+// or the write failed, from the snapshot's own DB, once its registration
+// is checked again against the manifest.
 func (s *Server) finishRows() {
 	if !s.cfg.Replica() {
 		return
 	}
 	for _, g := range s.sorted() {
-		if g.Origin == "" || s.state.hasRows(g.ID) {
+		s.pendMu.Lock()
+		_, pending := s.rowsPending[g.ID]
+		s.pendMu.Unlock()
+		if g.Origin == "" || pending || s.state.hasRows(g.ID) {
 			continue
 		}
 		s.writeRowsLater(g.ID, func() (*nixstore.Rows, error) {

@@ -5,6 +5,7 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -129,6 +130,7 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 
 	free()
 	waitServes([]uint64{g1, g2})
+	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g2, g1))
 	repl.waitLog(t, "replica sync works again")
 	if a, b := regSums(t, prim, []uint64{g2}), regSums(t, repl, []uint64{g2}); a[g2] != b[g2] {
 		t.Errorf("generation %d: registration sha256 differs between primary and replica", g2)
@@ -138,4 +140,107 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 	}
 	repl.stop(t)
 	prim.stop(t)
+}
+
+// A replica whose state dir (its own tmpfs) has room for a received
+// generation's manifest and registration but not for its path rows, which
+// are written after the generation went live: the generation is served,
+// the failed write is logged naming the file, and builders get a 404 for
+// its rows (they import its registration meanwhile). Once the space is
+// freed the running replica writes the rows by itself, without a restart,
+// equal to the primary's.
+func TestReplicaRowsOnFullStateDir(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	papi := freePort(t)
+	pcfg := filepath.Join(dir, "primary.yaml")
+	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
+	prim := start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "published generation")
+	g1 := prim.generations(t).Generations[0].ID
+
+	rmnt := testenv.LoopBtrfs(t, "1G")
+	rstateMnt := t.TempDir()
+	testenv.Run(t, "mount", "-t", "tmpfs", "-o", "size=16m", "strata-replica-state", rstateMnt)
+	t.Cleanup(func() { testenv.Run(t, "umount", "-l", rstateMnt) })
+	rstate := filepath.Join(rstateMnt, "state")
+	rcfg := filepath.Join(dir, "replica.yaml")
+	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
+		papi, tokenFile, filepath.Join(rmnt, "gens"), rstate)), 0o644)
+	repl := start(t, rcfg, rstate, nil)
+	waitServes := func(want []uint64) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for !slices.Equal(ids(repl.generations(t).Generations), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("replica serves %v, want %v\n%s", ids(repl.generations(t).Generations), want, repl.logs)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitServes([]uint64{g1})
+	repl.stop(t)
+
+	// Generation 2 adds 3,000 paths; the replica's state dir keeps room
+	// for its registration and manifest, not for its rows too.
+	s.store.AddMany(t, "many", 3000)
+	g2 := publishOne(t, s, prim, "second")
+	reg, err := prim.client().Registration(t.Context(), g2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := pathRows(t, prim, g2)
+	t.Logf("generation %d: registration %d bytes, rows %d bytes", g2, len(reg), len(rows))
+	if len(rows) < 128<<10 {
+		t.Fatalf("rows of %d bytes are too small for this test", len(rows))
+	}
+	free := testenv.Fill(t, rstateMnt, int64(len(reg))+64<<10)
+	repl = start(t, rcfg, rstate, nil)
+	waitServes([]uint64{g1, g2})
+	repl.waitLog(t, "write path rows")
+	if !strings.Contains(repl.logs.String(), "no space left on device") {
+		t.Errorf("the failed write of the rows does not say the disk is full:\n%s", repl.logs)
+	}
+	if _, err := repl.client().Paths(t.Context(), g2, 0); err == nil {
+		t.Errorf("the replica serves rows of generation %d although their write failed", g2)
+	}
+	free()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		body, err := repl.client().Paths(t.Context(), g2, 0)
+		if err == nil {
+			got, _ := io.ReadAll(body)
+			body.Close()
+			if !bytes.Equal(got, rows) {
+				t.Fatalf("rows of generation %d written after the space was freed differ from the primary's", g2)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the running replica did not write the rows of generation %d after the space was freed: %v", g2, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	repl.stop(t)
+	prim.stop(t)
+}
+
+// pathRows returns the path rows file of generation id as srv serves it.
+func pathRows(t *testing.T, srv *daemonProc, id uint64) []byte {
+	t.Helper()
+	body, err := srv.client().Paths(t.Context(), id, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer body.Close()
+	b, err := io.ReadAll(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
