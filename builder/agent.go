@@ -91,6 +91,9 @@ type Options struct {
 	// ProbeLower asks the NFS server of the lower mounted at dir whether
 	// it answers (failover monitor); nil: statfs(2) of dir.
 	ProbeLower func(dir string) error
+	// InUse reports which detached overlays processes still use (see
+	// Retired); nil: overlay.InUse, a scan of /proc.
+	InUse func([]overlay.Detached) (used []bool, denied int, err error)
 }
 
 // Agent is the builder agent. Run drives it; Status and RequestRotation
@@ -106,6 +109,10 @@ type Agent struct {
 	onTransition func(State)
 	step         *lifecycle.Step
 	probe        func(dir string) error
+	inUse        func([]overlay.Detached) ([]bool, int, error)
+	// refusedLogged: a scan for detached overlays in use was refused
+	// some processes once (logged as a warning once; agent goroutine only).
+	refusedLogged bool
 
 	mu        sync.Mutex
 	st        State
@@ -140,13 +147,16 @@ func New(o Options) (*Agent, error) {
 		dir = fixedServer{e: Endpoint{Name: o.Config.ServerAPI, API: o.Config.ServerAPI, NFS: o.Config.ServerNFS}, srv: o.Server}
 	}
 	a := &Agent{cfg: o.Config, log: o.Logger, dir: dir, m: o.Mounter, nix: o.Nix, busy: o.Busy, nfs: map[string]string{},
-		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, probe: o.ProbeLower, rotateReq: make(chan rotateRequest),
+		notify: o.Notify, onTransition: o.OnTransition, step: o.Progress, probe: o.ProbeLower, inUse: o.InUse, rotateReq: make(chan rotateRequest),
 		failover: make(chan failoverRequest), wake: make(chan struct{}, 1), minStall: 10 * time.Second}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
 	if a.notify == nil {
 		a.notify = func(string) {}
+	}
+	if a.inUse == nil {
+		a.inUse = overlay.InUse
 	}
 	if a.busy == nil {
 		a.busy = func() (bool, string, error) { return Busy(a.cfg.StoreDir, a.cfg.upperDir()) }
@@ -191,6 +201,7 @@ func (a *Agent) State() State {
 	s := a.st
 	s.Lowers = slices.Clone(s.Lowers)
 	s.Next = slices.Clone(s.Next)
+	s.Retired = slices.Clone(s.Retired)
 	if s.LastFailover != nil {
 		f := *s.LastFailover
 		s.LastFailover = &f
@@ -618,8 +629,12 @@ func (a *Agent) releaseLowers(ctx context.Context, keep []Lower, force func(name
 	return errors.Join(errs...)
 }
 
-// pruneWorkdirs removes workdirs no visible overlay uses, except keep.
+// pruneWorkdirs removes workdirs no visible overlay uses, except keep and
+// those of retired overlays still in use (State.Retired).
 func (a *Agent) pruneWorkdirs(keep ...string) {
+	for _, r := range a.State().Retired {
+		keep = append(keep, r.Overlay.Work)
+	}
 	ms, err := a.m.Mounts()
 	if err != nil {
 		a.log.Warn("prune workdirs", "err", err)

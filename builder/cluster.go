@@ -82,8 +82,10 @@ func (g *Gossip) Attach(ctx context.Context, ag *Agent) {
 }
 
 // Holding lists the generations a builder in state s holds: every lower
-// of its overlay (extra lowers too) and, during a rotation, the ones it is
-// mounting.
+// of its overlay (extra lowers too), during a rotation the ones it is
+// mounting, and those of detached overlays processes still use
+// (State.Retired: a sandboxed build, a cwd or open file in the old
+// overlay).
 func Holding(s State) []uint64 {
 	var out []uint64
 	add := func(g uint64) {
@@ -98,6 +100,11 @@ func Holding(s State) []uint64 {
 	add(s.Target)
 	for _, l := range s.Next {
 		add(l.Gen)
+	}
+	for _, r := range s.Retired {
+		for _, g := range r.Generations {
+			add(g)
+		}
 	}
 	return out
 }

@@ -375,8 +375,8 @@ func (e *env) checkMounts(t *testing.T, st State) {
 			t.Fatalf("mounts under %s: %v, want one each at %v", e.cfg.lowerRoot(), got, want)
 		}
 	}
-	if ents, _ := os.ReadDir(e.cfg.workRoot()); len(ents) > 2 {
-		t.Fatalf("work dir holds %d workdirs, want at most the current and previous", len(ents))
+	if ents, _ := os.ReadDir(e.cfg.workRoot()); len(ents) > 2+len(st.Retired) {
+		t.Fatalf("work dir holds %d workdirs, want at most the current, the previous and %d of detached overlays in use", len(ents), len(st.Retired))
 	}
 }
 

@@ -416,8 +416,12 @@ func (a *Agent) moveTo(ctx context.Context, e Endpoint, l api.GenerationList, re
 			force = append(force, x.name())
 		}
 	}
+	retired, hasRetired := a.retiring(st.Lowers, next)
 	if err := a.transition(func(s *State) {
 		s.Phase, s.Target, s.Next, s.ForceRelease = PhaseSwapping, st.Generation, next, union(s.ForceRelease, force)
+		if hasRetired {
+			s.Retired = withRetired(s.Retired, retired)
+		}
 	}); err != nil {
 		undo()
 		return err
@@ -425,6 +429,9 @@ func (a *Agent) moveTo(ctx context.Context, e Endpoint, l api.GenerationList, re
 	back := func(err error) error {
 		if terr := a.transition(func(s *State) {
 			s.Phase, s.Target, s.Next, s.ForceRelease = phase, 0, nil, without(s.ForceRelease, without(force, st.ForceRelease))
+			if hasRetired {
+				s.Retired = withoutRetired(s.Retired, retired.Overlay.Work)
+			}
 		}); terr != nil {
 			a.log.Error("persist state", "err", terr)
 		}
@@ -466,6 +473,7 @@ func (a *Agent) moveTo(ctx context.Context, e Endpoint, l api.GenerationList, re
 	if rerr := a.releaseLowers(ctx, next, a.forced(a.State())); rerr != nil {
 		a.log.Warn("release the old server's lowers", "err", rerr)
 	}
+	a.sweepRetired()
 	a.pruneWorkdirs(work, st.Work)
 	left := a.stillForced(a.State())
 	if err := a.transition(func(s *State) {

@@ -23,6 +23,14 @@ type MountStatus struct {
 	Kept int `json:"kept_paths,omitempty"`
 }
 
+// RetiredStatus is one detached overlay still in use as status reports it.
+type RetiredStatus struct {
+	Generations []uint64  `json:"generations"`
+	Dev         string    `json:"dev"`
+	Workdir     string    `json:"workdir"`
+	Since       time.Time `json:"since"`
+}
+
 // Status is the builder's answer to GET /v1/status.
 type Status struct {
 	Role       string `json:"role"`
@@ -35,18 +43,26 @@ type Status struct {
 	ServerName string `json:"server_name,omitempty"`
 	// NFS is the address generations are mounted from: server.nfs, or
 	// what the server advertises.
-	NFS                  string        `json:"nfs,omitempty"`
-	State                string        `json:"state"`
-	Policy               string        `json:"policy"`
-	StoreDir             string        `json:"store_dir"`
-	Mounts               []MountStatus `json:"mounts"`
-	SwapMethod           string        `json:"swap_method,omitempty"`
-	LastRotation         *time.Time    `json:"last_rotation,omitempty"`
-	LastRotationDuration string        `json:"last_rotation_duration,omitempty"`
-	LastRotationSeconds  float64       `json:"last_rotation_seconds"`
-	PathsImported        int           `json:"paths_imported"`
-	PathsInvalidated     int           `json:"paths_invalidated"`
-	LastError            string        `json:"last_error,omitempty"`
+	NFS      string        `json:"nfs,omitempty"`
+	State    string        `json:"state"`
+	Policy   string        `json:"policy"`
+	StoreDir string        `json:"store_dir"`
+	Mounts   []MountStatus `json:"mounts"`
+	// Holding are the generations this builder holds (what gossip
+	// reports to the servers' retention): Mounts', a rotation's, and
+	// Retired's.
+	Holding []uint64 `json:"holding"`
+	// Retired are overlays a swap detached that processes still use (a
+	// sandboxed build, a cwd or open file in them): their generations stay
+	// held until nothing does.
+	Retired              []RetiredStatus `json:"retired,omitempty"`
+	SwapMethod           string          `json:"swap_method,omitempty"`
+	LastRotation         *time.Time      `json:"last_rotation,omitempty"`
+	LastRotationDuration string          `json:"last_rotation_duration,omitempty"`
+	LastRotationSeconds  float64         `json:"last_rotation_seconds"`
+	PathsImported        int             `json:"paths_imported"`
+	PathsInvalidated     int             `json:"paths_invalidated"`
+	LastError            string          `json:"last_error,omitempty"`
 	// Metacopy says whether the overlay is mounted with metacopy=on.
 	Metacopy bool `json:"metacopy"`
 	// Upper is what the upper holds (walked at most once a minute).
@@ -128,6 +144,13 @@ func (a *Agent) Status() Status {
 	}
 	if a.method != 0 {
 		s.SwapMethod = a.method.String()
+	}
+	s.Holding = Holding(st)
+	if s.Holding == nil {
+		s.Holding = []uint64{}
+	}
+	for _, r := range st.Retired {
+		s.Retired = append(s.Retired, RetiredStatus{Generations: r.Generations, Dev: r.Overlay.Dev.String(), Workdir: r.Overlay.Work, Since: r.Since})
 	}
 	for _, l := range st.Lowers {
 		s.Mounts = append(s.Mounts, MountStatus{Generation: l.Gen, Dir: filepath.Join(a.cfg.lowerRoot(), l.name()), Server: l.Server, Kept: len(l.Kept)})

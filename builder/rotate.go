@@ -56,13 +56,17 @@ func (a *Agent) endpointOf(x Lower) Endpoint {
 //     an extra lower below gen (planRemoval). Invalidation happens while
 //     the paths are still readable.
 //  3. Swapping(gen): overlay.Swap to lowers [gen, kept...] with the same
-//     upper and a fresh workdir.
+//     upper and a fresh workdir. The old overlay is recorded first as
+//     retired (State.Retired): detached, it lives on for sandboxed builds
+//     and processes inside it, and stays held while they use it.
 //  4. Importing(gen): register the delta's added paths (their rows
 //     written into the Nix DB, see NixStore.Load; only those not valid
 //     yet), now that they are readable.
 //  5. Releasing(gen): detach lowers no longer used (N's NFS mount, once
 //     the old overlay is detached; a detached overlay still in use keeps
-//     it alive in the kernel), prune workdirs but the current and previous.
+//     it alive in the kernel), release retired overlays nothing uses any
+//     more, prune workdirs but the current, the previous and those of
+//     retired overlays still in use.
 //
 // An error before the swap leaves the old overlay in place: the new lower
 // is detached again and the error is recorded in the state (LastError).
@@ -111,7 +115,9 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	began := time.Now()
 	cur := st.Generation
 	swapped := false
-	var force []string // the old server's lowers, when it is dead
+	var force []string  // the old server's lowers, when it is dead
+	var retired Retired // the overlay the swap detaches
+	hasRetired := false
 	defer func() {
 		if err == nil {
 			return
@@ -122,6 +128,9 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 			if terr := a.transition(func(s *State) {
 				s.Phase, s.Target, s.Next, s.LastError = PhaseReleasing, 0, nil, err.Error()
 				s.ForceRelease = without(s.ForceRelease, without(force, st.ForceRelease))
+				if hasRetired {
+					s.Retired = withoutRetired(s.Retired, retired.Overlay.Work)
+				}
 			}); terr != nil {
 				a.log.Error("persist state", "err", terr)
 				return
@@ -309,8 +318,15 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	if err != nil {
 		return err
 	}
+	// The old overlay lives on, detached, for whatever still uses it
+	// (sandboxed builds, a cwd in it): recorded before the swap, so its
+	// generations stay held through a restart too.
+	retired, hasRetired = a.retiring(st.Lowers, next)
 	if err := a.transition(func(s *State) {
 		s.Phase, s.PathsInvalidated, s.Next, s.ForceRelease = PhaseSwapping, len(plan.Invalidate), next, union(s.ForceRelease, force)
+		if hasRetired {
+			s.Retired = withRetired(s.Retired, retired)
+		}
 	}); err != nil {
 		os.Remove(work)
 		return err

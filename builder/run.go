@@ -83,7 +83,8 @@ func (a *Agent) Run(ctx context.Context) error {
 // ErrBusy is returned by Check when the idle policy defers a rotation.
 var ErrBusy = errors.New("a build is running; rotation deferred")
 
-// Check asks the server for its newest generation and rotates to it when
+// Check first drops retired overlays nothing uses any more (see Retired),
+// then asks the server for its newest generation and rotates to it when
 // it is newer than the mounted one. With the idle policy it first waits
 // for no build to run (Busy), at most rotate.max_wait from the first time
 // it deferred; force skips the policy. An import left unfinished by an
@@ -95,6 +96,9 @@ var ErrBusy = errors.New("a build is running; rotation deferred")
 // use: that is the only time the agent goes back to a preferred server by
 // itself.
 func (a *Agent) Check(ctx context.Context, force bool) error {
+	if st := a.State(); a.sweepRetired() {
+		a.pruneWorkdirs(st.Work, st.PrevWork)
+	}
 	// Left by a failed step: an unfinished import (Importing); a rotation
 	// whose end could not be recorded (Releasing: the state dir was full);
 	// or, after an error, a mounted generation without a valid GC root

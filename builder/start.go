@@ -307,13 +307,14 @@ func without(ps, drop []string) []string {
 	return out
 }
 
-// release detaches lowers the overlay no longer uses, prunes workdirs and
-// marks the state Idle.
+// release detaches lowers the overlay no longer uses, drops retired
+// overlays nothing uses any more, prunes workdirs and marks the state Idle.
 func (a *Agent) release(ctx context.Context) error {
 	st := a.State()
 	if err := a.releaseLowers(ctx, st.Lowers, a.forced(st)); err != nil {
 		a.log.Warn("release old lowers", "err", err)
 	}
+	a.sweepRetired()
 	a.pruneWorkdirs(st.Work, st.PrevWork)
 	left := a.stillForced(st)
 	return a.transition(func(s *State) { s.Phase, s.Target, s.Next, s.ForceRelease = PhaseIdle, 0, nil, left })

@@ -133,6 +133,10 @@ type State struct {
 	// off (Mounter.ForceUnmount), not detached, also by a restarted
 	// agent. Names no longer mounted are dropped once released.
 	ForceRelease []string `json:"force_release,omitempty"`
+	// Retired are overlays swaps detached that processes may still use:
+	// their generations stay held and their workdirs kept until nothing
+	// does (see Retired).
+	Retired []Retired `json:"retired,omitempty"`
 
 	LastRotation         time.Time     `json:"last_rotation,omitzero"`
 	LastRotationDuration time.Duration `json:"last_rotation_duration,omitempty"`
