@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -370,6 +371,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			return err
 		}
 	}
+	var syncErr atomic.Pointer[string] // the replica's last sync failure, "" once one succeeds
 	status := func() any {
 		g, _ := srv.Latest()
 		var missing []uint64
@@ -385,6 +387,9 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		}
 		if cfg.Replica() {
 			st["role"], st["replica_of"] = "replica", puller.Primary()
+			if e := syncErr.Load(); e != nil && *e != "" {
+				st["last_error"] = "replica sync: " + *e
+			}
 		}
 		return st
 	}
@@ -422,7 +427,14 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	go func() {
 		defer close(pubDone)
 		if puller != nil {
-			errc <- runPuller(runCtx, puller, cfg.ReplicaInterval, step, notifyStatus, srv.FinishRows, log)
+			errc <- runPuller(runCtx, puller, cfg.ReplicaInterval, step, notifyStatus, func(err error) {
+				srv.FinishRows()
+				msg := ""
+				if err != nil {
+					msg = err.Error()
+				}
+				syncErr.Store(&msg)
+			}, log)
 			return
 		}
 		step.Begin()
@@ -608,9 +620,9 @@ func (o *outage) ok(log *slog.Logger) {
 // sync bracketed by step for the watchdog; the puller reports progress to
 // step as stream bytes arrive, so only a sync that stopped moving for
 // watchdog.stall_after counts as wedged, however long a stream takes.
-// After each sync, successful or not, it calls after (the rows a failed
-// write left out are written again).
-func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify, after func(), log *slog.Logger) error {
+// After each sync, successful or not, it calls after with the sync's error
+// (status shows it; the rows a failed write left out are written again).
+func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify func(), after func(error), log *slog.Logger) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	var failing outage
@@ -619,7 +631,7 @@ func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, s
 		_, err := p.Sync(ctx)
 		step.End()
 		if ctx.Err() == nil {
-			after()
+			after(err)
 		}
 		switch {
 		case ctx.Err() != nil:

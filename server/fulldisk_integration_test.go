@@ -24,15 +24,16 @@ import (
 )
 
 // A publish on a full disk, real btrfs and a real state dir on its own small
-// tmpfs: (1) the central store's filesystem full, data and metadata (the
-// snapshot is taken, marking it live cannot be written); (2) the state dir
-// full (nothing can be reserved); (3) the state dir with room for the
-// reservation but not for the registration. Each publish fails with an
-// error that says "no space left on device" and names the file it could not
-// write; the generations published before keep being served, unchanged,
-// over NFS and the API; no snapshot, no half-written generation and no
-// reservation stay; and once the space is free the next publish works
-// without a restart. A restart afterwards reads the same state.
+// tmpfs: (1) the central store's filesystem full, data and metadata (btrfs
+// takes the snapshot, but cannot rename it into place); (2) the state dir
+// full (nothing can be reserved, and a pin is refused); (3) the state dir
+// with room for the reservation but not for the registration. Each publish
+// fails with an error that says "no space left on device" and names the
+// file it could not write; the generations published before keep being
+// served, unchanged, over NFS and the API; no snapshot, no half-written
+// generation and no reservation stay; and once the space is free the next
+// publish works without a restart. A restart afterwards reads the same
+// state.
 func TestPublishOnFullDisk(t *testing.T) {
 	c := newCentral(t)
 	c.store.Fill(t)
@@ -148,6 +149,12 @@ func TestPublishOnFullDisk(t *testing.T) {
 	}
 	served("state dir full", live...)
 	clean("state dir full", live...)
+	if _, err := s.Pin(1, "golden"); err == nil || !strings.Contains(err.Error(), "no space left on device") {
+		t.Errorf("pin with the state dir full: %v, want ENOSPC", err)
+	}
+	if gen, _ := s.Generation(1); gen.Pinned {
+		t.Errorf("a pin that could not be recorded shows generation 1 pinned")
+	}
 	free()
 	if after := treeSums(t, c.cfg.StateDir); after != before {
 		t.Errorf("a publish that failed on a full state dir changed it:\n%s\n--- was\n%s", after, before)

@@ -127,11 +127,18 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 	if st1, st2, data := resolve(t, repl.nfs, handles[g1]); st1 != 0 || st2 != 0 || !bytes.Equal(data, handles[g1].data) {
 		t.Errorf("held handles of generation %d on the full replica: GETATTR %d, READ %d, %q (want %q)", g1, st1, st2, data, handles[g1].data)
 	}
+	if out, code := runStrata(t, nil, "status", "--api", repl.api); code != 0 || !strings.Contains(out, "last_error:") ||
+		!strings.Contains(out, "No space left on device") || !strings.Contains(out, rsnaps) {
+		t.Errorf("strata status on the full replica does not say why it is behind: exit %d\n%s", code, out)
+	}
 
 	free()
 	waitServes([]uint64{g1, g2})
 	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g2, g1))
 	repl.waitLog(t, "replica sync works again")
+	if out, code := runStrata(t, nil, "status", "--api", repl.api); code != 0 || strings.Contains(out, "last_error") {
+		t.Errorf("strata status on the replica that caught up: exit %d\n%s", code, out)
+	}
 	if a, b := regSums(t, prim, []uint64{g2}), regSums(t, repl, []uint64{g2}); a[g2] != b[g2] {
 		t.Errorf("generation %d: registration sha256 differs between primary and replica", g2)
 	}
