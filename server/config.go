@@ -97,6 +97,10 @@ type Config struct {
 	// NewHandleKey lets a start make a new NFS handle key although
 	// generations exist (--new-handle-key): every client gets ESTALE.
 	NewHandleKey bool
+	// ClaimSnapshotDir makes this server the owner of the btrfs snapshot
+	// dir although another server's owner record names it, or it holds
+	// snapshots this state dir cannot account for (--claim-snapshot-dir).
+	ClaimSnapshotDir bool
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error

@@ -130,9 +130,16 @@ func checkHandleKey(cfg Config, p *plan, log *slog.Logger) error {
 		log.Warn("making a new NFS handle key (--new-handle-key): every mounted client gets ESTALE until it remounts", "file", key)
 		return nil
 	}
-	return fmt.Errorf("NFS handle key %s is missing, but generations exist and clients hold file handles sealed with it. "+
+	err := fmt.Errorf("NFS handle key %s is missing, but generations exist and clients hold file handles sealed with it. "+
 		"Either restore the file from a backup of state_dir, "+
 		"or start once with `strata server --new-handle-key` to make a new key, accepting that every mounted client gets ESTALE (Stale file handle) until it remounts", key)
+	if len(p.stored) == 0 {
+		// A new state_dir over existing snapshots: a lost state_dir, or
+		// another server's snapshots. A new key is no fix for the latter.
+		err = fmt.Errorf("%w. But first: state_dir %s records no generation, so the snapshots in %s are either this server's own (its state_dir was lost) or another server's; "+
+			"if they are another server's, do neither: give this server its own snapshot location", err, cfg.StateDir, where(cfg))
+	}
+	return err
 }
 
 // Check reports to w what a start with cfg would do, changing nothing
@@ -175,34 +182,7 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 		refuse(err)
 		return done()
 	}
-	var b snapshot.Backend
-	var err error
-	switch cfg.Backend {
-	case "btrfs":
-		if cfg.Replica() {
-			b, err = checkReplica(cfg, say)
-			break
-		}
-		if _, serr := os.Stat(cfg.SnapshotDir); errors.Is(serr, os.ErrNotExist) {
-			// The start creates it: the nearest existing parent must be
-			// where the start's checks would then pass.
-			parent := existingParent(cfg.SnapshotDir)
-			if _, err = btrfs.Inspect(cfg.StoreRoot, parent, nil); err != nil {
-				err = fmt.Errorf("snapshot.snapshot_dir %s does not exist, and a start would create it in %s, where it fails: %w", cfg.SnapshotDir, parent, err)
-				break
-			}
-			say("snapshot.snapshot_dir %s does not exist: a start creates it", cfg.SnapshotDir)
-			b = emptyInspect{}
-		} else {
-			b, err = btrfs.Inspect(cfg.StoreRoot, cfg.SnapshotDir, nil)
-		}
-	case "zfs":
-		if cfg.Replica() {
-			b, err = checkReplica(cfg, say)
-			break
-		}
-		b, err = zfs.Inspect(cfg.Dataset, cfg.MountDir, nil)
-	}
+	b, err := inspectBackend(cfg, say)
 	if err != nil {
 		refuse(fmt.Errorf("snapshot backend: %w", err))
 		return done()
@@ -211,6 +191,11 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 	if err != nil {
 		refuse(err)
 		return done()
+	}
+	if cfg.Backend == "btrfs" {
+		if err := checkOwner(cfg, p, say); err != nil {
+			refuse(err)
+		}
 	}
 	for _, line := range p.report(cfg) {
 		say("%s", line)
@@ -251,6 +236,52 @@ func existingParent(dir string) string {
 		}
 		dir = up
 	}
+}
+
+// inspectBackend opens cfg's snapshot location for looking only, as a
+// start would find it: a btrfs snapshot dir that does not exist yet is
+// checked where the start would create it and lists no snapshot. say
+// reports what it found (--check-config).
+func inspectBackend(cfg Config, say func(string, ...any)) (snapshot.Backend, error) {
+	if cfg.Replica() {
+		return checkReplica(cfg, say)
+	}
+	switch cfg.Backend {
+	case "btrfs":
+		if _, serr := os.Stat(cfg.SnapshotDir); errors.Is(serr, os.ErrNotExist) {
+			// The start creates it: the nearest existing parent must be
+			// where the start's checks would then pass.
+			parent := existingParent(cfg.SnapshotDir)
+			if _, err := btrfs.Inspect(cfg.StoreRoot, parent, nil); err != nil {
+				return nil, fmt.Errorf("snapshot.snapshot_dir %s does not exist, and a start would create it in %s, where it fails: %w", cfg.SnapshotDir, parent, err)
+			}
+			say("snapshot.snapshot_dir %s does not exist: a start creates it", cfg.SnapshotDir)
+			return emptyInspect{}, nil
+		}
+		return btrfs.Inspect(cfg.StoreRoot, cfg.SnapshotDir, nil)
+	case "zfs":
+		return zfs.Inspect(cfg.Dataset, cfg.MountDir, nil)
+	}
+	return nil, fmt.Errorf("snapshot backend %q: want btrfs or zfs", cfg.Backend)
+}
+
+// checkOwner is --check-config's report of the btrfs snapshot dir's owner
+// (owner.go): the error a start would refuse with, or what it would do.
+func checkOwner(cfg Config, p *plan, say func(string, ...any)) error {
+	me, err := selfOf(cfg)
+	if err != nil {
+		return err
+	}
+	rec, err := readOwner(cfg.SnapshotDir)
+	if err != nil {
+		return err
+	}
+	c, err := decideOwner(cfg, rec, me, p)
+	if err != nil {
+		return err
+	}
+	say("snapshot dir owner: %s", c)
+	return nil
 }
 
 // emptyInspect stands for a btrfs snapshot dir that does not exist yet.
@@ -304,6 +335,53 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			return err
 		}
 	}
+	// Everything that refuses a start is checked before anything is
+	// created (state_dir, snapshot dir, owner record, handle key) or any
+	// snapshot is touched, on the snapshot location opened for looking.
+	st := state{dir: cfg.StateDir}
+	if err := checkSnapshotDir(cfg, st); err != nil {
+		return err
+	}
+	ib, err := inspectBackend(cfg, func(string, ...any) {})
+	if err != nil {
+		return fmt.Errorf("snapshot backend: %w", err)
+	}
+	me, err := selfOf(cfg)
+	if err != nil {
+		return err
+	}
+	var lock *os.File
+	defer func() {
+		if lock != nil {
+			lock.Close()
+		}
+	}()
+	if _, err := os.Stat(cfg.SnapshotDir); cfg.Backend == "btrfs" && err == nil {
+		if lock, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
+			return err
+		}
+	}
+	p, err := inspect(ctx, cfg, st, ib)
+	if err != nil {
+		return err
+	}
+	var rec *owner
+	own := claimNone
+	if cfg.Backend == "btrfs" {
+		if rec, err = readOwner(cfg.SnapshotDir); err != nil {
+			return err
+		}
+		if own, err = decideOwner(cfg, rec, me, p); err != nil {
+			return err
+		}
+	}
+	if err := checkHandleKey(cfg, p, log); err != nil {
+		return err
+	}
+	if err := p.refusal(cfg); err != nil {
+		return err
+	}
+
 	tightened, err := secretfile.PrivateDir(cfg.StateDir)
 	if err != nil {
 		return err
@@ -314,20 +392,47 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	st := state{dir: cfg.StateDir}
-	if err := checkSnapshotDir(cfg, st); err != nil {
-		return err
-	}
 	backend, err := OpenBackend(cfg, log)
 	if err != nil {
 		return err
 	}
-	p, err := inspect(ctx, cfg, st, backend)
-	if err != nil {
+	if cfg.Backend == "btrfs" {
+		if lock == nil { // the dir was made just now by OpenBackend
+			if lock, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
+				return err
+			}
+			if rec, err = readOwner(cfg.SnapshotDir); err != nil {
+				return err
+			}
+			if own, err = decideOwner(cfg, rec, me, &plan{}); err != nil {
+				return err
+			}
+		}
+		if own == claimSameStateDir {
+			me.ServerID = rec.ServerID
+		}
+	}
+	if err := me.save(cfg.StateDir); err != nil {
 		return err
 	}
-	if err := checkHandleKey(cfg, p, log); err != nil {
-		return err
+	if cfg.Backend == "btrfs" {
+		switch {
+		case own != claimNone:
+			if rec != nil {
+				log.Warn("claiming snapshot dir", "dir", cfg.SnapshotDir, "how", own.String(), "previous_owner", rec.String())
+			} else {
+				log.Info("claiming snapshot dir", "dir", cfg.SnapshotDir, "how", own.String())
+			}
+			if err := writeOwner(cfg.SnapshotDir, me.owner); err != nil {
+				return err
+			}
+		case rec.Role != me.Role || rec.Host != me.Host || filepath.Clean(rec.StateDir) != me.StateDir:
+			// Same server, promoted or moved: keep the record true.
+			me.Since = rec.Since
+			if err := writeOwner(cfg.SnapshotDir, me.owner); err != nil {
+				return err
+			}
+		}
 	}
 	ex, err := openExport(ctx, cfg, log, reg)
 	if err != nil {

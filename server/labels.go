@@ -26,6 +26,11 @@ const (
 	labelSHA256     = "registration_sha256" // hex sha256 of the registration, set when live
 	labelPinned     = "pinned"              // "true" while pinned
 	labelPinName    = "pin_name"            // the pin's name
+	// labelOrigin is the primary's API URL, written by a replica onto each
+	// snapshot it received itself (AddReceived). A replica adopts at start
+	// only live snapshots that carry it: a snapshot a primary labelled live
+	// (another server's snapshot dir) is never its own.
+	labelOrigin = "origin"
 )
 
 // pubState is a snapshot's publish state, as its state label says.
@@ -72,6 +77,7 @@ func liveLabels(g api.Generation, storeID string) snapshot.Labels {
 		labelSHA256:     g.RegistrationSHA256,
 		labelPinned:     "",
 		labelPinName:    g.PinName,
+		labelOrigin:     g.Origin,
 	}
 	if g.Parent != 0 {
 		l[labelParent] = strconv.FormatUint(g.Parent, 10)

@@ -24,7 +24,10 @@ import (
 //   - a snapshot with a manifest is served (labels of a snapshot taken
 //     before labels existed are written);
 //   - a snapshot without a manifest whose label says live is adopted: its
-//     manifest and registration are rebuilt from its own db.sqlite;
+//     manifest and registration are rebuilt from its own db.sqlite; on a
+//     replica only if it also carries the origin label the replica writes
+//     onto what it received itself (a snapshot merely labelled live by a
+//     primary is kept, never adopted);
 //   - the one snapshot that may be destroyed is the state's reserved,
 //     unfinished publish ("publishing" file), and only when its label does
 //     not say live;
@@ -125,6 +128,12 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 			p.received = id
 		case haveManifest:
 			p.serve = append(p.serve, id)
+		case live && cfg.Replica() && l[labelOrigin] == "":
+			// Labelled live by a primary, not received here: a replica
+			// whose snapshot dir is (or was) the primary's must never
+			// adopt, and later destroy, the primary's generations.
+			p.kept[id] = fmt.Sprintf("labelled live by the server that published it, but this replica did not receive it (no %q label): "+
+				"is snapshot.snapshot_dir another server's? The replica receives no generation %d until it is removed", labelOrigin, id)
 		case live:
 			p.rebuild = append(p.rebuild, id)
 		case cfg.Replica():
@@ -351,7 +360,7 @@ func rebuildManifest(ctx context.Context, sn snapshot.Snapshot, storeDir string)
 		return api.Generation{}, nil, nil, fmt.Errorf("registration sha256 %s differs from its label %s", sum, want)
 	}
 	g := api.Generation{ID: sn.ID, Snapshot: sn.Name, Created: sn.Created.UTC(), Paths: len(infos),
-		RegistrationSHA256: sum, MountPath: fmt.Sprintf("/gen/%d", sn.ID)}
+		RegistrationSHA256: sum, MountPath: fmt.Sprintf("/gen/%d", sn.ID), Origin: sn.Labels[labelOrigin]}
 	if ps := sn.Labels[labelParent]; ps != "" {
 		if g.Parent, err = strconv.ParseUint(ps, 10, 64); err != nil {
 			return api.Generation{}, nil, nil, fmt.Errorf("parent label %q: not a generation id", ps)

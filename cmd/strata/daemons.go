@@ -64,6 +64,7 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration, read the token files and check the snapshot location as a start does, report what a start would do with the state dir, the snapshots, the store identity and the NFS handle key, change nothing, and exit (1 if the start or publishing would be refused)")
 	adoptStore := cmd.Flags().Bool("adopt-store", false, "publish store.root although it is not the central store the generations come from (its identity is recorded from now on)")
 	newKey := cmd.Flags().Bool("new-handle-key", false, "make a new NFS handle key although generations exist and the key is missing: every mounted client gets ESTALE until it remounts")
+	claimDir := cmd.Flags().Bool("claim-snapshot-dir", false, "btrfs: make this server the owner of snapshot.snapshot_dir although another server's owner record names it or it holds live snapshots this state_dir does not know (only when they are this server's own, or that server is gone for good)")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		v, err := loadConfig(cmd, loader, *file)
 		if err != nil {
@@ -73,7 +74,7 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 		if err != nil {
 			return usageError{err}
 		}
-		cfg.AdoptStore, cfg.NewHandleKey = *adoptStore, *newKey
+		cfg.AdoptStore, cfg.NewHandleKey, cfg.ClaimSnapshotDir = *adoptStore, *newKey, *claimDir
 		if *checkOnly {
 			return server.Check(cmd.Context(), cfg, cmd.OutOrStdout())
 		}
@@ -91,7 +92,7 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 				}
 				next, err := server.ConfigFrom(v)
 				// One-shot start flags are not keys: a reload keeps them.
-				next.AdoptStore, next.NewHandleKey = *adoptStore, *newKey
+				next.AdoptStore, next.NewHandleKey, next.ClaimSnapshotDir = *adoptStore, *newKey, *claimDir
 				return next, err
 			},
 		})

@@ -103,7 +103,7 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 	var names []string
 	ents, _ := os.ReadDir(rsnaps)
 	for _, e := range ents {
-		if !strings.HasSuffix(e.Name(), ".labels") {
+		if !strings.HasSuffix(e.Name(), ".labels") && !strings.HasPrefix(e.Name(), "strata.owner.") {
 			names = append(names, e.Name())
 		}
 	}

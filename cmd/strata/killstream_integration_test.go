@@ -170,7 +170,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 		var names []string
 		ents, _ := os.ReadDir(rsnaps)
 		for _, e := range ents {
-			if !strings.HasSuffix(e.Name(), ".labels") {
+			if !strings.HasSuffix(e.Name(), ".labels") && !strings.HasPrefix(e.Name(), "strata.owner.") {
 				names = append(names, e.Name())
 			}
 		}

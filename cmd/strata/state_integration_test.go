@@ -81,7 +81,7 @@ func (s *site) snapshots(t *testing.T) []string {
 	}
 	var out []string
 	for _, e := range ents {
-		if !strings.HasSuffix(e.Name(), ".labels") { // label changes beside a snapshot
+		if !strings.HasSuffix(e.Name(), ".labels") && !strings.HasPrefix(e.Name(), "strata.owner.") { // label changes beside a snapshot, the owner record and lock
 			out = append(out, e.Name())
 		}
 	}
@@ -334,7 +334,8 @@ func threeGenerations(t *testing.T, s *site) (*daemonProc, []api.Generation, str
 }
 
 // Must show: three generations (one pinned) and a raw NFS client holding
-// handles; a start with a fresh empty state_dir serves all three with the
+// handles; a start with a fresh empty state_dir (at another path: it claims
+// the snapshot dir explicitly) serves all three with the
 // same ids, manifests, registrations and pin once the old key is put back,
 // the held handles resolve, and no snapshot is destroyed.
 func TestFreshStateDirRebuildsFromSnapshots(t *testing.T) {
@@ -350,8 +351,16 @@ func TestFreshStateDirRebuildsFromSnapshots(t *testing.T) {
 	// not destroyed by this process.
 	cfg := s.config(t, map[string]string{"state_dir": fresh, "keep": "1"})
 
-	// Without the key the start is refused: clients hold handles.
+	// The snapshot dir's owner record names the old state_dir: a state_dir
+	// at another path takes it over only when told (--claim-snapshot-dir).
 	out := refused(t, cfg)
+	for _, want := range []string{"is owned by server", "a primary with state_dir " + s.state, "--claim-snapshot-dir"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("refusal of another state_dir %q lacks %q", out, want)
+		}
+	}
+	// Without the key the start is refused: clients hold handles.
+	out = refused(t, cfg, "--claim-snapshot-dir")
 	key := filepath.Join(fresh, "nfs-handle.key")
 	for _, want := range []string{key, "restore", "--new-handle-key", "ESTALE"} {
 		if !strings.Contains(out, want) {
@@ -359,12 +368,12 @@ func TestFreshStateDirRebuildsFromSnapshots(t *testing.T) {
 		}
 	}
 	// --check-config tells the same and what it would rebuild, changing nothing.
-	out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config")
+	out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config", "--claim-snapshot-dir")
 	if code != 1 || !strings.Contains(out, "would rebuild manifests and registrations of generations [1 2 3]") || !strings.Contains(out, key) {
 		t.Errorf("check-config: exit %d\n%s", code, out)
 	}
-	if got := manifests(t, fresh); len(got) != 0 {
-		t.Errorf("refused start and check-config wrote manifests %v", got)
+	if _, err := os.Stat(fresh); !os.IsNotExist(err) {
+		t.Errorf("refused starts and check-config made state_dir %s: %v", fresh, err)
 	}
 
 	// Put the old key back (as from a backup of state_dir).
@@ -372,10 +381,13 @@ func TestFreshStateDirRebuildsFromSnapshots(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Mkdir(fresh, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(key, k, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	srv = start(t, cfg, fresh, nil)
+	srv = start(t, cfg, fresh, nil, "--claim-snapshot-dir")
 	after := srv.generations(t).Generations
 	if len(after) != len(before) {
 		t.Fatalf("after rebuild: generations %v, want %v", ids(after), ids(before))

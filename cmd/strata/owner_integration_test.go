@@ -1,0 +1,132 @@
+//go:build integration
+
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// Review 18 #1: a replica given the primary's snapshot.snapshot_dir (its
+// own state_dir) adopted the primary's live generations and its retention
+// destroyed the primary's strata-1. Must show, with the real binary on a
+// loop btrfs: the replica is refused while the primary runs (the dir's
+// lock) and after it stopped (the owner record), by --check-config too,
+// naming the dir, the owner and the fix, also with --new-handle-key; the
+// refused start creates no state_dir. A dir of an older strata (no owner
+// record) is not claimed by the replica; forced with --claim-snapshot-dir
+// the replica still adopts none of the primary's snapshots. The primary
+// takes the dir back with --claim-snapshot-dir, and without the record
+// claims it on its own. No snapshot is ever destroyed, nothing the primary
+// serves is lost.
+func TestSnapshotDirOwnedByOneServer(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	papi := freePort(t)
+	pcfg := filepath.Join(dir, "primary.yaml")
+	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
+	prim := start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "published generation")
+	publishOne(t, s, prim, "second")
+	want := []uint64{1, 2}
+	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
+		t.Fatalf("primary serves %v, want %v", got, want)
+	}
+	snaps := s.snapshots(t)
+	unchanged := func(when string) {
+		t.Helper()
+		if got := s.snapshots(t); !slices.Equal(got, snaps) {
+			t.Fatalf("%s: snapshots %v, want %v", when, got, snaps)
+		}
+	}
+
+	rstate := filepath.Join(dir, "rstate")
+	rcfg := filepath.Join(dir, "replica.yaml")
+	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\nretention:\n  keep: 1\n",
+		papi, tokenFile, s.snaps, rstate)), 0o644)
+	has := func(what, out string, wants ...string) {
+		t.Helper()
+		for _, w := range wants {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s lacks %q:\n%s", what, w, out)
+			}
+		}
+	}
+
+	// The primary runs: its lock stops the replica.
+	out := refused(t, rcfg, "--new-handle-key")
+	has("replica start while the primary runs", out, "snapshot.snapshot_dir "+s.snaps+" is in use by a running server", "a primary with state_dir "+s.state, "give this server its own snapshot dir")
+	prim.stop(t)
+
+	// Stopped: the owner record stops it, and check-config says so first.
+	out, code := runStrata(t, nil, "server", "--config", rcfg, "--check-config")
+	if code != 1 || !strings.Contains(out, "\nconfiguration: refused\n") {
+		t.Errorf("check-config of the replica: exit %d, want 1 and refused\n%s", code, out)
+	}
+	has("check-config of the replica", out, "snapshot.snapshot_dir "+s.snaps+" is owned by server", "a primary with state_dir "+s.state,
+		filepath.Join(s.snaps, "strata.owner.json"), "Give this server its own snapshot.snapshot_dir", "--claim-snapshot-dir",
+		"if they are another server's, do neither") // the handle-key hint no longer leads here alone
+	for _, args := range [][]string{nil, {"--new-handle-key"}} {
+		out = refused(t, rcfg, args...)
+		has(fmt.Sprintf("replica start %v", args), out, "is owned by server", s.snaps, "--claim-snapshot-dir")
+	}
+	if _, err := os.Stat(rstate); !os.IsNotExist(err) {
+		t.Errorf("refused starts created state_dir %s: %v", rstate, err)
+	}
+	unchanged("after the refused replica starts")
+
+	// A dir of an older strata: no owner record. The replica cannot
+	// account for the primary's live snapshots: refused.
+	if err := os.Remove(filepath.Join(s.snaps, "strata.owner.json")); err != nil {
+		t.Fatal(err)
+	}
+	out = refused(t, rcfg, "--new-handle-key")
+	has("replica start on an old dir", out, "has no owner record", "strata-1 (labelled live by the server that published it, but this replica did not receive it", "strata-2", "--claim-snapshot-dir")
+
+	// Forced: it claims the dir but adopts none of the primary's snapshots
+	// (no origin label: it did not receive them), so retention (keep 1)
+	// has nothing of them to destroy, this start or the next.
+	repl := start(t, rcfg, rstate, nil, "--new-handle-key", "--claim-snapshot-dir")
+	if got := ids(repl.generations(t).Generations); len(got) != 0 {
+		t.Errorf("forced replica serves %v, want none of the primary's", got)
+	}
+	st, code := runStrata(t, nil, "status", "--api", repl.api)
+	has("forced replica's status", st, "did not receive it")
+	repl.stop(t)
+	repl = start(t, rcfg, rstate, nil)
+	if got := ids(repl.generations(t).Generations); len(got) != 0 {
+		t.Errorf("restarted replica serves %v, want none", got)
+	}
+	repl.stop(t)
+	unchanged("after the forced replica ran twice with keep 1")
+
+	// Now the replica owns it: the primary is refused, then takes it back.
+	out = refused(t, pcfg)
+	has("primary start on the replica's dir", out, "is owned by server", "a replica with state_dir "+rstate, "--claim-snapshot-dir")
+	prim = start(t, pcfg, s.state, nil, "--claim-snapshot-dir")
+	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
+		t.Errorf("primary after --claim-snapshot-dir serves %v, want %v", got, want)
+	}
+	prim.stop(t)
+	// Without a record the primary claims the dir on its own: its state
+	// dir accounts for every snapshot it serves.
+	if err := os.Remove(filepath.Join(s.snaps, "strata.owner.json")); err != nil {
+		t.Fatal(err)
+	}
+	prim = start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "claiming snapshot dir")
+	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
+		t.Errorf("primary on its old dir serves %v, want %v", got, want)
+	}
+	prim.stop(t)
+	unchanged("at the end")
+}
