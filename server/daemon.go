@@ -147,9 +147,11 @@ func checkHandleKey(cfg Config, p *plan, log *slog.Logger) error {
 // reads, checks the snapshot location the way the start does (a missing
 // snapshot dir where the start would create it), and reports the
 // generations it would serve, rebuild, destroy or report missing, the store
-// identity, and the handle key. Each problem is printed as an ERROR line,
-// then "configuration: ok" or "configuration: refused"; it returns an error
-// when the start, or publishing, would be refused.
+// identity, the snapshot dir's owner and the handle key. What would stop
+// the start or refuse publishing is printed as an ERROR line; what the
+// start goes ahead with and reports (kept snapshots, missing ones) as a
+// WARNING line; then "configuration: ok" or "configuration: refused"; it
+// returns an error when the start, or publishing, would be refused.
 func Check(ctx context.Context, cfg Config, w io.Writer) error {
 	problems := 0
 	say := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }

@@ -219,8 +219,11 @@ func (p *plan) report(cfg Config) []string {
 	if len(p.rebuild) > 0 {
 		add("would rebuild manifests and registrations of generations %v from their snapshots' labels and db.sqlite, and serve them", p.rebuild)
 	}
-	if len(p.missing) > 0 {
-		add("ERROR: generations %v have a manifest but no snapshot in %s: reported as missing, kept until `strata generations forget N`", p.missing, where(cfg))
+	if len(p.missing) > 0 && p.refusal(cfg) == nil {
+		// The start goes ahead (invariant 8: the previous good state, the
+		// rest, stays served); only all of them missing refuses it.
+		add("WARNING: generations %v have a manifest but no snapshot in %s: a start serves the rest and reports these as missing "+
+			"(log, strata status, strata generations) until `strata generations forget N --yes-forget N`", p.missing, where(cfg))
 	}
 	for _, id := range slices.Sorted(maps.Keys(p.kept)) {
 		add("WARNING: snapshot %s is kept but not served: %s", snapshot.Name(id), p.kept[id])

@@ -61,7 +61,7 @@ variable STRATA_SECTION_KEY and a flag --section-key.`,
 		Args: cobra.NoArgs,
 	}
 	loader, file := configFlags(cmd, server.Keys, server.DefaultConfigFile)
-	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration, read the token files and check the snapshot location as a start does, report what a start would do with the state dir, the snapshots, the store identity and the NFS handle key, change nothing, and exit (1 if the start or publishing would be refused)")
+	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration, read the token files and check the snapshot location as a start does, report what a start would do with the state dir, the snapshots, the snapshot dir's owner, the store identity and the NFS handle key (ERROR lines: what a start refuses; WARNING lines: what it goes ahead with and reports), change nothing, and exit (1 if the start or publishing would be refused)")
 	adoptStore := cmd.Flags().Bool("adopt-store", false, "publish store.root although it is not the central store the generations come from (its identity is recorded from now on)")
 	newKey := cmd.Flags().Bool("new-handle-key", false, "make a new NFS handle key although generations exist and the key is missing: every mounted client gets ESTALE until it remounts")
 	claimDir := cmd.Flags().Bool("claim-snapshot-dir", false, "btrfs: make this server the owner of snapshot.snapshot_dir although another server's owner record names it or it holds live snapshots this state_dir does not know (only when they are this server's own, or that server is gone for good)")

@@ -664,6 +664,13 @@ func TestMissingSnapshotReportedUntilForgotten(t *testing.T) {
 	srv.stop(t)
 	testenv.Run(t, "btrfs", "subvolume", "delete", filepath.Join(s.snaps, "strata-2"))
 
+	// --check-config agrees with the start, which serves the rest: a
+	// warning that names forget, not a refusal (review 18 #5).
+	out, code := runStrata(t, nil, "server", "--config", s.config(t, nil), "--check-config")
+	if code != 0 || !strings.Contains(out, "WARNING: generations [2] have a manifest but no snapshot") ||
+		!strings.Contains(out, "strata generations forget N --yes-forget N") || !strings.Contains(out, "\nconfiguration: ok\n") {
+		t.Errorf("--check-config with strata-2 missing: exit %d, want 0 with a warning naming forget\n%s", code, out)
+	}
 	srv = start(t, s.config(t, nil), s.state, nil)
 	if !strings.Contains(srv.logs.String(), "level=ERROR msg=\"generation has no snapshot") {
 		t.Errorf("no error logged for the missing snapshot")
