@@ -60,28 +60,17 @@ func (e *VerifyError) Error() string {
 // registered. It returns nil or a *VerifyError listing every problem; other
 // errors (say, storeDir unreadable) are returned as they are.
 func Verify(storeDir, logicalStoreDir string, infos []PathInfo) error {
-	prefix := filepath.Clean(logicalStoreDir)
-	if !strings.HasSuffix(prefix, "/") {
-		prefix += "/"
-	}
-	dirFD, err := unix.Open(storeDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("verify registration: open store %s: %w", storeDir, err)
-	}
-	defer unix.Close(dirFD)
-
-	ve := &VerifyError{}
-	registered := make(map[string]struct{}, len(infos))
-	inside := make([]bool, len(infos))
+	paths := make([]string, len(infos))
 	for i := range infos {
-		p := infos[i].Path
+		paths[i] = infos[i].Path
+	}
+	ve, err := present(storeDir, logicalStoreDir, paths)
+	if err != nil {
+		return err
+	}
+	registered := make(map[string]struct{}, len(infos))
+	for _, p := range paths {
 		registered[p] = struct{}{}
-		base, ok := strings.CutPrefix(p, prefix)
-		if ok && base != "" && base != "." && base != ".." && !strings.Contains(base, "/") {
-			inside[i] = true
-		} else {
-			ve.Outside = append(ve.Outside, p)
-		}
 	}
 	for i := range infos {
 		for _, r := range infos[i].References {
@@ -90,19 +79,59 @@ func Verify(storeDir, logicalStoreDir string, infos []PathInfo) error {
 			}
 		}
 	}
-
-	missing, err := missingNames(dirFD, len(prefix), infos, inside)
-	if err != nil {
-		return fmt.Errorf("verify registration: store %s: %w", storeDir, err)
-	}
-	ve.Missing = missing
 	if len(ve.Outside)+len(ve.Missing)+len(ve.Unregistered) > 0 {
 		return ve
 	}
 	return nil
 }
 
-// missingNames returns the paths of infos (those marked inside) whose base
+// VerifyPresent is the part of Verify that looks at the store: every path
+// of paths is directly under logicalStoreDir and has an entry in storeDir.
+// It leaves out the closure check, for a registration whose sha256 already
+// equals that of one Verify passed (a replica's copy of its primary's).
+func VerifyPresent(storeDir, logicalStoreDir string, paths []string) error {
+	ve, err := present(storeDir, logicalStoreDir, paths)
+	if err != nil {
+		return err
+	}
+	if len(ve.Outside)+len(ve.Missing) > 0 {
+		return ve
+	}
+	return nil
+}
+
+// present returns the paths outside logicalStoreDir and those missing from
+// storeDir.
+func present(storeDir, logicalStoreDir string, paths []string) (*VerifyError, error) {
+	prefix := filepath.Clean(logicalStoreDir)
+	if !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	dirFD, err := unix.Open(storeDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("verify registration: open store %s: %w", storeDir, err)
+	}
+	defer unix.Close(dirFD)
+
+	ve := &VerifyError{}
+	inside := make([]bool, len(paths))
+	for i, p := range paths {
+		base, ok := strings.CutPrefix(p, prefix)
+		if ok && base != "" && base != "." && base != ".." && !strings.Contains(base, "/") {
+			inside[i] = true
+		} else {
+			ve.Outside = append(ve.Outside, p)
+		}
+	}
+	missing, err := missingNames(dirFD, len(prefix), paths, inside)
+	if err != nil {
+		return nil, fmt.Errorf("verify registration: store %s: %w", storeDir, err)
+	}
+	ve.Missing = missing
+	return ve, nil
+}
+
+// missingNames returns the paths (those marked inside) whose base
 // name (path[skip:]) has no entry in the directory dirFD, in input order.
 // It reads the directory once (getdents) instead of looking each name up:
 // a lookup makes the kernel load the entry's inode, which for a snapshot
@@ -110,14 +139,14 @@ func Verify(storeDir, logicalStoreDir string, infos []PathInfo) error {
 // a publish's check), while the directory's entries come in large batches
 // (a 100,000-entry store reads in about 50 ms). An entry exists exactly when
 // lstat of its name would succeed.
-func missingNames(dirFD, skip int, infos []PathInfo, inside []bool) ([]string, error) {
-	want := make(map[string]int, len(infos)) // base name -> its first index
-	for i := len(infos) - 1; i >= 0; i-- {
+func missingNames(dirFD, skip int, paths []string, inside []bool) ([]string, error) {
+	want := make(map[string]int, len(paths)) // base name -> its first index
+	for i := len(paths) - 1; i >= 0; i-- {
 		if inside[i] {
-			want[infos[i].Path[skip:]] = i
+			want[paths[i][skip:]] = i
 		}
 	}
-	found := make([]bool, len(infos))
+	found := make([]bool, len(paths))
 	// Read from the start through a descriptor of our own: dirFD's offset
 	// is not ours to move.
 	fd, err := unix.Openat(dirFD, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -155,9 +184,9 @@ func missingNames(dirFD, skip int, infos []PathInfo, inside []bool) ([]string, e
 		}
 	}
 	var missing []string
-	for i := range infos {
-		if inside[i] && !found[want[infos[i].Path[skip:]]] {
-			missing = append(missing, infos[i].Path)
+	for i := range paths {
+		if inside[i] && !found[want[paths[i][skip:]]] {
+			missing = append(missing, paths[i])
 		}
 	}
 	return missing, nil

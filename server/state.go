@@ -130,13 +130,54 @@ func (s state) setNextID(n uint64) error {
 // rowsFile is the name of a generation's path rows (nixstore.WriteRows).
 const rowsFile = "paths.jsonl.gz"
 
+// stageDir is where a generation's files are written before they are
+// renamed into place (leftovers are removed at start).
+func (s state) stageDir(id uint64) string {
+	return filepath.Join(s.gensDir(), fmt.Sprintf(".%d.tmp", id))
+}
+
+// stageRegistration writes generation id's registration ahead of its
+// manifest (a replica does while the generation's stream arrives) into
+// id's staging directory, which writeGeneration then renames into place.
+func (s state) stageRegistration(id uint64, registration []byte) error {
+	tmp := s.stageDir(id)
+	os.RemoveAll(tmp)
+	if err := os.Mkdir(tmp, 0o755); err != nil {
+		return fmt.Errorf("stage registration of generation %d: %w", id, err)
+	}
+	if err := atomicfile.WriteFile(filepath.Join(tmp, "registration"), registration, 0o644); err != nil {
+		os.RemoveAll(tmp)
+		return fmt.Errorf("stage registration of generation %d: %w", id, err)
+	}
+	return nil
+}
+
+// dropStaged removes what stageRegistration wrote for generation id.
+func (s state) dropStaged(id uint64) { os.RemoveAll(s.stageDir(id)) }
+
 // writeGeneration stores a generation's manifest, registration and path
 // rows (none when rows is nil: writeRows adds them later).
 func (s state) writeGeneration(g api.Generation, registration, rows []byte) error {
-	tmp := filepath.Join(s.gensDir(), fmt.Sprintf(".%d.tmp", g.ID))
-	os.RemoveAll(tmp)
-	if err := os.Mkdir(tmp, 0o755); err != nil {
-		return fmt.Errorf("write generation %d: %w", g.ID, err)
+	return s.writeGen(g, registration, rows, false)
+}
+
+// writeStagedGeneration stores a generation's manifest with the
+// registration stageRegistration wrote, without path rows.
+func (s state) writeStagedGeneration(g api.Generation) error {
+	return s.writeGen(g, nil, nil, true)
+}
+
+func (s state) writeGen(g api.Generation, registration, rows []byte, staged bool) error {
+	tmp := s.stageDir(g.ID)
+	if staged {
+		if _, err := os.Stat(filepath.Join(tmp, "registration")); err != nil {
+			return fmt.Errorf("write generation %d: staged registration: %w", g.ID, err)
+		}
+	} else {
+		os.RemoveAll(tmp)
+		if err := os.Mkdir(tmp, 0o755); err != nil {
+			return fmt.Errorf("write generation %d: %w", g.ID, err)
+		}
 	}
 	g.Pinned, g.PinName = false, ""
 	m, err := json.MarshalIndent(g, "", "  ")
@@ -144,7 +185,7 @@ func (s state) writeGeneration(g api.Generation, registration, rows []byte) erro
 		return err
 	}
 	for name, data := range map[string][]byte{"manifest.json": append(m, '\n'), "registration": registration, rowsFile: rows} {
-		if data == nil && name == rowsFile {
+		if data == nil && (name == rowsFile || name == "registration" && staged) {
 			continue
 		}
 		if err := atomicfile.WriteFile(filepath.Join(tmp, name), data, 0o644); err != nil {

@@ -16,27 +16,33 @@
 package replica
 
 import (
+	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/internal/phase"
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/server"
 	"github.com/strata-nix/strata/server/replica"
@@ -151,6 +157,7 @@ func rsyncBytes(b *testing.B, out string) int64 {
 
 func rsync(b *testing.B, src, dst string) (time.Duration, int64) {
 	b.Helper()
+	flushDirty(b)
 	start := time.Now()
 	out, err := exec.Command("rsync", "-a", "--delete", "--stats", src+"/", dst+"/").CombinedOutput()
 	took := time.Since(start)
@@ -174,10 +181,11 @@ func BenchmarkReplicate(b *testing.B) {
 	b.Logf("built a store of %d paths in %v", n, time.Since(start).Round(time.Millisecond))
 	pcfg := server.Config{StoreRoot: st.NixRoot(), StoreDir: "/nix/store", Backend: "btrfs",
 		SnapshotDir: filepath.Join(pmnt, "snaps"), StateDir: filepath.Join(b.TempDir(), "pstate"), Keep: 10}
-	pb, err := btrfs.New(pcfg.StoreRoot, pcfg.SnapshotDir, nil)
+	pbb, err := btrfs.New(pcfg.StoreRoot, pcfg.SnapshotDir, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
+	pb := &timedBtrfs{Backend: pbb}
 	prim, err := server.New(ctx, server.Options{Config: pcfg, Backend: pb})
 	if err != nil {
 		b.Fatal(err)
@@ -217,24 +225,121 @@ func BenchmarkReplicate(b *testing.B) {
 
 	addPaths(b, st, "new", 1000)
 	publish()
-	incr, rowsT := syncIncremental(b, p, rs)
+	flushDirty(b)
+	incr, rowsT, spans := syncIncremental(b, p, rs, &pb.log)
 	rsyncT, rsyncB := rsync(b, filepath.Join(pcfg.SnapshotDir, "strata-2"), rdst)
+	what := btrfsStreamBytes(b, filepath.Join(pcfg.SnapshotDir, "strata-1"), filepath.Join(pcfg.SnapshotDir, "strata-2"))
 	g1, _ := rs.Generation(1)
 	g2, _ := rs.Generation(2)
 	full := first.Received[0]
 
 	printTable(b, table{setup: "btrfs on loop devices, same host", tool: "btrfs receive", g1: g1.Paths, g2: g2.Paths,
-		full: full, incr: incr, rows: rowsT, rsyncFull: rsyncFullT, rsyncFullBytes: rsyncFullB, rsync: rsyncT, rsyncBytes: rsyncB})
+		full: full, incr: incr, rows: rowsT, spans: spans, what: what, rsyncFull: rsyncFullT, rsyncFullBytes: rsyncFullB, rsync: rsyncT, rsyncBytes: rsyncB})
+}
+
+// flushDirty writes every dirty page back (sync(2)) before a timed step,
+// so that neither side pays for the writeback of what came before it (the
+// initial copies write hundreds of megabytes to the replica's filesystem).
+// Caches stay warm for both.
+func flushDirty(b *testing.B) {
+	b.Helper()
+	unix.Sync()
+}
+
+// btrfsStreamBytes breaks the incremental stream from snapshot from to
+// snapshot to down by what it carries: `btrfs send -p` (the same stream
+// the primary's endpoint sent) through `btrfs receive --dump`, its write
+// commands summed by file.
+func btrfsStreamBytes(b *testing.B, from, to string) []kindBytes {
+	b.Helper()
+	send := exec.Command("btrfs", "send", "-q", "-p", from, to)
+	dump := exec.Command("btrfs", "receive", "--dump")
+	pipe, err := send.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cr := &countReader{r: pipe}
+	dump.Stdin = cr
+	out, err := dump.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := send.Start(); err != nil {
+		b.Fatal(err)
+	}
+	if err := dump.Start(); err != nil {
+		b.Fatal(err)
+	}
+	sums := map[string]int64{}
+	sc := bufio.NewScanner(out)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 4 || f[0] != "write" {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimPrefix(f[len(f)-1], "len="), 10, 64)
+		if err != nil {
+			b.Fatalf("btrfs receive --dump: %q", sc.Text())
+		}
+		sums[fileKind(f[1])] += n
+	}
+	if err := dump.Wait(); err != nil {
+		b.Fatalf("btrfs receive --dump: %v", err)
+	}
+	if err := send.Wait(); err != nil {
+		b.Fatalf("btrfs send: %v", err)
+	}
+	var data int64
+	var out2 []kindBytes
+	for _, k := range []string{"store files (new paths)", "var/nix/db/db.sqlite", "var/nix/db/db.sqlite-wal", "other files"} {
+		if sums[k] > 0 || k == "var/nix/db/db.sqlite-wal" {
+			out2 = append(out2, kindBytes{k, sums[k]})
+		}
+		data += sums[k]
+	}
+	return append(out2, kindBytes{"stream commands and metadata", cr.n - data})
+}
+
+func fileKind(p string) string {
+	switch {
+	case strings.Contains(p, "/store/"):
+		return "store files (new paths)"
+	case strings.HasSuffix(p, "/var/nix/db/db.sqlite"):
+		return "var/nix/db/db.sqlite"
+	case strings.HasSuffix(p, "/var/nix/db/db.sqlite-wal"):
+		return "var/nix/db/db.sqlite-wal"
+	}
+	return "other files"
+}
+
+type kindBytes struct {
+	what  string
+	bytes int64
+}
+
+type countReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // syncIncremental times the replica's sync of generation 2 from 1 (the
 // benchmark's timed part), then how long its path rows, written after the
 // generation went live, take to appear (OpenRows waits for that write).
-func syncIncremental(b *testing.B, p *replica.Puller, rs *server.Server) (replica.Received, time.Duration) {
+func syncIncremental(b *testing.B, p *replica.Puller, rs *server.Server, primary **phase.Log) (replica.Received, time.Duration, []phase.Span) {
 	b.Helper()
+	log := phase.New()
+	*primary = log
 	b.ResetTimer()
-	res, err := p.Sync(context.Background())
+	res, err := p.Sync(phase.With(context.Background(), log))
 	b.StopTimer()
+	*primary = nil
 	if err != nil || len(res.Received) != 1 || res.Received[0].From != 1 {
 		b.Fatalf("incremental sync: %v %+v", err, res)
 	}
@@ -244,7 +349,49 @@ func syncIncremental(b *testing.B, p *replica.Puller, rs *server.Server) (replic
 		b.Fatalf("rows of generation 2 on the replica: %v", err)
 	}
 	f.Close()
-	return res.Received[0], time.Since(start)
+	log.Add("after live: path rows written (background)", start, time.Now())
+	return res.Received[0], time.Since(start), log.Spans()
+}
+
+// timedBtrfs is the primary's btrfs backend with its sends timed into log
+// (the stream handler runs under the HTTP request's context, not the
+// sync's).
+type timedBtrfs struct {
+	*btrfs.Backend
+	log *phase.Log
+}
+
+func (t *timedBtrfs) Send(ctx context.Context, w io.Writer, id, from uint64) error {
+	return timedSend(t.log, w, func(w io.Writer) error { return t.Backend.Send(ctx, w, id, from) }, "btrfs send")
+}
+
+// timedSend runs send into w and records, into log, the send from its
+// start to its first byte and to its end.
+func timedSend(log *phase.Log, w io.Writer, send func(io.Writer) error, tool string) error {
+	if log == nil {
+		return send(w)
+	}
+	start := time.Now()
+	fw := &firstWrite{w: w}
+	err := send(fw)
+	end := time.Now()
+	if !fw.at.IsZero() {
+		log.Add("primary: "+tool+" until its first byte", start, fw.at)
+	}
+	log.Add("primary: "+tool, start, end)
+	return err
+}
+
+type firstWrite struct {
+	w  io.Writer
+	at time.Time
+}
+
+func (f *firstWrite) Write(p []byte) (int, error) {
+	if f.at.IsZero() {
+		f.at = time.Now()
+	}
+	return f.w.Write(p)
 }
 
 // table is one bench-replica result: strata's whole and incremental
@@ -254,6 +401,8 @@ type table struct {
 	g1, g2                     int    // paths in generations 1 and 2
 	full, incr                 replica.Received
 	rows                       time.Duration // the path rows written after going live
+	spans                      []phase.Span  // where the incremental sync's time went
+	what                       []kindBytes   // the incremental stream's bytes by what they carry
 	rsyncFull, rsync           time.Duration
 	rsyncFullBytes, rsyncBytes int64
 }
@@ -264,14 +413,28 @@ func printTable(b *testing.B, t table) {
 	fmt.Printf("%-44s %10s %14s\n", "", "seconds", "bytes")
 	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 1 whole (%d paths)", t.g1), t.full.Took.Seconds(), t.full.Bytes)
 	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a generation 1 (initial copy)", t.rsyncFull.Seconds(), t.rsyncFullBytes)
-	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 2 incremental (%d paths)", t.g2), t.incr.Took.Seconds(), t.incr.Bytes)
+	fmt.Printf("%-44s %10.2f %14d\n", fmt.Sprintf("strata generation 2 incremental (%d paths)", t.g2), t.incr.Took.Seconds(), t.incr.Bytes+t.incr.DeltaBytes)
+	for _, w := range t.what {
+		fmt.Printf("%-44s %10s %14d\n", "  stream: "+w.what, "", w.bytes)
+	}
+	fmt.Printf("%-44s %10s %14d\n", "  registration delta (API, JSON)", "", t.incr.DeltaBytes)
 	fmt.Printf("%-44s %10.2f\n", "  of which stream and "+t.tool, t.incr.Stream.Seconds())
 	fmt.Printf("%-44s %10.2f\n", "  of which check and make live", (t.incr.Took - t.incr.Stream).Seconds())
 	fmt.Printf("%-44s %10.2f\n", "  path rows written after (background)", t.rows.Seconds())
 	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete generation 1 -> 2", t.rsync.Seconds(), t.rsyncBytes)
-	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", t.rsync.Seconds()/t.incr.Took.Seconds(), float64(t.rsyncBytes)/float64(t.incr.Bytes))
+	if len(t.spans) > 0 {
+		fmt.Printf("\nthe incremental sync's steps (seconds from its start; steps may overlap)\n")
+		fmt.Printf("%-60s %7s %7s %7s\n", "", "start", "end", "took")
+		sorted := slices.Clone(t.spans)
+		slices.SortStableFunc(sorted, func(a, b phase.Span) int { return cmp.Compare(a.Start, b.Start) })
+		for _, s := range sorted {
+			fmt.Printf("%-60s %7.3f %7.3f %7.3f\n", s.Name, s.Start.Seconds(), s.End.Seconds(), s.Took().Seconds())
+		}
+		fmt.Println()
+	}
+	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", t.rsync.Seconds()/t.incr.Took.Seconds(), float64(t.rsyncBytes)/float64(t.incr.Bytes+t.incr.DeltaBytes))
 	b.ReportMetric(t.incr.Took.Seconds(), "strata-s")
 	b.ReportMetric(t.rsync.Seconds(), "rsync-s")
-	b.ReportMetric(float64(t.incr.Bytes), "strata-bytes")
+	b.ReportMetric(float64(t.incr.Bytes+t.incr.DeltaBytes), "strata-bytes")
 	b.ReportMetric(float64(t.rsyncBytes), "rsync-bytes")
 }

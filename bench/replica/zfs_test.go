@@ -15,6 +15,7 @@ import (
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/internal/phase"
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/server"
 	"github.com/strata-nix/strata/server/replica"
@@ -103,10 +104,12 @@ func BenchmarkReplicateZFS(b *testing.B) {
 
 	addPaths(b, st, "new", 1000)
 	gen2 := publish()
-	incr, rowsT := syncIncremental(b, p, rs)
+	flushDirty(b)
+	var noLog *phase.Log
+	incr, rowsT, spans := syncIncremental(b, p, rs, &noLog)
 	rsyncT, rsyncB := rsync(b, gen2, rdst)
 	g1, _ := rs.Generation(1)
 	g2, _ := rs.Generation(2)
 	printTable(b, table{setup: "OpenZFS datasets of one pool, same guest", tool: "zfs receive", g1: g1.Paths, g2: g2.Paths,
-		full: first.Received[0], incr: incr, rows: rowsT, rsyncFull: rsyncFullT, rsyncFullBytes: rsyncFullB, rsync: rsyncT, rsyncBytes: rsyncB})
+		full: first.Received[0], incr: incr, rows: rowsT, spans: spans, rsyncFull: rsyncFullT, rsyncFullBytes: rsyncFullB, rsync: rsyncT, rsyncBytes: rsyncB})
 }

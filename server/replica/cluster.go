@@ -72,6 +72,16 @@ func (f *fromCluster) Stream(ctx context.Context, r api.StreamRequest) (*api.Str
 	return c.Stream(ctx, r)
 }
 
+func (f *fromCluster) Delta(ctx context.Context, from, to uint64) (api.Delta, error) {
+	f.mu.Lock()
+	c := f.c
+	f.mu.Unlock()
+	if c == nil {
+		return api.Delta{}, errors.New("replica.from_cluster: no primary known yet")
+	}
+	return c.Delta(ctx, from, to)
+}
+
 func (f *fromCluster) URL() string {
 	f.mu.Lock()
 	defer f.mu.Unlock()

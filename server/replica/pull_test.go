@@ -32,6 +32,10 @@ func streamingPrimary(t *testing.T, list api.GenerationList, sum string) (*httpt
 			json.NewEncoder(w).Encode(list)
 			return
 		}
+		if strings.HasSuffix(r.URL.Path, "/delta") {
+			http.Error(w, "no delta here", http.StatusNotFound)
+			return
+		}
 		asked = append(asked, r.URL.Path+"?"+r.URL.RawQuery)
 		body := []byte("stream-bytes")
 		w.Header().Set("Trailer", api.TrailerStreamBytes+", "+api.TrailerStreamSHA256)

@@ -16,6 +16,7 @@ package replica
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -25,6 +26,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -33,6 +35,7 @@ import (
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/atomicfile"
+	"github.com/strata-nix/strata/internal/phase"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -42,6 +45,11 @@ type Target interface {
 	Generations() []api.Generation
 	// StoreID is the central store the generations here come from.
 	StoreID() string
+	// PrepareReceived is given, while generation g's stream arrives, the
+	// primary's registration delta to g from the stream's base: a cheaper
+	// way to g's registration than the received snapshot's own DB, which
+	// AddReceived uses only if it matches g's manifest.
+	PrepareReceived(ctx context.Context, g api.Generation, d api.Delta)
 	// AddReceived makes a received snapshot live as generation g.ID, or
 	// refuses it (the puller then destroys it).
 	AddReceived(ctx context.Context, g api.Generation, snap snapshot.Snapshot, origin string) (api.Generation, error)
@@ -65,6 +73,8 @@ type Primary interface {
 	Generations(ctx context.Context) (api.GenerationList, error)
 	// Stream asks for a snapshot stream.
 	Stream(ctx context.Context, r api.StreamRequest) (*api.Stream, error)
+	// Delta asks for the registration delta from generation from to to.
+	Delta(ctx context.Context, from, to uint64) (api.Delta, error)
 	// URL is the primary's API URL ("" while none is known), recorded
 	// as each received generation's origin.
 	URL() string
@@ -137,7 +147,10 @@ type Result struct {
 type Received struct {
 	ID, From uint64 // From 0: a whole stream
 	Bytes    int64
-	Took     time.Duration
+	// DeltaBytes is the size of the registration delta (the primary's
+	// JSON answer) used instead of reading the snapshot's DB; 0 if none.
+	DeltaBytes int64
+	Took       time.Duration
 	// Stream is the part of Took spent receiving the stream into the
 	// backend; the rest is the target's check and making it live.
 	Stream time.Duration
@@ -148,7 +161,9 @@ type Received struct {
 // first, then applies retention. It stops at the first failure.
 func (p *Puller) Sync(ctx context.Context) (Result, error) {
 	var res Result
+	endList := phase.Begin(ctx, "replica: list the primary's generations")
 	list, err := p.primary.Generations(ctx)
+	endList()
 	if err != nil {
 		p.m.syncs.WithLabelValues("error").Inc()
 		return res, fmt.Errorf("ask primary %s for its generations: %w", p.primary.URL(), err)
@@ -189,7 +204,9 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		}
 		res.Received = append(res.Received, r)
 	}
+	endRetain := phase.Begin(ctx, "replica: retention")
 	p.target.Retain(ctx)
+	endRetain()
 	p.m.syncs.WithLabelValues("ok").Inc()
 	p.m.lastSync.SetToCurrentTime()
 	p.observeLag(list)
@@ -282,7 +299,35 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	if token != "" {
 		kind = "resume"
 	}
+	// The primary's registration delta from the base, fetched and handed
+	// to the target while the stream arrives: with it the target checks
+	// the registration without reading the received snapshot's DB.
+	deltaBytes := make(chan int64, 1)
+	if from != 0 && token == "" {
+		var prep sync.WaitGroup
+		defer prep.Wait() // no PrepareReceived outlives its receive
+		dctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		prep.Add(1)
+		go func() {
+			defer prep.Done()
+			end := phase.Begin(ctx, "replica: registration delta from the primary")
+			d, err := p.primary.Delta(dctx, from, g.ID)
+			end()
+			if err != nil {
+				p.log.Info("no registration delta from the primary; the received snapshot's db gives the registration", "generation", g.ID, "from", from, "err", err)
+				deltaBytes <- 0
+				return
+			}
+			p.target.PrepareReceived(dctx, g, d)
+			deltaBytes <- jsonSize(&d)
+		}()
+	} else {
+		deltaBytes <- 0
+	}
+	endAsk := phase.Begin(ctx, "replica: ask for the stream (until its header)")
 	st, err := p.primary.Stream(ctx, api.StreamRequest{ID: g.ID, From: from, Backend: p.backend.Kind(), Resume: token, Stall: p.stall})
+	endAsk()
 	if err != nil {
 		var se *api.StatusError
 		if errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusConflict) {
@@ -292,9 +337,11 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	}
 	defer st.Close()
 	if token == "" {
+		endMark := phase.Begin(ctx, "replica: record the receive in the state dir")
 		if err := p.markReceiving(g.ID); err != nil {
 			return Received{}, err
 		}
+		endMark()
 	}
 	p.progressed()
 	var in io.Reader = st
@@ -304,11 +351,14 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	rd := &readErr{r: in}
 	in = rd
 	var snap snapshot.Snapshot
+	var dBytes int64
+	endRecv := phase.Begin(ctx, "replica: receive into the backend")
 	if token != "" {
 		snap, err = p.backend.(snapshot.Resumer).ResumeReceive(ctx, in, g.ID)
 	} else {
 		snap, err = p.backend.Receive(ctx, in, g.ID, from)
 	}
+	endRecv()
 	if err != nil {
 		p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
 		if rd.failed() {
@@ -320,13 +370,21 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 		return Received{}, fmt.Errorf("receive generation %d from %d: %w", g.ID, from, err)
 	}
 	// Whatever the backend left unread must arrive and match the trailers.
+	endRest := phase.Begin(ctx, "replica: rest of the stream and its trailers")
 	_, err = io.Copy(io.Discard, in)
+	endRest()
 	streamed := time.Since(start)
 	p.m.bytes.WithLabelValues(kind).Add(float64(st.Bytes()))
 	if err != nil {
 		err = fmt.Errorf("%w: %w", errBroken, err)
 	} else if err = p.pauseAt(ctx, "received", g.ID); err == nil {
+		select {
+		case dBytes = <-deltaBytes:
+		case <-ctx.Done():
+		}
+		endAdd := phase.Begin(ctx, "replica: check and make live")
 		_, err = p.target.AddReceived(ctx, g, snap, p.primary.URL())
+		endAdd()
 		if err != nil {
 			err = fmt.Errorf("%w: %w", errRefused, err)
 		}
@@ -338,9 +396,11 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 		p.clearReceiving()
 		return Received{}, fmt.Errorf("generation %d: %w", g.ID, err)
 	}
+	endClear := phase.Begin(ctx, "replica: clear the record")
 	p.clearReceiving()
+	endClear()
 	p.progressed()
-	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), Took: time.Since(start), Stream: streamed}
+	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), DeltaBytes: dBytes, Took: time.Since(start), Stream: streamed}
 	p.log.Info("received generation", "primary", p.primary.URL(), "generation", g.ID, "from", from, "kind", kind, "bytes", r.Bytes, "took", r.Took.Round(time.Millisecond))
 	return r, nil
 }
@@ -464,6 +524,15 @@ func (r *readErr) Read(b []byte) (int, error) {
 }
 
 func (r *readErr) failed() bool { return r.bad.Load() }
+
+// jsonSize is the size of d as the primary's API sends it.
+func jsonSize(d *api.Delta) int64 {
+	b, err := json.MarshalIndent(d, "", "  ")
+	if err != nil {
+		return 0
+	}
+	return int64(len(b)) + 1
+}
 
 // progressReader reports each read that brought bytes.
 type progressReader struct {

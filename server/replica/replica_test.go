@@ -23,6 +23,9 @@ type fakePrimary struct {
 
 func (f *fakePrimary) Generations(context.Context) (api.GenerationList, error) { return f.list, nil }
 func (f *fakePrimary) URL() string                                             { return "http://primary" }
+func (f *fakePrimary) Delta(context.Context, uint64, uint64) (api.Delta, error) {
+	return api.Delta{}, errors.New("fake primary has no delta")
+}
 func (f *fakePrimary) Stream(_ context.Context, r api.StreamRequest) (*api.Stream, error) {
 	f.streams = append(f.streams, r)
 	return nil, errors.New("fake primary streams nothing")
@@ -45,8 +48,9 @@ type fakeTarget struct {
 	store string
 }
 
-func (f *fakeTarget) Generations() []api.Generation { return f.gens }
-func (f *fakeTarget) StoreID() string               { return f.store }
+func (f *fakeTarget) Generations() []api.Generation                              { return f.gens }
+func (f *fakeTarget) StoreID() string                                            { return f.store }
+func (f *fakeTarget) PrepareReceived(context.Context, api.Generation, api.Delta) {}
 func (f *fakeTarget) AddReceived(context.Context, api.Generation, snapshot.Snapshot, string) (api.Generation, error) {
 	return api.Generation{}, errors.New("not used")
 }

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-nix/strata/internal/feed"
+	"github.com/strata-nix/strata/internal/phase"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -150,7 +151,9 @@ func (b *Backend) Receive(ctx context.Context, r io.Reader, id, from uint64) (sn
 		}
 	}
 	br := bufio.NewReaderSize(r, maxHead)
+	endHead := phase.Begin(ctx, "replica: btrfs stream head (first bytes)")
 	got, incremental, err := streamHead(br)
+	endHead()
 	if err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs receive %s: %w", final, err)
 	}
@@ -170,9 +173,13 @@ func (b *Backend) Receive(ctx context.Context, r io.Reader, id, from uint64) (sn
 			}
 		}
 	}()
+	endRecv := phase.Begin(ctx, "replica: btrfs receive process")
 	if err := b.receive(ctx, br); err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs receive %s: %w", final, err)
 	}
+	endRecv()
+	endSettle := phase.Begin(ctx, "replica: received subvolume info, labels, fsync dir")
+	defer endSettle()
 	info, err := b.snapshotInfo(final)
 	if err != nil {
 		return snapshot.Snapshot{}, fmt.Errorf("btrfs receive %s: received subvolume: %w", final, err)

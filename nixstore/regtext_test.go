@@ -1,0 +1,106 @@
+package nixstore
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func regText(t *testing.T, infos []PathInfo) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	if err := WriteRegistration(&b, infos); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// TestDeltaTextMatchesDelta: on random pairs of registrations (paths
+// added, removed and changed), DeltaText gives exactly what Delta and
+// WriteRegistration give, ApplyDelta of it gives the new text byte for
+// byte, and RegistrationPaths lists the new text's paths.
+func TestDeltaTextMatchesDelta(t *testing.T) {
+	all := fakeInfos("/nix/store", 600, 4, 7)
+	for seed := uint64(0); seed < 40; seed++ {
+		r := rand.New(rand.NewPCG(seed, 1))
+		var from, to []PathInfo
+		for _, in := range all {
+			inFrom, inTo := r.IntN(3) > 0, r.IntN(3) > 0
+			if inFrom {
+				from = append(from, in)
+			}
+			if inTo {
+				if inFrom && r.IntN(10) == 0 {
+					in.NarSize++ // the same path, rebuilt
+				}
+				to = append(to, in)
+			}
+		}
+		if seed == 0 {
+			from, to = nil, all
+		}
+		if seed == 1 {
+			from, to = all, nil
+		}
+		added, removed := Delta(from, to)
+		want := regText(t, added)
+		ft, tt := regText(t, from), regText(t, to)
+		gotAdded, gotRemoved, err := DeltaText(ft, tt)
+		if err != nil {
+			t.Fatalf("seed %d: %v", seed, err)
+		}
+		if !bytes.Equal(gotAdded, want) || !slices.Equal(gotRemoved, removed) {
+			t.Fatalf("seed %d: DeltaText differs from Delta: %d/%d added bytes, removed %d/%d", seed, len(gotAdded), len(want), len(gotRemoved), len(removed))
+		}
+		got, err := ApplyDelta(ft, gotAdded, gotRemoved)
+		if err != nil {
+			t.Fatalf("seed %d: apply: %v", seed, err)
+		}
+		if !bytes.Equal(got, tt) {
+			t.Fatalf("seed %d: from + delta != to", seed)
+		}
+		ps, nar, err := RegistrationPaths(tt)
+		var wantNar uint64
+		for _, in := range to {
+			wantNar += in.NarSize
+		}
+		if err != nil || !slices.Equal(ps, paths(to)) || nar != wantNar {
+			t.Fatalf("seed %d: RegistrationPaths: %v, NAR bytes %d, want %d", seed, err, nar, wantNar)
+		}
+	}
+}
+
+func TestApplyDeltaRefusesWhatDoesNotFit(t *testing.T) {
+	all := fakeInfos("/nix/store", 6, 2, 3)
+	base := regText(t, all[:4])
+	add := regText(t, all[4:5])
+	tests := []struct {
+		name     string
+		base     []byte
+		added    []byte
+		removed  []string
+		wantText string
+	}{
+		{"removes a path the base lacks", base, nil, []string{all[5].Path}, "does not have"},
+		{"adds and removes a path", base, add, []string{all[4].Path}, "adds and removes"},
+		{"adds and removes a base path", base, regText(t, all[1:2]), []string{all[1].Path}, "adds and removes"},
+		{"removed not sorted", base, nil, []string{all[2].Path, all[1].Path}, ""},
+		{"base not sorted", append(regText(t, all[2:3]), regText(t, all[1:2])...), nil, nil, "not sorted"},
+		{"added not sorted", base, append(regText(t, all[5:6]), add...), nil, "not sorted"},
+		{"record cut short", base[:len(base)-3], nil, nil, "cut short"},
+		{"bad reference count", []byte("/nix/store/x\nh\n1\n\nmany\n"), nil, nil, "reference count"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ApplyDelta(tt.base, tt.added, tt.removed)
+			if err == nil || !strings.Contains(err.Error(), tt.wantText) {
+				t.Fatalf("ApplyDelta: %v, want an error with %q", err, tt.wantText)
+			}
+		})
+	}
+	if _, _, err := DeltaText(append(regText(t, all[2:3]), regText(t, all[1:2])...), base); err == nil || !strings.Contains(err.Error(), "not sorted") {
+		t.Fatalf("DeltaText of an unsorted text: %v", err)
+	}
+}

@@ -1,0 +1,110 @@
+//go:build integration
+
+package server
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/phase"
+	"github.com/strata-nix/strata/server/replica"
+	"github.com/strata-nix/strata/snapshot/btrfs"
+)
+
+// tamperedPrimary is the primary's API with its registration deltas
+// changed by tamper.
+type tamperedPrimary struct {
+	replica.Primary
+	tamper func(*api.Delta)
+}
+
+func (p tamperedPrimary) Delta(ctx context.Context, from, to uint64) (api.Delta, error) {
+	d, err := p.Primary.Delta(ctx, from, to)
+	if err == nil {
+		p.tamper(&d)
+	}
+	return d, err
+}
+
+func stepNames(l *phase.Log) []string {
+	var out []string
+	for _, s := range l.Spans() {
+		out = append(out, s.Name)
+	}
+	return out
+}
+
+// TestReplicaRegistrationFromDelta: an incremental receive takes its
+// registration from the primary's delta (not from the received snapshot's
+// DB) and serves exactly the primary's registration and, once written, its
+// rows; a delta that does not give the manifest's registration is not
+// used: the snapshot's DB gives it, and the generation still goes live
+// equal to the primary's; a snapshot whose own DB disagrees with the
+// manifest gets no rows.
+func TestReplicaRegistrationFromDelta(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.AddText(t, "one", "1\n")
+	publish(t, prim.srv.Server)
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, p := re.start(t, "primary-token")
+	syncOnce(t, p)
+
+	check := func(id uint64, p *replica.Puller, wantStep, notStep string) {
+		t.Helper()
+		log := phase.New()
+		res, err := p.Sync(phase.With(context.Background(), log))
+		if err != nil || len(res.Received) != 1 || res.Received[0].ID != id || res.Received[0].From == 0 {
+			t.Fatalf("sync: %v %+v, want generation %d incrementally", err, res, id)
+		}
+		steps := stepNames(log)
+		if !slices.ContainsFunc(steps, func(s string) bool { return strings.HasPrefix(s, wantStep) }) ||
+			notStep != "" && slices.ContainsFunc(steps, func(s string) bool { return strings.HasPrefix(s, notStep) }) {
+			t.Errorf("generation %d: steps %q, want %q and not %q", id, steps, wantStep, notStep)
+		}
+		if a, b := regSHA(t, prim.srv.Server, id), regSHA(t, rs.Server, id); a != b {
+			t.Errorf("generation %d: registration sha256 %s on the replica, %s on the primary", id, b, a)
+		}
+		if a, b := rowsOf(t, prim.srv.Server, id), rowsOf(t, rs.Server, id); !bytes.Equal(a, b) {
+			t.Errorf("generation %d: rows differ from the primary's", id)
+		}
+		pg, _ := prim.srv.Generation(id)
+		rg, _ := rs.Generation(id)
+		if pg.Paths != rg.Paths || pg.NarBytes != rg.NarBytes {
+			t.Errorf("generation %d: %d paths, %d NAR bytes on the replica; %d, %d on the primary", id, rg.Paths, rg.NarBytes, pg.Paths, pg.NarBytes)
+		}
+		if w, r := exportWalk(t, prim.srv.nfsAddr, id), exportWalk(t, rs.nfsAddr, id); w != r {
+			t.Errorf("generation %d: the replica's export differs from the primary's", id)
+		}
+	}
+
+	prim.c.store.AddText(t, "two", "2\n")
+	publish(t, prim.srv.Server)
+	check(2, p, "prepare: registration from the primary's delta", "live: read the snapshot's db")
+
+	// A delta that does not lead to the manifest's registration (it leaves
+	// the new paths out).
+	b, err := btrfs.NewReplica(re.snapDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := replica.New(replica.Options{Backend: b, Target: rs.Server, StateDir: re.cfg.StateDir, Registry: prometheus.NewRegistry(),
+		Primary: tamperedPrimary{replica.Fixed(api.NewClient(prim.api.URL, "primary-token"), prim.api.URL), func(d *api.Delta) { d.Added = "" }}})
+	prim.c.store.AddText(t, "three", "3\n")
+	publish(t, prim.srv.Server)
+	check(3, bad, "live: read the snapshot's db", "")
+
+	// The gate of the rows written after going live: a snapshot whose DB
+	// gives another registration than the manifest's gets none.
+	g, _ := rs.Generation(3)
+	if _, err := rs.snapshotRows(context.Background(), fmt.Sprintf("%s/%s", re.snapDir, g.Snapshot), strings.Repeat("0", 64)); err == nil ||
+		!strings.Contains(err.Error(), "not the manifest's") {
+		t.Errorf("rows of a snapshot whose DB disagrees with the manifest: %v, want refused", err)
+	}
+}
