@@ -56,7 +56,7 @@ func (s *Server) PrepareReceived(ctx context.Context, g api.Generation, d api.De
 		s.log.Warn("registration from the primary's delta: the received snapshot's db gives the registration instead", "generation", g.ID, "from", d.From, "err", err)
 		return
 	}
-	if err := s.state.stageRegistration(g.ID, reg.text); err != nil {
+	if err := s.state.stageRegistration(reg.text); err != nil {
 		s.log.Warn("stage registration; the received snapshot's db gives the registration instead", "generation", g.ID, "err", err)
 		return
 	}
@@ -84,7 +84,7 @@ func (s *Server) takeStage(id uint64) (receivedReg, bool) {
 		return receivedReg{}, false
 	}
 	if st.id != id { // left by a receive that failed
-		s.state.dropStaged(st.id)
+		s.state.dropStaged()
 		return receivedReg{}, false
 	}
 	return st.reg, true
@@ -98,7 +98,7 @@ func (s *Server) dropStage() {
 	s.staged = nil
 	s.stageMu.Unlock()
 	if st != nil {
-		s.state.dropStaged(st.id)
+		s.state.dropStaged()
 	}
 }
 
@@ -128,14 +128,14 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	reg, staged := s.takeStage(g.ID)
 	if staged && reg.sum != g.RegistrationSHA256 {
 		staged = false
-		s.state.dropStaged(g.ID)
+		s.state.dropStaged()
 	}
 	if staged {
 		end := phase.Begin(ctx, "live: every registered path in the store dir")
 		err := nixstore.VerifyPresent(PhysicalStore(snap.Path), s.cfg.StoreDir, reg.pathList)
 		end()
 		if err != nil {
-			s.state.dropStaged(g.ID)
+			s.state.dropStaged()
 			return api.Generation{}, fmt.Errorf("received generation %d: %w", g.ID, err)
 		}
 	} else {
@@ -165,7 +165,7 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	}
 	if err := write(); err != nil {
 		if staged {
-			s.state.dropStaged(g.ID)
+			s.state.dropStaged()
 		}
 		return api.Generation{}, err
 	}

@@ -99,11 +99,12 @@ func (s state) init() error {
 	if err := os.MkdirAll(s.gensDir(), 0o755); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
-	// Leftovers of a crash while writing a generation.
+	// Leftovers of a crash while writing a generation or receiving one.
 	tmps, _ := filepath.Glob(filepath.Join(s.gensDir(), ".*.tmp"))
 	for _, t := range tmps {
 		os.RemoveAll(t)
 	}
+	os.Remove(s.stagedFile())
 	return nil
 }
 
@@ -136,24 +137,24 @@ func (s state) stageDir(id uint64) string {
 	return filepath.Join(s.gensDir(), fmt.Sprintf(".%d.tmp", id))
 }
 
-// stageRegistration writes generation id's registration ahead of its
-// manifest (a replica does while the generation's stream arrives) into
-// id's staging directory, which writeGeneration then renames into place.
-func (s state) stageRegistration(id uint64, registration []byte) error {
-	tmp := s.stageDir(id)
-	os.RemoveAll(tmp)
-	if err := os.Mkdir(tmp, 0o755); err != nil {
-		return fmt.Errorf("stage registration of generation %d: %w", id, err)
-	}
-	if err := atomicfile.WriteFile(filepath.Join(tmp, "registration"), registration, 0o644); err != nil {
-		os.RemoveAll(tmp)
-		return fmt.Errorf("stage registration of generation %d: %w", id, err)
+// stagedFile holds the registration of the generation a replica is
+// receiving, written ahead of its manifest (stageRegistration); removed at
+// start.
+func (s state) stagedFile() string { return filepath.Join(s.dir, "replica-staged-registration") }
+
+// stageRegistration writes the registration of the generation being
+// received (a replica does while its stream arrives) to stagedFile, synced,
+// for writeStagedGeneration to move into place. It replaces whatever an
+// earlier receive staged.
+func (s state) stageRegistration(registration []byte) error {
+	if err := atomicfile.WriteFile(s.stagedFile(), registration, 0o644); err != nil {
+		return fmt.Errorf("stage registration: %w", err)
 	}
 	return nil
 }
 
-// dropStaged removes what stageRegistration wrote for generation id.
-func (s state) dropStaged(id uint64) { os.RemoveAll(s.stageDir(id)) }
+// dropStaged removes what stageRegistration wrote.
+func (s state) dropStaged() { os.Remove(s.stagedFile()) }
 
 // writeGeneration stores a generation's manifest, registration and path
 // rows (none when rows is nil: writeRows adds them later).
@@ -169,14 +170,14 @@ func (s state) writeStagedGeneration(g api.Generation) error {
 
 func (s state) writeGen(g api.Generation, registration, rows []byte, staged bool) error {
 	tmp := s.stageDir(g.ID)
+	os.RemoveAll(tmp)
+	if err := os.Mkdir(tmp, 0o755); err != nil {
+		return fmt.Errorf("write generation %d: %w", g.ID, err)
+	}
 	if staged {
-		if _, err := os.Stat(filepath.Join(tmp, "registration")); err != nil {
+		if err := os.Rename(s.stagedFile(), filepath.Join(tmp, "registration")); err != nil {
+			os.RemoveAll(tmp)
 			return fmt.Errorf("write generation %d: staged registration: %w", g.ID, err)
-		}
-	} else {
-		os.RemoveAll(tmp)
-		if err := os.Mkdir(tmp, 0o755); err != nil {
-			return fmt.Errorf("write generation %d: %w", g.ID, err)
 		}
 	}
 	g.Pinned, g.PinName = false, ""
