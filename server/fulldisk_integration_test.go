@@ -24,7 +24,8 @@ import (
 )
 
 // A publish on a full disk, real btrfs and a real state dir on its own small
-// tmpfs: (1) the central store's filesystem full, data and metadata (btrfs
+// tmpfs: (0) the central store's btrfs with its data space full publishes
+// (a snapshot needs metadata only); (1) data and metadata full (btrfs
 // takes the snapshot, but cannot rename it into place); (2) the state dir
 // full (nothing can be reserved, and a pin is refused); (3) the state dir
 // with room for the reservation but not for the registration. Each publish
@@ -120,6 +121,17 @@ func TestPublishOnFullDisk(t *testing.T) {
 		})
 	}
 
+	// (0) Its data space full, metadata not: a snapshot and its labels
+	// need metadata only, so the publish works.
+	c.store.AddText(t, "data-full", "d\n")
+	free0 := testenv.Fill(t, filepath.Dir(c.cfg.SnapshotDir), 1)
+	res, err := s.Publish(context.Background())
+	if err != nil || !res.Published {
+		t.Fatalf("publish with the snapshot filesystem's data space full: %+v %v", res, err)
+	}
+	free0()
+	walks[res.Generation.ID] = exportWalk(t, nfsAddr, res.Generation.ID)
+
 	// (1) The central store's filesystem full, data and metadata.
 	c.store.AddText(t, "three", "3\n")
 	free := testenv.Fill(t, filepath.Dir(c.cfg.SnapshotDir), 0)
@@ -128,15 +140,15 @@ func TestPublishOnFullDisk(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "no space left on device") || !strings.Contains(err.Error(), c.cfg.SnapshotDir) {
 		t.Fatalf("publish with the snapshot filesystem full: %v, want an error naming %s and ENOSPC", err, c.cfg.SnapshotDir)
 	}
-	served("snapshot filesystem full", 1, 2)
-	clean("snapshot filesystem full", 1, 2)
+	served("snapshot filesystem full", 1, 2, 3)
+	clean("snapshot filesystem full", 1, 2, 3)
 	free()
 	g := publish(t, s)
 	walks[g] = exportWalk(t, nfsAddr, g)
 	if !strings.Contains(walks[g], "-three ") {
 		t.Fatalf("generation %d lacks the path added before the failed publish:\n%s", g, walks[g])
 	}
-	live := []uint64{1, 2, g}
+	live := []uint64{1, 2, 3, g}
 
 	// (2) The state dir full: nothing can be reserved.
 	c.store.AddText(t, "four", "4\n")
