@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/mountinfo"
 )
 
 // The builder node's filesystem (one tmpfs holding the Nix DB, the upper and
@@ -177,8 +178,10 @@ func (e *env) nixVerify(t *testing.T) {
 }
 
 // The agent's state dir (with the upper) on a filesystem of its own, as on a
-// node with /var/lib/strata on its own partition, fills up in the middle of
-// a rotation, right after the swap: the new generation's GC root cannot be
+// node with /var/lib/strata on its own partition. Full at first start:
+// nothing is mounted, the agent is not ready, its status names the state
+// file, and it becomes ready once the space is freed. Then it fills up in
+// the middle of a rotation, right after the swap: the new generation's GC root cannot be
 // written into the upper, and the state file cannot record the end of the
 // import. The Nix DB (on another filesystem) imports the new paths. The
 // agent reports the full disk; every valid path stays readable; once the
@@ -205,16 +208,32 @@ func TestBuilderStateDirFullMidRotation(t *testing.T) {
 			}
 		}
 	})
+	// First start with the state dir full: nothing can be recorded, so
+	// nothing is mounted; the agent is not ready and says why.
+	free := testenv.Fill(t, e.cfg.StateDir, 0)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
 	t.Cleanup(func() { cancel(); <-done })
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(a.Status().LastError, "no space left on device") {
+		if time.Now().After(deadline) {
+			t.Fatalf("first start on a full state dir: no full disk reported: state %s, last error %q", a.State(), a.Status().LastError)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if msg := a.Status().LastError; !strings.Contains(msg, e.cfg.stateFile()) || a.Ready() {
+		t.Errorf("first start on a full state dir: ready %v, status %q, want not ready and the state file named", a.Ready(), msg)
+	}
+	if ms, err := mountinfo.Read(); err != nil || len(mountinfo.At(ms, e.cfg.StoreDir)) != 0 {
+		t.Errorf("first start on a full state dir: the store dir has %d mounts (%v), want none", len(mountinfo.At(ms, e.cfg.StoreDir)), err)
+	}
+	free()
 	e.waitState(t, a, g1)
 
 	fresh := e.central.AddText(t, "fresh", "fresh\n")
 	n := e.publish(t)
 	g2.Store(n)
-	var free func()
 	select {
 	case <-fill:
 		free = testenv.Fill(t, e.cfg.StateDir, 0)
@@ -222,7 +241,7 @@ func TestBuilderStateDirFullMidRotation(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatalf("the agent never got to importing(%d): %s", n, a.State())
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	deadline = time.Now().Add(30 * time.Second)
 	for !strings.Contains(a.Status().LastError, "no space left on device") {
 		if time.Now().After(deadline) {
 			t.Fatalf("no full disk reported: state %s, last error %q", a.State(), a.Status().LastError)
