@@ -361,7 +361,7 @@ func (s *Server) Registration(id uint64) ([]byte, error) {
 
 // ErrNoRows is returned for a generation published before strata wrote
 // path rows: builders fall back to its registration.
-var ErrNoRows = errors.New("generation has no path rows (published by an older strata; use its registration)")
+var ErrNoRows = errors.New("generation has no path rows (published by an older strata, or their write failed and is retried; use its registration)")
 
 // OpenRows opens generation id's path rows (a nixstore rows file: what
 // the snapshot's Nix DB holds per path); the caller closes it.

@@ -213,8 +213,8 @@ func TestReplicaRowsOnFullStateDir(t *testing.T) {
 	if !strings.Contains(repl.logs.String(), "no space left on device") {
 		t.Errorf("the failed write of the rows does not say the disk is full:\n%s", repl.logs)
 	}
-	if _, err := repl.client().Paths(t.Context(), g2, 0); err == nil {
-		t.Errorf("the replica serves rows of generation %d although their write failed", g2)
+	if _, err := repl.client().Paths(t.Context(), g2, 0); err == nil || !strings.Contains(err.Error(), "their write failed") {
+		t.Errorf("rows of generation %d whose write failed: %v, want a 404 saying so", g2, err)
 	}
 	free()
 	deadline := time.Now().Add(30 * time.Second)
