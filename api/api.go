@@ -71,6 +71,12 @@ type GenerationList struct {
 	// Holders names, per generation id, the builders that hold it (cluster
 	// gossip): retention keeps a generation while any does.
 	Holders map[uint64][]string `json:"holders,omitempty"`
+	// Role is "primary" or "replica"; ReplicaOf, on a replica, its primary.
+	// A replica refuses to replicate from a replica (or from itself).
+	Role      string `json:"role,omitempty"`
+	ReplicaOf string `json:"replica_of,omitempty"`
+	// Server is the answering server's identity (state_dir/server-id).
+	Server string `json:"server,omitempty"`
 }
 
 // NFSAccess is the answer of GET /v1/nfs/access: whether the server's NFS

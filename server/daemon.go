@@ -445,7 +445,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		exporter = ex.exp
 	}
 	step := lifecycle.NewStep("publish loop", cfg.StallAfter)
-	opts := Options{Config: cfg, Logger: log, Backend: backend, Export: exporter, Registry: reg, Progress: step}
+	opts := Options{Config: cfg, Logger: log, Backend: backend, Export: exporter, Registry: reg, Progress: step, ServerID: me.ServerID}
 	var node *cluster.Node
 	if cfg.Cluster.Enabled {
 		node, err = cluster.New(cfg.Cluster.Config(cfg.ClusterMeta(o.Version)), log)
@@ -473,7 +473,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	token := apiserve.NewToken(tokenText)
 	var puller *replica.Puller
 	if cfg.Replica() {
-		if puller, err = openPuller(cfg, srv, node, log, reg, step.Progress); err != nil {
+		if puller, err = openPuller(cfg, me.ServerID, srv, node, log, reg, step.Progress); err != nil {
 			ex.close()
 			return err
 		}
@@ -487,7 +487,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		}
 		st := map[string]any{"role": "server", "latest": g.ID, "generations": srv.Generations(),
 			"nfs": cfg.NFSListen, "backend": cfg.Backend, "missing": missing, "problems": srv.Problems(),
-			"retention_keep": cfg.Keep, "retention_waits": srv.RetentionWaits()}
+			"retention_keep": cfg.Keep, "retention_waits": srv.RetentionWaits(), "server_id": me.ServerID}
 		if node != nil {
 			st["cluster"] = map[string]any{"name": cfg.Cluster.ClusterName, "member": node.Name(), "address": node.Addr(),
 				"members": len(node.Members()), "settling_for": node.SettleLeft().Round(time.Second).String()}
@@ -511,6 +511,21 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	if err != nil {
 		ex.close()
 		return err
+	}
+	if puller != nil && !cfg.ReplicaFromCluster {
+		// replica.of naming this server (its own api.listen) or another
+		// replica stops the start when the primary answers now (this
+		// API listens already, so a replica of itself answers); when it
+		// does not, the sync loop finds it and logs it once per outage.
+		pctx, pcancel := context.WithTimeout(ctx, 10*time.Second)
+		err := puller.Probe(pctx)
+		pcancel()
+		if errors.Is(err, replica.ErrNotPrimary) {
+			as.Shutdown(ctx)
+			srv.Shutdown()
+			ex.close()
+			return err
+		}
 	}
 	errc := make(chan error, 3)
 	runCtx, cancel := context.WithCancel(ctx)
@@ -673,7 +688,7 @@ func replicaToken(cfg Config) (string, error) {
 
 // openPuller makes a replica's puller: the primary's API client with the
 // token from replica.token_file, which must be there (streams need it).
-func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry, progress func()) (*replica.Puller, error) {
+func openPuller(cfg Config, self string, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry, progress func()) (*replica.Puller, error) {
 	tok, err := replicaToken(cfg)
 	if err != nil {
 		return nil, err
@@ -690,7 +705,7 @@ func openPuller(cfg Config, srv *Server, node *cluster.Node, log *slog.Logger, r
 		primary = replica.FromCluster(node.Servers, tok)
 	}
 	return replica.New(replica.Options{Primary: primary, Backend: b, Target: srv, StateDir: cfg.StateDir, Logger: log, Registry: reg,
-		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall, Progress: progress}), nil
+		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall, Progress: progress, Self: self}), nil
 }
 
 // outage keeps a replica's failing syncs from flooding the log (a sync

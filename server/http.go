@@ -33,8 +33,12 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		if gs == nil {
 			gs = []api.Generation{}
 		}
-		writeJSON(w, http.StatusOK, api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen, Missing: s.Missing(), Holders: s.Holders(),
-			Backend: s.backend.Kind(), Store: s.StoreID()})
+		l := api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen, Missing: s.Missing(), Holders: s.Holders(),
+			Backend: s.backend.Kind(), Store: s.StoreID(), Role: "primary", Server: s.id}
+		if s.cfg.Replica() {
+			l.Role, l.ReplicaOf = "replica", s.cfg.ReplicaOf
+		}
+		writeJSON(w, http.StatusOK, l)
 	})
 	mux.HandleFunc("GET /v1/nfs/access", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.nfsAccess(r.RemoteAddr))

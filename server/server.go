@@ -55,6 +55,7 @@ type Server struct {
 	export  Exporter
 	inUse   InUse
 	step    *lifecycle.Step
+	id      string // Options.ServerID
 
 	// mu serialises every change of the generations and of the state dir:
 	// publish, pin, unpin, forget, retention. Reads of the generation list
@@ -150,6 +151,9 @@ type Options struct {
 	Registry *prometheus.Registry
 	// Progress brackets each publish of Run, for the watchdog; may be nil.
 	Progress *lifecycle.Step
+	// ServerID is this server's identity (state_dir/server-id), told in
+	// GET /v1/generations so that a replica recognises itself.
+	ServerID string
 }
 
 // New loads the state dir, reconciles it with the backend's snapshots and
@@ -166,7 +170,7 @@ type Options struct {
 func New(ctx context.Context, o Options) (*Server, error) {
 	s := &Server{cfg: o.Config, log: o.Logger, backend: o.Backend, state: state{dir: o.Config.StateDir},
 		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}, missing: map[uint64]*generation{},
-		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce}
+		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce, id: o.ServerID}
 	s.life, s.stopLife = context.WithCancel(context.WithoutCancel(ctx))
 	s.swap()
 	if s.log == nil {

@@ -130,3 +130,54 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	prim.stop(t)
 	unchanged("at the end")
 }
+
+// Review 18 #7: a replica whose replica.of is its own API, or another
+// replica, ran for ever receiving nothing. Must show: both starts are
+// refused (the primary they name answers: the replica's own API is up by
+// then) with an error naming the URL and what it is, while a replica of
+// the real primary starts and serves its generations.
+func TestReplicaOfItselfOrOfAReplicaRefused(t *testing.T) {
+	s := newSite(t)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	papi := freePort(t)
+	pcfg := filepath.Join(dir, "primary.yaml")
+	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
+	prim := start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "published generation")
+
+	rmnt := filepath.Join(s.mnt, "replicas") // same btrfs, own dirs
+	replicaCfg := func(name, of, listen string) (string, string) {
+		state := filepath.Join(dir, name)
+		f := filepath.Join(dir, name+".yaml")
+		os.WriteFile(f, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
+			of, tokenFile, filepath.Join(rmnt, name), state, listen, tokenFile)), 0o644)
+		return f, state
+	}
+	aapi := freePort(t)
+	acfg, astate := replicaCfg("a", papi, aapi)
+	a := start(t, acfg, astate, nil)
+	a.waitLog(t, "received generation is live")
+
+	self := freePort(t)
+	bcfg, _ := replicaCfg("b", self, self)
+	out := refused(t, bcfg)
+	for _, w := range []string{"replica.of http://" + self + " is this server itself", "set replica.of to the primary's API URL"} {
+		if !strings.Contains(out, w) {
+			t.Errorf("replica of itself: refusal lacks %q:\n%s", w, out)
+		}
+	}
+	ccfg, _ := replicaCfg("c", aapi, freePort(t))
+	out = refused(t, ccfg)
+	for _, w := range []string{"replica.of http://" + aapi + " is itself a replica (of http://" + papi + ")"} {
+		if !strings.Contains(out, w) {
+			t.Errorf("replica of a replica: refusal lacks %q:\n%s", w, out)
+		}
+	}
+	a.stop(t)
+	prim.stop(t)
+}

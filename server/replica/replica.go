@@ -101,6 +101,7 @@ type Puller struct {
 	pause    string
 	stall    time.Duration
 	progress func()
+	self     string
 }
 
 // Options are what a Puller is made of.
@@ -122,6 +123,9 @@ type Options struct {
 	// generation goes live, so that a watchdog measures a sync by its
 	// progress, not by its length (a first whole stream of a large store).
 	Progress func()
+	// Self is this server's identity (state_dir/server-id): a primary
+	// that answers with it is this server itself, and is refused.
+	Self string
 }
 
 // New returns a Puller.
@@ -131,7 +135,7 @@ func New(o Options) *Puller {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Puller{primary: o.Primary, backend: o.Backend, target: o.Target,
-		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall, progress: o.Progress}
+		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall, progress: o.Progress, self: o.Self}
 }
 
 // Primary returns the primary's API URL ("" while none is known).
@@ -213,8 +217,34 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 	return res, nil
 }
 
-// check refuses a primary of another backend or another central store.
+// ErrNotPrimary means replica.of names this server itself or another
+// replica: nothing would ever arrive.
+var ErrNotPrimary = errors.New("not a primary")
+
+// Probe asks the primary for its generations and checks it as Sync does,
+// receiving nothing. It fails wrapping ErrNotPrimary when the primary is
+// this server or a replica; any other error means it was not reachable.
+func (p *Puller) Probe(ctx context.Context) error {
+	list, err := p.primary.Generations(ctx)
+	if err != nil {
+		return fmt.Errorf("ask primary %s for its generations: %w", p.primary.URL(), err)
+	}
+	return p.check(list)
+}
+
+// check refuses a primary that is this server or a replica, or one of
+// another backend or another central store.
 func (p *Puller) check(list api.GenerationList) error {
+	if p.self != "" && list.Server == p.self {
+		return fmt.Errorf("%w: replica.of %s is this server itself (it answers with this server's identity %s): set replica.of to the primary's API URL; nothing received", ErrNotPrimary, p.primary.URL(), p.self)
+	}
+	if list.Role == "replica" {
+		of := list.ReplicaOf
+		if of == "" {
+			of = "the cluster's primary"
+		}
+		return fmt.Errorf("%w: replica.of %s is itself a replica (of %s), which publishes nothing of its own: set replica.of to the primary's API URL (%s?); nothing received", ErrNotPrimary, p.primary.URL(), of, of)
+	}
 	if list.Backend != "" && list.Backend != p.backend.Kind() {
 		return fmt.Errorf("primary %s keeps %s snapshots and this replica %s: mixed backends cannot replicate; nothing received", p.primary.URL(), list.Backend, p.backend.Kind())
 	}

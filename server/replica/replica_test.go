@@ -67,19 +67,26 @@ func TestRefusedBeforeAnyStream(t *testing.T) {
 		list  api.GenerationList
 		store string
 		want  string
+		self  string
 	}{
-		{"mixed backends", api.GenerationList{Backend: "zfs", Generations: []api.Generation{gen(1, "a")}}, "", "mixed backends"},
-		{"another store", api.GenerationList{Backend: "btrfs", Store: "s2", Generations: []api.Generation{gen(1, "a")}}, "s1", "another cluster"},
+		{"mixed backends", api.GenerationList{Backend: "zfs", Generations: []api.Generation{gen(1, "a")}}, "", "mixed backends", ""},
+		{"another store", api.GenerationList{Backend: "btrfs", Store: "s2", Generations: []api.Generation{gen(1, "a")}}, "s1", "another cluster", ""},
+		// Review 18 #7: replica.of naming this server, or another replica.
+		{"itself", api.GenerationList{Backend: "btrfs", Role: "replica", ReplicaOf: "http://primary", Server: "me"}, "", "replica.of http://primary is this server itself", "me"},
+		{"a replica", api.GenerationList{Backend: "btrfs", Role: "replica", ReplicaOf: "http://p1:7480", Server: "r2", Generations: []api.Generation{gen(1, "a")}}, "", "is itself a replica (of http://p1:7480)", "me"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			pr := &fakePrimary{list: tc.list}
-			p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: &fakeTarget{store: tc.store}})
+			p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: &fakeTarget{store: tc.store}, Self: tc.self})
 			_, err := p.Sync(context.Background())
 			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "nothing received") {
 				t.Fatalf("Sync: %v, want %q and nothing received", err, tc.want)
 			}
 			if len(pr.streams) != 0 {
 				t.Fatalf("asked for streams %+v after refusing", pr.streams)
+			}
+			if perr := p.Probe(context.Background()); (perr != nil) != true || errors.Is(perr, ErrNotPrimary) != (tc.self != "") {
+				t.Errorf("Probe: %v; want ErrNotPrimary only for a replica of itself or of a replica", perr)
 			}
 		})
 	}
