@@ -21,7 +21,7 @@ import (
 	"github.com/strata-nix/strata/snapshot"
 )
 
-// Replication: `zfs send [-i @strata-M] dataset@strata-N` on the primary,
+// Replication: `zfs send -c [-i @strata-M] dataset@strata-N` on the primary,
 // `zfs receive -u -s` on the replica. go-zfs's SendSnapshot and
 // ReceiveSnapshot take no context and no flags (-i, -s, -u, -t), so both
 // ends run zfs(8) directly with exec.CommandContext: a client that goes
@@ -73,8 +73,11 @@ func (b *Backend) datasetExists() bool {
 	return err == nil
 }
 
-// Send writes `zfs send` of generation id's snapshot to w, incremental
-// against generation from's snapshot (-i) unless from is 0.
+// Send writes `zfs send -c` of generation id's snapshot to w, incremental
+// against generation from's snapshot (-i) unless from is 0. -c sends blocks
+// as the dataset stores them (compressed, when the primary's dataset has
+// compression on): fewer bytes, and neither end decompresses or compresses
+// again; the replica stores them as they came.
 func (b *Backend) Send(ctx context.Context, w io.Writer, id, from uint64) error {
 	if err := snapshot.ValidID(id); err != nil {
 		return fmt.Errorf("zfs send: %w", err)
@@ -86,7 +89,7 @@ func (b *Backend) Send(ctx context.Context, w io.Writer, id, from uint64) error 
 	if _, ok := snaps[id]; !ok {
 		return fmt.Errorf("zfs send %s: %w", b.full(snapshot.Name(id)), snapshot.ErrNotFound)
 	}
-	args := []string{"send"}
+	args := []string{"send", "-c"}
 	if from != 0 {
 		if _, ok := snaps[from]; !ok {
 			return fmt.Errorf("zfs send %s: parent %s: %w", b.full(snapshot.Name(id)), snapshot.Name(from), snapshot.ErrNotFound)
