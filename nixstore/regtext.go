@@ -144,23 +144,26 @@ func DeltaText(from, to []byte) (added []byte, removed []string, err error) {
 // by path. base and added must be sorted by path, removed too. A delta
 // that does not fit base (a removed path base lacks, a path both added and
 // removed) fails, as does a text that is not framed as records or sorted.
+// Runs of base records the delta leaves alone are copied in one piece.
 func ApplyDelta(base, added []byte, removed []string) ([]byte, error) {
-	out := bytes.NewBuffer(make([]byte, 0, len(base)+len(added)))
+	out := make([]byte, 0, len(base)+len(added))
 	var prevBase, prevAdd []byte
-	for len(base) > 0 || len(added) > 0 {
+	run := 0 // start of the base records not yet copied
+	b, a := 0, 0
+	for b < len(base) || a < len(added) {
 		var pb, pa []byte
 		var nb, na int
 		var err error
-		if len(base) > 0 {
-			if pb, nb, err = record(base); err != nil {
+		if b < len(base) {
+			if pb, nb, err = record(base[b:]); err != nil {
 				return nil, err
 			}
 			if prevBase != nil && bytes.Compare(prevBase, pb) >= 0 {
 				return nil, fmt.Errorf("%w: base: %s after %s: not sorted", errFraming, pb, prevBase)
 			}
 		}
-		if len(added) > 0 {
-			if pa, na, err = record(added); err != nil {
+		if a < len(added) {
+			if pa, na, err = record(added[a:]); err != nil {
 				return nil, err
 			}
 			if prevAdd != nil && bytes.Compare(prevAdd, pa) >= 0 {
@@ -180,8 +183,9 @@ func ApplyDelta(base, added []byte, removed []string) ([]byte, error) {
 			if len(removed) > 0 && removed[0] == string(pa) {
 				return nil, fmt.Errorf("%w: delta adds and removes %s", errFraming, pa)
 			}
-			out.Write(added[:na])
-			prevAdd, added = pa, added[na:]
+			out = append(append(out, base[run:b]...), added[a:a+na]...)
+			run = b
+			prevAdd, a = pa, a+na
 			continue
 		}
 		// The base record: dropped when removed or replaced.
@@ -195,19 +199,21 @@ func ApplyDelta(base, added []byte, removed []string) ([]byte, error) {
 			}
 			removed = removed[1:]
 		}
-		if c == 0 {
-			if drop {
-				return nil, fmt.Errorf("%w: delta adds and removes %s", errFraming, pa)
-			}
-			out.Write(added[:na])
-			prevAdd, added = pa, added[na:]
-		} else if !drop {
-			out.Write(base[:nb])
+		switch {
+		case c == 0 && drop:
+			return nil, fmt.Errorf("%w: delta adds and removes %s", errFraming, pa)
+		case c == 0:
+			out = append(append(out, base[run:b]...), added[a:a+na]...)
+			run = b + nb
+			prevAdd, a = pa, a+na
+		case drop:
+			out = append(out, base[run:b]...)
+			run = b + nb
 		}
-		prevBase, base = pb, base[nb:]
+		prevBase, b = pb, b+nb
 	}
 	if len(removed) > 0 {
 		return nil, fmt.Errorf("%w: delta removes %s, which the base does not have", errFraming, removed[0])
 	}
-	return out.Bytes(), nil
+	return append(out, base[run:]...), nil
 }

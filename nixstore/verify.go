@@ -90,7 +90,53 @@ func Verify(storeDir, logicalStoreDir string, infos []PathInfo) error {
 // It leaves out the closure check, for a registration whose sha256 already
 // equals that of one Verify passed (a replica's copy of its primary's).
 func VerifyPresent(storeDir, logicalStoreDir string, paths []string) error {
-	ve, err := present(storeDir, logicalStoreDir, paths)
+	return NewStoreNames(logicalStoreDir, paths).Verify(storeDir)
+}
+
+// StoreNames are the names registered paths have in their store directory,
+// gathered once so that checking a store directory for them (Verify) only
+// reads that directory: a replica gathers them while a generation's stream
+// arrives and checks the received store once it has.
+type StoreNames struct {
+	paths   []string
+	prefix  string         // the store directory, with a trailing slash
+	want    map[string]int // base name -> the index of its first path
+	outside []string
+}
+
+// base returns the name of p in the store directory, ok=false if p is not
+// directly under it.
+func (n *StoreNames) base(p string) (string, bool) {
+	b, ok := strings.CutPrefix(p, n.prefix)
+	return b, ok && b != "" && b != "." && b != ".." && !strings.Contains(b, "/")
+}
+
+// NewStoreNames gathers the names of paths in logicalStoreDir (the store
+// directory they are named in, e.g. /nix/store).
+func NewStoreNames(logicalStoreDir string, paths []string) *StoreNames {
+	prefix := filepath.Clean(logicalStoreDir)
+	if !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	n := &StoreNames{paths: paths, prefix: prefix, want: make(map[string]int, len(paths))}
+	for i := len(paths) - 1; i >= 0; i-- {
+		if b, ok := n.base(paths[i]); ok {
+			n.want[b] = i
+		}
+	}
+	for _, p := range paths {
+		if _, ok := n.base(p); !ok {
+			n.outside = append(n.outside, p)
+		}
+	}
+	return n
+}
+
+// Verify checks that every path is directly under the store directory and
+// has an entry in storeDir (the physical directory holding that store); it
+// returns nil or a *VerifyError (Outside, Missing).
+func (n *StoreNames) Verify(storeDir string) error {
+	ve, err := n.check(storeDir)
 	if err != nil {
 		return err
 	}
@@ -100,53 +146,35 @@ func VerifyPresent(storeDir, logicalStoreDir string, paths []string) error {
 	return nil
 }
 
-// present returns the paths outside logicalStoreDir and those missing from
-// storeDir.
-func present(storeDir, logicalStoreDir string, paths []string) (*VerifyError, error) {
-	prefix := filepath.Clean(logicalStoreDir)
-	if !strings.HasSuffix(prefix, "/") {
-		prefix += "/"
-	}
+func (n *StoreNames) check(storeDir string) (*VerifyError, error) {
 	dirFD, err := unix.Open(storeDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("verify registration: open store %s: %w", storeDir, err)
 	}
 	defer unix.Close(dirFD)
-
-	ve := &VerifyError{}
-	inside := make([]bool, len(paths))
-	for i, p := range paths {
-		base, ok := strings.CutPrefix(p, prefix)
-		if ok && base != "" && base != "." && base != ".." && !strings.Contains(base, "/") {
-			inside[i] = true
-		} else {
-			ve.Outside = append(ve.Outside, p)
-		}
-	}
-	missing, err := missingNames(dirFD, len(prefix), paths, inside)
+	missing, err := n.missing(dirFD)
 	if err != nil {
 		return nil, fmt.Errorf("verify registration: store %s: %w", storeDir, err)
 	}
-	ve.Missing = missing
-	return ve, nil
+	return &VerifyError{Outside: n.outside, Missing: missing}, nil
 }
 
-// missingNames returns the paths (those marked inside) whose base
-// name (path[skip:]) has no entry in the directory dirFD, in input order.
+// present returns the paths outside logicalStoreDir and those missing from
+// storeDir.
+func present(storeDir, logicalStoreDir string, paths []string) (*VerifyError, error) {
+	return NewStoreNames(logicalStoreDir, paths).check(storeDir)
+}
+
+// missing returns the paths directly under the store directory whose name
+// has no entry in the directory dirFD, in input order.
 // It reads the directory once (getdents) instead of looking each name up:
 // a lookup makes the kernel load the entry's inode, which for a snapshot
 // just taken or received is not cached (about 8 µs a path on btrfs, most of
 // a publish's check), while the directory's entries come in large batches
 // (a 100,000-entry store reads in about 50 ms). An entry exists exactly when
 // lstat of its name would succeed.
-func missingNames(dirFD, skip int, paths []string, inside []bool) ([]string, error) {
-	want := make(map[string]int, len(paths)) // base name -> its first index
-	for i := len(paths) - 1; i >= 0; i-- {
-		if inside[i] {
-			want[paths[i][skip:]] = i
-		}
-	}
-	found := make([]bool, len(paths))
+func (s *StoreNames) missing(dirFD int) ([]string, error) {
+	found := make([]bool, len(s.paths))
 	// Read from the start through a descriptor of our own: dirFD's offset
 	// is not ours to move.
 	fd, err := unix.Openat(dirFD, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -177,16 +205,16 @@ func missingNames(dirFD, skip int, paths []string, inside []bool) ([]string, err
 			if k := bytes.IndexByte(name, 0); k >= 0 {
 				name = name[:k]
 			}
-			if i, ok := want[string(name)]; ok {
+			if i, ok := s.want[string(name)]; ok {
 				found[i] = true
 			}
 			b = b[reclen:]
 		}
 	}
 	var missing []string
-	for i := range paths {
-		if inside[i] && !found[want[paths[i][skip:]]] {
-			missing = append(missing, paths[i])
+	for _, p := range s.paths {
+		if b, ok := s.base(p); ok && !found[s.want[b]] {
+			missing = append(missing, p)
 		}
 	}
 	return missing, nil

@@ -132,7 +132,7 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	}
 	if staged {
 		end := phase.Begin(ctx, "live: every registered path in the store dir")
-		err := nixstore.VerifyPresent(PhysicalStore(snap.Path), s.cfg.StoreDir, reg.pathList)
+		err := reg.names.Verify(PhysicalStore(snap.Path))
 		end()
 		if err != nil {
 			s.state.dropStaged()
@@ -215,7 +215,7 @@ type receivedReg struct {
 	text     []byte
 	sum      string // hex sha256 of text: the manifest's
 	paths    int
-	pathList []string // the paths (from a delta; the DB gives rows instead)
+	names    *nixstore.StoreNames // its paths (from a delta; the DB gives rows instead)
 	narBytes uint64
 	rows     *nixstore.Rows // the snapshot's DB rows, if read already
 }
@@ -246,7 +246,7 @@ func (s *Server) registrationFromDelta(g api.Generation, d api.Delta) (receivedR
 	if err != nil {
 		return receivedReg{}, err
 	}
-	return receivedReg{text: text, sum: g.RegistrationSHA256, paths: len(paths), pathList: paths, narBytes: nar}, nil
+	return receivedReg{text: text, sum: g.RegistrationSHA256, paths: len(paths), names: nixstore.NewStoreNames(s.cfg.StoreDir, paths), narBytes: nar}, nil
 }
 
 // registrationFromDB reads the registration from the received snapshot's

@@ -159,6 +159,12 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 		w.Header().Set("Trailer", api.TrailerStreamBytes+", "+api.TrailerStreamSHA256)
 		w.WriteHeader(http.StatusOK)
 		out := &hashWriter{w: w, h: sha256.New()}
+		if f, ok := w.(http.Flusher); ok {
+			// The header and the stream's first command go at once (the
+			// replica's receive starts on them), not when the send has
+			// produced enough to fill a buffer.
+			out.first = f.Flush
+		}
 		if err := send(out); err != nil {
 			s.streamMetrics.bytes.WithLabelValues(kind).Add(float64(out.n))
 			s.streamMetrics.streams.WithLabelValues("error").Inc()
@@ -174,15 +180,21 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 	})
 }
 
-// hashWriter counts and hashes what it passes on.
+// hashWriter counts and hashes what it passes on, and calls first (if
+// set) after its first write.
 type hashWriter struct {
-	w io.Writer
-	h hash.Hash
-	n int64
+	w     io.Writer
+	h     hash.Hash
+	n     int64
+	first func()
 }
 
 func (h *hashWriter) Write(p []byte) (int, error) {
 	n, err := h.w.Write(p)
+	if h.first != nil && err == nil {
+		h.first()
+		h.first = nil
+	}
 	h.h.Write(p[:n])
 	h.n += int64(n)
 	if err != nil {
