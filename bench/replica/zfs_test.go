@@ -111,7 +111,7 @@ func BenchmarkReplicateZFS(b *testing.B) {
 	addPaths(b, st, "new", 1000)
 	gen2 := publish()
 	flushDirty(b)
-	incr, rowsT, spans := syncIncremental(b, p, rs, &pb.log)
+	incr, rowsT, spans := syncIncremental(b, p, rs, &pb.log, 2)
 	rsyncT, rsyncB := rsync(b, gen2, rdst)
 	g1, _ := rs.Generation(1)
 	g2, _ := rs.Generation(2)
