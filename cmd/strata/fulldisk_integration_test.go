@@ -27,27 +27,15 @@ import (
 // replica.interval, with no restart.
 func TestReplicaReceiveOnFullDisk(t *testing.T) {
 	s := newSite(t)
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "token")
-	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	papi := freePort(t)
-	pcfg := filepath.Join(dir, "primary.yaml")
-	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
-	prim := start(t, pcfg, s.state, nil)
-	prim.waitLog(t, "published generation")
+	prim := startPrimary(t, s)
 	g1 := prim.generations(t).Generations[0].ID
 
 	// The replica's filesystem: 300 MB of btrfs, all but 60 MB of its data
 	// space taken by a file that is not the replica's.
 	rmnt := testenv.LoopBtrfs(t, "300M")
 	rsnaps := filepath.Join(rmnt, "gens")
-	rstate := filepath.Join(dir, "rstate")
-	rcfg := filepath.Join(dir, "replica.yaml")
-	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 2s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
-		papi, tokenFile, rsnaps, rstate)), 0o644)
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	rcfg := prim.replicaConfig(t, prim.addr, rsnaps, rstate, "2s")
 	repl := start(t, rcfg, rstate, nil)
 	waitServes := func(want []uint64) {
 		t.Helper()
@@ -83,7 +71,7 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 	}
 	f.Close()
 	s.store.Run(t, "nix-store", "--add", big)
-	g2 := publishOne(t, s, prim, "second")
+	g2 := publishOne(t, s, prim.daemonProc, "second")
 
 	repl.waitLog(t, "replica sync failed")
 	logs := repl.logs.String()
@@ -139,7 +127,7 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 	if out, code := runStrata(t, nil, "status", "--api", repl.api); code != 0 || strings.Contains(out, "last_error") {
 		t.Errorf("strata status on the replica that caught up: exit %d\n%s", code, out)
 	}
-	if a, b := regSums(t, prim, []uint64{g2}), regSums(t, repl, []uint64{g2}); a[g2] != b[g2] {
+	if a, b := regSums(t, prim.daemonProc, []uint64{g2}), regSums(t, repl, []uint64{g2}); a[g2] != b[g2] {
 		t.Errorf("generation %d: registration sha256 differs between primary and replica", g2)
 	}
 	if st1, st2, data := resolve(t, repl.nfs, handles[g1]); st1 != 0 || st2 != 0 || !bytes.Equal(data, handles[g1].data) {
@@ -158,17 +146,7 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 // equal to the primary's.
 func TestReplicaRowsOnFullStateDir(t *testing.T) {
 	s := newSite(t)
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "token")
-	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	papi := freePort(t)
-	pcfg := filepath.Join(dir, "primary.yaml")
-	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
-	prim := start(t, pcfg, s.state, nil)
-	prim.waitLog(t, "published generation")
+	prim := startPrimary(t, s)
 	g1 := prim.generations(t).Generations[0].ID
 
 	rmnt := testenv.LoopBtrfs(t, "1G")
@@ -176,9 +154,7 @@ func TestReplicaRowsOnFullStateDir(t *testing.T) {
 	testenv.Run(t, "mount", "-t", "tmpfs", "-o", "size=16m", "strata-replica-state", rstateMnt)
 	t.Cleanup(func() { testenv.Run(t, "umount", "-l", rstateMnt) })
 	rstate := filepath.Join(rstateMnt, "state")
-	rcfg := filepath.Join(dir, "replica.yaml")
-	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
-		papi, tokenFile, filepath.Join(rmnt, "gens"), rstate)), 0o644)
+	rcfg := prim.replicaConfig(t, prim.addr, filepath.Join(rmnt, "gens"), rstate, "1s")
 	repl := start(t, rcfg, rstate, nil)
 	waitServes := func(want []uint64) {
 		t.Helper()
@@ -196,12 +172,12 @@ func TestReplicaRowsOnFullStateDir(t *testing.T) {
 	// Generation 2 adds 3,000 paths; the replica's state dir keeps room
 	// for its registration and manifest, not for its rows too.
 	s.store.AddMany(t, "many", 3000)
-	g2 := publishOne(t, s, prim, "second")
+	g2 := publishOne(t, s, prim.daemonProc, "second")
 	reg, err := prim.client().Registration(t.Context(), g2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rows := pathRows(t, prim, g2)
+	rows := pathRows(t, prim.daemonProc, g2)
 	t.Logf("generation %d: registration %d bytes, rows %d bytes", g2, len(reg), len(rows))
 	if len(rows) < 128<<10 {
 		t.Fatalf("rows of %d bytes are too small for this test", len(rows))

@@ -135,26 +135,14 @@ func receiving(dir string) []string {
 // whole and equal to the primary's.
 func TestReplicaStreamKilled(t *testing.T) {
 	s := newSite(t)
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "token")
-	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	papi := freePort(t)
-	pcfg := filepath.Join(dir, "primary.yaml")
-	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
-	prim := start(t, pcfg, s.state, nil)
-	prim.waitLog(t, "published generation")
+	prim := startPrimary(t, s)
 	g1 := prim.generations(t).Generations[0].ID
-	proxy := newThrottle(t, papi)
+	proxy := newThrottle(t, prim.addr)
 
 	rmnt := testenv.LoopBtrfs(t, "1G")
 	rsnaps := filepath.Join(rmnt, "gens")
-	rstate := filepath.Join(dir, "rstate")
-	rcfg := filepath.Join(dir, "replica.yaml")
-	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
-		proxy.l.Addr(), tokenFile, rsnaps, rstate)), 0o644)
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	rcfg := prim.replicaConfig(t, proxy.l.Addr().String(), rsnaps, rstate, "1s")
 	repl := start(t, rcfg, rstate, nil)
 	waitServes := func(want ...uint64) {
 		t.Helper()
@@ -201,7 +189,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 	addBig(t, s, "big-two", 60)
 	proxy.sent.Store(0)
 	proxy.cutAt.Store(8 << 20)
-	g2 := publishOne(t, s, prim, "second")
+	g2 := publishOne(t, s, prim.daemonProc, "second")
 	waitServes(g1, g2)
 	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g2, g1))
 	if l := repl.logs.String(); !strings.Contains(l, "replica sync failed") || strings.Contains(l, "trying an older base or a whole stream") ||
@@ -214,7 +202,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 	// The primary killed in the middle of generation 3's stream.
 	addBig(t, s, "big-three", 60)
 	proxy.sent.Store(0)
-	g3 := publishOne(t, s, prim, "third")
+	g3 := publishOne(t, s, prim.daemonProc, "third")
 	proxy.waitSent(t, 8<<20)
 	prim.cmd.Process.Kill()
 	<-prim.done
@@ -236,9 +224,9 @@ func TestReplicaStreamKilled(t *testing.T) {
 		t.Errorf("replica serves %v while the primary is down, want [%d %d]", got, g1, g2)
 	}
 	held("primary down")
-	prim = start(t, pcfg, s.state, nil)
+	prim.restart(t, s)
 	waitServes(g1, g2, g3)
-	if a, b := regSums(t, prim, []uint64{g3}), regSums(t, repl, []uint64{g3}); a[g3] != b[g3] {
+	if a, b := regSums(t, prim.daemonProc, []uint64{g3}), regSums(t, repl, []uint64{g3}); a[g3] != b[g3] {
 		t.Errorf("generation %d: registration sha256 differs between primary and replica", g3)
 	}
 	held("after the catch-up")
@@ -246,7 +234,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 	// The replica killed in the middle of generation 4's stream.
 	addBig(t, s, "big-four", 60)
 	proxy.sent.Store(0)
-	g4 := publishOne(t, s, prim, "fourth")
+	g4 := publishOne(t, s, prim.daemonProc, "fourth")
 	proxy.waitSent(t, 8<<20)
 	repl.cmd.Process.Kill()
 	<-repl.done
@@ -268,7 +256,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 		repl.waitLog(t, "removing half-received snapshot")
 	}
 	waitServes(g1, g2, g3, g4)
-	if a, b := regSums(t, prim, []uint64{g2, g3, g4}), regSums(t, repl, []uint64{g2, g3, g4}); a[g2] != b[g2] || a[g3] != b[g3] || a[g4] != b[g4] {
+	if a, b := regSums(t, prim.daemonProc, []uint64{g2, g3, g4}), regSums(t, repl, []uint64{g2, g3, g4}); a[g2] != b[g2] || a[g3] != b[g3] || a[g4] != b[g4] {
 		t.Errorf("registration sha256 of generations %d, %d, %d differ between primary and replica", g2, g3, g4)
 	}
 	held("after the restarted replica caught up")
