@@ -162,7 +162,9 @@ type Received struct {
 
 // Sync receives every generation the primary has that is newer than the
 // newest one here (all of the primary's, when there is none here), oldest
-// first, then applies retention. It stops at the first failure.
+// first, then applies retention. It stops at the first failure, and
+// applies retention then too (not when the primary did not answer or was
+// refused: nothing arrived, and its pins are not known).
 func (p *Puller) Sync(ctx context.Context) (Result, error) {
 	var res Result
 	endList := phase.Begin(ctx, "replica: list the primary's generations")
@@ -176,14 +178,6 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		p.m.syncs.WithLabelValues("refused").Inc()
 		return res, err
 	}
-	if err := p.settle(ctx, list, &res); err != nil {
-		p.m.syncs.WithLabelValues("error").Inc()
-		return res, err
-	}
-	if err := p.resume(ctx, list, &res); err != nil {
-		p.m.syncs.WithLabelValues("error").Inc()
-		return res, err
-	}
 	pins := map[uint64]bool{}
 	for _, g := range list.Generations {
 		if g.Pinned {
@@ -191,6 +185,25 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		}
 	}
 	p.target.SetUpstreamPinned(pins)
+	// Retention runs after every sync that got the primary's list (and so
+	// its pins), failed or not: one generation that keeps failing must not
+	// stop it for ever while the disk fills. It destroys only live
+	// generations here; the one whose receive failed never went live.
+	retain := func() {
+		endRetain := phase.Begin(ctx, "replica: retention")
+		p.target.Retain(ctx)
+		endRetain()
+	}
+	if err := p.settle(ctx, list, &res); err != nil {
+		p.m.syncs.WithLabelValues("error").Inc()
+		retain()
+		return res, err
+	}
+	if err := p.resume(ctx, list, &res); err != nil {
+		p.m.syncs.WithLabelValues("error").Inc()
+		retain()
+		return res, err
+	}
 	for _, g := range list.Generations {
 		local := p.target.Generations()
 		var newest uint64
@@ -203,14 +216,13 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		r, err := p.pull(ctx, g, bases(local, list.Generations, g.ID))
 		if err != nil {
 			p.m.syncs.WithLabelValues("error").Inc()
+			retain()
 			p.observeLag(list)
 			return res, err
 		}
 		res.Received = append(res.Received, r)
 	}
-	endRetain := phase.Begin(ctx, "replica: retention")
-	p.target.Retain(ctx)
-	endRetain()
+	retain()
 	p.m.syncs.WithLabelValues("ok").Inc()
 	p.m.lastSync.SetToCurrentTime()
 	p.observeLag(list)

@@ -44,8 +44,9 @@ func (f fakeBackend) Destroy(context.Context, uint64) error             { return
 func (f fakeBackend) List(context.Context) ([]snapshot.Snapshot, error) { return nil, nil }
 
 type fakeTarget struct {
-	gens  []api.Generation
-	store string
+	gens     []api.Generation
+	store    string
+	retained int // Retain calls
 }
 
 func (f *fakeTarget) Generations() []api.Generation                              { return f.gens }
@@ -55,7 +56,7 @@ func (f *fakeTarget) AddReceived(context.Context, api.Generation, snapshot.Snaps
 	return api.Generation{}, errors.New("not used")
 }
 func (f *fakeTarget) SetUpstreamPinned(map[uint64]bool) {}
-func (f *fakeTarget) Retain(context.Context)            {}
+func (f *fakeTarget) Retain(context.Context)            { f.retained++ }
 
 func gen(id uint64, sum string) api.Generation {
 	return api.Generation{ID: id, RegistrationSHA256: sum}
@@ -140,5 +141,27 @@ func TestFromClusterPicksTheOnePrimary(t *testing.T) {
 	p.Generations(ctx) // nothing listens: an error, but the primary is chosen
 	if p.URL() != "http://127.0.0.1:2" {
 		t.Errorf("URL() = %q, want p1's API", p.URL())
+	}
+}
+
+// Review 18 #13: retention ran only after a fully successful sync, so one
+// generation that kept failing stopped it for ever. It runs after a sync
+// whose receive failed too, but not when the primary was refused (nothing
+// arrived, its pins are not known).
+func TestRetentionAfterFailedSync(t *testing.T) {
+	pr := &fakePrimary{list: api.GenerationList{Backend: "btrfs", Generations: []api.Generation{gen(1, "a"), gen(2, "b")}}}
+	tg := &fakeTarget{}
+	p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: tg})
+	if _, err := p.Sync(context.Background()); err == nil {
+		t.Fatal("Sync with a primary that streams nothing succeeded")
+	}
+	if tg.retained != 1 {
+		t.Errorf("retention ran %d times after a failed receive, want 1", tg.retained)
+	}
+	before := tg.retained
+	pr.list.Backend = "zfs"
+	p.Sync(context.Background())
+	if tg.retained != before {
+		t.Errorf("retention ran after a refused primary, want not")
 	}
 }
