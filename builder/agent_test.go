@@ -690,3 +690,47 @@ func TestMountOptionsRefuseWhatStrataDecides(t *testing.T) {
 		t.Fatalf("mount options %v, want the 9 given", c.MountOptions)
 	}
 }
+
+// A generation kept below the newest for a local path that refers to one
+// of its paths, then retired by the server (no longer listed: its files
+// are going), is not kept through the next rotation: the path kept through
+// it is invalidated with the local path that refers to it, and its lower
+// is released, as the restart after a retirement does (planLeaving).
+func TestRotateDropsRetiredKeptGeneration(t *testing.T) {
+	u := newUnitEnv(t)
+	lib, same := info("lib"), info("same")
+	u.srv.publish(lib, same)
+	a := u.agent(t)
+	ctx := context.Background()
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	local := info("local-out", lib.Path)
+	u.nix.Load(ctx, nixstore.RowsFromInfos([]nixstore.PathInfo{local}), nil)
+	u.srv.publish(same)
+	if err := a.Check(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if g, _ := u.overlayLowers(t, a); !slices.Equal(g, []uint64{2, 1}) {
+		t.Fatalf("overlay lowers %v, want [2 1]", g)
+	}
+	u.srv.mu.Lock()
+	delete(u.srv.gens, 1)
+	u.srv.mu.Unlock()
+	u.srv.publish(same, info("third"))
+	if err := a.Check(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if g, _ := u.overlayLowers(t, a); !slices.Equal(g, []uint64{3}) {
+		t.Fatalf("overlay lowers %v, want [3]: generation 1 was retired", g)
+	}
+	if m := u.lowerMounts(a); m["3"] != 1 || len(m) != 1 {
+		t.Fatalf("lower mounts %v, want only 3", m)
+	}
+	if u.nix.isValid(lib.Path) || u.nix.isValid(local.Path) || !u.nix.isValid(same.Path) {
+		t.Fatalf("validity lib=%v local=%v same=%v, want false false true", u.nix.isValid(lib.Path), u.nix.isValid(local.Path), u.nix.isValid(same.Path))
+	}
+	if h := Holding(a.State()); !slices.Equal(h, []uint64{3}) {
+		t.Fatalf("holding %v, want [3]", h)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/server"
 )
 
 // After an immediate rotation the old overlay lives on, detached, for
@@ -164,4 +165,61 @@ func waitExec(t *testing.T, pid int) {
 		}
 	}
 	t.Fatalf("process %d did not start sleep", pid)
+}
+
+// A builder stopped while its generation was retired (here: the machine
+// rebooted, and generation 1 was destroyed by retention meanwhile) starts
+// on the newest generation: the retired generation's paths that the newest
+// lacks are invalid, and so is every local path that refers to them (Nix
+// needs the DB closed under references); local paths that do not stay
+// valid. Every path valid in the DB is readable and nix-store --verify
+// --check-contents is clean (DESIGN.md invariant 2).
+func TestStartAfterGenerationRetired(t *testing.T) {
+	e := newEnvWith(t, func(o *server.Options) { o.Config.Keep = 1 })
+	stays := e.central.AddText(t, "stays", "in both generations\n")
+	only1 := e.central.AddText(t, "only-in-1", "leaves with generation 1\n")
+	lib := e.central.AddTree(t, "lib-only-in-1", map[string]string{"lib.txt": "a library\n"})
+	g1 := e.publish(t)
+	e.startServer(t)
+	a := e.agent(t)
+	ctx := context.Background()
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	uses := e.builder.Build(t, "uses-lib", `mkdir $out; echo $in0 > $out/ref`, lib)
+	own := e.builder.Build(t, "own", `mkdir $out; echo mine > $out/x`)
+	if v := e.valid(t, stays, only1, lib, uses, own); len(v) != 5 {
+		t.Fatalf("before: valid %v, want all 5", v)
+	}
+
+	// The machine reboots; meanwhile generation 1 leaves the central
+	// store with two of its paths, and retention destroys it.
+	unmountAll(t, e)
+	e.central.Delete(t, only1)
+	e.central.Delete(t, lib)
+	e.central.AddText(t, "new-in-2", "2\n")
+	g2 := e.publish(t)
+	if _, ok := e.srv.Generation(g1); ok {
+		t.Fatalf("generation %d still live with retention.keep 1", g1)
+	}
+	b := e.agent(t)
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st := b.State(); st.Phase != PhaseIdle || st.Generation != g2 || len(st.Lowers) != 1 {
+		t.Fatalf("after start: %s lowers %+v, want idle(%d) on it alone", st, st.Lowers, g2)
+	}
+	v := e.valid(t, stays, only1, lib, uses, own)
+	for p, want := range map[string]bool{stays: true, only1: false, lib: false, uses: false, own: true} {
+		if v[p] != want {
+			t.Errorf("%s valid=%v, want %v", p, v[p], want)
+		}
+	}
+	for _, p := range dbPaths(t, e) {
+		if _, err := os.Lstat(e.local(p)); err != nil {
+			t.Errorf("valid path unreadable: %v", err)
+		}
+	}
+	checkGeneration(t, e, g2)
+	e.verify(t)
 }

@@ -160,19 +160,15 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 			return err
 		}
 	} else {
-		var prev []string
-		root, err := os.Readlink(a.cfg.gcRootLink())
-		if err == nil && a.rooted(ctx) {
-			prev, err = a.nix.References(ctx, root)
-		}
-		if err != nil || len(prev) == 0 {
-			return fmt.Errorf("server %s does not have generation %d, and this builder's GC root does not list its paths (%v): cannot tell which paths leave", e, cur, err)
-		}
 		if wholeRows, err = a.rowsFrom(ctx, srv, gen, 0); err != nil {
 			return err
 		}
+		removed, err := a.leavingFromRoot(ctx, wholeRows)
+		if err != nil {
+			return fmt.Errorf("server %s does not have generation %d: %w", e, cur, err)
+		}
 		addedRows = wholeRows
-		d = api.Delta{From: cur, To: gen, Removed: without(without(prev, []string{root}), rowPaths(wholeRows))}
+		d = api.Delta{From: cur, To: gen, Removed: removed}
 		a.log.Info("server does not have the mounted generation; importing the new one whole", "server", e.String(),
 			"mounted", cur, "generation", gen, "leaving", len(d.Removed))
 	}
@@ -186,87 +182,13 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	}
 	top.SHA256 = registrationSHA(l, gen)
 
-	// Paths leaving, each with the generation whose lower holds it.
-	cands := map[string]uint64{}
-	for _, p := range d.Removed {
-		cands[p] = cur
-	}
-	for _, l := range st.Lowers[1:] {
-		for _, p := range l.Kept {
-			cands[p] = l.Gen
-		}
-	}
-	for _, in := range added {
-		delete(cands, in.Path)
-	}
-	paths := make([]string, 0, len(cands))
-	for p := range cands {
-		paths = append(paths, p)
-	}
-	slices.Sort(paths)
-	valid, refs, err := a.nix.Referrers(ctx, paths)
+	old := a.Current()
+	plan, extra, remount, err := a.planLeaving(ctx, e, l, st, d.Removed, added, dead)
 	if err != nil {
 		return err
 	}
-	// The generation's GC root refers to every path of it; it is no
-	// reason to keep one. It is replaced below, under the GC lock.
-	for p, rs := range refs {
-		refs[p] = slices.DeleteFunc(rs, isRootPath)
-	}
-	plan := planRemoval(cands, valid, refs, func(p string) bool { return localHolds(a.cfg.upperDir(), a.cfg.localDir(), p) })
-	next := []Lower{top}
-	var keptGens, dropGens []uint64
-	for g := range plan.Keep {
-		keptGens = append(keptGens, g)
-	}
-	slices.Sort(keptGens)
-	slices.Reverse(keptGens)
-	old := a.Current()
-	remount := map[uint64]bool{} // kept generations mounted again from e
-	for _, g := range keptGens {
-		x := Lower{Gen: g, Server: e.API}
-		if i := slices.IndexFunc(st.Lowers, func(l Lower) bool { return l.Gen == g }); i >= 0 {
-			x = st.Lowers[i]
-		}
-		x.Kept = plan.Keep[g]
-		if from := a.endpointOf(x); normAPI(from.API) != normAPI(e.API) {
-			// No lower stays on a server that is not the one in use.
-			if !hasGeneration(l, g, x.SHA256) {
-				if !dead {
-					return fmt.Errorf("server %s does not serve generation %d (registration %.12s), which %d local paths still need (e.g. %s) through server %s: rotate through %s, or once nothing refers to them",
-						e, g, x.SHA256, len(x.Kept), x.Kept[0], from, from)
-				}
-				dropGens = append(dropGens, g)
-				continue
-			}
-			x = Lower{Gen: g, Kept: x.Kept, Server: e.API, SHA256: registrationSHA(l, g)}
-			remount[g] = true
-		}
-		next = append(next, x)
-	}
-	if len(dropGens) > 0 {
-		drop, err := a.dropKept(ctx, plan, dropGens)
-		if err != nil {
-			return err
-		}
-		rest := next[:1]
-		for _, x := range next[1:] {
-			x.Kept = slices.DeleteFunc(slices.Clone(x.Kept), func(p string) bool { return slices.Contains(drop, p) })
-			if len(x.Kept) > 0 {
-				rest = append(rest, x)
-			}
-		}
-		next = rest
-		for _, p := range drop {
-			if !slices.Contains(plan.Invalidate, p) {
-				plan.Invalidate = append(plan.Invalidate, p)
-			}
-		}
-		slices.Sort(plan.Invalidate)
-		a.log.Warn("the new server does not serve generations that local paths needed from the dead one: invalidating those paths and every local path that refers to them (their files were on the dead server)",
-			"server", e.String(), "dead", old.String(), "generations", dropGens, "invalidated", len(drop), "paths", drop)
-		keptGens = gens(next[1:])
-	}
+	next := append([]Lower{top}, extra...)
+	keptGens := gens(extra)
 	// The old server's lowers are forced off once released when it is
 	// dead; recorded before the swap, so a restart honours it.
 	if dead {
@@ -431,4 +353,159 @@ func (a *Agent) dropKept(ctx context.Context, plan removal, gs []uint64) ([]stri
 func (a *Agent) isMounted(x Lower) bool {
 	ms, err := a.m.Mounts()
 	return err == nil && len(mountinfo.At(ms, a.lowerPath(x))) > 0
+}
+
+// leavingFromRoot returns the paths of the mounted generation that a
+// generation whose whole path rows are rows does not have: those the
+// generation's GC root refers to (the root path aside), minus rows'. It
+// works out what leaves when no server has the mounted generation any more
+// to ask for a delta (a failover to a server without it, a restart after
+// it was retired). An error when the root does not list them.
+func (a *Agent) leavingFromRoot(ctx context.Context, rows *nixstore.Rows) ([]string, error) {
+	var prev []string
+	root, err := os.Readlink(a.cfg.gcRootLink())
+	if err == nil && a.rooted(ctx) {
+		prev, err = a.nix.References(ctx, root)
+	}
+	if err != nil || len(prev) == 0 {
+		return nil, fmt.Errorf("this builder's GC root does not list the mounted generation's paths (%v): cannot tell which paths leave", err)
+	}
+	return without(without(prev, []string{root}), rowPaths(rows)), nil
+}
+
+// planLeaving decides what a move of the store dir from the lowers of st
+// to generation gen of server e (whose live generations are l) does with
+// the paths that leave: removed (paths of st's top generation that gen
+// does not have: the delta's, or leavingFromRoot's) and the paths st's
+// older lowers are kept for, minus added (gen's new paths). Each is
+// invalidated, kept valid because the upper or the local store holds it,
+// or kept valid through its generation's lower below gen because a path
+// that stays valid refers to it (planRemoval).
+//
+// A kept generation must come from e, with the registration it had: one
+// mounted from another server is mounted again from e (remount). When e
+// does not serve it and the server it was mounted from is another one
+// that is alive (!dead), the move is refused. Otherwise (that server is
+// dead, or e no longer serves it: retired) its files cannot be read any
+// more: the paths kept through it are invalidated with every local path
+// that refers to them, directly or not (dropKept, logged), so that no
+// valid path needs them.
+//
+// It returns the plan (Invalidate includes those), the lowers to keep
+// below gen (top first) and which of them to mount again from e.
+func (a *Agent) planLeaving(ctx context.Context, e Endpoint, l api.GenerationList, st State, removed []string,
+	added []nixstore.Row, dead bool) (removal, []Lower, map[uint64]bool, error) {
+	// Paths leaving, each with the generation whose lower holds it.
+	cands := map[string]uint64{}
+	for _, p := range removed {
+		cands[p] = st.Generation
+	}
+	if len(st.Lowers) > 0 {
+		for _, l := range st.Lowers[1:] {
+			for _, p := range l.Kept {
+				cands[p] = l.Gen
+			}
+		}
+	}
+	for _, in := range added {
+		delete(cands, in.Path)
+	}
+	paths := make([]string, 0, len(cands))
+	for p := range cands {
+		paths = append(paths, p)
+	}
+	slices.Sort(paths)
+	valid, refs, err := a.nix.Referrers(ctx, paths)
+	if err != nil {
+		return removal{}, nil, nil, err
+	}
+	// The generation's GC root refers to every path of it; it is no
+	// reason to keep one. It is replaced under the GC lock.
+	for p, rs := range refs {
+		refs[p] = slices.DeleteFunc(rs, isRootPath)
+	}
+	plan := planRemoval(cands, valid, refs, func(p string) bool { return localHolds(a.cfg.upperDir(), a.cfg.localDir(), p) })
+	var extra []Lower
+	var keptGens, dropGens []uint64
+	for g := range plan.Keep {
+		keptGens = append(keptGens, g)
+	}
+	slices.Sort(keptGens)
+	slices.Reverse(keptGens)
+	old := a.Current()
+	remount := map[uint64]bool{} // kept generations mounted again from e
+	for _, g := range keptGens {
+		x := Lower{Gen: g, Server: e.API}
+		if i := slices.IndexFunc(st.Lowers, func(l Lower) bool { return l.Gen == g }); i >= 0 {
+			x = st.Lowers[i]
+		}
+		x.Kept = plan.Keep[g]
+		from := a.endpointOf(x)
+		other := normAPI(from.API) != normAPI(e.API)
+		if !hasGeneration(l, g, x.SHA256) {
+			if other && !dead {
+				return removal{}, nil, nil, fmt.Errorf("server %s does not serve generation %d (registration %.12s), which %d local paths still need (e.g. %s) through server %s: rotate through %s, or once nothing refers to them",
+					e, g, x.SHA256, len(x.Kept), x.Kept[0], from, from)
+			}
+			dropGens = append(dropGens, g)
+			continue
+		}
+		if other {
+			// No lower stays on a server that is not the one in use.
+			x = Lower{Gen: g, Kept: x.Kept, Server: e.API, SHA256: registrationSHA(l, g)}
+			remount[g] = true
+		}
+		extra = append(extra, x)
+	}
+	if len(dropGens) > 0 {
+		drop, err := a.dropKept(ctx, plan, dropGens)
+		if err != nil {
+			return removal{}, nil, nil, err
+		}
+		var rest []Lower
+		for _, x := range extra {
+			x.Kept = slices.DeleteFunc(slices.Clone(x.Kept), func(p string) bool { return slices.Contains(drop, p) })
+			if len(x.Kept) > 0 {
+				rest = append(rest, x)
+			}
+		}
+		extra = rest
+		for _, p := range drop {
+			if !slices.Contains(plan.Invalidate, p) {
+				plan.Invalidate = append(plan.Invalidate, p)
+			}
+		}
+		slices.Sort(plan.Invalidate)
+		a.log.Warn("generations that local paths need are served no more (retired, or only on a dead server): invalidating those paths and every local path that refers to them (their files cannot be read)",
+			"server", e.String(), "was", old.String(), "generations", dropGens, "invalidated", len(drop), "paths", drop)
+	}
+	return plan, extra, remount, nil
+}
+
+// leavingRetired works out what leaves when a start mounts generation gen
+// of server e (whose live generations are l) because e no longer has the
+// generation st names (it was retired while the builder was stopped): the
+// mounted generation's paths that gen does not have (leavingFromRoot) and
+// the paths st's older lowers were kept for, planned as a rotation plans
+// them (planLeaving: a retired generation's files cannot be read any more,
+// so the paths kept through it go with every local path that refers to
+// them). It returns the paths to invalidate and the older lowers to keep
+// below gen. When the GC root does not list the old generation's paths it
+// logs an error and returns nothing: which paths left cannot be told.
+func (a *Agent) leavingRetired(ctx context.Context, e Endpoint, l api.GenerationList, st State, gen uint64) ([]string, []Lower, error) {
+	rows, err := a.rowsFrom(ctx, a.dir.Client(e), gen, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	removed, err := a.leavingFromRoot(ctx, rows)
+	if err != nil {
+		a.log.Error("the generation this builder had mounted is gone, and which of its paths left cannot be told: paths only it had may stay valid but unreadable",
+			"generation", st.Generation, "err", err)
+		return nil, nil, nil
+	}
+	plan, extra, _, err := a.planLeaving(ctx, e, l, st, removed, rows.Paths, true)
+	if err != nil {
+		return nil, nil, err
+	}
+	return plan.Invalidate, extra, nil
 }

@@ -23,7 +23,13 @@ import (
 //     rotation again; invalidation already done is not redone).
 //   - With no overlay of its own at the store dir (first start, or a
 //     reboot), it mounts the generation the state names (or the server's
-//     newest on first start) with a fresh workdir and the same upper.
+//     newest on first start) with a fresh workdir and the same upper. When
+//     the server no longer has the generation the state names (retired
+//     while the builder was stopped), it mounts the newest, and first
+//     invalidates what leaves, as a rotation would (leavingRetired): the
+//     old generation's paths the newest lacks (its GC root lists them) and
+//     every local path that refers to them, so that every valid path is
+//     readable.
 //   - The registration is imported (only paths not valid yet) on first
 //     start, after a reboot, and when a cut-short rotation had swapped but
 //     not finished importing.
@@ -169,10 +175,11 @@ func (a *Agent) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
+	gone := false // the generation the state names was retired
 	if len(want) > 0 && !slices.ContainsFunc(l.Generations, func(g api.Generation) bool { return g.ID == want[0].Gen }) {
 		a.log.Warn("the generation this builder had mounted is no longer live on the server; mounting the newest",
 			"generation", want[0].Gen)
-		want = nil
+		want, gone = nil, true
 	}
 	if len(want) == 0 {
 		if len(l.Generations) == 0 {
@@ -182,6 +189,17 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	g := want[0].Gen
 	began := time.Now()
+	// The retired generation's paths that g does not have, and the local
+	// paths that need them, are invalidated before the overlay is mounted
+	// (they are unreadable already: nothing mounts it any more).
+	var leaving []string
+	if gone {
+		inv, extra, err := a.leavingRetired(ctx, a.Current(), l, st, g)
+		if err != nil {
+			return fmt.Errorf("start: %w", err)
+		}
+		leaving, want = inv, append(want, extra...)
+	}
 	if err := a.transition(func(s *State) { s.Phase, s.Target, s.Next = PhaseMounting, g, want }); err != nil {
 		return err
 	}
@@ -208,6 +226,12 @@ func (a *Agent) Start(ctx context.Context) error {
 		return fmt.Errorf("start: %w", err)
 	}
 	defer unlock()
+	if len(leaving) > 0 {
+		if err := a.nix.Invalidate(ctx, leaving); err != nil {
+			return fmt.Errorf("start: %w", err)
+		}
+		a.log.Info("paths of the retired generation left", "generation", st.Generation, "invalidated", len(leaving))
+	}
 	if _, err := a.repairHidden(a.lowerPath(want[0])); err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
