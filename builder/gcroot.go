@@ -2,9 +2,6 @@ package builder
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -113,20 +110,28 @@ func (a *Agent) gcLock(ctx context.Context) (func(), error) {
 // writes as many references as paths changed, not one per path of the
 // generation.
 func (a *Agent) rootUpdate(gen uint64, full bool, remove []string) (*nixstore.RootUpdate, error) {
-	content := fmt.Sprintf("strata generation %d: a garbage collector root for its store paths\n", gen)
-	p := textPath(a.cfg.logicalStoreDir(), rootName(gen), []byte(content), nil)
-	phys := filepath.Join(a.cfg.StoreDir, filepath.Base(p))
-	if b, err := os.ReadFile(phys); err != nil || string(b) != content {
-		if err := writeStoreFile(phys, []byte(content)); err != nil {
-			return nil, fmt.Errorf("root generation %d: %w", gen, err)
-		}
+	r, err := a.writeRoot(gen)
+	if err != nil {
+		return nil, err
 	}
-	h, size := narOfFile([]byte(content))
 	prev, _ := os.Readlink(a.cfg.gcRootLink())
-	if !isRootPath(prev) || prev == p {
+	if !isRootPath(prev) || prev == r.Path {
 		prev = ""
 	}
-	return &nixstore.RootUpdate{Path: p, NarHash: h, NarSize: size, Prev: prev, Full: full, Remove: remove}, nil
+	return &nixstore.RootUpdate{Path: r.Path, NarHash: r.NarHash, NarSize: r.NarSize, Prev: prev, Full: full, Remove: remove}, nil
+}
+
+// writeRoot writes generation gen's root path file (nixstore.RootOf)
+// into the store dir unless it is there already.
+func (a *Agent) writeRoot(gen uint64) (nixstore.GenerationRoot, error) {
+	r := nixstore.RootOf(a.cfg.logicalStoreDir(), gen)
+	phys := filepath.Join(a.cfg.StoreDir, filepath.Base(r.Path))
+	if b, err := os.ReadFile(phys); err != nil || string(b) != string(r.Content) {
+		if err := writeStoreFile(phys, r.Content); err != nil {
+			return r, fmt.Errorf("root generation %d: %w", gen, err)
+		}
+	}
+	return r, nil
 }
 
 // importRooted registers rows (see load) and, in the same transaction,
@@ -253,58 +258,12 @@ func writeStoreFile(path string, b []byte) error {
 
 // narOfFile returns the base16 SHA-256 and size of the NAR serialisation
 // of a non-executable regular file with contents b.
-func narOfFile(b []byte) (string, uint64) {
-	var nar []byte
-	str := func(s []byte) {
-		nar = binary.LittleEndian.AppendUint64(nar, uint64(len(s)))
-		nar = append(nar, s...)
-		if r := len(s) % 8; r != 0 {
-			nar = append(nar, make([]byte, 8-r)...)
-		}
-	}
-	for _, s := range []string{"nix-archive-1", "(", "type", "regular", "contents"} {
-		str([]byte(s))
-	}
-	str(b)
-	str([]byte(")"))
-	sum := sha256.Sum256(nar)
-	return hex.EncodeToString(sum[:]), uint64(len(nar))
-}
+func narOfFile(b []byte) (string, uint64) { return nixstore.NarOfFile(b) }
 
 // textPath is the store path Nix gives a text file with these contents and
-// references (Store::makeTextPath): the name's hash commits to both.
+// references (Store::makeTextPath).
 func textPath(storeDir, name string, contents []byte, refs []string) string {
-	var s strings.Builder
-	s.WriteString("text")
-	for _, r := range refs {
-		s.WriteString(":")
-		s.WriteString(r)
-	}
-	h := sha256.Sum256(contents)
-	s.WriteString(":sha256:" + hex.EncodeToString(h[:]) + ":" + storeDir + ":" + name)
-	full := sha256.Sum256([]byte(s.String()))
-	var c [20]byte
-	for i, x := range full {
-		c[i%20] ^= x
-	}
-	return storeDir + "/" + nixBase32(c[:]) + "-" + name
-}
-
-// nixBase32 is Nix's base-32 encoding (its own alphabet, last byte first).
-func nixBase32(b []byte) string {
-	const chars = "0123456789abcdfghijklmnpqrsvwxyz"
-	n := (len(b)*8-1)/5 + 1
-	out := make([]byte, 0, n)
-	for i := n - 1; i >= 0; i-- {
-		bit := i * 5
-		j, k := bit/8, uint(bit%8)
-		c := b[j] >> k
-		if j+1 < len(b) {
-			c |= b[j+1] << (8 - k)
-		}
-		out = append(out, chars[c&0x1f])
-	}
-	return string(out)
+	return nixstore.TextPath(storeDir, name, contents, refs)
 }
 
 // repairWhiteouts removes the whiteouts in the upper whose name is one of
