@@ -7,6 +7,7 @@
 //	GET    /v1/generations/N/registration   -> text/plain, nix-store --dump-db format
 //	GET    /v1/generations/N/delta?from=M   -> Delta
 //	GET    /v1/generations/N/paths[?from=M] -> RowsContentType: the path rows (all, or added since M)
+//	GET    /v1/generations/N/nixdb          -> NixDBContentType: the generation's Nix DB (NixDB headers)
 //	GET    /v1/generations/N/stream?from=M  -> snapshot send stream (token; see Client.Stream)
 //	POST   /v1/publish                      -> PublishResult        (mutating)
 //	POST   /v1/generations/N/pin?name=X     -> Generation           (mutating)
@@ -129,3 +130,35 @@ type Error struct {
 // RowsContentType is the media type of GET /v1/generations/N/paths: a
 // gzip'd JSON-lines rows file (see nixstore.WriteRows).
 const RowsContentType = "application/x-strata-rows+gzip"
+
+// NixDBContentType is the media type of GET /v1/generations/N/nixdb: the
+// generation's Nix DB (a SQLite file: the snapshot's own db.sqlite with
+// the generation's GC root registered, see nixstore.BuildGenerationDB),
+// zstd-compressed. The answer's headers describe the decompressed file
+// (NixDB).
+const NixDBContentType = "application/x-strata-nixdb+zstd"
+
+// Headers of GET /v1/generations/N/nixdb.
+const (
+	HeaderNixDBSHA256 = "Strata-Nixdb-Sha256"
+	HeaderNixDBSize   = "Strata-Nixdb-Size"
+	HeaderNixDBPaths  = "Strata-Nixdb-Paths"
+	HeaderNixDBSchema = "Strata-Nixdb-Schema"
+	HeaderNixDBRoot   = "Strata-Nixdb-Root"
+)
+
+// NixDB describes a generation's Nix DB file as the server sends it in
+// the headers of GET /v1/generations/N/nixdb.
+type NixDB struct {
+	// SHA256 (base 16) and Size are the decompressed file's.
+	SHA256 string `json:"sha256"`
+	Size   int64  `json:"size"`
+	// Paths is how many valid paths it holds, the root included.
+	Paths int `json:"paths"`
+	// Schema is the Nix schema version of the central store's DB.
+	Schema int `json:"schema"`
+	// Root is the generation's GC root path registered in it.
+	Root string `json:"root"`
+	// Compressed is the size of the zstd body.
+	Compressed int64 `json:"compressed"`
+}

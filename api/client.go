@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // Client calls a strata daemon's HTTP API over TCP or a unix socket.
@@ -145,6 +147,61 @@ func (c *Client) Paths(ctx context.Context, id, from uint64) (io.ReadCloser, err
 		path += "?from=" + strconv.FormatUint(from, 10)
 	}
 	return c.raw(ctx, http.MethodGet, path)
+}
+
+// NixDB returns generation id's Nix DB, decompressed as it is read, and
+// what the server says it is (its headers). The caller checks the bytes
+// against it (nixstore.InstallDB does) and closes the body.
+func (c *Client) NixDB(ctx context.Context, id uint64) (io.ReadCloser, NixDB, error) {
+	path := "/v1/generations/" + strconv.FormatUint(id, 10) + "/nixdb"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	if err != nil {
+		return nil, NixDB{}, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, NixDB{}, fmt.Errorf("GET %s: %w", path, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return nil, NixDB{}, newStatusError(http.MethodGet, path, resp, b)
+	}
+	h := resp.Header
+	d := NixDB{SHA256: h.Get(HeaderNixDBSHA256), Root: h.Get(HeaderNixDBRoot), Compressed: resp.ContentLength}
+	var errs []string
+	for name, dst := range map[string]any{HeaderNixDBSize: &d.Size, HeaderNixDBPaths: &d.Paths, HeaderNixDBSchema: &d.Schema} {
+		if _, err := fmt.Sscan(h.Get(name), dst); err != nil {
+			errs = append(errs, fmt.Sprintf("header %s: %q", name, h.Get(name)))
+		}
+	}
+	if ct := h.Get("Content-Type"); ct != NixDBContentType {
+		errs = append(errs, fmt.Sprintf("content type %q, want %s", ct, NixDBContentType))
+	}
+	if len(errs) > 0 || d.SHA256 == "" || d.Root == "" {
+		resp.Body.Close()
+		return nil, NixDB{}, fmt.Errorf("GET %s: not a generation DB answer: %s", path, strings.Join(errs, "; "))
+	}
+	zr, err := zstd.NewReader(resp.Body, zstd.WithDecoderConcurrency(1))
+	if err != nil {
+		resp.Body.Close()
+		return nil, NixDB{}, fmt.Errorf("GET %s: %w", path, err)
+	}
+	return zstdBody{zr, resp.Body}, d, nil
+}
+
+// zstdBody is a decompressed HTTP body.
+type zstdBody struct {
+	*zstd.Decoder
+	body io.ReadCloser
+}
+
+func (z zstdBody) Close() error {
+	z.Decoder.Close()
+	return z.body.Close()
 }
 
 // Delta returns what changed from generation from to generation to.

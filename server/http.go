@@ -102,6 +102,13 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 			s.log.Debug("send path rows", "generation", id, "err", err)
 		}
 	})
+	mux.HandleFunc("GET /v1/generations/{id}/nixdb", func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		s.serveNixDB(w, r, id)
+	})
 	mux.HandleFunc("GET /v1/generations/{id}/delta", func(w http.ResponseWriter, r *http.Request) {
 		id, ok := pathID(w, r)
 		if !ok {

@@ -69,6 +69,11 @@ type Server struct {
 	liveStoreID atomic.Pointer[string]
 	// cacheMu serialises making the API's cache files (apicache.go).
 	cacheMu sync.Mutex
+	// nixdbMu serialises making generations' Nix DBs (nixdb.go).
+	nixdbMu sync.Mutex
+	// livePaths maps each live generation to its snapshot's path, set
+	// by swap with live.
+	livePaths atomic.Pointer[map[uint64]string]
 	// infoMu guards missing, problems and waits for readers (status) that
 	// must not wait for a publish; writers hold mu too.
 	infoMu sync.Mutex
@@ -308,12 +313,24 @@ func (s *Server) sorted() []*generation {
 func (s *Server) swap() {
 	gs := s.sorted()
 	l := make([]api.Generation, len(gs))
+	paths := make(map[uint64]string, len(gs))
 	for i, g := range gs {
 		l[i] = g.Generation
+		paths[g.ID] = g.path
 	}
+	s.livePaths.Store(&paths)
 	s.live.Store(&l)
 	id := s.storeID
 	s.liveStoreID.Store(&id)
+}
+
+// snapshotPath returns live generation id's snapshot path, "" when it is
+// not live. It never waits for a publish.
+func (s *Server) snapshotPath(id uint64) string {
+	if m := s.livePaths.Load(); m != nil {
+		return (*m)[id]
+	}
+	return ""
 }
 
 // Shutdown cancels publishes started over the API that are still running

@@ -1,0 +1,124 @@
+//go:build integration
+
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
+	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/nixstore"
+)
+
+// TestNixDBEndpoint: GET /v1/generations/N/nixdb serves the generation's
+// Nix DB: zstd, headers that say what the decompressed file is (sha256,
+// size, valid paths with the root, schema, root path), made once and kept
+// in the generation's state directory; the file, installed into an empty
+// store, makes Nix report every path exactly as the central store's Nix
+// does (signatures included), and the generation's root refers to them
+// all. An ETag answers a repeated request with 304; an unknown generation
+// is a 404.
+func TestNixDBEndpoint(t *testing.T) {
+	c := newCentral(t)
+	made := c.store.Fill(t)
+	sk, _ := nixtest.GenerateKey(t, "central-1")
+	c.store.Sign(t, sk, made[0], made[3])
+	s := c.server(t)
+	g1 := publish(t, s)
+	hs := httptest.NewServer(s.Handler(apiserve.NewToken(""), nil, func() any { return nil }))
+	t.Cleanup(hs.Close)
+	cl := api.NewClient(hs.URL, "")
+	ctx := context.Background()
+
+	body, d, err := cl.NixDB(ctx, g1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(body)
+	body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	want := c.store.PathInfos(t)
+	root := nixstore.RootOf("/nix/store", g1)
+	if hex.EncodeToString(sum[:]) != d.SHA256 || int64(len(b)) != d.Size || d.Paths != len(want)+1 || d.Schema != 10 ||
+		d.Root != root.Path || d.Compressed <= 0 || d.Compressed >= d.Size {
+		t.Fatalf("answer %+v for %d bytes with sha256 %x; central store has %d paths", d, len(b), sum, len(want))
+	}
+	for _, f := range []string{nixDBFile, nixDBInfo} {
+		if _, err := os.Stat(filepath.Join(c.cfg.StateDir, "generations", "1", f)); err != nil {
+			t.Fatalf("not kept: %v", err)
+		}
+	}
+	// Served again from what was kept: the same bytes.
+	body, d2, err := cl.NixDB(ctx, g1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b2, _ := io.ReadAll(body)
+	body.Close()
+	if d2 != d || string(b2) != string(b) {
+		t.Fatal("second answer differs")
+	}
+	req, _ := http.NewRequest(http.MethodGet, hs.URL+"/v1/generations/1/nixdb", nil)
+	req.Header.Set("If-None-Match", `"nixdb-`+d.SHA256+`"`)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotModified {
+		t.Fatalf("If-None-Match: %s", resp.Status)
+	}
+	_, _, err = cl.NixDB(ctx, 99)
+	var se *api.StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusNotFound {
+		t.Fatalf("unknown generation: %v", err)
+	}
+
+	// Installed into an empty store holding the files: Nix sees the
+	// central store's paths as the central store's Nix does.
+	bs := nixtest.New(t, filepath.Join(t.TempDir(), "root"))
+	store := filepath.Join(bs.NixRoot(), "store")
+	os.MkdirAll(store, 0o755)
+	copyTree(t, filepath.Join(c.store.NixRoot(), "store"), store)
+	os.WriteFile(filepath.Join(store, filepath.Base(root.Path)), root.Content, 0o444)
+	err = nixstore.InstallDB(ctx, filepath.Join(bs.NixRoot(), "var", "nix", "db"), strings.NewReader(string(b)),
+		nixstore.DBFile{SHA256: d.SHA256, Size: d.Size, Paths: d.Paths, Schema: d.Schema, Root: d.Root}, nixstore.InstallOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := bs.PathInfos(t)
+	if _, ok := got[root.Path]; !ok {
+		t.Fatal("root not valid")
+	}
+	delete(got, root.Path)
+	if len(got) != len(want) {
+		t.Errorf("%d paths on the builder, %d on the central store", len(got), len(want))
+	}
+	for p, w := range want {
+		g := got[p]
+		slices.Sort(g.Signatures)
+		slices.Sort(w.Signatures)
+		if !reflect.DeepEqual(g, w) {
+			t.Errorf("nix path-info %s:\nbuilder %+v\ncentral %+v", p, g, w)
+		}
+	}
+	if refs := strings.Fields(bs.Run(t, "nix-store", "--query", "--references", root.Path)); len(refs) != len(want) {
+		t.Fatalf("root refers to %d paths, want %d", len(refs), len(want))
+	}
+}
