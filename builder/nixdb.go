@@ -85,13 +85,8 @@ func NewNixStore(cfg Config, log *slog.Logger) *NixStore {
 // A store without a DB yet (Nix never ran) is first initialised by Nix
 // itself.
 func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows, root *nixstore.RootUpdate) (int, error) {
-	if _, err := os.Stat(n.DB); errors.Is(err, os.ErrNotExist) {
-		// A Nix that never ran on this machine: let it create its DB (any
-		// query does), with its own schema and settings (the
-		// ca-derivations tables when that feature is on).
-		if err := n.CLI.Init(ctx); err != nil {
-			return 0, err
-		}
+	if err := n.ensureDB(ctx); err != nil {
+		return 0, err
 	}
 	res, err := nixstore.ImportDB(ctx, filepath.Dir(n.DB), rows, root)
 	if errors.Is(err, nixstore.ErrUnknownSchema) {
@@ -111,6 +106,16 @@ func (n *NixStore) Load(ctx context.Context, rows *nixstore.Rows, root *nixstore
 			"nix_has_ca_derivations", res.HasRealisations)
 	}
 	return res.Imported, nil
+}
+
+// ensureDB lets a Nix that never ran on this machine create its DB (any
+// query does), with its own schema and settings (the ca-derivations
+// tables when that feature is on).
+func (n *NixStore) ensureDB(ctx context.Context) error {
+	if _, err := os.Stat(n.DB); errors.Is(err, os.ErrNotExist) {
+		return n.CLI.Init(ctx)
+	}
+	return nil
 }
 
 // loadRoot registers root with `nix-store --load-db` (a DB whose schema

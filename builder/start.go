@@ -293,11 +293,19 @@ func lowersFor(ls []Lower, st State) []Lower {
 	return out
 }
 
-// importFull registers generation g's whole registration (only paths not
-// valid yet are loaded; unreadable ones are skipped, see load), roots the
+// importFull registers generation g's whole registration (into an empty
+// DB by installing the generation's DB, see installDB; else only paths
+// not valid yet are loaded; unreadable ones are skipped, see load), roots the
 // generation for garbage collection, then marks the state Releasing. The
 // caller holds the GC lock.
 func (a *Agent) importFull(ctx context.Context, g uint64) error {
+	// A DB without valid paths takes the generation's whole DB instead
+	// of its rows (installdb.go).
+	if n, msg, ok := a.installDB(ctx, g); ok {
+		return a.transition(func(s *State) {
+			s.Phase, s.Target, s.Next, s.PathsImported, s.LastError = PhaseReleasing, 0, nil, n, msg
+		})
+	}
 	rows, err := a.rows(ctx, g, 0)
 	if err != nil {
 		return err

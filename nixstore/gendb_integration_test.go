@@ -270,17 +270,27 @@ func TestIntegrationInstallDBCrash(t *testing.T) {
 		b := builderStore(t, nix28, central, 1)
 		// A Nix process with the store open holds the big-lock shared;
 		// flock(1) stands in for it for the whole install.
-		lock := exec.Command("flock", "--shared", filepath.Join(dbDir(b), "big-lock"), "sleep", "30")
+		lock := exec.Command("flock", "--shared", filepath.Join(dbDir(b), "big-lock"), "sleep", "600")
+		lock.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		if err := lock.Start(); err != nil {
 			t.Fatal(err)
 		}
-		defer func() { lock.Process.Kill(); lock.Wait() }()
-		time.Sleep(200 * time.Millisecond)
+		stop := func() { syscall.Kill(-lock.Process.Pid, syscall.SIGKILL); lock.Wait() }
+		defer stop()
+		for i := 0; ; i++ {
+			b, _ := os.ReadFile("/proc/locks")
+			if strings.Contains(string(b), fmt.Sprintf(" %d ", lock.Process.Pid)) {
+				break
+			}
+			if i == 100 {
+				t.Fatal("flock did not take the lock")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 		if err := install(t, b, file, f, InstallOptions{}); !errors.Is(err, ErrDBInUse) {
 			t.Fatalf("got %v, want ErrDBInUse", err)
 		}
-		lock.Process.Kill()
-		lock.Wait()
+		stop()
 		if d := strings.TrimSpace(b.DumpDB(t)); d != "" {
 			t.Fatalf("DB changed: %s", d)
 		}
