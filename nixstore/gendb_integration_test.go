@@ -4,6 +4,7 @@ package nixstore
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"os"
@@ -226,13 +227,12 @@ func rowPaths(rs *Rows) []string {
 func TestIntegrationInstallDBCrash(t *testing.T) {
 	central, _ := centralStore(t, nix28, false)
 	file, f := genDB(t, central, 1)
-	steps := []string{StepDownload, StepVerify, StepSchema, StepLock, StepCheckpoint, StepRename, StepDone}
+	steps := []string{StepDownload, StepVerify, StepSchema, StepSync, StepLock, StepCheckpoint, StepRename, StepDone}
 	for _, how := range []string{"kill", "fail"} {
 		for _, s := range steps {
 			t.Run(how+"-at-"+s, func(t *testing.T) {
 				b := builderStore(t, nix28, central, 1)
-				// A log in the old DB, as a Nix that crashed leaves it.
-				b.Delete(t, b.AddText(t, "x", "x"))
+				staleWAL(t, b)
 				var err error
 				if how == "kill" {
 					err = installInChild(t, b, file, f, s)
@@ -321,6 +321,43 @@ func TestIntegrationInstallDBCrash(t *testing.T) {
 			}
 		}
 	})
+}
+
+// staleWAL leaves b's DB as a Nix killed in the middle leaves it: a
+// write-ahead log with frames not yet checkpointed (a path registered and
+// invalidated again: still no valid path), and its -shm. Replayed into
+// another DB file, those frames would corrupt it.
+func staleWAL(t *testing.T, b nixtest.Store) {
+	t.Helper()
+	p := filepath.Join(dbDir(b), dbFile)
+	db, err := sql.Open("sqlite", "file:"+p+"?_pragma=wal_autocheckpoint(0)&_pragma=busy_timeout(10000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	for _, q := range []string{
+		"INSERT INTO ValidPaths (path, hash, registrationTime) VALUES ('/nix/store/00000000000000000000000000000000-x', 'sha256:00', 1)",
+		"DELETE FROM ValidPaths",
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	saved := map[string][]byte{}
+	for _, s := range []string{"", "-wal", "-shm"} {
+		if saved[s], err = os.ReadFile(p + s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	for s, b := range saved {
+		if err := os.WriteFile(p+s, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if fi, err := os.Stat(p + "-wal"); err != nil || fi.Size() == 0 {
+		t.Fatalf("no log left: %v", err)
+	}
 }
 
 // installInChild runs InstallDB in a child process (this test binary,

@@ -291,10 +291,17 @@ func installGenerationDB(b *testing.B, s nixtest.Store, c centralServer) int64 {
 	if d.Root != root.Path || d.Paths != l.Generations[0].Paths+1 {
 		b.Fatalf("nix db %+v, generation %+v", d, l.Generations[0])
 	}
+	t0, last, steps := time.Now(), "fetch", []string{}
+	step := func(s string) error {
+		steps = append(steps, fmt.Sprintf("%s %.2f", last, time.Since(t0).Seconds()))
+		t0, last = time.Now(), s
+		return nil
+	}
 	if err := nixstore.InstallDB(ctx, dbDir(s), body, nixstore.DBFile{SHA256: d.SHA256, Size: d.Size, Paths: d.Paths,
-		Schema: d.Schema, Root: d.Root}, nixstore.InstallOptions{}); err != nil {
+		Schema: d.Schema, Root: d.Root}, nixstore.InstallOptions{Step: step}); err != nil {
 		b.Fatal(err)
 	}
+	b.Logf("install steps (s, wall): %s", strings.Join(steps, ", "))
 	link := filepath.Join(s.NixRoot(), "var", "nix", "gcroots", "strata")
 	if err := os.MkdirAll(filepath.Dir(link), 0o755); err != nil {
 		b.Fatal(err)
