@@ -134,11 +134,15 @@ func TestIntegrationGenerationDB(t *testing.T) {
 			// Nix versions differ in the comments of their CREATE TABLE
 			// text only; the rest must be the builder's.
 			localSchema := noSQLComments(schemaOf(t, b))
+			localMigrations := migrationsOf(t, b)
 			if err := install(t, b, file, f, InstallOptions{}); err != nil {
 				t.Fatal(err)
 			}
 			if got := noSQLComments(schemaOf(t, b)); !reflect.DeepEqual(got, localSchema) {
 				t.Errorf("schema after install differs from the one the builder's Nix made:\n%s", diffLinesOf(got, localSchema))
+			}
+			if got := migrationsOf(t, b); got != localMigrations {
+				t.Errorf("SchemaMigrations %q after install, the builder's Nix recorded %q", got, localMigrations)
 			}
 			sameAsCentral(t, b, central, f.Root)
 			if refs := strings.Fields(b.Run(t, "nix-store", "--query", "--references", f.Root)); len(refs) != len(want.Paths) {
@@ -196,6 +200,27 @@ func TestIntegrationGenerationDB(t *testing.T) {
 			verifyClean(t, b)
 		})
 	}
+}
+
+// migrationsOf returns the rows of b's SchemaMigrations (Nix 2.26), "-"
+// without the table.
+func migrationsOf(t *testing.T, b nixtest.Store) string {
+	t.Helper()
+	rows, err := openLiveDB(t, b).Query("SELECT migration FROM SchemaMigrations ORDER BY 1")
+	if err != nil {
+		if strings.Contains(err.Error(), "no such table") {
+			return "-"
+		}
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var m string
+		rows.Scan(&m)
+		out = append(out, m)
+	}
+	return strings.Join(out, ",")
 }
 
 func noSQLComments(s string) string {

@@ -276,6 +276,10 @@ func retireOld(ctx context.Context, p string) error {
 	return nil
 }
 
+// schemaMigrations is the table in which Nix (2.26) records the schema
+// migrations it ran.
+const schemaMigrations = "SchemaMigrations"
+
 // schemaObject is one row of sqlite_master.
 type schemaObject struct{ typ, name, table, sql string }
 
@@ -314,6 +318,27 @@ func matchSchema(ctx context.Context, p, local string, want DBFile) error {
 			if lcols[o.name], err = columnList(ctx, ldb, o.name); err != nil {
 				return err
 			}
+		}
+	}
+	// Nix 2.26 records the schema migrations it ran (the ca-derivations
+	// tables) in SchemaMigrations: with the schema the local one, so is
+	// that record.
+	var migrations []string
+	if _, ok := lcols[schemaMigrations]; ok {
+		rows, err := ldb.QueryContext(ctx, "SELECT migration FROM "+schemaMigrations+" ORDER BY migration")
+		if err != nil {
+			return fmt.Errorf("local db: %w", err)
+		}
+		for rows.Next() {
+			var m string
+			if err := rows.Scan(&m); err != nil {
+				rows.Close()
+				return fmt.Errorf("local db: %w", err)
+			}
+			migrations = append(migrations, m)
+		}
+		if err := rows.Close(); err != nil {
+			return fmt.Errorf("local db: %w", err)
 		}
 	}
 	ldb.Close()
@@ -367,7 +392,8 @@ func matchSchema(ctx context.Context, p, local string, want DBFile) error {
 			createObj = append(createObj, o)
 		}
 	}
-	if len(drop)+len(create)+len(dropObj)+len(createObj) > 0 {
+	_, hasMigrations := lcols[schemaMigrations]
+	if len(drop)+len(create)+len(dropObj)+len(createObj) > 0 || hasMigrations {
 		slices.Sort(drop)
 		slices.SortFunc(dropObj, func(a, b schemaObject) int { return strings.Compare(a.name, b.name) })
 		tx, err := db.BeginTx(ctx, nil)
@@ -397,6 +423,16 @@ func matchSchema(ctx context.Context, p, local string, want DBFile) error {
 		for _, o := range createObj {
 			if _, err := tx.ExecContext(ctx, o.sql); err != nil {
 				return fmt.Errorf("create %s %s: %w", o.typ, o.name, err)
+			}
+		}
+		if hasMigrations {
+			if _, err := tx.ExecContext(ctx, "DELETE FROM "+schemaMigrations); err != nil {
+				return fmt.Errorf("schema migrations: %w", err)
+			}
+			for _, m := range migrations {
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+schemaMigrations+" (migration) VALUES (?)", m); err != nil {
+					return fmt.Errorf("schema migrations: %w", err)
+				}
 			}
 		}
 		if err := tx.Commit(); err != nil {
