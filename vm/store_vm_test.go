@@ -255,7 +255,7 @@ func TestBuilderGarbageCollection(t *testing.T) {
 				MemoryMB: 2048,
 				OnLine:   onLine,
 			})
-			requireChecks(t, res, 26)
+			requireChecks(t, res, 27)
 		})
 	}
 }
