@@ -168,8 +168,10 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 		return fmt.Errorf("check config: %d problem(s), printed above as ERROR", problems)
 	}
 	// The secrets first, as the start reads them before anything else.
-	if _, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file"); err != nil {
+	if tok, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file"); err != nil {
 		refuse(err)
+	} else if w := apiserve.TokenWarning(tok, cfg.TokenFile, "api.token_file", cfg.APIListen); w != "" {
+		say("WARNING: %s", w)
 	}
 	if cfg.Replica() {
 		if _, err := replicaToken(cfg); err != nil {
@@ -331,6 +333,9 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	tokenText, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file")
 	if err != nil {
 		return err
+	}
+	if w := apiserve.TokenWarning(tokenText, cfg.TokenFile, "api.token_file", cfg.APIListen); w != "" {
+		log.Warn("no API token", "why", w)
 	}
 	if cfg.Replica() {
 		if _, err := replicaToken(cfg); err != nil {
@@ -785,6 +790,9 @@ func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog
 	}
 	if ex.guard != nil {
 		ex.guard.SetAllow(next.NFSAllow)
+	}
+	if w := apiserve.TokenWarning(text, next.TokenFile, "api.token_file", cur.APIListen); w != "" {
+		log.Warn("no API token", "why", w)
 	}
 	token.Set(text)
 	if level != nil {

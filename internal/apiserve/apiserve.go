@@ -76,23 +76,59 @@ func (t *Token) Get() string { return *t.v.Load() }
 
 // Mutating wraps h so that it runs only for requests that came in on the unix
 // socket or carry the current token as a bearer token; others get 401 and an
-// error that says what is missing. An empty token refuses every TCP request.
+// error that says which of these it was: the daemon has no token, no bearer
+// token was sent, or the one sent is not the daemon's. The answer names no
+// configuration key of the caller (a replica's, the CLI's): the caller
+// knows where its token comes from. An empty token refuses every TCP
+// request.
 func Mutating(token *Token, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if r.Context().Value(viaSocket) == nil && !validToken(r, token.Get()) {
-			WriteError(w, http.StatusUnauthorized, errors.New("mutating call needs a bearer token (api.token_file) or the unix socket"))
-			return
+		if r.Context().Value(viaSocket) == nil {
+			if err := checkToken(r, token.Get()); err != nil {
+				WriteError(w, http.StatusUnauthorized, err)
+				return
+			}
 		}
 		h(w, r)
 	}
 }
 
-func validToken(r *http.Request, token string) bool {
+// checkToken says why r may not mutate over TCP, nil if it may.
+func checkToken(r *http.Request, token string) error {
 	if token == "" {
-		return false
+		return errors.New("mutating call refused: this daemon has no API token (its api.token_file is missing or empty), so it refuses every mutating call over TCP; use its unix socket, or give it a token")
 	}
-	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(token)) == 1
+	h := r.Header.Get("Authorization")
+	got, ok := strings.CutPrefix(h, "Bearer ")
+	if h == "" || !ok || strings.TrimSpace(got) == "" {
+		return errors.New("mutating call refused: no bearer token sent (Authorization: Bearer <token>): a mutating call over TCP needs this daemon's API token, or its unix socket")
+	}
+	if subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(token)) != 1 {
+		return errors.New("mutating call refused: the bearer token sent is not this daemon's API token")
+	}
+	return nil
+}
+
+// TokenWarning is the warning for a daemon whose API listens on TCP beyond
+// loopback (listen) without a token (token empty: file, named by key, is
+// missing or empty): every mutating TCP call will get 401. "" when there
+// is nothing to warn about.
+func TokenWarning(token, file, key, listen string) string {
+	if token != "" || listen == "" {
+		return ""
+	}
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return ""
+	}
+	if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
+		return ""
+	}
+	what := "is not set"
+	if file != "" {
+		what = file + " is missing or empty"
+	}
+	return fmt.Sprintf("%s %s, but api.listen %s is reachable from other hosts: every mutating call over TCP (publish, pin, replica streams, rotate) gets 401 until a token is there (then SIGHUP or restart)", key, what, listen)
 }
 
 // WriteJSON answers code with v as indented JSON.

@@ -19,12 +19,13 @@ func TestMutatingOverSocketAndTCP(t *testing.T) {
 	for _, tc := range []struct {
 		name, token, header string
 		want                int
+		why                 string // in the 401's error
 	}{
-		{"no header", "secret", "", http.StatusUnauthorized},
-		{"wrong token", "secret", "Bearer nope", http.StatusUnauthorized},
-		{"not bearer", "secret", "Basic secret", http.StatusUnauthorized},
-		{"right token", "secret", "Bearer secret", http.StatusOK},
-		{"no token configured", "", "Bearer ", http.StatusUnauthorized},
+		{"no header", "secret", "", http.StatusUnauthorized, "no bearer token sent"},
+		{"wrong token", "secret", "Bearer nope", http.StatusUnauthorized, "the bearer token sent is not this daemon's API token"},
+		{"not bearer", "secret", "Basic secret", http.StatusUnauthorized, "no bearer token sent"},
+		{"right token", "secret", "Bearer secret", http.StatusOK, ""},
+		{"no token configured", "", "Bearer x", http.StatusUnauthorized, "this daemon has no API token"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tcp, sock := start(t, tc.token)
@@ -41,8 +42,11 @@ func TestMutatingOverSocketAndTCP(t *testing.T) {
 			if res.StatusCode != tc.want {
 				t.Fatalf("TCP: status %d, want %d: %s", res.StatusCode, tc.want, body)
 			}
-			if tc.want == http.StatusUnauthorized && !strings.Contains(string(body), `"error": "mutating call needs a bearer token`) {
-				t.Errorf("TCP refusal does not say why: %s", body)
+			// Review 18 #12: a wrong token is not "no token", and the
+			// answer names no key of the caller's side.
+			if tc.want == http.StatusUnauthorized && (!strings.Contains(string(body), `"error": "mutating call refused: `+tc.why) ||
+				strings.Contains(string(body), "replica.token_file") || (tc.token != "" && strings.Contains(string(body), "api.token_file"))) {
+				t.Errorf("TCP refusal does not say %q: %s", tc.why, body)
 			}
 			c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				return (&net.Dialer{}).DialContext(ctx, "unix", sock)
@@ -158,4 +162,30 @@ func start(t *testing.T, token string) (tcp, sock string) {
 	}
 	t.Cleanup(func() { s.Shutdown(context.Background()) })
 	return addr, sock
+}
+
+// Review 18 #12: no token and an API reachable from other hosts is warned
+// about; loopback, a token, or no TCP listener is not.
+func TestTokenWarning(t *testing.T) {
+	for _, tc := range []struct {
+		token, listen string
+		warn          bool
+	}{
+		{"", "0.0.0.0:7480", true},
+		{"", "10.1.2.3:7480", true},
+		{"", ":7480", true},
+		{"", "127.0.0.1:7480", false},
+		{"", "[::1]:7480", false},
+		{"", "localhost:7480", false},
+		{"", "", false},
+		{"tok", "0.0.0.0:7480", false},
+	} {
+		w := TokenWarning(tc.token, "/etc/strata/api-tokn", "api.token_file", tc.listen)
+		if (w != "") != tc.warn {
+			t.Errorf("token %q listen %q: warning %q, want one: %v", tc.token, tc.listen, w, tc.warn)
+		}
+		if tc.warn && (!strings.Contains(w, "api.token_file /etc/strata/api-tokn is missing or empty") || !strings.Contains(w, tc.listen) || !strings.Contains(w, "401")) {
+			t.Errorf("warning %q does not name the key, the file, the address and 401", w)
+		}
+	}
 }
