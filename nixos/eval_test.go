@@ -165,7 +165,7 @@ func TestModuleEval(t *testing.T) {
 	bin := buildStrata(t)
 	p := filepath.Join(t.TempDir(), "builder.yaml")
 	os.WriteFile(p, []byte(r.Etc["strata/builder.yaml"]), 0o600)
-	if out, err := exec.Command(bin, "builder", "--check-config", "--config", p).CombinedOutput(); err != nil || !strings.Contains(string(out), "configuration ok") {
+	if out, err := exec.Command(bin, "builder", "--check-config", "--config", p).CombinedOutput(); err != nil || !strings.Contains(string(out), "configuration: ok") {
 		t.Fatalf("strata builder --check-config of the rendered builder.yaml (%s): %v\n%s", r.Etc["strata/builder.yaml"], err, out)
 	}
 	p = filepath.Join(t.TempDir(), "server.yaml")

@@ -221,9 +221,14 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, bad("replica.stall_timeout", c.ReplicaStall, "at least 1s")
 	}
 	if c.ReplicaOf != "" {
+		// A path is a prefix in front of /v1/... (a reverse proxy), as a
+		// builder's server.api allows; the API's own /v1 is not part of it.
 		u, err := url.Parse(c.ReplicaOf)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
-			return c, bad("replica.of", c.ReplicaOf, "the primary's API URL, such as http://primary:7480")
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+			return c, bad("replica.of", c.ReplicaOf, "the primary's API URL, such as http://primary:7480 (or http://proxy/prefix)")
+		}
+		if p := strings.TrimRight(u.Path, "/"); p == "/v1" || strings.HasSuffix(p, "/v1") || strings.Contains(p, "/v1/") {
+			return c, bad("replica.of", c.ReplicaOf, "the primary's API URL without the API's own /v1 path, such as http://primary:7480")
 		}
 	}
 	cs, err := cluster.SettingsFrom(v)

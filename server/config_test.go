@@ -63,7 +63,8 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"long busy poll", "nfs:\n  busy_poll: 5ms\n", nil, nil, []string{`"nfs.busy_poll"`, `"5ms"`, "up to 1ms"}},
 		{"bad yaml", "store: [\n", nil, nil, []string{"server.yaml"}},
 		{"replica.of not a URL", "replica:\n  of: primary:7480\n", nil, nil, []string{`"replica.of"`, `"primary:7480"`, "http://primary:7480"}},
-		{"replica.of with a path", "replica:\n  of: http://p:7480/v1\n", nil, nil, []string{`"replica.of"`, "API URL"}},
+		{"replica.of with the API's /v1", "replica:\n  of: http://p:7480/v1\n", nil, nil, []string{`"replica.of"`, "API URL without the API's own /v1"}},
+		{"replica.of with a query", "replica:\n  of: http://p:7480/strata?x=1\n", nil, nil, []string{`"replica.of"`, "API URL"}},
 		{"tiny replica interval", "replica:\n  of: http://p:7480\n  interval: 10ms\n", nil, nil, []string{`"replica.interval"`, "at least 1s"}},
 		{"replica from cluster without gossip", "replica:\n  from_cluster: true\n", nil, nil, []string{`"replica.from_cluster"`, "gossip is off"}},
 		{"replica of and from cluster", "replica:\n  of: http://p:7480\n  from_cluster: true\n", nil, nil, []string{`"replica.of"`, `"replica.from_cluster"`, "not both"}},
@@ -104,6 +105,15 @@ func TestConfigPrecedence(t *testing.T) {
 	}
 	if c.SnapshotDir != "/nix/.strata" || c.Socket != "/var/lib/strata/server/api.sock" || c.PublishInterval.String() != "5m0s" {
 		t.Errorf("derived defaults: %+v", c)
+	}
+}
+
+// Review 18 #14: replica.of takes a path prefix (a reverse proxy) as a
+// builder's server.api does; the API's own /v1 is refused above.
+func TestReplicaOfPathPrefix(t *testing.T) {
+	c, err := load(t, "replica:\n  of: http://proxy:8080/strata/\n", nil)
+	if err != nil || c.ReplicaOf != "http://proxy:8080/strata/" {
+		t.Fatalf("replica.of with a path prefix: %+v %v", c.ReplicaOf, err)
 	}
 }
 

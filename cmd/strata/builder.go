@@ -43,10 +43,12 @@ YAML file is also an environment variable STRATA_SECTION_KEY and a flag
 			return usageError{err}
 		}
 		if *checkOnly {
+			// Worded as the server's --check-config.
 			if err := builder.CheckSecrets(cfg); err != nil {
-				return err
+				fmt.Fprintf(cmd.OutOrStdout(), "ERROR: %v\nconfiguration: refused\n", err)
+				return fmt.Errorf("check config: 1 problem, printed above as ERROR")
 			}
-			fmt.Fprintln(cmd.OutOrStdout(), "configuration ok")
+			fmt.Fprintln(cmd.OutOrStdout(), "configuration: ok")
 			return nil
 		}
 		log, level := newLogger(cfg.LogLevel)

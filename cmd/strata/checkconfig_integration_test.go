@@ -97,7 +97,7 @@ func TestBuilderCheckConfigReadsSecrets(t *testing.T) {
 		filepath.Join(dir, "store"), filepath.Join(dir, "var"), state, loose)), 0o644)
 	want := "api.token_file " + loose + " has mode 0644"
 	out, code := runStrata(t, nil, "builder", "--config", cfg, "--check-config")
-	if code != 1 || !strings.Contains(out, want) || strings.Contains(out, "configuration ok") {
+	if code != 1 || !strings.Contains(out, "ERROR: "+want) || !strings.Contains(out, "\nconfiguration: refused\n") || strings.Contains(out, "configuration: ok") {
 		t.Errorf("builder --check-config with a 0644 token file: exit %d, want 1 and %q:\n%s", code, want, out)
 	}
 	out, code = runStrata(t, nil, "builder", "--config", cfg)
@@ -108,7 +108,7 @@ func TestBuilderCheckConfigReadsSecrets(t *testing.T) {
 		t.Errorf("the refused start made state_dir %s (%d entries: %v)", state, len(ents), err)
 	}
 	os.Chmod(loose, 0o600)
-	if out, code := runStrata(t, nil, "builder", "--config", cfg, "--check-config"); code != 0 || !strings.Contains(out, "configuration ok") {
+	if out, code := runStrata(t, nil, "builder", "--config", cfg, "--check-config"); code != 0 || !strings.Contains(out, "configuration: ok") {
 		t.Errorf("builder --check-config with a 0600 token file: exit %d\n%s", code, out)
 	}
 }
