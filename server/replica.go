@@ -170,16 +170,25 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		return api.Generation{}, err
 	}
 	end()
-	end = phase.Begin(ctx, "live: labels, store id, next id, export")
+	end = phase.Begin(ctx, "live: store id, next id, export")
 	// Bind what this replica knows to its copy, so that it too can rebuild
 	// its state dir from its snapshots (btrfs send carries only the labels
 	// given at creation, which say "publishing").
 	if store == "" {
 		store = s.storeID
 	}
-	if err := s.backend.SetLabels(ctx, g.ID, liveLabels(ng, store)); err != nil {
-		s.log.Warn("label received snapshot; the next start tries again", "snapshot", snap.Name, "err", err)
-	}
+	// After going live, in the background (joined by Shutdown): the
+	// manifest written above is the record, and a start re-labels from it
+	// (reconcile) if this did not happen; on ZFS each label is a zfs(8)
+	// call, a second of the sync in a slow guest.
+	labels := liveLabels(ng, store)
+	s.detached.Add(1)
+	go func() {
+		defer s.detached.Done()
+		if err := s.backend.SetLabels(context.WithoutCancel(s.life), g.ID, labels); err != nil {
+			s.log.Warn("label received snapshot; the next start tries again", "snapshot", snap.Name, "err", err)
+		}
+	}()
 	if s.storeID == "" && store != "" {
 		if err := s.state.setStoreID(store); err != nil {
 			s.state.removeGeneration(g.ID)

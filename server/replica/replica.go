@@ -296,7 +296,10 @@ func (p *Puller) pull(ctx context.Context, g api.Generation, from []uint64) (Rec
 	// A snapshot of that id that is here but not live (settle has handled
 	// this replica's own unfinished receive) cannot be accounted for: it
 	// is kept, and no stream is asked for that could not be received.
-	if _, ok, err := p.local(ctx, g.ID); err != nil {
+	endHere := phase.Begin(ctx, "replica: is the generation here already")
+	ok, err := p.here(ctx, g.ID)
+	endHere()
+	if err != nil {
 		return Received{}, err
 	} else if ok {
 		return Received{}, fmt.Errorf("%w: generation %d: snapshot %s is here but not live, and it is not this replica's own unfinished receive: "+
@@ -479,6 +482,25 @@ func (p *Puller) clearReceiving() {
 	if p.stateDir != "" {
 		os.Remove(p.receivingFile())
 	}
+}
+
+// Haser is a Backend that can tell whether generation id's snapshot is here
+// (as List would show it) more cheaply than List.
+type Haser interface {
+	Has(ctx context.Context, id uint64) (bool, error)
+}
+
+// here reports whether the backend has generation id's snapshot.
+func (p *Puller) here(ctx context.Context, id uint64) (bool, error) {
+	if h, ok := p.backend.(Haser); ok {
+		has, err := h.Has(ctx, id)
+		if err != nil {
+			return false, fmt.Errorf("list snapshots: %w", err)
+		}
+		return has, nil
+	}
+	_, ok, err := p.local(ctx, id)
+	return ok, err
 }
 
 // local returns the backend's snapshot of generation id, ok=false if none.
