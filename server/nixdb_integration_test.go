@@ -122,3 +122,35 @@ func TestNixDBEndpoint(t *testing.T) {
 		t.Fatalf("root refers to %d paths, want %d", len(refs), len(want))
 	}
 }
+
+// TestReplicaServesSameNixDB: a replica makes generation N's Nix DB from
+// the snapshot it received, and it is the primary's byte for byte (same
+// sha256, size, paths and root), so a builder may take it from either.
+func TestReplicaServesSameNixDB(t *testing.T) {
+	prim := newPrimary(t, 3)
+	made := prim.c.store.Fill(t)
+	sk, _ := nixtest.GenerateKey(t, "central-1")
+	prim.c.store.Sign(t, sk, made...)
+	publish(t, prim.srv.Server)
+	prim.c.store.AddText(t, "two", "2\n")
+	publish(t, prim.srv.Server)
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, p := re.start(t, "primary-token")
+	if res := syncOnce(t, p); len(res.Received) != 2 {
+		t.Fatalf("received %+v", res.Received)
+	}
+	for _, id := range []uint64{1, 2} {
+		_, a, err := prim.srv.NixDB(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, b, err := rs.NixDB(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.Compressed, b.Compressed = 0, 0
+		if a != b || a.Paths < 5 {
+			t.Errorf("generation %d: the replica's nix db %+v, the primary's %+v", id, b, a)
+		}
+	}
+}
