@@ -20,8 +20,9 @@ import (
 // refused start creates no state_dir. A dir of an older strata (no owner
 // record) is not claimed by the replica; forced with --claim-snapshot-dir
 // the replica still adopts none of the primary's snapshots. The primary
-// takes the dir back with --claim-snapshot-dir, and without the record
-// claims it on its own. No snapshot is ever destroyed, nothing the primary
+// takes the dir back with --claim-snapshot-dir, without the record claims
+// it on its own, and with its state_dir wiped at the same path takes its
+// identity back. No snapshot is ever destroyed, nothing the primary
 // serves is lost.
 func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	s := newSite(t)
@@ -126,6 +127,21 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	prim.waitLog(t, "claiming snapshot dir")
 	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
 		t.Errorf("primary on its old dir serves %v, want %v", got, want)
+	}
+	prim.stop(t)
+	// A state_dir wiped at the same path (its key kept, as from a backup):
+	// the record names this host and state_dir, so the start takes that
+	// identity back and rebuilds the generations from their labels.
+	if err := os.Remove(filepath.Join(s.state, "server-id")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(s.state, "generations")); err != nil {
+		t.Fatal(err)
+	}
+	prim = start(t, pcfg, s.state, nil)
+	prim.waitLog(t, "this start takes that identity back")
+	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
+		t.Errorf("primary after its state_dir was wiped serves %v, want %v", got, want)
 	}
 	prim.stop(t)
 	unchanged("at the end")
