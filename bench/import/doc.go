@@ -61,6 +61,20 @@
 //	rotation +1000 on 100000 (rows)           0.32 s (cpu 0.12 s)     0.37 s (cpu 0.19 s)    1× (cpu 2×)
 //	generation DB 335 B/path zstd (659 B/path as SQLite: four B-trees of Refs)
 //
+// Full run, 09:31 UTC, load average 1.1 (load-db at 1,000,000 extrapolated):
+//
+//	cold, 100000 paths: generation DB         0.22 s (cpu 0.20 s)     7.89 s (cpu 7.83 s)    36× (cpu 38×)
+//	  (server made it once: 3.46 s, cpu 3.63 s)
+//	cold, 100000 paths: rows (previous)       1.79 s (cpu 1.86 s)     7.89 s                 4×
+//	rotation +1000 on 100000 (generation DB)  0.12 s (cpu 0.12 s)     0.19 s (cpu 0.17 s)    2× (cpu 1×)
+//	rotation +1000 on 100000 (rows)           0.14 s (cpu 0.13 s)     0.19 s                 1×
+//	cold, 1000000 paths: generation DB        2.28 s (cpu 2.27 s)     78.85 s extrapolated   35×
+//	  (server made it once: 42.22 s, cpu 44.05 s; download+zstd+sha256 1.99 s, fsync 0.18 s)
+//	cold, 1000000 paths: rows (previous)      26.48 s (cpu 27.25 s)   78.85 s extrapolated   3×
+//	rotation +1000 on 1000000 (generation DB) 0.34 s (cpu 0.30 s)     0.56 s (cpu 0.47 s)    2×
+//	rotation +1000 on 1000000 (rows)          0.37 s (cpu 0.37 s)     0.56 s                 2× (cpu 1×)
+//	generation DB 331–335 B/path zstd (659–675 B/path as SQLite)
+//
 // An earlier run (08:29, load 8.2) still scanned foreign keys on the
 // builder: 1.29 s (cpu 0.98 s), of which 1.09 s that scan; the server
 // checks them when it makes the file and the sha256 says the builder got
