@@ -42,7 +42,9 @@ func freePort(t *testing.T) int {
 // rotation: zero failed stats, the held file reads the same bytes, the new
 // path is valid and readable, the local output and its input stay valid
 // (generation 1 reported as still mounted), the unused path is invalid,
-// and --verify --check-contents is clean.
+// and --verify --check-contents is clean. While the statloop holds its
+// file, the detached overlay of generation 1 (NFS lower) is reported
+// retired and held; once it exits, the next check releases it.
 func TestBuilderRotation(t *testing.T) {
 	testenv.RequireRoot(t)
 	strata := buildStatic(t, "github.com/strata-nix/strata/cmd/strata")
@@ -82,7 +84,7 @@ func TestBuilderRotation(t *testing.T) {
 				Script:  checkFuncs + builderScript,
 				Timeout: 15 * time.Minute,
 			})
-			requireChecks(t, res, 17)
+			requireChecks(t, res, 19)
 		})
 	}
 }
@@ -187,8 +189,12 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 check "forced rotation" strata builder rotate --api $S
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "TIMING rotation: $t0 -> $t1 s (guest uptime)"
+strata status --api $S --json > /tmp/held
+check "status: the detached overlay of generation 1 is retired and held while the statloop holds a file in it" sh -c "tr -d ' \\n' < /tmp/held | grep -q '\"holding\":\\[2,1\\].*\"retired\":\\[{[^]]*\"generations\":\\[1\\]'"
 sleep 1; touch /tmp/stop; wait $LPID; cat /tmp/loop
 check "statloop: zero failures and held file intact" grep -q 'failures=0 heldfail=0' /tmp/loop
+strata builder rotate --api $S > /dev/null
+check "the statloop gone, a check releases the detached overlay" sh -c "! strata status --api $S --json | grep -q '\"retired\"'"
 strata status --api $S --json | tee /tmp/status
 check "status: generation 2 via $METHOD, generation 1 kept mounted" sh -c "grep -q '\"generation\": 2,' /tmp/status && grep -q '\"swap_method\": \"$METHOD\"' /tmp/status && grep -q '\"kept_paths\": 1' /tmp/status"
 check "new path valid and readable" sh -c "nix-store --check-validity $FRESH && [ \"\$(cat $FRESH)\" = 'new in generation 2' ]"
