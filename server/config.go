@@ -25,7 +25,7 @@ var Keys = []config.Key{
 	{Name: "store.dir", Kind: config.String, Default: "/nix/store", Usage: "logical Nix store dir the registered paths are named in"},
 	{Name: "snapshot.backend", Kind: config.String, Default: "btrfs", Usage: "snapshot backend: btrfs or zfs"},
 	{Name: "snapshot.dataset", Kind: config.String, Default: "", Usage: "zfs: dataset that holds the central store (mounted at store.root)"},
-	{Name: "snapshot.snapshot_dir", Kind: config.String, Default: "", Usage: "btrfs: directory on the same filesystem for snapshots (default <store.root>/.strata)"},
+	{Name: "snapshot.snapshot_dir", Kind: config.String, Default: "", Usage: "btrfs (required): directory where snapshots are made, on the central store's btrfs filesystem and outside store.root (a replica: any directory on btrfs)"},
 	{Name: "snapshot.mount_dir", Kind: config.String, Default: "", Usage: "zfs: where snapshots are mounted read-only (default <state_dir>/mnt)"},
 	{Name: "state_dir", Kind: config.String, Default: "/var/lib/strata/server", Usage: "server state: manifests, registrations, pins, NFS handle key, API socket"},
 	{Name: "publish.interval", Kind: config.Duration, Default: "5m", Usage: "publish a new generation this often when the store changed (0 disables)"},
@@ -144,11 +144,17 @@ func ConfigFrom(v config.Values) (Config, error) {
 	}
 	switch c.Backend {
 	case "btrfs":
+		// No default: the one place a default could be derived from,
+		// store.root, is where snapshots must not go (every snapshot would
+		// hold the older ones), and a sibling may be another filesystem.
 		if c.SnapshotDir == "" {
-			c.SnapshotDir = filepath.Join(c.StoreRoot, ".strata")
+			return c, fmt.Errorf("config: missing required key %q: snapshot.backend is btrfs: set it to a directory on the central store's btrfs filesystem outside store.root %s (a replica: any directory on btrfs)", "snapshot.snapshot_dir", c.StoreRoot)
 		}
 		if !filepath.IsAbs(c.SnapshotDir) {
 			return c, bad("snapshot.snapshot_dir", c.SnapshotDir, "an absolute path")
+		}
+		if !c.Replica() && within(c.StoreRoot, c.SnapshotDir) {
+			return c, bad("snapshot.snapshot_dir", c.SnapshotDir, "a directory outside store.root "+c.StoreRoot+" (on the same btrfs filesystem): every snapshot would hold the older ones")
 		}
 	case "zfs":
 		if c.Dataset == "" {
@@ -280,6 +286,13 @@ func (c Config) ClusterMeta(version string) cluster.Meta {
 // replica.from_cluster): it publishes nothing and receives the primary's
 // generations.
 func (c Config) Replica() bool { return c.ReplicaOf != "" || c.ReplicaFromCluster }
+
+// within reports whether path is dir or lies under it (lexically; the
+// btrfs backend checks again with symlinks resolved).
+func within(dir, path string) bool {
+	rel, err := filepath.Rel(filepath.Clean(dir), filepath.Clean(path))
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+}
 
 // PhysicalStore is the directory under a central-store root (live or a
 // snapshot of it) that holds the store paths.

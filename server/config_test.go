@@ -17,6 +17,11 @@ func load(t *testing.T, yaml string, env map[string]string, args ...string) (Con
 	if err := os.WriteFile(f, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// snapshot.snapshot_dir is required with btrfs (the default backend):
+	// cases about other keys get one unless they set it.
+	if _, ok := env["STRATA_SNAPSHOT_SNAPSHOT_DIR"]; !ok && !strings.Contains(yaml, "snapshot_dir") {
+		t.Setenv("STRATA_SNAPSHOT_SNAPSHOT_DIR", "/srv/snaps")
+	}
 	for k, v := range env {
 		t.Setenv(k, v)
 	}
@@ -48,6 +53,10 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"wrong type in env", "", map[string]string{"STRATA_RETENTION_KEEP": "1.5"}, nil, []string{`"retention.keep"`, "STRATA_RETENTION_KEEP", `"1.5"`}},
 		{"wrong type in flag", "", nil, []string{"--nfs-max-conns=lots"}, []string{`"nfs.max_conns"`, "--nfs-max-conns", `"lots"`}},
 		{"missing required", "snapshot:\n  backend: zfs\n", nil, nil, []string{`missing required key "snapshot.dataset"`}},
+		{"btrfs without snapshot dir", "store:\n  root: /srv/nix\n", map[string]string{"STRATA_SNAPSHOT_SNAPSHOT_DIR": ""}, nil, []string{`missing required key "snapshot.snapshot_dir"`, "btrfs", "outside store.root /srv/nix"}},
+		{"snapshot dir inside store.root", "store:\n  root: /srv/nix\nsnapshot:\n  snapshot_dir: /srv/nix/.strata\n", nil, nil, []string{`"snapshot.snapshot_dir"`, `"/srv/nix/.strata"`, "outside store.root /srv/nix"}},
+		{"snapshot dir is store.root", "store:\n  root: /srv/nix\nsnapshot:\n  snapshot_dir: /srv/nix/\n", nil, nil, []string{`"snapshot.snapshot_dir"`, "outside store.root"}},
+		{"relative snapshot dir", "snapshot:\n  snapshot_dir: snaps\n", nil, nil, []string{`"snapshot.snapshot_dir"`, `"snaps"`, "absolute path"}},
 		{"impossible keep", "retention:\n  keep: 0\n", nil, nil, []string{`"retention.keep"`, `"0"`, "at least 1"}},
 		{"impossible backend", "snapshot:\n  backend: ext4\n", nil, nil, []string{`"snapshot.backend"`, `"ext4"`, "btrfs or zfs"}},
 		{"relative path", "store:\n  root: nix\n", nil, nil, []string{`"store.root"`, `"nix"`, "absolute path"}},
@@ -103,7 +112,7 @@ func TestConfigPrecedence(t *testing.T) {
 	if err != nil || len(c.NFSAllow) != 3 || c.NFSAllow[0].String() != "127.0.0.0/8" {
 		t.Errorf("mapped and allow-all entries: %v %v", c.NFSAllow, err)
 	}
-	if c.SnapshotDir != "/nix/.strata" || c.Socket != "/var/lib/strata/server/api.sock" || c.PublishInterval.String() != "5m0s" {
+	if c.SnapshotDir != "/srv/snaps" || c.Socket != "/var/lib/strata/server/api.sock" || c.PublishInterval.String() != "5m0s" {
 		t.Errorf("derived defaults: %+v", c)
 	}
 }
@@ -126,7 +135,23 @@ func TestConfigMissingFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The defaults lack only the btrfs snapshot dir, which has none.
+	if _, err := ConfigFrom(v); err == nil || !strings.Contains(err.Error(), `missing required key "snapshot.snapshot_dir"`) {
+		t.Fatalf("defaults: %v, want the missing snapshot.snapshot_dir named", err)
+	}
+	t.Setenv("STRATA_SNAPSHOT_SNAPSHOT_DIR", "/srv/snaps")
+	if v, err = l.Load(filepath.Join(t.TempDir(), "nope.yaml"), false); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := ConfigFrom(v); err != nil {
-		t.Fatalf("defaults do not validate: %v", err)
+		t.Fatalf("defaults with a snapshot dir do not validate: %v", err)
+	}
+	// A replica's snapshot dir is any btrfs directory: store.root is not
+	// its concern.
+	if _, err := load(t, "replica:\n  of: http://p:7480\nsnapshot:\n  snapshot_dir: /nix/.strata\n", nil); err != nil {
+		t.Fatalf("replica with snapshot dir under the unused store.root: %v", err)
+	}
+	if _, err := load(t, "snapshot:\n  backend: zfs\n  dataset: tank/nix\n", nil); err != nil {
+		t.Fatalf("zfs needs no snapshot dir: %v", err)
 	}
 }

@@ -60,14 +60,21 @@ func TestServerRefusesBadConfigAndStartsNothing(t *testing.T) {
 		"empty allow env":  {"", []string{"STRATA_NFS_ALLOW="}, nil, `"nfs.allow"`},
 		"comma allow env":  {"", []string{"STRATA_NFS_ALLOW=,"}, nil, `"nfs.allow"`},
 		"empty allow flag": {"", nil, []string{"--nfs-allow="}, `"nfs.allow"`},
+		// btrfs has no default snapshot dir: the start and --check-config
+		// both name the key.
+		"no snapshot dir":     {"", []string{"STRATA_SNAPSHOT_SNAPSHOT_DIR="}, nil, `missing required key "snapshot.snapshot_dir"`},
+		"snapshot dir inside": {"", []string{"STRATA_SNAPSHOT_SNAPSHOT_DIR=/nix/.strata"}, nil, `key "snapshot.snapshot_dir": value "/nix/.strata": want a directory outside store.root /nix`},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			f := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".yaml")
 			os.WriteFile(f, []byte(tc.yaml+"state_dir: "+state+"\napi:\n  listen: "+port+"\n"), 0o644)
-			out, code := runStrata(t, tc.env, append([]string{"server", "--config", f}, tc.args...)...)
-			if code != 2 || !strings.Contains(out, tc.want) || (strings.Contains(name, "allow") && !strings.Contains(out, "0.0.0.0/0")) {
-				t.Fatalf("exit %d, output %q; want exit 2 and %q", code, out, tc.want)
+			env := append([]string{"STRATA_SNAPSHOT_SNAPSHOT_DIR=" + filepath.Join(dir, "snaps")}, tc.env...)
+			for _, check := range [][]string{nil, {"--check-config"}} {
+				out, code := runStrata(t, env, append(append([]string{"server", "--config", f}, tc.args...), check...)...)
+				if code != 2 || !strings.Contains(out, tc.want) || (strings.Contains(name, "allow") && !strings.Contains(out, "0.0.0.0/0")) {
+					t.Fatalf("%v: exit %d, output %q; want exit 2 and %q", check, code, out, tc.want)
+				}
 			}
 			if _, err := os.Stat(state); !os.IsNotExist(err) {
 				t.Fatalf("state dir was created: %v", err)
