@@ -56,3 +56,31 @@ func TestFlagsTypedAndConverted(t *testing.T) {
 		t.Fatalf("bare --overlay-metacopy: %v %v", v.m, err)
 	}
 }
+
+func TestCheckEnv(t *testing.T) {
+	known := map[string]string{
+		"STRATA_API_TOKEN_FILE":      "key api.token_file",
+		"STRATA_API_LISTEN":          "key api.listen",
+		"STRATA_DEBUG_REPLICA_PAUSE": "debug hook",
+	}
+	env := []string{"PATH=/bin", "STRATA_API_TOKEN_FILE=/t", "STRATA_DEBUG_REPLICA_PAUSE=1", "STRATA=x", "X" + EnvPrefix + "API_TOKNE_FILE=1"}
+	if err := CheckEnv(env, known); err != nil {
+		t.Fatalf("only known names (and non-STRATA_ ones): %v", err)
+	}
+	// Typos are spelt EnvPrefix+"..." so that cmd/strata's scan of the
+	// repository for STRATA_ names does not find them.
+	err := CheckEnv(append(env, EnvPrefix+"API_TOKNE_FILE=/t", EnvPrefix+"ZZZ="), known)
+	for _, w := range []string{"unknown environment variable " + EnvPrefix + "API_TOKNE_FILE", "(and 1 more: " + EnvPrefix + "ZZZ)", "did you mean STRATA_API_TOKEN_FILE (key api.token_file)"} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("typo: %v, want %q", err, w)
+		}
+	}
+	if err := CheckEnv([]string{EnvPrefix + "DEBUG_REPLICA_PASUE="}, known); err == nil || !strings.Contains(err.Error(), "did you mean STRATA_DEBUG_REPLICA_PAUSE (debug hook)") {
+		t.Errorf("typo of a non-key name: %v", err)
+	}
+	for a, want := range map[[2]string]int{{"", "ab"}: 2, {"TOKEN", "TOKNE"}: 1, {"abc", "abc"}: 0, {"kitten", "sitting"}: 3, {"ca", "abc"}: 3} {
+		if d := editDistance(a[0], a[1]); d != want {
+			t.Errorf("editDistance(%q, %q) = %d, want %d", a[0], a[1], d, want)
+		}
+	}
+}

@@ -28,7 +28,8 @@ its SQLite DB directly, signatures and content addresses included; nix-store
 --load-db only when the DB's schema is unknown), tells systemd
 READY=1, and rotates atomically to each newer generation. Every key of the
 YAML file is also an environment variable STRATA_SECTION_KEY and a flag
---section-key.`,
+--section-key; a STRATA_* variable strata does not read (a mistyped key)
+stops the start, naming it.`,
 		Args: cobra.NoArgs,
 	}
 	loader, file := configFlags(cmd, builder.Keys, builder.DefaultConfigFile)

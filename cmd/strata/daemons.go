@@ -40,8 +40,12 @@ func configFlags(cmd *cobra.Command, keys []config.Key, defaultFile string) (*co
 	return l, file
 }
 
-// loadConfig reads the file (it must exist when --config was given).
+// loadConfig reads the file (it must exist when --config was given) after
+// refusing a STRATA_* environment variable that strata does not read.
 func loadConfig(cmd *cobra.Command, l *config.Loader, file string) (config.Values, error) {
+	if err := checkEnv(); err != nil {
+		return config.Values{}, usageError{err}
+	}
 	v, err := l.Load(file, cmd.Flags().Changed("config"))
 	if err != nil {
 		return v, usageError{err}
@@ -57,7 +61,8 @@ func newServerCmd() *cobra.Command {
 subvolume or ZFS dataset holding store/ and var/nix/db/) into generations when
 it changed, verifies each one, serves their metadata on the HTTP API and their
 files over NFSv3 at /gen/N. Every key of the YAML file is also an environment
-variable STRATA_SECTION_KEY and a flag --section-key.`,
+variable STRATA_SECTION_KEY and a flag --section-key; a STRATA_* variable
+strata does not read (a mistyped key) stops the start, naming it.`,
 		Args: cobra.NoArgs,
 	}
 	loader, file := configFlags(cmd, server.Keys, server.DefaultConfigFile)
