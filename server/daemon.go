@@ -399,7 +399,14 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	backend, err := OpenBackend(cfg, log)
+	// A replica's failing syncs log each problem once, then every
+	// outageRepeat (see outage); so do the lines the backend and the
+	// puller log along the way.
+	failing, syncLog := &outage{}, log
+	if cfg.Replica() {
+		syncLog = failing.quiet(log)
+	}
+	backend, err := OpenBackend(cfg, syncLog)
 	if err != nil {
 		return err
 	}
@@ -478,7 +485,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	token := apiserve.NewToken(tokenText)
 	var puller *replica.Puller
 	if cfg.Replica() {
-		if puller, err = openPuller(cfg, me.ServerID, srv, node, log, reg, step.Progress); err != nil {
+		if puller, err = openPuller(cfg, me.ServerID, srv, node, syncLog, reg, step.Progress); err != nil {
 			ex.close()
 			return err
 		}
@@ -561,7 +568,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 					msg = err.Error()
 				}
 				syncErr.Store(&msg)
-			}, log)
+			}, failing, log)
 			return
 		}
 		step.Begin()
@@ -713,46 +720,15 @@ func openPuller(cfg Config, self string, srv *Server, node *cluster.Node, log *s
 		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall, Progress: progress, Self: self}), nil
 }
 
-// outage keeps a replica's failing syncs from flooding the log (a sync
-// every replica.interval while the primary is down): an error is logged
-// when it first appears, when it changes, and again every outageRepeat
-// while it lasts; the end of an outage is logged once.
-type outage struct {
-	since, logged time.Time
-	last          string
-	count         int
-}
-
-const outageRepeat = 5 * time.Minute
-
-func (o *outage) failed(now time.Time, err error, log *slog.Logger) {
-	o.count++
-	if o.since.IsZero() {
-		o.since = now
-	}
-	if msg := err.Error(); msg != o.last || now.Sub(o.logged) >= outageRepeat {
-		log.Error("replica sync failed", "err", err, "failing_since", o.since.Format(time.RFC3339), "failed_syncs", o.count)
-		o.last, o.logged = msg, now
-	}
-}
-
-func (o *outage) ok(log *slog.Logger) {
-	if o.count > 0 {
-		log.Info("replica sync works again", "failed_syncs", o.count, "failing_for", time.Since(o.since).Round(time.Second))
-	}
-	*o = outage{}
-}
-
 // runPuller syncs the replica now and every interval until ctx ends, each
 // sync bracketed by step for the watchdog; the puller reports progress to
 // step as stream bytes arrive, so only a sync that stopped moving for
 // watchdog.stall_after counts as wedged, however long a stream takes.
 // After each sync, successful or not, it calls after with the sync's error
 // (status shows it; the rows a failed write left out are written again).
-func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify func(), after func(error), log *slog.Logger) error {
+func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, step *lifecycle.Step, notify func(), after func(error), failing *outage, log *slog.Logger) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	var failing outage
 	for {
 		step.Begin()
 		_, err := p.Sync(ctx)

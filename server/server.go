@@ -127,6 +127,7 @@ type Server struct {
 	sending       map[uint64]int
 	doomed        map[uint64]bool
 	streamMetrics *streamMetrics
+	streamFails   streamFailures // failed streams per generation, logged once per problem
 	// upstreamPinned are, on a replica, the generations the primary pins
 	// (replica.go); retention keeps them. Guarded by mu.
 	upstreamPinned map[uint64]bool

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -168,7 +169,7 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 		if err := send(out); err != nil {
 			s.streamMetrics.bytes.WithLabelValues(kind).Add(float64(out.n))
 			s.streamMetrics.streams.WithLabelValues("error").Inc()
-			s.log.Error("stream failed", "generation", id, "from", from, "kind", kind, "bytes", out.n, "err", err)
+			s.streamFails.failed(time.Now(), id, err, s.log, "generation", id, "from", from, "kind", kind, "bytes", out.n)
 			// Break the connection: the replica must see a broken body.
 			panic(http.ErrAbortHandler)
 		}
@@ -177,6 +178,7 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 		w.Header().Set(api.TrailerStreamBytes, strconv.FormatInt(out.n, 10))
 		w.Header().Set(api.TrailerStreamSHA256, hex.EncodeToString(out.h.Sum(nil)))
 		s.log.Info("stream sent", "generation", id, "from", from, "kind", kind, "bytes", out.n)
+		s.streamFails.sent(time.Now(), id, s.log)
 	})
 }
 

@@ -120,10 +120,29 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 		t.Errorf("strata status on the full replica does not say why it is behind: exit %d\n%s", code, out)
 	}
 
+	// The replica keeps trying every replica.interval while the disk is
+	// full: the problem is logged once (btrfs names another file each
+	// time, it is still one problem), the half-received snapshot's
+	// removal once, and on the primary the failed stream once.
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(metrics(t, repl), `strata_replica_syncs_total{result="error"} 4`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica did not retry 4 times within 60 s:\n%s", repl.logs)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for proc, lines := range map[*daemonProc][]string{repl: {"replica sync failed", "removing half-received snapshot"}, prim.daemonProc: {`msg="stream failed"`}} {
+		for _, l := range lines {
+			if n := strings.Count(proc.logs.String(), l); n != 1 {
+				t.Errorf("after 4 failed syncs %q is logged %d times, want once:\n%s", l, n, proc.logs)
+			}
+		}
+	}
 	free()
 	waitServes([]uint64{g1, g2})
 	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g2, g1))
 	repl.waitLog(t, "replica sync works again")
+	prim.waitLog(t, "streams of the generation work again")
 	if out, code := runStrata(t, nil, "status", "--api", repl.api); code != 0 || strings.Contains(out, "last_error") {
 		t.Errorf("strata status on the replica that caught up: exit %d\n%s", code, out)
 	}
