@@ -129,6 +129,7 @@ type Agent struct {
 	minStall time.Duration
 
 	usage usageCache
+	met   *metrics // served at GET /metrics
 
 	rotateReq chan rotateRequest
 	failover  chan failoverRequest
@@ -152,6 +153,7 @@ func New(o Options) (*Agent, error) {
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
+	a.met = newMetrics(a)
 	if a.notify == nil {
 		a.notify = func(string) {}
 	}

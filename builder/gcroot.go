@@ -142,10 +142,12 @@ func (a *Agent) writeRoot(gen uint64) (nixstore.GenerationRoot, error) {
 // GC lock held.
 func (a *Agent) importRooted(ctx context.Context, gen uint64, rows *nixstore.Rows, full bool, remove []string) (int, []string, string, error) {
 	root, rerr := a.rootUpdate(gen, full, remove)
+	began := time.Now()
 	n, skipped, err := a.load(ctx, rows, root)
 	if err != nil {
 		return 0, nil, "", err
 	}
+	a.met.imported(importRows, time.Since(began))
 	msg := skippedError(gen, skipped)
 	if rerr == nil {
 		rerr = a.linkRoot(ctx, gen, root.Path)

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/strata-nix/strata/internal/apiserve"
 )
 
@@ -172,6 +174,7 @@ func (a *Agent) Status() Status {
 //	                    ?server=X moves to server X (a gossip member name
 //	                    or API URL) instead: see Agent.SwitchServer
 //	GET  /healthz    -> "ok" once ready, 503 before
+//	GET  /metrics    -> Prometheus metrics (see metrics.go)
 //
 // Mutating calls need "Authorization: Bearer <token>" unless they arrive on
 // the unix socket (see package apiserve); an empty token refuses them on TCP.
@@ -185,6 +188,7 @@ func (a *Agent) Handler(token *apiserve.Token) http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { apiserve.WriteJSON(w, http.StatusOK, a.Status()) })
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.met.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("POST /v1/rotate", apiserve.Mutating(token, func(w http.ResponseWriter, r *http.Request) {
 		if !a.Ready() {
 			apiserve.WriteError(w, http.StatusServiceUnavailable, errors.New("builder is not ready yet: "+a.State().LastError))

@@ -106,6 +106,7 @@ func (a *Agent) installDB(ctx context.Context, g uint64) (n int, msg string, ok 
 		}
 		return 0, "", false
 	}
+	a.met.imported(importNixDB, time.Since(began))
 	a.log.Info("installed the generation's nix db", "generation", g, "paths", d.Paths-1, "bytes", d.Compressed,
 		"took", time.Since(began).Round(time.Millisecond))
 	if err := a.linkRoot(ctx, g, root.Path); err != nil {

@@ -103,6 +103,16 @@ func TestFirstStartInstallsNixDB(t *testing.T) {
 	if st := a.State(); st.Generation != g2 {
 		t.Fatalf("state after rotation %s", st)
 	}
+	// /metrics counts the DB install of the first start and the rows of
+	// the rotation.
+	m := scrape(t, a)
+	for name, want := range map[string]float64{`strata_builder_import_duration_seconds_count{method="nixdb"}`: 1,
+		`strata_builder_import_duration_seconds_count{method="rows"}`: 1, `strata_builder_rotations_total{result="ok"}`: 1,
+		"strata_builder_generation": float64(g2)} {
+		if m[name] != want {
+			t.Errorf("metric %s = %v, want %v", name, m[name], want)
+		}
+	}
 	local := e.builder.AddText(t, "local-garbage", "collect me\n")
 	e.nix(t, "nix-collect-garbage")
 	all := append(slices.Collect(mapsKeys(want)), added)

@@ -119,6 +119,7 @@ func (a *Agent) rotateVia(ctx context.Context, e Endpoint, l api.GenerationList,
 	var retired Retired // the overlay the swap detaches
 	hasRetired := false
 	defer func() {
+		a.met.rotated(err)
 		if err == nil {
 			return
 		}
