@@ -128,6 +128,11 @@ type Server struct {
 	doomed        map[uint64]bool
 	streamMetrics *streamMetrics
 	streamFails   streamFailures // failed streams per generation, logged once per problem
+	// pre are the precomputed streams (precompute.go), askedAt when this
+	// process last recorded a stream request; guarded by preMu.
+	preMu   sync.Mutex
+	pre     map[streamKey]*precomputed
+	askedAt time.Time
 	// upstreamPinned are, on a replica, the generations the primary pins
 	// (replica.go); retention keeps them. Guarded by mu.
 	upstreamPinned map[uint64]bool
@@ -185,6 +190,7 @@ func New(ctx context.Context, o Options) (*Server, error) {
 	if err := s.state.init(); err != nil {
 		return nil, err
 	}
+	s.initStreams()
 	p, err := inspect(ctx, s.cfg, s.state, s.backend)
 	if err != nil {
 		return nil, err
@@ -669,9 +675,13 @@ func (s *Server) publishLocked(ctx context.Context) (api.PublishResult, error) {
 	if err != nil {
 		return api.PublishResult{}, fmt.Errorf("publish: snapshot: %w", err)
 	}
+	if haveLatest {
+		s.startPrecompute(id, latest.ID)
+	}
 	ok := false
 	defer func() {
 		if !ok {
+			s.dropPrecomputed(id)
 			if err := s.backend.Destroy(context.WithoutCancel(ctx), id); err != nil {
 				// "publishing" keeps naming it: the next publish or start
 				// destroys it.
@@ -898,6 +908,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 			continue
 		}
 		destroyed = true
+		s.dropPrecomputed(g.ID)
 		if s.export != nil {
 			s.export.Remove(g.ID)
 		}

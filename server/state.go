@@ -24,6 +24,8 @@ import (
 //	<state_dir>/pins.json                    {"N": "name"}
 //	<state_dir>/store-id                     identity of the central store the generations come from
 //	<state_dir>/publishing                   id reserved by the publish running now (absent otherwise)
+//	<state_dir>/streams/N-from-M             precomputed incremental stream (precompute.go; a cache)
+//	<state_dir>/streams/asked                its mtime: when a replica last asked for a stream
 //
 // A generation directory is built as generations/.N.tmp and renamed into
 // place, so a crash never leaves a half-written generation.

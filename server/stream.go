@@ -27,7 +27,8 @@ import (
 // that ends cleanly. It needs the bearer token (or the unix socket) even
 // though it is a GET: a stream is the whole store.
 //
-// While a stream is being sent, retention keeps N and M.
+// While a stream is being sent, retention keeps N and M. An incremental
+// stream the publish precomputed (precompute.go) is read from its file.
 
 // streamMetrics counts what the stream endpoint sent.
 type streamMetrics struct {
@@ -143,9 +144,16 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 			return
 		}
 		defer release()
+		s.streamAsked()
 		kind, send := "full", func(out io.Writer) error { return st.Send(r.Context(), out, id, from) }
+		source := "sent live"
 		if from != 0 {
 			kind = "incremental"
+			if p, f := s.openPrecomputed(id, from); p != nil {
+				defer f.Close()
+				source = "precomputed"
+				send = func(out io.Writer) error { return p.copyTo(r.Context(), out, f) }
+			}
 		}
 		if tok := q.Get("resume"); tok != "" {
 			rs, ok := s.backend.(snapshot.Resumer)
@@ -153,7 +161,7 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 				writeErr(w, http.StatusBadRequest, fmt.Errorf("the %s backend cannot resume a stream", s.backend.Kind()))
 				return
 			}
-			kind, send = "resume", func(out io.Writer) error { return rs.SendResume(r.Context(), out, tok) }
+			kind, source, send = "resume", "sent live", func(out io.Writer) error { return rs.SendResume(r.Context(), out, tok) }
 		}
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.Header().Set(api.HeaderBackend, s.backend.Kind())
@@ -169,7 +177,7 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 		if err := send(out); err != nil {
 			s.streamMetrics.bytes.WithLabelValues(kind).Add(float64(out.n))
 			s.streamMetrics.streams.WithLabelValues("error").Inc()
-			s.streamFails.failed(time.Now(), id, err, s.log, "generation", id, "from", from, "kind", kind, "bytes", out.n)
+			s.streamFails.failed(time.Now(), id, err, s.log, "generation", id, "from", from, "kind", kind, "source", source, "bytes", out.n)
 			// Break the connection: the replica must see a broken body.
 			panic(http.ErrAbortHandler)
 		}
@@ -177,7 +185,7 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 		s.streamMetrics.streams.WithLabelValues("ok").Inc()
 		w.Header().Set(api.TrailerStreamBytes, strconv.FormatInt(out.n, 10))
 		w.Header().Set(api.TrailerStreamSHA256, hex.EncodeToString(out.h.Sum(nil)))
-		s.log.Info("stream sent", "generation", id, "from", from, "kind", kind, "bytes", out.n)
+		s.log.Info("stream sent", "generation", id, "from", from, "kind", kind, "source", source, "bytes", out.n)
 		s.streamFails.sent(time.Now(), id, s.log)
 	})
 }

@@ -109,9 +109,8 @@ func BenchmarkReplicateZFS(b *testing.B) {
 	rsyncFullT, rsyncFullB := rsync(b, gen1, rdst)
 
 	addPaths(b, st, "new", 1000)
-	gen2 := publish()
-	flushDirty(b)
-	incr, rowsT, spans := syncIncremental(b, p, rs, &pb.log, 2)
+	var gen2 string
+	incr, rowsT, spans := syncIncremental(b, p, rs, prim, &pb.log, 2, func() { gen2 = publish() }, nil)
 	rsyncT, rsyncB := rsync(b, gen2, rdst)
 	g1, _ := rs.Generation(1)
 	g2, _ := rs.Generation(2)
