@@ -234,13 +234,13 @@ func BenchmarkReplicate(b *testing.B) {
 	// The same again (generation 3 adds 1,000 more paths) with cold
 	// caches: every clean page and inode dropped before each side.
 	addPaths(b, st, "cold", 1000)
-	cold, _, _ := syncIncremental(b, p, rs, prim, &pb.log, 3, publish, func() { dropCaches(b) })
+	cold, _, coldSpans := syncIncremental(b, p, rs, prim, &pb.log, 3, publish, func() { dropCaches(b) })
 	dropCaches(b)
 	rsyncColdT, rsyncColdB := rsync(b, filepath.Join(pcfg.SnapshotDir, "strata-3"), rdst)
 
 	printTable(b, table{setup: "btrfs on loop devices, same host", tool: "btrfs receive", g1: g1.Paths, g2: g2.Paths,
 		full: full, incr: incr, rows: rowsT, spans: spans, what: what, rsyncFull: rsyncFullT, rsyncFullBytes: rsyncFullB, rsync: rsyncT, rsyncBytes: rsyncB,
-		cold: &coldRow{strata: cold, rsync: rsyncColdT, rsyncBytes: rsyncColdB}})
+		cold: &coldRow{strata: cold, rsync: rsyncColdT, rsyncBytes: rsyncColdB, spans: coldSpans}})
 }
 
 // dropCaches writes dirty pages back and drops the page, dentry and inode
@@ -259,6 +259,7 @@ type coldRow struct {
 	strata     synced
 	rsync      time.Duration
 	rsyncBytes int64
+	spans      []phase.Span
 }
 
 // flushDirty writes every dirty page back (sync(2)) before a timed step,
@@ -502,24 +503,31 @@ func printTable(b *testing.B, t table) {
 	fmt.Printf("%-44s %10.2f\n", "  of which listing, checks, retention", (t.incr.Whole - t.incr.Took).Seconds())
 	fmt.Printf("%-44s %10.2f\n", "  path rows written after (background)", t.rows.Seconds())
 	fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete generation 1 -> 2", t.rsync.Seconds(), t.rsyncBytes)
-	if len(t.spans) > 0 {
-		fmt.Printf("\nthe incremental sync's steps (seconds from its start; steps may overlap)\n")
-		fmt.Printf("%-60s %7s %7s %7s\n", "", "start", "end", "took")
-		sorted := slices.Clone(t.spans)
-		slices.SortStableFunc(sorted, func(a, b phase.Span) int { return cmp.Compare(a.Start, b.Start) })
-		for _, s := range sorted {
-			fmt.Printf("%-60s %7.3f %7.3f %7.3f\n", s.Name, s.Start.Seconds(), s.End.Seconds(), s.Took().Seconds())
-		}
-		fmt.Println()
-	}
+	printSpans("the incremental sync's steps (seconds from its start; steps may overlap)", t.spans)
 	fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental)", t.rsync.Seconds()/t.incr.Whole.Seconds(), float64(t.rsyncBytes)/float64(t.incr.Bytes+t.incr.DeltaBytes))
 	if c := t.cold; c != nil {
 		fmt.Printf("%-44s %10.2f %14d\n", "strata generation 3 incremental, cold caches", c.strata.Whole.Seconds(), c.strata.Bytes+c.strata.DeltaBytes)
 		fmt.Printf("%-44s %10.2f %14d\n", "rsync -a --delete 2 -> 3, cold caches", c.rsync.Seconds(), c.rsyncBytes)
 		fmt.Printf("%-44s %10.1fx %13.1fx\n", "rsync / strata (incremental, cold caches)", c.rsync.Seconds()/c.strata.Whole.Seconds(), float64(c.rsyncBytes)/float64(c.strata.Bytes+c.strata.DeltaBytes))
+		printSpans("the cold incremental sync's steps", c.spans)
 	}
 	b.ReportMetric(t.incr.Whole.Seconds(), "strata-s")
 	b.ReportMetric(t.rsync.Seconds(), "rsync-s")
 	b.ReportMetric(float64(t.incr.Bytes+t.incr.DeltaBytes), "strata-bytes")
 	b.ReportMetric(float64(t.rsyncBytes), "rsync-bytes")
+}
+
+// printSpans prints a sync's steps, by start.
+func printSpans(title string, spans []phase.Span) {
+	if len(spans) == 0 {
+		return
+	}
+	fmt.Printf("\n%s\n", title)
+	fmt.Printf("%-60s %7s %7s %7s\n", "", "start", "end", "took")
+	sorted := slices.Clone(spans)
+	slices.SortStableFunc(sorted, func(a, b phase.Span) int { return cmp.Compare(a.Start, b.Start) })
+	for _, s := range sorted {
+		fmt.Printf("%-60s %7.3f %7.3f %7.3f\n", s.Name, s.Start.Seconds(), s.End.Seconds(), s.Took().Seconds())
+	}
+	fmt.Println()
 }
