@@ -27,9 +27,11 @@ import (
 // each, after the first start and after a rotation to a generation that adds
 // a signed path, `nix path-info --json --all` on the builder prints for every
 // path exactly what it prints on the central store (signatures, ca, NAR
-// hash and size, deriver, references, registration time, ultimate), the
-// import never fell back to --load-db, and `nix-store --verify
-// --check-contents` is clean. On 2.8 the floating-CA .drv (which 2.8's
+// hash and size, deriver, references, registration time, ultimate), and
+// `nix-store --verify --check-contents` is clean. The empty builder's first
+// start installs the generation's Nix DB (the log says so, and no fallback
+// to importing rows); the rotation imports the new rows, never falling back
+// to --load-db or to the registration text. On 2.8 the floating-CA .drv (which 2.8's
 // --load-db refuses) is valid like every other path.
 func TestNixVersions(t *testing.T) {
 	testenv.RequireRoot(t)
@@ -93,8 +95,8 @@ func TestNixVersions(t *testing.T) {
 		trixie                       bool
 		checks                       int
 	}{
-		{"nix-2.26", NixTrixieBin, "2.26.", "nix-command ca-derivations", true, 12},
-		{"nix-2.8", "/usr/bin", "2.8.", "nix-command", false, 11},
+		{"nix-2.26", NixTrixieBin, "2.26.", "nix-command ca-derivations", true, 13},
+		{"nix-2.8", "/usr/bin", "2.8.", "nix-command", false, 12},
 	} {
 		t.Run(v.name, func(t *testing.T) {
 			floatingDrv, realisation, later, api, nfsPort, gen1, gen2 := setup(t)
@@ -251,6 +253,7 @@ check "generation 2" sh -c "strata status --api $S --json | grep -q '\"generatio
 check "new path valid" nix-store --check-validity $LATER
 echo "PATHINFO-BEGIN gen2"; nix path-info --json --all 2>/tmp/pi.err; echo; echo "PATHINFO-END"; cat /tmp/pi.err
 check "nix-store --verify --check-contents (generation 2)" sh -c "nix-store --verify --check-contents 2>&1 | tee /tmp/v; ! grep -qiE 'disappeared|modified|error' /tmp/v"
-check "imported rows, never fell back to --load-db" sh -c "! grep -q 'load-db instead' /builder.log && ! grep -q 'no path rows' /builder.log"
+check "first start installed generation 1's Nix DB (no fallback to rows)" sh -c "grep -q 'msg=\"installed the generation.s nix db\" generation=1 ' /builder.log && ! grep -qE 'importing rows|importing the generation.s rows' /builder.log"
+check "rotation imported generation 2's rows, never --load-db or the registration" sh -c "grep -qE 'msg=rotated from=1 to=2 imported=[1-9]' /builder.log && ! grep -q 'load-db instead' /builder.log && ! grep -q 'no path rows' /builder.log"
 check "builder still running" kill -0 $BPID
 `
