@@ -56,13 +56,21 @@ func TestBuilderImportOnFullDisk(t *testing.T) {
 	e.dbIntact(t, "first start after the space was freed")
 	e.nixVerify(t)
 
-	// A rotation whose import hits the full disk.
+	// A rotation whose import hits the full disk. The node is full before
+	// the generation is published: the agent checks every 200 ms, so a
+	// publish first could let it rotate before the disk is full.
 	old := filepath.Join(e.local(first[0]))
 	oldContent := readFile(t, old)
 	e.central.AddMany(t, "second", 3000)
-	g2 := e.publish(t)
 	free = testenv.Fill(t, e.node, 256<<10)
+	if st := a.State(); st.Phase != PhaseIdle || st.Generation != g1 || a.Status().LastError != "" {
+		t.Fatalf("before the rotation on a full disk: %s, last error %q, want idle(%d) and no error", st, a.Status().LastError, g1)
+	}
+	g2 := e.publish(t)
 	failed = e.waitFailure(t, a, "rotation")
+	if st := a.State(); st.Generation == g2 && st.Phase == PhaseIdle {
+		t.Fatalf("the agent finished the rotation to %d on a full disk", g2)
+	}
 	if !strings.Contains(failed, "rotate") {
 		t.Errorf("the failure is not the rotation's: %s", failed)
 	}

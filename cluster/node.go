@@ -38,6 +38,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -137,6 +138,10 @@ type Node struct {
 	started time.Time
 	stats   *stats
 	mlLog   *logWriter
+	// closing is set by Close before memberlist stops: memberlist's
+	// suspicion timers outlive its Shutdown and still report members
+	// dead, which must change and log nothing on a closed node.
+	closing atomic.Bool
 
 	mu      sync.Mutex
 	self    State
@@ -464,7 +469,7 @@ type events Node
 
 func (e *events) note(nd *memberlist.Node, st MemberState) {
 	n := (*Node)(e)
-	if nd.Name == n.self.Node {
+	if nd.Name == n.self.Node || n.closing.Load() {
 		return
 	}
 	meta, err := ParseMeta(nd.Meta)
@@ -861,8 +866,9 @@ func (n *Node) Leave(timeout time.Duration) error {
 	return errors.Join(err, n.Close())
 }
 
-// Close stops the member without leaving (others will see it die). It is
-// safe to call more than once.
+// Close stops the member without leaving (others will see it die). After
+// it, no member event changes what the node reports or logs. It is safe to
+// call more than once.
 func (n *Node) Close() error {
 	n.closeMu.Lock()
 	defer n.closeMu.Unlock()
@@ -870,6 +876,7 @@ func (n *Node) Close() error {
 		return nil
 	}
 	n.closed = true
+	n.closing.Store(true)
 	close(n.stop)
 	<-n.done
 	n.sendWG.Wait()

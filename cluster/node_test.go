@@ -341,3 +341,37 @@ func TestServerRTTAndDeath(t *testing.T) {
 		return ok && st == StateDead && len(b.Servers()) == 0
 	})
 }
+
+// A member that suspected another when it was closed logs and changes
+// nothing afterwards: memberlist's suspicion timer outlives its Shutdown
+// and still declares the suspect dead (in tests whose logger is the
+// test's, that log line after the test ended was a panic).
+func TestClosedNodeIgnoresLateEvents(t *testing.T) {
+	srv := mustNode(t, "srv", RoleServer, nil)
+	logs := &syncBuf{}
+	b, err := New(Config{Name: "b", ClusterName: "test", Bind: "127.0.0.1:0", Join: []string{srv.Addr()},
+		DeadGrace: 2 * time.Second, Settle: time.Hour, Meta: Meta{Role: RoleBuilder, Version: "test"},
+		Tune: func(c *memberlist.Config) {
+			fast(c)
+			c.SuspicionMult = 10 // a suspect is declared dead 1 s (10 probe intervals) later
+		}}, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	waitFor(t, 10*time.Second, "b to see srv alive", func() bool { st, ok := b.MemberState("srv"); return ok && st == StateAlive })
+	srv.Close() // killed: no leave
+	waitFor(t, 10*time.Second, "b to suspect srv", func() bool { return strings.Contains(logs.String(), "Suspect srv has failed") })
+	if strings.Contains(logs.String(), "cluster member dead") {
+		t.Fatal("srv declared dead before b was closed: the suspicion timeout is too short for this test")
+	}
+	b.Close()
+	before, was := logs.String(), memberState(b, "srv")
+	time.Sleep(2 * time.Second) // past the suspicion timeout
+	if after := logs.String(); after != before {
+		t.Errorf("b logged after Close:\n%s", strings.TrimPrefix(after, before))
+	}
+	if st := memberState(b, "srv"); st != was {
+		t.Errorf("srv's state on b changed after Close: %s, was %s", st, was)
+	}
+}
