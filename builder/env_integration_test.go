@@ -6,7 +6,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -20,7 +19,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -38,28 +36,12 @@ import (
 	"github.com/strata-nix/strata/snapshot/btrfs"
 )
 
-const privateNSEnv = "STRATA_BUILDER_TEST_PRIVATE_NS"
-
-// TestMain re-runs the test binary in a private mount namespace, so every
-// mount the tests make (and any a failing test leaves) dies with it. The
-// agent helper processes the tests start inherit that namespace.
+// TestMain re-runs the test binary in a private mount namespace
+// (testenv.PrivateMountNS), so every mount the tests make (and any a failing
+// test leaves) dies with it. The agent helper processes the tests start
+// inherit that namespace.
 func TestMain(m *testing.M) {
-	if os.Geteuid() == 0 && os.Getenv(privateNSEnv) == "" {
-		cmd := exec.Command(os.Args[0], os.Args[1:]...)
-		cmd.Env = append(os.Environ(), privateNSEnv+"=1")
-		cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-		err := cmd.Run()
-		var ee *exec.ExitError
-		switch {
-		case errors.As(err, &ee):
-			os.Exit(ee.ExitCode())
-		case err != nil:
-			fmt.Fprintf(os.Stderr, "re-exec in a private mount namespace: %v\n", err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	testenv.PrivateMountNS()
 	if os.Getenv(helperEnv) != "" {
 		os.Exit(agentHelper())
 	}
@@ -119,7 +101,8 @@ type env struct {
 	central nixtest.Store
 	srv     *server.Server
 	exp     *recExporter
-	addr    string // API host:port
+	addr    string // API host:port, reserved: refused until startServer
+	listen  func() net.Listener
 	httpSrv *http.Server
 
 	node    string
@@ -134,7 +117,7 @@ func newEnvWith(t *testing.T, serverOpts func(*server.Options)) *env {
 	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireCommands(t, "nix-store", "nix-build", "busybox")
-	requireOverlay(t)
+	testenv.RequireOverlay(t)
 	mnt := testenv.LoopBtrfs(t, "1G")
 	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
 	e := &env{central: nixtest.New(t, mnt), exp: &recExporter{dirs: map[uint64]string{}}}
@@ -155,12 +138,7 @@ func newEnvWith(t *testing.T, serverOpts func(*server.Options)) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.addr = l.Addr().String()
-	l.Close()
+	e.addr, e.listen = testenv.ReservePort(t)
 
 	base := t.TempDir()
 	e.node = filepath.Join(base, "node")
@@ -201,34 +179,15 @@ func newEnvWith(t *testing.T, serverOpts func(*server.Options)) *env {
 	return e
 }
 
-func requireOverlay(t *testing.T) {
-	t.Helper()
-	b, _ := os.ReadFile("/proc/filesystems")
-	if !bytes.Contains(b, []byte("\toverlay\n")) {
-		_ = exec.Command("modprobe", "overlay").Run()
-		b, _ = os.ReadFile("/proc/filesystems")
-	}
-	testenv.Require(t, bytes.Contains(b, []byte("\toverlay\n")), "needs overlayfs")
-}
-
+// startServer serves the server API on the address newEnv reserved
+// (connections to it are refused until then).
 func (e *env) startServer(t *testing.T) {
 	t.Helper()
 	if e.httpSrv != nil {
 		return
 	}
-	var l net.Listener
-	var err error
-	for range 50 { // the port was free a moment ago
-		if l, err = net.Listen("tcp", e.addr); err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
 	e.httpSrv = &http.Server{Handler: e.srv.Handler(apiserve.NewToken(""), nil, func() any { return map[string]any{"role": "server"} })}
-	go e.httpSrv.Serve(l)
+	go e.httpSrv.Serve(e.listen())
 }
 
 func (e *env) stopServer() {

@@ -15,7 +15,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -25,44 +24,20 @@ import (
 	"github.com/strata-nix/strata/mountinfo"
 )
 
-// privateNSEnv marks the re-executed test binary running in its own mount
-// namespace.
-const privateNSEnv = "STRATA_OVERLAY_TEST_PRIVATE_NS"
-
-// TestMain re-runs the test binary in a private mount namespace (/ made
-// rprivate by the Go runtime), so every mount the tests make, and any a
-// failing test leaves behind, disappears with the process and never reaches
-// the host.
+// TestMain re-runs the test binary in a private mount namespace
+// (testenv.PrivateMountNS), so every mount the tests make, and any a
+// failing test leaves behind, disappears with the process and never
+// reaches the host.
 func TestMain(m *testing.M) {
-	if os.Geteuid() == 0 && os.Getenv(privateNSEnv) == "" {
-		cmd := exec.Command(os.Args[0], os.Args[1:]...)
-		cmd.Env = append(os.Environ(), privateNSEnv+"=1")
-		cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-		err := cmd.Run()
-		var ee *exec.ExitError
-		switch {
-		case errors.As(err, &ee):
-			os.Exit(ee.ExitCode())
-		case err != nil:
-			fmt.Fprintf(os.Stderr, "re-exec in a private mount namespace: %v\n", err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	testenv.PrivateMountNS()
 	os.Exit(m.Run())
 }
 
 func requireOverlay(t *testing.T) {
 	t.Helper()
 	testenv.RequireRoot(t)
-	testenv.Require(t, os.Getenv(privateNSEnv) == "1", "needs the private mount namespace set up by TestMain")
-	fs, _ := os.ReadFile("/proc/filesystems")
-	if !bytes.Contains(fs, []byte("\toverlay\n")) {
-		_ = exec.Command("modprobe", "overlay").Run()
-		fs, _ = os.ReadFile("/proc/filesystems")
-	}
-	testenv.Require(t, bytes.Contains(fs, []byte("\toverlay\n")), "needs overlayfs in the kernel")
+	testenv.Require(t, testenv.InPrivateMountNS(), "needs the private mount namespace set up by TestMain")
+	testenv.RequireOverlay(t)
 }
 
 // mountTmpfs mounts a fresh tmpfs on dir (created) and detaches it at cleanup.

@@ -6,35 +6,21 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/strata-nix/strata/internal/testenv"
 )
 
-// notifySocket listens on a real unixgram socket, points NOTIFY_SOCKET at
-// it (go-systemd reads it) and returns the datagrams received.
+// notifySocket points NOTIFY_SOCKET at a real unixgram socket
+// (testenv.NotifySocket), as systemd does, and returns the datagrams
+// received.
 func notifySocket(t *testing.T) <-chan string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "notify.sock")
-	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	path, ch := testenv.NotifySocket(t)
 	t.Setenv("NOTIFY_SOCKET", path)
-	ch := make(chan string, 256)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := c.Read(buf)
-			if err != nil {
-				return
-			}
-			ch <- string(buf[:n])
-		}
-	}()
 	return ch
 }
 
