@@ -9,7 +9,6 @@ import (
 	"errors"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -18,7 +17,6 @@ import (
 	"testing"
 
 	"github.com/strata-nix/strata/api"
-	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/nixstore"
 )
@@ -32,15 +30,8 @@ import (
 // all. An ETag answers a repeated request with 304; an unknown generation
 // is a 404.
 func TestNixDBEndpoint(t *testing.T) {
-	c := newCentral(t)
-	made := c.store.Fill(t)
-	sk, _ := nixtest.GenerateKey(t, "central-1")
-	c.store.Sign(t, sk, made[0], made[3])
-	s := c.server(t)
-	g1 := publish(t, s)
-	hs := httptest.NewServer(s.Handler(apiserve.NewToken(""), nil, func() any { return nil }))
-	t.Cleanup(hs.Close)
-	cl := api.NewClient(hs.URL, "")
+	sv := newAPICentral(t)
+	c, g1, cl := sv.central, sv.g1, sv.cl
 	ctx := context.Background()
 
 	body, d, err := cl.NixDB(ctx, g1)
@@ -74,7 +65,7 @@ func TestNixDBEndpoint(t *testing.T) {
 	if d2 != d || string(b2) != string(b) {
 		t.Fatal("second answer differs")
 	}
-	req, _ := http.NewRequest(http.MethodGet, hs.URL+"/v1/generations/1/nixdb", nil)
+	req, _ := http.NewRequest(http.MethodGet, sv.url+"/v1/generations/1/nixdb", nil)
 	req.Header.Set("If-None-Match", `"nixdb-`+d.SHA256+`"`)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -16,7 +15,6 @@ import (
 	"testing"
 
 	"github.com/strata-nix/strata/api"
-	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/nixstore"
 )
@@ -28,18 +26,11 @@ import (
 // serves only the rows added since M; a generation without rows (older
 // strata) is a 404 that says so.
 func TestPublishRowsAndPathsEndpoint(t *testing.T) {
-	c := newCentral(t)
-	made := c.store.Fill(t)
-	sk, _ := nixtest.GenerateKey(t, "central-1")
-	c.store.Sign(t, sk, made[0], made[3])
-	s := c.server(t)
-	g1 := publish(t, s)
+	sv := newAPICentral(t)
+	c, made, sk, s, g1, cl := sv.central, sv.made, sv.key, sv.srv, sv.g1, sv.cl
 	if _, err := os.Stat(filepath.Join(c.cfg.StateDir, "generations", "1", "paths.jsonl.gz")); err != nil {
 		t.Fatalf("rows artifact: %v", err)
 	}
-	hs := httptest.NewServer(s.Handler(apiserve.NewToken(""), nil, func() any { return nil }))
-	t.Cleanup(hs.Close)
-	cl := api.NewClient(hs.URL, "")
 	ctx := context.Background()
 
 	get := func(id, from uint64) (nixstore.RowsHeader, *nixstore.Rows) {

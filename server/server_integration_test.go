@@ -5,12 +5,15 @@ package server
 import (
 	"bytes"
 	"context"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/nixstore"
@@ -48,6 +51,32 @@ func (c *central) server(t *testing.T) *Server {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// apiCentral is a central store filled by nixtest (Fill) with two of its
+// paths signed, a server on it that published generation 1, and the
+// server's API over HTTP.
+type apiCentral struct {
+	*central
+	made []string // Fill's paths; made[0] and made[3] are signed
+	key  string   // the secret key that signed them
+	srv  *Server
+	g1   uint64
+	url  string      // the API's base URL
+	cl   *api.Client // a client of it without a token
+}
+
+func newAPICentral(t *testing.T) *apiCentral {
+	t.Helper()
+	c := newCentral(t)
+	made := c.store.Fill(t)
+	sk, _ := nixtest.GenerateKey(t, "central-1")
+	c.store.Sign(t, sk, made[0], made[3])
+	s := c.server(t)
+	g1 := publish(t, s)
+	hs := httptest.NewServer(s.Handler(apiserve.NewToken(""), nil, func() any { return nil }))
+	t.Cleanup(hs.Close)
+	return &apiCentral{central: c, made: made, key: sk, srv: s, g1: g1, url: hs.URL, cl: api.NewClient(hs.URL, "")}
 }
 
 func parse(t *testing.T, text []byte) map[string]nixstore.PathInfo {
