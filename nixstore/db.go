@@ -23,6 +23,12 @@ const (
 	walSuffix = "-wal"
 )
 
+// sqliteFiles returns the SQLite database file p and the files SQLite
+// keeps beside it: its write-ahead log, WAL index and rollback journal.
+func sqliteFiles(p string) []string {
+	return []string{p, p + walSuffix, p + "-shm", p + "-journal"}
+}
+
 // ReadDB returns the valid paths of the Nix database in dbDir (a store's
 // var/nix/db, typically inside a read-only snapshot), sorted by path, each
 // with sorted references and a base16 NAR hash — the records

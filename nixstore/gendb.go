@@ -68,13 +68,13 @@ func buildGenerationDB(ctx context.Context, dbDir, dst string, root GenerationRo
 		return out, fmt.Errorf("root %s: NAR hash %q is not 64 lowercase hex digits", root.Path, clip(root.NarHash))
 	}
 	tmp := dst + ".tmp"
-	for _, p := range []string{tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"} {
+	for _, p := range sqliteFiles(tmp) {
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return out, err
 		}
 	}
 	defer func() {
-		for _, p := range []string{tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"} {
+		for _, p := range sqliteFiles(tmp) {
 			os.Remove(p)
 		}
 	}()

@@ -141,7 +141,7 @@ func installDB(ctx context.Context, dbDir string, r io.Reader, want DBFile, opt 
 	defer func() {
 		if err != nil {
 			f.Close()
-			for _, p := range []string{tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"} {
+			for _, p := range sqliteFiles(tmp) {
 				os.Remove(p)
 			}
 		}
@@ -204,8 +204,8 @@ func installDB(ctx context.Context, dbDir string, r io.Reader, want DBFile, opt 
 	if err := syncDir(dbDir); err != nil {
 		return err
 	}
-	for _, s := range []string{"-wal", "-shm", "-journal"} {
-		os.Remove(tmp + s)
+	for _, p := range sqliteFiles(tmp)[1:] { // tmp itself is db.sqlite now
+		os.Remove(p)
 	}
 	return step(StepDone)
 }
