@@ -128,7 +128,7 @@ cluster:
   keyring_file: `+keys+`
   dead_grace: 15s
 `), 0o644)
-	sock, ch := notifications(t)
+	sock, ch := testenv.NotifySocket(t)
 	srv := in(lab.server, os.Args[0], "server", "--config", cfg)
 	srv.Env = append(os.Environ(), "STRATA_TEST_RUN_MAIN=1", "NOTIFY_SOCKET="+sock)
 	srv.Stderr = os.Stderr

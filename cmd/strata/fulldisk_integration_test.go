@@ -35,25 +35,10 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 	rmnt := testenv.LoopBtrfs(t, "300M")
 	rsnaps := filepath.Join(rmnt, "gens")
 	rstate := filepath.Join(t.TempDir(), "rstate")
-	rcfg := prim.replicaConfig(t, prim.addr, rsnaps, rstate, "2s")
+	rcfg := prim.replicaConfig(t, replica{snaps: rsnaps, state: rstate, interval: "2s"})
 	repl := start(t, rcfg, rstate, nil)
-	waitServes := func(want []uint64) {
-		t.Helper()
-		deadline := time.Now().Add(60 * time.Second)
-		for !slices.Equal(ids(repl.generations(t).Generations), want) {
-			if time.Now().After(deadline) {
-				t.Fatalf("replica serves %v, want %v\n%s", ids(repl.generations(t).Generations), want, repl.logs)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	waitServes([]uint64{g1})
-	var file string // a file every generation has: Fill's "note-c"
-	for _, line := range strings.Split(s.store.DumpDB(t), "\n") {
-		if strings.HasSuffix(line, "-note-c") {
-			file = filepath.Base(line)
-		}
-	}
+	repl.waitServes(t, g1)
+	file := s.noteFile(t)
 	handles := holdHandles(t, repl.nfs, []uint64{g1}, file)
 	sums := regSums(t, repl, []uint64{g1})
 	free := testenv.Fill(t, rmnt, 60<<20)
@@ -139,7 +124,7 @@ func TestReplicaReceiveOnFullDisk(t *testing.T) {
 		}
 	}
 	free()
-	waitServes([]uint64{g1, g2})
+	repl.waitServes(t, g1, g2)
 	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g2, g1))
 	repl.waitLog(t, "replica sync works again")
 	prim.waitLog(t, "streams of the generation work again")
@@ -173,19 +158,9 @@ func TestReplicaRowsOnFullStateDir(t *testing.T) {
 	testenv.Run(t, "mount", "-t", "tmpfs", "-o", "size=16m", "strata-replica-state", rstateMnt)
 	t.Cleanup(func() { testenv.Run(t, "umount", "-l", rstateMnt) })
 	rstate := filepath.Join(rstateMnt, "state")
-	rcfg := prim.replicaConfig(t, prim.addr, filepath.Join(rmnt, "gens"), rstate, "1s")
+	rcfg := prim.replicaConfig(t, replica{snaps: filepath.Join(rmnt, "gens"), state: rstate})
 	repl := start(t, rcfg, rstate, nil)
-	waitServes := func(want []uint64) {
-		t.Helper()
-		deadline := time.Now().Add(60 * time.Second)
-		for !slices.Equal(ids(repl.generations(t).Generations), want) {
-			if time.Now().After(deadline) {
-				t.Fatalf("replica serves %v, want %v\n%s", ids(repl.generations(t).Generations), want, repl.logs)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	waitServes([]uint64{g1})
+	repl.waitServes(t, g1)
 	repl.stop(t)
 
 	// Generation 2 adds 3,000 paths; the replica's state dir keeps room
@@ -203,7 +178,7 @@ func TestReplicaRowsOnFullStateDir(t *testing.T) {
 	}
 	free := testenv.Fill(t, rstateMnt, int64(len(reg))+64<<10)
 	repl = start(t, rcfg, rstate, nil)
-	waitServes([]uint64{g1, g2})
+	repl.waitServes(t, g1, g2)
 	repl.waitLog(t, "write path rows")
 	if !strings.Contains(repl.logs.String(), "no space left on device") {
 		t.Errorf("the failed write of the rows does not say the disk is full:\n%s", repl.logs)

@@ -142,36 +142,14 @@ func TestReplicaStreamKilled(t *testing.T) {
 	rmnt := testenv.LoopBtrfs(t, "1G")
 	rsnaps := filepath.Join(rmnt, "gens")
 	rstate := filepath.Join(t.TempDir(), "rstate")
-	rcfg := prim.replicaConfig(t, proxy.l.Addr().String(), rsnaps, rstate, "1s")
+	rcfg := prim.replicaConfig(t, replica{of: proxy.l.Addr().String(), snaps: rsnaps, state: rstate})
 	repl := start(t, rcfg, rstate, nil)
-	waitServes := func(want ...uint64) {
-		t.Helper()
-		deadline := time.Now().Add(60 * time.Second)
-		for !slices.Equal(ids(repl.generations(t).Generations), want) {
-			if time.Now().After(deadline) {
-				t.Fatalf("replica serves %v, want %v\n%s", ids(repl.generations(t).Generations), want, repl.logs)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
 	snapshots := func() []string {
-		var names []string
-		ents, _ := os.ReadDir(rsnaps)
-		for _, e := range ents {
-			if !strings.HasSuffix(e.Name(), ".labels") && !strings.HasPrefix(e.Name(), "strata.owner.") {
-				names = append(names, e.Name())
-			}
-		}
+		names, _ := snapshotNames(rsnaps) // none yet: empty
 		return names
 	}
-	waitServes(g1)
-	var file string // a file every generation has: Fill's "note-c"
-	for _, line := range strings.Split(s.store.DumpDB(t), "\n") {
-		if strings.HasSuffix(line, "-note-c") {
-			file = filepath.Base(line)
-		}
-	}
-	handles := holdHandles(t, repl.nfs, []uint64{g1}, file)
+	repl.waitServes(t, g1)
+	handles := holdHandles(t, repl.nfs, []uint64{g1}, s.noteFile(t))
 	sums := regSums(t, repl, []uint64{g1})
 	held := func(step string) {
 		t.Helper()
@@ -190,7 +168,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 	proxy.sent.Store(0)
 	proxy.cutAt.Store(8 << 20)
 	g2 := publishOne(t, s, prim.daemonProc, "second")
-	waitServes(g1, g2)
+	repl.waitServes(t, g1, g2)
 	repl.waitLog(t, fmt.Sprintf("generation=%d from=%d kind=incremental", g2, g1))
 	if l := repl.logs.String(); !strings.Contains(l, "replica sync failed") || strings.Contains(l, "trying an older base or a whole stream") ||
 		strings.Contains(l, fmt.Sprintf("generation=%d from=0", g2)) {
@@ -225,7 +203,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 	}
 	held("primary down")
 	prim.restart(t, s)
-	waitServes(g1, g2, g3)
+	repl.waitServes(t, g1, g2, g3)
 	if a, b := regSums(t, prim.daemonProc, []uint64{g3}), regSums(t, repl, []uint64{g3}); a[g3] != b[g3] {
 		t.Errorf("generation %d: registration sha256 differs between primary and replica", g3)
 	}
@@ -255,7 +233,7 @@ func TestReplicaStreamKilled(t *testing.T) {
 	if half {
 		repl.waitLog(t, "removing half-received snapshot")
 	}
-	waitServes(g1, g2, g3, g4)
+	repl.waitServes(t, g1, g2, g3, g4)
 	if a, b := regSums(t, prim.daemonProc, []uint64{g2, g3, g4}), regSums(t, repl, []uint64{g2, g3, g4}); a[g2] != b[g2] || a[g3] != b[g3] || a[g4] != b[g4] {
 		t.Errorf("registration sha256 of generations %d, %d, %d differ between primary and replica", g2, g3, g4)
 	}

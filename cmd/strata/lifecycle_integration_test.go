@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/internal/nfsraw"
-	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/internal/testenv"
 )
 
@@ -65,35 +64,26 @@ func lifecycleMsgs(t *testing.T, ch <-chan string, want string, pings *int) []st
 // (RELOADING=1, READY=1); SIGTERM sends STOPPING=1 and exits 0.
 func TestServerDaemonLifecycle(t *testing.T) {
 	testenv.RequireRoot(t)
-	mnt := testenv.LoopBtrfs(t, "1G")
-	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
-	st := nixtest.New(t, mnt)
-	st.Fill(t)
+	s := newSite(t)
 	dir := t.TempDir()
-	state := filepath.Join(dir, "state")
+	state := s.state
 	tokenFile := filepath.Join(dir, "token")
 	os.WriteFile(tokenFile, []byte("first\n"), 0o600)
 	nfsAddr, apiAddr := freePort(t), freePort(t)
-	cfg := filepath.Join(dir, "server.yaml")
+	cfg := filepath.Join(dir, "server.yaml") // one file: SIGHUP reads it again
 	writeCfg := func(allow string) {
-		os.WriteFile(cfg, []byte(`store:
-  root: `+st.NixRoot()+`
-snapshot:
-  snapshot_dir: `+filepath.Join(mnt, "snaps")+`
-state_dir: `+state+`
-publish:
-  interval: 0s
-api:
-  listen: `+apiAddr+`
-  token_file: `+tokenFile+`
-nfs:
-  listen: `+nfsAddr+`
-  allow: [`+allow+`]
-`), 0o644)
+		b, err := os.ReadFile(s.config(t, map[string]string{"api.listen": apiAddr, "api.token_file": tokenFile,
+			"nfs.listen": nfsAddr, "nfs.allow": allow}))
+		if err == nil {
+			err = os.WriteFile(cfg, b, 0o644)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	writeCfg("127.0.0.0/8")
 	start := func() (*exec.Cmd, <-chan string) {
-		sock, ch := notifications(t)
+		sock, ch := testenv.NotifySocket(t)
 		cmd := exec.Command(os.Args[0], "server", "--config", cfg)
 		cmd.Env = append(os.Environ(), "STRATA_TEST_RUN_MAIN=1", "NOTIFY_SOCKET="+sock, "WATCHDOG_USEC=400000")
 		cmd.Stderr = os.Stderr
@@ -181,7 +171,7 @@ nfs:
 		t.Fatalf("MOUNT from 127.0.0.1 after nfs.allow dropped loopback: status %d, want the connection refused", status)
 	}
 	// A broken config on SIGHUP keeps the previous settings and serving.
-	os.WriteFile(cfg, []byte("nfs:\n  allow: [not-a-cidr]\n"), 0o644)
+	writeCfg("not-a-cidr") // the whole config, only nfs.allow wrong
 	cmd.Process.Signal(syscall.SIGHUP)
 	if got := lifecycleMsgs(t, ch, "READY=1\nSTATUS=reload failed: config: key \"nfs.allow\": value \"not-a-cidr\": want a CIDR such as 10.0.0.0/8", &pings); len(got) != 2 {
 		t.Fatalf("failed reload: %q", got)

@@ -26,18 +26,8 @@ import (
 // serves is lost.
 func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	s := newSite(t)
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "token")
-	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	papi := freePort(t)
-	pcfg := filepath.Join(dir, "primary.yaml")
-	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
-	prim := start(t, pcfg, s.state, nil)
-	prim.waitLog(t, "published generation")
-	publishOne(t, s, prim, "second")
+	prim := startPrimary(t, s)
+	publishOne(t, s, prim.daemonProc, "second")
 	want := []uint64{1, 2}
 	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
 		t.Fatalf("primary serves %v, want %v", got, want)
@@ -50,10 +40,8 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 		}
 	}
 
-	rstate := filepath.Join(dir, "rstate")
-	rcfg := filepath.Join(dir, "replica.yaml")
-	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\nretention:\n  keep: 1\n",
-		papi, tokenFile, s.snaps, rstate)), 0o644)
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	rcfg := prim.replicaConfig(t, replica{snaps: s.snaps, state: rstate, keep: 1})
 	has := func(what, out string, wants ...string) {
 		t.Helper()
 		for _, w := range wants {
@@ -111,9 +99,9 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	unchanged("after the forced replica ran twice with keep 1")
 
 	// Now the replica owns it: the primary is refused, then takes it back.
-	out = refused(t, pcfg)
+	out = refused(t, prim.cfg)
 	has("primary start on the replica's dir", out, "is owned by server", "a replica with state_dir "+rstate, "--claim-snapshot-dir")
-	prim = start(t, pcfg, s.state, nil, "--claim-snapshot-dir")
+	prim.restart(t, s, "--claim-snapshot-dir")
 	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
 		t.Errorf("primary after --claim-snapshot-dir serves %v, want %v", got, want)
 	}
@@ -123,7 +111,7 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	if err := os.Remove(filepath.Join(s.snaps, "strata.owner.json")); err != nil {
 		t.Fatal(err)
 	}
-	prim = start(t, pcfg, s.state, nil)
+	prim.restart(t, s)
 	prim.waitLog(t, "claiming snapshot dir")
 	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
 		t.Errorf("primary on its old dir serves %v, want %v", got, want)
@@ -138,7 +126,7 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	if err := os.RemoveAll(filepath.Join(s.state, "generations")); err != nil {
 		t.Fatal(err)
 	}
-	prim = start(t, pcfg, s.state, nil)
+	prim.restart(t, s)
 	prim.waitLog(t, "this start takes that identity back")
 	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
 		t.Errorf("primary after its state_dir was wiped serves %v, want %v", got, want)
@@ -154,25 +142,14 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 // the real primary starts and serves its generations.
 func TestReplicaOfItselfOrOfAReplicaRefused(t *testing.T) {
 	s := newSite(t)
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "token")
-	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	papi := freePort(t)
-	pcfg := filepath.Join(dir, "primary.yaml")
-	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
-	prim := start(t, pcfg, s.state, nil)
-	prim.waitLog(t, "published generation")
+	prim := startPrimary(t, s)
+	papi := prim.addr
 
 	rmnt := filepath.Join(s.mnt, "replicas") // same btrfs, own dirs
+	dir := t.TempDir()
 	replicaCfg := func(name, of, listen string) (string, string) {
 		state := filepath.Join(dir, name)
-		f := filepath.Join(dir, name+".yaml")
-		os.WriteFile(f, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-			of, tokenFile, filepath.Join(rmnt, name), state, listen, tokenFile)), 0o644)
-		return f, state
+		return prim.replicaConfig(t, replica{of: of, snaps: filepath.Join(rmnt, name), state: state, listen: listen}), state
 	}
 	aapi := freePort(t)
 	acfg, astate := replicaCfg("a", papi, aapi)

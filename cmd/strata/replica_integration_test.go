@@ -24,52 +24,27 @@ import (
 // catches up.
 func TestReplicaDaemon(t *testing.T) {
 	s := newSite(t)
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "token")
-	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	papi := freePort(t)
-	pcfg := filepath.Join(dir, "primary.yaml")
-	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
-	prim := start(t, pcfg, s.state, nil)
-	prim.waitLog(t, "published generation") // the publish at start
-	publishOne(t, s, prim, "first")
+	prim := startPrimary(t, s) // with the publish at start
+	papi := prim.addr
+	publishOne(t, s, prim.daemonProc, "first")
 
 	rmnt := testenv.LoopBtrfs(t, "1G")
-	rstate := filepath.Join(dir, "rstate")
-	rcfg := func(token string) string {
-		f := filepath.Join(t.TempDir(), "replica.yaml")
-		os.WriteFile(f, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
-			papi, token, filepath.Join(rmnt, "gens"), rstate)), 0o644)
-		return f
-	}
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	missing := replica{snaps: filepath.Join(rmnt, "gens"), state: rstate, token: filepath.Join(t.TempDir(), "missing")}
 	// No token file: the replica does not start.
-	out := refused(t, rcfg(filepath.Join(dir, "missing")))
+	out := refused(t, prim.replicaConfig(t, missing))
 	if !strings.Contains(out, "replica.token_file") {
 		t.Errorf("replica without a token file: %s", out)
 	}
-	cfg := rcfg(tokenFile)
+	cfg := prim.replicaConfig(t, replica{snaps: missing.snaps, state: rstate})
 	repl := start(t, cfg, rstate, nil)
 	// waitGens waits until the replica serves what the primary serves.
 	waitGens := func(d *daemonProc) api.GenerationList {
 		t.Helper()
-		want := fmt.Sprint(ids(prim.generations(t).Generations))
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			l := d.generations(t)
-			if fmt.Sprint(ids(l.Generations)) == want {
-				return l
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("replica serves %v, want %s\n%s", ids(l.Generations), want, d.logs)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		return d.waitServes(t, ids(prim.generations(t).Generations)...)
 	}
 	waitGens(repl)
-	g2 := publishOne(t, s, prim, "second")
+	g2 := publishOne(t, s, prim.daemonProc, "second")
 	if l := waitGens(repl); len(l.Generations) < 2 || l.Generations[len(l.Generations)-1].ID != g2 {
 		t.Fatalf("replica serves %v, want up to %d", ids(l.Generations), g2)
 	}
@@ -99,7 +74,7 @@ func TestReplicaDaemon(t *testing.T) {
 	// serves what it had and catches up.
 	repl.cmd.Process.Kill()
 	<-repl.done
-	g3 := publishOne(t, s, prim, "third")
+	g3 := publishOne(t, s, prim.daemonProc, "third")
 	repl = start(t, cfg, rstate, nil)
 	if l := waitGens(repl); l.Generations[len(l.Generations)-1].ID != g3 {
 		t.Fatalf("restarted replica serves %v, want up to %d", ids(l.Generations), g3)
@@ -116,7 +91,7 @@ func TestReplicaDaemon(t *testing.T) {
 		strings.Contains(out, "store identity") || strings.Contains(out, "next generation id") {
 		t.Errorf("--check-config of the replica: exit %d, want 0, ok, and no store identity or next id\n%s", code, out)
 	}
-	out, code = runStrata(t, nil, "server", "--config", rcfg(filepath.Join(dir, "missing")), "--check-config")
+	out, code = runStrata(t, nil, "server", "--config", prim.replicaConfig(t, missing), "--check-config")
 	if code == 0 || !strings.Contains(out, "replica.token_file") {
 		t.Errorf("--check-config of a replica without its token: exit %d\n%s", code, out)
 	}
@@ -131,25 +106,13 @@ func TestReplicaDaemon(t *testing.T) {
 // asked for it, until an operator removes it.
 func TestReplicaKilledBeforeLive(t *testing.T) {
 	s := newSite(t)
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "token")
-	if err := os.WriteFile(tokenFile, []byte("primary-secret\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	papi := freePort(t)
-	pcfg := filepath.Join(dir, "primary.yaml")
-	os.WriteFile(pcfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, papi, tokenFile)), 0o644)
-	prim := start(t, pcfg, s.state, nil)
-	prim.waitLog(t, "published generation")
+	prim := startPrimary(t, s)
 	g1 := prim.generations(t).Generations[0].ID
 
 	rmnt := testenv.LoopBtrfs(t, "1G")
 	rsnaps := filepath.Join(rmnt, "gens")
-	rstate := filepath.Join(dir, "rstate")
-	cfg := filepath.Join(dir, "replica.yaml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf("replica:\n  of: http://%s\n  token_file: %s\n  interval: 1s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
-		papi, tokenFile, rsnaps, rstate)), 0o644)
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	cfg := prim.replicaConfig(t, replica{snaps: rsnaps, state: rstate})
 
 	repl := start(t, cfg, rstate, []string{"STRATA_DEBUG_REPLICA_PAUSE=received"})
 	repl.waitLog(t, "replica receive paused")
@@ -168,13 +131,7 @@ func TestReplicaKilledBeforeLive(t *testing.T) {
 
 	repl = start(t, cfg, rstate, nil)
 	repl.waitLog(t, "adopted this replica's own unfinished receive")
-	deadline := time.Now().Add(60 * time.Second)
-	for fmt.Sprint(ids(repl.generations(t).Generations)) != fmt.Sprint([]uint64{g1}) {
-		if time.Now().After(deadline) {
-			t.Fatalf("restarted replica serves %v, want [%d]\n%s", ids(repl.generations(t).Generations), g1, repl.logs)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	repl.waitServes(t, g1)
 	pg, _ := prim.client().Generation(t.Context(), g1)
 	rg, _ := repl.client().Generation(t.Context(), g1)
 	if pg.RegistrationSHA256 == "" || pg.RegistrationSHA256 != rg.RegistrationSHA256 {
@@ -183,22 +140,12 @@ func TestReplicaKilledBeforeLive(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(rstate, "replica-receiving")); err == nil {
 		t.Error("the receive record is still there after the generation went live")
 	}
-	g2 := publishOne(t, s, prim, "second")
-	waitServes := func(d *daemonProc, want []uint64) {
-		t.Helper()
-		deadline := time.Now().Add(60 * time.Second)
-		for fmt.Sprint(ids(d.generations(t).Generations)) != fmt.Sprint(want) {
-			if time.Now().After(deadline) {
-				t.Fatalf("replica serves %v, want %v\n%s", ids(d.generations(t).Generations), want, d.logs)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	waitServes(repl, []uint64{g1, g2})
+	g2 := publishOne(t, s, prim.daemonProc, "second")
+	repl.waitServes(t, g1, g2)
 	repl.stop(t)
 
 	// By hand: generation 3 received without the replica knowing.
-	g3 := publishOne(t, s, prim, "third")
+	g3 := publishOne(t, s, prim.daemonProc, "third")
 	send := fmt.Sprintf("btrfs send -q -p %s/strata-%d %s/strata-%d | btrfs receive -e %s",
 		s.snaps, g2, s.snaps, g3, rsnaps)
 	if out, err := exec.Command("sh", "-c", send).CombinedOutput(); err != nil {
@@ -217,10 +164,10 @@ func TestReplicaKilledBeforeLive(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(rsnaps, fmt.Sprintf("strata-%d", g3))); err != nil {
 		t.Fatalf("the snapshot received by hand is gone: %v", err)
 	}
-	waitServes(repl, []uint64{g1, g2})
+	repl.waitServes(t, g1, g2)
 	// The operator removes it: the replica catches up.
 	testenv.Run(t, "btrfs", "subvolume", "delete", filepath.Join(rsnaps, fmt.Sprintf("strata-%d", g3)))
-	waitServes(repl, []uint64{g1, g2, g3})
+	repl.waitServes(t, g1, g2, g3)
 	repl.stop(t)
 	prim.stop(t)
 }

@@ -5,7 +5,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,32 +14,8 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/api"
-	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/internal/testenv"
 )
-
-// notifications collects sd_notify datagrams sent to a NOTIFY_SOCKET.
-func notifications(t *testing.T) (string, <-chan string) {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "notify.sock")
-	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	ch := make(chan string, 64)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := c.Read(buf)
-			if err != nil {
-				return
-			}
-			ch <- string(buf[:n])
-		}
-	}()
-	return path, ch
-}
 
 func waitFor(t *testing.T, ch <-chan string, want string) {
 	t.Helper()
@@ -61,27 +36,11 @@ func waitFor(t *testing.T, ch <-chan string, want string) {
 // sd_notify READY/STATUS/STOPPING, the CLI against its socket, and a restart
 // that serves the same generations.
 func TestServerDaemon(t *testing.T) {
-	mnt := testenv.LoopBtrfs(t, "1G")
-	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
-	st := nixtest.New(t, mnt)
-	st.Fill(t)
-	state := filepath.Join(t.TempDir(), "state")
-	cfg := filepath.Join(t.TempDir(), "server.yaml")
-	os.WriteFile(cfg, []byte(`store:
-  root: `+st.NixRoot()+`
-snapshot:
-  snapshot_dir: `+filepath.Join(mnt, "snaps")+`
-state_dir: `+state+`
-publish:
-  interval: 0s
-api:
-  listen: ""
-nfs:
-  listen: 127.0.0.1:0
-`), 0o644)
+	s := newSite(t)
+	st, state, cfg := s.store, s.state, s.config(t, nil)
 
 	start := func() (*exec.Cmd, <-chan string) {
-		sock, ch := notifications(t)
+		sock, ch := testenv.NotifySocket(t)
 		cmd := exec.Command(os.Args[0], "server", "--config", cfg)
 		cmd.Env = append(os.Environ(), "STRATA_TEST_RUN_MAIN=1", "NOTIFY_SOCKET="+sock)
 		cmd.Stderr = os.Stderr

@@ -52,20 +52,29 @@ func newSite(t *testing.T) *site {
 	return &site{mnt: mnt, snaps: filepath.Join(mnt, "snaps"), state: filepath.Join(t.TempDir(), "state"), store: st}
 }
 
-// config writes a server config; over replaces keys of the defaults
-// ("store.root", "snapshot_dir", "state_dir").
+// config writes a server config and returns its path; over replaces or
+// adds keys of the defaults: "store.root", "snapshot_dir", "state_dir",
+// "keep" (retention.keep, 10), "api.listen" (none: the unix socket only),
+// "api.token_file", "nfs.listen" (127.0.0.1:0) and "nfs.allow" (a YAML list's
+// items; default the server's).
 func (s *site) config(t *testing.T, over map[string]string) string {
 	t.Helper()
-	v := map[string]string{"store.root": s.store.NixRoot(), "snapshot_dir": s.snaps, "state_dir": s.state}
+	v := map[string]string{"store.root": s.store.NixRoot(), "snapshot_dir": s.snaps, "state_dir": s.state,
+		"keep": "10", "api.listen": `""`, "nfs.listen": "127.0.0.1:0"}
 	for k, x := range over {
 		v[k] = x
 	}
-	f := filepath.Join(t.TempDir(), "server.yaml")
-	if v["keep"] == "" {
-		v["keep"] = "10"
+	yaml := fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: %s\n",
+		v["store.root"], v["snapshot_dir"], v["state_dir"], v["api.listen"])
+	if v["api.token_file"] != "" {
+		yaml += "  token_file: " + v["api.token_file"] + "\n"
 	}
-	yaml := fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\nretention:\n  keep: %s\n",
-		v["store.root"], v["snapshot_dir"], v["state_dir"], v["keep"])
+	yaml += "nfs:\n  listen: " + v["nfs.listen"] + "\n"
+	if v["nfs.allow"] != "" {
+		yaml += "  allow: [" + v["nfs.allow"] + "]\n"
+	}
+	yaml += "retention:\n  keep: " + v["keep"] + "\n"
+	f := filepath.Join(t.TempDir(), "server.yaml")
 	if err := os.WriteFile(f, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -75,17 +84,37 @@ func (s *site) config(t *testing.T, over map[string]string) string {
 // snapshots lists the snapshot dir.
 func (s *site) snapshots(t *testing.T) []string {
 	t.Helper()
-	ents, err := os.ReadDir(s.snaps)
+	names, err := snapshotNames(s.snaps)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return names
+}
+
+// snapshotNames lists the snapshots in dir: its entries but the label
+// changes kept beside a snapshot and the owner record and lock.
+func snapshotNames(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
 	var out []string
 	for _, e := range ents {
-		if !strings.HasSuffix(e.Name(), ".labels") && !strings.HasPrefix(e.Name(), "strata.owner.") { // label changes beside a snapshot, the owner record and lock
+		if !strings.HasSuffix(e.Name(), ".labels") && !strings.HasPrefix(e.Name(), "strata.owner.") {
 			out = append(out, e.Name())
 		}
 	}
-	return out
+	return out, err
+}
+
+// noteFile is the base name of a path every generation of the site has
+// (Fill's "note-c").
+func (s *site) noteFile(t *testing.T) string {
+	t.Helper()
+	for _, line := range strings.Split(s.store.DumpDB(t), "\n") {
+		if strings.HasSuffix(line, "-note-c") {
+			return filepath.Base(line)
+		}
+	}
+	t.Fatal("the central store has no note-c")
+	return ""
 }
 
 // manifests lists the generation ids stored in state dir dir.
@@ -137,7 +166,7 @@ var nfsAddrRE = regexp.MustCompile(`msg="nfs export listening" addr=(\S+)`)
 // READY=1.
 func start(t *testing.T, cfg, state string, env []string, args ...string) *daemonProc {
 	t.Helper()
-	sock, ch := notifications(t)
+	sock, ch := testenv.NotifySocket(t)
 	cmd := exec.Command(os.Args[0], append([]string{"server", "--config", cfg}, args...)...)
 	cmd.Env = append(append(os.Environ(), "STRATA_TEST_RUN_MAIN=1", "NOTIFY_SOCKET="+sock), env...)
 	logs := &syncBuf{}
@@ -218,6 +247,23 @@ func (s *daemonProc) generations(t *testing.T) api.GenerationList {
 		t.Fatal(err)
 	}
 	return l
+}
+
+// waitServes waits until the daemon serves exactly the generations want
+// (a replica receives them on its own) and returns its list.
+func (s *daemonProc) waitServes(t *testing.T, want ...uint64) api.GenerationList {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		l := s.generations(t)
+		if slices.Equal(ids(l.Generations), want) {
+			return l
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serves %v, want %v\n%s", ids(l.Generations), want, s.logs)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func ids(gs []api.Generation) []uint64 {

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,9 +23,7 @@ func TestAPITokenMissingOrWrong(t *testing.T) {
 	tokenFile := filepath.Join(dir, "api-tokn") // mistyped: not there
 	port := freePort(t)
 	_, p, _ := strings.Cut(port, ":")
-	cfg := filepath.Join(dir, "server.yaml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf("store:\n  root: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\npublish:\n  interval: 0s\napi:\n  listen: 0.0.0.0:%s\n  token_file: %s\nnfs:\n  listen: 127.0.0.1:0\n",
-		s.store.NixRoot(), s.snaps, s.state, p, tokenFile)), 0o644)
+	cfg := s.config(t, map[string]string{"api.listen": "0.0.0.0:" + p, "api.token_file": tokenFile})
 	warn := "api.token_file " + tokenFile + " is missing or empty, but api.listen 0.0.0.0:" + p + " is reachable from other hosts"
 	out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config")
 	if code != 0 || !strings.Contains(out, "WARNING: "+warn) || !strings.Contains(out, "\nconfiguration: ok\n") {
