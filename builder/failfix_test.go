@@ -376,21 +376,8 @@ func TestMonitorProbesKeptLowers(t *testing.T) {
 	primary := u.srv
 	dir.add("primary", primary)
 	u.cfg.FailoverAfter = time.Second
-	hang := make(chan struct{})
-	defer close(hang)
-	var mu sync.Mutex
-	dead := false
-	probe := func(d string) error {
-		mu.Lock()
-		h := dead && strings.HasSuffix(d, "/1")
-		mu.Unlock()
-		if h {
-			<-hang
-			return errors.New("statfs: input/output error")
-		}
-		return nil
-	}
-	a := u.agent(t, func(o *Options) { o.Server, o.Servers, o.ProbeLower = nil, dir, probe })
+	probe := newHungProbe(t)
+	a := u.agent(t, func(o *Options) { o.Server, o.Servers, o.ProbeLower = nil, dir, probe.probe })
 	if err := a.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -408,9 +395,7 @@ func TestMonitorProbesKeptLowers(t *testing.T) {
 	go func() { done <- a.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 	time.Sleep(500 * time.Millisecond)
-	mu.Lock()
-	dead = true
-	mu.Unlock()
+	probe.kill()
 	for start := time.Now(); a.Current() != re || a.State().Phase != PhaseIdle; time.Sleep(20 * time.Millisecond) {
 		if time.Since(start) > 10*time.Second {
 			t.Fatalf("no failover with the kept lower 1 hung (status %+v)", a.Status().Failover)

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -309,23 +308,8 @@ func TestMonitorFailsOverOnHungNFS(t *testing.T) {
 	dir.add("primary", primary)
 	re := dir.add("replica", replica)
 	u.cfg.FailoverAfter = time.Second
-	hang := make(chan struct{})
-	var once sync.Once
-	release := func() { once.Do(func() { close(hang) }) }
-	defer release()
-	var hung sync.Mutex
-	dead := false
-	probe := func(d string) error {
-		hung.Lock()
-		h := dead && strings.HasSuffix(d, "/1")
-		hung.Unlock()
-		if h {
-			<-hang
-			return errors.New("statfs: input/output error")
-		}
-		return nil
-	}
-	a := u.agent(t, func(o *Options) { o.Server, o.Servers, o.ProbeLower = nil, dir, probe })
+	probe := newHungProbe(t)
+	a := u.agent(t, func(o *Options) { o.Server, o.Servers, o.ProbeLower = nil, dir, probe.probe })
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
@@ -347,9 +331,7 @@ func TestMonitorFailsOverOnHungNFS(t *testing.T) {
 		t.Fatal("failed over from a healthy server")
 	}
 	// The API still answers; only NFS hangs.
-	hung.Lock()
-	dead = true
-	hung.Unlock()
+	probe.kill()
 	took := wait("failover to the replica", 10*time.Second, func() bool { return a.Current() == re && a.State().Phase == PhaseIdle })
 	t.Logf("NFS hung -> failed over in %s (failover.after 1s)", took.Round(10*time.Millisecond))
 	if took < time.Second {

@@ -522,3 +522,36 @@ func (d *fakeDir) Client(e Endpoint) Server {
 	}
 	return &fakeServer{down: true}
 }
+
+// hungProbe is an Options.ProbeLower: once kill is called, the probe of
+// generation 1's lower hangs (statfs of a hard NFS mount whose server is
+// dead) until the test ends, then fails with EIO; every other probe
+// answers.
+type hungProbe struct {
+	mu   sync.Mutex
+	dead bool
+	hang chan struct{}
+}
+
+func newHungProbe(t *testing.T) *hungProbe {
+	p := &hungProbe{hang: make(chan struct{})}
+	t.Cleanup(func() { close(p.hang) })
+	return p
+}
+
+func (p *hungProbe) kill() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.dead = true
+}
+
+func (p *hungProbe) probe(dir string) error {
+	p.mu.Lock()
+	h := p.dead && strings.HasSuffix(dir, "/1")
+	p.mu.Unlock()
+	if h {
+		<-p.hang
+		return errors.New("statfs: input/output error")
+	}
+	return nil
+}

@@ -220,8 +220,11 @@ func TestAllowlist(t *testing.T) {
 	}
 }
 
-func TestConnectionCap(t *testing.T) {
-	s := serve(t, Options{MaxConns: 2})
+// fillCap dials two connections, waits until both are admitted, and
+// checks that a third (over, in failures) is closed by the server and
+// counted as rejected{cap}. It returns the two.
+func fillCap(t *testing.T, s *served, over string) []net.Conn {
+	t.Helper()
 	addr := s.l.Addr().String()
 	var held []net.Conn
 	for range 2 {
@@ -229,29 +232,42 @@ func TestConnectionCap(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		t.Cleanup(func() { c.Close() })
 		held = append(held, c)
 	}
 	waitFor(t, "two admitted connections", func() bool { return s.l.Active() == 2 })
-	over, err := net.Dial("tcp", addr)
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !closedByServer(over) {
-		t.Fatal("connection over the cap was not closed")
+	if !closedByServer(c) {
+		t.Fatalf("%s was not closed", over)
 	}
-	over.Close()
+	c.Close()
 	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "cap"); got != 1 {
 		t.Errorf("rejected{cap} = %v, want 1", got)
 	}
+	return held
+}
+
+// freeSlot closes one of the connections fillCap held and checks that a new
+// client is served.
+func freeSlot(t *testing.T, s *served, held []net.Conn) {
+	t.Helper()
+	held[0].Close()
+	waitFor(t, "slot freed", func() bool { return s.l.Active() == 1 })
+	if err := readHello(t, s.l.Addr().String()); err != nil {
+		t.Fatalf("client after a slot freed: %v", err)
+	}
+}
+
+func TestConnectionCap(t *testing.T) {
+	s := serve(t, Options{MaxConns: 2})
+	held := fillCap(t, s, "connection over the cap")
 	if got := s.metric(t, "strata_nfs_guard_connections", ""); got != 2 {
 		t.Errorf("current connections = %v, want 2", got)
 	}
-	held[0].Close()
-	waitFor(t, "slot freed", func() bool { return s.l.Active() == 1 })
-	if err := readHello(t, addr); err != nil {
-		t.Fatalf("client after a slot freed: %v", err)
-	}
+	freeSlot(t, s, held)
 }
 
 func TestIdleAndSlowRecordTimeouts(t *testing.T) {
@@ -399,33 +415,7 @@ func TestMappedAllowAdmitsIPv4Client(t *testing.T) {
 // closed connections give them back.
 func TestPerClientCap(t *testing.T) {
 	s := serve(t, Options{MaxConnsPerClient: 2})
-	addr := s.l.Addr().String()
-	var held []net.Conn
-	for range 2 {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		held = append(held, c)
-	}
-	waitFor(t, "two admitted connections", func() bool { return s.l.Active() == 2 })
-	over, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !closedByServer(over) {
-		t.Fatal("third connection of one client was not closed")
-	}
-	over.Close()
-	if got := s.metric(t, "strata_nfs_guard_connections_rejected_total", "cap"); got != 1 {
-		t.Errorf("rejected{cap} = %v, want 1", got)
-	}
-	held[0].Close()
-	waitFor(t, "slot freed", func() bool { return s.l.Active() == 1 })
-	if err := readHello(t, addr); err != nil {
-		t.Fatalf("client after its slot freed: %v", err)
-	}
+	freeSlot(t, s, fillCap(t, s, "third connection of one client"))
 }
 
 func TestOptionsRejectNonsense(t *testing.T) {
