@@ -6,8 +6,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -20,52 +18,8 @@ import (
 
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/snapshot"
+	"github.com/strata-nix/strata/snapshot/snapshottest"
 )
-
-// digest describes a tree: every entry's path, type, mode, size, link
-// target and the sha256 of every file, one line each, sorted.
-func digest(t *testing.T, root string) string {
-	t.Helper()
-	var lines []string
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		line := fmt.Sprintf("%s %v %d", rel, info.Mode(), info.Size())
-		switch {
-		case info.Mode()&fs.ModeSymlink != 0:
-			target, err := os.Readlink(p)
-			if err != nil {
-				return err
-			}
-			line += " -> " + target
-			if info.IsDir() {
-				line = fmt.Sprintf("%s %v", rel, info.Mode())
-			}
-		case info.Mode().IsRegular():
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			sum := sha256.Sum256(b)
-			line += " " + hex.EncodeToString(sum[:])
-		case info.IsDir():
-			line = fmt.Sprintf("%s %v", rel, info.Mode())
-		}
-		lines = append(lines, line)
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("walk %s: %v", root, err)
-	}
-	sort.Strings(lines)
-	return strings.Join(lines, "\n")
-}
 
 // transfer sends generation id (incremental from from) from src into dst
 // through a pipe, as the API does, and returns the stream's size.
@@ -179,7 +133,7 @@ func TestSendReceive(t *testing.T) {
 		if s.Labels["generation"] != fmt.Sprint(id) || s.Labels["store"] != "primary-A" {
 			t.Errorf("received generation %d has labels %v, want the primary's", id, s.Labels)
 		}
-		if g, w := digest(t, s.Path), digest(t, prim.path(id)); g != w {
+		if g, w := snapshottest.Digest(t, s.Path), snapshottest.Digest(t, prim.path(id)); g != w {
 			t.Errorf("generation %d on the replica differs from the primary:\n%s\n---\n%s", id, g, w)
 		}
 		if err := os.WriteFile(filepath.Join(s.Path, "store/x"), nil, 0o644); !errors.Is(err, fs.ErrPermission) && !strings.Contains(fmt.Sprint(err), "read-only") {

@@ -5,16 +5,12 @@ package zfs
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -22,6 +18,7 @@ import (
 
 	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/snapshot"
+	"github.com/strata-nix/strata/snapshot/snapshottest"
 )
 
 // receiveChildEnv makes TestMain receive a stream from stdin instead of
@@ -45,41 +42,6 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
-}
-
-func treeDigest(t *testing.T, root string) string {
-	t.Helper()
-	var lines []string
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		line := fmt.Sprintf("%s %v", rel, info.Mode())
-		if info.Mode().IsRegular() {
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			sum := sha256.Sum256(b)
-			line += " " + hex.EncodeToString(sum[:])
-		}
-		if info.Mode()&fs.ModeSymlink != 0 {
-			target, _ := os.Readlink(p)
-			line += " -> " + target
-		}
-		lines = append(lines, line)
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("walk %s: %v", root, err)
-	}
-	sort.Strings(lines)
-	return strings.Join(lines, "\n")
 }
 
 type counter struct{ n int64 }
@@ -164,7 +126,7 @@ func TestSendReceive(t *testing.T) {
 			t.Fatalf("transfer %d: %v", id, err)
 		}
 		sizes[id] = n
-		if g, w := treeDigest(t, s.Path), treeDigest(t, filepath.Join(mountDir, snapshot.Name(id))); g != w {
+		if g, w := snapshottest.Digest(t, s.Path), snapshottest.Digest(t, filepath.Join(mountDir, snapshot.Name(id))); g != w {
 			t.Errorf("generation %d differs on the replica:\n%s\n---\n%s", id, g, w)
 		}
 		if err := os.WriteFile(filepath.Join(s.Path, "store/x"), nil, 0o644); err == nil {
@@ -240,7 +202,7 @@ func TestSendReceive(t *testing.T) {
 	if rest.n >= stream.n {
 		t.Errorf("resume sent %d bytes, the whole stream is %d: not resumed", rest.n, stream.n)
 	}
-	if g, w := treeDigest(t, s.Path), treeDigest(t, filepath.Join(mountDir, "strata-4")); g != w {
+	if g, w := snapshottest.Digest(t, s.Path), snapshottest.Digest(t, filepath.Join(mountDir, "strata-4")); g != w {
 		t.Errorf("resumed generation 4 differs")
 	}
 	if tok, _ := repl.ResumeToken(ctx); tok != "" {
