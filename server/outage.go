@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -39,10 +40,14 @@ func (s *streak) fail(now time.Time, err error) bool {
 
 // problem is what makes two failures the same one: the error's text, but
 // for a full disk only that (btrfs names the file it was writing, which
-// differs from one attempt to the next).
+// differs from one attempt to the next), and for a stream the replica
+// broke off only that (errReplicaGone).
 func problem(err error) string {
 	if replica.NoSpace(err) {
 		return "no space left on device"
+	}
+	if errors.Is(err, errReplicaGone) {
+		return errReplicaGone.Error()
 	}
 	return err.Error()
 }

@@ -113,3 +113,24 @@ func TestStreamFailuresLogOnce(t *testing.T) {
 		t.Errorf("%d generations tracked, want at most %d", len(f.m), maxStreaks)
 	}
 }
+
+// A replica that breaks off its receive again and again (its disk is full)
+// ends the primary's btrfs send one way or another (killed with the
+// request, or a broken pipe): one problem, logged once.
+func TestStreamFailuresReplicaGone(t *testing.T) {
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&buf, nil))
+	var f streamFailures
+	start := time.Now()
+	for i, cause := range []string{"signal: killed", "signal: broken pipe", "signal: killed", "write: connection reset by peer"} {
+		err := fmt.Errorf("%w (btrfs send -q -p strata-1 strata-2: %s)", errReplicaGone, cause)
+		f.failed(start.Add(time.Duration(i)*2*time.Second), 2, err, log, "generation", 2)
+	}
+	if n := strings.Count(buf.String(), `msg="stream failed"`); n != 1 {
+		t.Errorf("4 streams the replica broke off: %d lines, want 1:\n%s", n, buf.String())
+	}
+	f.failed(start.Add(10*time.Second), 2, errors.New("btrfs send: no such subvolume"), log, "generation", 2)
+	if n := strings.Count(buf.String(), `msg="stream failed"`); n != 2 {
+		t.Errorf("another problem after them: %d lines, want 2:\n%s", n, buf.String())
+	}
+}

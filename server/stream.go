@@ -175,6 +175,9 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 			out.first = f.Flush
 		}
 		if err := send(out); err != nil {
+			if out.werr != nil || r.Context().Err() != nil {
+				err = fmt.Errorf("%w (%v)", errReplicaGone, err)
+			}
 			s.streamMetrics.bytes.WithLabelValues(kind).Add(float64(out.n))
 			s.streamMetrics.streams.WithLabelValues("error").Inc()
 			s.streamFails.failed(time.Now(), id, err, s.log, "generation", id, "from", from, "kind", kind, "source", source, "bytes", out.n)
@@ -190,17 +193,27 @@ func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 	})
 }
 
+// errReplicaGone marks a stream that failed because the replica's
+// connection did: it broke off its receive (its disk is full) or went
+// away. How the send then ends (killed with the request, or by a broken
+// pipe) varies from one attempt to the next; it is one problem.
+var errReplicaGone = errors.New("the replica broke off the stream")
+
 // hashWriter counts and hashes what it passes on, and calls first (if
-// set) after its first write.
+// set) after its first write. werr is the first write error.
 type hashWriter struct {
 	w     io.Writer
 	h     hash.Hash
 	n     int64
 	first func()
+	werr  error
 }
 
 func (h *hashWriter) Write(p []byte) (int, error) {
 	n, err := h.w.Write(p)
+	if err != nil && h.werr == nil {
+		h.werr = err
+	}
 	if h.first != nil && err == nil {
 		h.first()
 		h.first = nil
