@@ -1,7 +1,6 @@
 package builder
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,31 +10,20 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/strata-nix/strata/config"
+	"github.com/strata-nix/strata/internal/testenv"
 )
 
 // logBuffer collects an agent's log lines for a test.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
+type logBuffer struct{ testenv.Buffer }
 
 // count returns how many lines hold every one of words.
 func (l *logBuffer) count(words ...string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	n := 0
-	for _, line := range strings.Split(l.b.String(), "\n") {
+	for _, line := range strings.Split(l.String(), "\n") {
 		all := line != ""
 		for _, w := range words {
 			all = all && strings.Contains(line, w)
@@ -86,10 +74,10 @@ func TestMonitorLogsOutageOnce(t *testing.T) {
 		t.Fatalf("status while down: %+v", s)
 	}
 	if n := logs.count("level=WARN", "failing over"); n != 1 {
-		t.Errorf("%d WARN lines \"failing over\" for one outage, want 1:\n%s", n, logs.b.String())
+		t.Errorf("%d WARN lines \"failing over\" for one outage, want 1:\n%s", n, logs.String())
 	}
 	if n := logs.count("level=ERROR", "failover failed"); n != 1 {
-		t.Errorf("%d ERROR lines \"failover failed\" for one outage, want 1:\n%s", n, logs.b.String())
+		t.Errorf("%d ERROR lines \"failover failed\" for one outage, want 1:\n%s", n, logs.String())
 	}
 	if n := logs.count("level=WARN", "server does not answer"); n != 1 {
 		t.Errorf("%d WARN lines \"server does not answer\", want 1", n)

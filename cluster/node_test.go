@@ -1,17 +1,17 @@
 package cluster
 
 import (
-	"bytes"
 	"crypto/rand"
 	"fmt"
 	"log/slog"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/strata-nix/strata/internal/testenv"
 )
 
 // fast makes failure detection take about a second instead of ten.
@@ -25,30 +25,14 @@ func fast(c *memberlist.Config) {
 	c.TCPTimeout = 2 * time.Second
 }
 
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type testNode struct {
 	*Node
-	logs *syncBuf
+	logs *testenv.Buffer
 }
 
 func startNode(t *testing.T, name string, role Role, kr *Keyring, cluster string, join ...string) (testNode, error) {
 	t.Helper()
-	logs := &syncBuf{}
+	logs := &testenv.Buffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	if cluster == "" {
 		cluster = "test"
@@ -348,7 +332,7 @@ func TestServerRTTAndDeath(t *testing.T) {
 // test's, that log line after the test ended was a panic).
 func TestClosedNodeIgnoresLateEvents(t *testing.T) {
 	srv := mustNode(t, "srv", RoleServer, nil)
-	logs := &syncBuf{}
+	logs := &testenv.Buffer{}
 	b, err := New(Config{Name: "b", ClusterName: "test", Bind: "127.0.0.1:0", Join: []string{srv.Addr()},
 		DeadGrace: 2 * time.Second, Settle: time.Hour, Meta: Meta{Role: RoleBuilder, Version: "test"},
 		Tune: func(c *memberlist.Config) {

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/lifecycle"
+	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/server/replica"
 	"github.com/strata-nix/strata/snapshot"
 )
@@ -79,7 +79,7 @@ func TestReplicaRetriesLogOnce(t *testing.T) {
 	}))
 	defer ts.Close()
 
-	var buf syncBuffer
+	var buf testenv.Buffer
 	log := slog.New(slog.NewTextHandler(&buf, nil))
 	failing := &outage{}
 	syncLog := failing.quiet(log)
@@ -127,22 +127,4 @@ func TestReplicaRetriesLogOnce(t *testing.T) {
 			t.Errorf("%q logged %d times, want %d:\n%s", line, n, want, out)
 		}
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent loggers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -33,7 +33,7 @@ func TestPrecomputedStream(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.cfg.Keep = 2
-	var logs syncBuffer
+	var logs testenv.Buffer
 	s, err := New(context.Background(), Options{Config: c.cfg, Backend: b, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
 		t.Fatal(err)

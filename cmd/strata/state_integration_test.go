@@ -17,7 +17,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -131,29 +130,10 @@ func manifests(t *testing.T, dir string) []string {
 	return out
 }
 
-// syncBuf is a stderr sink that tests can poll.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuf) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	os.Stderr.Write(p)
-	return b.b.Write(p)
-}
-
-func (b *syncBuf) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // server is a running `strata server` child.
 type daemonProc struct {
 	cmd    *exec.Cmd
-	logs   *syncBuf
+	logs   *testenv.Buffer
 	notify <-chan string
 	api    string // unix:<state>/api.sock
 	nfs    string // host:port of the export
@@ -169,7 +149,7 @@ func start(t *testing.T, cfg, state string, env []string, args ...string) *daemo
 	sock, ch := testenv.NotifySocket(t)
 	cmd := exec.Command(os.Args[0], append([]string{"server", "--config", cfg}, args...)...)
 	cmd.Env = append(append(os.Environ(), "STRATA_TEST_RUN_MAIN=1", "NOTIFY_SOCKET="+sock), env...)
-	logs := &syncBuf{}
+	logs := &testenv.Buffer{Tee: os.Stderr}
 	cmd.Stderr = logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

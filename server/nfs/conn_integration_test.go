@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/internal/nfsraw"
+	"github.com/strata-nix/strata/internal/testenv"
 )
 
 // connFixture is the fixture plus a 40 MiB file (READs of 16 MiB go out
@@ -62,25 +63,7 @@ type served struct {
 	cmd     *exec.Cmd
 	addr    string
 	metrics string
-	stderr  *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	os.Stderr.Write(p)
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	stderr  *testenv.Buffer
 }
 
 func (fx *connFixture) start(t *testing.T, env ...string) *served {
@@ -89,7 +72,7 @@ func (fx *connFixture) start(t *testing.T, env ...string) *served {
 	for id, dir := range fx.gen {
 		gens = append(gens, fmt.Sprintf("%d=%s", id, dir))
 	}
-	s := &served{stderr: &lockedBuffer{}}
+	s := &served{stderr: &testenv.Buffer{Tee: os.Stderr}}
 	s.cmd = exec.Command(os.Args[0], "-test.run=^$")
 	s.cmd.Env = append(append(os.Environ(), env...), childEnv+"=127.0.0.1:0|"+fx.stateDir+"|"+strings.Join(gens, ","))
 	s.cmd.Stderr = s.stderr
