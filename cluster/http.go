@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -67,6 +68,10 @@ func (n *Node) Routes(mux *http.ServeMux, token *apiserve.Token) {
 			err = kr.Remove(key)
 		default:
 			apiserve.WriteError(w, http.StatusNotFound, fmt.Errorf("keyring operation %q: want install, use or remove", op))
+			return
+		}
+		if errors.Is(err, ErrKeyringReadOnly) {
+			apiserve.WriteError(w, http.StatusConflict, err)
 			return
 		}
 		if err != nil {

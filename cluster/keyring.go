@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 
@@ -116,36 +118,40 @@ func (k *Keyring) listLocked() []KeyInfo {
 	return out
 }
 
+// ErrKeyringReadOnly is returned (wrapped) by Install, Use and Remove when
+// the keyring's file cannot take the change; nothing was changed.
+var ErrKeyringReadOnly = errors.New("keyring file cannot be written")
+
 // Install adds key (not primary). Installing an installed key is a no-op.
 func (k *Keyring) Install(key []byte) error {
-	return k.change("install", func() error { return k.ml.AddKey(key) })
+	return k.change("install", func(r *memberlist.Keyring) error { return r.AddKey(key) })
 }
 
 // Use makes an installed key the primary.
 func (k *Keyring) Use(key []byte) error {
-	return k.change("use", func() error {
-		if !k.has(key) {
+	return k.change("use", func(r *memberlist.Keyring) error {
+		if !has(r, key) {
 			return fmt.Errorf("key %s is not installed: install it first", Fingerprint(key))
 		}
-		return k.ml.UseKey(key)
+		return r.UseKey(key)
 	})
 }
 
 // Remove removes an installed key that is not the primary.
 func (k *Keyring) Remove(key []byte) error {
-	return k.change("remove", func() error {
-		if !k.has(key) {
+	return k.change("remove", func(r *memberlist.Keyring) error {
+		if !has(r, key) {
 			return fmt.Errorf("key %s is not installed", Fingerprint(key))
 		}
-		if bytes.Equal(k.ml.GetPrimaryKey(), key) {
+		if bytes.Equal(r.GetPrimaryKey(), key) {
 			return fmt.Errorf("key %s is the primary: use another key first", Fingerprint(key))
 		}
-		return k.ml.RemoveKey(key)
+		return r.RemoveKey(key)
 	})
 }
 
-func (k *Keyring) has(key []byte) bool {
-	for _, x := range k.ml.GetKeys() {
+func has(r *memberlist.Keyring, key []byte) bool {
+	for _, x := range r.GetKeys() {
 		if bytes.Equal(x, key) {
 			return true
 		}
@@ -153,25 +159,65 @@ func (k *Keyring) has(key []byte) bool {
 	return false
 }
 
-// change applies op and writes the keyring file (temp, fsync, rename; mode
-// 0600). A failed write undoes nothing in memory but is returned: the
-// running member uses the new keyring, a restart would not.
-func (k *Keyring) change(op string, f func() error) error {
+// change applies op to a copy of the keyring, writes the copy to the file
+// (temp, fsync, rename; mode 0600), and only then to the keyring in use: a
+// change the file cannot keep is refused with nothing changed, so a restart
+// never silently reverts a rotation. A keyring that is a systemd credential
+// ($CREDENTIALS_DIRECTORY, read-only, copied from its source at each start)
+// is refused before anything is tried.
+func (k *Keyring) change(op string, f func(*memberlist.Keyring) error) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if err := f(); err != nil {
+	if dir := credentialDir(k.file); dir != "" {
+		return fmt.Errorf("keyring %s: %w: cluster.keyring_file %s is a systemd credential (a read-only copy in $CREDENTIALS_DIRECTORY %s, made at each start): nothing changed. "+
+			"Change the keyring file the unit loads (LoadCredential=; the shipped units: /etc/strata/credentials/cluster.keys) on every member and restart each, a round at a time (README \"Key rotation\"), "+
+			"or point cluster.keyring_file at a file the daemon may write", op, ErrKeyringReadOnly, k.file, dir)
+	}
+	next, err := memberlist.NewKeyring(k.ml.GetKeys(), k.ml.GetPrimaryKey())
+	if err != nil {
 		return fmt.Errorf("keyring %s: %w", op, err)
 	}
-	if k.file == "" {
-		return nil
+	if err := f(next); err != nil {
+		return fmt.Errorf("keyring %s: %w", op, err)
 	}
-	var b strings.Builder
-	b.WriteString("# strata gossip keyring: base64 AES-256 keys, the first is the primary\n")
-	for _, key := range k.ml.GetKeys() {
-		b.WriteString(base64.StdEncoding.EncodeToString(key) + "\n")
+	if k.file != "" && !sameKeys(next.GetKeys(), k.ml.GetKeys()) {
+		var b strings.Builder
+		b.WriteString("# strata gossip keyring: base64 AES-256 keys, the first is the primary\n")
+		for _, key := range next.GetKeys() {
+			b.WriteString(base64.StdEncoding.EncodeToString(key) + "\n")
+		}
+		if err := atomicfile.WriteFile(k.file, []byte(b.String()), 0o600); err != nil {
+			return fmt.Errorf("keyring %s: %w: %w: nothing changed (cluster.keyring_file must be in a directory the daemon may write; the server's unit makes /etc read-only)", op, ErrKeyringReadOnly, err)
+		}
 	}
-	if err := atomicfile.WriteFile(k.file, []byte(b.String()), 0o600); err != nil {
-		return fmt.Errorf("keyring %s: write %s: %w", op, k.file, err)
+	// next took the same change, so this cannot fail.
+	if err := f(k.ml); err != nil {
+		return fmt.Errorf("keyring %s: %w", op, err)
 	}
 	return nil
+}
+
+func sameKeys(a, b [][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if !bytes.Equal(a[i], b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// credentialDir returns $CREDENTIALS_DIRECTORY when file lies in it.
+func credentialDir(file string) string {
+	dir := os.Getenv("CREDENTIALS_DIRECTORY")
+	if dir == "" || file == "" {
+		return ""
+	}
+	rel, err := filepath.Rel(filepath.Clean(dir), filepath.Clean(file))
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return ""
+	}
+	return dir
 }

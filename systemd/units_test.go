@@ -93,7 +93,10 @@ func TestUnitSemantics(t *testing.T) {
 		}
 		for key, want := range map[string]string{"Type": "notify", "NotifyAccess": "main", "WatchdogSec": "60s",
 			"Restart": "on-failure", "StateDirectoryMode": "0700", "LoadCredential": "strata:/etc/strata/credentials",
-			"NoNewPrivileges": "yes", "ExecReload": "/bin/kill -HUP $MAINPID"} {
+			"NoNewPrivileges": "yes", "ExecReload": "/bin/kill -HUP $MAINPID",
+			// strata exits 2 on a configuration error (cmd/strata): no
+			// restart loop on it.
+			"RestartPreventExitStatus": "2"} {
 			if got := strings.Join(u.Get("Service", key), " "); got != want {
 				t.Errorf("%s: %s=%q, want %q", name, key, got, want)
 			}
@@ -127,7 +130,9 @@ func TestUnitSemantics(t *testing.T) {
 	if after := strings.Join(s.Get("Unit", "After"), " "); !strings.Contains(after, "zfs-mount.service") {
 		t.Errorf("server After=%q lacks zfs-mount.service", after)
 	}
-	if caps := strings.Join(s.Get("Service", "CapabilityBoundingSet"), " "); caps != "CAP_DAC_READ_SEARCH CAP_SYS_ADMIN CAP_NET_BIND_SERVICE" {
+	// A replica's btrfs receive needs CAP_CHOWN, CAP_DAC_OVERRIDE and
+	// CAP_FOWNER.
+	if caps := strings.Join(s.Get("Service", "CapabilityBoundingSet"), " "); caps != "CAP_DAC_READ_SEARCH CAP_SYS_ADMIN CAP_NET_BIND_SERVICE CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER" {
 		t.Errorf("server capabilities %q", caps)
 	}
 }

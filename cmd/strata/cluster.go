@@ -71,7 +71,11 @@ holds nothing.`,
 		Short: "Show or change the local daemon's gossip keyring",
 		Long: `Show or change the local daemon's gossip encryption keyring without a restart.
 KEY is a base64 32-byte AES key ("-" reads it from standard input). The change
-is written back to cluster.keyring_file.
+is written to cluster.keyring_file first and applied only when that worked; a
+keyring the daemon cannot write is refused with nothing changed. Under the
+shipped units the keyring is a read-only systemd credential: there, change
+/etc/strata/credentials/cluster.keys (NixOS: clusterKeyringFile) on every
+member and restart each, in the same three rounds.
 
 The keyring is per member: rotate in three rounds, each on every member
 (servers and builders) before the next:

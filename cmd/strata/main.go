@@ -48,6 +48,9 @@ generations and keeps generations a builder uses from retention.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	// A mistyped flag is a usage error (exit 2) as a bad key is: the units'
+	// RestartPreventExitStatus=2 keeps systemd from restarting into it.
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(newServerCmd(), newBuilderCmd())
 	root.AddCommand(clientCommands()...)
 	root.AddCommand(clusterCommands()...)

@@ -100,4 +100,11 @@ func TestVersionAndHelp(t *testing.T) {
 	if out, code := runStrata(t, nil, "pin", "zero"); code != 2 || !strings.Contains(out, `"zero"`) {
 		t.Errorf("pin zero: %d %q", code, out)
 	}
+	// A mistyped flag of a daemon is a usage error like a bad key (the
+	// units do not restart on exit 2).
+	for _, d := range []string{"server", "builder"} {
+		if out, code := runStrata(t, nil, d, "--nfs-alow=10.0.0.0/8"); code != 2 || !strings.Contains(out, "unknown flag: --nfs-alow") {
+			t.Errorf("%s --nfs-alow: exit %d %q, want exit 2 naming the flag", d, code, out)
+		}
+	}
 }
