@@ -276,3 +276,20 @@ func (c *Client) Send(ctx context.Context, method, path string, in, out any) err
 func (c *Client) Forget(ctx context.Context, id, confirm uint64) error {
 	return c.Do(ctx, http.MethodDelete, fmt.Sprintf("/v1/generations/%d?confirm=%d", id, confirm), nil)
 }
+
+// CheckBaseURL checks a daemon's API URL as a configuration key gives it
+// (a builder's server.api and server.prefer, a replica's replica.of): http
+// or https, a host, and optionally a path prefix in front of /v1/... (a
+// reverse proxy); no user, query or fragment. The API's own /v1 is refused:
+// every call adds it, so http://srv:7480/v1 would call /v1/v1/....
+// example is a good URL for the message.
+func CheckBaseURL(s, example string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf("want an http:// API URL such as %s (or with a path prefix, http://proxy/prefix), without user, query or fragment", example)
+	}
+	if p := strings.TrimRight(u.Path, "/"); p == "/v1" || strings.HasSuffix(p, "/v1") || strings.Contains(p, "/v1/") {
+		return fmt.Errorf("want the API URL without the API's own /v1 path, such as %s: drop the /v1 (every call adds it)", example)
+	}
+	return nil
+}

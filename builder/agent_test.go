@@ -385,6 +385,13 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 		{"STRATA_ROTATE_POLICY", "sometimes", "rotate.policy"},
 		{"STRATA_SERVER_API", "central:7480", "server.api"},
 		{"STRATA_SERVER_NFS", "central", "server.nfs"},
+		// Review 19 #2, #3: a port that is not a number, and the API's own
+		// /v1 in an API URL (every call went to /v1/v1/...).
+		{"STRATA_SERVER_NFS", "central:2049x", "server.nfs"},
+		{"STRATA_API_LISTEN", ":7481x", "api.listen"},
+		{"STRATA_SERVER_API", "http://srv:7070/v1", "server.api"},
+		{"STRATA_SERVER_API", "http://srv:7070/v1/", "server.api"},
+		{"STRATA_SERVER_PREFER", "http://srv:7070/v1", "server.prefer"},
 		{"STRATA_STORE_DIR", "nix/store", "store.dir"},
 		{"STRATA_MOUNT_NCONNECT", "32", "mount.nconnect"},
 		{"STRATA_MOUNT_OPTIONS", "timeo=600 retrans=2", "mount.options"},
@@ -400,6 +407,9 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 			}
 			if err == nil || !strings.Contains(err.Error(), `"`+tc.key+`"`) {
 				t.Fatalf("%s=%s: error %v, want one naming %q", tc.env, tc.val, err, tc.key)
+			}
+			if strings.Contains(tc.val, "/v1") && !strings.Contains(err.Error(), "drop the /v1") {
+				t.Errorf("%s=%s: error %v, want it to say to drop the /v1", tc.env, tc.val, err)
 			}
 		})
 	}

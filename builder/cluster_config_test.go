@@ -3,6 +3,7 @@ package builder
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -28,5 +29,23 @@ func TestServerAPIMayBeEmptyOnlyWithJoin(t *testing.T) {
 	}
 	if _, err := load("cluster:\n  join: [central:7946]\n  keyring_file: /nonexistent/keys\n"); err == nil || !strings.Contains(err.Error(), `"cluster.keyring_file"`) {
 		t.Fatalf("join without keyring: %v", err)
+	}
+}
+
+// Every field of Config names the key it comes from, so that a reload
+// logs keys (config.Changed), and every key has its field.
+func TestConfigFieldsNameKeys(t *testing.T) {
+	tags, err := config.Tags(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, k := range Keys {
+		keys = append(keys, k.Name)
+	}
+	slices.Sort(tags)
+	slices.Sort(keys)
+	if !slices.Equal(tags, keys) {
+		t.Errorf("Config's key tags %v\ndiffer from the keys %v", tags, keys)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/overlay"
@@ -20,7 +21,7 @@ const DefaultConfigFile = "/etc/strata/builder.yaml"
 // Keys is the builder agent's configuration table: every key is a YAML key,
 // a STRATA_* environment variable and a flag (see package config).
 var Keys = []config.Key{
-	{Name: "server.api", Kind: config.String, Default: "http://127.0.0.1:7480", Usage: "the strata server's HTTP API (http://host:port); may be empty with cluster.join (servers are found by gossip) or API URLs in server.prefer, and its default is not used then unless this key is set"},
+	{Name: "server.api", Kind: config.String, Default: "http://127.0.0.1:7480", Usage: "the strata server's HTTP API (http://host:port, without the API's own /v1); may be empty with cluster.join (servers are found by gossip) or API URLs in server.prefer, and its default is not used then unless this key is set"},
 	{Name: "server.nfs", Kind: config.String, Default: "", Usage: "the server's NFS address host:port (default: the \"nfs\" field of GET /v1/generations, with an unspecified host replaced by the API host)"},
 	{Name: "server.prefer", Kind: config.List, Default: []string{}, Usage: "servers to prefer, best first: gossip member names or API URLs (a URL is also a failover candidate without gossip); after them come server.api, then the lowest gossip round-trip time"},
 	{Name: "failover.after", Kind: config.Duration, Default: "30s", Usage: "move to another server that serves the same generation when the one in use leaves API or NFS calls unanswered this long, or at once when gossip declares it dead and its API does not answer (0: never)"},
@@ -70,34 +71,34 @@ func (p Policy) String() string {
 
 // Config is the validated builder configuration.
 type Config struct {
-	ServerAPI string
-	ServerNFS string // host:port, or "" to ask the server
+	ServerAPI string `key:"server.api"`
+	ServerNFS string `key:"server.nfs"` // host:port, or "" to ask the server
 	// Prefer lists servers (gossip names or API URLs) best first.
-	Prefer []string
+	Prefer []string `key:"server.prefer"`
 	// FailoverAfter is failover.after (0: no automatic failover).
-	FailoverAfter time.Duration
-	StoreDir      string
-	NixStateDir   string
-	NixStore      string
-	NixBin        string
-	StateDir      string
-	MountOptions  []string
-	NConnect      int
-	Policy        Policy
-	MaxWait       time.Duration
-	CheckInterval time.Duration
-	SwapMethod    overlay.Method
-	StagingDir    string
-	Socket        string
-	APIListen     string
-	TokenFile     string
-	LogLevel      string
-	StallAfter    time.Duration
+	FailoverAfter time.Duration  `key:"failover.after"`
+	StoreDir      string         `key:"store.dir"`
+	NixStateDir   string         `key:"nix.state_dir"`
+	NixStore      string         `key:"nix.store"`
+	NixBin        string         `key:"nix.bin"`
+	StateDir      string         `key:"state_dir"`
+	MountOptions  []string       `key:"mount.options"`
+	NConnect      int            `key:"mount.nconnect"`
+	Policy        Policy         `key:"rotate.policy"`
+	MaxWait       time.Duration  `key:"rotate.max_wait"`
+	CheckInterval time.Duration  `key:"rotate.check_interval"`
+	SwapMethod    overlay.Method `key:"swap.method"`
+	StagingDir    string         `key:"swap.staging_dir"`
+	Socket        string         `key:"api.socket"`
+	APIListen     string         `key:"api.listen"`
+	TokenFile     string         `key:"api.token_file"`
+	LogLevel      string         `key:"log.level"`
+	StallAfter    time.Duration  `key:"watchdog.stall_after"`
 	// Cluster is gossip (cluster.*): with it the agent learns of a publish
 	// at once and, when ServerAPI is empty, finds its server.
 	Cluster cluster.Settings
 	// NoMetacopy turns overlay.metacopy off (the zero Config keeps it on).
-	NoMetacopy bool
+	NoMetacopy bool `key:"overlay.metacopy"`
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error
@@ -142,17 +143,24 @@ func ConfigFrom(v config.Values) (Config, error) {
 	if c.ServerAPI == "" && len(cs.Join) == 0 && !slices.ContainsFunc(c.Prefer, isURL) {
 		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480 (it may be empty only with cluster.join or API URLs in server.prefer)")
 	}
-	if u, err := url.Parse(c.ServerAPI); c.ServerAPI != "" && (err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "") {
-		return c, bad("server.api", c.ServerAPI, "an http:// URL such as http://central:7480")
+	if c.ServerAPI != "" {
+		if err := api.CheckBaseURL(c.ServerAPI, "http://central:7480"); err != nil {
+			return c, fmt.Errorf("config: key %q: value %q: %w", "server.api", c.ServerAPI, err)
+		}
 	}
 	if c.ServerNFS != "" {
-		if h, p, err := net.SplitHostPort(c.ServerNFS); err != nil || h == "" || p == "" {
+		if h, p, err := config.HostPort(c.ServerNFS); err != nil || h == "" || p == 0 {
 			return c, bad("server.nfs", c.ServerNFS, "host:port such as central:2049")
 		}
 	}
 	for _, p := range c.Prefer {
-		if p == "" || strings.ContainsAny(p, " \t\n,") || (strings.Contains(p, "://") && !isURL(p)) {
+		if p == "" || strings.ContainsAny(p, " \t\n,") {
 			return c, bad("server.prefer", p, "a gossip member name or an http:// API URL per entry")
+		}
+		if strings.Contains(p, "://") {
+			if err := api.CheckBaseURL(p, "http://central:7480"); err != nil {
+				return c, fmt.Errorf("config: key %q: entry %q: %w", "server.prefer", p, err)
+			}
 		}
 	}
 	if c.FailoverAfter < 0 || (c.FailoverAfter > 0 && c.FailoverAfter < time.Second) {
@@ -206,8 +214,8 @@ func ConfigFrom(v config.Values) (Config, error) {
 		c.Socket = filepath.Join(c.StateDir, "api.sock")
 	}
 	if c.APIListen != "" {
-		if _, _, err := net.SplitHostPort(c.APIListen); err != nil {
-			return c, bad("api.listen", c.APIListen, "host:port")
+		if _, _, err := config.HostPort(c.APIListen); err != nil {
+			return c, bad("api.listen", c.APIListen, "host:port with a numeric port, such as 127.0.0.1:7481")
 		}
 	}
 	switch c.LogLevel {

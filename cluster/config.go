@@ -25,16 +25,16 @@ var Keys = []config.Key{
 
 // Settings are the validated cluster.* values.
 type Settings struct {
-	Enabled     bool
-	Bind        string
-	Advertise   string
-	Join        []string
-	ClusterName string
-	NodeName    string
-	KeyringFile string
-	Keyring     *Keyring // nil with Insecure
-	Insecure    bool
-	DeadGrace   time.Duration
+	Enabled     bool          `key:"-"`
+	Bind        string        `key:"cluster.bind"`
+	Advertise   string        `key:"cluster.advertise"`
+	Join        []string      `key:"cluster.join"`
+	ClusterName string        `key:"cluster.name"`
+	NodeName    string        `key:"cluster.node_name"`
+	KeyringFile string        `key:"cluster.keyring_file"`
+	Keyring     *Keyring      `key:"-"` // nil with Insecure
+	Insecure    bool          `key:"cluster.insecure"`
+	DeadGrace   time.Duration `key:"cluster.dead_grace"`
 }
 
 // DefaultBind is cluster.bind when only cluster.join is set.
@@ -72,7 +72,7 @@ func SettingsFrom(v config.Values) (Settings, error) {
 		}
 	}
 	for _, j := range s.Join {
-		if h, p, err := net.SplitHostPort(j); err != nil || h == "" || p == "" {
+		if h, p, err := config.HostPort(j); err != nil || h == "" || p == 0 {
 			return s, bad("cluster.join", j, "host:port of a member such as central:7946")
 		}
 	}

@@ -35,13 +35,14 @@ import (
 	"log/slog"
 	"net"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/strata-nix/strata/config"
 )
 
 // Config describes one member.
@@ -222,13 +223,9 @@ func New(cfg Config, log *slog.Logger) (*Node, error) {
 }
 
 func splitHostPort(s string) (string, int, error) {
-	h, p, err := net.SplitHostPort(s)
+	h, port, err := config.HostPort(s)
 	if err != nil {
 		return "", 0, err
-	}
-	port, err := strconv.Atoi(p)
-	if err != nil || port < 0 || port > 65535 {
-		return "", 0, fmt.Errorf("port %q: want 0-65535", p)
 	}
 	if h == "" {
 		h = "0.0.0.0"

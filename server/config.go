@@ -5,11 +5,11 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"net/url"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/server/nfs/guard"
@@ -57,34 +57,34 @@ var replicaKeys = []config.Key{
 
 // Config is the validated server configuration.
 type Config struct {
-	StoreRoot       string
-	StoreDir        string
-	Backend         string
-	Dataset         string
-	SnapshotDir     string
-	MountDir        string
-	StateDir        string
-	PublishInterval time.Duration
-	Keep            int
-	APIListen       string
-	TokenFile       string
-	Socket          string
-	NFSListen       string
-	NFSAllow        []netip.Prefix
-	NFSMaxConns     int
-	NFSMaxPerClient int
-	NFSIdleTimeout  time.Duration
-	NFSBusyPoll     time.Duration
-	LogLevel        string
-	StallAfter      time.Duration
+	StoreRoot       string         `key:"store.root"`
+	StoreDir        string         `key:"store.dir"`
+	Backend         string         `key:"snapshot.backend"`
+	Dataset         string         `key:"snapshot.dataset"`
+	SnapshotDir     string         `key:"snapshot.snapshot_dir"`
+	MountDir        string         `key:"snapshot.mount_dir"`
+	StateDir        string         `key:"state_dir"`
+	PublishInterval time.Duration  `key:"publish.interval"`
+	Keep            int            `key:"retention.keep"`
+	APIListen       string         `key:"api.listen"`
+	TokenFile       string         `key:"api.token_file"`
+	Socket          string         `key:"api.socket"`
+	NFSListen       string         `key:"nfs.listen"`
+	NFSAllow        []netip.Prefix `key:"nfs.allow"`
+	NFSMaxConns     int            `key:"nfs.max_conns"`
+	NFSMaxPerClient int            `key:"nfs.max_conns_per_client"`
+	NFSIdleTimeout  time.Duration  `key:"nfs.idle_timeout"`
+	NFSBusyPoll     time.Duration  `key:"nfs.busy_poll"`
+	LogLevel        string         `key:"log.level"`
+	StallAfter      time.Duration  `key:"watchdog.stall_after"`
 	// ReplicaOf is the primary's API URL when this server is a replica.
-	ReplicaOf        string
-	ReplicaTokenFile string
-	ReplicaInterval  time.Duration
+	ReplicaOf        string        `key:"replica.of"`
+	ReplicaTokenFile string        `key:"replica.token_file"`
+	ReplicaInterval  time.Duration `key:"replica.interval"`
 	// ReplicaStall aborts a stream that sends nothing for this long.
-	ReplicaStall time.Duration
+	ReplicaStall time.Duration `key:"replica.stall_timeout"`
 	// ReplicaFromCluster: a replica of the primary that gossip names.
-	ReplicaFromCluster bool
+	ReplicaFromCluster bool `key:"replica.from_cluster"`
 	// Cluster is gossip (cluster.*); off unless cluster.bind or
 	// cluster.join is set.
 	Cluster cluster.Settings
@@ -93,14 +93,14 @@ type Config struct {
 
 	// AdoptStore lets publishing go on when store.root is not the central
 	// store the generations come from (--adopt-store).
-	AdoptStore bool
+	AdoptStore bool `key:"-"`
 	// NewHandleKey lets a start make a new NFS handle key although
 	// generations exist (--new-handle-key): every client gets ESTALE.
-	NewHandleKey bool
+	NewHandleKey bool `key:"-"`
 	// ClaimSnapshotDir makes this server the owner of the btrfs snapshot
 	// dir although another server's owner record names it, or it holds
 	// snapshots this state dir cannot account for (--claim-snapshot-dir).
-	ClaimSnapshotDir bool
+	ClaimSnapshotDir bool `key:"-"`
 }
 
 // ConfigFrom validates loaded values and fills derived defaults. Each error
@@ -176,16 +176,16 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, bad("retention.keep", c.Keep, "at least 1")
 	}
 	if c.APIListen != "" {
-		if _, _, err := net.SplitHostPort(c.APIListen); err != nil {
-			return c, bad("api.listen", c.APIListen, "host:port")
+		if _, _, err := config.HostPort(c.APIListen); err != nil {
+			return c, bad("api.listen", c.APIListen, "host:port with a numeric port, such as 127.0.0.1:7480")
 		}
 	}
 	if c.Socket == "" {
 		c.Socket = filepath.Join(c.StateDir, "api.sock")
 	}
 	if c.NFSListen != "" {
-		if _, _, err := net.SplitHostPort(c.NFSListen); err != nil {
-			return c, bad("nfs.listen", c.NFSListen, "host:port")
+		if _, _, err := config.HostPort(c.NFSListen); err != nil {
+			return c, bad("nfs.listen", c.NFSListen, "host:port with a numeric port, such as 0.0.0.0:2049")
 		}
 	}
 	allow, err := guard.ParseAllow(v.List("nfs.allow"))
@@ -227,14 +227,8 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, bad("replica.stall_timeout", c.ReplicaStall, "at least 1s")
 	}
 	if c.ReplicaOf != "" {
-		// A path is a prefix in front of /v1/... (a reverse proxy), as a
-		// builder's server.api allows; the API's own /v1 is not part of it.
-		u, err := url.Parse(c.ReplicaOf)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-			return c, bad("replica.of", c.ReplicaOf, "the primary's API URL, such as http://primary:7480 (or http://proxy/prefix)")
-		}
-		if p := strings.TrimRight(u.Path, "/"); p == "/v1" || strings.HasSuffix(p, "/v1") || strings.Contains(p, "/v1/") {
-			return c, bad("replica.of", c.ReplicaOf, "the primary's API URL without the API's own /v1 path, such as http://primary:7480")
+		if err := api.CheckBaseURL(c.ReplicaOf, "http://primary:7480"); err != nil {
+			return c, fmt.Errorf("config: key %q: value %q: %w", "replica.of", c.ReplicaOf, err)
 		}
 	}
 	cs, err := cluster.SettingsFrom(v)

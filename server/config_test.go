@@ -3,6 +3,7 @@ package server
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -68,11 +69,19 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"short mapped allow", "nfs:\n  allow: ['::ffff:0.0.0.0/64']\n", nil, nil, []string{`"nfs.allow"`, "96 bits"}},
 		{"per-client cap", "nfs:\n  max_conns_per_client: 0\n", nil, nil, []string{`"nfs.max_conns_per_client"`, "at least 1"}},
 		{"bad listen", "nfs:\n  listen: 2049\n", nil, nil, []string{`"nfs.listen"`, `"2049"`, "host:port"}},
+		// Review 19 #2: a port that is not a number was accepted at load
+		// and refused only by the listen at start.
+		{"nfs.listen port not a number", "nfs:\n  listen: ':2049x'\n", nil, nil, []string{`"nfs.listen"`, `":2049x"`, "numeric port"}},
+		{"api.listen port not a number", "api:\n  listen: 127.0.0.1:http-alt\n", nil, nil, []string{`"api.listen"`, `"127.0.0.1:http-alt"`, "numeric port"}},
+		{"api.listen port too big", "", map[string]string{"STRATA_API_LISTEN": "127.0.0.1:70000"}, nil, []string{`"api.listen"`, "numeric port"}},
+		{"cluster.bind port not a number", "cluster:\n  bind: ':7946x'\n  insecure: true\n", nil, nil, []string{`"cluster.bind"`, `":7946x"`}},
+		{"cluster.join port not a number", "cluster:\n  join: ['central:7946x']\n  insecure: true\n", nil, nil, []string{`"cluster.join"`, `"central:7946x"`}},
 		{"tiny interval", "publish:\n  interval: 1ms\n", nil, nil, []string{`"publish.interval"`, "at least 1s"}},
 		{"long busy poll", "nfs:\n  busy_poll: 5ms\n", nil, nil, []string{`"nfs.busy_poll"`, `"5ms"`, "up to 1ms"}},
 		{"bad yaml", "store: [\n", nil, nil, []string{"server.yaml"}},
 		{"replica.of not a URL", "replica:\n  of: primary:7480\n", nil, nil, []string{`"replica.of"`, `"primary:7480"`, "http://primary:7480"}},
 		{"replica.of with the API's /v1", "replica:\n  of: http://p:7480/v1\n", nil, nil, []string{`"replica.of"`, "API URL without the API's own /v1"}},
+		{"replica.of with the API's /v1/", "replica:\n  of: http://p:7480/strata/v1/\n", nil, nil, []string{`"replica.of"`, "drop the /v1"}},
 		{"replica.of with a query", "replica:\n  of: http://p:7480/strata?x=1\n", nil, nil, []string{`"replica.of"`, "API URL"}},
 		{"tiny replica interval", "replica:\n  of: http://p:7480\n  interval: 10ms\n", nil, nil, []string{`"replica.interval"`, "at least 1s"}},
 		{"replica from cluster without gossip", "replica:\n  from_cluster: true\n", nil, nil, []string{`"replica.from_cluster"`, "gossip is off"}},
@@ -153,5 +162,23 @@ func TestConfigMissingFile(t *testing.T) {
 	}
 	if _, err := load(t, "snapshot:\n  backend: zfs\n  dataset: tank/nix\n", nil); err != nil {
 		t.Fatalf("zfs needs no snapshot dir: %v", err)
+	}
+}
+
+// Every field of Config names the key it comes from, so that a reload
+// logs keys (config.Changed), and every key has its field.
+func TestConfigFieldsNameKeys(t *testing.T) {
+	tags, err := config.Tags(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, k := range Keys {
+		keys = append(keys, k.Name)
+	}
+	slices.Sort(tags)
+	slices.Sort(keys)
+	if !slices.Equal(tags, keys) {
+		t.Errorf("Config's key tags %v\ndiffer from the keys %v", tags, keys)
 	}
 }
