@@ -245,3 +245,63 @@ func TestSlowStreamIsProgress(t *testing.T) {
 		t.Errorf("made live %v, want [1]", tg.added)
 	}
 }
+
+// preparingTarget records the deltas PrepareReceived was given.
+type preparingTarget struct {
+	recordingTarget
+	prepared []uint64
+}
+
+func (p *preparingTarget) PrepareReceived(_ context.Context, g api.Generation, _ api.Delta) {
+	p.prepared = append(p.prepared, g.ID)
+}
+
+// TestStreamEndedDeltaLate: an incremental receive whose stream has ended
+// waits for the primary's registration delta at most deltaWait, then goes
+// on without it (the received snapshot's DB gives the registration), and
+// nothing is prepared from a delta that comes later.
+func TestStreamEndedDeltaLate(t *testing.T) {
+	defer func(w time.Duration) { deltaWait = w }(deltaWait)
+	deltaWait = 300 * time.Millisecond
+	good := "15147c8756c0a8568b264937b7ae5d722c9a760739459225f03042882d26d6c7" // sha256("stream-bytes")
+	list := api.GenerationList{Backend: "btrfs", Generations: []api.Generation{gen(1, "a"), gen(2, "b")}}
+	deltaAsked := make(chan struct{}, 1)
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/v1/generations":
+			json.NewEncoder(w).Encode(list)
+		case strings.HasSuffix(r.URL.Path, "/delta"):
+			deltaAsked <- struct{}{}
+			select { // a primary slow to answer: as long as the client waits
+			case <-r.Context().Done():
+			case <-time.After(time.Minute):
+			}
+			json.NewEncoder(w).Encode(api.Delta{From: 1, To: 2, Removed: []string{}})
+		default:
+			w.Header().Set("Trailer", api.TrailerStreamBytes+", "+api.TrailerStreamSHA256)
+			w.Write([]byte("stream-bytes"))
+			w.Header().Set(api.TrailerStreamBytes, "12")
+			w.Header().Set(api.TrailerStreamSHA256, good)
+		}
+	}))
+	defer ts.Close()
+	tg := &preparingTarget{recordingTarget: recordingTarget{fakeTarget: fakeTarget{gens: []api.Generation{gen(1, "a")}}}}
+	p := New(Options{Primary: Fixed(api.NewClient(ts.URL, "tok"), ts.URL), Backend: &failingBackend{}, Target: tg})
+	start := time.Now()
+	res, err := p.Sync(context.Background())
+	took := time.Since(start)
+	if err != nil || len(res.Received) != 1 || res.Received[0].From != 1 || res.Received[0].DeltaBytes != 0 {
+		t.Fatalf("sync: %v %+v, want generation 2 from 1 without a delta", err, res.Received)
+	}
+	select {
+	case <-deltaAsked:
+	default:
+		t.Fatal("the delta was never asked for")
+	}
+	if took > 10*deltaWait {
+		t.Errorf("the sync took %s with the delta not answering; the wait after the stream is %s", took, deltaWait)
+	}
+	if fmt.Sprint(tg.added) != "[2]" || len(tg.prepared) != 0 {
+		t.Errorf("made live %v, prepared %v; want [2] and nothing prepared", tg.added, tg.prepared)
+	}
+}

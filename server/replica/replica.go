@@ -348,11 +348,13 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	// to the target while the stream arrives: with it the target checks
 	// the registration without reading the received snapshot's DB.
 	deltaBytes := make(chan int64, 1)
+	stopDelta := func() {}
 	if from != 0 && token == "" {
 		var prep sync.WaitGroup
 		defer prep.Wait() // no PrepareReceived outlives its receive
 		dctx, cancel := context.WithCancel(ctx)
 		defer cancel()
+		stopDelta = cancel
 		prep.Add(1)
 		go func() {
 			defer prep.Done()
@@ -423,10 +425,7 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	if err != nil {
 		err = fmt.Errorf("%w: %w", errBroken, err)
 	} else if err = p.pauseAt(ctx, "received", g.ID); err == nil {
-		select {
-		case dBytes = <-deltaBytes:
-		case <-ctx.Done():
-		}
+		dBytes = p.awaitDelta(ctx, g.ID, deltaBytes, stopDelta)
 		endAdd := phase.Begin(ctx, "replica: check and make live")
 		_, err = p.target.AddReceived(ctx, g, snap, p.primary.URL())
 		endAdd()
@@ -448,6 +447,32 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	r := Received{ID: g.ID, From: from, Bytes: st.Bytes(), DeltaBytes: dBytes, Took: time.Since(start), Stream: streamed}
 	p.log.Info("received generation", "primary", p.primary.URL(), "generation", g.ID, "from", from, "kind", kind, "bytes", r.Bytes, "took", r.Took.Round(time.Millisecond))
 	return r, nil
+}
+
+// deltaWait bounds how long a receive whose stream has ended waits for the
+// primary's registration delta (asked for when the stream was): it only
+// saves reading the received snapshot's DB (seconds at a million paths),
+// so a primary slow to answer it must not hold the generation back for
+// the API client's whole timeout (10 minutes).
+var deltaWait = 10 * time.Second
+
+// awaitDelta waits for the delta fetch's result (its size; 0: none) for at
+// most deltaWait; then it cancels the fetch (stop) and waits for it to end,
+// which it does at once (a PrepareReceived already under way is local work
+// of milliseconds), so that nothing is staged after AddReceived looked.
+func (p *Puller) awaitDelta(ctx context.Context, id uint64, result <-chan int64, stop func()) int64 {
+	t := time.NewTimer(deltaWait)
+	defer t.Stop()
+	select {
+	case n := <-result:
+		return n
+	case <-t.C:
+		p.log.Info("the primary's registration delta did not come in time after the stream ended; the received snapshot's db gives the registration",
+			"generation", id, "waited", deltaWait)
+	case <-ctx.Done():
+	}
+	stop()
+	return <-result
 }
 
 // The receive in progress is recorded in <state_dir>/replica-receiving
