@@ -325,14 +325,39 @@ func (s *Server) SetUpstreamPinned(ids map[uint64]bool) {
 	s.upstreamPinned = ids
 }
 
+// maxRowsWrites is how many background rows writes (writeRowsLater) run at
+// once; the others wait for a slot. Each holds a generation's rows in
+// memory (hundreds of MB at a million paths), and a replica that lacks the
+// rows of many generations (a full state dir, then room again: FinishRows)
+// must not read all their snapshots' DBs at once.
+const maxRowsWrites = 2
+
+// errStopped is a rows write that had not started when the server shut
+// down: the next start writes those rows (finishRows).
+var errStopped = errors.New("the server is shutting down")
+
+// rowsSlot takes one of the maxRowsWrites slots, waiting for it; the
+// returned func gives it back.
+func (s *Server) rowsSlot() func() {
+	s.pendMu.Lock()
+	if s.rowsSlots == nil {
+		s.rowsSlots = make(chan struct{}, maxRowsWrites)
+	}
+	slots := s.rowsSlots
+	s.pendMu.Unlock()
+	slots <- struct{}{}
+	return func() { <-slots }
+}
+
 // writeRowsLater writes generation id's path rows (a rows file of what
 // load returns) in the background, joined by Shutdown: encoding and
 // compressing every row of a large store takes about as long as
 // everything else a replica does to make a received generation live, and
-// none of it is needed for that. OpenRows and RowsDelta wait for the
-// write. If it fails (a full state dir) or the process dies first, the
-// generation has no rows until the daemon's next sync (FinishRows) or the
-// next start (finishRows) writes them; meanwhile builders import from its
+// none of it is needed for that. At most maxRowsWrites such writes run at
+// once. OpenRows and RowsDelta wait for the write. If it fails (a full
+// state dir) or the process dies first, the generation has no rows until
+// the daemon's next sync (FinishRows) or the next start (finishRows)
+// writes them; meanwhile builders import from its
 // registration, as for a generation of an older strata.
 func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) {
 	done := make(chan struct{})
@@ -352,6 +377,10 @@ func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) 
 			close(done)
 		}()
 		err := func() error {
+			defer s.rowsSlot()()
+			if s.life != nil && s.life.Err() != nil {
+				return errStopped
+			}
 			rows, err := load()
 			if err != nil {
 				return err
@@ -362,7 +391,9 @@ func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) 
 			}
 			return s.state.writeRows(id, b.Bytes())
 		}()
-		if err != nil {
+		if errors.Is(err, errStopped) {
+			s.log.Info("path rows not written: the server stopped first; the next start writes them", "generation", id)
+		} else if err != nil {
 			s.log.Error("write path rows; builders import this generation from its registration until they are written (after the next sync, or at the next start)", "generation", id, "err", err)
 		}
 	}()

@@ -113,6 +113,10 @@ type Server struct {
 	// closed when its write ended. Guarded by pendMu.
 	pendMu      sync.Mutex
 	rowsPending map[uint64]chan struct{}
+	// rowsSlots bounds the background rows writes under way at once
+	// (maxRowsWrites): each holds a generation's rows in memory. Made
+	// on first use, guarded by pendMu.
+	rowsSlots chan struct{}
 	// staged is the registration PrepareReceived checked and staged for
 	// the generation being received (a replica receives one at a time),
 	// nil if none. Guarded by stageMu.
