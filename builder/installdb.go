@@ -100,6 +100,9 @@ func (a *Agent) installDB(ctx context.Context, g uint64) (n int, msg string, ok 
 	if err != nil {
 		if errors.Is(err, nixstore.ErrDBInUse) {
 			a.log.Info("a Nix process has the store open; importing the generation's rows instead of installing its nix db", "generation", g)
+		} else if errors.Is(err, nixstore.ErrDBReplaced) {
+			a.log.Warn("the generation's nix db is in place, but its install did not finish; importing the generation's rows into it",
+				"generation", g, "err", stalled(c, err))
 		} else {
 			a.log.Warn("installing the generation's nix db failed, the local db is unchanged; importing rows instead",
 				"generation", g, "err", stalled(c, err))

@@ -7,6 +7,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -273,6 +274,10 @@ func TestIntegrationInstallDBCrash(t *testing.T) {
 				if how == "fail" && err == nil || how == "kill" && err == nil {
 					t.Fatalf("install at %s did not stop", s)
 				}
+				// The error says whether the new DB is in place.
+				if how == "fail" && errors.Is(err, ErrDBReplaced) != installed {
+					t.Errorf("install failed at %s: %v; the new DB in place: %v", s, err, installed)
+				}
 				if installed {
 					sameAsCentral(t, b, central, f.Root)
 				} else {
@@ -425,4 +430,75 @@ func TestHelperInstallDB(t *testing.T) {
 		return nil
 	}})
 	t.Fatalf("not killed at %s: %v", a[7], err)
+}
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+// TestIntegrationInstallDBOwnerAndSize: the installed DB keeps the owner
+// and mode of the DB it replaces (a single-user store's, not the agent's
+// root), so that Nix running as that user still writes it; a server that
+// sends more bytes than it said is refused after reading no more than one
+// byte past the size, and the old DB stays.
+func TestIntegrationInstallDBOwnerAndSize(t *testing.T) {
+	central, _ := centralStore(t, nix28, false)
+	file, f := genDB(t, central, 1)
+
+	b := builderStore(t, nix28, central, 1)
+	p := filepath.Join(dbDir(b), dbFile)
+	if err := os.Chown(p, 12345, 23456); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if err := install(t, b, file, f, InstallOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if st.Uid != 12345 || st.Gid != 23456 || fi.Mode().Perm() != 0o640 {
+		t.Errorf("installed db is %d:%d mode %o, want the old db's 12345:23456 mode 640", st.Uid, st.Gid, fi.Mode().Perm())
+	}
+	sameAsCentral(t, b, central, f.Root)
+
+	b = builderStore(t, nix28, central, 1)
+	in, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	r := &countingReader{r: io.MultiReader(in, io.LimitReader(zeros{}, 256<<20))}
+	err = InstallDB(context.Background(), dbDir(b), r, f, InstallOptions{})
+	if err == nil || !strings.Contains(err.Error(), "more than") {
+		t.Fatalf("a server sending 256 MiB more than it said: %v", err)
+	}
+	if r.n > f.Size+1 {
+		t.Errorf("read %d bytes of a DB said to be %d", r.n, f.Size)
+	}
+	if d := strings.TrimSpace(b.DumpDB(t)); d != "" {
+		t.Fatalf("old DB changed: %s", d)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dbDir(b), newDBPrefix+"*")); len(left) > 0 {
+		t.Errorf("temporary files left: %v", left)
+	}
 }

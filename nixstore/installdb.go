@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,6 +23,10 @@ var (
 	ErrDBInUse = errors.New("the nix db is in use: a Nix process holds the big-lock")
 	// ErrDBNotEmpty is returned by InstallDB when the DB has valid paths.
 	ErrDBNotEmpty = errors.New("the nix db has valid paths")
+	// ErrDBReplaced wraps an InstallDB error that came after the new DB
+	// was renamed over db.sqlite: the new DB is in place (a crash before
+	// the directory reaches the disk may still bring the old one back).
+	ErrDBReplaced = errors.New("the generation's nix db replaced the local one")
 )
 
 // newDBPrefix names InstallDB's temporary files in the DB dir.
@@ -91,9 +96,16 @@ func DBEmpty(ctx context.Context, dbDir string) (bool, error) {
 //     old DB must never be replayed into the new one).
 //  5. rename(2) over db.sqlite, then the directory is synced.
 //
-// Any error leaves the old DB in place and removes the temporary file; a
-// crash may leave a temporary file (db.sqlite.strata-new-*), which the
-// next InstallDB removes.
+// The new file gets the old db.sqlite's owner and mode (Nix's own DB:
+// root's on a multi-user install, the user's on a single-user one, which
+// that user's Nix must still be able to write). It is read from r up to
+// want.Size bytes and one more: a server that sends more is refused
+// without filling the disk.
+//
+// An error before the rename leaves the old DB in place and removes the
+// temporary file; an error after it (syncing the directory) wraps
+// ErrDBReplaced: the new DB is in place. A crash may leave a temporary
+// file (db.sqlite.strata-new-*), which the next InstallDB removes.
 func InstallDB(ctx context.Context, dbDir string, r io.Reader, want DBFile, opt InstallOptions) error {
 	if err := installDB(ctx, dbDir, r, want, opt); err != nil {
 		return fmt.Errorf("install nix db into %s: %w", dbDir, err)
@@ -147,9 +159,16 @@ func installDB(ctx context.Context, dbDir string, r io.Reader, want DBFile, opt 
 		}
 	}()
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, h), r)
+	if want.Size < 0 {
+		return fmt.Errorf("the generation's DB is said to be %d bytes", want.Size)
+	}
+	// One byte more than want.Size tells a longer file from an exact one.
+	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(r, want.Size+1))
 	if err != nil {
 		return fmt.Errorf("download: %w", err)
+	}
+	if n > want.Size {
+		return fmt.Errorf("download: the server sent more than the %d bytes it said the generation's DB has", want.Size)
 	}
 	if err := step(StepVerify); err != nil {
 		return err
@@ -157,7 +176,7 @@ func installDB(ctx context.Context, dbDir string, r io.Reader, want DBFile, opt 
 	if sum := hex.EncodeToString(h.Sum(nil)); n != want.Size || sum != want.SHA256 {
 		return fmt.Errorf("the generation's DB is %d bytes with sha256 %s, want %d bytes with %s", n, sum, want.Size, want.SHA256)
 	}
-	if err := f.Chmod(st.Mode().Perm()); err != nil {
+	if err := keepOwner(f, st); err != nil {
 		return err
 	}
 	if err := f.Close(); err != nil {
@@ -201,13 +220,31 @@ func installDB(ctx context.Context, dbDir string, r io.Reader, want DBFile, opt 
 	if err := os.Rename(tmp, old); err != nil {
 		return err
 	}
-	if err := syncDir(dbDir); err != nil {
-		return err
-	}
 	for _, p := range sqliteFiles(tmp)[1:] { // tmp itself is db.sqlite now
 		os.Remove(p)
 	}
-	return step(StepDone)
+	if err := syncDir(dbDir); err != nil {
+		return fmt.Errorf("%w, but %w", ErrDBReplaced, err)
+	}
+	if err := step(StepDone); err != nil {
+		return fmt.Errorf("%w, but %w", ErrDBReplaced, err)
+	}
+	return nil
+}
+
+// keepOwner gives the new DB file f the owner and mode of the DB it
+// replaces (old).
+func keepOwner(f *os.File, old os.FileInfo) error {
+	if st, ok := old.Sys().(*syscall.Stat_t); ok {
+		if err := f.Chown(int(st.Uid), int(st.Gid)); err != nil {
+			return fmt.Errorf("give the new db the owner of %s: %w", old.Name(), err)
+		}
+	}
+	// After chown, which may clear set-id bits.
+	if err := f.Chmod(old.Mode().Perm()); err != nil {
+		return fmt.Errorf("give the new db the mode of %s: %w", old.Name(), err)
+	}
+	return nil
 }
 
 // removeStale removes temporary files of an earlier InstallDB that did
