@@ -194,6 +194,9 @@ func statusOf(err error) int {
 	if errors.Is(err, ErrUnknownGeneration) || errors.Is(err, ErrNoRows) {
 		return http.StatusNotFound
 	}
+	if errors.Is(err, ErrBadPinName) {
+		return http.StatusBadRequest
+	}
 	return http.StatusInternalServerError
 }
 

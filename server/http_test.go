@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -95,6 +96,26 @@ func TestAPIBadInput(t *testing.T) {
 		if resp.StatusCode != want {
 			t.Errorf("GET %s: %d, want %d", path, resp.StatusCode, want)
 		}
+	}
+}
+
+// Review 19 #8: a pin name a snapshot label cannot hold answered 500. It
+// is bad input: 400, naming the rule, whether or not the generation exists
+// (TestServerDaemon pins a live one).
+func TestAPIBadPinName(t *testing.T) {
+	_, sock := newTestAPI(t)
+	c := api.NewClient("unix:"+sock, "")
+	for _, name := range []string{"two\nlines", "tab\there", "nul\x00", "\xff\xfe", strings.Repeat("x", snapshot.MaxLabelValue+1)} {
+		_, err := c.Pin(context.Background(), 9, name)
+		var se *api.StatusError
+		if !errors.As(err, &se) || se.Code != http.StatusBadRequest || !strings.Contains(se.Message, "bad pin name") ||
+			!strings.Contains(se.Message, "want at most 1024 bytes of UTF-8 without NUL, newline or tab") {
+			t.Errorf("pin with name %.40q: %v, want 400 naming the rule", name, err)
+		}
+	}
+	// A good name reaches the generation lookup.
+	if _, err := c.Pin(context.Background(), 9, "golden 2026"); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Errorf("pin of an unknown generation with a good name: %v, want 404", err)
 	}
 }
 

@@ -813,7 +813,14 @@ func (s *Server) Unpin(id uint64) (api.Generation, error) {
 	return s.setPin(id, "", false)
 }
 
+// ErrBadPinName is returned by Pin for a name a snapshot label cannot hold
+// (the API answers 400).
+var ErrBadPinName = errors.New("bad pin name")
+
 func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, error) {
+	if err := snapshot.CheckLabels(snapshot.Labels{labelPinName: name}); err != nil {
+		return api.Generation{}, fmt.Errorf("pin generation %d: %w %q: want at most %d bytes of UTF-8 without NUL, newline or tab", id, ErrBadPinName, name, snapshot.MaxLabelValue)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	g, ok := s.gens[id]
@@ -823,9 +830,6 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 	pins, err := s.state.pins()
 	if err != nil {
 		return api.Generation{}, err
-	}
-	if err := snapshot.CheckLabels(snapshot.Labels{labelPinName: name}); err != nil {
-		return api.Generation{}, fmt.Errorf("pin generation %d: name: %w", id, err)
 	}
 	if pinned {
 		pins[id] = name

@@ -29,13 +29,16 @@ var defaultSockets = []string{"/var/lib/strata/server/api.sock", "/var/lib/strat
 
 func (f *clientFlags) add(cmd *cobra.Command, withJSON bool) {
 	cmd.Flags().StringVar(&f.api, "api", "", `daemon API: host:port or unix:/path (default: the server's socket `+defaultSockets[0]+` or the builder's `+defaultSockets[1]+`, whichever exists, else 127.0.0.1:7480; env STRATA_API)`)
-	cmd.Flags().StringVar(&f.tokenFile, "token-file", "", "bearer token file for mutating TCP calls (default /etc/strata/api-token if readable; env STRATA_API_TOKEN_FILE)")
+	cmd.Flags().StringVar(&f.tokenFile, "token-file", "", "bearer token file for mutating TCP calls (env STRATA_API_TOKEN_FILE; a file named here or there must be readable; default /etc/strata/api-token if readable)")
 	if withJSON {
 		cmd.Flags().BoolVar(&f.jsonOut, "json", false, "print JSON")
 	}
 }
 
-func (f *clientFlags) client() *api.Client {
+// client returns a client for the daemon's API. A token file given
+// (--token-file, STRATA_API_TOKEN_FILE) that cannot be read is an error
+// naming it; the default /etc/strata/api-token is read only if it can be.
+func (f *clientFlags) client() (*api.Client, error) {
 	addr := f.api
 	if addr == "" {
 		addr = os.Getenv("STRATA_API")
@@ -51,18 +54,23 @@ func (f *clientFlags) client() *api.Client {
 	if addr == "" {
 		addr = "127.0.0.1:7480"
 	}
-	tf := f.tokenFile
+	tf, from := f.tokenFile, "--token-file"
 	if tf == "" {
-		tf = os.Getenv("STRATA_API_TOKEN_FILE")
-	}
-	if tf == "" {
-		tf = "/etc/strata/api-token"
+		tf, from = os.Getenv("STRATA_API_TOKEN_FILE"), "STRATA_API_TOKEN_FILE"
 	}
 	var token string
-	if b, err := os.ReadFile(tf); err == nil {
+	if tf == "" {
+		if b, err := os.ReadFile("/etc/strata/api-token"); err == nil {
+			token = strings.TrimSpace(string(b))
+		}
+	} else {
+		b, err := os.ReadFile(tf)
+		if err != nil {
+			return nil, fmt.Errorf("read token file %s (%s): %w", tf, from, err)
+		}
 		token = strings.TrimSpace(string(b))
 	}
-	return api.NewClient(addr, token)
+	return api.NewClient(addr, token), nil
 }
 
 func printJSON(w io.Writer, v any) error {
@@ -87,7 +95,11 @@ func clientCommands() []*cobra.Command {
 		Short: "Publish a generation now if the central store changed",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			res, err := pf.client().Publish(cmd.Context())
+			cl, err := pf.client()
+			if err != nil {
+				return err
+			}
+			res, err := cl.Publish(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -110,7 +122,11 @@ func clientCommands() []*cobra.Command {
 		Short: "List the live generations",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			l, err := gf.client().Generations(cmd.Context())
+			cl, err := gf.client()
+			if err != nil {
+				return err
+			}
+			l, err := cl.Generations(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -168,7 +184,11 @@ func clientCommands() []*cobra.Command {
 			if err != nil {
 				return err
 			}
-			g, err := pinf.client().Pin(cmd.Context(), id, pinName)
+			cl, err := pinf.client()
+			if err != nil {
+				return err
+			}
+			g, err := cl.Pin(cmd.Context(), id, pinName)
 			if err != nil {
 				return err
 			}
@@ -188,7 +208,11 @@ func clientCommands() []*cobra.Command {
 			if err != nil {
 				return err
 			}
-			g, err := unpf.client().Unpin(cmd.Context(), id)
+			cl, err := unpf.client()
+			if err != nil {
+				return err
+			}
+			g, err := cl.Unpin(cmd.Context(), id)
 			if err != nil {
 				return err
 			}
@@ -203,7 +227,11 @@ func clientCommands() []*cobra.Command {
 		Short: "Show the local daemon's status",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			st, err := sf.client().Status(cmd.Context())
+			cl, err := sf.client()
+			if err != nil {
+				return err
+			}
+			st, err := cl.Status(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -225,7 +253,11 @@ func clientCommands() []*cobra.Command {
 			if err != nil {
 				return err
 			}
-			d, err := df.client().Delta(cmd.Context(), from, id)
+			cl, err := df.client()
+			if err != nil {
+				return err
+			}
+			d, err := cl.Delta(cmd.Context(), from, id)
 			if err != nil {
 				return err
 			}
@@ -259,7 +291,11 @@ signatures or content addresses; "strata paths N" has those.`,
 			if err != nil {
 				return err
 			}
-			b, err := rf.client().Registration(cmd.Context(), id)
+			cl, err := rf.client()
+			if err != nil {
+				return err
+			}
+			b, err := cl.Registration(cmd.Context(), id)
 			if err != nil {
 				return err
 			}
@@ -283,7 +319,11 @@ changed since generation M.`,
 			if err != nil {
 				return err
 			}
-			body, err := pathsf.client().Paths(cmd.Context(), id, pathsFrom)
+			cl, err := pathsf.client()
+			if err != nil {
+				return err
+			}
+			body, err := cl.Paths(cmd.Context(), id, pathsFrom)
 			if err != nil {
 				return err
 			}
@@ -319,7 +359,11 @@ retention destroy it. Repeat the id with --yes-forget to confirm.`,
 			if confirm != id {
 				return usageError{fmt.Errorf("forgetting generation %d cannot be undone: confirm with --yes-forget %d", id, id)}
 			}
-			if err := ff.client().Forget(cmd.Context(), id, confirm); err != nil {
+			cl, err := ff.client()
+			if err != nil {
+				return err
+			}
+			if err := cl.Forget(cmd.Context(), id, confirm); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "forgot generation %d\n", id)

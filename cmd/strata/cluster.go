@@ -27,7 +27,11 @@ holds nothing.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var ms []cluster.Member
-			if err := mf.client().Do(cmd.Context(), http.MethodGet, "/v1/members", &ms); err != nil {
+			cl, err := mf.client()
+			if err != nil {
+				return err
+			}
+			if err := cl.Do(cmd.Context(), http.MethodGet, "/v1/members", &ms); err != nil {
 				return err
 			}
 			if mf.jsonOut {
@@ -87,7 +91,10 @@ others and declared dead.`,
 		Args: cobra.RangeArgs(0, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var out cluster.KeyList
-			c := kf.client()
+			c, err := kf.client()
+			if err != nil {
+				return err
+			}
 			if len(args) == 0 || args[0] == "list" {
 				if len(args) > 1 {
 					return usageError{fmt.Errorf("list takes no key")}

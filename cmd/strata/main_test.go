@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -113,3 +114,36 @@ func TestVersionAndHelp(t *testing.T) {
 		}
 	}
 }
+
+// Review 19 #6: a --token-file (or STRATA_API_TOKEN_FILE) that cannot be
+// read was ignored: the call went out without a token and was refused
+// for that, or, on the socket, went through. It is an error naming the
+// file, before any call.
+func TestUnreadableTokenFileRefused(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "api-tokn")
+	for _, tc := range []struct {
+		env        []string
+		args       []string
+		file, from string
+	}{
+		{nil, []string{"--token-file", missing}, missing, "--token-file"},
+		{[]string{"STRATA_API_TOKEN_FILE=" + missing}, nil, missing, "STRATA_API_TOKEN_FILE"},
+		{nil, []string{"--token-file", dir}, dir, "--token-file"}, // a directory
+	} {
+		for _, cmd := range [][]string{{"publish"}, {"pin", "1"}, {"generations"}, {"members"}, {"cluster", "keys"}} {
+			// The socket needs no token: the error must come anyway.
+			args := append(append(slices.Clone(cmd), "--api", "unix:"+filepath.Join(dir, "api.sock")), tc.args...)
+			out, code := runStrata(t, tc.env, args...)
+			want := "read token file " + tc.file + " (" + tc.from + ")"
+			if code == 0 || !strings.Contains(out, want) || strings.Contains(out, "api.sock") {
+				t.Errorf("%v %v: exit %d, want a refusal %q before any call:\n%s", tc.env, args, code, want, out)
+			}
+		}
+	}
+	// The default file is read only if it can be: no error without one.
+	if out, _ := runStrata(t, nil, "generations", "--api", "unix:"+filepath.Join(dir, "api.sock")); strings.Contains(out, "token file") {
+		t.Errorf("no token file given: %s", out)
+	}
+}
+

@@ -91,6 +91,12 @@ func TestServerDaemon(t *testing.T) {
 	if out, code := runStrata(t, nil, "paths", "9", "--api", apiAddr); code == 0 || !strings.Contains(out, "no such generation") {
 		t.Fatalf("paths 9: exit %d %q", code, out)
 	}
+	// Review 19 #8: a name a label cannot hold is bad input (400, the
+	// rule named), not a server error (was 500); the pin is not made.
+	if out, code := runStrata(t, nil, "pin", "1", "--name", "two\nlines", "--api", apiAddr); code == 0 ||
+		!strings.Contains(out, "(400 Bad Request)") || !strings.Contains(out, "without NUL, newline or tab") {
+		t.Fatalf("pin with a newline in the name: exit %d %q, want a 400 naming the rule", code, out)
+	}
 	if out, code := runStrata(t, nil, "pin", "1", "--name", "keep", "--api", apiAddr); code != 0 {
 		t.Fatalf("pin: exit %d %q", code, out)
 	}

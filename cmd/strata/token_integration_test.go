@@ -37,10 +37,8 @@ func TestAPITokenMissingOrWrong(t *testing.T) {
 	api := "http://" + port
 	publish := func(token string) string {
 		t.Helper()
-		f := filepath.Join(t.TempDir(), "tok")
-		if token != "" {
-			os.WriteFile(f, []byte(token+"\n"), 0o600)
-		}
+		f := filepath.Join(t.TempDir(), "tok") // empty: no token sent
+		os.WriteFile(f, []byte(token+"\n"), 0o600)
 		out, _ := runStrata(t, nil, "publish", "--api", api, "--token-file", f)
 		return out
 	}
