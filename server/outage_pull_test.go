@@ -50,6 +50,7 @@ func (t oneGenTarget) Generations() []api.Generation {
 }
 func (oneGenTarget) StoreID() string                                            { return "" }
 func (oneGenTarget) PrepareReceived(context.Context, api.Generation, api.Delta) {}
+func (oneGenTarget) DropPrepared(uint64)                                        {}
 func (oneGenTarget) AddReceived(context.Context, api.Generation, snapshot.Snapshot, string) (api.Generation, error) {
 	return api.Generation{}, fmt.Errorf("not used")
 }

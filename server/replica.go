@@ -66,6 +66,20 @@ func (s *Server) PrepareReceived(ctx context.Context, g api.Generation, d api.De
 	s.stageMu.Unlock()
 }
 
+// DropPrepared removes what PrepareReceived staged for generation id if
+// AddReceived did not take it (the receive failed first).
+func (s *Server) DropPrepared(id uint64) {
+	s.stageMu.Lock()
+	st := s.staged
+	if st != nil && st.id == id {
+		s.staged = nil
+	}
+	s.stageMu.Unlock()
+	if st != nil && st.id == id {
+		s.state.dropStaged()
+	}
+}
+
 // stagedReg is a registration PrepareReceived staged for generation id.
 type stagedReg struct {
 	id  uint64
@@ -126,6 +140,12 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		return api.Generation{}, fmt.Errorf("add received generation %d: snapshot is %s", g.ID, snap.Name)
 	}
 	reg, staged := s.takeStage(g.ID)
+	kept := false // the staged registration moved into place
+	defer func() {
+		if staged && !kept {
+			s.state.dropStaged()
+		}
+	}()
 	if staged && reg.sum != g.RegistrationSHA256 {
 		staged = false
 		s.state.dropStaged()
@@ -135,7 +155,6 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		err := reg.names.Verify(PhysicalStore(snap.Path))
 		end()
 		if err != nil {
-			s.state.dropStaged()
 			return api.Generation{}, fmt.Errorf("received generation %d: %w", g.ID, err)
 		}
 	} else {
@@ -164,11 +183,9 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		write = func() error { return s.state.writeStagedGeneration(ng) }
 	}
 	if err := write(); err != nil {
-		if staged {
-			s.state.dropStaged()
-		}
 		return api.Generation{}, err
 	}
+	kept = true
 	end()
 	end = phase.Begin(ctx, "live: store id, next id, export")
 	// Bind what this replica knows to its copy, so that it too can rebuild

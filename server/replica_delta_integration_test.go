@@ -5,16 +5,21 @@ package server
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"os"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/phase"
 	"github.com/strata-nix/strata/server/replica"
+	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/btrfs"
 )
 
@@ -106,5 +111,59 @@ func TestReplicaRegistrationFromDelta(t *testing.T) {
 	if _, err := rs.snapshotRows(context.Background(), fmt.Sprintf("%s/%s", re.snapDir, g.Snapshot), strings.Repeat("0", 64)); err == nil ||
 		!strings.Contains(err.Error(), "not the manifest's") {
 		t.Errorf("rows of a snapshot whose DB disagrees with the manifest: %v, want refused", err)
+	}
+}
+
+// failingReceive is a real replica backend whose Receive takes the whole
+// stream and then fails, once the registration from the primary's delta
+// is staged (so that the failure comes after it).
+type failingReceive struct {
+	*btrfs.Backend
+	staged string
+}
+
+func (f failingReceive) Receive(ctx context.Context, r io.Reader, id, from uint64) (snapshot.Snapshot, error) {
+	io.Copy(io.Discard, r)
+	for i := 0; i < 500; i++ {
+		if _, err := os.Stat(f.staged); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return snapshot.Snapshot{}, errors.New("injected receive failure")
+}
+
+// TestReplicaStagedRegistrationRemoved: the registration a replica staged
+// from the primary's delta is removed when the receive fails after it
+// (nothing of a failed receive stays in the state dir), and the next sync
+// receives the generation.
+func TestReplicaStagedRegistrationRemoved(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.AddText(t, "one", "1\n")
+	publish(t, prim.srv.Server)
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, p := re.start(t, "primary-token")
+	syncOnce(t, p)
+	prim.c.store.AddText(t, "two", "2\n")
+	publish(t, prim.srv.Server)
+
+	b, err := btrfs.NewReplica(re.snapDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	staged := rs.state.stagedFile()
+	bad := replica.New(replica.Options{Backend: failingReceive{b, staged}, Target: rs.Server, StateDir: re.cfg.StateDir, Registry: prometheus.NewRegistry(),
+		Primary: replica.Fixed(api.NewClient(prim.api.URL, "primary-token"), prim.api.URL)})
+	if _, err := bad.Sync(context.Background()); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("sync with a failing receive: %v", err)
+	}
+	if _, err := os.Stat(staged); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("staged registration after a failed receive: %v, want it removed", err)
+	}
+	if res := syncOnce(t, p); len(res.Received) != 1 || res.Received[0].ID != 2 {
+		t.Fatalf("next sync received %+v, want generation 2", res.Received)
+	}
+	if _, err := os.Stat(staged); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("staged registration after a receive: %v", err)
 	}
 }

@@ -50,6 +50,10 @@ type Target interface {
 	// way to g's registration than the received snapshot's own DB, which
 	// AddReceived uses only if it matches g's manifest.
 	PrepareReceived(ctx context.Context, g api.Generation, d api.Delta)
+	// DropPrepared removes what PrepareReceived staged for generation id
+	// if AddReceived did not take it: the puller calls it after every
+	// receive (a no-op after AddReceived).
+	DropPrepared(id uint64)
 	// AddReceived makes a received snapshot live as generation g.ID, or
 	// refuses it (the puller then destroys it).
 	AddReceived(ctx context.Context, g api.Generation, snap snapshot.Snapshot, origin string) (api.Generation, error)
@@ -350,6 +354,9 @@ func (p *Puller) receive(ctx context.Context, g api.Generation, from uint64, tok
 	deltaBytes := make(chan int64, 1)
 	stopDelta := func() {}
 	if from != 0 && token == "" {
+		// Deferred in this order: once the delta fetch has ended, nothing
+		// it staged outlives a receive that failed.
+		defer p.target.DropPrepared(g.ID)
 		var prep sync.WaitGroup
 		defer prep.Wait() // no PrepareReceived outlives its receive
 		dctx, cancel := context.WithCancel(ctx)

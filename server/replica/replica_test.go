@@ -52,6 +52,7 @@ type fakeTarget struct {
 func (f *fakeTarget) Generations() []api.Generation                              { return f.gens }
 func (f *fakeTarget) StoreID() string                                            { return f.store }
 func (f *fakeTarget) PrepareReceived(context.Context, api.Generation, api.Delta) {}
+func (f *fakeTarget) DropPrepared(uint64)                                        {}
 func (f *fakeTarget) AddReceived(context.Context, api.Generation, snapshot.Snapshot, string) (api.Generation, error) {
 	return api.Generation{}, errors.New("not used")
 }
