@@ -236,8 +236,19 @@ func decideOwner(cfg Config, rec *owner, me identity, p *plan) (claim, error) {
 	return claimAccounted, nil
 }
 
-// lockSnapshotDir takes the running daemon's exclusive lock on dir; the
-// caller closes the file to release it.
+// lockSnapshotDir takes the running daemon's lock on dir: an exclusive
+// flock(2) on <dir>/strata.owner.lock (made if missing), without waiting;
+// the caller closes the file to release it. What it guarantees: while a
+// strata server holds it, no other strata server process on this host
+// gets past this call for the same directory (whatever path names it:
+// the lock is on the file), so two daemons never serve one snapshot dir
+// at once, even with copies of one state dir; the kernel drops it when
+// the process ends, however it ends, so a crash leaves no stale lock.
+// What it does not: it is advisory, so it stops nothing but another
+// strata server's start (btrfs commands, an older strata, --check-config
+// do not take it); it does not say who owns the dir (the owner record
+// does; this call only names it in the refusal); and it is this host's
+// only (a btrfs snapshot dir is mounted on one host).
 func lockSnapshotDir(dir string) (*os.File, error) {
 	name := filepath.Join(dir, ownerLockName)
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
