@@ -349,10 +349,6 @@ func (s *Server) SetUpstreamPinned(ids map[uint64]bool) {
 // must not read all their snapshots' DBs at once.
 const maxRowsWrites = 2
 
-// errStopped is a rows write that had not started when the server shut
-// down: the next start writes those rows (finishRows).
-var errStopped = errors.New("the server is shutting down")
-
 // rowsSlot takes one of the maxRowsWrites slots, waiting for it; the
 // returned func gives it back.
 func (s *Server) rowsSlot() func() {
@@ -395,9 +391,6 @@ func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) 
 		}()
 		err := func() error {
 			defer s.rowsSlot()()
-			if s.life != nil && s.life.Err() != nil {
-				return errStopped
-			}
 			rows, err := load()
 			if err != nil {
 				return err
@@ -408,9 +401,7 @@ func (s *Server) writeRowsLater(id uint64, load func() (*nixstore.Rows, error)) 
 			}
 			return s.state.writeRows(id, b.Bytes())
 		}()
-		if errors.Is(err, errStopped) {
-			s.log.Info("path rows not written: the server stopped first; the next start writes them", "generation", id)
-		} else if err != nil {
+		if err != nil {
 			s.log.Error("write path rows; builders import this generation from its registration until they are written (after the next sync, or at the next start)", "generation", id, "err", err)
 		}
 	}()
