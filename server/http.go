@@ -124,7 +124,7 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 	mux.HandleFunc("GET /v1/generations/{id}/stream", s.streamHandler(token))
 	mutating := func(h http.HandlerFunc) http.HandlerFunc { return apiserve.Mutating(token, h) }
 	mux.HandleFunc("POST /v1/publish", mutating(func(w http.ResponseWriter, r *http.Request) {
-		apiserve.LongResponse(w) // a publish may take longer than the API's write timeout
+		w = apiserve.LongResponse(w) // a publish may take longer than the API's write timeout
 		res, err := s.PublishDetached(r.Context())
 		if err != nil {
 			writeErr(w, http.StatusInternalServerError, err)

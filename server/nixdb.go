@@ -14,6 +14,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/atomicfile"
 	"github.com/strata-nix/strata/nixstore"
 )
@@ -139,7 +140,11 @@ func buildNixDB(s *Server, dir, dbDir string, id uint64, created int64) (api.Nix
 }
 
 // serveNixDB answers GET /v1/generations/N/nixdb.
+// Making the DB (first request) and sending it (a large file to a builder
+// on a slow link) may take longer than the API's write timeout; a builder
+// that stops reading is cut off after the per-write stall limit.
 func (s *Server) serveNixDB(w http.ResponseWriter, r *http.Request, id uint64) {
+	w = apiserve.LongResponse(w)
 	p, d, err := s.NixDB(id)
 	if err != nil {
 		code := statusOf(err)

@@ -111,7 +111,10 @@ func (s *Server) doom(id uint64) (undoom func(), ok bool) {
 
 func (s *Server) streamHandler(token *apiserve.Token) http.HandlerFunc {
 	return apiserve.Mutating(token, func(w http.ResponseWriter, r *http.Request) {
-		apiserve.LongResponse(w) // a whole snapshot may take longer than the API's write timeout
+		// A whole snapshot may take longer than the API's write timeout; a
+		// replica that stops reading must not hold the send (and its
+		// generations from retention) for ever.
+		w = apiserve.LongResponse(w)
 		id, ok := pathID(w, r)
 		if !ok {
 			return

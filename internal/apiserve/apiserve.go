@@ -147,11 +147,16 @@ func WriteError(w http.ResponseWriter, code int, err error) {
 
 // Limits of every API server: a slow or stuck client cannot hold a
 // connection or a request slot for ever. Handlers that legitimately take
-// longer (a publish) lift their write deadline with http.ResponseController.
+// longer (a publish, a snapshot stream, a generation's Nix DB) trade the
+// whole answer's writeTimeout for writeStall per write (LongResponse).
+var (
+	writeTimeout = 5 * time.Minute
+	writeStall   = 2 * time.Minute
+)
+
 const (
 	readHeaderTimeout = 10 * time.Second
 	readTimeout       = 30 * time.Second
-	writeTimeout      = 5 * time.Minute
 	idleTimeout       = 2 * time.Minute
 	// MaxInFlight bounds the requests served at once over both listeners;
 	// more wait up to queueWait for a slot, then get 503. Large answers
@@ -161,11 +166,49 @@ const (
 	queueWait   = 30 * time.Second
 )
 
-// LongResponse lifts the write timeout for a handler whose answer may take
-// longer (a publish, a snapshot stream): call it before writing.
-func LongResponse(w http.ResponseWriter) {
-	http.NewResponseController(w).SetWriteDeadline(time.Time{})
+// LongResponse lifts the API's write timeout (writeTimeout, for the whole
+// answer) for a handler whose answer may take longer: a publish, a
+// snapshot stream, a generation's Nix DB (made first, then a large file).
+// It returns w wrapped so that each write and flush through it must end
+// within writeStall instead: a client that stops reading is cut off then
+// (its request slot and what the handler holds for it freed), and one that
+// keeps reading is not, however long the whole answer takes. Call it
+// before writing, and write through what it returns only; the handler
+// should return soon after its last write (the response's end is written
+// under that write's deadline).
+func LongResponse(w http.ResponseWriter) http.ResponseWriter {
+	rc := http.NewResponseController(w)
+	rc.SetWriteDeadline(time.Time{})
+	return &stallWriter{ResponseWriter: w, rc: rc}
 }
+
+// stallWriter sets the connection's write deadline writeStall ahead before
+// each write and flush.
+type stallWriter struct {
+	http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func (s *stallWriter) touch() { s.rc.SetWriteDeadline(time.Now().Add(writeStall)) }
+
+func (s *stallWriter) WriteHeader(code int) {
+	s.touch()
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *stallWriter) Write(p []byte) (int, error) {
+	s.touch()
+	return s.ResponseWriter.Write(p)
+}
+
+// Flush implements http.Flusher.
+func (s *stallWriter) Flush() {
+	s.touch()
+	s.rc.Flush()
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (s *stallWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
 // Server is a running API: the unix socket listener and, if asked for, a TCP
 // one, both serving the same handler.

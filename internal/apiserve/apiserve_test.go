@@ -1,8 +1,10 @@
 package apiserve
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -11,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A mutating call over TCP needs the exact bearer token; on the unix socket
@@ -187,5 +190,78 @@ func TestTokenWarning(t *testing.T) {
 		if tc.warn && (!strings.Contains(w, "api.token_file /etc/strata/api-tokn is missing or empty") || !strings.Contains(w, tc.listen) || !strings.Contains(w, "401")) {
 			t.Errorf("warning %q does not name the key, the file, the address and 401", w)
 		}
+	}
+}
+
+// TestLongResponse: a long answer (LongResponse) is not cut by the API's
+// write timeout while the client keeps reading, however long it takes in
+// all; a client that stops reading is cut off within the per-write stall
+// limit, and the handler's write fails (it does not block for ever).
+func TestLongResponse(t *testing.T) {
+	defer func(a, b time.Duration) { writeTimeout, writeStall = a, b }(writeTimeout, writeStall)
+	writeTimeout, writeStall = 500*time.Millisecond, 300*time.Millisecond
+	chunk := make([]byte, 64<<10)
+	ended := make(chan error, 2)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/steady", func(w http.ResponseWriter, r *http.Request) {
+		w = LongResponse(w)
+		for i := 0; i < 20; i++ { // 2 s in all, 4 times the write timeout
+			if _, err := w.Write(chunk); err != nil {
+				ended <- err
+				return
+			}
+			w.(http.Flusher).Flush()
+			time.Sleep(100 * time.Millisecond)
+		}
+		ended <- nil
+	})
+	mux.HandleFunc("/stuck", func(w http.ResponseWriter, r *http.Request) {
+		w = LongResponse(w)
+		for {
+			if _, err := w.Write(chunk); err != nil {
+				ended <- err
+				return
+			}
+		}
+	})
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	s, err := Start(mux, "", sock, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Shutdown(context.Background())
+	dial := func(path string) (net.Conn, *bufio.Reader) {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", path)
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %v %v", path, resp, err)
+		}
+		return c, bufio.NewReader(resp.Body)
+	}
+
+	c, body := dial("/steady")
+	n, err := io.Copy(io.Discard, body)
+	c.Close()
+	if err != nil || n != 20*int64(len(chunk)) {
+		t.Errorf("steady reader got %d bytes (%v), want %d", n, err, 20*len(chunk))
+	}
+	if err := <-ended; err != nil {
+		t.Errorf("steady answer: %v", err)
+	}
+
+	c, _ = dial("/stuck")
+	defer c.Close()
+	select {
+	case err := <-ended:
+		if err == nil {
+			t.Error("stuck reader: the handler's writes did not fail")
+		}
+	case <-time.After(10 * writeStall):
+		t.Errorf("a client that stopped reading still holds the handler after %s (stall limit %s)", 10*writeStall, writeStall)
 	}
 }
