@@ -97,7 +97,9 @@ type result struct {
 		TCP []int `json:"tcp"`
 		UDP []int `json:"udp"`
 	} `json:"firewall"`
-	KernelModules []string `json:"kernelModules"`
+	KernelModules    []string `json:"kernelModules"`
+	Tmpfiles         []string `json:"tmpfiles"`
+	FailedAssertions []string `json:"failedAssertions"`
 }
 
 // values decodes a serviceConfig value (a string or a list of strings).
@@ -157,6 +159,12 @@ func TestModuleEval(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(r.FailedAssertions) > 0 {
+		t.Fatalf("failed assertions: %q", r.FailedAssertions)
+	}
+	if strings.Join(r.Tmpfiles, "\n") != "d /srv/strata/snapshots 0700 root root -" {
+		t.Errorf("tmpfiles rules %q, want the btrfs snapshot dir", r.Tmpfiles)
+	}
 	// The builder's --check-config validates the file alone; the server's
 	// also inspects the store on disk, so here its file goes through the
 	// same validation (config loader + ConfigFrom) in-process, and
@@ -168,15 +176,7 @@ func TestModuleEval(t *testing.T) {
 	if out, err := exec.Command(bin, "builder", "--check-config", "--config", p).CombinedOutput(); err != nil || !strings.Contains(string(out), "configuration: ok") {
 		t.Fatalf("strata builder --check-config of the rendered builder.yaml (%s): %v\n%s", r.Etc["strata/builder.yaml"], err, out)
 	}
-	p = filepath.Join(t.TempDir(), "server.yaml")
-	os.WriteFile(p, []byte(r.Etc["strata/server.yaml"]), 0o600)
-	v, err := config.New(server.Keys).Load(p, true)
-	if err == nil {
-		_, err = server.ConfigFrom(v)
-	}
-	if err != nil {
-		t.Fatalf("rendered server.yaml (%s): %v", r.Etc["strata/server.yaml"], err)
-	}
+	checkServerYAML(t, r.Etc["strata/server.yaml"])
 	if want := `{"api":{"listen":"0.0.0.0:7480"},"log":{"level":"debug"},"nfs":{"allow":["10.0.0.0/8"],"listen":"0.0.0.0:2049"},"publish":{"interval":"10m"},"retention":{"keep":20},"snapshot":{"snapshot_dir":"/srv/strata/snapshots"},"state_dir":"/var/lib/strata/server","store":{"root":"/srv/strata/nix"}}`; r.Etc["strata/server.yaml"] != want {
 		t.Errorf("server.yaml:\n got %s\nwant %s", r.Etc["strata/server.yaml"], want)
 	}
@@ -259,17 +259,112 @@ func TestModuleEval(t *testing.T) {
 	}
 }
 
-// openFirewall defaults to false, and nothing is enabled by default.
+// openFirewall defaults to false, and nothing is enabled by default; the
+// only key a btrfs server must be given is snapshot.snapshot_dir.
 func TestModuleDefaults(t *testing.T) {
-	r, err := evalMachine(t, `{ fakePackage }: { services.strata.server = { enable = true; package = fakePackage "strata"; }; }`)
+	r, err := evalMachine(t, `{ fakePackage }: { services.strata.server = { enable = true; package = fakePackage "strata";
+  settings.snapshot.snapshot_dir = "/srv/snapshots"; }; }`)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r.Firewall.TCP)+len(r.Firewall.UDP) != 0 || len(r.KernelModules) != 0 || len(r.Services) != 1 {
-		t.Fatalf("defaults: firewall %v/%v, modules %v, services %d", r.Firewall.TCP, r.Firewall.UDP, r.KernelModules, len(r.Services))
+	if len(r.Firewall.TCP)+len(r.Firewall.UDP) != 0 || len(r.KernelModules) != 0 || len(r.Services) != 1 || len(r.FailedAssertions) != 0 {
+		t.Fatalf("defaults: firewall %v/%v, modules %v, services %d, failed assertions %q", r.Firewall.TCP, r.Firewall.UDP, r.KernelModules, len(r.Services), r.FailedAssertions)
 	}
-	if r.Etc["strata/server.yaml"] != "{}" {
-		t.Fatalf("no settings rendered %q, want {} (strata's defaults)", r.Etc["strata/server.yaml"])
+	if want := `{"snapshot":{"snapshot_dir":"/srv/snapshots"}}`; r.Etc["strata/server.yaml"] != want {
+		t.Fatalf("rendered %q, want %s (strata's defaults for the rest)", r.Etc["strata/server.yaml"], want)
+	}
+	checkServerYAML(t, r.Etc["strata/server.yaml"])
+}
+
+// checkServerYAML validates a rendered server.yaml as a start does (config
+// loader and ConfigFrom; the store on disk is TestServerCheckConfigOnRealStore's).
+func checkServerYAML(t *testing.T, text string) server.Config {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "server.yaml")
+	os.WriteFile(p, []byte(text), 0o600)
+	v, err := config.New(server.Keys).Load(p, true)
+	var c server.Config
+	if err == nil {
+		c, err = server.ConfigFrom(v)
+	}
+	if err != nil {
+		t.Fatalf("rendered server.yaml (%s): %v", text, err)
+	}
+	return c
+}
+
+// A btrfs replica: its config is one strata accepts as a replica's, its
+// layout is the snapshot dir alone (no store root: a replica has none, and
+// ReadWritePaths= of a missing /nix would fail the unit), and the
+// primary's token comes in as the replica-token credential.
+func TestModuleReplica(t *testing.T) {
+	r, err := evalMachine(t, `{ fakePackage }: { services.strata.server = { enable = true; package = fakePackage "strata";
+  replicaTokenFile = "/run/secrets/primary-token";
+  settings = { snapshot.snapshot_dir = "/srv/replica"; replica.of = "http://primary:7480"; nfs.allow = [ "10.0.0.0/8" ]; }; }; }`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.FailedAssertions) != 0 {
+		t.Fatalf("failed assertions: %q", r.FailedAssertions)
+	}
+	if c := checkServerYAML(t, r.Etc["strata/server.yaml"]); !c.Replica() || c.ReplicaOf != "http://primary:7480" {
+		t.Fatalf("rendered server.yaml is not a replica's: %+v", c)
+	}
+	s := r.Services["strata-server"]
+	shipped, _ := systemd.Load("strata-server.service")
+	wantRM := append(strings.Fields(strings.Join(shipped.Get("Unit", "RequiresMountsFor"), " ")), "/srv/replica")
+	if rm := values(t, s.UnitConfig["RequiresMountsFor"]); strings.Join(rm, " ") != strings.Join(wantRM, " ") {
+		t.Errorf("replica RequiresMountsFor %q, want %q", rm, wantRM)
+	}
+	if rw := values(t, s.ServiceConfig["ReadWritePaths"]); strings.Join(rw, " ") != "/srv/replica" {
+		t.Errorf("replica ReadWritePaths %q, want the snapshot dir alone", rw)
+	}
+	if lc := values(t, s.ServiceConfig["LoadCredential"]); strings.Join(lc, " ") != "strata_replica-token:/run/secrets/primary-token" {
+		t.Errorf("replica LoadCredential %q", lc)
+	}
+	if strings.Join(values(t, s.ServiceConfig["RestartPreventExitStatus"]), " ") != "2" {
+		t.Errorf("RestartPreventExitStatus %s, want 2 (no restart loop on a config error)", s.ServiceConfig["RestartPreventExitStatus"])
+	}
+}
+
+// What would stop the daemon at its first start, or a setting the unit
+// silently overrides, fails evaluation (a NixOS assertion) naming the
+// option to set.
+func TestModuleAssertions(t *testing.T) {
+	for name, tc := range map[string]struct{ role, cfg, want string }{
+		"btrfs without snapshot dir": {"server", `settings.store.root = "/srv/nix";`,
+			"services.strata.server.settings.snapshot.snapshot_dir must be set with the btrfs backend: a directory on the btrfs filesystem of the central store, outside store.root."},
+		"replica without snapshot dir": {"server", `settings.replica.of = "http://p:7480"; replicaTokenFile = "/run/t";`,
+			"services.strata.server.settings.snapshot.snapshot_dir must be set with the btrfs backend: any directory on a btrfs filesystem"},
+		"replica without token": {"server", `settings.snapshot.snapshot_dir = "/s"; settings.replica.of = "http://p:7480";`,
+			"services.strata.server: a replica (settings.replica.of or settings.replica.from_cluster) needs the primary's API token: set services.strata.server.replicaTokenFile."},
+		"replica from cluster without token": {"server", `settings.snapshot.snapshot_dir = "/s"; settings.replica.from_cluster = true; settings.cluster.join = [ "p:7946" ]; clusterKeyringFile = "/run/k";`,
+			"set services.strata.server.replicaTokenFile."},
+		"gossip without keyring": {"builder", `settings.cluster.join = [ "central:7946" ];`,
+			"services.strata.builder: gossip is on (settings.cluster.bind or settings.cluster.join) and needs a keyring: set services.strata.builder.clusterKeyringFile"},
+		"server gossip without keyring": {"server", `settings.snapshot.snapshot_dir = "/s"; settings.cluster.bind = "0.0.0.0:7946";`,
+			"set services.strata.server.clusterKeyringFile"},
+		"token_file in settings": {"server", `settings.snapshot.snapshot_dir = "/s"; settings.api.token_file = "/etc/token";`,
+			"services.strata.server.settings.api.token_file is set, but the unit sets api.token_file to its credential (LoadCredential=), so the value would be ignored: set services.strata.server.apiTokenFile instead."},
+		"keyring_file in settings": {"builder", `settings.cluster.keyring_file = "/etc/keys"; settings.cluster.insecure = true;`,
+			"set services.strata.builder.clusterKeyringFile instead."},
+		"replica token_file in settings": {"server", `settings.snapshot.snapshot_dir = "/s"; settings.replica.token_file = "/etc/rt";`,
+			"set services.strata.server.replicaTokenFile instead."},
+	} {
+		t.Run(name, func(t *testing.T) {
+			r, err := evalMachine(t, `{ fakePackage }: { services.strata.`+tc.role+` = { enable = true; package = fakePackage "strata"; `+tc.cfg+` }; }`)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(r.FailedAssertions) != 1 || !strings.Contains(r.FailedAssertions[0], tc.want) {
+				t.Fatalf("failed assertions %q, want one containing %q", r.FailedAssertions, tc.want)
+			}
+		})
+	}
+	// Gossip with cluster.insecure needs no keyring.
+	r, err := evalMachine(t, `{ fakePackage }: { services.strata.builder = { enable = true; package = fakePackage "strata"; settings.cluster = { join = [ "c:7946" ]; insecure = true; }; }; }`)
+	if err != nil || len(r.FailedAssertions) != 0 {
+		t.Fatalf("insecure gossip: %v %q", err, r.FailedAssertions)
 	}
 }
 
@@ -321,5 +416,22 @@ func TestVMTestParses(t *testing.T) {
 	out, err := cmd.Output()
 	if err != nil || string(out) != `["builder","central","strata"]` {
 		t.Fatalf("nixos/tests/strata.nix: nodes and name %s, %v", out, err)
+	}
+	// The central node's server settings are a configuration strata
+	// accepts (snapshot.snapshot_dir is required with btrfs).
+	cmd = exec.Command("nix-instantiate", "--eval", "--strict", "--json", "-E",
+		`let lib = import `+nixpkgsLib(t)+`; node = (import ./tests/strata.nix { strata = null; }).nodes.central { pkgs = { inherit lib; btrfs-progs = null; nix = null; }; };
+		 in builtins.toJSON node.services.strata.server.settings`)
+	cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
+	out, err = cmd.Output()
+	var settings string
+	if err == nil {
+		err = json.Unmarshal(out, &settings)
+	}
+	if err != nil {
+		t.Fatalf("nixos/tests/strata.nix: central's settings: %v %s", err, out)
+	}
+	if c := checkServerYAML(t, settings); c.SnapshotDir != "/srv/snapshots" {
+		t.Fatalf("nixos/tests/strata.nix: central's snapshot dir %q", c.SnapshotDir)
 	}
 }

@@ -144,21 +144,67 @@ let
     ++ lib.optional (c.clusterKeyringFile != null) "strata_cluster.keys:${c.clusterKeyringFile}"
     ++ lib.optional ((c.replicaTokenFile or null) != null) "strata_replica-token:${c.replicaTokenFile}";
 
+  backendOf = c: if c.settings.snapshot.backend == null then "btrfs" else c.settings.snapshot.backend;
+  # A replica (replica.of or replica.from_cluster) publishes nothing and has
+  # no store.root.
+  isReplica = c: (c.settings.replica.of or null) != null && c.settings.replica.of != ""
+    || (c.settings.replica.from_cluster or null) == true;
+  gossipOn = c: (c.settings.cluster.bind or null) != null && c.settings.cluster.bind != ""
+    || (c.settings.cluster.join or null) != null && c.settings.cluster.join != [ ];
+
   # The server's store layout (what the Ansible role's 50-layout.conf
-  # drop-in says): mounts before start, the btrfs snapshot dir writable.
+  # drop-in says): mounts before start; writable in the read-only system:
+  # a primary's store root (its var/nix/strata-store-id; a bind mount of a
+  # directory below it would be refused as a store-layout mount point), the
+  # btrfs snapshot dir (a replica's btrfs receive writes there), the ZFS
+  # mount dir when set outside state_dir.
   layout = c:
     let
-      backend = if c.settings.snapshot.backend == null then "btrfs" else c.settings.snapshot.backend;
       root = if c.settings.store.root == null then "/nix" else c.settings.store.root;
       snaps = c.settings.snapshot.snapshot_dir;
+      mnt = c.settings.snapshot.mount_dir;
+      paths = lib.optional (!isReplica c) root
+        ++ lib.optional (backendOf c == "btrfs" && snaps != null) snaps
+        ++ lib.optional (backendOf c == "zfs" && mnt != null && mnt != "") mnt;
     in
     {
-      unitConfig.RequiresMountsFor = (unitFor "strata-server" c.package).unitConfig.RequiresMountsFor
-        ++ [ root ] ++ lib.optional (snaps != null) snaps;
-      # The store root (its var/nix/strata-store-id; a bind mount of a
-      # directory below it would be refused as a store-layout mount point).
-      serviceConfig.ReadWritePaths = [ root ] ++ lib.optional (backend == "btrfs" && snaps != null) snaps;
+      unitConfig.RequiresMountsFor = (unitFor "strata-server" c.package).unitConfig.RequiresMountsFor ++ paths;
+      serviceConfig.ReadWritePaths = paths;
     };
+
+  # What evaluation refuses (a NixOS assertion each): what would stop the
+  # daemon at its first start, or a setting the unit would silently override.
+  assertionsFor = role: c:
+    let
+      opt = "services.strata.${role}";
+      # The unit points these keys at its credentials (STRATA_* variables,
+      # which override the file).
+      secretKeys = [
+        { key = "api.token_file"; s = "api"; k = "token_file"; use = "apiTokenFile"; }
+        { key = "cluster.keyring_file"; s = "cluster"; k = "keyring_file"; use = "clusterKeyringFile"; }
+      ] ++ lib.optional (role == "server")
+        { key = "replica.token_file"; s = "replica"; k = "token_file"; use = "replicaTokenFile"; };
+    in
+    map (x: {
+      assertion = (c.settings.${x.s}.${x.k} or null) == null;
+      message = "${opt}.settings.${x.key} is set, but the unit sets ${x.key} to its credential (LoadCredential=), so the value would be ignored: set ${opt}.${x.use} instead.";
+    }) secretKeys
+    ++ [{
+      assertion = !(gossipOn c) || c.settings.cluster.insecure == true || c.clusterKeyringFile != null;
+      message = "${opt}: gossip is on (settings.cluster.bind or settings.cluster.join) and needs a keyring: set ${opt}.clusterKeyringFile (or settings.cluster.insecure = true on a trusted network).";
+    }]
+    ++ lib.optionals (role == "server") [
+      {
+        assertion = backendOf c != "btrfs" || c.settings.snapshot.snapshot_dir != null;
+        message = "${opt}.settings.snapshot.snapshot_dir must be set with the btrfs backend: "
+          + (if isReplica c then "any directory on a btrfs filesystem, where received snapshots go."
+          else "a directory on the btrfs filesystem of the central store, outside store.root.");
+      }
+      {
+        assertion = !(isReplica c) || c.replicaTokenFile != null;
+        message = "${opt}: a replica (settings.replica.of or settings.replica.from_cluster) needs the primary's API token: set ${opt}.replicaTokenFile.";
+      }
+    ];
 
   serviceFor = role: c:
     lib.recursiveUpdate (unitFor "strata-${role}" c.package) {
@@ -192,7 +238,12 @@ in
 
   config = mkMerge [
     (mkIf srv.enable {
+      assertions = assertionsFor "server" srv;
       environment.etc."strata/server.yaml".text = builtins.toJSON (clean srv.settings);
+      # The btrfs snapshot dir must exist for ReadWritePaths= (the Ansible
+      # role creates it too).
+      systemd.tmpfiles.rules = lib.optional (backendOf srv == "btrfs" && srv.settings.snapshot.snapshot_dir != null)
+        "d ${srv.settings.snapshot.snapshot_dir} 0700 root root -";
       environment.systemPackages = [ srv.package ];
       systemd.services.strata-server = lib.recursiveUpdate (serviceFor "server" srv) (layout srv);
       networking.firewall = mkIf srv.openFirewall {
@@ -203,6 +254,7 @@ in
       };
     })
     (mkIf bld.enable {
+      assertions = assertionsFor "builder" bld;
       environment.etc."strata/builder.yaml".text = builtins.toJSON (clean bld.settings);
       environment.systemPackages = [ bld.package ];
       systemd.services.strata-builder = serviceFor "builder" bld;

@@ -46,6 +46,8 @@ let
       networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
       networking.firewall.allowedUDPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
       boot.kernelModules = mkOption { type = types.listOf types.str; default = [ ]; };
+      systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
+      assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
     };
   };
 
@@ -61,4 +63,8 @@ in
   restartTriggers = builtins.mapAttrs (_: s: s.restartTriggers) c.systemd.services;
   firewall = { tcp = c.networking.firewall.allowedTCPPorts; udp = c.networking.firewall.allowedUDPPorts; };
   kernelModules = c.boot.kernelModules;
+  tmpfiles = c.systemd.tmpfiles.rules;
+  # The messages of the assertions that fail (NixOS refuses to build the
+  # system with any).
+  failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) c.assertions);
 }

@@ -25,15 +25,18 @@
         apiTokenFile = "/etc/strata-test-token";
         settings = {
           store.root = "/srv/nix";
+          # Required with btrfs: on the store's filesystem, outside store.root.
+          snapshot.snapshot_dir = "/srv/snapshots";
           publish.interval = "0s";
           api.listen = "0.0.0.0:7480";
           nfs.allow = [ "192.168.1.0/24" ];
         };
       };
-      # The central store is created by the test script before the start.
+      # The central store is created by the test script before the start
+      # (so is the snapshot dir: the module's tmpfiles rule made it at boot
+      # on the root filesystem, which the btrfs mount on /srv hides).
       systemd.services.strata-server.wantedBy = pkgs.lib.mkForce [ ];
       systemd.services.strata-server.unitConfig.RequiresMountsFor = pkgs.lib.mkForce [ "/srv" ];
-      systemd.services.strata-server.serviceConfig.ReadWritePaths = pkgs.lib.mkForce [ "/srv/nix/.strata" ];
       environment.etc."strata-test-token".text = "test-token";
     };
 
@@ -60,6 +63,7 @@
     central.succeed(
         "mkfs.btrfs -f /dev/vdb && mkdir -p /srv && mount /dev/vdb /srv",
         "btrfs subvolume create /srv/nix",
+        "mkdir -m 0700 /srv/snapshots",
         "echo hello > /tmp/hello && nix-store --store /srv --add /tmp/hello",
     )
     central.succeed("systemctl start strata-server")
