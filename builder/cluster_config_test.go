@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/strata-nix/strata/config"
+	"github.com/strata-nix/strata/internal/apiserve"
 )
 
 func TestServerAPIMayBeEmptyOnlyWithJoin(t *testing.T) {
@@ -47,5 +48,46 @@ func TestConfigFieldsNameKeys(t *testing.T) {
 	slices.Sort(keys)
 	if !slices.Equal(tags, keys) {
 		t.Errorf("Config's key tags %v\ndiffer from the keys %v", tags, keys)
+	}
+}
+
+// Review 19 #7: a reload said only that some keys need a restart (the
+// server named Go fields, "Retention.Keep"). It names the keys.
+func TestReloadNamesChangedKeys(t *testing.T) {
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "token")
+	if err := os.WriteFile(tok, []byte("t\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	load := func(env map[string]string) Config {
+		t.Helper()
+		for k, v := range env {
+			t.Setenv(k, v)
+		}
+		v, err := config.New(Keys).Load("", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := ConfigFrom(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	cur := load(map[string]string{"STRATA_API_TOKEN_FILE": tok})
+	next := load(map[string]string{"STRATA_ROTATE_POLICY": "idle", "STRATA_MOUNT_NCONNECT": "8", "STRATA_OVERLAY_METACOPY": "false", "STRATA_LOG_LEVEL": "debug"})
+	var logs logBuffer
+	if err := applyReload(cur, next, apiserve.NewToken(""), nil, logs.logger()); err != nil {
+		t.Fatal(err)
+	}
+	if logs.count("take effect only after a restart", "changed=\"[mount.nconnect rotate.policy overlay.metacopy]\"") != 1 {
+		t.Errorf("reload log lacks the changed keys:\n%s", logs.String())
+	}
+	var again logBuffer
+	if err := applyReload(next, next, apiserve.NewToken(""), nil, again.logger()); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(again.String(), "restart") {
+		t.Errorf("reload without changes:\n%s", again.String())
 	}
 }

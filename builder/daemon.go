@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/lifecycle"
 )
@@ -191,9 +192,8 @@ func applyReload(cur, next Config, token *apiserve.Token, level *slog.LevelVar, 
 	}
 	a, b := cur, next
 	a.TokenFile, a.LogLevel, b.TokenFile, b.LogLevel = "", "", "", ""
-	a.Cluster.Keyring, b.Cluster.Keyring = nil, nil
-	if fmt.Sprint(a) != fmt.Sprint(b) {
-		log.Warn("reload: some changed keys take effect only after a restart")
+	if changed := config.Changed(a, b); len(changed) > 0 {
+		log.Warn("reload: some changed keys take effect only after a restart", "changed", changed)
 	}
 	log.Info("reloaded", "log.level", next.LogLevel, "api.token_file", next.TokenFile)
 	return nil

@@ -29,7 +29,7 @@ var Keys = []config.Key{
 	{Name: "snapshot.mount_dir", Kind: config.String, Default: "", Usage: "zfs: where snapshots are mounted read-only (default <state_dir>/mnt)"},
 	{Name: "state_dir", Kind: config.String, Default: "/var/lib/strata/server", Usage: "server state: manifests, registrations, pins, NFS handle key, API socket"},
 	{Name: "publish.interval", Kind: config.Duration, Default: "5m", Usage: "publish a new generation this often when the store changed (0 disables)"},
-	{Name: "retention.keep", Kind: config.Int, Default: 10, Usage: "keep the newest N generations (plus pinned and in-use ones)"},
+	{Name: "retention.keep", Kind: config.Int, Default: 10, Usage: "keep the newest N generations (plus pinned and in-use ones; SIGHUP applies a new value at once)"},
 	{Name: "api.listen", Kind: config.String, Default: "127.0.0.1:7480", Usage: "HTTP API address (empty disables TCP)"},
 	{Name: "api.token_file", Kind: config.String, Default: "/etc/strata/api-token", Usage: "file with the bearer token mutating TCP calls need"},
 	{Name: "api.socket", Kind: config.String, Default: "", Usage: "unix socket for the API; calls on it need no token (default <state_dir>/api.sock)"},
@@ -39,7 +39,7 @@ var Keys = []config.Key{
 	{Name: "nfs.max_conns_per_client", Kind: config.Int, Default: 128, Usage: "maximum concurrent NFS connections from one client address"},
 	{Name: "nfs.idle_timeout", Kind: config.Duration, Default: "15m", Usage: "close NFS connections idle this long"},
 	{Name: "nfs.busy_poll", Kind: config.Duration, Default: "50us", Usage: "how long an NFS connection waits for its next call spinning, while CPU is spare, before it sleeps (0 disables)"},
-	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it, nfs.allow and the API token)"},
+	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it, nfs.allow, retention.keep and the API token)"},
 	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a publish running longer than this counts as wedged: systemd watchdog pings stop and systemd restarts the daemon (0: never)"},
 }
 

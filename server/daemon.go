@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/cluster"
+	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/lifecycle"
 	"github.com/strata-nix/strata/internal/secretfile"
@@ -72,9 +72,9 @@ type DaemonOptions struct {
 	Notify   lifecycle.Notifier // nil: lifecycle.Systemd
 	Watchdog time.Duration      // WATCHDOG=1 interval; 0: none (see lifecycle.WatchdogInterval)
 	Hup      <-chan os.Signal   // SIGHUP: reload
-	// Reload re-reads the configuration. nfs.allow, api.token_file and
-	// log.level take effect; other changed keys are logged as needing a
-	// restart.
+	// Reload re-reads the configuration. nfs.allow, api.token_file,
+	// log.level and retention.keep take effect; other changed keys are
+	// logged, by key, as needing a restart.
 	Reload func() (Config, error)
 	Level  *slog.LevelVar // the logger's level; reload sets it
 	// StopTimeout bounds the graceful stop (default 20 s, below the unit's
@@ -499,7 +499,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		}
 		st := map[string]any{"role": "server", "latest": g.ID, "generations": srv.Generations(),
 			"nfs": cfg.NFSListen, "backend": cfg.Backend, "missing": missing, "problems": srv.Problems(),
-			"retention_keep": cfg.Keep, "retention_waits": srv.RetentionWaits(), "server_id": me.ServerID}
+			"retention_keep": srv.Keep(), "retention_waits": srv.RetentionWaits(), "server_id": me.ServerID}
 		if node != nil {
 			st["cluster"] = map[string]any{"name": cfg.Cluster.ClusterName, "member": node.Name(), "address": node.Addr(),
 				"members": len(node.Members()), "settling_for": node.SettleLeft().Round(time.Second).String()}
@@ -604,7 +604,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			if err != nil {
 				return err
 			}
-			return applyReload(cfg, next, ex, token, o.Level, log)
+			return applyReload(cfg, next, ex, token, o.Level, srv, log)
 		}}
 	runErr := main.Run(ctx, errc)
 
@@ -753,9 +753,12 @@ func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, s
 	}
 }
 
-// applyReload makes next's nfs.allow, token and log level current. It reads
-// everything first, so a bad token file changes nothing.
-func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog.LevelVar, log *slog.Logger) error {
+// applyReload makes next's nfs.allow, token, log level and retention.keep
+// current (a lower retention.keep destroys what it no longer keeps at
+// once, see Server.SetKeep). It reads everything first, so a bad token file
+// changes nothing. Other changed keys are logged, by key, as needing a
+// restart.
+func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog.LevelVar, srv *Server, log *slog.Logger) error {
 	text, err := apiserve.ReadToken(next.TokenFile, "api.token_file")
 	if err != nil {
 		return fmt.Errorf("reload: %w", err)
@@ -776,24 +779,15 @@ func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog
 	}
 	// Everything else needs a restart: say which keys differ.
 	a, b := cur, next
-	a.NFSAllow, a.TokenFile, a.LogLevel = nil, "", ""
-	b.NFSAllow, b.TokenFile, b.LogLevel = nil, "", ""
-	a.Cluster.Keyring, b.Cluster.Keyring = nil, nil // loaded anew; changed with `strata cluster keys`
-	if !reflect.DeepEqual(a, b) {
-		log.Warn("reload: some changed keys take effect only after a restart", "changed", changedFields(a, b))
+	a.NFSAllow, a.TokenFile, a.LogLevel, a.Keep = nil, "", "", 0
+	b.NFSAllow, b.TokenFile, b.LogLevel, b.Keep = nil, "", "", 0
+	if changed := config.Changed(a, b); len(changed) > 0 {
+		log.Warn("reload: some changed keys take effect only after a restart", "changed", changed)
 	}
-	log.Info("reloaded", "nfs.allow", next.NFSAllow, "log.level", next.LogLevel, "api.token_file", next.TokenFile)
+	log.Info("reloaded", "nfs.allow", next.NFSAllow, "log.level", next.LogLevel, "api.token_file", next.TokenFile, "retention.keep", next.Keep)
+	if srv != nil {
+		srv.SetKeep(next.Keep)
+	}
 	return nil
 }
 
-// changedFields names the Config fields that differ between a and b.
-func changedFields(a, b Config) []string {
-	var out []string
-	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
-	for i := range va.NumField() {
-		if !reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
-			out = append(out, va.Type().Field(i).Name)
-		}
-	}
-	return out
-}

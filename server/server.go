@@ -97,6 +97,9 @@ type Server struct {
 	// pause is the publish step at which a test makes the process wait to
 	// be killed (STRATA_DEBUG_PUBLISH_PAUSE).
 	pause string
+	// keep is retention.keep: cfg.Keep at start, then what a reload set
+	// (SetKeep).
+	keep atomic.Int64
 
 	// life bounds work that outlives the request that started it (a
 	// publish over the API); Shutdown cancels it and waits for that work.
@@ -187,6 +190,7 @@ func New(ctx context.Context, o Options) (*Server, error) {
 		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}, missing: map[uint64]*generation{},
 		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce, id: o.ServerID}
 	s.life, s.stopLife = context.WithCancel(context.WithoutCancel(ctx))
+	s.keep.Store(int64(o.Config.Keep))
 	s.swap()
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -855,6 +859,23 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 	return g.Generation, nil
 }
 
+// Keep is retention.keep as retention applies it now.
+func (s *Server) Keep() int { return int(s.keep.Load()) }
+
+// SetKeep makes n retention.keep from now on (a reload sets it) and, when
+// it changed, runs a retention pass at once, in the background: the pass
+// waits for a publish that is running (which retains with n itself).
+func (s *Server) SetKeep(n int) {
+	if n < 1 || int(s.keep.Swap(int64(n))) == n {
+		return
+	}
+	s.detached.Add(1)
+	go func() {
+		defer s.detached.Done()
+		s.Retain(s.life)
+	}()
+}
+
 // Retain destroys generations that are older than the newest retention.keep,
 // not pinned and held by no builder (InUse); while InUse says the holds are
 // not known yet it destroys nothing. What it keeps and why is recorded for
@@ -874,7 +895,8 @@ func (s *Server) retainLocked(ctx context.Context) {
 		s.waits = waits
 		s.infoMu.Unlock()
 	}()
-	if len(gs) <= s.cfg.Keep {
+	keep := int(s.keep.Load())
+	if len(gs) <= keep {
 		return
 	}
 	holders, known := map[uint64][]string{}, true
@@ -888,7 +910,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 		}
 		s.logWaits(prev, waits)
 	}()
-	for _, g := range gs[:len(gs)-s.cfg.Keep] {
+	for _, g := range gs[:len(gs)-keep] {
 		if g.Pinned || s.upstreamPinned[g.ID] {
 			continue
 		}
