@@ -17,7 +17,7 @@ import (
 // dir that processes may still use. Detaching it does not end it: a Nix
 // sandbox (its own mount namespace, with bind mounts of the store paths it
 // was given), a service with private mounts, or a process whose cwd, root,
-// executable or open file is on it keeps the overlay, and with it the NFS
+// executable, open file or mapped file is on it keeps the overlay, and with it the NFS
 // lowers of its generations, alive in the kernel. While anything does, its
 // generations stay held (Holding: gossip, and so the servers' retention)
 // and its workdir is kept (copy-ups through it need it); InUse (see
@@ -63,16 +63,28 @@ func (a *Agent) retiring(lowers, next []Lower) (Retired, bool) {
 		return Retired{}, false
 	}
 	r := Retired{Generations: gens(lowers), Boot: bootID(), Since: time.Now(),
-		Overlay: overlay.Detached{Dev: overlay.DevOf(top), MountID: top.ID, Work: filepath.Clean(l.Work)}}
+		Overlay: overlay.Detached{Dev: overlay.DevOf(top), MountID: top.ID, MountIDUnique: a.uniqueID(a.cfg.StoreDir, top), Work: filepath.Clean(l.Work)}}
 	for _, x := range lowers {
 		if slices.ContainsFunc(next, func(n Lower) bool { return n.name() == x.name() }) {
 			continue
 		}
 		if m, ok := mountinfo.Top(ms, a.lowerPath(x)); ok && strings.HasPrefix(m.FSType, "nfs") {
-			r.Overlay.Lowers = append(r.Overlay.Lowers, overlay.DetachedLower{Dev: overlay.DevOf(m), FSType: m.FSType, Source: m.Source})
+			r.Overlay.Lowers = append(r.Overlay.Lowers, overlay.DetachedLower{Dev: overlay.DevOf(m), FSType: m.FSType, Source: m.Source,
+				MountIDUnique: a.uniqueID(a.lowerPath(x), m)})
 		}
 	}
 	return r, true
+}
+
+// uniqueID is the unique mount id of m, the top mount at path (see
+// overlay.IdentityOf); 0 (InUse then compares device and mount id) when
+// the kernel has none or path no longer shows m.
+func (a *Agent) uniqueID(path string, m mountinfo.Mount) uint64 {
+	u, err := overlay.IdentityOf(path, m)
+	if err != nil {
+		a.log.Warn("identify a mount before a swap: its users are recognized by device and mount id only", "err", err)
+	}
+	return u
 }
 
 // withRetired returns rs with r added (replacing one with the same
@@ -119,7 +131,7 @@ func (a *Agent) sweepRetired() bool {
 			if !a.refusedLogged {
 				lvl, a.refusedLogged = slog.LevelWarn, true
 			}
-			a.log.Log(context.Background(), lvl, "some processes could not be inspected for use of detached overlays (the agent needs CAP_SYS_PTRACE): only their mount namespaces were read",
+			a.log.Log(context.Background(), lvl, "some processes could not be inspected for use of detached overlays (the agent needs CAP_SYS_PTRACE): they count as using them, so their generations stay held while these processes run",
 				"processes", refused)
 		}
 		for j, i := range idx {

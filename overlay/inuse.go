@@ -8,8 +8,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -47,17 +49,22 @@ func DevOf(m mountinfo.Mount) Dev { return Dev{m.Major, m.Minor} }
 // Detached identifies an overlay a swap detached (Swap, Detach), which
 // lives on, in the kernel, for as long as anything still uses it: a copy
 // of it in another mount namespace (a Nix sandbox, a service with private
-// mounts), or a process whose working directory, root, executable or open
-// file is on it. Take it from the mount table while the overlay is still
-// mounted (before the swap).
+// mounts), or a process whose working directory, root, executable, open
+// file or mapped file is on it. Take it from the mount table while the
+// overlay is still mounted (before the swap), with IdentityOf.
 type Detached struct {
 	// Dev is its superblock's device and MountID its mount's id in the
-	// namespace it was detached from.
+	// namespace it was detached from. The kernel gives both to another
+	// mount once this one is gone, at once (it hands out the lowest free
+	// number).
 	Dev     Dev `json:"dev"`
 	MountID int `json:"mount_id"`
+	// MountIDUnique is its mount's 64-bit id (statx STATX_MNT_ID_UNIQUE,
+	// Linux 6.8+), which the kernel never gives to another mount until
+	// it reboots; 0 on older kernels (see InUse).
+	MountIDUnique uint64 `json:"mount_id_unique,omitempty"`
 	// Work is its workdir: with Dev it identifies the overlay in another
-	// namespace's mount table (a device number alone is reused once its
-	// superblock is gone).
+	// namespace's mount table.
 	Work string `json:"work"`
 	// Lowers are the devices of the lower mounts that only this overlay
 	// uses once it is detached, with their filesystem type and source
@@ -72,35 +79,228 @@ type DetachedLower struct {
 	Dev    Dev    `json:"dev"`
 	FSType string `json:"fstype"`
 	Source string `json:"source"`
+	// MountIDUnique is the lower mount's 64-bit id (0: unknown).
+	MountIDUnique uint64 `json:"mount_id_unique,omitempty"`
+}
+
+// IdentityOf returns the 64-bit unique id (STATX_MNT_ID_UNIQUE) of the
+// mount at path, which must be m, the top mount there (same mount id and
+// device), or 0 when the kernel (before 6.8) has none. It never asks a
+// server (AT_STATX_DONT_SYNC).
+func IdentityOf(path string, m mountinfo.Mount) (uint64, error) {
+	same := func() error {
+		dev, id, ok, err := statxMnt(path, false)
+		if err != nil {
+			return fmt.Errorf("identify mount %s: %w", path, err)
+		}
+		if dev != DevOf(m) || (ok && int(id) != m.ID) {
+			return fmt.Errorf("identify mount %s: it is mount %d on %s now, not mount %d on %s", path, id, dev, m.ID, DevOf(m))
+		}
+		return nil
+	}
+	if err := same(); err != nil {
+		return 0, err
+	}
+	_, u, ok, err := statxMnt(path, true)
+	if err != nil {
+		return 0, fmt.Errorf("identify mount %s: %w", path, err)
+	}
+	if !ok {
+		return 0, nil
+	}
+	// Still the same mount after the second call.
+	if err := same(); err != nil {
+		return 0, err
+	}
+	return u, nil
 }
 
 // maxScanned bounds the work of one InUse call: the directory entries
-// (processes and their open files) it looks at. Past it, InUse gives up with
-// an error and the caller keeps what it holds.
+// (processes, their open files and the mappings worth a look) it looks
+// at. Past it, InUse gives up with an error and the caller keeps what it
+// holds.
 const maxScanned = 4 << 20
 
 // InUse reports, for each overlay in ds, whether any process on the
-// machine still uses it or one of its lowers. It reads /proc once: the
-// mount table of each mount namespace (/proc/<pid>/ns/mnt, one
+// machine still uses it or one of its lowers. It reads /proc: the mount
+// table of each mount namespace (/proc/<pid>/ns/mnt, one
 // /proc/<pid>/mountinfo per distinct namespace), then each process's cwd,
-// root, exe and open files (statx with AT_STATX_DONT_SYNC: never a call
-// to a server; fdinfo's mnt_id on kernels without STATX_MNT_ID). A
-// process counts when one of those is on the overlay's device or mount,
-// or on a lower's device; a device or mount id that another live mount
-// now has (the kernel reuses both) does not count. Not seen: a file of
-// the overlay that a process has only mapped (mmap) and has no descriptor,
-// directory or mount of left. Processes that exit while it runs are
-// skipped. Denied is the number of processes whose cwd, root, exe or
-// open files the caller may not inspect (it needs CAP_SYS_PTRACE for
-// processes of other users): their mount namespaces are still read, the
-// rest of them is not seen. An error (no /proc, more than 4 Mi entries)
-// means the answer is unknown: keep holding.
-func InUse(ds []Detached) (used []bool, denied int, err error) { return inUse("/proc", ds) }
+// root, exe, open files and mapped files (statx with AT_STATX_DONT_SYNC:
+// never a call to a server; /proc/<pid>/maps, and /proc/<pid>/map_files
+// for a mapping whose device is one of ds's).
+//
+// An overlay is in use when a mount table has it (its device with its
+// workdir) or one of its lowers (device, type and source), or when a
+// process's cwd, root, exe, open file or mapping (mmap, with or without
+// a descriptor left) is on it or on one of its lowers. Which mount a
+// process is on is decided by the mount's unique id where the kernel has
+// one (6.8+) and Detached has it: it is never reused, so a mount made
+// after this one went, with its old device and mount id, does not count.
+// Without it (older kernels, or a Detached recorded by one) a process
+// counts only when both its device and its mount id are the overlay's,
+// neither is a live mount's of another filesystem in any mount table, and
+// a second reading of the tables after the scan confirms that. A mapping
+// whose map_files link leads to the kernel's private clone of a lower
+// rather than to the overlay (kernels differ in what they show) counts by
+// the lower's device when no mount table gives that device to another
+// filesystem.
+//
+// A process the caller may not inspect (its cwd, root, exe, fd or maps
+// answer EACCES or EPERM: it needs CAP_SYS_PTRACE for other users'
+// processes, CAP_SYS_ADMIN for map_files) could be using any of them:
+// when its mount namespace (whose table anyone may read) has an overlay
+// mount, as the builder's namespace and every Nix sandbox cloned from it
+// have, each overlay counts as in use, and denied is the number of such
+// processes, for the caller to log. One in a namespace without any
+// overlay (a container's or VM's supervisor the caller may not trace even
+// as root) could reach the overlay only through a descriptor handed to it
+// or a /proc link of another process, and is not counted. A process that exits while InUse runs
+// (its /proc entry or links vanish) is skipped: by then it released its
+// files, directories and mappings. A process whose main thread exited
+// while others run is read through those threads (/proc/<pid>/task: cwd,
+// root, open files; its mappings are not seen then).
+//
+// Not seen: a copy of the overlay's mount that is in no mount namespace
+// with a process in it (a namespace kept only by a bind of its nsfs file,
+// a detached clone held by a descriptor), files in flight in a unix
+// socket, a loop device backed by a file on it, threads with a cwd or file
+// table of their own (unshare CLONE_FS or CLONE_FILES), and on kernels
+// before 6.8 another overlay that got both numbers and is itself detached.
+// An error (no /proc, more than 4 Mi entries) means the answer is unknown:
+// keep holding.
+func InUse(ds []Detached) (used []bool, denied int, err error) {
+	return inUse("/proc", ds, realKernel())
+}
 
-func inUse(proc string, ds []Detached) ([]bool, int, error) {
-	used := make([]bool, len(ds))
+// kernel is what inUse asks of the kernel besides reading /proc; tests
+// fake it.
+type kernel struct {
+	// unique: statx knows STATX_MNT_ID_UNIQUE.
+	unique bool
+	// statx returns the device and mount id (the unique one, or the
+	// legacy one) of what the /proc magic link p points at; ok is false
+	// when the kernel did not say.
+	statx func(p string, unique bool) (dev Dev, mnt uint64, ok bool, err error)
+}
+
+var realKernel = sync.OnceValue(func() kernel {
+	_, _, ok, err := statxMnt("/", true)
+	return kernel{unique: err == nil && ok, statx: statxMnt}
+})
+
+// ident is a mount as a mount table shows it.
+type ident struct{ fstype, source, work string }
+
+// tables are the mounts of every mount namespace: the identities each
+// device has, and the device each mount id has.
+type tables struct {
+	devs map[Dev][]ident
+	ids  map[int]Dev
+	// overlays: the processes whose namespace has an overlay mount.
+	overlays map[string]bool
+}
+
+// readTables reads the mount table of each distinct mount namespace of
+// pids.
+func readTables(proc string, pids []string) (tables, error) {
+	t := tables{devs: map[Dev][]ident{}, ids: map[int]Dev{}, overlays: map[string]bool{}}
+	seen := map[string]bool{}
+	hasOverlay := map[string]bool{}
+	for _, pid := range pids {
+		// The namespace's identity; a process that may not be inspected
+		// has its mount table read all the same (mountinfo is readable by
+		// all), keyed by its content.
+		ns, err := os.Readlink(filepath.Join(proc, pid, "ns", "mnt"))
+		if gone(err) {
+			continue
+		}
+		if err == nil && seen[ns] {
+			t.overlays[pid] = hasOverlay[ns]
+			continue
+		}
+		b, rerr := os.ReadFile(filepath.Join(proc, pid, "mountinfo"))
+		if rerr != nil {
+			if denied(rerr) {
+				t.overlays[pid] = true // unknown: as if it had
+				continue
+			}
+			if gone(rerr) {
+				continue
+			}
+			return t, fmt.Errorf("detached overlays in use: %w", rerr)
+		}
+		if err != nil {
+			ns = "content:" + string(b)
+			if seen[ns] {
+				t.overlays[pid] = hasOverlay[ns]
+				continue
+			}
+		}
+		seen[ns] = true
+		ms, err := mountinfo.Parse(bytes.NewReader(b))
+		if err != nil {
+			return t, fmt.Errorf("detached overlays in use: %s: %w", filepath.Join(proc, pid, "mountinfo"), err)
+		}
+		for _, m := range ms {
+			id := ident{fstype: m.FSType, source: m.Source}
+			if m.FSType == "overlay" {
+				id.work, _ = m.Option("workdir")
+				id.work = filepath.Clean(id.work)
+			}
+			d := DevOf(m)
+			t.devs[d] = append(t.devs[d], id)
+			t.ids[m.ID] = d
+			hasOverlay[ns] = hasOverlay[ns] || m.FSType == "overlay"
+		}
+		t.overlays[pid] = hasOverlay[ns]
+	}
+	return t, nil
+}
+
+// mark is what InUse looks for of one detached overlay, from the mount
+// tables.
+type mark struct {
+	// dead: its device is another superblock's now, so the overlay is
+	// gone (two live superblocks never share a device).
+	dead bool
+	// lowers: lower devices that no table gives to another filesystem.
+	lowers map[Dev]bool
+}
+
+// marks compares ds with the tables: used[i] is set for an overlay or
+// lower a table has.
+func marks(t tables, ds []Detached, used []bool) []mark {
+	mks := make([]mark, len(ds))
+	for i, d := range ds {
+		mk := mark{lowers: map[Dev]bool{}}
+		for _, id := range t.devs[d.Dev] {
+			if id.fstype == "overlay" && id.work == filepath.Clean(d.Work) {
+				used[i] = true // mounted in some namespace
+			} else {
+				mk.dead = true
+			}
+		}
+		for _, l := range d.Lowers {
+			own := true
+			for _, id := range t.devs[l.Dev] {
+				if id.fstype == l.FSType && id.source == l.Source {
+					used[i] = true // a copy of the lower's mount somewhere
+				} else {
+					own = false
+				}
+			}
+			if own {
+				mk.lowers[l.Dev] = true
+			}
+		}
+		mks[i] = mk
+	}
+	return mks
+}
+
+func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 	if len(ds) == 0 {
-		return used, 0, nil
+		return []bool{}, 0, nil
 	}
 	ents, err := os.ReadDir(proc)
 	if err != nil {
@@ -112,100 +312,16 @@ func inUse(proc string, ds []Detached) ([]bool, int, error) {
 			pids = append(pids, e.Name())
 		}
 	}
-	// Pass 1: every mount namespace's table. devs: the identity of every
-	// live mount's device; ids: the device of every live mount id.
-	type ident struct{ fstype, source, work string }
-	devs := map[Dev][]ident{}
-	ids := map[int]Dev{}
-	seen := map[string]bool{}
-	for _, pid := range pids {
-		// The namespace's identity; a process that may not be inspected
-		// has its mount table read all the same (mountinfo is readable by
-		// all), keyed by its content.
-		ns, err := os.Readlink(filepath.Join(proc, pid, "ns", "mnt"))
-		if gone(err) {
-			continue
-		}
-		if err == nil && seen[ns] {
-			continue
-		}
-		b, rerr := os.ReadFile(filepath.Join(proc, pid, "mountinfo"))
-		if rerr != nil {
-			if gone(rerr) || denied(rerr) {
-				continue
-			}
-			return nil, 0, fmt.Errorf("detached overlays in use: %w", rerr)
-		}
-		if err != nil {
-			ns = "content:" + string(b)
-			if seen[ns] {
-				continue
-			}
-		}
-		seen[ns] = true
-		ms, err := mountinfo.Parse(bytes.NewReader(b))
-		if err != nil {
-			return nil, 0, fmt.Errorf("detached overlays in use: %s: %w", filepath.Join(proc, pid, "mountinfo"), err)
-		}
-		for _, m := range ms {
-			id := ident{fstype: m.FSType, source: m.Source}
-			if m.FSType == "overlay" {
-				id.work, _ = m.Option("workdir")
-				id.work = filepath.Clean(id.work)
-			}
-			d := DevOf(m)
-			devs[d] = append(devs[d], id)
-			ids[m.ID] = d
-		}
+	t, err := readTables(proc, pids)
+	if err != nil {
+		return nil, 0, err
 	}
-	// What each detached overlay still is: a mount in some namespace
-	// (in use), or devices and ids that are its own (nothing else has them
-	// now) to look for in the processes.
-	type mark struct {
-		dev    bool         // its device is still its own
-		ids    map[int]bool // mount ids that are its own
-		lowers map[Dev]bool // lower devices still its own
-	}
-	marks := make([]mark, len(ds))
-	for i, d := range ds {
-		mk := mark{ids: map[int]bool{}, lowers: map[Dev]bool{}}
-		mk.dev = true
-		for _, id := range devs[d.Dev] {
-			if id.fstype == "overlay" && id.work == filepath.Clean(d.Work) {
-				used[i] = true // mounted in some namespace
-			} else {
-				mk.dev = false // the device is another superblock's now
-			}
-		}
-		if d.MountID != 0 {
-			if dev, ok := ids[d.MountID]; !ok || dev == d.Dev {
-				mk.ids[d.MountID] = true
-			}
-		}
-		for _, l := range d.Lowers {
-			own := true
-			for _, id := range devs[l.Dev] {
-				if id.fstype == l.FSType && id.source == l.Source {
-					used[i] = true // a copy of the lower's mount somewhere
-				} else {
-					own = false
-				}
-			}
-			if own {
-				mk.lowers[l.Dev] = true
-			}
-		}
-		marks[i] = mk
-	}
-	for id, dev := range ids {
-		for i, d := range ds {
-			if dev == d.Dev && marks[i].dev {
-				marks[i].ids[id] = true // its mount in another namespace
-			}
-		}
-	}
+	// strong: in use for sure (a mount table has it, or a process is on
+	// its mount by unique id).
+	strong := make([]bool, len(ds))
+	mks := marks(t, ds, strong)
 	all := func() bool {
-		for _, u := range used {
+		for _, u := range strong {
 			if !u {
 				return false
 			}
@@ -213,73 +329,263 @@ func inUse(proc string, ds []Detached) ([]bool, int, error) {
 		return true
 	}
 	if all() {
-		return used, 0, nil
+		return strong, 0, nil
 	}
-	// Pass 2: the processes.
-	scanned, refused := 0, 0
-	hit := func(dev Dev, mnt int, hasMnt bool) {
-		for i := range ds {
-			if used[i] {
+	// What a link is compared with: the unique ids where both the kernel
+	// and the record have them, else the legacy ids and devices.
+	byUnique := make([]bool, len(ds))
+	wantUnique, wantLegacy := false, false
+	for i, d := range ds {
+		byUnique[i] = k.unique && d.MountIDUnique != 0
+		wantUnique = wantUnique || byUnique[i]
+		wantLegacy = wantLegacy || !byUnique[i]
+	}
+	// Devices whose mappings are worth a map_files look.
+	mapDevs := map[Dev]bool{}
+	for i, d := range ds {
+		if !mks[i].dead {
+			mapDevs[d.Dev] = true
+		}
+		for _, l := range d.Lowers {
+			mapDevs[l.Dev] = true
+		}
+	}
+	// Pass 2: the processes. weakOver, weakLow: a use by device and legacy
+	// id, or by a lower's device, to be confirmed by the tables read again
+	// (a mount made meanwhile may have taken the numbers).
+	weakOver := make([]bool, len(ds))
+	weakLow := make([]map[Dev]bool, len(ds))
+	type link struct {
+		dev            Dev
+		unique, legacy uint64
+		hasU, hasL     bool
+	}
+	match := func(l link, mapping bool) {
+		for i, d := range ds {
+			if strong[i] {
 				continue
 			}
-			mk := marks[i]
-			if (mk.dev && dev == ds[i].Dev) || (hasMnt && mk.ids[mnt]) || mk.lowers[dev] {
-				used[i] = true
+			mk := mks[i]
+			switch {
+			case byUnique[i] && l.hasU && (l.unique == d.MountIDUnique || slices.ContainsFunc(d.Lowers, func(x DetachedLower) bool {
+				return x.MountIDUnique != 0 && x.MountIDUnique == l.unique
+			})):
+				strong[i] = true
+			case !byUnique[i] && !mk.dead && l.dev == d.Dev && l.hasL && int(l.legacy) == d.MountID:
+				if dev, ok := t.ids[d.MountID]; !ok || dev == d.Dev {
+					weakOver[i] = true
+				}
+			case (mapping || !byUnique[i]) && mk.lowers[l.dev]:
+				if weakLow[i] == nil {
+					weakLow[i] = map[Dev]bool{}
+				}
+				weakLow[i][l.dev] = true
 			}
 		}
 	}
-	for _, pid := range pids {
-		refusedHere := false
-		for _, l := range []string{"cwd", "root", "exe"} {
-			dev, mnt, ok, err := statxDev(filepath.Join(proc, pid, l))
-			if err == nil {
-				hit(dev, mnt, ok)
-			} else if denied(err) {
+	// look stats one /proc link; fdinfo is its fdinfo file for the
+	// legacy mount id on kernels without STATX_MNT_ID.
+	look := func(p, fdinfo string, mapping bool) error {
+		var l link
+		var err error
+		if wantUnique {
+			l.dev, l.unique, l.hasU, err = k.statx(p, true)
+			if err != nil {
+				return err
+			}
+		}
+		if wantLegacy {
+			l.dev, l.legacy, l.hasL, err = k.statx(p, false)
+			if err != nil {
+				return err
+			}
+			if !l.hasL && fdinfo != "" {
+				var n int
+				n, l.hasL = fdinfoMnt(fdinfo)
+				l.legacy = uint64(n)
+			}
+		}
+		match(l, mapping)
+		return nil
+	}
+	scanned, refused := 0, 0
+	// inspect reads one task's links: dir is /proc/<pid> or
+	// /proc/<pid>/task/<tid>. leaderGone: its cwd and root are gone
+	// while the process is still there.
+	inspect := func(dir string) (refusedHere, leaderGone bool, err error) {
+		note := func(err error) {
+			if denied(err) {
 				refusedHere = true
 			}
 		}
-		fdDir := filepath.Join(proc, pid, "fd")
+		nolink := 0
+		for _, l := range []string{"cwd", "root", "exe"} {
+			if err := look(filepath.Join(dir, l), "", false); err != nil {
+				note(err)
+				if gone(err) && l != "exe" {
+					nolink++
+				}
+			}
+		}
+		fdDir := filepath.Join(dir, "fd")
 		fds, err := os.ReadDir(fdDir)
 		if err != nil {
 			if denied(err) {
 				refusedHere = true
 			} else if !gone(err) {
-				return nil, 0, fmt.Errorf("detached overlays in use: %w", err)
+				return false, false, fmt.Errorf("detached overlays in use: %w", err)
 			}
-		}
-		if refusedHere {
-			refused++
 		}
 		scanned += 1 + len(fds)
 		if scanned > maxScanned {
-			return nil, 0, fmt.Errorf("detached overlays in use: more than %d processes and open files to look at", maxScanned)
+			return false, false, errTooMany
 		}
 		for _, fd := range fds {
-			dev, mnt, ok, err := statxDev(filepath.Join(fdDir, fd.Name()))
-			if err != nil {
-				continue // closed meanwhile
+			if err := look(filepath.Join(fdDir, fd.Name()), filepath.Join(dir, "fdinfo", fd.Name()), false); err != nil {
+				note(err) // gone: closed meanwhile
 			}
-			if !ok {
-				mnt, ok = fdinfoMnt(filepath.Join(proc, pid, "fdinfo", fd.Name()))
+		}
+		ms, err := mappings(filepath.Join(dir, "maps"), mapDevs)
+		if err != nil {
+			if denied(err) {
+				refusedHere = true
+			} else if !gone(err) {
+				return false, false, fmt.Errorf("detached overlays in use: %w", err)
 			}
-			hit(dev, mnt, ok)
+		}
+		scanned += len(ms)
+		if scanned > maxScanned {
+			return false, false, errTooMany
+		}
+		for _, m := range ms {
+			if err := look(filepath.Join(dir, "map_files", m), "", true); err != nil {
+				note(err) // gone: unmapped meanwhile
+			}
+		}
+		return refusedHere, nolink == 2, nil
+	}
+	for _, pid := range pids {
+		refusedHere, leaderGone, err := inspect(filepath.Join(proc, pid))
+		if err != nil {
+			return nil, 0, err
+		}
+		if leaderGone {
+			// A main thread that exited leaves the process's cwd, root,
+			// fds and maps unreadable through /proc/<pid>; the threads
+			// still running have them.
+			tids, _ := os.ReadDir(filepath.Join(proc, pid, "task"))
+			for _, tid := range tids {
+				if tid.Name() == pid {
+					continue
+				}
+				r, _, err := inspect(filepath.Join(proc, pid, "task", tid.Name()))
+				if err != nil {
+					return nil, 0, err
+				}
+				refusedHere = refusedHere || r
+			}
+		}
+		if refusedHere && t.overlays[pid] {
+			refused++
 		}
 		if all() {
 			break
 		}
 	}
+	// Uses found by device and legacy mount id, or by a lower's device,
+	// only: each stands when the tables read again still give neither
+	// number to another filesystem.
+	used := strong
+	for i := range ds {
+		if !strong[i] && (weakOver[i] || len(weakLow[i]) > 0) {
+			t2, err := readTables(proc, pids)
+			if err != nil {
+				return nil, 0, err
+			}
+			again := make([]bool, len(ds))
+			mks2 := marks(t2, ds, again)
+			for i, d := range ds {
+				if strong[i] {
+					continue
+				}
+				used[i] = again[i]
+				if weakOver[i] {
+					dev, has := t2.ids[d.MountID]
+					used[i] = used[i] || (!mks2[i].dead && (!has || dev == d.Dev))
+				}
+				for l := range weakLow[i] {
+					used[i] = used[i] || mks2[i].lowers[l]
+				}
+			}
+			break
+		}
+	}
+	if refused > 0 {
+		for i := range used {
+			used[i] = true
+		}
+	}
 	return used, refused, nil
 }
 
-// statxDev returns the device and, when the kernel says (STATX_MNT_ID,
-// Linux 5.8+), the mount id of what the /proc magic link p points at,
-// without asking any server for fresh attributes.
-func statxDev(p string) (Dev, int, bool, error) {
+var errTooMany = fmt.Errorf("detached overlays in use: more than %d processes, open files and mappings to look at", maxScanned)
+
+// statxMnt returns the device and mount id of what path points at (the
+// unique id with unique, Linux 6.8+; else the legacy one, Linux 5.8+),
+// without asking any server for fresh attributes; ok is false when the
+// kernel did not give the id asked for.
+func statxMnt(path string, unique bool) (Dev, uint64, bool, error) {
+	mask := unix.STATX_MNT_ID
+	if unique {
+		mask = unix.STATX_MNT_ID_UNIQUE
+	}
 	var st unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, p, unix.AT_STATX_DONT_SYNC, unix.STATX_MNT_ID, &st); err != nil {
+	if err := unix.Statx(unix.AT_FDCWD, path, unix.AT_STATX_DONT_SYNC, mask, &st); err != nil {
 		return Dev{}, 0, false, err
 	}
-	return Dev{st.Dev_major, st.Dev_minor}, int(st.Mnt_id), st.Mask&unix.STATX_MNT_ID != 0, nil
+	return Dev{st.Dev_major, st.Dev_minor}, st.Mnt_id, st.Mask&uint32(mask) != 0, nil
+}
+
+// mappings returns the /proc/<pid>/map_files names ("start-end", hex) of
+// the file mappings in the maps file p whose device is in devs, one per
+// file.
+func mappings(p string, devs map[Dev]bool) ([]string, error) {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return nil, err
+	}
+	type file struct {
+		dev Dev
+		ino string
+	}
+	seen := map[file]bool{}
+	var out []string
+	for line := range bytes.Lines(b) {
+		// start-end perms offset major:minor inode path
+		f := strings.Fields(string(line))
+		if len(f) < 5 || f[4] == "0" {
+			continue
+		}
+		ma, mi, ok := strings.Cut(f[3], ":")
+		x, err1 := strconv.ParseUint(ma, 16, 32)
+		y, err2 := strconv.ParseUint(mi, 16, 32)
+		if !ok || err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("%s: device %q: want hex major:minor", p, f[3])
+		}
+		fl := file{Dev{uint32(x), uint32(y)}, f[4]}
+		if !devs[fl.dev] || seen[fl] {
+			continue
+		}
+		seen[fl] = true
+		lo, hi, ok := strings.Cut(f[0], "-")
+		s, err1 := strconv.ParseUint(lo, 16, 64)
+		e, err2 := strconv.ParseUint(hi, 16, 64)
+		if !ok || err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("%s: range %q: want hex start-end", p, f[0])
+		}
+		out = append(out, fmt.Sprintf("%x-%x", s, e))
+	}
+	return out, nil
 }
 
 // fdinfoMnt reads the mnt_id line of /proc/<pid>/fdinfo/<fd>.

@@ -29,6 +29,9 @@ import (
 // failing test leaves behind, disappears with the process and never
 // reaches the host.
 func TestMain(m *testing.M) {
+	if f := os.Getenv(mmapHelperEnv); f != "" {
+		mmapHelper(f)
+	}
 	testenv.PrivateMountNS()
 	os.Exit(m.Run())
 }

@@ -28,6 +28,7 @@ var otherEnv = map[string]string{
 	"STRATA_TEST_GOSSIP_HOLD":        "cmd/strata tests: gossip member holds",
 	"STRATA_BUILDER_TEST_AGENT":      "builder tests: run an agent",
 	"STRATA_TEST_PRIVATE_MOUNT_NS":   "builder, overlay tests: in a private mount namespace (testenv.PrivateMountNS)",
+	"STRATA_OVERLAYTEST_MMAP":        "overlay tests: map a file and hold only the mapping",
 	"STRATA_NFSTEST_SERVE":           "server/nfs tests: serve an export",
 	"STRATA_NFSTEST_MAX_CONNS":       "server/nfs tests: connection cap",
 	"STRATA_NFSTEST_NOFILE":          "server/nfs tests: file descriptor limit",

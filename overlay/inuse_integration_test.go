@@ -1,0 +1,197 @@
+//go:build integration
+
+package overlay
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/strata-nix/strata/mountinfo"
+)
+
+// mmapHelperEnv makes the test binary map the file it names, close it,
+// leave its directory, print "mapped" and wait for stdin to close.
+const mmapHelperEnv = "STRATA_OVERLAYTEST_MMAP"
+
+func mmapHelper(path string) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	b, err := unix.Mmap(fd, 0, 4096, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	_ = unix.Close(fd)
+	_ = os.Chdir("/")
+	fmt.Printf("mapped %c\n", b[0])
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	os.Exit(0)
+}
+
+// testOverlay mounts an overlay of fresh directories under base at
+// base/m and returns its mount and Detached record (taken as the builder
+// takes it before a swap).
+func testOverlay(t *testing.T, base string) (string, Detached) {
+	t.Helper()
+	for _, d := range []string{"l", "u", "w", "m"} {
+		must(t, os.MkdirAll(filepath.Join(base, d), 0o755))
+	}
+	writeFile(t, filepath.Join(base, "l", "lowerfile"), strings.Repeat("x", 8192))
+	mp := filepath.Join(base, "m")
+	if err := unix.Mount("overlay", mp, "overlay", 0, "lowerdir="+base+"/l,upperdir="+base+"/u,workdir="+base+"/w"); err != nil {
+		t.Fatalf("mount overlay: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(mp, unix.MNT_DETACH) })
+	m, ok := mountinfo.Top(readMounts(t), mp)
+	if !ok {
+		t.Fatalf("no mount at %s", mp)
+	}
+	u, err := IdentityOf(mp, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if (u != 0) != realKernel().unique {
+		t.Fatalf("unique mount id %d, kernel has them: %v", u, realKernel().unique)
+	}
+	return mp, Detached{Dev: DevOf(m), MountID: m.ID, MountIDUnique: u, Work: filepath.Join(base, "w")}
+}
+
+func inUseNow(t *testing.T, unique bool, ds ...Detached) []bool {
+	t.Helper()
+	k := realKernel()
+	k.unique = k.unique && unique
+	used, denied, err := inUse("/proc", ds, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("in use (unique ids: %v): %v, %d processes not inspected", k.unique, used, denied)
+	return used
+}
+
+// On this kernel: a detached overlay whose device and mount id the next
+// overlay got (the kernel hands out the lowest free numbers) is not in
+// use because a process sits on that next overlay, even once that one is
+// detached too and so in no mount table; the next overlay is. Without
+// unique ids (kernels before 6.8) the same holds while the new mount is
+// in a table; once it is detached as well, both numbers are all there is
+// to compare, and the old overlay counts (logged, documented in InUse).
+func TestInUseNumbersReusedRealKernel(t *testing.T) {
+	requireOverlay(t)
+	base := t.TempDir()
+	var mpB string
+	var a, b Detached
+	for try := 0; ; try++ {
+		mpA, da := testOverlay(t, filepath.Join(base, fmt.Sprint("a", try)))
+		if !inUseNow(t, true, da)[0] {
+			t.Fatal("a mounted overlay is not in use")
+		}
+		must(t, unix.Unmount(mpA, unix.MNT_DETACH))
+		if inUseNow(t, true, da)[0] {
+			t.Fatal("an overlay detached with nothing on it is in use")
+		}
+		mp, db := testOverlay(t, filepath.Join(base, fmt.Sprint("b", try)))
+		if db.Dev == da.Dev {
+			mpB, a, b = mp, da, db
+			break
+		}
+		// Another mount on the machine took the number first.
+		if try == 20 {
+			t.Fatalf("no overlay got the device of a detached one in 20 tries")
+		}
+		must(t, unix.Unmount(mp, unix.MNT_DETACH))
+	}
+	t.Logf("detached overlay %+v; next overlay %+v (mount id reused: %v)", a, b, a.MountID == b.MountID)
+	if u := inUseNow(t, false, Detached{Dev: a.Dev, MountID: a.MountID, Work: a.Work}); u[0] {
+		t.Fatal("without unique ids: the old overlay counts while its device is another mount's in the table")
+	}
+	sleep := exec.Command("sleep", "600")
+	sleep.Dir = mpB
+	must(t, sleep.Start())
+	t.Cleanup(func() { _ = sleep.Process.Kill(); _ = sleep.Wait() })
+	must(t, unix.Unmount(mpB, unix.MNT_DETACH))
+	if !realKernel().unique {
+		t.Fatalf("this kernel has no STATX_MNT_ID_UNIQUE (Linux 6.8+)")
+	}
+	if u := inUseNow(t, true, a, b); u[0] || !u[1] {
+		t.Fatalf("in use = %v, want [false true]: the process is on the next overlay only", u)
+	}
+	u := inUseNow(t, false, Detached{Dev: a.Dev, MountID: a.MountID, Work: a.Work})
+	t.Logf("without unique ids, both overlays detached, mount id reused %v: old overlay in use = %v", a.MountID == b.MountID, u[0])
+	_ = sleep.Process.Kill()
+	_ = sleep.Wait()
+	if u := inUseNow(t, true, a, b); u[0] || u[1] {
+		t.Fatalf("in use = %v after the process exited, want [false false]", u)
+	}
+}
+
+// A process that only maps a file of a detached overlay (no descriptor,
+// cwd elsewhere) keeps it in use, by unique id and without; once it exits
+// the overlay is free.
+func TestInUseMappedOnlyRealKernel(t *testing.T) {
+	requireOverlay(t)
+	for _, f := range []string{"lowerfile", "upperfile"} {
+		t.Run(f, func(t *testing.T) {
+			mp, d := testOverlay(t, t.TempDir())
+			if f == "upperfile" {
+				writeFile(t, filepath.Join(mp, f), strings.Repeat("y", 8192))
+			}
+			cmd := exec.Command(os.Args[0])
+			cmd.Env = append(os.Environ(), mmapHelperEnv+"="+filepath.Join(mp, f))
+			in, err := cmd.StdinPipe()
+			must(t, err)
+			out, err := cmd.StdoutPipe()
+			must(t, err)
+			cmd.Stderr = os.Stderr
+			must(t, cmd.Start())
+			t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+			line, err := bufio.NewReader(out).ReadString('\n')
+			if err != nil || !strings.HasPrefix(line, "mapped") {
+				t.Fatalf("helper: %q %v", line, err)
+			}
+			must(t, unix.Unmount(mp, unix.MNT_DETACH))
+			maps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/maps", cmd.Process.Pid))
+			t.Logf("helper maps:\n%s", grepLines(string(maps), f))
+			for _, unique := range []bool{true, false} {
+				if !inUseNow(t, unique, d)[0] {
+					t.Fatalf("unique ids %v: an overlay a process has a file of mapped is not in use", unique)
+				}
+			}
+			in.Close()
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				must(t, err)
+			case <-time.After(10 * time.Second):
+				t.Fatal("helper did not exit")
+			}
+			for _, unique := range []bool{true, false} {
+				if inUseNow(t, unique, d)[0] {
+					t.Fatalf("unique ids %v: in use after the process exited", unique)
+				}
+			}
+		})
+	}
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
