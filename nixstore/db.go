@@ -115,6 +115,11 @@ func readDB(ctx context.Context, dbDir string, full bool) (*Rows, error) {
 		return nil, err
 	}
 	defer done()
+	return readOpenDB(ctx, db, full)
+}
+
+// readOpenDB is readDB of a database openSnapshotDB opened.
+func readOpenDB(ctx context.Context, db *sql.DB, full bool) (*Rows, error) {
 	db.SetMaxOpenConns(2)
 	paths, err := db.Conn(ctx)
 	if err != nil {

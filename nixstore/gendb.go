@@ -46,16 +46,24 @@ type DBFile struct {
 // with VACUUM INTO, so it has no free pages and no log; it is left in WAL
 // mode, as Nix keeps its DB. It passes PRAGMA integrity_check and
 // foreign_key_check before it is renamed to dst. The schema version must
-// be one ImportDB knows.
-func BuildGenerationDB(ctx context.Context, dbDir, dst string, root GenerationRoot, regTime int64) (DBFile, error) {
-	f, err := buildGenerationDB(ctx, dbDir, dst, root, regTime)
+// be one ImportDB knows. The valid paths copied must be the generation's:
+// their registration (WriteRegistration) must have the sha256
+// registration, the one its manifest records (on a replica, the one
+// checked against the primary's manifest); otherwise ErrNotRegistration,
+// and no file.
+func BuildGenerationDB(ctx context.Context, dbDir, dst string, root GenerationRoot, regTime int64, registration string) (DBFile, error) {
+	f, err := buildGenerationDB(ctx, dbDir, dst, root, regTime, registration)
 	if err != nil {
 		return f, fmt.Errorf("build generation db from %s: %w", dbDir, err)
 	}
 	return f, nil
 }
 
-func buildGenerationDB(ctx context.Context, dbDir, dst string, root GenerationRoot, regTime int64) (DBFile, error) {
+// ErrNotRegistration is BuildGenerationDB's error for a DB whose valid
+// paths are not those of the generation's registration.
+var ErrNotRegistration = errors.New("the nix db's valid paths are not the generation's registration")
+
+func buildGenerationDB(ctx context.Context, dbDir, dst string, root GenerationRoot, regTime int64, registration string) (DBFile, error) {
 	var out DBFile
 	v, err := SchemaVersion(dbDir)
 	if err != nil {
@@ -82,6 +90,23 @@ func buildGenerationDB(ctx context.Context, dbDir, dst string, root GenerationRo
 	if err != nil {
 		return out, err
 	}
+	// The rows checked are the rows copied: one open database (read-only
+	// and immutable, or a private copy), read and then vacuumed.
+	rs, err := readOpenDB(ctx, src, false)
+	if err != nil {
+		done()
+		return out, err
+	}
+	sum, err := RegistrationSHA256(rs.Infos())
+	if err != nil {
+		done()
+		return out, err
+	}
+	if sum != registration {
+		done()
+		return out, fmt.Errorf("%w: its %d valid paths give registration sha256 %s, the generation's is %s", ErrNotRegistration, len(rs.Paths), sum, registration)
+	}
+	rs = nil
 	_, err = src.ExecContext(ctx, "VACUUM INTO ?", tmp)
 	done()
 	if err != nil {

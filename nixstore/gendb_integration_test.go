@@ -25,7 +25,15 @@ import (
 func genDB(t *testing.T, central nixtest.Store, gen uint64) (string, DBFile) {
 	t.Helper()
 	dst := filepath.Join(t.TempDir(), "nixdb.sqlite")
-	f, err := BuildGenerationDB(context.Background(), dbDir(central), dst, RootOf("/nix/store", gen), 1_700_000_000)
+	infos, err := ReadDB(context.Background(), dbDir(central))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := RegistrationSHA256(infos)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := BuildGenerationDB(context.Background(), dbDir(central), dst, RootOf("/nix/store", gen), 1_700_000_000, reg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,7 +24,11 @@ import (
 // snapshot's own db.sqlite, made self-contained with VACUUM INTO, with
 // the generation's GC root registered (nixstore.BuildGenerationDB). It is
 // made on the first request for it, from the snapshot (so a replica,
-// which receives the same snapshot, makes the same file), and kept in the
+// which receives the same snapshot, makes the same file), only when the
+// DB's valid paths give the registration the generation's manifest
+// records (on a replica, the one checked against the primary's manifest:
+// a received snapshot whose own DB disagrees serves no DB, 409, and
+// builders import from the registration), and kept in the
 // generation's state directory zstd-compressed (nixdb.sqlite.zst) with
 // what it is (nixdb.json), until retention removes the directory. Making
 // it is serialised (nixdbMu): many builders starting at once cost one.
@@ -61,7 +65,7 @@ func (s *Server) NixDB(id uint64) (string, api.NixDB, error) {
 		return "", api.NixDB{}, fmt.Errorf("generation %d: %w", id, ErrUnknownGeneration)
 	}
 	start := time.Now()
-	d, err := buildNixDB(s, dir, DBDir(snap), id, g.Created.Unix())
+	d, err := buildNixDB(s, dir, DBDir(snap), id, g.Created.Unix(), g.RegistrationSHA256)
 	if err != nil {
 		return "", api.NixDB{}, fmt.Errorf("generation %d: nix db: %w", id, err)
 	}
@@ -87,10 +91,10 @@ func readNixDBInfo(dir string) (api.NixDB, error) {
 
 // buildNixDB writes dir/nixdb.sqlite.zst, then dir/nixdb.json, each
 // through a temporary file renamed into place.
-func buildNixDB(s *Server, dir, dbDir string, id uint64, created int64) (api.NixDB, error) {
+func buildNixDB(s *Server, dir, dbDir string, id uint64, created int64, registration string) (api.NixDB, error) {
 	raw := filepath.Join(dir, ".nixdb.sqlite")
 	defer os.Remove(raw)
-	f, err := nixstore.BuildGenerationDB(s.life, dbDir, raw, nixstore.RootOf(s.cfg.StoreDir, id), created)
+	f, err := nixstore.BuildGenerationDB(s.life, dbDir, raw, nixstore.RootOf(s.cfg.StoreDir, id), created, registration)
 	if err != nil {
 		return api.NixDB{}, err
 	}
@@ -150,6 +154,8 @@ func (s *Server) serveNixDB(w http.ResponseWriter, r *http.Request, id uint64) {
 		code := statusOf(err)
 		if errors.Is(err, nixstore.ErrUnknownSchema) {
 			code = http.StatusNotImplemented
+		} else if errors.Is(err, nixstore.ErrNotRegistration) {
+			code = http.StatusConflict
 		}
 		writeErr(w, code, err)
 		return

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -16,9 +17,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/nixstore"
+	"github.com/strata-nix/strata/server/replica"
+	"github.com/strata-nix/strata/snapshot/btrfs"
 )
 
 // TestNixDBEndpoint: GET /v1/generations/N/nixdb serves the generation's
@@ -143,5 +149,86 @@ func TestReplicaServesSameNixDB(t *testing.T) {
 		if a != b || a.Paths < 5 {
 			t.Errorf("generation %d: the replica's nix db %+v, the primary's %+v", id, b, a)
 		}
+	}
+}
+
+// lyingPrimary is the primary's API claiming that generation lie has the
+// registration of generation like (its manifest and its delta from like
+// say so), while its snapshot stream is the real one.
+type lyingPrimary struct {
+	replica.Primary
+	lie, like uint64
+}
+
+func (p lyingPrimary) Generations(ctx context.Context) (api.GenerationList, error) {
+	l, err := p.Primary.Generations(ctx)
+	var sum string
+	for _, g := range l.Generations {
+		if g.ID == p.like {
+			sum = g.RegistrationSHA256
+		}
+	}
+	for i := range l.Generations {
+		if l.Generations[i].ID == p.lie {
+			l.Generations[i].RegistrationSHA256 = sum
+		}
+	}
+	return l, err
+}
+
+func (p lyingPrimary) Delta(ctx context.Context, from, to uint64) (api.Delta, error) {
+	if from == p.like && to == p.lie {
+		return api.Delta{From: from, To: to, Removed: []string{}}, nil
+	}
+	return p.Primary.Delta(ctx, from, to)
+}
+
+// TestReplicaNixDBMatchesRegistration: a replica serves a generation's Nix
+// DB only when the received snapshot's own DB gives the registration it
+// checked against the primary's manifest. A generation made live from a
+// registration (the primary's delta, staged) that the snapshot's DB does
+// not give gets no DB (409 naming both sha256s), and builders import from
+// the checked registration; the generations whose DB agrees still get
+// theirs.
+func TestReplicaNixDBMatchesRegistration(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.AddText(t, "one", "1\n")
+	publish(t, prim.srv.Server)
+	prim.c.store.AddText(t, "two", "2\n")
+	publish(t, prim.srv.Server)
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, _ := re.start(t, "primary-token")
+	b, err := btrfs.NewReplica(re.snapDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := replica.New(replica.Options{Backend: b, Target: rs.Server, StateDir: re.cfg.StateDir, Registry: prometheus.NewRegistry(),
+		Primary: lyingPrimary{replica.Fixed(api.NewClient(prim.api.URL, "primary-token"), prim.api.URL), 2, 1}})
+	if res := syncOnce(t, p); len(res.Received) != 2 || res.Received[1].From != 1 {
+		t.Fatalf("received %+v, want 1, then 2 from 1", res.Received)
+	}
+	g1, _ := rs.Generation(1)
+	g2, _ := rs.Generation(2)
+	if g2.RegistrationSHA256 != g1.RegistrationSHA256 {
+		t.Fatalf("generation 2 went live with registration %s, want the lie (generation 1's %s)", g2.RegistrationSHA256, g1.RegistrationSHA256)
+	}
+	if _, d, err := rs.NixDB(1); err != nil || d.Paths < 2 {
+		t.Fatalf("generation 1's nix db: %+v %v", d, err)
+	}
+	_, d, err := rs.NixDB(2)
+	if !errors.Is(err, nixstore.ErrNotRegistration) || !strings.Contains(err.Error(), g2.RegistrationSHA256) {
+		t.Fatalf("generation 2's nix db: %+v %v, want refused naming its registration %s", d, err, g2.RegistrationSHA256)
+	}
+	for _, f := range []string{nixDBFile, nixDBInfo} {
+		if _, err := os.Stat(filepath.Join(re.cfg.StateDir, "generations", "2", f)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s of the refused generation: %v, want none", f, err)
+		}
+	}
+	hs := httptest.NewServer(rs.Handler(apiserve.NewToken(""), nil, func() any { return nil }))
+	defer hs.Close()
+	_, _, err = api.NewClient(hs.URL, "").NixDB(context.Background(), 2)
+	var se *api.StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusConflict {
+		t.Fatalf("GET /v1/generations/2/nixdb: %v, want 409", err)
 	}
 }
