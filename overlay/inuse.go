@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -409,6 +410,7 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 		return nil
 	}
 	scanned, refused := 0, 0
+	var mapsBuf []byte
 	// inspect reads one task's links: dir is /proc/<pid> or
 	// /proc/<pid>/task/<tid>. leaderGone: its cwd and root are gone
 	// while the process is still there.
@@ -445,7 +447,7 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 				note(err) // gone: closed meanwhile
 			}
 		}
-		ms, err := mappings(filepath.Join(dir, "maps"), mapDevs)
+		ms, err := mappings(filepath.Join(dir, "maps"), mapDevs, &mapsBuf)
 		if err != nil {
 			if denied(err) {
 				refusedHere = true
@@ -548,9 +550,9 @@ func statxMnt(path string, unique bool) (Dev, uint64, bool, error) {
 
 // mappings returns the /proc/<pid>/map_files names ("start-end", hex) of
 // the file mappings in the maps file p whose device is in devs, one per
-// file.
-func mappings(p string, devs map[Dev]bool) ([]string, error) {
-	b, err := os.ReadFile(p)
+// file. buf is reused between calls.
+func mappings(p string, devs map[Dev]bool, buf *[]byte) ([]string, error) {
+	b, err := readAll(p, buf)
 	if err != nil {
 		return nil, err
 	}
@@ -562,30 +564,72 @@ func mappings(p string, devs map[Dev]bool) ([]string, error) {
 	var out []string
 	for line := range bytes.Lines(b) {
 		// start-end perms offset major:minor inode path
-		f := strings.Fields(string(line))
-		if len(f) < 5 || f[4] == "0" {
+		var f [5][]byte
+		rest := line
+		n := 0
+		for ; n < 5; n++ {
+			rest = bytes.TrimLeft(rest, " ")
+			var ok bool
+			if f[n], rest, ok = bytes.Cut(rest, []byte(" ")); !ok {
+				f[n] = bytes.TrimRight(f[n], "\n")
+				n++
+				break
+			}
+		}
+		if n < 5 || string(f[4]) == "0" {
 			continue
 		}
-		ma, mi, ok := strings.Cut(f[3], ":")
-		x, err1 := strconv.ParseUint(ma, 16, 32)
-		y, err2 := strconv.ParseUint(mi, 16, 32)
+		ma, mi, ok := bytes.Cut(f[3], []byte(":"))
+		x, err1 := strconv.ParseUint(string(ma), 16, 32)
+		y, err2 := strconv.ParseUint(string(mi), 16, 32)
 		if !ok || err1 != nil || err2 != nil {
 			return nil, fmt.Errorf("%s: device %q: want hex major:minor", p, f[3])
 		}
-		fl := file{Dev{uint32(x), uint32(y)}, f[4]}
-		if !devs[fl.dev] || seen[fl] {
+		fl := file{Dev{uint32(x), uint32(y)}, ""}
+		if !devs[fl.dev] {
+			continue
+		}
+		fl.ino = string(f[4])
+		if seen[fl] {
 			continue
 		}
 		seen[fl] = true
-		lo, hi, ok := strings.Cut(f[0], "-")
-		s, err1 := strconv.ParseUint(lo, 16, 64)
-		e, err2 := strconv.ParseUint(hi, 16, 64)
+		lo, hi, ok := bytes.Cut(f[0], []byte("-"))
+		s, err1 := strconv.ParseUint(string(lo), 16, 64)
+		e, err2 := strconv.ParseUint(string(hi), 16, 64)
 		if !ok || err1 != nil || err2 != nil {
 			return nil, fmt.Errorf("%s: range %q: want hex start-end", p, f[0])
 		}
 		out = append(out, fmt.Sprintf("%x-%x", s, e))
 	}
 	return out, nil
+}
+
+// readAll reads the /proc file p into *buf (grown as needed) and returns
+// the bytes read.
+func readAll(p string, buf *[]byte) ([]byte, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if len(*buf) == 0 {
+		*buf = make([]byte, 64<<10)
+	}
+	n := 0
+	for {
+		if n == len(*buf) {
+			*buf = append(*buf, make([]byte, len(*buf))...)
+		}
+		m, err := f.Read((*buf)[n:])
+		n += m
+		if err == io.EOF || (err == nil && m == 0) {
+			return (*buf)[:n], nil
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
 }
 
 // fdinfoMnt reads the mnt_id line of /proc/<pid>/fdinfo/<fd>.
