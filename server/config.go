@@ -276,6 +276,18 @@ func (c Config) ClusterMeta(version string) cluster.Meta {
 	return m
 }
 
+// ErrConfig is wrapped by the errors with which Daemon refuses a start over
+// what the configuration names (an unsafe api.token_file, a replica's
+// missing replica.token_file): configuration errors as ConfigFrom's are,
+// which `strata server` exits 2 on (and its unit does not restart on).
+var ErrConfig = errors.New("configuration error")
+
+// configError marks err as an ErrConfig without changing its message.
+type configError struct{ err error }
+
+func (e configError) Error() string   { return e.err.Error() }
+func (e configError) Unwrap() []error { return []error{e.err, ErrConfig} }
+
 // Replica reports whether the server is a replica (replica.of or
 // replica.from_cluster): it publishes nothing and receives the primary's
 // generations.

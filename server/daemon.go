@@ -332,14 +332,14 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	}
 	tokenText, err := apiserve.ReadToken(cfg.TokenFile, "api.token_file")
 	if err != nil {
-		return err
+		return configError{err}
 	}
 	if w := apiserve.TokenWarning(tokenText, cfg.TokenFile, "api.token_file", cfg.APIListen); w != "" {
 		log.Warn("no API token", "why", w)
 	}
 	if cfg.Replica() {
 		if _, err := replicaToken(cfg); err != nil {
-			return err
+			return configError{err}
 		}
 	}
 	// Everything that refuses a start is checked before anything is

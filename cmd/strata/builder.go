@@ -52,6 +52,11 @@ stops the start, naming it.`,
 			fmt.Fprintln(cmd.OutOrStdout(), "configuration: ok")
 			return nil
 		}
+		// An unsafe api.token_file is a configuration error (exit 2) as a
+		// bad key is; the start would refuse it first thing anyway.
+		if err := builder.CheckSecrets(cfg); err != nil {
+			return usageError{err}
+		}
 		log, level := newLogger(cfg.LogLevel)
 		return builder.Daemon(cmd.Context(), cfg, log, builder.DaemonOptions{
 			Notify:   lifecycle.Systemd(log),

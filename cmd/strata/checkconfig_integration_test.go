@@ -100,9 +100,11 @@ func TestBuilderCheckConfigReadsSecrets(t *testing.T) {
 	if code != 1 || !strings.Contains(out, "ERROR: "+want) || !strings.Contains(out, "\nconfiguration: refused\n") || strings.Contains(out, "configuration: ok") {
 		t.Errorf("builder --check-config with a 0644 token file: exit %d, want 1 and %q:\n%s", code, want, out)
 	}
+	// The start refuses it as a configuration error: exit 2 (the unit does
+	// not restart on it).
 	out, code = runStrata(t, nil, "builder", "--config", cfg)
-	if code != 1 || !strings.Contains(out, want) {
-		t.Errorf("builder start with a 0644 token file: exit %d, want 1 and %q:\n%s", code, want, out)
+	if code != 2 || !strings.Contains(out, want) {
+		t.Errorf("builder start with a 0644 token file: exit %d, want 2 and %q:\n%s", code, want, out)
 	}
 	if ents, err := os.ReadDir(state); !os.IsNotExist(err) {
 		t.Errorf("the refused start made state_dir %s (%d entries: %v)", state, len(ents), err)

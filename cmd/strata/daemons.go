@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -84,7 +85,7 @@ strata does not read (a mistyped key) stops the start, naming it.`,
 			return server.Check(cmd.Context(), cfg, cmd.OutOrStdout())
 		}
 		log, level := newLogger(cfg.LogLevel)
-		return server.Daemon(cmd.Context(), cfg, log, server.DaemonOptions{
+		err = server.Daemon(cmd.Context(), cfg, log, server.DaemonOptions{
 			Notify:   lifecycle.Systemd(log),
 			Watchdog: lifecycle.WatchdogInterval(),
 			Hup:      hangups(cmd.Context()),
@@ -101,6 +102,10 @@ strata does not read (a mistyped key) stops the start, naming it.`,
 				return next, err
 			},
 		})
+		if errors.Is(err, server.ErrConfig) {
+			return usageError{err}
+		}
+		return err
 	}
 	return cmd
 }

@@ -92,6 +92,29 @@ func TestServerRefusesBadConfigAndStartsNothing(t *testing.T) {
 	}
 }
 
+// A replica whose replica.token_file is missing, or a token file others
+// may read, is a configuration error: exit 2, as a bad key (the unit's
+// RestartPreventExitStatus=2 then does not restart into it every 5 s).
+func TestServerSecretFileExit2(t *testing.T) {
+	dir := t.TempDir()
+	open := filepath.Join(dir, "api-token")
+	os.WriteFile(open, []byte("tok\n"), 0o644)
+	for name, tc := range map[string]struct{ yaml, want string }{
+		"replica token missing": {"replica:\n  of: http://127.0.0.1:1\n  token_file: " + filepath.Join(dir, "none") + "\n",
+			"replica.token_file " + filepath.Join(dir, "none") + " is missing or empty"},
+		"api token readable by others": {"api:\n  token_file: " + open + "\n", "has mode 0644"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".yaml")
+			os.WriteFile(f, []byte(tc.yaml+"state_dir: "+filepath.Join(dir, "state")+"\nsnapshot:\n  snapshot_dir: "+filepath.Join(dir, "snaps")+"\n"), 0o644)
+			out, code := runStrata(t, []string{"STRATA_API_LISTEN=", "STRATA_NFS_LISTEN="}, "server", "--config", f)
+			if code != 2 || !strings.Contains(out, tc.want) {
+				t.Fatalf("exit %d, output %q; want exit 2 and %q", code, out, tc.want)
+			}
+		})
+	}
+}
+
 func TestVersionAndHelp(t *testing.T) {
 	out, code := runStrata(t, nil, "version")
 	if code != 0 || !strings.HasPrefix(out, "strata ") {
@@ -146,4 +169,3 @@ func TestUnreadableTokenFileRefused(t *testing.T) {
 		t.Errorf("no token file given: %s", out)
 	}
 }
-
