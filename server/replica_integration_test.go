@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -482,6 +483,87 @@ func rowsOf(t *testing.T, s *Server, id uint64) []byte {
 	}
 	defer f.Close()
 	b, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestReplicaRefusesPrimaryStartedOver: a primary that lost its state dir
+// and snapshots publishes from generation 1 again, with the same central
+// store (same store identity). The replica refuses it loudly at every
+// sync (ErrDiverged, naming the generation and both registrations), while
+// the primary's newest is older than the replica's and once it is past
+// it (its generation 3 would have come next to other content under 1 and
+// 2); it receives nothing,
+// destroys nothing, and keeps serving what it had, unchanged.
+func TestReplicaRefusesPrimaryStartedOver(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.AddText(t, "one", "1\n")
+	publish(t, prim.srv.Server)
+	prim.c.store.AddText(t, "two", "2\n")
+	publish(t, prim.srv.Server)
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, p := re.start(t, "primary-token")
+	syncOnce(t, p)
+	had := map[uint64]string{1: regSHA(t, rs.Server, 1), 2: regSHA(t, rs.Server, 2)}
+	walks := map[uint64]string{1: exportWalk(t, rs.nfsAddr, 1), 2: exportWalk(t, rs.nfsAddr, 2)}
+
+	// The primary starts over: a new state dir and snapshot dir, the same
+	// store.
+	prim.srv.Shutdown()
+	c := prim.c
+	c.cfg.StateDir = filepath.Join(t.TempDir(), "state")
+	c.cfg.SnapshotDir = filepath.Join(filepath.Dir(c.cfg.SnapshotDir), "snaps-again")
+	if err := os.MkdirAll(c.cfg.SnapshotDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	again := c.server(t)
+	t.Cleanup(again.Shutdown)
+	ts := httptest.NewServer(again.Handler(apiserve.NewToken("primary-token"), nil, func() any { return nil }))
+	t.Cleanup(ts.Close)
+	c.store.AddText(t, "three", "3\n")
+	if id := publish(t, again); id != 1 {
+		t.Fatalf("the primary started over published generation %d, want 1", id)
+	}
+	if again.StoreID() != rs.StoreID() {
+		t.Fatalf("store %s on the primary started over, %s on the replica: want the same store", again.StoreID(), rs.StoreID())
+	}
+	p = replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(ts.URL, "primary-token"), ts.URL),
+		Backend: mustReplicaBackend(t, re.snapDir), Target: rs.Server, StateDir: re.cfg.StateDir, Registry: prometheus.NewRegistry()})
+	check := func(want string) {
+		t.Helper()
+		res, err := p.Sync(context.Background())
+		if !errors.Is(err, replica.ErrDiverged) || !strings.Contains(err.Error(), want) || len(res.Received) != 0 {
+			t.Fatalf("sync: %+v %v, want ErrDiverged naming %q and nothing received", res.Received, err, want)
+		}
+		if got := ids(rs.Generations()); fmt.Sprint(got) != "[1 2]" {
+			t.Fatalf("the replica serves %v, want [1 2] as before", got)
+		}
+		for id, sum := range had {
+			if regSHA(t, rs.Server, id) != sum || exportWalk(t, rs.nfsAddr, id) != walks[id] {
+				t.Errorf("generation %d changed on the replica", id)
+			}
+			if _, err := os.Stat(filepath.Join(re.snapDir, fmt.Sprintf("strata-%d", id))); err != nil {
+				t.Errorf("generation %d's snapshot: %v", id, err)
+			}
+		}
+	}
+	g1, _ := again.Generation(1)
+	want := fmt.Sprintf("has generation 1 with registration sha256 %s, this replica has generation 1 with %s", g1.RegistrationSHA256, had[1])
+	check(want)
+	// Past the replica's ids: generation 3 would have been received
+	// (whole: no common base) next to the replica's other 1 and 2.
+	for _, n := range []string{"four", "five"} {
+		c.store.AddText(t, n, n+"\n")
+		publish(t, again)
+	}
+	check(want)
+}
+
+func mustReplicaBackend(t *testing.T, dir string) *btrfs.Backend {
+	t.Helper()
+	b, err := btrfs.NewReplica(dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -182,6 +182,12 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		p.m.syncs.WithLabelValues("refused").Inc()
 		return res, err
 	}
+	if err := p.diverged(list); err != nil {
+		p.m.syncs.WithLabelValues("refused").Inc()
+		p.m.diverged.Set(1)
+		return res, err
+	}
+	p.m.diverged.Set(0)
 	pins := map[uint64]bool{}
 	for _, g := range list.Generations {
 		if g.Pinned {
@@ -266,6 +272,56 @@ func (p *Puller) check(list api.GenerationList) error {
 	}
 	if mine := p.target.StoreID(); mine != "" && list.Store != "" && list.Store != mine {
 		return fmt.Errorf("primary %s serves central store %s, but this replica's generations come from store %s (a primary of another cluster?): nothing received", p.primary.URL(), list.Store, mine)
+	}
+	return nil
+}
+
+// ErrDiverged means the primary's generations contradict this replica's:
+// one of its generations has another registration under an id this
+// replica serves, or its newest is older than this replica's newest (the
+// primary's state and snapshots were lost and it publishes from
+// generation 1 again, with the same store). Nothing is received (the
+// primary's new generations would come under ids that name other content
+// here, or be skipped as older than what is here), nothing is destroyed
+// (retention does not run: the primary's list says nothing about this
+// replica's generations), and every sync fails with it until an operator
+// resolves it.
+var ErrDiverged = errors.New("the primary's generations contradict this replica's")
+
+// diverged refuses a primary whose generations contradict this replica's
+// (ErrDiverged).
+func (p *Puller) diverged(list api.GenerationList) error {
+	local := p.target.Generations()
+	if len(local) == 0 {
+		return nil
+	}
+	here := map[uint64]api.Generation{}
+	for _, g := range local {
+		here[g.ID] = g
+	}
+	var newest uint64
+	for _, gs := range [][]api.Generation{list.Generations, list.Missing} {
+		for _, g := range gs {
+			newest = max(newest, g.ID)
+			if h, ok := here[g.ID]; ok && g.RegistrationSHA256 != "" && g.RegistrationSHA256 != h.RegistrationSHA256 {
+				return fmt.Errorf("%w: primary %s has generation %d with registration sha256 %s, this replica has generation %d with %s "+
+					"(the same id for other content: was the primary's state_dir lost, so that it published from generation 1 again?); "+
+					"nothing received, nothing destroyed here, and every sync refuses until the ids agree again "+
+					"(give the primary a next generation id above this replica's newest, %d, in its state_dir/next-id, or empty this replica)",
+					ErrDiverged, p.primary.URL(), g.ID, g.RegistrationSHA256, g.ID, h.RegistrationSHA256, local[len(local)-1].ID)
+			}
+		}
+	}
+	if mine := local[len(local)-1].ID; newest < mine {
+		what := fmt.Sprintf("its newest generation is %d", newest)
+		if newest == 0 {
+			what = "it has no generation"
+		}
+		return fmt.Errorf("%w: primary %s went back: %s, this replica has generations up to %d "+
+			"(was the primary's state_dir lost, so that it publishes from generation 1 again?); "+
+			"nothing received, nothing destroyed here, and every sync refuses until the primary's newest generation is at least %d "+
+			"(give the primary a next generation id above %d in its state_dir/next-id, or empty this replica)",
+			ErrDiverged, p.primary.URL(), what, mine, mine, mine)
 	}
 	return nil
 }
@@ -719,6 +775,7 @@ type metrics struct {
 	lagGens  prometheus.Gauge
 	lagSecs  prometheus.Gauge
 	lastSync prometheus.Gauge
+	diverged prometheus.Gauge
 }
 
 func newMetrics(reg *prometheus.Registry) *metrics {
@@ -738,9 +795,12 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		lastSync: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "strata_replica_last_sync_timestamp_seconds", Help: "When the last successful sync finished (Unix time).",
 		}),
+		diverged: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "strata_replica_diverged", Help: "1 while the primary's generations contradict this replica's (same id, other registration; or the primary went back): syncs refuse, nothing is received or destroyed.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.bytes, m.syncs, m.lagGens, m.lagSecs, m.lastSync)
+		reg.MustRegister(m.bytes, m.syncs, m.lagGens, m.lagSecs, m.lastSync, m.diverged)
 	}
 	return m
 }

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/snapshot"
@@ -165,4 +167,69 @@ func TestRetentionAfterFailedSync(t *testing.T) {
 	if tg.retained != before {
 		t.Errorf("retention ran after a refused primary, want not")
 	}
+}
+
+// TestDivergedPrimaryRefused: a primary whose generations contradict this
+// replica's (an id it serves with another registration, or a newest
+// generation older than this replica's: a primary that lost its state and
+// publishes from generation 1 again, with the same store) is refused
+// loudly (ErrDiverged, strata_replica_diverged 1): no stream asked for,
+// retention not run (nothing here destroyed); a primary that agrees is
+// followed again and the gauge goes back to 0.
+func TestDivergedPrimaryRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		local     []api.Generation
+		primary   []api.Generation
+		missing   []api.Generation
+		want      string // "" : not refused
+		gaugeWant float64
+	}{
+		{"same id, other registration", []api.Generation{gen(1, "a"), gen(2, "b")}, []api.Generation{gen(1, "x")}, nil,
+			"primary http://primary has generation 1 with registration sha256 x, this replica has generation 1 with a", 1},
+		{"newer same id, other registration", []api.Generation{gen(1, "a"), gen(2, "b")}, []api.Generation{gen(1, "a"), gen(2, "y"), gen(3, "c")}, nil,
+			"generation 2 with registration sha256 y", 1},
+		{"went back, no common id", []api.Generation{gen(5, "e"), gen(6, "f")}, []api.Generation{gen(1, "a"), gen(2, "b")}, nil,
+			"its newest generation is 2, this replica has generations up to 6", 1},
+		{"went back to nothing", []api.Generation{gen(5, "e")}, nil, nil, "it has no generation", 1},
+		{"agrees, ahead", []api.Generation{gen(1, "a"), gen(2, "b")}, []api.Generation{gen(2, "b"), gen(3, "c")}, nil, "", 0},
+		{"agrees, newest missing there", []api.Generation{gen(1, "a"), gen(2, "b")}, []api.Generation{gen(1, "a")}, []api.Generation{gen(2, "b")}, "", 0},
+		{"nothing here", nil, []api.Generation{gen(1, "a")}, nil, "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pr := &fakePrimary{list: api.GenerationList{Backend: "btrfs", Generations: tc.primary, Missing: tc.missing}}
+			tg := &fakeTarget{gens: tc.local}
+			reg := prometheus.NewRegistry()
+			p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: tg, Registry: reg})
+			_, err := p.Sync(context.Background())
+			if tc.want != "" {
+				if !errors.Is(err, ErrDiverged) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "nothing destroyed") {
+					t.Fatalf("Sync: %v, want ErrDiverged naming %q", err, tc.want)
+				}
+				if len(pr.streams) != 0 || tg.retained != 0 {
+					t.Errorf("streams asked %+v, retention ran %d times; want neither", pr.streams, tg.retained)
+				}
+			} else if errors.Is(err, ErrDiverged) {
+				t.Fatalf("Sync: %v, want no refusal", err)
+			}
+			if got := gauge(t, reg, "strata_replica_diverged"); got != tc.gaugeWant {
+				t.Errorf("strata_replica_diverged %v, want %v", got, tc.gaugeWant)
+			}
+		})
+	}
+}
+
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
 }
