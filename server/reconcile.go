@@ -33,7 +33,10 @@ import (
 //     not say live;
 //   - every other snapshot is kept and reported, never destroyed;
 //   - a manifest without its snapshot is kept and reported as missing until
-//     `strata generations forget N`;
+//     `strata generations forget N`, unless retention marked it retiring
+//     before it destroyed the snapshot: then the start finishes the removal
+//     (a retiring one whose snapshot is still there is served again, and
+//     retention decides anew);
 //   - a state that records generations none of which has a snapshot (and
 //     no snapshot to adopt) stops the start: the snapshot location is
 //     likely mistyped.
@@ -43,6 +46,8 @@ type plan struct {
 	serve      []uint64                     // manifest and snapshot
 	rebuild    []uint64                     // live snapshot, no manifest
 	missing    []uint64                     // manifest, no snapshot
+	retired    []uint64                     // manifest marked retiring, no snapshot: retention destroyed it
+	unretire   []uint64                     // manifest marked retiring, snapshot still there: served again
 	kept       map[uint64]string            // snapshot kept, not served: why
 	destroy    uint64                       // the unfinished publish's snapshot, 0 if none
 	dropStored bool                         // destroy's manifest was written too
@@ -128,6 +133,9 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 			p.received = id
 		case haveManifest:
 			p.serve = append(p.serve, id)
+			if st.isRetiring(id) {
+				p.unretire = append(p.unretire, id)
+			}
 		case live && cfg.Replica() && l[labelOrigin] == "":
 			// Labelled live by a primary, not received here: a replica
 			// whose snapshot dir is (or was) the primary's must never
@@ -151,7 +159,11 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 	for _, id := range slices.Sorted(maps.Keys(p.stored)) {
 		maxID = max(maxID, id)
 		if _, ok := p.snaps[id]; !ok {
-			p.missing = append(p.missing, id)
+			if st.isRetiring(id) {
+				p.retired = append(p.retired, id)
+			} else {
+				p.missing = append(p.missing, id)
+			}
 		}
 	}
 	if p.storeWant == "" {
@@ -175,11 +187,11 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 
 // refusal is the error that stops a start, nil if it may go on.
 func (p *plan) refusal(cfg Config) error {
-	if len(p.stored) > 0 && len(p.serve) == 0 && len(p.rebuild) == 0 && p.destroy == 0 {
+	if len(p.stored) > len(p.retired) && len(p.serve) == 0 && len(p.rebuild) == 0 && p.destroy == 0 {
 		return fmt.Errorf("none of the %d generations recorded in state_dir %s (%v) has a snapshot in %s: "+
 			"is snapshot.snapshot_dir or snapshot.dataset wrong? Nothing was changed. "+
 			"If those snapshots are really gone, start with an empty state_dir",
-			len(p.stored), cfg.StateDir, p.missing, where(cfg))
+			len(p.stored)-len(p.retired), cfg.StateDir, p.missing, where(cfg))
 	}
 	return nil
 }
@@ -218,6 +230,12 @@ func (p *plan) report(cfg Config) []string {
 	}
 	if len(p.rebuild) > 0 {
 		add("would rebuild manifests and registrations of generations %v from their snapshots' labels and db.sqlite, and serve them", p.rebuild)
+	}
+	if len(p.retired) > 0 {
+		add("would finish retiring generations %v: retention destroyed their snapshots and was stopped before it removed their manifests", p.retired)
+	}
+	if len(p.unretire) > 0 {
+		add("generations %v were being retired when the server stopped, before their snapshots were destroyed: served again; retention decides anew", p.unretire)
 	}
 	if len(p.missing) > 0 && p.refusal(cfg) == nil {
 		// The start goes ahead (invariant 8: the previous good state, the
@@ -271,6 +289,18 @@ func (s *Server) apply(ctx context.Context, p *plan) error {
 	}
 	if p.publishing != 0 {
 		if err := s.state.clearPublishing(); err != nil {
+			return err
+		}
+	}
+	for _, id := range p.retired {
+		s.log.Info("finished retiring generation: retention destroyed its snapshot before the server stopped", "generation", id)
+		if err := s.state.removeGeneration(id); err != nil {
+			return err
+		}
+	}
+	for _, id := range p.unretire {
+		s.log.Warn("generation was being retired when the server stopped, its snapshot is still there: serving it again", "generation", id)
+		if err := s.state.clearRetiring(id); err != nil {
 			return err
 		}
 	}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
@@ -161,6 +162,33 @@ func TestPlanMissingAndMistypedLocation(t *testing.T) {
 	p = f.plan(t, snap(1, live("1", labelSHA256, "other")), snap(2, live("2")))
 	if _, kept := p.kept[1]; !kept || slices.Contains(p.serve, 1) {
 		t.Errorf("conflicting strata-1: kept %v serve %v", p.kept, p.serve)
+	}
+}
+
+// Review 19 #4: a manifest retention marked retiring is finished (no
+// snapshot: retention destroyed it) or served again (snapshot there), never
+// reported missing; a mistyped location still refuses the start when a
+// generation that was not retiring has no snapshot.
+func TestPlanRetiring(t *testing.T) {
+	f := newFixture(t)
+	for _, id := range []uint64{1, 2, 3} {
+		f.manifest(t, id, fmt.Sprint("s", id))
+	}
+	for _, id := range []uint64{1, 2} {
+		if err := f.st.markRetiring(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := f.plan(t, snap(2, live("2", labelSHA256, "s2")), snap(3, live("3", labelSHA256, "s3")))
+	if !slices.Equal(p.retired, []uint64{1}) || !slices.Equal(p.unretire, []uint64{2}) || !slices.Equal(p.serve, []uint64{2, 3}) || len(p.missing) != 0 {
+		t.Errorf("retired %v unretire %v serve %v missing %v, want [1] [2] [2 3] []", p.retired, p.unretire, p.serve, p.missing)
+	}
+	if err := p.refusal(f.cfg); err != nil {
+		t.Errorf("refused: %v", err)
+	}
+	p = f.plan(t) // nothing where the config points
+	if err := p.refusal(f.cfg); err == nil || !strings.Contains(err.Error(), "none of the 1 generations") {
+		t.Errorf("refusal %v, want one naming the 1 generation not being retired", err)
 	}
 }
 

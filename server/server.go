@@ -786,12 +786,13 @@ func (s *Server) ensureStoreID() error {
 }
 
 // pauseAt blocks until ctx ends when STRATA_DEBUG_PUBLISH_PAUSE names
-// step, so a test can kill -9 the process in the middle of a publish.
+// step, so a test can kill -9 the process in the middle of a publish or of
+// retention (steps "retention-marked", "retention-destroyed").
 func (s *Server) pauseAt(ctx context.Context, step string) error {
 	if s.pause != step {
 		return nil
 	}
-	s.log.Warn("publish paused (STRATA_DEBUG_PUBLISH_PAUSE)", "step", step)
+	s.log.Warn("paused (STRATA_DEBUG_PUBLISH_PAUSE)", "step", step)
 	<-ctx.Done()
 	return ctx.Err()
 }
@@ -942,13 +943,33 @@ func (s *Server) retainLocked(ctx context.Context) {
 		if s.export != nil {
 			s.export.Remove(g.ID)
 		}
-		if err := s.backend.Destroy(ctx, g.ID); err != nil && !errors.Is(err, snapshot.ErrNotFound) {
-			s.log.Error("retention: destroy snapshot", "generation", g.ID, "err", err)
+		keep := func() {
 			if s.export != nil {
 				_ = s.export.Add(g.ID, PhysicalStore(g.path))
 			}
 			undoom()
+		}
+		// The intent first: a stop between the destroy and the removal of
+		// the manifest then leaves a state the next start finishes, not a
+		// generation reported missing (see markRetiring).
+		if err := s.state.markRetiring(g.ID); err != nil {
+			s.log.Error("retention: generation kept", "generation", g.ID, "err", err)
+			keep()
 			continue
+		}
+		if s.pauseAt(ctx, "retention-marked") != nil {
+			return
+		}
+		if err := s.backend.Destroy(ctx, g.ID); err != nil && !errors.Is(err, snapshot.ErrNotFound) {
+			s.log.Error("retention: destroy snapshot", "generation", g.ID, "err", err)
+			if err := s.state.clearRetiring(g.ID); err != nil {
+				s.log.Error("retention", "generation", g.ID, "err", err)
+			}
+			keep()
+			continue
+		}
+		if s.pauseAt(ctx, "retention-destroyed") != nil {
+			return
 		}
 		s.waitRows(g.ID) // its rows may still be being written (replica.go)
 		if err := s.state.removeGeneration(g.ID); err != nil {

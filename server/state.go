@@ -21,6 +21,7 @@ import (
 //	<state_dir>/generations/N/registration   dump-db text of generation N
 //	<state_dir>/generations/N/paths.jsonl.gz path rows of generation N (nixstore rows file)
 //	<state_dir>/generations/N/paths-from-M.jsonl.gz  its rows not in generation M (kept once asked for)
+//	<state_dir>/generations/N/retiring       retention is destroying generation N (see markRetiring)
 //	<state_dir>/pins.json                    {"N": "name"}
 //	<state_dir>/store-id                     identity of the central store the generations come from
 //	<state_dir>/publishing                   id reserved by the publish running now (absent otherwise)
@@ -201,6 +202,35 @@ func (s state) writeGen(g api.Generation, registration, rows []byte, staged bool
 		return fmt.Errorf("write generation %d: %w", g.ID, err)
 	}
 	return atomicfile.SyncDir(s.gensDir())
+}
+
+// retiringFile marks a generation retention is destroying.
+const retiringFile = "retiring"
+
+// markRetiring records, synced, that retention is about to destroy
+// generation id's snapshot. A start that finds the mark and no snapshot
+// finishes the removal (the manifest goes, nothing is reported missing); with
+// the snapshot still there it serves the generation again and drops the
+// mark. removeGeneration removes the mark with the rest.
+func (s state) markRetiring(id uint64) error {
+	if err := atomicfile.WriteFile(filepath.Join(s.genDir(id), retiringFile), []byte("retention destroys this generation's snapshot\n"), 0o644); err != nil {
+		return fmt.Errorf("mark generation %d retiring: %w", id, err)
+	}
+	return nil
+}
+
+// isRetiring reports whether markRetiring marked generation id.
+func (s state) isRetiring(id uint64) bool {
+	_, err := os.Lstat(filepath.Join(s.genDir(id), retiringFile))
+	return err == nil
+}
+
+// clearRetiring drops generation id's retiring mark.
+func (s state) clearRetiring(id uint64) error {
+	if err := os.Remove(filepath.Join(s.genDir(id), retiringFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("clear retiring mark of generation %d: %w", id, err)
+	}
+	return atomicfile.SyncDir(s.genDir(id))
 }
 
 func (s state) removeGeneration(id uint64) error {
