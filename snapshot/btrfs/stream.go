@@ -18,6 +18,7 @@ import (
 
 	"github.com/strata-nix/strata/internal/feed"
 	"github.com/strata-nix/strata/internal/phase"
+	"github.com/strata-nix/strata/mountinfo"
 	"github.com/strata-nix/strata/snapshot"
 )
 
@@ -199,11 +200,73 @@ func (b *Backend) Receive(ctx context.Context, r io.Reader, id, from uint64) (sn
 	return snapshot.Snapshot{ID: id, Name: name, Path: final, Created: info.Created, Labels: labels}, nil
 }
 
-// receive runs `btrfs receive -e snapshotDir` fed from r (see feed.Run).
+// receive runs `btrfs receive -e snapshotDir` fed from r (see feed.Run),
+// with -m when the snapshot dir's own mount would mislead it (receiveMount).
 func (b *Backend) receive(ctx context.Context, r io.Reader) error {
-	cmd := exec.CommandContext(ctx, "btrfs", "receive", "-e", b.snapDir)
+	args := []string{"receive", "-e"}
+	if ms, err := mountinfo.Read(); err == nil {
+		if m := receiveMount(ms, b.snapDir); m != "" {
+			args = append(args, "-m", m)
+		}
+	}
+	cmd := exec.CommandContext(ctx, "btrfs", append(args, b.snapDir)...)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	return feed.Run(ctx, cmd, r)
+}
+
+// receiveMount returns the mount point to give `btrfs receive -m` for
+// snapshot dir dir (absolute, symlinks resolved), or "" when receive's own
+// choice is right. Receive finds an incremental stream's parent by its path
+// from the filesystem's top, made relative to the subvolume whose root is
+// mounted at the mount dir lies on. When that mount is a bind mount of a
+// directory inside a subvolume instead (systemd's ReadWritePaths= makes one
+// of the snapshot dir itself, on itself), the path does not resolve and
+// every incremental receive fails ("It seems that you have changed your
+// default subvolume"). A mount of the same filesystem further up whose root
+// is its subvolume's root, with dir at the same place below it, gives
+// receive the right paths; it may be read-only (the writes go through dir).
+func receiveMount(ms []mountinfo.Mount, dir string) string {
+	dir = filepath.Clean(dir)
+	subvolRoot := func(m mountinfo.Mount) bool {
+		sv, ok := m.Option("subvol")
+		return ok && filepath.Clean(sv) == filepath.Clean(m.Root)
+	}
+	// The mount dir lies on: the top mount at its nearest mounted ancestor.
+	var on mountinfo.Mount
+	found := false
+	for p := dir; ; p = filepath.Dir(p) {
+		if m, ok := mountinfo.Top(ms, p); ok {
+			on, found = m, true
+			break
+		}
+		if p == "/" {
+			break
+		}
+	}
+	if !found || on.FSType != "btrfs" || subvolRoot(on) {
+		return ""
+	}
+	// dir's path from the filesystem's top.
+	rel, err := filepath.Rel(on.Mountpoint, dir)
+	if err != nil {
+		return ""
+	}
+	fsPath := filepath.Join(on.Root, rel)
+	for p := filepath.Dir(on.Mountpoint); ; p = filepath.Dir(p) {
+		if m, ok := mountinfo.Top(ms, p); ok {
+			if m.FSType != "btrfs" || m.Major != on.Major || m.Minor != on.Minor {
+				return "" // another filesystem covers the way up
+			}
+			under, err1 := filepath.Rel(m.Mountpoint, dir)
+			inFS, err2 := filepath.Rel(m.Root, fsPath)
+			if subvolRoot(m) && err1 == nil && err2 == nil && under == inFS && !strings.HasPrefix(inFS, "..") {
+				return m.Mountpoint
+			}
+		}
+		if p == "/" {
+			return ""
+		}
+	}
 }
 
 // removeHalf deletes the subvolume a failed receive began at p, if any.

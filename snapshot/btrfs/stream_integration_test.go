@@ -16,7 +16,10 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/mountinfo"
 	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/snapshottest"
 )
@@ -266,4 +269,50 @@ func TestHalfReceived(t *testing.T) {
 	if _, err := os.Lstat(half); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("half-received %s still there after NewReplica: %v", half, err)
 	}
+}
+
+// Under systemd's ReadWritePaths= the replica's snapshot dir is a bind
+// mount of itself, writable, on a read-only view of its filesystem
+// (ProtectSystem=strict). btrfs receive, left to find the mount itself,
+// took the bind for the filesystem's top and failed every incremental
+// stream ("It seems that you have changed your default subvolume"); told
+// the read-only top with -m (receiveMount), it receives whole and
+// incremental streams alike.
+func TestReceiveUnderReadWritePathsBind(t *testing.T) {
+	prim, root, repl, replDir := replicaPair(t)
+	top := filepath.Dir(replDir)
+	if err := unix.Mount(replDir, replDir, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(replDir, unix.MNT_DETACH) })
+	if err := unix.Mount("", top, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Mount("", top, "", unix.MS_REMOUNT|unix.MS_BIND, "") })
+	if err := os.WriteFile(filepath.Join(top, "x"), nil, 0o644); err == nil {
+		t.Fatal("the filesystem's top is writable: the sandbox is not what ProtectSystem=strict makes")
+	}
+	ms, err := mountinfo.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := receiveMount(ms, replDir); m != top {
+		t.Fatalf("receiveMount(%s) = %q, want the filesystem's top %s", replDir, m, top)
+	}
+	ctx := context.Background()
+	for id := uint64(1); id <= 2; id++ {
+		writeFile(t, filepath.Join(root, fmt.Sprintf("store/p-%d/file", id)), []byte(fmt.Sprintf("gen %d\n", id)))
+		if _, err := prim.Create(ctx, id, snapshot.Labels{"generation": fmt.Sprint(id)}); err != nil {
+			t.Fatal(err)
+		}
+		s, n, err := transfer(t, prim, repl, id, id-1)
+		if err != nil {
+			t.Fatalf("receive generation %d (from %d) into a snapshot dir bound on itself: %v", id, id-1, err)
+		}
+		if g, w := snapshottest.Digest(t, s.Path), snapshottest.Digest(t, prim.path(id)); g != w {
+			t.Errorf("generation %d on the replica differs from the primary:\n%s\n---\n%s", id, g, w)
+		}
+		t.Logf("generation %d from %d: %d stream bytes", id, id-1, n)
+	}
+	nothingLeft(t, repl, replDir, 1, 2)
 }

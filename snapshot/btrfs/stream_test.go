@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"strings"
 	"testing"
+
+	"github.com/strata-nix/strata/mountinfo"
 )
 
 // sendStream makes the start of a btrfs send stream whose first command is
@@ -68,5 +70,51 @@ func TestStreamHead(t *testing.T) {
 	binary.LittleEndian.PutUint32(b[len(streamMagic)+4:], 1<<30)
 	if _, _, err := streamHead(bufio.NewReaderSize(bytes.NewReader(b), maxHead)); err == nil {
 		t.Fatal("a 1 GiB first command was accepted")
+	}
+}
+
+// receiveMount picks the mount `btrfs receive -m` needs when the snapshot
+// dir's own mount is a bind of a directory (systemd's ReadWritePaths=), and
+// nothing when receive's own choice works.
+func TestReceiveMount(t *testing.T) {
+	const (
+		root   = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+		top    = "40 22 0:40 / /srv/strata ro - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n"
+		selfRW = "41 40 0:40 /snaps /srv/strata/snaps rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n"
+	)
+	for name, tc := range map[string]struct {
+		mountinfo, dir, want string
+	}{
+		"ReadWritePaths bind of the dir on itself": {root + top + selfRW, "/srv/strata/snaps", "/srv/strata"},
+		"dir below the bind":                       {root + top + selfRW, "/srv/strata/snaps/sub", "/srv/strata"},
+		"no bind: receive finds the top itself":    {root + top, "/srv/strata/snaps", ""},
+		"nspawn: the top is a bind of the host's top into the container": {
+			"300 299 0:90 / / rw - overlay overlay rw\n" +
+				"310 300 0:40 / /srv/strata rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n" +
+				"320 310 0:40 /snaps /srv/strata/snaps rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n", "/srv/strata/snaps", "/srv/strata"},
+		"dir is a subvolume mounted on itself": {root + top +
+			"41 40 0:40 /snaps /srv/strata/snaps rw - btrfs /dev/loop0 rw,subvolid=260,subvol=/snaps\n", "/srv/strata/snaps", ""},
+		"filesystem mounted from a subvolume": {root +
+			"40 22 0:40 /vol /srv ro - btrfs /dev/loop0 rw,subvolid=256,subvol=/vol\n" +
+			"41 40 0:40 /vol/snaps /srv/snaps rw - btrfs /dev/loop0 rw,subvolid=256,subvol=/vol\n", "/srv/snaps", "/srv"},
+		"bind from elsewhere, no subvolume root above it": {root +
+			"40 22 0:40 / /mnt/top rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n" +
+			"41 22 0:40 /snaps /srv/snaps rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n", "/srv/snaps", ""},
+		"the top is another btrfs": {root +
+			"40 22 0:41 / /srv/strata ro - btrfs /dev/loop1 rw,subvolid=5,subvol=/\n" +
+			"41 40 0:40 /snaps /srv/strata/snaps rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n", "/srv/strata/snaps", ""},
+		"the top shows the dir elsewhere": {root + top +
+			"41 40 0:40 /other /srv/strata/snaps rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/\n", "/srv/strata/snaps", ""},
+		"not btrfs": {root, "/srv/strata/snaps", ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			ms, err := mountinfo.Parse(strings.NewReader(tc.mountinfo))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := receiveMount(ms, tc.dir); got != tc.want {
+				t.Errorf("receiveMount(%s) = %q, want %q", tc.dir, got, tc.want)
+			}
+		})
 	}
 }
