@@ -510,3 +510,52 @@ func TestIntegrationInstallDBOwnerAndSize(t *testing.T) {
 		t.Errorf("temporary files left: %v", left)
 	}
 }
+
+// TestIntegrationInstallDBSchemaObjects: an index or trigger the builder's
+// DB and the generation's DB (real Nix 2.8 and 2.26 DBs, each way) both
+// have under one name becomes the builder's when its SQL says something
+// else (an index on other columns), and stays when it differs only in
+// spacing, case and quoting; Nix then reports the central store's paths.
+func TestIntegrationInstallDBSchemaObjects(t *testing.T) {
+	const (
+		localIndex   = "CREATE INDEX IndexReferrer on Refs(referrer, reference)"
+		localTrigger = `CREATE TRIGGER "DeleteSelfRefs" BEFORE DELETE ON "ValidPaths" BEGIN DELETE FROM Refs WHERE referrer=old.id AND reference=old.id; END`
+	)
+	for _, c := range []struct{ central, builder nixVersion }{{nix226, nix28}, {nix28, nix226}} {
+		t.Run("central-"+c.central.name+"-builder-"+c.builder.name, func(t *testing.T) {
+			central, _ := centralStore(t, c.central, false)
+			file, f := genDB(t, central, 1)
+			b := builderStore(t, c.builder, central, 1)
+			db, err := sql.Open("sqlite", "file:"+filepath.Join(dbDir(b), dbFile)+"?_pragma=busy_timeout(10000)")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, q := range []string{"DROP INDEX IndexReferrer", localIndex, "DROP TRIGGER DeleteSelfRefs", localTrigger} {
+				if _, err := db.Exec(q); err != nil {
+					t.Fatalf("%s: %v", q, err)
+				}
+			}
+			db.Close()
+			if err := install(t, b, file, f, InstallOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			live := openLiveDB(t, b)
+			var idx, trg string
+			if err := live.QueryRow("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'IndexReferrer'").Scan(&idx); err != nil {
+				t.Fatal(err)
+			}
+			if err := live.QueryRow("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'DeleteSelfRefs'").Scan(&trg); err != nil {
+				t.Fatal(err)
+			}
+			var cols int
+			live.QueryRow("SELECT count(*) FROM pragma_index_info('IndexReferrer')").Scan(&cols)
+			if idx != localIndex || cols != 2 {
+				t.Errorf("IndexReferrer after install: %q (%d columns), want the builder's %q", idx, cols, localIndex)
+			}
+			if !sameSQL(trg, localTrigger) || trg == localTrigger {
+				t.Errorf("DeleteSelfRefs after install: %q; want the generation's own text (the builder's differs only in spacing, case and quotes)", trg)
+			}
+			sameAsCentral(t, b, central, f.Root)
+		})
+	}
+}

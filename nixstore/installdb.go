@@ -83,7 +83,10 @@ func DBEmpty(ctx context.Context, dbDir string) (bool, error) {
 //     indexes and triggers; tables only the new file has (the
 //     ca-derivations tables of a central store whose builders' Nix lacks
 //     the feature) are dropped, tables only the local DB has are created
-//     with its own SQL, and indexes and triggers become the local DB's.
+//     with its own SQL, and indexes and triggers become the local DB's
+//     (one both have whose SQL says something else, not merely spaced,
+//     cased, quoted or commented otherwise, is made again with the local
+//     SQL).
 //     It must hold want.Paths valid paths, want.Root among them (the
 //     server ran integrity and foreign key checks when it made the file;
 //     the SHA-256 says this is that file). It is synced.
@@ -417,15 +420,24 @@ func matchSchema(ctx context.Context, p, local string, want DBFile) error {
 	}
 	// Indexes, triggers and views become the local DB's: those only the
 	// new file has go (first, as they may name a dropped table), those
-	// only the local DB has are made with its SQL (after the tables).
+	// only the local DB has are made with its SQL (after the tables), and
+	// those both have whose SQL says something else (sameSQL: not merely
+	// spaced, cased, quoted or commented otherwise) are made again with
+	// the local SQL.
 	var dropObj, createObj []schemaObject
 	for k, o := range ns {
-		if _, ok := ls[k]; !ok && o.typ != "table" && !slices.Contains(drop, o.table) {
+		if o.typ == "table" || slices.Contains(drop, o.table) {
+			continue
+		}
+		if l, ok := ls[k]; !ok || l.sql != "" && o.sql != "" && !sameSQL(l.sql, o.sql) {
 			dropObj = append(dropObj, o)
 		}
 	}
 	for k, o := range ls {
-		if _, ok := ns[k]; !ok && o.typ != "table" && o.sql != "" {
+		if o.typ == "table" || o.sql == "" {
+			continue
+		}
+		if n, ok := ns[k]; !ok || n.sql != "" && !sameSQL(o.sql, n.sql) {
 			createObj = append(createObj, o)
 		}
 	}
@@ -487,6 +499,95 @@ func matchSchema(ctx context.Context, p, local string, want DBFile) error {
 		return fmt.Errorf("the generation's DB has %d valid paths (root %s: %d), want %d", n, want.Root, root, want.Paths)
 	}
 	return db.Close()
+}
+
+// sameSQL reports whether two CREATE statements from sqlite_master say
+// the same: Nix versions (and SQLite, which keeps the text as written)
+// may space, case, quote or comment one statement differently.
+func sameSQL(a, b string) bool { return normSQL(a) == normSQL(b) }
+
+// normSQL is sql with comments dropped, runs of white space made one space
+// and none kept next to punctuation, keywords and plain identifiers lower
+// case (SQL is case-insensitive there), and a quoted plain identifier
+// ("Refs", `Refs`, [Refs]) written bare. String literals ('...') are kept
+// as they are.
+func normSQL(sql string) string {
+	var b strings.Builder
+	space := false
+	punct := func(c byte) bool { return strings.IndexByte("(),;=<>+-*/.|", c) >= 0 }
+	emit := func(s string) {
+		if space && b.Len() > 0 && !punct(b.String()[b.Len()-1]) && !punct(s[0]) {
+			b.WriteByte(' ')
+		}
+		space = false
+		b.WriteString(s)
+	}
+	for i := 0; i < len(sql); {
+		c := sql[i]
+		switch {
+		case c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v':
+			space = true
+			i++
+		case c == '-' && strings.HasPrefix(sql[i:], "--"):
+			for i < len(sql) && sql[i] != '\n' {
+				i++
+			}
+			space = true
+		case c == '/' && strings.HasPrefix(sql[i:], "/*"):
+			if j := strings.Index(sql[i+2:], "*/"); j >= 0 {
+				i += j + 4
+			} else {
+				i = len(sql)
+			}
+			space = true
+		case c == '\'' || c == '"' || c == '`' || c == '[':
+			end := c
+			if c == '[' {
+				end = ']'
+			}
+			j := i + 1
+			for j < len(sql) {
+				if sql[j] == end {
+					if end != ']' && j+1 < len(sql) && sql[j+1] == end { // doubled: a quote inside
+						j += 2
+						continue
+					}
+					break
+				}
+				j++
+			}
+			tok := sql[i:min(j+1, len(sql))]
+			if c != '\'' && plainIdent(sql[i+1:min(j, len(sql))]) {
+				tok = strings.ToLower(sql[i+1 : j])
+			}
+			emit(tok)
+			i = j + 1
+		default:
+			j := i + 1
+			if !punct(c) {
+				for j < len(sql) && !punct(sql[j]) && strings.IndexByte(" \t\n\r\f\v'\"`[", sql[j]) < 0 {
+					j++
+				}
+			}
+			emit(strings.ToLower(sql[i:j]))
+			i = j
+		}
+	}
+	return b.String()
+}
+
+// plainIdent reports whether s is an identifier that needs no quotes.
+func plainIdent(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c != '_' && (c < 'a' || c > 'z') && (c < 'A' || c > 'Z') && (i == 0 || c < '0' || c > '9') {
+			return false
+		}
+	}
+	return true
 }
 
 func sortedObjects(m map[string]schemaObject) []schemaObject {
