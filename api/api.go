@@ -65,6 +65,10 @@ type GenerationList struct {
 	// Store is the identity of the central store the generations come
 	// from: a replica refuses a primary of another store.
 	Store string `json:"store,omitempty"`
+	// StoreDir is the store directory the generations' paths are named in
+	// (the server's store.dir, e.g. /nix/store): a builder refuses to mount
+	// generations of another store dir.
+	StoreDir string `json:"store_dir,omitempty"`
 	// Missing are generations whose manifest the server keeps but whose
 	// snapshot is missing: not served, kept until `strata generations
 	// forget N`.

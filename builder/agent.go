@@ -288,10 +288,26 @@ func (a *Agent) list(ctx context.Context, e Endpoint) (api.GenerationList, error
 	if err != nil {
 		return l, fmt.Errorf("list generations at %s: %w", e, err)
 	}
+	if l.StoreDir != "" {
+		if err := a.checkStoreDir(l.StoreDir, "server "+e.String()+" serves generations of"); err != nil {
+			return api.GenerationList{}, err
+		}
+	}
 	a.mu.Lock()
 	a.nfs[normAPI(e.API)] = l.NFS
 	a.mu.Unlock()
 	return l, nil
+}
+
+// checkStoreDir refuses generations whose paths are named in store dir
+// dir (what says so, ending in "of": a server, a rows header) when that is not the store
+// dir this builder's paths are named in: mounted on this store.dir, they
+// would register paths that name another directory.
+func (a *Agent) checkStoreDir(dir, what string) error {
+	if want := a.cfg.logicalStoreDir(); filepath.Clean(dir) != want {
+		return fmt.Errorf("%s store dir %s, but this builder's store dir is %s (store.dir, or /nix/store with a directory as nix.store): refusing to mount them", what, dir, want)
+	}
+	return nil
 }
 
 // pickServer chooses the server to use when none is (first start): the

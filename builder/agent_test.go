@@ -744,3 +744,63 @@ func TestRotateDropsRetiredKeptGeneration(t *testing.T) {
 		t.Fatalf("holding %v, want [3]", h)
 	}
 }
+
+// Review 19 #1: the builder mounted generations of a server whose store
+// dir is not its own (store.dir /nix/store, generations of /gnu/store): their
+// paths would be registered under a directory that does not hold them.
+// Refused with an error naming both dirs, before anything is mounted: at
+// the first start (the server's generation list says its store dir), and
+// at a rotation, also from a server too old to say it in its list (the
+// path rows' header says it, fetched before the mount).
+func TestOtherStoreDirRefused(t *testing.T) {
+	gnu := func(name string) nixstore.PathInfo {
+		in := info(name)
+		in.Path = strings.Replace(in.Path, "/nix/store/", "/gnu/store/", 1)
+		return in
+	}
+	want := "store dir /gnu/store, but this builder's store dir is /nix/store"
+
+	u := newUnitEnv(t)
+	u.srv.storeDir = "/gnu/store"
+	u.srv.publish(gnu("a"))
+	a := u.agent(t)
+	err := a.Start(context.Background())
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "server http://central:7480") {
+		t.Fatalf("first start against a /gnu/store server: %v, want %q naming the server", err, want)
+	}
+	if len(u.m.calls) != 0 || a.Ready() || a.State().Generation != 0 {
+		t.Fatalf("first start refused, yet mount calls %v, ready %v, state %s", u.m.calls, a.Ready(), a.State())
+	}
+
+	for _, old := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rotation store_dir listed %v", !old), func(t *testing.T) {
+			u := newUnitEnv(t)
+			u.srv.publish(info("a"))
+			a := u.agent(t)
+			if err := a.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			u.srv.mu.Lock()
+			u.srv.storeDir, u.srv.listsNoStoreDir = "/gnu/store", old
+			u.srv.mu.Unlock()
+			u.srv.publish(gnu("b"))
+			u.m.calls = nil
+			err := a.Check(context.Background(), false)
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Fatalf("rotation to a /gnu/store generation: %v, want %q", err, want)
+			}
+			if len(u.m.calls) != 0 {
+				t.Errorf("the refused rotation made mount calls %v", u.m.calls)
+			}
+			if st := a.State(); st.String() != "idle(1)" || !a.Ready() {
+				t.Errorf("state %s after the refused rotation, want idle(1) and ready", st)
+			}
+			if g, n := u.overlayLowers(t, a); !slices.Equal(g, []uint64{1}) || n != 1 {
+				t.Errorf("overlay lowers %v (%d), want [1]", g, n)
+			}
+			if u.nix.isValid(gnu("b").Path) {
+				t.Errorf("%s registered", gnu("b").Path)
+			}
+		})
+	}
+}

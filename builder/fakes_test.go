@@ -284,6 +284,11 @@ type fakeServer struct {
 	pathsCalls [2]int
 	// nfs is the NFS address advertised (default 0.0.0.0:2049).
 	nfs string
+	// storeDir is the store dir of the generations' paths (default
+	// /nix/store) as the rows header and the generation list say it;
+	// listsNoStoreDir: the list does not (a server older than store_dir).
+	storeDir        string
+	listsNoStoreDir bool
 	// stall makes Delta and Paths wait for their context to end, as a
 	// server that died in the middle of a call; stalled counts them.
 	stall   bool
@@ -335,15 +340,26 @@ func (s *fakeServer) publish(infos ...nixstore.PathInfo) uint64 {
 
 var errDown = errors.New("dial tcp: connection refused")
 
+// dir is s.storeDir, default /nix/store (s.mu held).
+func (s *fakeServer) dir() string {
+	if s.storeDir == "" {
+		return "/nix/store"
+	}
+	return s.storeDir
+}
+
 func (s *fakeServer) Generations(context.Context) (api.GenerationList, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.down {
 		return api.GenerationList{}, errDown
 	}
-	l := api.GenerationList{NFS: s.nfs}
+	l := api.GenerationList{NFS: s.nfs, StoreDir: s.dir()}
 	if l.NFS == "" {
 		l.NFS = "0.0.0.0:2049"
+	}
+	if s.listsNoStoreDir {
+		l.StoreDir = ""
 	}
 	ids := slices.Sorted(maps.Keys(s.gens))
 	for _, id := range ids {
@@ -400,7 +416,7 @@ func (s *fakeServer) Paths(ctx context.Context, id, from uint64) (io.ReadCloser,
 		rs = nixstore.RowsDelta(rows(from), rs)
 	}
 	var b bytes.Buffer
-	if err := nixstore.WriteRows(&b, nixstore.RowsHeader{StoreDir: "/nix/store", Generation: id, From: from}, rs); err != nil {
+	if err := nixstore.WriteRows(&b, nixstore.RowsHeader{StoreDir: s.dir(), Generation: id, From: from}, rs); err != nil {
 		return nil, err
 	}
 	return io.NopCloser(&b), nil
@@ -446,7 +462,10 @@ type unitEnv struct {
 func newUnitEnv(t *testing.T) *unitEnv {
 	t.Helper()
 	dir := t.TempDir()
-	cfg := Config{ServerAPI: "http://central:7480", StoreDir: filepath.Join(dir, "store"), NixStateDir: filepath.Join(dir, "var"),
+	// nix.store a directory (a chroot store): paths are named in
+	// /nix/store, as the fake server's are, while the overlay is mounted on
+	// <dir>/store.
+	cfg := Config{ServerAPI: "http://central:7480", StoreDir: filepath.Join(dir, "store"), NixStore: dir, NixStateDir: filepath.Join(dir, "var"),
 		NixBin: "nix-store", StateDir: filepath.Join(dir, "state"), NConnect: 4, CheckInterval: time.Second, MaxWait: time.Hour,
 		StagingDir: filepath.Join(dir, "staging"), LogLevel: "info"}
 	return &unitEnv{cfg: cfg, m: newFakeMounter(), nix: newFakeNix(), srv: &fakeServer{}}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"path"
 	"time"
 
 	"github.com/strata-nix/strata/api"
@@ -47,6 +48,11 @@ func (a *Agent) rowsFrom(ctx context.Context, srv Server, gen, from uint64) (*ni
 	if h.Generation != gen || h.From != from {
 		return nil, fmt.Errorf("path rows: asked for generation %d from %d, got %d from %d", gen, from, h.Generation, h.From)
 	}
+	// A server too old to say its store dir in its generation list says
+	// it here, before a rotation mounts anything.
+	if err := a.checkStoreDir(h.StoreDir, fmt.Sprintf("the path rows of generation %d are of", gen)); err != nil {
+		return nil, err
+	}
 	return rs, nil
 }
 
@@ -55,6 +61,11 @@ func (a *Agent) registrationRows(ctx context.Context, srv Server, gen, from uint
 		infos, err := a.registration(ctx, srv, gen)
 		if err != nil {
 			return nil, err
+		}
+		if len(infos) > 0 {
+			if err := a.checkStoreDir(path.Dir(infos[0].Path), fmt.Sprintf("the registration of generation %d is of", gen)); err != nil {
+				return nil, err
+			}
 		}
 		return nixstore.RowsFromInfos(infos), nil
 	}
@@ -65,6 +76,11 @@ func (a *Agent) registrationRows(ctx context.Context, srv Server, gen, from uint
 	infos, err := nixstore.ParseRegistration(bytes.NewReader([]byte(d.Added)))
 	if err != nil {
 		return nil, fmt.Errorf("delta: %w", err)
+	}
+	if len(infos) > 0 {
+		if err := a.checkStoreDir(path.Dir(infos[0].Path), fmt.Sprintf("the registration of generation %d is of", gen)); err != nil {
+			return nil, err
+		}
 	}
 	return nixstore.RowsFromInfos(infos), nil
 }

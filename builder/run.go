@@ -143,7 +143,7 @@ func (a *Agent) Check(ctx context.Context, force bool) error {
 		// Only through a server that serves every mounted generation: no
 		// lower, kept ones included, may stay on another server.
 		if n := len(bl.Generations); err == nil && n > 0 && bl.Generations[n-1].ID >= newest && bl.Generations[n-1].ID > a.State().Generation &&
-			a.servesLowers(bl, a.State().Lowers) {
+			a.servesLowers(bl, a.State().Lowers) && (bl.StoreDir == "" || a.checkStoreDir(bl.StoreDir, "") == nil) {
 			via, vl, newest = cs[0].Endpoint, bl, bl.Generations[n-1].ID
 		}
 	}

@@ -34,7 +34,7 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 			gs = []api.Generation{}
 		}
 		l := api.GenerationList{Generations: gs, NFS: s.cfg.NFSListen, Missing: s.Missing(), Holders: s.Holders(),
-			Backend: s.backend.Kind(), Store: s.StoreID(), Role: "primary", Server: s.id}
+			Backend: s.backend.Kind(), Store: s.StoreID(), StoreDir: s.cfg.StoreDir, Role: "primary", Server: s.id}
 		if s.cfg.Replica() {
 			l.Role, l.ReplicaOf = "replica", s.cfg.ReplicaOf
 		}

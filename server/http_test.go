@@ -75,6 +75,10 @@ func TestAPIMutatingCallsNeedTokenOrSocket(t *testing.T) {
 	if err != nil || len(l.Generations) != 0 {
 		t.Fatalf("generations: %+v %v", l, err)
 	}
+	// Builders refuse generations of another store dir (review 19 #1).
+	if l.StoreDir != "/nix/store" {
+		t.Errorf("generations: store_dir %q, want store.dir /nix/store", l.StoreDir)
+	}
 }
 
 func TestAPIBadInput(t *testing.T) {
