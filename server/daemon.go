@@ -717,7 +717,7 @@ func openPuller(cfg Config, self string, srv *Server, node *cluster.Node, log *s
 		primary = replica.FromCluster(node.Servers, tok)
 	}
 	return replica.New(replica.Options{Primary: primary, Backend: b, Target: srv, StateDir: cfg.StateDir, Logger: log, Registry: reg,
-		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall, Progress: progress, Self: self}), nil
+		Pause: os.Getenv("STRATA_DEBUG_REPLICA_PAUSE"), Stall: cfg.ReplicaStall, Progress: progress, Self: self, StoreDir: cfg.StoreDir}), nil
 }
 
 // runPuller syncs the replica now and every interval until ctx ends, each
@@ -790,4 +790,3 @@ func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog
 	}
 	return nil
 }
-

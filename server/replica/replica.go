@@ -106,6 +106,7 @@ type Puller struct {
 	stall    time.Duration
 	progress func()
 	self     string
+	storeDir string // Options.StoreDir
 }
 
 // Options are what a Puller is made of.
@@ -130,6 +131,10 @@ type Options struct {
 	// Self is this server's identity (state_dir/server-id): a primary
 	// that answers with it is this server itself, and is refused.
 	Self string
+	// StoreDir is this server's store.dir: a primary whose generations
+	// are of another store dir is refused (they would fail verification
+	// after every whole stream).
+	StoreDir string
 }
 
 // New returns a Puller.
@@ -139,7 +144,7 @@ func New(o Options) *Puller {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Puller{primary: o.Primary, backend: o.Backend, target: o.Target,
-		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall, progress: o.Progress, self: o.Self}
+		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall, progress: o.Progress, self: o.Self, storeDir: o.StoreDir}
 }
 
 // Primary returns the primary's API URL ("" while none is known).
@@ -269,6 +274,9 @@ func (p *Puller) check(list api.GenerationList) error {
 	}
 	if list.Backend != "" && list.Backend != p.backend.Kind() {
 		return fmt.Errorf("primary %s keeps %s snapshots and this replica %s: mixed backends cannot replicate; nothing received", p.primary.URL(), list.Backend, p.backend.Kind())
+	}
+	if p.storeDir != "" && list.StoreDir != "" && list.StoreDir != p.storeDir {
+		return fmt.Errorf("primary %s serves generations of store dir %s, but this replica's store.dir is %s: set store.dir to the primary's; nothing received", p.primary.URL(), list.StoreDir, p.storeDir)
 	}
 	if mine := p.target.StoreID(); mine != "" && list.Store != "" && list.Store != mine {
 		return fmt.Errorf("primary %s serves central store %s, but this replica's generations come from store %s (a primary of another cluster?): nothing received", p.primary.URL(), list.Store, mine)

@@ -75,13 +75,14 @@ func TestRefusedBeforeAnyStream(t *testing.T) {
 	}{
 		{"mixed backends", api.GenerationList{Backend: "zfs", Generations: []api.Generation{gen(1, "a")}}, "", "mixed backends", ""},
 		{"another store", api.GenerationList{Backend: "btrfs", Store: "s2", Generations: []api.Generation{gen(1, "a")}}, "s1", "another cluster", ""},
+		{"another store dir", api.GenerationList{Backend: "btrfs", StoreDir: "/gnu/store", Generations: []api.Generation{gen(1, "a")}}, "", "store dir /gnu/store, but this replica's store.dir is /nix/store", ""},
 		// Review 18 #7: replica.of naming this server, or another replica.
 		{"itself", api.GenerationList{Backend: "btrfs", Role: "replica", ReplicaOf: "http://primary", Server: "me"}, "", "replica.of http://primary is this server itself", "me"},
 		{"a replica", api.GenerationList{Backend: "btrfs", Role: "replica", ReplicaOf: "http://p1:7480", Server: "r2", Generations: []api.Generation{gen(1, "a")}}, "", "is itself a replica (of http://p1:7480)", "me"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			pr := &fakePrimary{list: tc.list}
-			p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: &fakeTarget{store: tc.store}, Self: tc.self})
+			p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: &fakeTarget{store: tc.store}, Self: tc.self, StoreDir: "/nix/store"})
 			_, err := p.Sync(context.Background())
 			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "nothing received") {
 				t.Fatalf("Sync: %v, want %q and nothing received", err, tc.want)
