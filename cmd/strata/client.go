@@ -28,7 +28,7 @@ type clientFlags struct {
 var defaultSockets = []string{"/var/lib/strata/server/api.sock", "/var/lib/strata/builder/api.sock"}
 
 func (f *clientFlags) add(cmd *cobra.Command, withJSON bool) {
-	cmd.Flags().StringVar(&f.api, "api", "", `daemon API: host:port or unix:/path (default: the server's socket `+defaultSockets[0]+` or the builder's `+defaultSockets[1]+`, whichever exists, else 127.0.0.1:7480; env STRATA_API)`)
+	cmd.Flags().StringVar(&f.api, "api", "", `daemon API: host:port, http://host:port[/prefix] (without the API's own /v1) or unix:/path (default: the server's socket `+defaultSockets[0]+` or the builder's `+defaultSockets[1]+`, whichever exists, else 127.0.0.1:7480; env STRATA_API)`)
 	cmd.Flags().StringVar(&f.tokenFile, "token-file", "", "bearer token file for mutating TCP calls (env STRATA_API_TOKEN_FILE; a file named here or there must be readable; default /etc/strata/api-token if readable)")
 	if withJSON {
 		cmd.Flags().BoolVar(&f.jsonOut, "json", false, "print JSON")
@@ -39,9 +39,15 @@ func (f *clientFlags) add(cmd *cobra.Command, withJSON bool) {
 // (--token-file, STRATA_API_TOKEN_FILE) that cannot be read is an error
 // naming it; the default /etc/strata/api-token is read only if it can be.
 func (f *clientFlags) client() (*api.Client, error) {
-	addr := f.api
+	addr, from := f.api, "--api"
 	if addr == "" {
-		addr = os.Getenv("STRATA_API")
+		addr, from = os.Getenv("STRATA_API"), "STRATA_API"
+	}
+	// An URL with the API's own /v1 would call /v1/v1/... (as server.api).
+	if strings.Contains(addr, "://") {
+		if err := api.CheckBaseURL(addr, "http://127.0.0.1:7480"); err != nil {
+			return nil, usageError{fmt.Errorf("%s %q: %w", from, addr, err)}
+		}
 	}
 	for _, sock := range defaultSockets {
 		if addr != "" {

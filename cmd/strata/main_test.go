@@ -169,3 +169,21 @@ func TestUnreadableTokenFileRefused(t *testing.T) {
 		t.Errorf("no token file given: %s", out)
 	}
 }
+
+// Review 19 #3, for the CLI: --api (or STRATA_API) with the API's own /v1
+// would call /v1/v1/...; refused before any call (exit 2), saying to drop it.
+func TestAPIURLWithV1Refused(t *testing.T) {
+	for _, tc := range []struct {
+		env  []string
+		args []string
+		from string
+	}{
+		{nil, []string{"--api", "http://127.0.0.1:1/v1"}, "--api"},
+		{[]string{"STRATA_API=http://127.0.0.1:1/strata/v1/"}, nil, "STRATA_API"},
+	} {
+		out, code := runStrata(t, tc.env, append([]string{"generations"}, tc.args...)...)
+		if code != 2 || !strings.Contains(out, tc.from+` "http://127.0.0.1:1/`) || !strings.Contains(out, "drop the /v1") || strings.Contains(out, "connection refused") {
+			t.Errorf("%v %v: exit %d, want 2 naming %s and saying to drop the /v1:\n%s", tc.env, tc.args, code, tc.from, out)
+		}
+	}
+}
