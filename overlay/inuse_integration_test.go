@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/strata-nix/strata/internal/testenv"
 	"github.com/strata-nix/strata/mountinfo"
 )
 
@@ -80,7 +81,8 @@ func inUseNow(t *testing.T, unique bool, ds ...Detached) []bool {
 	return used
 }
 
-// On this kernel: a detached overlay whose device and mount id the next
+// On this kernel (and the VM tier's 6.1 and 6.12 guests,
+// TestInUseGuestKernels): a detached overlay whose device and mount id the next
 // overlay got (the kernel hands out the lowest free numbers) is not in
 // use because a process sits on that next overlay, even once that one is
 // detached too and so in no mount table; the next overlay is. Without
@@ -121,11 +123,12 @@ func TestInUseNumbersReusedRealKernel(t *testing.T) {
 	must(t, sleep.Start())
 	t.Cleanup(func() { _ = sleep.Process.Kill(); _ = sleep.Wait() })
 	must(t, unix.Unmount(mpB, unix.MNT_DETACH))
-	if !realKernel().unique {
-		t.Fatalf("this kernel has no STATX_MNT_ID_UNIQUE (Linux 6.8+)")
-	}
-	if u := inUseNow(t, true, a, b); u[0] || !u[1] {
-		t.Fatalf("in use = %v, want [false true]: the process is on the next overlay only", u)
+	if realKernel().unique {
+		if u := inUseNow(t, true, a, b); u[0] || !u[1] {
+			t.Fatalf("in use = %v, want [false true]: the process is on the next overlay only", u)
+		}
+	} else if u := inUseNow(t, true, b); !u[0] {
+		t.Fatal("kernel without unique mount ids: the detached overlay a process is on is not in use")
 	}
 	u := inUseNow(t, false, Detached{Dev: a.Dev, MountID: a.MountID, Work: a.Work})
 	t.Logf("without unique ids, both overlays detached, mount id reused %v: old overlay in use = %v", a.MountID == b.MountID, u[0])
@@ -136,9 +139,51 @@ func TestInUseNumbersReusedRealKernel(t *testing.T) {
 	}
 }
 
+// The hold TestGossipDiscoveryAndWake saw, on this kernel: a btrfs
+// snapshot made after an overlay was detached gets the overlay's freed
+// device (a subvolume has a device of its own that no mount table shows),
+// and a process with its cwd in that snapshot does not keep the old
+// overlay, by unique id or by device and mount id (the btrfs mount's).
+func TestInUseBtrfsSnapshotGetsDeviceRealKernel(t *testing.T) {
+	requireOverlay(t)
+	mnt := testenv.LoopBtrfs(t, "256M")
+	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "s"))
+	base := t.TempDir()
+	var a Detached
+	var snap string
+	for try := 0; ; try++ {
+		mp, d := testOverlay(t, filepath.Join(base, fmt.Sprint(try)))
+		must(t, unix.Unmount(mp, unix.MNT_DETACH))
+		snap = filepath.Join(mnt, fmt.Sprint("snap", try))
+		testenv.Run(t, "btrfs", "subvolume", "snapshot", filepath.Join(mnt, "s"), snap)
+		var st unix.Stat_t
+		must(t, unix.Stat(snap, &st))
+		if (Dev{unix.Major(st.Dev), unix.Minor(st.Dev)}) == d.Dev {
+			a = d
+			break
+		}
+		if try == 20 {
+			t.Fatalf("no btrfs snapshot got the device of a detached overlay in 20 tries")
+		}
+	}
+	t.Logf("detached overlay %+v; snapshot %s has its device", a, snap)
+	sleep := exec.Command("sleep", "600")
+	sleep.Dir = snap
+	must(t, sleep.Start())
+	t.Cleanup(func() { _ = sleep.Process.Kill(); _ = sleep.Wait() })
+	if u := inUseNow(t, true, a); u[0] {
+		t.Fatal("a process in a btrfs snapshot with the old overlay's device keeps it")
+	}
+	if u := inUseNow(t, false, Detached{Dev: a.Dev, MountID: a.MountID, Work: a.Work}); u[0] {
+		t.Fatal("without unique ids: a process in a btrfs snapshot with the old overlay's device keeps it")
+	}
+}
+
 // A process that only maps a file of a detached overlay (no descriptor,
 // cwd elsewhere) keeps it in use, by unique id and without; once it exits
-// the overlay is free.
+// the overlay is free. Kernels differ in what maps and map_files show for
+// it (the overlay's file, or the layer's with the overlay's path): the VM
+// tier runs this on 6.1 and 6.12 too.
 func TestInUseMappedOnlyRealKernel(t *testing.T) {
 	requireOverlay(t)
 	for _, f := range []string{"lowerfile", "upperfile"} {
