@@ -792,7 +792,7 @@ func (s *Server) pauseAt(ctx context.Context, step string) error {
 	if s.pause != step {
 		return nil
 	}
-	s.log.Warn("paused (STRATA_DEBUG_PUBLISH_PAUSE)", "step", step)
+	s.log.Warn("publish paused (STRATA_DEBUG_PUBLISH_PAUSE)", "step", step)
 	<-ctx.Done()
 	return ctx.Err()
 }
