@@ -179,7 +179,7 @@ func (l *Loader) Load(file string, mustExist bool) (Values, error) {
 			}
 			if len(unknown) > 0 {
 				sort.Strings(unknown)
-				return Values{}, fmt.Errorf("config %s: unknown key %q (known keys: %s)", file, unknown[0], strings.Join(names(l.Keys()), ", "))
+				return Values{}, fmt.Errorf("config %s: unknown key %q%s (known keys: %s)", file, unknown[0], l.suggest(unknown[0]), strings.Join(names(l.Keys()), ", "))
 			}
 		}
 	}
@@ -317,6 +317,29 @@ func quote(r any) string {
 		return fmt.Sprintf("%q", s)
 	}
 	return fmt.Sprintf("%v", r)
+}
+
+// suggest returns ": did you mean K?" for the known key K closest to the
+// unknown name (a typo, a dash for an underscore, a key put in the wrong
+// section, a key cut short), or "" when no key is close enough to be a likely meaning.
+func (l *Loader) suggest(name string) string {
+	best, bestD := "", -1
+	for _, k := range l.keys {
+		d := editDistance(name, k.Name)
+		if i := strings.LastIndex(name, "."); i >= 0 && strings.HasSuffix(k.Name, name[i:]) {
+			d = min(d, 2) // the right key in the wrong section
+		}
+		if strings.HasPrefix(k.Name, name+"_") {
+			d = min(d, 1) // "api.token" for api.token_file
+		}
+		if bestD < 0 || d < bestD || (d == bestD && k.Name < best) {
+			best, bestD = k.Name, d
+		}
+	}
+	if best == "" || bestD > max(2, len(name)/3) {
+		return ""
+	}
+	return fmt.Sprintf(": did you mean %q?", best)
 }
 
 func names(ks []Key) []string {

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -81,6 +83,29 @@ func TestCheckEnv(t *testing.T) {
 	for a, want := range map[[2]string]int{{"", "ab"}: 2, {"TOKEN", "TOKNE"}: 1, {"abc", "abc"}: 0, {"kitten", "sitting"}: 3, {"ca", "abc"}: 3} {
 		if d := editDistance(a[0], a[1]); d != want {
 			t.Errorf("editDistance(%q, %q) = %d, want %d", a[0], a[1], d, want)
+		}
+	}
+}
+
+// A mistyped key in the file is named with the key it most likely means,
+// as a mistyped STRATA_* variable is; a name close to no key gets no guess.
+func TestUnknownKeySuggests(t *testing.T) {
+	for yaml, want := range map[string]string{
+		"nfs:\n  max_con: 3\n":        `unknown key "nfs.max_con": did you mean "nfs.max_conns"?`,
+		"failover:\n  afer: 3s\n":     `unknown key "failover.afer": did you mean "failover.after"?`,
+		"overlay:\n  meta-copy: no\n": `unknown key "overlay.meta-copy": did you mean "overlay.metacopy"?`,
+		"api:\n  server: http://x\n":  `unknown key "api.server" (known keys:`,
+		"client:\n  api: http://x\n":  `unknown key "client.api": did you mean "server.api"?`,
+		"nfs:\n  max: 3\n":            `unknown key "nfs.max": did you mean "nfs.max_conns"?`,
+		"zzz: 1\n":                    `unknown key "zzz" (known keys:`,
+	} {
+		f := filepath.Join(t.TempDir(), "c.yaml")
+		if err := os.WriteFile(f, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := New(testKeys).Load(f, true)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Load(%q): %v, want %q", yaml, err, want)
 		}
 	}
 }

@@ -288,6 +288,17 @@ func checkOwner(cfg Config, p *plan, say func(string, ...any)) error {
 	return nil
 }
 
+// ownerError marks a refusal over the snapshot dir's owner (another
+// server's record, or its lock held by a running server) as a
+// configuration error: two servers configured on one snapshot dir, which a
+// restart by systemd would only repeat.
+func ownerError(err error) error {
+	if errors.Is(err, ErrOwnedByOther) {
+		return configError{err}
+	}
+	return err
+}
+
 // emptyInspect stands for a btrfs snapshot dir that does not exist yet.
 type emptyInspect struct{}
 
@@ -365,7 +376,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	}()
 	if _, err := os.Stat(cfg.SnapshotDir); cfg.Backend == "btrfs" && err == nil {
 		if lock, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
-			return err
+			return ownerError(err)
 		}
 	}
 	p, err := inspect(ctx, cfg, st, ib)
@@ -379,11 +390,13 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			return err
 		}
 		if own, err = decideOwner(cfg, rec, me, p); err != nil {
-			return err
+			return ownerError(err)
 		}
 	}
 	if err := checkHandleKey(cfg, p, log); err != nil {
-		return err
+		// Restore the key or start once with --new-handle-key: a
+		// restart by systemd only repeats this.
+		return configError{err}
 	}
 	if err := p.refusal(cfg); err != nil {
 		return err
@@ -413,13 +426,13 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	if cfg.Backend == "btrfs" {
 		if lock == nil { // the dir was made just now by OpenBackend
 			if lock, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
-				return err
+				return ownerError(err)
 			}
 			if rec, err = readOwner(cfg.SnapshotDir); err != nil {
 				return err
 			}
 			if own, err = decideOwner(cfg, rec, me, &plan{}); err != nil {
-				return err
+				return ownerError(err)
 			}
 		}
 		if own == claimSameStateDir {
@@ -536,7 +549,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			as.Shutdown(ctx)
 			srv.Shutdown()
 			ex.close()
-			return err
+			return configError{err} // replica.of names this server or a replica
 		}
 	}
 	errc := make(chan error, 3)

@@ -4,8 +4,11 @@ import (
 	"cmp"
 	"compress/gzip"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"slices"
 	"strconv"
@@ -57,7 +60,8 @@ func (f *clientFlags) client() (*api.Client, error) {
 			addr = "unix:" + sock
 		}
 	}
-	if addr == "" {
+	defaulted := addr == ""
+	if defaulted {
 		addr = "127.0.0.1:7480"
 	}
 	tf, from := f.tokenFile, "--token-file"
@@ -76,7 +80,41 @@ func (f *clientFlags) client() (*api.Client, error) {
 		}
 		token = strings.TrimSpace(string(b))
 	}
+	used = &clientUse{addr: addr, defaulted: defaulted, token: token != ""}
+	if tf != "" {
+		used.tokenFile = tf + " (" + from + ")"
+	}
 	return api.NewClient(addr, token), nil
+}
+
+// clientUse is what the command's client() chose, for hint.
+type clientUse struct {
+	addr      string
+	defaulted bool   // no --api, no STRATA_API, no default socket
+	token     bool   // a token was sent
+	tokenFile string // the token file named, and by what; "" for none
+}
+
+var used *clientUse
+
+// hint returns a line that says what to do about err, an error of a
+// command that called the daemon as used says, or "" when there is nothing
+// to add: a 401 when no token was sent (which flag or file gives one), and
+// nothing answering at the fallback address (no daemon socket was found).
+func hint(err error, used clientUse) string {
+	var se *api.StatusError
+	if errors.As(err, &se) && se.Code == http.StatusUnauthorized && !used.token {
+		if used.tokenFile != "" {
+			return "this command sent no token: the token file " + used.tokenFile + " is empty"
+		}
+		return "this command sent no token: give --token-file FILE (or STRATA_API_TOKEN_FILE; /etc/strata/api-token is read when it is readable), or call the daemon's unix socket, which needs none: --api unix:<state_dir>/api.sock"
+	}
+	var oe *net.OpError
+	if used.defaulted && errors.As(err, &oe) && oe.Op == "dial" {
+		return fmt.Sprintf("no daemon found: neither %s exists and nothing answers on %s; name the daemon with --api host:port or --api unix:<state_dir>/api.sock (env STRATA_API)",
+			strings.Join(defaultSockets, " nor "), used.addr)
+	}
+	return ""
 }
 
 func printJSON(w io.Writer, v any) error {
@@ -393,9 +431,16 @@ func addedPaths(reg string) []string {
 
 func printStatus(w io.Writer, st map[string]any) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	for _, k := range []string{"role", "latest", "generation", "server", "server_name", "state", "nfs", "backend", "last_rotation", "last_error", "missing", "problems"} {
+	for _, k := range []string{"role", "replica_of", "latest", "generation", "server", "server_name", "state", "nfs", "backend", "last_rotation", "last_error", "missing"} {
 		if v, ok := st[k]; ok && v != nil && v != "" {
 			fmt.Fprintf(tw, "%s:\t%v\n", k, v)
+		}
+	}
+	// One line each: a problem is a sentence or two, and a list of them
+	// printed as one value ran together.
+	if ps, ok := st["problems"].([]any); ok {
+		for _, p := range ps {
+			fmt.Fprintf(tw, "problem:\t%v\n", p)
 		}
 	}
 	if c, ok := st["cluster"].(map[string]any); ok {

@@ -23,6 +23,11 @@ func main() {
 	root := newRoot()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "strata:", err)
+		if used != nil {
+			if h := hint(err, *used); h != "" {
+				fmt.Fprintln(os.Stderr, "strata:", h)
+			}
+		}
 		var ue usageError
 		if errors.As(err, &ue) {
 			os.Exit(2)

@@ -1,13 +1,19 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/strata-nix/strata/api"
 )
 
 // TestMain runs the real main when re-executed by a test.
@@ -185,5 +191,67 @@ func TestAPIURLWithV1Refused(t *testing.T) {
 		if code != 2 || !strings.Contains(out, tc.from+` "http://127.0.0.1:1/`) || !strings.Contains(out, "drop the /v1") || strings.Contains(out, "connection refused") {
 			t.Errorf("%v %v: exit %d, want 2 naming %s and saying to drop the /v1:\n%s", tc.env, tc.args, code, tc.from, out)
 		}
+	}
+}
+
+// A replica's status says which primary it pulls from, and each problem
+// the server reports is a line of its own (a new operator read a replica's
+// status without its primary, and two problems ran together in one "[...]").
+func TestPrintStatusReplicaAndProblems(t *testing.T) {
+	st := map[string]any{"role": "replica", "replica_of": "http://central:7480", "latest": 3.0,
+		"problems":       []any{"snapshot strata-4 is kept but not served: received by hand?", "store.root is another Nix store: fix store.root"},
+		"retention_keep": 3.0, "retention_waits": []any{}}
+	var b strings.Builder
+	if err := printStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"replica_of:  http://central:7480\n", "problem:     snapshot strata-4 is kept but not served: received by hand?\n", "problem:     store.root is another Nix store: fix store.root\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "[") {
+		t.Errorf("status prints a list as one value:\n%s", out)
+	}
+}
+
+// A command refused for want of a token says how to give one, and one that
+// found no daemon at the fallback address says where it looked; an error
+// the caller's choice explains already gets no hint.
+func TestClientHint(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusUnauthorized)
+		w.Write([]byte(`{"error":"mutating call refused: no bearer token sent"}`))
+	}))
+	defer srv.Close()
+	empty := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(empty, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, code := runStrata(t, []string{"STRATA_API_TOKEN_FILE=" + empty}, "publish", "--api", srv.URL)
+	if code != 1 || !strings.Contains(out, "this command sent no token: the token file "+empty+" (STRATA_API_TOKEN_FILE) is empty") {
+		t.Errorf("publish with an empty token file: exit %d\n%s", code, out)
+	}
+	tok := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tok, []byte("wrong\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, code = runStrata(t, nil, "publish", "--api", srv.URL, "--token-file", tok)
+	if code != 1 || strings.Contains(out, "sent no token") {
+		t.Errorf("publish with a token: exit %d, want no hint\n%s", code, out)
+	}
+
+	unauth := &api.StatusError{Code: http.StatusUnauthorized, Status: "401 Unauthorized"}
+	if h := hint(fmt.Errorf("POST /v1/publish: %w", unauth), clientUse{addr: "h:1"}); !strings.Contains(h, "give --token-file FILE") {
+		t.Errorf("401 without a token: hint %q", h)
+	}
+	dial := &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connection refused")}
+	if h := hint(fmt.Errorf("GET /v1/status: %w", dial), clientUse{addr: "127.0.0.1:7480", defaulted: true}); !strings.Contains(h, "no daemon found: neither "+defaultSockets[0]) || !strings.Contains(h, "--api") {
+		t.Errorf("nothing at the fallback address: hint %q", h)
+	}
+	if h := hint(fmt.Errorf("GET /v1/status: %w", dial), clientUse{addr: "h:1"}); h != "" {
+		t.Errorf("nothing at an address given: hint %q, want none", h)
 	}
 }

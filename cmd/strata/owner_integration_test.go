@@ -52,12 +52,15 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 	}
 
 	// The primary runs: its lock stops the replica.
-	out := refused(t, rcfg, "--new-handle-key")
+	out, code := refusedExit(t, rcfg, "--new-handle-key")
+	if code != 2 {
+		t.Errorf("replica start while the primary runs exited %d, want 2 (a configuration error)", code)
+	}
 	has("replica start while the primary runs", out, "snapshot.snapshot_dir "+s.snaps+" is in use by a running server", "a primary with state_dir "+s.state, "give this server its own snapshot dir")
 	prim.stop(t)
 
 	// Stopped: the owner record stops it, and check-config says so first.
-	out, code := runStrata(t, nil, "server", "--config", rcfg, "--check-config")
+	out, code = runStrata(t, nil, "server", "--config", rcfg, "--check-config")
 	if code != 1 || !strings.Contains(out, "\nconfiguration: refused\n") {
 		t.Errorf("check-config of the replica: exit %d, want 1 and refused\n%s", code, out)
 	}
@@ -65,7 +68,10 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 		filepath.Join(s.snaps, "strata.owner.json"), "Give this server its own snapshot.snapshot_dir", "--claim-snapshot-dir",
 		"if they are another server's, do neither") // the handle-key hint no longer leads here alone
 	for _, args := range [][]string{nil, {"--new-handle-key"}} {
-		out = refused(t, rcfg, args...)
+		out, code = refusedExit(t, rcfg, args...)
+		if code != 2 {
+			t.Errorf("replica start %v on the primary's dir exited %d, want 2 (a configuration error)", args, code)
+		}
 		has(fmt.Sprintf("replica start %v", args), out, "is owned by server", s.snaps, "--claim-snapshot-dir")
 	}
 	if _, err := os.Stat(rstate); !os.IsNotExist(err) {
@@ -158,14 +164,20 @@ func TestReplicaOfItselfOrOfAReplicaRefused(t *testing.T) {
 
 	self := freePort(t)
 	bcfg, _ := replicaCfg("b", self, self)
-	out := refused(t, bcfg)
+	out, code := refusedExit(t, bcfg)
+	if code != 2 {
+		t.Errorf("replica of itself exited %d, want 2 (a configuration error: systemd does not restart into it)", code)
+	}
 	for _, w := range []string{"replica.of http://" + self + " is this server itself", "set replica.of to the primary's API URL"} {
 		if !strings.Contains(out, w) {
 			t.Errorf("replica of itself: refusal lacks %q:\n%s", w, out)
 		}
 	}
 	ccfg, _ := replicaCfg("c", aapi, freePort(t))
-	out = refused(t, ccfg)
+	out, code = refusedExit(t, ccfg)
+	if code != 2 {
+		t.Errorf("replica of a replica exited %d, want 2", code)
+	}
 	for _, w := range []string{"replica.of http://" + aapi + " is itself a replica (of http://" + papi + ")"} {
 		if !strings.Contains(out, w) {
 			t.Errorf("replica of a replica: refusal lacks %q:\n%s", w, out)

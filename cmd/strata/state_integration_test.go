@@ -204,6 +204,15 @@ func (s *daemonProc) waitLog(t *testing.T, want string) {
 // (within a minute) and returns its output.
 func refused(t *testing.T, cfg string, args ...string) string {
 	t.Helper()
+	out, _ := refusedExit(t, cfg, args...)
+	return out
+}
+
+// refusedExit is refused with the exit status: 2 for a configuration
+// error, which the shipped unit does not restart on (a restart would
+// only repeat it).
+func refusedExit(t *testing.T, cfg string, args ...string) (string, int) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, os.Args[0], append([]string{"server", "--config", cfg}, args...)...)
@@ -215,7 +224,7 @@ func refused(t *testing.T, cfg string, args ...string) string {
 	if err == nil {
 		t.Fatalf("server %v exited 0, want a refusal:\n%s", args, out)
 	}
-	return string(out)
+	return string(out), cmd.ProcessState.ExitCode()
 }
 
 func (s *daemonProc) client() *api.Client { return api.NewClient(s.api, "") }
@@ -478,7 +487,10 @@ func TestMissingHandleKeyRefusesStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := s.config(t, nil)
-	out := refused(t, cfg)
+	out, code := refusedExit(t, cfg)
+	if code != 2 {
+		t.Errorf("refused start exited %d, want 2 (a configuration error: systemd does not restart into it)", code)
+	}
 	for _, want := range []string{"NFS handle key " + key + " is missing", "restore the file from a backup of state_dir", "strata server --new-handle-key", "ESTALE"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("refusal %q lacks %q", out, want)
