@@ -911,8 +911,18 @@ func (s *Server) retainLocked(ctx context.Context) {
 		}
 		s.logWaits(prev, waits)
 	}()
+	// A replica keeps what its primary pins, which it learns from each
+	// sync's list: until the first since this start, nothing is destroyed
+	// (a pass on a change of the builders' holds ran before it, and
+	// destroyed generations the primary pins while the primary was down).
+	pinsUnknown := s.cfg.Replica() && s.upstreamPinned == nil
 	for _, g := range gs[:len(gs)-keep] {
 		if g.Pinned || s.upstreamPinned[g.ID] {
+			continue
+		}
+		if pinsUnknown {
+			waits = append(waits, api.RetentionWait{Generation: g.ID, Reason: "the primary's pins not known yet (no sync has listed its generations since this start)"})
+			s.metrics.retentionDeferred("unknown")
 			continue
 		}
 		if g.adopted {

@@ -1,0 +1,74 @@
+//go:build integration
+
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A replica keeps the generations its primary pins (README, Replicas). It
+// learns the pins from each sync's list, but with gossip on it also runs
+// retention whenever the builders' holds change, and the first such pass
+// (the holds become known 15 s after the start) ran before any sync had
+// listed the primary: a replica restarted while its primary was down (a
+// site restarted at once, found by a new user) destroyed the generation the
+// primary pins. Must show, with real binaries on loop btrfs: the replica
+// (retention.keep 1, gossip on) serves the pinned generation 1 and the
+// newest; restarted alone, it still serves generation 1 after the holds are
+// known and says why it waits (`strata status`); once the primary answers
+// again it keeps generation 1 for the primary's pin.
+func TestReplicaKeepsPrimaryPinsBeforeFirstSync(t *testing.T) {
+	s := newSite(t)
+	prim := startPrimary(t, s) // generation 1
+	if out, code := runStrata(t, nil, "pin", "1", "--name", "golden", "--api", prim.addr, "--token-file", prim.token); code != 0 {
+		t.Fatalf("pin 1 on the primary: exit %d\n%s", code, out)
+	}
+	publishOne(t, s, prim.daemonProc, "second")
+	g3 := publishOne(t, s, prim.daemonProc, "third")
+
+	rmnt := filepath.Join(s.mnt, "replica") // same btrfs, own dirs
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	cfg := prim.replicaConfig(t, replica{snaps: rmnt, state: rstate, keep: 1})
+	f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(f, "cluster:\n  bind: %s\n  insecure: true\n  node_name: replica\n", freePort(t))
+	f.Close()
+	repl := start(t, cfg, rstate, nil)
+	want := []uint64{1, g3}
+	repl.waitServes(t, want...)
+	repl.stop(t)
+	prim.stop(t)
+
+	repl = start(t, cfg, rstate, nil)
+	// The holds are known 15 s after the start (no cluster.join), and a
+	// pass runs within a second of that.
+	for end := time.Now().Add(18 * time.Second); time.Now().Before(end); time.Sleep(500 * time.Millisecond) {
+		if got := ids(repl.generations(t).Generations); !slices.Equal(got, want) {
+			t.Fatalf("replica restarted while its primary is down serves %v, want %v (generation 1 is pinned on the primary)\n%s", got, want, repl.logs)
+		}
+	}
+	out, code := runStrata(t, nil, "status", "--api", repl.api)
+	if code != 0 || !strings.Contains(out, "generation 1: the primary's pins not known yet") {
+		t.Errorf("replica's status while its primary is down: exit %d, want a retention wait for the primary's pins\n%s", code, out)
+	}
+
+	prim.restart(t, s)
+	repl.waitLog(t, "replica sync works again")
+	if got := ids(repl.generations(t).Generations); !slices.Equal(got, want) {
+		t.Errorf("replica after the primary came back serves %v, want %v", got, want)
+	}
+	out, _ = runStrata(t, nil, "status", "--api", repl.api)
+	if strings.Contains(out, "pins not known") {
+		t.Errorf("replica's status after a sync still waits for the primary's pins:\n%s", out)
+	}
+	repl.stop(t)
+	prim.stop(t)
+}
