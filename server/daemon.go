@@ -191,6 +191,16 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 		refuse(fmt.Errorf("snapshot backend: %w", err))
 		return done()
 	}
+	if bb, ok := b.(*btrfs.Backend); ok {
+		// What the backend's open removes first: a start goes ahead.
+		left, err := bb.Leftovers(cfg.Replica())
+		if err != nil {
+			refuse(err)
+		}
+		for _, l := range left {
+			say("would remove %s", l)
+		}
+	}
 	p, err := inspect(ctx, cfg, st, b)
 	if err != nil {
 		refuse(err)

@@ -114,3 +114,56 @@ func TestBuilderCheckConfigReadsSecrets(t *testing.T) {
 		t.Errorf("builder --check-config with a 0600 token file: exit %d\n%s", code, out)
 	}
 }
+
+// What a start removes before anything else (a half-made snapshot of a
+// publish a crash cut short; on a replica, a half-received one) is named by
+// --check-config, which removes nothing; the start then removes it. (A new
+// user killed a publish and a receive with -9: --check-config said nothing
+// of either, then the start removed them.)
+func TestCheckConfigNamesLeftovers(t *testing.T) {
+	s := newSite(t)
+	if err := os.MkdirAll(s.snaps, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tmp := filepath.Join(s.snaps, ".tmp-strata-3")
+	testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", s.store.NixRoot(), tmp)
+	cfg := s.config(t, nil)
+	out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config")
+	if code != 0 || !strings.Contains(out, "would remove half-made snapshot "+tmp) || !strings.HasSuffix(strings.TrimSpace(out), "configuration: ok") {
+		t.Errorf("--check-config with a half-made snapshot: exit %d\n%s", code, out)
+	}
+	if _, err := os.Lstat(tmp); err != nil {
+		t.Fatalf("--check-config removed %s: %v", tmp, err)
+	}
+	srv := start(t, cfg, s.state, nil)
+	if _, err := os.Lstat(tmp); !os.IsNotExist(err) {
+		t.Errorf("the start left %s: %v", tmp, err)
+	}
+	srv.stop(t)
+
+	rmnt := testenv.LoopBtrfs(t, "1G")
+	gens := filepath.Join(rmnt, "gens")
+	if err := os.MkdirAll(gens, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	half := filepath.Join(gens, "strata-2")
+	testenv.Run(t, "btrfs", "subvolume", "create", half)
+	token := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(token, []byte("secret\n"), 0o600)
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	rcfg := filepath.Join(t.TempDir(), "replica.yaml")
+	os.WriteFile(rcfg, []byte(fmt.Sprintf("replica:\n  of: http://127.0.0.1:1\n  token_file: %s\nsnapshot:\n  snapshot_dir: %s\nstate_dir: %s\napi:\n  listen: \"\"\nnfs:\n  listen: 127.0.0.1:0\n",
+		token, gens, rstate)), 0o644)
+	out, code = runStrata(t, nil, "server", "--config", rcfg, "--check-config")
+	if code != 0 || !strings.Contains(out, "would remove half-received snapshot "+half) || !strings.HasSuffix(strings.TrimSpace(out), "configuration: ok") {
+		t.Errorf("replica --check-config with a half-received snapshot: exit %d\n%s", code, out)
+	}
+	if _, err := os.Lstat(half); err != nil {
+		t.Fatalf("--check-config removed %s: %v", half, err)
+	}
+	repl := start(t, rcfg, rstate, nil)
+	if _, err := os.Lstat(half); !os.IsNotExist(err) {
+		t.Errorf("the replica's start left %s: %v", half, err)
+	}
+	repl.stop(t)
+}

@@ -91,11 +91,33 @@ func TestHalfMadeSnapshot(t *testing.T) {
 	if len(l) != 0 {
 		t.Errorf("List = %+v, want nothing (half-made, plain dir, writable subvolume)", l)
 	}
+	// --check-config names what New removes, and removes nothing itself.
+	leftovers := func() []string {
+		t.Helper()
+		ib, err := Inspect(root, snaps, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		left, err := ib.Leftovers(false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return left
+	}
+	if left := leftovers(); len(left) != 1 || !strings.Contains(left[0], "half-made snapshot "+tmp) {
+		t.Errorf("Leftovers = %q, want the half-made %s alone", left, tmp)
+	}
+	if _, err := os.Lstat(tmp); err != nil {
+		t.Errorf("Leftovers removed %s: %v", tmp, err)
+	}
 	if _, err := New(root, snaps, testLog(t)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(tmp); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("half-made snapshot %s still there after New: %v", tmp, err)
+	}
+	if left := leftovers(); len(left) != 0 {
+		t.Errorf("Leftovers after New = %q, want none", left)
 	}
 	// Create of a half-made id also works after a crash without restart.
 	testenv.Run(t, "btrfs", "subvolume", "snapshot", "-r", root, filepath.Join(snaps, ".tmp-strata-7"))
@@ -106,6 +128,19 @@ func TestHalfMadeSnapshot(t *testing.T) {
 	if s.Path != filepath.Join(snaps, "strata-7") {
 		t.Errorf("Path = %s", s.Path)
 	}
+	// A .tmp-strata-N that is no subvolume stops New; Leftovers says so.
+	if err := os.Mkdir(filepath.Join(snaps, ".tmp-strata-8"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(root, snaps, testLog(t)); err == nil || !strings.Contains(err.Error(), "not a subvolume") {
+		t.Errorf("New over a plain .tmp-strata-8: %v, want not a subvolume", err)
+	}
+	if ib, err := Inspect(root, snaps, nil); err != nil {
+		t.Fatal(err)
+	} else if _, err := ib.Leftovers(false); err == nil || !strings.Contains(err.Error(), ".tmp-strata-8: not a subvolume") {
+		t.Errorf("Leftovers over a plain .tmp-strata-8: %v, want not a subvolume", err)
+	}
+	os.Remove(filepath.Join(snaps, ".tmp-strata-8"))
 	// Destroy refuses what is not a read-only snapshot.
 	if err := b.Destroy(t.Context(), 5); err == nil || errors.Is(err, snapshot.ErrNotFound) {
 		t.Errorf("Destroy of a plain directory strata-5: err = %v, want a refusal", err)

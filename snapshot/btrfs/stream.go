@@ -358,3 +358,44 @@ func InspectReplica(snapshotDir string, log *slog.Logger) (*Backend, error) {
 	}
 	return &Backend{snapDir: dir, inspect: true, log: log.With("backend", "btrfs", "replica", dir)}, nil
 }
+
+// Leftovers names, changing nothing, what a start removes from the snapshot
+// dir before anything else (New, NewReplica): half-made snapshots of a
+// create a crash cut short (.tmp-strata-N) and, when replica is set,
+// half-received ones (a writable strata-N without a Received UUID: a
+// receive a crash cut short). A .tmp-strata-N that is not a subvolume stops
+// the start; it is returned as that error. `strata server --check-config`
+// reports them.
+func (b *Backend) Leftovers(replica bool) ([]string, error) {
+	ents, err := os.ReadDir(b.snapDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, fmt.Errorf("btrfs read %s: %w", b.snapDir, err)
+	}
+	var out []string
+	for _, e := range ents {
+		p := filepath.Join(b.snapDir, e.Name())
+		if rest, ok := strings.CutPrefix(e.Name(), tmpPrefix); ok {
+			if _, ours := snapshot.ParseName(rest); !ours {
+				continue
+			}
+			var st unix.Stat_t
+			if err := unix.Lstat(p, &st); err != nil {
+				return nil, fmt.Errorf("btrfs stat %s: %w", p, err)
+			}
+			if st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Ino != firstFreeObjectID {
+				return nil, fmt.Errorf("btrfs remove half-made snapshot %s: not a subvolume, remove it by hand", p)
+			}
+			out = append(out, fmt.Sprintf("half-made snapshot %s (a snapshot create a crash cut short)", p))
+			continue
+		}
+		if _, ok := snapshot.ParseName(e.Name()); !ok || !replica {
+			continue
+		}
+		if info, err := getSubvolInfo(p); err == nil && !info.ReadOnly && info.ReceivedUUID == ([16]byte{}) {
+			out = append(out, fmt.Sprintf("half-received snapshot %s (a receive a crash cut short; the next sync asks for it again)", p))
+		}
+	}
+	return out, nil
+}

@@ -263,11 +263,29 @@ func TestHalfReceived(t *testing.T) {
 	if l, _ := repl.List(context.Background()); len(l) != 0 {
 		t.Errorf("List = %+v, want nothing", l)
 	}
+	leftovers := func() []string {
+		t.Helper()
+		ib, err := InspectReplica(replDir, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		left, err := ib.Leftovers(true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return left
+	}
+	if left := leftovers(); len(left) != 1 || !strings.Contains(left[0], "half-received snapshot "+half) {
+		t.Errorf("Leftovers = %q, want the half-received %s alone", left, half)
+	}
 	if _, err := NewReplica(replDir, testLog(t)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(half); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("half-received %s still there after NewReplica: %v", half, err)
+	}
+	if left := leftovers(); len(left) != 0 {
+		t.Errorf("Leftovers after NewReplica = %q, want none", left)
 	}
 }
 
