@@ -788,6 +788,8 @@ type Member struct {
 	// Holds says whether retention counts this member's generations.
 	Holds bool `json:"holds"`
 	Self  bool `json:"self,omitempty"`
+	// Replica marks a server that is a replica of another.
+	Replica bool `json:"replica,omitempty"`
 }
 
 // Members lists every member this node knows, itself included, by name.
@@ -808,7 +810,7 @@ func (n *Node) Members() []Member {
 	}
 	self := Member{Name: n.self.Node, Role: n.self.Role, Address: addr, State: StateAlive, Since: n.started,
 		Generations: gensOf(n.self), Server: n.self.Server, Phase: n.self.Phase, Version: n.cfg.Meta.Version,
-		API: n.cfg.Meta.API, NFS: n.cfg.Meta.NFS, LastSeen: &now, Holds: n.self.Role == RoleBuilder, Self: true}
+		API: n.cfg.Meta.API, NFS: n.cfg.Meta.NFS, LastSeen: &now, Holds: n.self.Role == RoleBuilder, Self: true, Replica: n.cfg.Meta.Replica}
 	out := []Member{self}
 	for name, m := range n.members {
 		s := n.states[name]
@@ -818,7 +820,7 @@ func (n *Node) Members() []Member {
 		}
 		x := Member{Name: name, Role: role, Address: m.addr, State: m.state, Since: m.since,
 			Generations: gensOf(s), Partial: s.Partial, Server: s.Server, Phase: s.Phase, Version: m.meta.Version,
-			API: m.meta.API, NFS: m.meta.NFS, Holds: role == RoleBuilder && n.holdsLocked(name, now)}
+			API: m.meta.API, NFS: m.meta.NFS, Holds: role == RoleBuilder && n.holdsLocked(name, now), Replica: m.meta.Replica}
 		if s.Role == RoleUnknown {
 			x.Generations = gensOf(State{Role: role})
 		}

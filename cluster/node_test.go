@@ -359,3 +359,29 @@ func TestClosedNodeIgnoresLateEvents(t *testing.T) {
 		t.Errorf("srv's state on b changed after Close: %s, was %s", st, was)
 	}
 }
+
+// `strata members` tells a replica from the primary: both are role
+// server, and the member list carries the replica mark of each, itself
+// included (a new user saw two "server" rows and could not tell which one
+// publishes).
+func TestMembersMarkReplica(t *testing.T) {
+	kr := ring(t, key(t))
+	prim := mustNode(t, "primary", RoleServer, kr)
+	n, err := New(Config{Name: "replica", ClusterName: "test", Bind: "127.0.0.1:0", Join: []string{prim.Addr()}, Keyring: kr,
+		DeadGrace: 2 * time.Second, Settle: time.Hour, Meta: Meta{Role: RoleServer, Version: "test", Replica: true}, Tune: fast}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	replicaOf := func(ms []Member) map[string]bool {
+		out := map[string]bool{}
+		for _, m := range ms {
+			out[m.Name] = m.Replica
+		}
+		return out
+	}
+	want := map[string]bool{"primary": false, "replica": true}
+	waitFor(t, 5*time.Second, "both members on both sides", func() bool {
+		return reflect.DeepEqual(replicaOf(prim.Members()), want) && reflect.DeepEqual(replicaOf(n.Members()), want)
+	})
+}

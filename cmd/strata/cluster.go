@@ -63,7 +63,11 @@ holds nothing.`,
 				if m.Self {
 					name += " (self)"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, m.Role, m.Address, m.State, g, holds, seen)
+				role := m.Role.String()
+				if m.Replica {
+					role = "replica"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, role, m.Address, m.State, g, holds, seen)
 			}
 			return tw.Flush()
 		},
