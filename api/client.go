@@ -210,6 +210,13 @@ func (c *Client) Delta(ctx context.Context, from, to uint64) (Delta, error) {
 	return d, c.Do(ctx, http.MethodGet, fmt.Sprintf("/v1/generations/%d/delta?from=%d", to, from), &d)
 }
 
+// CheckToken asks whether the server accepts this client's token for
+// mutating calls and streams (GET /v1/token): nil if it does, a
+// *StatusError with Code 401 if not (404 from a server older than the call).
+func (c *Client) CheckToken(ctx context.Context) error {
+	return c.Do(ctx, http.MethodGet, "/v1/token", nil)
+}
+
 // Publish asks the server to publish a generation now.
 func (c *Client) Publish(ctx context.Context) (PublishResult, error) {
 	var r PublishResult

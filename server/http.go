@@ -123,6 +123,10 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 	})
 	mux.HandleFunc("GET /v1/generations/{id}/stream", s.streamHandler(token))
 	mutating := func(h http.HandlerFunc) http.HandlerFunc { return apiserve.Mutating(token, h) }
+	// Whether the caller's token would be accepted, changing nothing: a
+	// replica checks replica.token_file with it at every sync, not only
+	// when a stream is due.
+	mux.HandleFunc("GET /v1/token", mutating(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) }))
 	mux.HandleFunc("POST /v1/publish", mutating(func(w http.ResponseWriter, r *http.Request) {
 		w = apiserve.LongResponse(w) // a publish may take longer than the API's write timeout
 		res, err := s.PublishDetached(r.Context())

@@ -69,6 +69,11 @@ func TestAPIMutatingCallsNeedTokenOrSocket(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: pin error %v, want %s", tc.name, err, tc.want)
 		}
+		// GET /v1/token: whether the token would be accepted, nothing else.
+		err = tc.client.CheckToken(ctx)
+		if ok := tc.want == "404"; ok != (err == nil) || (!ok && !strings.Contains(err.Error(), "401")) {
+			t.Errorf("%s: token check %v, want accepted: %v", tc.name, err, ok)
+		}
 	}
 	// Reads need no token.
 	l, err := api.NewClient(tcp.URL, "").Generations(ctx)

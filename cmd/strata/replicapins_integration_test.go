@@ -72,3 +72,39 @@ func TestReplicaKeepsPrimaryPinsBeforeFirstSync(t *testing.T) {
 	repl.stop(t)
 	prim.stop(t)
 }
+
+// A replica whose replica.token_file holds another token than the
+// primary's says so at its first sync, while the primary has nothing new
+// (before, nothing showed until the primary's next publish: listing needs
+// no token). The generations it has stay served; with the right token it
+// syncs again.
+func TestReplicaWrongTokenShowsAtOnce(t *testing.T) {
+	s := newSite(t)
+	prim := startPrimary(t, s) // generation 1
+	rstate := filepath.Join(t.TempDir(), "rstate")
+	cfg := prim.replicaConfig(t, replica{snaps: filepath.Join(s.mnt, "replica"), state: rstate})
+	repl := start(t, cfg, rstate, nil)
+	repl.waitServes(t, 1)
+	repl.stop(t)
+
+	wrong := filepath.Join(t.TempDir(), "wrong")
+	if err := os.WriteFile(wrong, []byte("not-the-primary-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	wcfg := prim.replicaConfig(t, replica{snaps: filepath.Join(s.mnt, "replica"), state: rstate, token: wrong})
+	repl = start(t, wcfg, rstate, nil)
+	repl.waitLog(t, "check replica.token_file")
+	out, code := runStrata(t, nil, "status", "--api", repl.api)
+	if code != 0 || !strings.Contains(out, "last_error:") || !strings.Contains(out, "check replica.token_file") {
+		t.Errorf("status of a replica with a wrong token: exit %d\n%s", code, out)
+	}
+	if got := ids(repl.generations(t).Generations); !slices.Equal(got, []uint64{1}) {
+		t.Errorf("replica with a wrong token serves %v, want [1]", got)
+	}
+	repl.stop(t)
+	repl = start(t, cfg, rstate, nil)
+	g2 := publishOne(t, s, prim.daemonProc, "second")
+	repl.waitServes(t, 1, g2)
+	repl.stop(t)
+	prim.stop(t)
+}

@@ -82,6 +82,16 @@ func (f *fromCluster) Delta(ctx context.Context, from, to uint64) (api.Delta, er
 	return c.Delta(ctx, from, to)
 }
 
+func (f *fromCluster) CheckToken(ctx context.Context) error {
+	f.mu.Lock()
+	c := f.c
+	f.mu.Unlock()
+	if c == nil {
+		return nil // no primary known yet: the sync says so
+	}
+	return c.CheckToken(ctx)
+}
+
 func (f *fromCluster) URL() string {
 	f.mu.Lock()
 	defer f.mu.Unlock()

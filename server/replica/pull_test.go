@@ -32,6 +32,10 @@ func streamingPrimary(t *testing.T, list api.GenerationList, sum string) (*httpt
 			json.NewEncoder(w).Encode(list)
 			return
 		}
+		if r.URL.Path == "/v1/token" {
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
 		if strings.HasSuffix(r.URL.Path, "/delta") {
 			http.Error(w, "no delta here", http.StatusNotFound)
 			return
@@ -204,6 +208,10 @@ func TestSlowStreamIsProgress(t *testing.T) {
 			json.NewEncoder(w).Encode(api.GenerationList{Backend: "btrfs", Generations: []api.Generation{gen(1, "a")}})
 			return
 		}
+		if r.URL.Path == "/v1/token" {
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
 		w.Header().Set("Trailer", api.TrailerStreamBytes+", "+api.TrailerStreamSHA256)
 		for i := 0; i < 20; i++ { // 1 s in all, a chunk every 50 ms
 			w.Write(chunk)
@@ -303,5 +311,53 @@ func TestStreamEndedDeltaLate(t *testing.T) {
 	}
 	if fmt.Sprint(tg.added) != "[2]" || len(tg.prepared) != 0 {
 		t.Errorf("made live %v, prepared %v; want [2] and nothing prepared", tg.added, tg.prepared)
+	}
+}
+
+// A wrong replica.token_file shows at the next sync, not only when the
+// primary next publishes (a new user's replica was silent about it while
+// the primary had nothing new): the sync asks GET /v1/token and a 401 is
+// a refusal naming the key. A primary older than the call (404) is left to
+// the stream requests.
+func TestSyncChecksToken(t *testing.T) {
+	for _, tc := range []struct {
+		code int
+		want string
+	}{
+		{http.StatusUnauthorized, "check replica.token_file"},
+		{http.StatusNotFound, ""},
+		{http.StatusNoContent, ""},
+	} {
+		asked := 0
+		ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/v1/generations":
+				json.NewEncoder(w).Encode(api.GenerationList{Backend: "btrfs"})
+			case "/v1/token":
+				asked++
+				if r.Header.Get("Authorization") != "Bearer tok" {
+					t.Errorf("token check sent %q", r.Header.Get("Authorization"))
+				}
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(tc.code)
+				if tc.code == http.StatusUnauthorized {
+					w.Write([]byte(`{"error":"mutating call refused: the bearer token sent is not this daemon's API token"}`))
+				}
+			default:
+				t.Errorf("unexpected call %s", r.URL)
+			}
+		}))
+		p := New(Options{Primary: Fixed(api.NewClient(ts.URL, "tok"), ts.URL), Backend: &failingBackend{}, Target: &recordingTarget{}})
+		_, err := p.Sync(context.Background())
+		ts.Close()
+		if asked != 1 {
+			t.Errorf("%d: token asked %d times in a sync, want 1", tc.code, asked)
+		}
+		if tc.want == "" && err != nil {
+			t.Errorf("%d: sync: %v, want no error", tc.code, err)
+		}
+		if tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "not this daemon's API token")) {
+			t.Errorf("%d: sync: %v, want an error with %q and the primary's reason", tc.code, err, tc.want)
+		}
 	}
 }

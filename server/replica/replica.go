@@ -209,6 +209,13 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		p.target.Retain(ctx)
 		endRetain()
 	}
+	// The token, every sync: a wrong replica.token_file would otherwise
+	// show only when the primary next publishes, maybe hours later.
+	if err := p.checkToken(ctx); err != nil {
+		p.m.syncs.WithLabelValues("refused").Inc()
+		retain()
+		return res, err
+	}
 	if err := p.settle(ctx, list, &res); err != nil {
 		p.m.syncs.WithLabelValues("error").Inc()
 		retain()
@@ -394,6 +401,23 @@ func (p *Puller) pull(ctx context.Context, g api.Generation, from []uint64) (Rec
 func noSpace(err error) bool {
 	return errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), "No space left on device") ||
 		strings.Contains(err.Error(), "out of space")
+}
+
+// checkToken asks the primary whether it accepts replica.token_file's
+// token (GET /v1/token), when the primary's client can ask: a 401 is a
+// refusal naming the key; a primary older than the call (404), or one
+// that cannot be reached now, leaves it to the stream requests.
+func (p *Puller) checkToken(ctx context.Context) error {
+	c, ok := p.primary.(interface{ CheckToken(context.Context) error })
+	if !ok {
+		return nil
+	}
+	err := c.CheckToken(ctx)
+	var se *api.StatusError
+	if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
+		return fmt.Errorf("%w: primary %s: %w (check replica.token_file: it must hold the primary's api.token_file token)", errRefused, p.primary.URL(), err)
+	}
+	return nil
 }
 
 // errRefused marks refusals that a whole stream would not cure.
