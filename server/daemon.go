@@ -173,8 +173,10 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 	} else if w := apiserve.TokenWarning(tok, cfg.TokenFile, "api.token_file", cfg.APIListen); w != "" {
 		say("WARNING: %s", w)
 	}
+	replicaTok := ""
 	if cfg.Replica() {
-		if _, err := replicaToken(cfg); err != nil {
+		var err error
+		if replicaTok, err = replicaToken(cfg); err != nil {
 			refuse(err)
 		}
 	}
@@ -190,6 +192,14 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 	if err != nil {
 		refuse(fmt.Errorf("snapshot backend: %w", err))
 		return done()
+	}
+	if replicaTok != "" && !cfg.ReplicaFromCluster {
+		for _, line := range askPrimary(ctx, cfg, replicaTok) {
+			say("%s", line)
+			if strings.HasPrefix(line, "ERROR: ") {
+				problems++
+			}
+		}
 	}
 	if bb, ok := b.(*btrfs.Backend); ok {
 		// What the backend's open removes first: a start goes ahead.
@@ -707,6 +717,45 @@ func checkReplica(cfg Config, say func(string, ...any)) (snapshot.Backend, error
 		return emptyInspect{}, nil
 	}
 	return btrfs.InspectReplica(cfg.SnapshotDir, nil)
+}
+
+// askPrimary is --check-config's look at a replica's primary, changing
+// nothing there (two GETs): whether replica.of answers, as a primary (one
+// that is this server or a replica refuses the start: an ERROR line), and
+// accepts replica.token_file's token (if not, the start goes ahead and
+// every sync is refused: a WARNING line).
+func askPrimary(ctx context.Context, cfg Config, token string) []string {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c := api.NewClient(cfg.ReplicaOf, token)
+	list, err := c.Generations(ctx)
+	if err != nil {
+		return []string{fmt.Sprintf("WARNING: replica.of %s does not answer now (%v): a start goes ahead, serves what it has and syncs once it answers", cfg.ReplicaOf, err)}
+	}
+	me, _ := selfOf(cfg)
+	switch {
+	case list.Server != "" && list.Server == me.ServerID:
+		return []string{fmt.Sprintf("ERROR: replica.of %s is this server itself (it answers with this server's identity %s): set replica.of to the primary's API URL", cfg.ReplicaOf, me.ServerID)}
+	case list.Role == "replica":
+		return []string{fmt.Sprintf("ERROR: replica.of %s is itself a replica (of %s), which publishes nothing of its own: set replica.of to the primary's API URL", cfg.ReplicaOf, list.ReplicaOf)}
+	}
+	newest := "none yet"
+	if n := len(list.Generations); n > 0 {
+		newest = fmt.Sprint(list.Generations[n-1].ID)
+	}
+	out := []string{fmt.Sprintf("primary %s answers: %d live generations, newest %s", cfg.ReplicaOf, len(list.Generations), newest)}
+	var se *api.StatusError
+	switch err := c.CheckToken(ctx); {
+	case err == nil:
+		out = append(out, fmt.Sprintf("primary %s accepts the token in replica.token_file %s", cfg.ReplicaOf, cfg.ReplicaTokenFile))
+	case errors.As(err, &se) && se.Code == http.StatusUnauthorized:
+		out = append(out, fmt.Sprintf("WARNING: primary %s refuses the token in replica.token_file %s (%v): a start goes ahead, and every sync is refused until the file holds the primary's API token", cfg.ReplicaOf, cfg.ReplicaTokenFile, err))
+	case errors.As(err, &se) && se.Code == http.StatusNotFound:
+		// A primary older than GET /v1/token: its streams will tell.
+	default:
+		out = append(out, fmt.Sprintf("WARNING: could not check replica.token_file's token with primary %s: %v", cfg.ReplicaOf, err))
+	}
+	return out
 }
 
 // replicaToken reads replica.token_file, which a replica needs.

@@ -174,6 +174,11 @@ func TestReplicaOfItselfOrOfAReplicaRefused(t *testing.T) {
 		}
 	}
 	ccfg, _ := replicaCfg("c", aapi, freePort(t))
+	// --check-config asks replica.of and refuses as the start does.
+	if out, code := runStrata(t, nil, "server", "--config", ccfg, "--check-config"); code != 1 ||
+		!strings.Contains(out, "ERROR: replica.of http://"+aapi+" is itself a replica (of http://"+papi+")") {
+		t.Errorf("--check-config of a replica of a replica: exit %d, want 1 and the ERROR\n%s", code, out)
+	}
 	out, code = refusedExit(t, ccfg)
 	if code != 2 {
 		t.Errorf("replica of a replica exited %d, want 2", code)

@@ -92,9 +92,18 @@ func TestReplicaWrongTokenShowsAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	wcfg := prim.replicaConfig(t, replica{snaps: filepath.Join(s.mnt, "replica"), state: rstate, token: wrong})
+	// --check-config asks the primary: a WARNING (the start goes ahead).
+	out, code := runStrata(t, nil, "server", "--config", wcfg, "--check-config")
+	if code != 0 || !strings.Contains(out, "WARNING: primary http://"+prim.addr+" refuses the token in replica.token_file "+wrong) || !strings.Contains(out, "configuration: ok") {
+		t.Errorf("--check-config with a wrong token: exit %d\n%s", code, out)
+	}
+	out, code = runStrata(t, nil, "server", "--config", cfg, "--check-config")
+	if code != 0 || !strings.Contains(out, "primary http://"+prim.addr+" accepts the token in replica.token_file") || strings.Contains(out, "WARNING") {
+		t.Errorf("--check-config with the right token: exit %d\n%s", code, out)
+	}
 	repl = start(t, wcfg, rstate, nil)
 	repl.waitLog(t, "check replica.token_file")
-	out, code := runStrata(t, nil, "status", "--api", repl.api)
+	out, code = runStrata(t, nil, "status", "--api", repl.api)
 	if code != 0 || !strings.Contains(out, "last_error:") || !strings.Contains(out, "check replica.token_file") {
 		t.Errorf("status of a replica with a wrong token: exit %d\n%s", code, out)
 	}
