@@ -131,7 +131,12 @@ func (s *Server) Handler(token *apiserve.Token, reg *prometheus.Registry, status
 		w = apiserve.LongResponse(w) // a publish may take longer than the API's write timeout
 		res, err := s.PublishDetached(r.Context())
 		if err != nil {
-			writeErr(w, http.StatusInternalServerError, err)
+			code := http.StatusInternalServerError
+			if errors.Is(err, ErrReplica) || errors.Is(err, ErrOtherStore) {
+				// Refused by this server's configuration, not failed.
+				code = http.StatusConflict
+			}
+			writeErr(w, code, err)
 			return
 		}
 		writeJSON(w, http.StatusOK, res)

@@ -163,3 +163,22 @@ func TestNFSAccess(t *testing.T) {
 		t.Fatalf("GET /v1/nfs/access: %+v %v", a, err)
 	}
 }
+
+// A publish the server's configuration refuses (a replica; store.root at
+// another store) answers 409, not 500: nothing failed, and the message
+// says what to change.
+func TestAPIPublishRefusedIsConflict(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{StoreRoot: filepath.Join(dir, "root"), StoreDir: "/nix/store", StateDir: filepath.Join(dir, "state"), Keep: 1, ReplicaOf: "http://primary:7480"}
+	s, err := New(context.Background(), Options{Config: cfg, Backend: emptyBackend{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcp := httptest.NewServer(s.Handler(apiserve.NewToken("s3cret"), nil, func() any { return nil }))
+	defer tcp.Close()
+	_, err = api.NewClient(tcp.URL, "s3cret").Publish(context.Background())
+	var se *api.StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusConflict || !strings.Contains(se.Message, "publish on the primary") {
+		t.Fatalf("publish on a replica: %v, want 409 saying to publish on the primary", err)
+	}
+}
