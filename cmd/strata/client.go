@@ -178,10 +178,16 @@ func clientCommands() []*cobra.Command {
 				return printJSON(cmd.OutOrStdout(), l)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			// On a replica: where the generations came from, and when.
-			replicated := slices.ContainsFunc(l.Generations, func(g api.Generation) bool { return g.Arrived != nil })
+			// On a replica: where the generations came from, and when (a
+			// generation rebuilt from its snapshot after the state_dir
+			// was lost has no arrival time; a new replica none yet).
+			replicated := l.Role == "replica" || slices.ContainsFunc(l.Generations, func(g api.Generation) bool { return g.Arrived != nil })
 			if replicated {
-				fmt.Fprintf(cmd.OutOrStdout(), "replica of %s\n", l.Generations[len(l.Generations)-1].Origin)
+				of := l.ReplicaOf
+				if of == "" && len(l.Generations) > 0 { // an older server
+					of = l.Generations[len(l.Generations)-1].Origin
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "replica of %s\n", of)
 				fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT\tHOLDERS\tARRIVED")
 			} else {
 				fmt.Fprintln(tw, "ID\tCREATED\tPARENT\tPATHS\tNAR BYTES\tPIN\tMOUNT\tHOLDERS")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -253,5 +254,29 @@ func TestClientHint(t *testing.T) {
 	}
 	if h := hint(fmt.Errorf("GET /v1/status: %w", dial), clientUse{addr: "h:1"}); h != "" {
 		t.Errorf("nothing at an address given: hint %q, want none", h)
+	}
+}
+
+// `strata generations` on a replica names its primary and has the ARRIVED
+// column also when no generation has an arrival time: a replica whose
+// state_dir was lost rebuilds its generations from their snapshots without
+// one (a new user saw the primary's table there), and a new replica has
+// none yet.
+func TestGenerationsOnReplicaWithoutArrival(t *testing.T) {
+	list := api.GenerationList{Role: "replica", ReplicaOf: "http://central:7480",
+		Generations: []api.Generation{{ID: 21, Origin: "http://central:7480", MountPath: "/gen/21"}}}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(list)
+	}))
+	defer srv.Close()
+	out, code := runStrata(t, nil, "generations", "--api", srv.URL)
+	if code != 0 || !strings.HasPrefix(out, "replica of http://central:7480\n") || !strings.Contains(out, "ARRIVED") {
+		t.Errorf("generations on a replica with rebuilt generations: exit %d\n%s", code, out)
+	}
+	list.Generations = nil
+	out, code = runStrata(t, nil, "generations", "--api", srv.URL)
+	if code != 0 || !strings.HasPrefix(out, "replica of http://central:7480\n") {
+		t.Errorf("generations on a new replica: exit %d\n%s", code, out)
 	}
 }
