@@ -450,7 +450,12 @@ func printStatus(w io.Writer, st map[string]any) error {
 		}
 	}
 	if c, ok := st["cluster"].(map[string]any); ok {
-		fmt.Fprintf(tw, "cluster:\t%v as %v at %v, %v members known\n", c["name"], c["member"], c["address"], c["members"])
+		line := fmt.Sprintf("%v as %v at %v, %v members known", c["name"], c["member"], c["address"], c["members"])
+		if s, ok := c["settling_for"].(string); ok && s != "" && s != "0s" {
+			// Retention destroys nothing until the holds are known.
+			line += fmt.Sprintf("; builders' holds known in %s at most", s)
+		}
+		fmt.Fprintf(tw, "cluster:\t%s\n", line)
 	}
 	if waits, ok := st["retention_waits"].([]any); ok {
 		if len(waits) == 0 {

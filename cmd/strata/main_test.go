@@ -195,11 +195,14 @@ func TestAPIURLWithV1Refused(t *testing.T) {
 	}
 }
 
-// A replica's status says which primary it pulls from, and each problem
-// the server reports is a line of its own (a new operator read a replica's
-// status without its primary, and two problems ran together in one "[...]").
+// A replica's status says which primary it pulls from, each problem the
+// server reports is a line of its own, and the cluster line says while the
+// builders' holds are not known yet (a new operator read a replica's status
+// without its primary, two problems ran together in one "[...]", and
+// "retention waits: ... gossip settling" came with no time).
 func TestPrintStatusReplicaAndProblems(t *testing.T) {
 	st := map[string]any{"role": "replica", "replica_of": "http://central:7480", "latest": 3.0,
+		"cluster": map[string]any{"name": "strata", "member": "r1", "address": "10.0.0.2:7946", "members": 3.0, "settling_for": "12s"},
 		"problems":       []any{"snapshot strata-4 is kept but not served: received by hand?", "store.root is another Nix store: fix store.root"},
 		"retention_keep": 3.0, "retention_waits": []any{}}
 	var b strings.Builder
@@ -207,7 +210,7 @@ func TestPrintStatusReplicaAndProblems(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"replica_of:  http://central:7480\n", "problem:     snapshot strata-4 is kept but not served: received by hand?\n", "problem:     store.root is another Nix store: fix store.root\n"} {
+	for _, want := range []string{"replica_of:  http://central:7480\n", "cluster:     strata as r1 at 10.0.0.2:7946, 3 members known; builders' holds known in 12s at most\n", "problem:     snapshot strata-4 is kept but not served: received by hand?\n", "problem:     store.root is another Nix store: fix store.root\n"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)
 		}
