@@ -40,7 +40,7 @@ var Keys = []config.Key{
 	{Name: "nfs.idle_timeout", Kind: config.Duration, Default: "15m", Usage: "close NFS connections idle this long"},
 	{Name: "nfs.busy_poll", Kind: config.Duration, Default: "50us", Usage: "how long an NFS connection waits for its next call spinning, while CPU is spare, before it sleeps (0 disables)"},
 	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it, nfs.allow, retention.keep and the API token)"},
-	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a publish running longer than this counts as wedged: systemd watchdog pings stop and systemd restarts the daemon (0: never)"},
+	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a publish running longer than this (on a replica: a sync this long without stream bytes arriving) counts as wedged: systemd watchdog pings stop and systemd restarts the daemon (0: never)"},
 }
 
 func init() { Keys = append(Keys, cluster.Keys...); Keys = append(Keys, replicaKeys...) }
