@@ -33,7 +33,7 @@ stops the start, naming it.`,
 		Args: cobra.NoArgs,
 	}
 	loader, file := configFlags(cmd, builder.Keys, builder.DefaultConfigFile)
-	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration and read the secret files a start reads (api.token_file, cluster.keyring_file), change nothing, and exit")
+	checkOnly := cmd.Flags().Bool("check-config", false, "validate the configuration, read the secret files a start reads (api.token_file, cluster.keyring_file), ask server.api whether it answers and its nfs.allow admits this host (WARNING lines), change nothing, and exit")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		v, err := loadConfig(cmd, loader, *file)
 		if err != nil {
@@ -48,6 +48,9 @@ stops the start, naming it.`,
 			if err := builder.CheckSecrets(cfg); err != nil {
 				fmt.Fprintf(cmd.OutOrStdout(), "ERROR: %v\nconfiguration: refused\n", err)
 				return fmt.Errorf("check config: 1 problem, printed above as ERROR")
+			}
+			for _, line := range builder.AskServer(cmd.Context(), cfg) {
+				fmt.Fprintln(cmd.OutOrStdout(), line)
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), "configuration: ok")
 			return nil

@@ -167,3 +167,47 @@ func TestCheckConfigNamesLeftovers(t *testing.T) {
 	}
 	repl.stop(t)
 }
+
+// `strata builder --check-config` asks server.api, changing nothing: a
+// server that answers and admits this host says so; one whose nfs.allow
+// leaves this host out, or of another store dir, or that does not answer,
+// is a WARNING (the start goes ahead and waits). A new user's builder
+// check said "configuration: ok" whatever server.api and nfs.allow were.
+func TestBuilderCheckConfigAsksServer(t *testing.T) {
+	s := newSite(t)
+	addr := freePort(t)
+	cfg := s.config(t, map[string]string{"api.listen": addr, "nfs.allow": "10.0.0.0/8"})
+	srv := start(t, cfg, s.state, nil)
+	srv.waitLog(t, "published generation")
+	dir := t.TempDir()
+	bcfg := func(api, storeDir string) string {
+		f := filepath.Join(t.TempDir(), "builder.yaml")
+		os.WriteFile(f, []byte(fmt.Sprintf("server:\n  api: %s\nstore:\n  dir: %s\nnix:\n  state_dir: %s\nstate_dir: %s\napi:\n  token_file: \"\"\n",
+			api, storeDir, filepath.Join(dir, "var"), filepath.Join(dir, "state"))), 0o644)
+		return f
+	}
+	check := func(name, cfg string, want ...string) {
+		t.Helper()
+		out, code := runStrata(t, nil, "builder", "--config", cfg, "--check-config")
+		if code != 0 || !strings.HasSuffix(strings.TrimSpace(out), "configuration: ok") {
+			t.Errorf("%s: exit %d, want 0 and ok\n%s", name, code, out)
+		}
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: output lacks %q\n%s", name, w, out)
+			}
+		}
+	}
+	api := "http://" + addr
+	check("nfs.allow leaves this host out", bcfg(api, "/nix/store"), "server "+api+" answers: 1 live generations, newest 1",
+		"WARNING: server "+api+" refuses NFS connections from this host: it sees this host as 127.0.0.1, which is not in its nfs.allow [10.0.0.0/8]")
+	check("another store dir", bcfg(api, "/gnu/store"), "WARNING: server "+api+" serves generations of store dir /nix/store, but this builder's store.dir is /gnu/store")
+	srv.stop(t)
+	srv = start(t, s.config(t, map[string]string{"api.listen": addr}), s.state, nil)
+	check("admitted", bcfg(api, "/nix/store"), "server "+api+"'s nfs.allow [127.0.0.0/8] admits this host (127.0.0.1)")
+	srv.stop(t)
+	check("no answer", bcfg(api, "/nix/store"), "WARNING: server.api "+api+" does not answer now")
+	if _, err := os.Stat(filepath.Join(dir, "state")); !os.IsNotExist(err) {
+		t.Errorf("--check-config made the builder's state_dir: %v", err)
+	}
+}
