@@ -30,8 +30,9 @@ demo-host: build
 # test: every tier. Under CI=true nothing may skip (internal/testenv).
 test: unit integration test-vm test-deploy
 
-# unit: fast, no root.
+# unit: fast, no root. gofmt, vet, then the unit tests.
 unit: deps
+	@unformatted=$$(gofmt -l .); if [ -n "$$unformatted" ]; then echo "gofmt -l: not formatted: $$unformatted" >&2; exit 1; fi
 	$(GO) vet ./...
 	$(GO) test -count=1 ./...
 

@@ -16,7 +16,7 @@ func TestSameSQL(t *testing.T) {
 		{trigger, "CREATE TRIGGER \"DeleteSelfRefs\" BEFORE DELETE ON \"ValidPaths\" BEGIN DELETE FROM Refs WHERE referrer=old.id AND reference=old.id; END", true},
 		{"CREATE INDEX IndexReferrer on Refs(referrer)", "CREATE INDEX IndexReferrer on Refs(referrer, reference)", false},
 		{"CREATE INDEX IndexReferrer on Refs(referrer)", "CREATE UNIQUE INDEX IndexReferrer on Refs(referrer)", false},
-		{"CREATE INDEX x on t(a) WHERE b = 'A'", "CREATE INDEX x on t(a) WHERE b = 'a'", false},    // string literals keep their case
+		{"CREATE INDEX x on t(a) WHERE b = 'A'", "CREATE INDEX x on t(a) WHERE b = 'a'", false},      // string literals keep their case
 		{"CREATE INDEX x on t(a) WHERE b = 'a  b'", "CREATE INDEX x on t(a) WHERE b = 'a b'", false}, // and their spaces
 		{`CREATE INDEX x on "my table"(a)`, `CREATE INDEX x on "My Table"(a)`, false},
 		{trigger, "CREATE TRIGGER DeleteSelfRefs after delete on ValidPaths begin delete from Refs where referrer = old.id; end", false},

@@ -202,7 +202,7 @@ func TestAPIURLWithV1Refused(t *testing.T) {
 // "retention waits: ... gossip settling" came with no time).
 func TestPrintStatusReplicaAndProblems(t *testing.T) {
 	st := map[string]any{"role": "replica", "replica_of": "http://central:7480", "latest": 3.0,
-		"cluster": map[string]any{"name": "strata", "member": "r1", "address": "10.0.0.2:7946", "members": 3.0, "settling_for": "12s"},
+		"cluster":        map[string]any{"name": "strata", "member": "r1", "address": "10.0.0.2:7946", "members": 3.0, "settling_for": "12s"},
 		"problems":       []any{"snapshot strata-4 is kept but not served: received by hand?", "store.root is another Nix store: fix store.root"},
 		"retention_keep": 3.0, "retention_waits": []any{}}
 	var b strings.Builder
