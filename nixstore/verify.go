@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -94,12 +95,13 @@ func VerifyPresent(storeDir, logicalStoreDir string, paths []string) error {
 }
 
 // StoreNames are the names registered paths have in their store directory,
-// gathered once so that checking a store directory for them (Verify) only
-// reads that directory: a replica gathers them while a generation's stream
-// arrives and checks the received store once it has.
+// gathered once: a replica gathers them while a generation's stream
+// arrives and checks the received store once it has (VerifyAdded, or
+// Verify, which builds its index of every name on first use).
 type StoreNames struct {
 	paths   []string
 	prefix  string         // the store directory, with a trailing slash
+	once    sync.Once      // builds want
 	want    map[string]int // base name -> the index of its first path
 	outside []string
 }
@@ -118,18 +120,26 @@ func NewStoreNames(logicalStoreDir string, paths []string) *StoreNames {
 	if !strings.HasSuffix(prefix, "/") {
 		prefix += "/"
 	}
-	n := &StoreNames{paths: paths, prefix: prefix, want: make(map[string]int, len(paths))}
-	for i := len(paths) - 1; i >= 0; i-- {
-		if b, ok := n.base(paths[i]); ok {
-			n.want[b] = i
-		}
-	}
+	n := &StoreNames{paths: paths, prefix: prefix}
 	for _, p := range paths {
 		if _, ok := n.base(p); !ok {
 			n.outside = append(n.outside, p)
 		}
 	}
 	return n
+}
+
+// index returns every name's index in paths (its first), built once.
+func (n *StoreNames) index() map[string]int {
+	n.once.Do(func() {
+		n.want = make(map[string]int, len(n.paths))
+		for i := len(n.paths) - 1; i >= 0; i-- {
+			if b, ok := n.base(n.paths[i]); ok {
+				n.want[b] = i
+			}
+		}
+	})
+	return n.want
 }
 
 // Verify checks that every path is directly under the store directory and
@@ -139,6 +149,45 @@ func (n *StoreNames) Verify(storeDir string) error {
 	ve, err := n.check(storeDir)
 	if err != nil {
 		return err
+	}
+	if len(ve.Outside)+len(ve.Missing) > 0 {
+		return ve
+	}
+	return nil
+}
+
+// VerifyAdded is Verify for a store directory known to hold every path
+// of n except those of added: a replica's generation received as an
+// incremental stream on top of a generation whose store was checked here
+// (the stream carries what changed; the primary checked its own store of
+// the new generation before publishing it). Every path must be directly
+// under the store directory, as for Verify, and each path of added must
+// have an entry in storeDir, looked up by name (a symlink is not
+// followed): a thousand lookups instead of reading a store directory of a
+// hundred thousand entries. It returns nil or a *VerifyError.
+func (n *StoreNames) VerifyAdded(storeDir string, added []string) error {
+	dirFD, err := unix.Open(storeDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("verify registration: open store %s: %w", storeDir, err)
+	}
+	defer unix.Close(dirFD)
+	ve := &VerifyError{Outside: n.outside}
+	for _, p := range added {
+		b, ok := n.base(p)
+		if !ok {
+			continue // outside: listed once, from every path
+		}
+		var st unix.Stat_t
+		err := unix.Fstatat(dirFD, b, &st, unix.AT_SYMLINK_NOFOLLOW)
+		for err == unix.EINTR {
+			err = unix.Fstatat(dirFD, b, &st, unix.AT_SYMLINK_NOFOLLOW)
+		}
+		switch {
+		case err == unix.ENOENT:
+			ve.Missing = append(ve.Missing, p)
+		case err != nil:
+			return fmt.Errorf("verify registration: store %s: %s: %w", storeDir, b, err)
+		}
 	}
 	if len(ve.Outside)+len(ve.Missing) > 0 {
 		return ve
@@ -174,6 +223,7 @@ func present(storeDir, logicalStoreDir string, paths []string) (*VerifyError, er
 // (a 100,000-entry store reads in about 50 ms). An entry exists exactly when
 // lstat of its name would succeed.
 func (s *StoreNames) missing(dirFD int) ([]string, error) {
+	want := s.index()
 	found := make([]bool, len(s.paths))
 	// Read from the start through a descriptor of our own: dirFD's offset
 	// is not ours to move.
@@ -205,7 +255,7 @@ func (s *StoreNames) missing(dirFD int) ([]string, error) {
 			if k := bytes.IndexByte(name, 0); k >= 0 {
 				name = name[:k]
 			}
-			if i, ok := s.want[string(name)]; ok {
+			if i, ok := want[string(name)]; ok {
 				found[i] = true
 			}
 			b = b[reclen:]
@@ -213,7 +263,7 @@ func (s *StoreNames) missing(dirFD int) ([]string, error) {
 	}
 	var missing []string
 	for _, p := range s.paths {
-		if b, ok := s.base(p); ok && !found[s.want[b]] {
+		if b, ok := s.base(p); ok && !found[want[b]] {
 			missing = append(missing, p)
 		}
 	}

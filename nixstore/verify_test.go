@@ -147,3 +147,50 @@ func TestVerifyLargeDirectory(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// TestVerifyAdded: only the added paths are looked up (a path of the base
+// that is gone is not seen: the store is known to hold those), a missing
+// added path is reported in the order given, a dangling symlink counts as
+// present, and a path outside the store directory is reported whichever
+// list it is in.
+func TestVerifyAdded(t *testing.T) {
+	infos := fakeInfos("/nix/store", 300, 0, 9)
+	store := t.TempDir()
+	makeStore(t, store, infos)
+	paths := make([]string, len(infos))
+	for i, in := range infos {
+		paths[i] = in.Path
+	}
+	added := []string{paths[2], paths[7], paths[250]} // 2: a dangling symlink
+	names := NewStoreNames("/nix/store", paths)
+	if err := names.VerifyAdded(store, added); err != nil {
+		t.Fatalf("complete store: %v", err)
+	}
+	if err := os.Remove(filepath.Join(store, filepath.Base(paths[100]))); err != nil {
+		t.Fatal(err)
+	}
+	if err := names.VerifyAdded(store, added); err != nil {
+		t.Fatalf("a base path gone (not looked up): %v", err)
+	}
+	for _, i := range []int{250, 7} {
+		if err := os.RemoveAll(filepath.Join(store, filepath.Base(paths[i]))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := names.VerifyAdded(store, added)
+	var ve *VerifyError
+	if !errors.As(err, &ve) || !slices.Equal(ve.Missing, []string{paths[7], paths[250]}) || len(ve.Outside) != 0 {
+		t.Fatalf("two added paths gone: %v", err)
+	}
+	if want := "verify registration: 2 registered paths missing from snapshot: " + paths[7] + ", " + paths[250]; err.Error() != want {
+		t.Fatalf("message %q\nwant %q", err, want)
+	}
+	out := append(slices.Clone(paths), "/elsewhere/x")
+	err = NewStoreNames("/nix/store", out).VerifyAdded(store, []string{paths[2], "/elsewhere/x"})
+	if !errors.As(err, &ve) || !slices.Equal(ve.Outside, []string{"/elsewhere/x"}) || len(ve.Missing) != 0 {
+		t.Fatalf("a path outside the store: %v", err)
+	}
+	if err := names.VerifyAdded(filepath.Join(store, "nope"), added); err == nil || errors.As(err, &ve) || !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("store dir missing: %v", err)
+	}
+}

@@ -51,12 +51,15 @@ func (s *Server) PrepareReceived(ctx context.Context, g api.Generation, d api.De
 	end := phase.Begin(ctx, "prepare: registration from the primary's delta, sha256, staged")
 	defer end()
 	s.dropStage()
-	reg, err := s.registrationFromDelta(g, d)
+	reg, err := s.registrationFromDelta(ctx, g, d)
 	if err != nil {
 		s.log.Warn("registration from the primary's delta: the received snapshot's db gives the registration instead", "generation", g.ID, "from", d.From, "err", err)
 		return
 	}
-	if err := s.state.stageRegistration(reg.text); err != nil {
+	endStage := phase.Begin(ctx, "prepare: stage the registration (write, fsync)")
+	err = s.state.stageRegistration(reg.text)
+	endStage()
+	if err != nil {
 		s.log.Warn("stage registration; the received snapshot's db gives the registration instead", "generation", g.ID, "err", err)
 		return
 	}
@@ -120,7 +123,9 @@ func (s *Server) dropStage() {
 // generation g.ID, or refuses it (changing nothing; the caller destroys the
 // snapshot). Its registration's sha256 must equal the primary's manifest g,
 // and every path it registers must have an entry in the snapshot's store.
-// The registration is the one PrepareReceived staged for g.ID, if any;
+// The registration is the one PrepareReceived staged for g.ID, if any (then
+// the paths the delta added are looked up, as the rest were in the store of
+// the base the stream was applied to, checked when it went live here);
 // otherwise it is read from the snapshot's own DB, whose rows are then
 // checked (CheckRows) too, as is the closure (nixstore.Verify). It then
 // stores the manifest (with origin and arrival time) and the registration,
@@ -151,8 +156,13 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		s.state.dropStaged()
 	}
 	if staged {
-		end := phase.Begin(ctx, "live: every registered path in the store dir")
-		err := reg.names.Verify(PhysicalStore(snap.Path))
+		// The staged registration is the delta's from a generation live
+		// here, and snap is that generation's snapshot with the primary's
+		// stream of what changed applied: the paths it kept were in the
+		// base's store, checked when the base went live here, so only
+		// the added ones are looked up.
+		end := phase.Begin(ctx, "live: each added path in the store dir")
+		err := reg.names.VerifyAdded(PhysicalStore(snap.Path), reg.added)
 		end()
 		if err != nil {
 			return api.Generation{}, fmt.Errorf("received generation %d: %w", g.ID, err)
@@ -242,6 +252,7 @@ type receivedReg struct {
 	sum      string // hex sha256 of text: the manifest's
 	paths    int
 	names    *nixstore.StoreNames // its paths (from a delta; the DB gives rows instead)
+	added    []string             // the delta's added paths (with names)
 	narBytes uint64
 	rows     *nixstore.Rows // the snapshot's DB rows, if read already
 }
@@ -249,30 +260,41 @@ type receivedReg struct {
 // registrationFromDelta applies d to the registration of the generation it
 // starts from and checks that the result's sha256 is g's manifest's. The
 // text is never parsed, only framed (nixstore.ApplyDelta).
-func (s *Server) registrationFromDelta(g api.Generation, d api.Delta) (receivedReg, error) {
+func (s *Server) registrationFromDelta(ctx context.Context, g api.Generation, d api.Delta) (receivedReg, error) {
 	if d.To != g.ID {
 		return receivedReg{}, fmt.Errorf("the delta leads to generation %d", d.To)
 	}
 	if _, ok := s.Generation(d.From); !ok {
 		return receivedReg{}, fmt.Errorf("generation %d: %w", d.From, ErrUnknownGeneration)
 	}
+	end := phase.Begin(ctx, "prepare: read the base's registration")
 	base, err := s.state.readRegistration(d.From)
+	end()
 	if err != nil {
 		return receivedReg{}, err
 	}
+	end = phase.Begin(ctx, "prepare: apply the delta, sha256")
 	text, err := nixstore.ApplyDelta(base, []byte(d.Added), d.Removed)
 	if err != nil {
+		end()
 		return receivedReg{}, err
 	}
 	sum := sha256.Sum256(text)
+	end()
 	if got := hex.EncodeToString(sum[:]); got != g.RegistrationSHA256 {
 		return receivedReg{}, fmt.Errorf("registration sha256 %s differs from the manifest's %s", got, g.RegistrationSHA256)
 	}
+	end = phase.Begin(ctx, "prepare: the registration's paths")
+	defer end()
 	paths, nar, err := nixstore.RegistrationPaths(text)
 	if err != nil {
 		return receivedReg{}, err
 	}
-	return receivedReg{text: text, sum: g.RegistrationSHA256, paths: len(paths), names: nixstore.NewStoreNames(s.cfg.StoreDir, paths), narBytes: nar}, nil
+	added, _, err := nixstore.RegistrationPaths([]byte(d.Added))
+	if err != nil {
+		return receivedReg{}, fmt.Errorf("the delta's added paths: %w", err)
+	}
+	return receivedReg{text: text, sum: g.RegistrationSHA256, paths: len(paths), names: nixstore.NewStoreNames(s.cfg.StoreDir, paths), added: added, narBytes: nar}, nil
 }
 
 // registrationFromDB reads the registration from the received snapshot's

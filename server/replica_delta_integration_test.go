@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/phase"
+	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/server/replica"
 	"github.com/strata-nix/strata/snapshot"
 	"github.com/strata-nix/strata/snapshot/btrfs"
@@ -165,5 +167,56 @@ func TestReplicaStagedRegistrationRemoved(t *testing.T) {
 	}
 	if _, err := os.Stat(staged); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("staged registration after a receive: %v", err)
+	}
+}
+
+// TestReplicaDeltaAddedPathMissing: with a registration from the delta,
+// going live looks up the paths the delta added (the others were in the
+// base's store): a received snapshot that lacks them (here the base's own
+// snapshot stands in for generation 3's) is refused, naming them, nothing
+// goes live and nothing stays staged; the real stream then goes live.
+func TestReplicaDeltaAddedPathMissing(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.AddText(t, "one", "1\n")
+	publish(t, prim.srv.Server)
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, p := re.start(t, "primary-token")
+	syncOnce(t, p)
+	prim.c.store.AddText(t, "two", "2\n")
+	publish(t, prim.srv.Server)
+
+	ctx := context.Background()
+	client := api.NewClient(prim.api.URL, "primary-token")
+	d, err := client.Delta(ctx, 1, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	added, _, err := nixstore.RegistrationPaths([]byte(d.Added))
+	if err != nil || len(added) == 0 {
+		t.Fatalf("delta's added paths %v: %v", added, err)
+	}
+	g, ok := prim.srv.Generation(2)
+	if !ok {
+		t.Fatal("no generation 2 on the primary")
+	}
+	rs.PrepareReceived(ctx, g, d)
+	base, _ := rs.Generation(1)
+	_, err = rs.AddReceived(ctx, g, snapshot.Snapshot{ID: 2, Name: snapshot.Name(2), Path: filepath.Join(re.snapDir, base.Snapshot)}, prim.api.URL)
+	var ve *nixstore.VerifyError
+	if !errors.As(err, &ve) || !slices.Equal(ve.Missing, added) {
+		t.Fatalf("received snapshot without the added paths %v: %v, want them missing", added, err)
+	}
+	if _, live := rs.Generation(2); live {
+		t.Error("generation 2 live after its check failed")
+	}
+	if _, err := os.Stat(rs.state.stagedFile()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("staged registration after the refusal: %v", err)
+	}
+	res := syncOnce(t, p)
+	if len(res.Received) != 1 || res.Received[0].ID != 2 || res.Received[0].From != 1 {
+		t.Fatalf("sync after the refusal: %+v, want generation 2 from 1", res)
+	}
+	if a, b := regSHA(t, prim.srv.Server, 2), regSHA(t, rs.Server, 2); a != b {
+		t.Errorf("registration sha256 %s on the replica, %s on the primary", b, a)
 	}
 }
