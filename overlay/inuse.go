@@ -138,9 +138,11 @@ const maxScanned = 4 << 20
 // one (6.8+) and Detached has it: it is never reused, so a mount made
 // after this one went, with its old device and mount id, does not count.
 // Without it (older kernels, or a Detached recorded by one) a process
-// counts only when both its device and its mount id are the overlay's,
-// neither is a live mount's of another filesystem in any mount table, and
-// a second reading of the tables after the scan confirms that. A mapping
+// counts when it is on the overlay's device, no mount table gives that
+// device to another filesystem nor the process's mount id to another
+// device (a btrfs subvolume has a device of its own, on a mount the
+// tables show with the filesystem's device), and a second reading of the
+// tables after the scan confirms both. A mapping
 // whose map_files link leads to the kernel's private clone of a lower
 // rather than to the overlay (kernels differ in what they show) counts by
 // the lower's device when no mount table gives that device to another
@@ -164,9 +166,11 @@ const maxScanned = 4 << 20
 // Not seen: a copy of the overlay's mount that is in no mount namespace
 // with a process in it (a namespace kept only by a bind of its nsfs file,
 // a detached clone held by a descriptor), files in flight in a unix
-// socket, a loop device backed by a file on it, threads with a cwd or file
-// table of their own (unshare CLONE_FS or CLONE_FILES), and on kernels
-// before 6.8 another overlay that got both numbers and is itself detached.
+// socket, a loop device backed by a file on it, and threads with a cwd or file
+// table of their own (unshare CLONE_FS or CLONE_FILES). On kernels
+// before 6.8, a detached mount of another filesystem that got the
+// overlay's device (a new mount a process holds after it was unmounted)
+// counts as the overlay: a false hold, until it goes.
 // An error (no /proc, more than 4 Mi entries) means the answer is unknown:
 // keep holding.
 func InUse(ds []Detached) (used []bool, denied int, err error) {
@@ -256,6 +260,19 @@ func readTables(proc string, pids []string) (tables, error) {
 		t.overlays[pid] = hasOverlay[ns]
 	}
 	return t, nil
+}
+
+// ownMount reports whether a link on device dev whose mount id is mnt
+// (hasMnt: the kernel said) may be on a mount of the overlay with that
+// device: the tables give that mount id no other device. A mount in no
+// table is a detached one: the overlay's own or a copy of it, or (kernels
+// before 6.8 cannot tell) another filesystem's that took the device.
+func ownMount(t tables, mnt uint64, hasMnt bool, dev Dev) bool {
+	if !hasMnt {
+		return true
+	}
+	d, ok := t.ids[int(mnt)]
+	return !ok || d == dev
 }
 
 // mark is what InUse looks for of one detached overlay, from the mount
@@ -355,6 +372,7 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 	// id, or by a lower's device, to be confirmed by the tables read again
 	// (a mount made meanwhile may have taken the numbers).
 	weakOver := make([]bool, len(ds))
+	overMnt, overHasMnt := make([]uint64, len(ds)), make([]bool, len(ds))
 	weakLow := make([]map[Dev]bool, len(ds))
 	type link struct {
 		dev            Dev
@@ -372,10 +390,8 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 				return x.MountIDUnique != 0 && x.MountIDUnique == l.unique
 			})):
 				strong[i] = true
-			case !byUnique[i] && !mk.dead && l.dev == d.Dev && l.hasL && int(l.legacy) == d.MountID:
-				if dev, ok := t.ids[d.MountID]; !ok || dev == d.Dev {
-					weakOver[i] = true
-				}
+			case !byUnique[i] && !mk.dead && l.dev == d.Dev && ownMount(t, l.legacy, l.hasL, d.Dev):
+				weakOver[i], overMnt[i], overHasMnt[i] = true, l.legacy, l.hasL
 			case (mapping || !byUnique[i]) && mk.lowers[l.dev]:
 				if weakLow[i] == nil {
 					weakLow[i] = map[Dev]bool{}
@@ -512,8 +528,7 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 				}
 				used[i] = again[i]
 				if weakOver[i] {
-					dev, has := t2.ids[d.MountID]
-					used[i] = used[i] || (!mks2[i].dead && (!has || dev == d.Dev))
+					used[i] = used[i] || (!mks2[i].dead && ownMount(t2, overMnt[i], overHasMnt[i], d.Dev))
 				}
 				for l := range weakLow[i] {
 					used[i] = used[i] || mks2[i].lowers[l]

@@ -106,9 +106,11 @@ func line(id int, d Dev, mp, fstype, src, super string) string {
 // its device and workdir is in use; a device another live mount now has
 // (the kernel reuses them) is not the detached overlay's, so neither a
 // mount nor a process on it counts; a process whose cwd is on the
-// overlay's device and mount id counts when no live mount claims either
-// (kernels without unique mount ids); a lower mount copied into another
-// namespace counts, one whose device another filesystem now has does not.
+// overlay's unique mount id counts, and without unique ids one on its
+// device counts when no live mount claims the device and the tables give
+// its mount no other device (a detached mount: the overlay's, or a copy);
+// a lower mount copied into another namespace counts, one whose device
+// another filesystem now has does not.
 func TestInUseRules(t *testing.T) {
 	root := Dev{8, 1}
 	f := newFakeProc(t)
@@ -130,7 +132,7 @@ func TestInUseRules(t *testing.T) {
 			{"same device, other workdir", Detached{Dev: Dev{0, 77}, Work: "/w2"}, false},
 			{"device reused by a tmpfs", Detached{Dev: Dev{0, 78}, Work: "/w3"}, false},
 			{"a process cwd on its device and mount", Detached{Dev: root, MountID: 1, Work: "/w4"}, true},
-			{"a process cwd on its device, another mount", Detached{Dev: root, MountID: 2, Work: "/w4"}, false},
+			{"a process cwd on its device, a mount in no table", Detached{Dev: root, MountID: 2, Work: "/w4"}, true},
 			{"a process cwd on its unique mount id", Detached{Dev: root, MountID: 1, MountIDUnique: 1, Work: "/w4"}, true},
 			{"lower copied into another namespace", Detached{Dev: Dev{0, 80}, Work: "/w5",
 				Lowers: []DetachedLower{{Dev: Dev{0, 90}, FSType: "nfs", Source: "10.0.2.2:/gen/3"}}}, true},
