@@ -279,7 +279,8 @@ func (c Config) ClusterMeta(version string) cluster.Meta {
 // ErrConfig is wrapped by the errors with which Daemon refuses a start over
 // what the configuration names (an unsafe api.token_file, a replica's
 // missing replica.token_file, a snapshot dir another server owns or holds,
-// a missing NFS handle key once generations exist, a replica.of answering
+// a missing NFS handle key once generations exist, a store.dir that is not
+// the generations' store dir, a replica.of answering
 // as this server or another replica): configuration errors as ConfigFrom's are,
 // which `strata server` exits 2 on (and its unit does not restart on).
 var ErrConfig = errors.New("configuration error")

@@ -230,6 +230,9 @@ func Check(ctx context.Context, cfg Config, w io.Writer) error {
 	if err := p.refusal(cfg); err != nil {
 		refuse(err)
 	}
+	if err := p.storeDirMismatch(cfg); err != nil {
+		refuse(err)
+	}
 	if err := p.storeMismatch(cfg); err != nil && cfg.AdoptStore {
 		problems-- // the report's ERROR line: --adopt-store accepts it
 		say("--adopt-store: publishing store.root %s from now on", cfg.StoreRoot)
@@ -420,6 +423,9 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	}
 	if err := p.refusal(cfg); err != nil {
 		return err
+	}
+	if err := p.storeDirMismatch(cfg); err != nil {
+		return configError{err}
 	}
 
 	tightened, err := secretfile.PrivateDir(cfg.StateDir)

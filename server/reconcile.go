@@ -1,14 +1,19 @@
 package server
 
 import (
+	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/nixstore"
@@ -60,6 +65,10 @@ type plan struct {
 	storeFrom  string                       // where storeWant comes from
 	storeHave  string                       // identity of store.root ("" none)
 	labels     map[uint64]snapshot.Labels   // current labels by id
+	// otherDir is the store dir the newest manifest's registration names
+	// its paths in when that is not store.dir ("" when they agree).
+	otherDir   string
+	otherDirOf uint64 // that generation
 }
 
 // where names the snapshot location of cfg for messages.
@@ -81,6 +90,12 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 	}
 	for _, g := range stored {
 		p.stored[g.ID] = g
+	}
+	if n := len(stored); n > 0 {
+		id := slices.MaxFunc(stored, func(a, b api.Generation) int { return cmp.Compare(a.ID, b.ID) }).ID
+		if dir := registrationStoreDir(st.registration(id)); dir != "" && dir != filepath.Clean(cfg.StoreDir) {
+			p.otherDir, p.otherDirOf = dir, id
+		}
 	}
 	if p.pins, err = st.pins(); err != nil {
 		return nil, err
@@ -210,6 +225,38 @@ func (p *plan) storeMismatch(cfg Config) error {
 	return fmt.Errorf("%w: store.root %s has identity %s, but the generations come from store %s (recorded in %s); "+
 		"publishing it would replace every path builders have. Fix store.root, or start once with --adopt-store to publish this store from now on",
 		ErrOtherStore, cfg.StoreRoot, have, p.storeWant, p.storeFrom)
+}
+
+// storeDirMismatch is the error that stops a start whose store.dir is
+// not the store dir its generations' paths are named in (a mistyped
+// store.dir would publish nothing, as no path verifies, and tell builders
+// and replicas a store dir that makes them refuse every generation), nil
+// when they agree.
+func (p *plan) storeDirMismatch(cfg Config) error {
+	if p.otherDir == "" {
+		return nil
+	}
+	return fmt.Errorf("store.dir is %s, but the paths of generation %d (state_dir %s) are in %s: is store.dir mistyped? Nothing was changed",
+		cfg.StoreDir, p.otherDirOf, cfg.StateDir, p.otherDir)
+}
+
+// registrationStoreDir returns the store dir of the first path of the
+// registration file at name ("" when it cannot tell: no file, no path).
+func registrationStoreDir(name string) string {
+	f, err := os.Open(name)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	line, err := bufio.NewReaderSize(f, 4096).ReadString('\n')
+	if err != nil && line == "" {
+		return ""
+	}
+	line = strings.TrimSpace(line)
+	if !strings.HasPrefix(line, "/") || !strings.Contains(line[1:], "/") {
+		return ""
+	}
+	return filepath.Dir(line)
 }
 
 // ErrOtherStore means store.root is not the central store the generations

@@ -554,6 +554,38 @@ func TestMistypedSnapshotDir(t *testing.T) {
 	}
 }
 
+// A mistyped store.dir (found by a new user): the start served the
+// generations while telling builders and replicas the mistyped store dir
+// (so they refused every one) and failed each publish ("registered paths
+// outside the store directory"). Must show: the start is refused (exit 2,
+// a configuration error) and --check-config says so (exit 1), naming both
+// store dirs, with nothing changed; the right store.dir serves as before.
+func TestMistypedStoreDir(t *testing.T) {
+	s := newSite(t)
+	srv, before, _ := threeGenerations(t, s)
+	srv.stop(t)
+	snapsBefore := s.snapshots(t)
+	cfg := s.config(t, nil)
+	t.Setenv("STRATA_STORE_DIR", "/gnu/store")
+	want := "store.dir is /gnu/store, but the paths of generation 3 (state_dir " + s.state + ") are in /nix/store"
+	if out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config"); code != 1 || !strings.Contains(out, "ERROR: "+want) {
+		t.Errorf("check-config with a mistyped store.dir: exit %d\n%s", code, out)
+	}
+	out, code := refusedExit(t, cfg)
+	if code != 2 || !strings.Contains(out, want) {
+		t.Errorf("start with a mistyped store.dir: exit %d, want 2\n%s", code, out)
+	}
+	os.Unsetenv("STRATA_STORE_DIR")
+	if got := s.snapshots(t); !slices.Equal(got, snapsBefore) {
+		t.Errorf("snapshots %v, want %v", got, snapsBefore)
+	}
+	srv = start(t, cfg, s.state, nil)
+	if after := srv.generations(t).Generations; len(after) != 3 || after[2].RegistrationSHA256 != before[2].RegistrationSHA256 {
+		t.Errorf("after the right store.dir: %+v", after)
+	}
+	srv.stop(t)
+}
+
 // Must show: store.root pointed at another Nix store: publishing refused,
 // naming both identities; nothing published, nothing destroyed. With
 // --adopt-store the other store is published from then on.
