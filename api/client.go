@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -70,7 +71,7 @@ func (c *Client) raw(ctx context.Context, method, path string) (io.ReadCloser, e
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", method, path, err)
+		return nil, fmt.Errorf("%s %s: %w%s", method, path, err, noHTTP(err))
 	}
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()
@@ -78,6 +79,16 @@ func (c *Client) raw(ctx context.Context, method, path string) (io.ReadCloser, e
 		return nil, newStatusError(method, path, resp, b)
 	}
 	return resp.Body, nil
+}
+
+// noHTTP is a hint for a request that the address answered by closing the
+// connection, or with what is not HTTP: an address of something else, such
+// as the NFS port given for the API's (replica.of, server.api, --api).
+func noHTTP(err error) string {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || strings.Contains(err.Error(), "malformed HTTP response") {
+		return " (no HTTP answer: is this the strata API's address, not the NFS port?)"
+	}
+	return ""
 }
 
 // StatusError is a non-2xx answer.
