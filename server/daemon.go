@@ -133,7 +133,9 @@ func checkHandleKey(cfg Config, p *plan, log *slog.Logger) error {
 	err := fmt.Errorf("NFS handle key %s is missing, but generations exist and clients hold file handles sealed with it. "+
 		"Either restore the file from a backup of state_dir, "+
 		"or start once with `strata server --new-handle-key` to make a new key, accepting that every mounted client gets ESTALE (Stale file handle) until it remounts", key)
-	if len(p.stored) == 0 {
+	if len(p.stored) == 0 && p.ownSnapshots {
+		err = fmt.Errorf("%w (the snapshot dir's owner record names this host and state_dir: the snapshots are this server's own, its state_dir was lost)", err)
+	} else if len(p.stored) == 0 {
 		// A new state_dir over existing snapshots: a lost state_dir, or
 		// another server's snapshots. A new key is no fix for the latter.
 		err = fmt.Errorf("%w. But first: state_dir %s records no generation, so the snapshots in %s are either this server's own (its state_dir was lost) or another server's; "+
@@ -307,6 +309,7 @@ func checkOwner(cfg Config, p *plan, say func(string, ...any)) error {
 	if err != nil {
 		return err
 	}
+	p.ownSnapshots = c == claimSameStateDir
 	say("snapshot dir owner: %s", c)
 	return nil
 }
@@ -415,6 +418,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		if own, err = decideOwner(cfg, rec, me, p); err != nil {
 			return ownerError(err)
 		}
+		p.ownSnapshots = own == claimSameStateDir
 	}
 	if err := checkHandleKey(cfg, p, log); err != nil {
 		// Restore the key or start once with --new-handle-key: a

@@ -69,6 +69,9 @@ type plan struct {
 	// its paths in when that is not store.dir ("" when they agree).
 	otherDir   string
 	otherDirOf uint64 // that generation
+	// ownSnapshots: the snapshot dir's owner record names this host and
+	// state_dir path (a wiped state_dir): its snapshots are this server's.
+	ownSnapshots bool
 }
 
 // where names the snapshot location of cfg for messages.

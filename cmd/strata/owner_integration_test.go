@@ -138,6 +138,32 @@ func TestSnapshotDirOwnedByOneServer(t *testing.T) {
 		t.Errorf("primary after its state_dir was wiped serves %v, want %v", got, want)
 	}
 	prim.stop(t)
+	// Wiped with its key: the refusal names the key, and since the owner
+	// record proves the snapshots are this server's, it does not add
+	// "if they are another server's, do neither" (a new user found that
+	// right after the owner line said they are its own).
+	key, err := os.ReadFile(filepath.Join(s.state, "nfs-handle.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(s.state); err != nil {
+		t.Fatal(err)
+	}
+	out, code = runStrata(t, nil, "server", "--config", prim.cfg, "--check-config")
+	if code != 1 || !strings.Contains(out, "this start takes that identity back") || !strings.Contains(out, "the snapshots are this server's own, its state_dir was lost") || strings.Contains(out, "do neither") {
+		t.Errorf("check-config of a wiped state_dir without its key: exit %d\n%s", code, out)
+	}
+	if err := os.MkdirAll(s.state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(s.state, "nfs-handle.key"), key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	prim.restart(t, s)
+	if got := ids(prim.generations(t).Generations); !slices.Equal(got, want) {
+		t.Errorf("primary after its key was put back serves %v, want %v", got, want)
+	}
+	prim.stop(t)
 	unchanged("at the end")
 }
 
