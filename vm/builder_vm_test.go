@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -20,14 +19,11 @@ import (
 	"github.com/strata-nix/strata/internal/testenv"
 )
 
+// freePort returns a loopback port for the host-side strata server or a
+// guest's forwarded port (testenv.ChildPort).
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return testenv.ChildPort(t)
 }
 
 // TestBuilderRotation runs `strata server` on the host (bin built with

@@ -35,12 +35,7 @@ func buildStatic(b *testing.B, pkg string) string {
 }
 
 func freePort(b *testing.B) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return testenv.ChildPort(b)
 }
 
 func run(b *testing.B, cmd *exec.Cmd) string {

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -17,15 +16,11 @@ import (
 	"github.com/strata-nix/strata/internal/testenv"
 )
 
-// freePort returns a TCP address on loopback nobody listens on.
+// freePort returns a TCP address on loopback nobody listens on, for a
+// strata child to bind (testenv.ChildAddr).
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return testenv.ChildAddr(t)
 }
 
 // lifecycleMsgs reads sd_notify messages until want (exact) arrives and

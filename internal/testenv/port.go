@@ -1,6 +1,8 @@
 package testenv
 
 import (
+	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"strconv"
@@ -58,4 +60,44 @@ func ReservePort(t testing.TB) (addr string, listen func() net.Listener) {
 		}
 		return l
 	}
+}
+
+// ChildPort returns a free TCP port on 127.0.0.1 for a server that another
+// process (a strata child, a guest's forwarded port) binds later, when the
+// test cannot hand over a reserved socket. The port is picked at random
+// below the kernel's ephemeral range (net.ipv4.ip_local_port_range), so
+// neither an outgoing connection nor a bind(":0") of another test can take
+// it between this call and the child's bind; picking with listen(":0")
+// returned a port from that range ("server exited before READY" once in ten
+// runs of TestSnapshotDirOwnedByOneServer on a loaded host).
+func ChildPort(t testing.TB) int {
+	t.Helper()
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		var lo, hi int
+		if _, err := fmt.Sscan(string(b), &lo, &hi); err == nil && lo > 1024 {
+			low = lo
+		}
+	}
+	const floor = 10000
+	if low <= floor+1000 {
+		t.Fatalf("child port: ephemeral range starts at %d, leaving no ports below it", low)
+	}
+	for i := 0; i < 200; i++ {
+		port := floor + rand.IntN(low-floor)
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue // taken: try another
+		}
+		l.Close()
+		return port
+	}
+	t.Fatalf("child port: no free port in %d-%d after 200 tries", floor, low-1)
+	return 0
+}
+
+// ChildAddr is ChildPort as "127.0.0.1:port".
+func ChildAddr(t testing.TB) string {
+	t.Helper()
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(ChildPort(t)))
 }

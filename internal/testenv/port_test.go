@@ -2,7 +2,10 @@ package testenv
 
 import (
 	"errors"
+	"fmt"
 	"net"
+	"os"
+	"strconv"
 	"syscall"
 	"testing"
 )
@@ -40,5 +43,29 @@ func TestReservePort(t *testing.T) {
 	b := make([]byte, 1)
 	if _, err := c.Read(b); err != nil || b[0] != 'x' {
 		t.Fatalf("read from %s: %q %v", addr, b, err)
+	}
+}
+
+// A child port is free and below the ephemeral range, where no outgoing
+// connection's local port can land.
+func TestChildPort(t *testing.T) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lo, hi int
+	if _, err := fmt.Sscan(string(b), &lo, &hi); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		p := ChildPort(t)
+		if p >= lo || p < 10000 {
+			t.Fatalf("child port %d, want 10000 <= port < %d", p, lo)
+		}
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
+		if err != nil {
+			t.Fatalf("child port %d not free: %v", p, err)
+		}
+		l.Close()
 	}
 }
