@@ -58,22 +58,58 @@ func record(b []byte) (path []byte, n int, err error) {
 // RegistrationPaths returns the paths of a registration text's records, in
 // their order, and the sum of their NAR sizes.
 func RegistrationPaths(reg []byte) (paths []string, narBytes uint64, err error) {
+	err = records(reg, func(p []byte, size uint64) {
+		paths = append(paths, string(p))
+		narBytes += size
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	return paths, narBytes, nil
+}
+
+// RegistrationCount is RegistrationPaths without the paths: the number of
+// a registration text's records and the sum of their NAR sizes.
+func RegistrationCount(reg []byte) (n int, narBytes uint64, err error) {
+	err = records(reg, func(_ []byte, size uint64) {
+		n++
+		narBytes += size
+	})
+	if err != nil {
+		return 0, 0, err
+	}
+	return n, narBytes, nil
+}
+
+// records calls fn with each record's path and NAR size, in order.
+func records(reg []byte, fn func(path []byte, narSize uint64)) error {
 	for len(reg) > 0 {
 		p, n, err := record(reg)
 		if err != nil {
-			return nil, 0, err
+			return err
 		}
 		rest := reg[len(p)+1:]
 		rest = rest[bytes.IndexByte(rest, '\n')+1:] // past the hash
-		size, err := strconv.ParseUint(string(rest[:bytes.IndexByte(rest, '\n')]), 10, 64)
-		if err != nil {
-			return nil, 0, fmt.Errorf("%w: record of %s: NAR size: %w", errFraming, p, err)
+		field := rest[:bytes.IndexByte(rest, '\n')]
+		size, ok := uint64(0), len(field) > 0 && len(field) <= 19
+		for _, c := range field {
+			if c < '0' || c > '9' {
+				ok = false
+				break
+			}
+			size = size*10 + uint64(c-'0')
 		}
-		paths = append(paths, string(p))
-		narBytes += size
+		if !ok { // not a short decimal number: as strconv sees it
+			v, err := strconv.ParseUint(string(field), 10, 64)
+			if err != nil {
+				return fmt.Errorf("%w: record of %s: NAR size: %w", errFraming, p, err)
+			}
+			size = v
+		}
+		fn(p, size)
 		reg = reg[n:]
 	}
-	return paths, narBytes, nil
+	return nil
 }
 
 // DeltaText is Delta on registration texts sorted by path: added holds the

@@ -69,6 +69,9 @@ func TestDeltaTextMatchesDelta(t *testing.T) {
 		if err != nil || !slices.Equal(ps, paths(to)) || nar != wantNar {
 			t.Fatalf("seed %d: RegistrationPaths: %v, NAR bytes %d, want %d", seed, err, nar, wantNar)
 		}
+		if n, nar, err := RegistrationCount(tt); err != nil || n != len(to) || nar != wantNar {
+			t.Fatalf("seed %d: RegistrationCount: %v, %d paths, NAR bytes %d, want %d, %d", seed, err, n, nar, len(to), wantNar)
+		}
 	}
 }
 
@@ -102,5 +105,37 @@ func TestApplyDeltaRefusesWhatDoesNotFit(t *testing.T) {
 	}
 	if _, _, err := DeltaText(append(regText(t, all[2:3]), regText(t, all[1:2])...), base); err == nil || !strings.Contains(err.Error(), "not sorted") {
 		t.Fatalf("DeltaText of an unsorted text: %v", err)
+	}
+}
+
+// TestRegistrationCountNARSizes: NAR sizes of every length count as
+// strconv reads them (the largest uint64 too), and a size that is not a
+// number is refused, naming the record.
+func TestRegistrationCountNARSizes(t *testing.T) {
+	rec := func(p, size string) string {
+		return "/nix/store/" + p + "\n" + strings.Repeat("0", 64) + "\n" + size + "\n\n0\n"
+	}
+	for _, tt := range []struct {
+		text  string
+		paths int
+		nar   uint64
+	}{
+		{rec("aaa-a", "0") + rec("bbb-b", "18446744073709551615"), 2, 18446744073709551615},
+		{rec("ccc-c", "9999999999999999999") + rec("ddd-d", "1"), 2, 10000000000000000000},
+		{rec("eee-e", "0042"), 1, 42},
+	} {
+		n, nar, err := RegistrationCount([]byte(tt.text))
+		if err != nil || n != tt.paths || nar != tt.nar {
+			t.Errorf("RegistrationCount: %d paths, %d NAR bytes, %v; want %d, %d", n, nar, err, tt.paths, tt.nar)
+		}
+	}
+	for _, bad := range []string{"", "12x", "-1", "18446744073709551616"} {
+		_, _, err := RegistrationCount([]byte(rec("ddd-d", bad)))
+		if err == nil || !strings.Contains(err.Error(), "record of /nix/store/ddd-d: NAR size") {
+			t.Errorf("NAR size %q: %v, want refused naming the record", bad, err)
+		}
+		if _, _, err2 := RegistrationPaths([]byte(rec("ddd-d", bad))); err2 == nil {
+			t.Errorf("RegistrationPaths with NAR size %q: no error", bad)
+		}
 	}
 }

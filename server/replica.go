@@ -251,8 +251,8 @@ type receivedReg struct {
 	text     []byte
 	sum      string // hex sha256 of text: the manifest's
 	paths    int
-	names    *nixstore.StoreNames // its paths (from a delta; the DB gives rows instead)
-	added    []string             // the delta's added paths (with names)
+	names    *nixstore.StoreNames // the delta's added paths (the DB gives rows instead)
+	added    []string             // the delta's added paths
 	narBytes uint64
 	rows     *nixstore.Rows // the snapshot's DB rows, if read already
 }
@@ -284,17 +284,19 @@ func (s *Server) registrationFromDelta(ctx context.Context, g api.Generation, d 
 	if got := hex.EncodeToString(sum[:]); got != g.RegistrationSHA256 {
 		return receivedReg{}, fmt.Errorf("registration sha256 %s differs from the manifest's %s", got, g.RegistrationSHA256)
 	}
-	end = phase.Begin(ctx, "prepare: the registration's paths")
+	end = phase.Begin(ctx, "prepare: count the paths, the added ones' names")
 	defer end()
-	paths, nar, err := nixstore.RegistrationPaths(text)
+	paths, nar, err := nixstore.RegistrationCount(text)
 	if err != nil {
 		return receivedReg{}, err
 	}
+	// Only the added paths are named: the others are the base's, whose
+	// names were checked when it went live here.
 	added, _, err := nixstore.RegistrationPaths([]byte(d.Added))
 	if err != nil {
 		return receivedReg{}, fmt.Errorf("the delta's added paths: %w", err)
 	}
-	return receivedReg{text: text, sum: g.RegistrationSHA256, paths: len(paths), names: nixstore.NewStoreNames(s.cfg.StoreDir, paths), added: added, narBytes: nar}, nil
+	return receivedReg{text: text, sum: g.RegistrationSHA256, paths: paths, names: nixstore.NewStoreNames(s.cfg.StoreDir, added), added: added, narBytes: nar}, nil
 }
 
 // registrationFromDB reads the registration from the received snapshot's
