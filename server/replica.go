@@ -160,9 +160,19 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		// here, and snap is that generation's snapshot with the primary's
 		// stream of what changed applied: the paths it kept were in the
 		// base's store, checked when the base went live here, so only
-		// the added ones are looked up.
+		// the added ones are checked. btrfs receive made each of them
+		// through the VFS, so looking them up by name finds them cached
+		// (2 ms for 1,000); zfs receive writes below it, and a lookup
+		// of each loads it from the pool (4 s for 1,000 in the VM
+		// tier's guest), where one read of the store directory took
+		// 0.4 s.
 		end := phase.Begin(ctx, "live: each added path in the store dir")
-		err := reg.names.VerifyAdded(PhysicalStore(snap.Path), reg.added)
+		var err error
+		if s.backend.Kind() == "btrfs" {
+			err = reg.names.VerifyAdded(PhysicalStore(snap.Path), reg.added)
+		} else {
+			err = reg.names.Verify(PhysicalStore(snap.Path))
+		}
 		end()
 		if err != nil {
 			return api.Generation{}, fmt.Errorf("received generation %d: %w", g.ID, err)
