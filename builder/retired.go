@@ -131,7 +131,7 @@ func (a *Agent) sweepRetired() bool {
 			if !a.refusedLogged {
 				lvl, a.refusedLogged = slog.LevelWarn, true
 			}
-			a.log.Log(context.Background(), lvl, "some processes could not be inspected for use of detached overlays (the agent needs CAP_SYS_PTRACE): they count as using them, so their generations stay held while these processes run",
+			a.log.Log(context.Background(), lvl, "some processes could not be inspected for use of detached overlays: without CAP_SYS_PTRACE they count as using them (their generations stay held while they run); with it they are protected beyond it and are not counted",
 				"processes", refused)
 		}
 		for j, i := range idx {

@@ -138,26 +138,26 @@ const maxScanned = 4 << 20
 // one (6.8+) and Detached has it: it is never reused, so a mount made
 // after this one went, with its old device and mount id, does not count.
 // Without it (older kernels, or a Detached recorded by one) a process
-// counts when it is on the overlay's device, no mount table gives that
-// device to another filesystem nor the process's mount id to another
-// device (a btrfs subvolume has a device of its own, on a mount the
-// tables show with the filesystem's device), and a second reading of the
-// tables after the scan confirms both. A mapping
+// counts when it is on the overlay's mount id or device (a file of a
+// lower on another filesystem shows a device of the overlay's own for
+// that layer, not the overlay's), no mount table gives that device to
+// another filesystem nor the process's mount id to another device (a
+// btrfs subvolume has a device of its own, on a mount the tables show
+// with the filesystem's device), and a second reading of the tables after
+// the scan confirms both. A mapping
 // whose map_files link leads to the kernel's private clone of a lower
 // rather than to the overlay (kernels differ in what they show) counts by
 // the lower's device when no mount table gives that device to another
 // filesystem.
 //
 // A process the caller may not inspect (its cwd, root, exe, fd or maps
-// answer EACCES or EPERM: it needs CAP_SYS_PTRACE for other users'
-// processes, CAP_SYS_ADMIN for map_files) could be using any of them:
-// when its mount namespace (whose table anyone may read) has an overlay
-// mount, as the builder's namespace and every Nix sandbox cloned from it
-// have, each overlay counts as in use, and denied is the number of such
-// processes, for the caller to log. One in a namespace without any
-// overlay (a container's or VM's supervisor the caller may not trace even
-// as root) could reach the overlay only through a descriptor handed to it
-// or a /proc link of another process, and is not counted. A process that exits while InUse runs
+// answer EACCES or EPERM) could be using any of them. Without
+// CAP_SYS_PTRACE (needed for other users' processes: build users) each
+// overlay then counts as in use. With it, a process still refused is
+// protected beyond anything the caller could be granted (a security
+// module, a VM or container supervisor) and is not counted. Either way
+// denied is the number of such processes, for the caller to log.
+// A process that exits while InUse runs
 // (its /proc entry or links vanish) is skipped: by then it released its
 // files, directories and mappings. A process whose main thread exited
 // while others run is read through those threads (/proc/<pid>/task: cwd,
@@ -186,12 +186,25 @@ type kernel struct {
 	// legacy one) of what the /proc magic link p points at; ok is false
 	// when the kernel did not say.
 	statx func(p string, unique bool) (dev Dev, mnt uint64, ok bool, err error)
+	// ptrace: the caller has CAP_SYS_PTRACE.
+	ptrace bool
 }
 
 var realKernel = sync.OnceValue(func() kernel {
 	_, _, ok, err := statxMnt("/", true)
-	return kernel{unique: err == nil && ok, statx: statxMnt}
+	return kernel{unique: err == nil && ok, statx: statxMnt, ptrace: hasPtrace()}
 })
+
+// hasPtrace reports whether this process has CAP_SYS_PTRACE in its
+// effective set.
+func hasPtrace() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false
+	}
+	return data[unix.CAP_SYS_PTRACE/32].Effective&(1<<(unix.CAP_SYS_PTRACE%32)) != 0
+}
 
 // ident is a mount as a mount table shows it.
 type ident struct{ fstype, source, work string }
@@ -201,16 +214,13 @@ type ident struct{ fstype, source, work string }
 type tables struct {
 	devs map[Dev][]ident
 	ids  map[int]Dev
-	// overlays: the processes whose namespace has an overlay mount.
-	overlays map[string]bool
 }
 
 // readTables reads the mount table of each distinct mount namespace of
 // pids.
 func readTables(proc string, pids []string) (tables, error) {
-	t := tables{devs: map[Dev][]ident{}, ids: map[int]Dev{}, overlays: map[string]bool{}}
+	t := tables{devs: map[Dev][]ident{}, ids: map[int]Dev{}}
 	seen := map[string]bool{}
-	hasOverlay := map[string]bool{}
 	for _, pid := range pids {
 		// The namespace's identity; a process that may not be inspected
 		// has its mount table read all the same (mountinfo is readable by
@@ -220,16 +230,11 @@ func readTables(proc string, pids []string) (tables, error) {
 			continue
 		}
 		if err == nil && seen[ns] {
-			t.overlays[pid] = hasOverlay[ns]
 			continue
 		}
 		b, rerr := os.ReadFile(filepath.Join(proc, pid, "mountinfo"))
 		if rerr != nil {
-			if denied(rerr) {
-				t.overlays[pid] = true // unknown: as if it had
-				continue
-			}
-			if gone(rerr) {
+			if gone(rerr) || denied(rerr) {
 				continue
 			}
 			return t, fmt.Errorf("detached overlays in use: %w", rerr)
@@ -237,7 +242,6 @@ func readTables(proc string, pids []string) (tables, error) {
 		if err != nil {
 			ns = "content:" + string(b)
 			if seen[ns] {
-				t.overlays[pid] = hasOverlay[ns]
 				continue
 			}
 		}
@@ -255,9 +259,7 @@ func readTables(proc string, pids []string) (tables, error) {
 			d := DevOf(m)
 			t.devs[d] = append(t.devs[d], id)
 			t.ids[m.ID] = d
-			hasOverlay[ns] = hasOverlay[ns] || m.FSType == "overlay"
 		}
-		t.overlays[pid] = hasOverlay[ns]
 	}
 	return t, nil
 }
@@ -390,7 +392,7 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 				return x.MountIDUnique != 0 && x.MountIDUnique == l.unique
 			})):
 				strong[i] = true
-			case !byUnique[i] && !mk.dead && l.dev == d.Dev && ownMount(t, l.legacy, l.hasL, d.Dev):
+			case !byUnique[i] && !mk.dead && ((l.hasL && int(l.legacy) == d.MountID) || l.dev == d.Dev) && ownMount(t, l.legacy, l.hasL, d.Dev):
 				weakOver[i], overMnt[i], overHasMnt[i] = true, l.legacy, l.hasL
 			case (mapping || !byUnique[i]) && mk.lowers[l.dev]:
 				if weakLow[i] == nil {
@@ -503,7 +505,7 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 				refusedHere = refusedHere || r
 			}
 		}
-		if refusedHere && t.overlays[pid] {
+		if refusedHere {
 			refused++
 		}
 		if all() {
@@ -537,7 +539,7 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 			break
 		}
 	}
-	if refused > 0 {
+	if refused > 0 && !k.ptrace {
 		for i := range used {
 			used[i] = true
 		}

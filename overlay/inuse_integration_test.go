@@ -81,8 +81,7 @@ func inUseNow(t *testing.T, unique bool, ds ...Detached) []bool {
 	return used
 }
 
-// On this kernel (and the VM tier's 6.1 and 6.12 guests,
-// TestInUseGuestKernels): a detached overlay whose device and mount id the next
+// On this kernel: a detached overlay whose device and mount id the next
 // overlay got (the kernel hands out the lowest free numbers) is not in
 // use because a process sits on that next overlay, even once that one is
 // detached too and so in no mount table; the next overlay is. Without
@@ -182,8 +181,9 @@ func TestInUseBtrfsSnapshotGetsDeviceRealKernel(t *testing.T) {
 // A process that only maps a file of a detached overlay (no descriptor,
 // cwd elsewhere) keeps it in use, by unique id and without; once it exits
 // the overlay is free. Kernels differ in what maps and map_files show for
-// it (the overlay's file, or the layer's with the overlay's path): the VM
-// tier runs this on 6.1 and 6.12 too.
+// it (the overlay's file, or the layer's with the overlay's path): 6.12
+// passes this too; on 6.1 maps shows the layer's device, so only a
+// mapping of a listed (NFS) lower's file is looked at.
 func TestInUseMappedOnlyRealKernel(t *testing.T) {
 	requireOverlay(t)
 	for _, f := range []string{"lowerfile", "upperfile"} {
