@@ -26,13 +26,14 @@ func collectionsPath(t *testing.T) string {
 }
 
 // The example site.yml resolves the collection's roles (strata.deploy.*)
-// and parses; so does the test playbook with plain role names.
+// and parses; so do the test playbooks with plain role names.
 func TestAnsibleSyntax(t *testing.T) {
 	testenv.RequireCommands(t, "ansible-playbook")
 	home := t.TempDir()
 	for _, c := range []struct{ playbook, env string }{
 		{filepath.Join(repoRoot(t), "ansible", "playbooks", "site.yml"), "ANSIBLE_COLLECTIONS_PATH=" + collectionsPath(t)},
 		{filepath.Join(repoRoot(t), "deploy", "testdata", "site.yml"), "ANSIBLE_ROLES_PATH=" + filepath.Join(repoRoot(t), "ansible", "roles")},
+		{filepath.Join(repoRoot(t), "deploy", "testdata", "replica.yml"), "ANSIBLE_ROLES_PATH=" + filepath.Join(repoRoot(t), "ansible", "roles")},
 	} {
 		cmd := exec.Command("ansible-playbook", "--syntax-check", "-i", filepath.Join(repoRoot(t), "ansible", "inventory.example.ini"), c.playbook)
 		cmd.Env = append(os.Environ(), c.env, "ANSIBLE_HOME="+home, "ANSIBLE_NOCOLOR=1")

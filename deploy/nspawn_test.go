@@ -57,6 +57,21 @@ func newPlayFor(t *testing.T, group string, c *container, extra string, base map
 func (p *play) run(what string, vars map[string]any) map[string]recap {
 	t := p.t
 	t.Helper()
+	out, r, err := p.exec(what, vars)
+	if err != nil || len(r) != len(p.hosts) {
+		t.Fatalf("ansible-playbook (%s): %v\n%s\n%s", what, err, tail(out, 80), p.journals())
+	}
+	for h, c := range r {
+		if c.failed != 0 || c.unreachable != 0 {
+			t.Fatalf("ansible-playbook (%s): %s failed=%d unreachable=%d\n%s\n%s", what, h, c.failed, c.unreachable, tail(out, 80), p.journals())
+		}
+	}
+	return r
+}
+
+// exec runs ansible-playbook, prints its recap, and returns its output,
+// each host's counts and its error.
+func (p *play) exec(what string, vars map[string]any) (string, map[string]recap, error) {
 	all := map[string]any{}
 	for k, v := range p.base {
 		all[k] = v
@@ -73,16 +88,7 @@ func (p *play) run(what string, vars map[string]any) map[string]recap {
 		"ANSIBLE_LOCAL_TEMP="+filepath.Join(p.dir, "tmp"), "ANSIBLE_RETRY_FILES_ENABLED=False")
 	out, err := cmd.CombinedOutput()
 	fmt.Printf("--- ansible-playbook run %d (%s), %s:\n%s\n", p.runs, what, time.Since(start).Round(time.Second), recapText(string(out)))
-	r := parseRecap(string(out))
-	if err != nil || len(r) != len(p.hosts) {
-		t.Fatalf("ansible-playbook (%s): %v\n%s\n%s", what, err, tail(string(out), 80), p.journals())
-	}
-	for h, c := range r {
-		if c.failed != 0 || c.unreachable != 0 {
-			t.Fatalf("ansible-playbook (%s): %s failed=%d unreachable=%d\n%s\n%s", what, h, c.failed, c.unreachable, tail(string(out), 80), p.journals())
-		}
-	}
-	return r
+	return string(out), parseRecap(string(out)), err
 }
 
 // journals is the strata units' journal of every container, for failures.
@@ -233,8 +239,20 @@ func TestAnsibleNspawn(t *testing.T) {
 		t.Fatal("MOUNT from the host still works after nfs.allow dropped it")
 	}
 
+	// retention.keep is reloadable too: same process, the journal names it.
+	r = p.run("retention.keep changed: reload", map[string]any{"strata_allow": []string{builder.addr + "/32"}, "strata_keep": 5})
+	if r["server"].changed == 0 {
+		t.Fatalf("retention.keep change: %+v", r)
+	}
+	if got := server.prop(t, unit, "MainPID"); got != pid {
+		t.Fatalf("retention.keep change restarted the server (pid %s -> %s), want a reload", pid, got)
+	}
+	if j := server.sh(t, "journalctl -b --no-pager -u "+unit); !strings.Contains(j, "retention.keep=5") {
+		t.Fatalf("journal lacks the reload of retention.keep:\n%s", tail(j, 20))
+	}
+
 	// A key that needs a restart, through the role: the handler restarts.
-	r = p.run("retention.keep changed: restart", map[string]any{"strata_allow": []string{builder.addr + "/32"}, "strata_keep": 5})
+	r = p.run("publish.interval changed: restart", map[string]any{"strata_allow": []string{builder.addr + "/32"}, "strata_keep": 5, "strata_publish_interval": "1h"})
 	if r["server"].changed == 0 {
 		t.Fatalf("config change: %+v", r)
 	}
