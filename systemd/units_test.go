@@ -102,7 +102,11 @@ func TestUnitSemantics(t *testing.T) {
 			}
 		}
 		env := strings.Join(u.Get("Service", "Environment"), " ")
-		for _, want := range []string{"STRATA_API_TOKEN_FILE=%d/strata_api-token", "STRATA_CLUSTER_KEYRING_FILE=%d/strata_cluster.keys"} {
+		// Go exits 2 on a panic and on SIGABRT (the watchdog's signal)
+		// unless GOTRACEBACK=crash: without it RestartPreventExitStatus=2
+		// would keep a hung or panicked daemon down (TestAnsibleNspawn's
+		// watchdog restart caught it).
+		for _, want := range []string{"GOTRACEBACK=crash", "STRATA_API_TOKEN_FILE=%d/strata_api-token", "STRATA_CLUSTER_KEYRING_FILE=%d/strata_cluster.keys"} {
 			if !strings.Contains(env, want) {
 				t.Errorf("%s: Environment lacks %s", name, want)
 			}
