@@ -190,7 +190,7 @@ func TestAnsibleReplicaNspawn(t *testing.T) {
 		t.Fatalf("snapshot 2: the replica received\n%s\nthe primary has\n%s", rt, pt)
 	}
 	j := repl.sh(t, "journalctl -b --no-pager -o cat -u "+unit)
-	if !strings.Contains(j, "snapshot received id=2 from=1") {
+	if l := grepLines(j, `msg="snapshot received"`); !strings.Contains(l, " id=2 from=1 ") {
 		t.Fatalf("replica journal lacks the incremental receive of generation 2:\n%s", tail(j, 40))
 	}
 	fmt.Printf("--- replica: generations 1 (whole) and 2 (incremental) received under %s and served over NFS as the primary serves them (%d entries); journal:\n%s\n",
