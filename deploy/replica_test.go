@@ -115,7 +115,7 @@ func TestAnsibleReplicaNspawn(t *testing.T) {
 	os.WriteFile(inv, []byte("[strata_servers]\n"+hostLine("primary", primary, "")+"\n[strata_replicas]\n"+hostLine("replica", repl, "")), 0o600)
 	p := &play{t: t, dir: dir, inv: inv, repoRoot: repoRoot(t), hosts: []*container{primary, repl},
 		playbook: filepath.Join(repoRoot(t), "deploy", "testdata", "replica.yml"),
-		base: map[string]any{"strata_binary": bin, "strata_token": token, "strata_allow": []string{hostIP + "/32"}}}
+		base:     map[string]any{"strata_binary": bin, "strata_token": token, "strata_allow": []string{hostIP + "/32"}}}
 	t.Cleanup(func() {
 		if t.Failed() {
 			fmt.Print(p.journals())
