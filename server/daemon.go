@@ -500,7 +500,10 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		exporter = ex.exp
 	}
 	step := lifecycle.NewStep("publish loop", cfg.StallAfter)
-	opts := Options{Config: cfg, Logger: log, Backend: backend, Export: exporter, Registry: reg, Progress: step, ServerID: me.ServerID}
+	opts := Options{Config: cfg, Logger: log, Backend: backend, Export: exporter, Registry: reg, Progress: step, ServerID: me.ServerID,
+		// systemctl status follows every publish (the API's too), not
+		// only the start's: it said "serving generation 1" for ever.
+		Published: func(g api.Generation) { o.Notify(fmt.Sprintf("STATUS=serving generation %d", g.ID)) }}
 	var node *cluster.Node
 	if cfg.Cluster.Enabled {
 		node, err = cluster.New(cfg.Cluster.Config(cfg.ClusterMeta(o.Version)), log)

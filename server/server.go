@@ -81,6 +81,8 @@ type Server struct {
 	waits []api.RetentionWait
 	// announce is Options.Announce.
 	announce func([]api.Generation)
+	// published is Options.Published.
+	published func(api.Generation)
 	// missing are generations whose manifest is kept but whose snapshot
 	// is gone (or not where the config says): reported, never served.
 	missing map[uint64]*generation
@@ -166,7 +168,12 @@ type Options struct {
 	// every change, with the server's lock held: it must not block. Gossip
 	// uses it to tell builders of a publish at once. May be nil.
 	Announce func([]api.Generation)
-	Registry *prometheus.Registry
+	// Published is called after every publish that made a generation live,
+	// from the API or the interval alike, once Publish has released the
+	// lock and given the publish's memory back. The daemon tells systemd's
+	// STATUS= with it. May be nil.
+	Published func(api.Generation)
+	Registry  *prometheus.Registry
 	// Progress brackets each publish of Run, for the watchdog; may be nil.
 	Progress *lifecycle.Step
 	// ServerID is this server's identity (state_dir/server-id), told in
@@ -188,7 +195,7 @@ type Options struct {
 func New(ctx context.Context, o Options) (*Server, error) {
 	s := &Server{cfg: o.Config, log: o.Logger, backend: o.Backend, state: state{dir: o.Config.StateDir},
 		export: o.Export, inUse: o.InUse, step: o.Progress, gens: map[uint64]*generation{}, missing: map[uint64]*generation{},
-		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce, id: o.ServerID}
+		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce, published: o.Published, id: o.ServerID}
 	s.life, s.stopLife = context.WithCancel(context.WithoutCancel(ctx))
 	s.keep.Store(int64(o.Config.Keep))
 	s.swap()
@@ -533,14 +540,21 @@ func (s *Server) parsedDelta(from, to uint64) (api.Delta, error) {
 // exists in the snapshot, every reference is registered) before anything
 // goes live. On any error the snapshot is destroyed and the previous
 // generations stay as they were.
-func (s *Server) Publish(ctx context.Context) (api.PublishResult, error) {
+func (s *Server) Publish(ctx context.Context) (res api.PublishResult, err error) {
 	if s.cfg.Replica() {
 		return api.PublishResult{}, fmt.Errorf("%w: publish on the primary", ErrReplica)
+	}
+	if s.published != nil {
+		defer func() { // after the unlock and FreeOSMemory below
+			if err == nil && res.Published && res.Generation != nil {
+				s.published(*res.Generation)
+			}
+		}()
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	start := time.Now()
-	res, err := s.publishLocked(ctx)
+	res, err = s.publishLocked(ctx)
 	s.metrics.observePublish(res, err, time.Since(start))
 	if err != nil {
 		s.log.Error("publish failed", "err", err)

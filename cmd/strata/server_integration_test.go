@@ -79,6 +79,8 @@ func TestServerDaemon(t *testing.T) {
 	if out, code := runStrata(t, nil, "publish", "--api", apiAddr); code != 0 || !strings.Contains(out, "published generation 2") {
 		t.Fatalf("publish: exit %d %q", code, out)
 	}
+	// systemctl status follows every publish, not only the first.
+	waitFor(t, ch, "STATUS=serving generation 2")
 	// strata registration N prints the dump-db text nix-store prints;
 	// strata paths N --from M the added rows as JSON lines.
 	if out, code := runStrata(t, nil, "registration", "2", "--api", apiAddr); code != 0 || out != st.DumpDB(t) {
