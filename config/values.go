@@ -53,6 +53,38 @@ func Tags(v any) (keys []string, err error) {
 	return keys, nil
 }
 
+// CheckTags reports whether a daemon's config struct and its key table
+// agree: every field names a key (Tags) and every key has its field, so a
+// reload logs keys and no key is read into nothing. The error names what
+// differs.
+func CheckTags(v any, keys []Key) error {
+	tags, err := Tags(v)
+	if err != nil {
+		return err
+	}
+	have := map[string]bool{}
+	for _, t := range tags {
+		have[t] = true
+	}
+	var untagged, unknown []string
+	names := map[string]bool{}
+	for _, k := range keys {
+		names[k.Name] = true
+		if !have[k.Name] {
+			untagged = append(untagged, k.Name)
+		}
+	}
+	for _, t := range tags {
+		if !names[t] {
+			unknown = append(unknown, t)
+		}
+	}
+	if len(untagged)+len(unknown) > 0 {
+		return fmt.Errorf("config tags: keys without a field %v, field tags that are no key %v", untagged, unknown)
+	}
+	return nil
+}
+
 func walk(a, b reflect.Value, f func(key string, x, y reflect.Value)) {
 	t := a.Type()
 	for i := range t.NumField() {

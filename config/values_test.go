@@ -57,4 +57,15 @@ func TestChangedNamesKeys(t *testing.T) {
 	if _, err := Tags(untagged{}); err == nil || !strings.Contains(err.Error(), "Oops") {
 		t.Errorf("Tags of a struct with an untagged field: %v, want an error naming it", err)
 	}
+	table := []Key{{Name: "retention.keep"}, {Name: "publish.interval"}, {Name: "nfs.allow"}, {Name: "cluster.bind"}}
+	if err := CheckTags(outer{}, table); err != nil {
+		t.Errorf("CheckTags of matching struct and keys: %v", err)
+	}
+	if err := CheckTags(outer{}, append(table[1:], Key{Name: "log.level"})); err == nil ||
+		!strings.Contains(err.Error(), "[log.level]") || !strings.Contains(err.Error(), "[retention.keep]") {
+		t.Errorf("CheckTags with a key without field and a tag without key: %v, want both named", err)
+	}
+	if err := CheckTags(untagged{}, table); err == nil || !strings.Contains(err.Error(), "Oops") {
+		t.Errorf("CheckTags of an untagged field: %v", err)
+	}
 }
