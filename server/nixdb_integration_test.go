@@ -129,10 +129,8 @@ func TestReplicaServesSameNixDB(t *testing.T) {
 	sk, _ := nixtest.GenerateKey(t, "central-1")
 	prim.c.store.Sign(t, sk, made...)
 	publish(t, prim.srv.Server)
-	prim.c.store.AddText(t, "two", "2\n")
-	publish(t, prim.srv.Server)
-	re := newReplicaEnv(t, prim.api.URL)
-	rs, p := re.start(t, "primary-token")
+	prim.add(t, "two", "2\n")
+	_, rs, p := prim.replica(t)
 	if res := syncOnce(t, p); len(res.Received) != 2 {
 		t.Fatalf("received %+v", res.Received)
 	}
@@ -192,12 +190,9 @@ func (p lyingPrimary) Delta(ctx context.Context, from, to uint64) (api.Delta, er
 // theirs.
 func TestReplicaNixDBMatchesRegistration(t *testing.T) {
 	prim := newPrimary(t, 10)
-	prim.c.store.AddText(t, "one", "1\n")
-	publish(t, prim.srv.Server)
-	prim.c.store.AddText(t, "two", "2\n")
-	publish(t, prim.srv.Server)
-	re := newReplicaEnv(t, prim.api.URL)
-	rs, _ := re.start(t, "primary-token")
+	prim.add(t, "one", "1\n")
+	prim.add(t, "two", "2\n")
+	re, rs, _ := prim.replica(t)
 	b, err := btrfs.NewReplica(re.snapDir, nil)
 	if err != nil {
 		t.Fatal(err)

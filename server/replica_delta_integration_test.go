@@ -57,10 +57,8 @@ func stepNames(l *phase.Log) []string {
 // manifest gets no rows.
 func TestReplicaRegistrationFromDelta(t *testing.T) {
 	prim := newPrimary(t, 10)
-	prim.c.store.AddText(t, "one", "1\n")
-	publish(t, prim.srv.Server)
-	re := newReplicaEnv(t, prim.api.URL)
-	rs, p := re.start(t, "primary-token")
+	prim.add(t, "one", "1\n")
+	re, rs, p := prim.replica(t)
 	syncOnce(t, p)
 
 	check := func(id uint64, p *replica.Puller, wantStep, notStep string) {
@@ -91,8 +89,7 @@ func TestReplicaRegistrationFromDelta(t *testing.T) {
 		}
 	}
 
-	prim.c.store.AddText(t, "two", "2\n")
-	publish(t, prim.srv.Server)
+	prim.add(t, "two", "2\n")
 	check(2, p, "prepare: registration from the primary's delta", "live: read the snapshot's db")
 
 	// A delta that does not lead to the manifest's registration (it leaves
@@ -103,8 +100,7 @@ func TestReplicaRegistrationFromDelta(t *testing.T) {
 	}
 	bad := replica.New(replica.Options{Backend: b, Target: rs.Server, StateDir: re.cfg.StateDir, Registry: prometheus.NewRegistry(),
 		Primary: tamperedPrimary{replica.Fixed(api.NewClient(prim.api.URL, "primary-token"), prim.api.URL), func(d *api.Delta) { d.Added = "" }}})
-	prim.c.store.AddText(t, "three", "3\n")
-	publish(t, prim.srv.Server)
+	prim.add(t, "three", "3\n")
 	check(3, bad, "live: read the snapshot's db", "")
 
 	// The gate of the rows written after going live: a snapshot whose DB
@@ -141,13 +137,10 @@ func (f failingReceive) Receive(ctx context.Context, r io.Reader, id, from uint6
 // receives the generation.
 func TestReplicaStagedRegistrationRemoved(t *testing.T) {
 	prim := newPrimary(t, 10)
-	prim.c.store.AddText(t, "one", "1\n")
-	publish(t, prim.srv.Server)
-	re := newReplicaEnv(t, prim.api.URL)
-	rs, p := re.start(t, "primary-token")
+	prim.add(t, "one", "1\n")
+	re, rs, p := prim.replica(t)
 	syncOnce(t, p)
-	prim.c.store.AddText(t, "two", "2\n")
-	publish(t, prim.srv.Server)
+	prim.add(t, "two", "2\n")
 
 	b, err := btrfs.NewReplica(re.snapDir, nil)
 	if err != nil {
@@ -177,13 +170,10 @@ func TestReplicaStagedRegistrationRemoved(t *testing.T) {
 // goes live and nothing stays staged; the real stream then goes live.
 func TestReplicaDeltaAddedPathMissing(t *testing.T) {
 	prim := newPrimary(t, 10)
-	prim.c.store.AddText(t, "one", "1\n")
-	publish(t, prim.srv.Server)
-	re := newReplicaEnv(t, prim.api.URL)
-	rs, p := re.start(t, "primary-token")
+	prim.add(t, "one", "1\n")
+	re, rs, p := prim.replica(t)
 	syncOnce(t, p)
-	prim.c.store.AddText(t, "two", "2\n")
-	publish(t, prim.srv.Server)
+	prim.add(t, "two", "2\n")
 
 	ctx := context.Background()
 	client := api.NewClient(prim.api.URL, "primary-token")

@@ -72,6 +72,23 @@ type primaryEnv struct {
 	api *httptest.Server
 }
 
+// add puts one store path named name with text into the primary's central
+// store and publishes it as the next generation.
+func (p *primaryEnv) add(t *testing.T, name, text string) {
+	t.Helper()
+	p.c.store.AddText(t, name, text)
+	publish(t, p.srv.Server)
+}
+
+// replica starts a replica of this primary on its own loop btrfs, with the
+// primary's token; nothing is synced yet.
+func (p *primaryEnv) replica(t *testing.T) (*replicaEnv, served, *replica.Puller) {
+	t.Helper()
+	re := newReplicaEnv(t, p.api.URL)
+	rs, pl := re.start(t, "primary-token")
+	return re, rs, pl
+}
+
 func newPrimary(t *testing.T, keep int) *primaryEnv {
 	t.Helper()
 	c := newCentral(t)
@@ -214,8 +231,7 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 	prim := newPrimary(t, 3)
 	prim.c.store.Fill(t)
 	publish(t, prim.srv.Server)
-	prim.c.store.AddText(t, "two", "2\n")
-	publish(t, prim.srv.Server)
+	prim.add(t, "two", "2\n")
 	prim.c.store.AddTree(t, "three", map[string]string{"bin/x*": "#!/bin/sh\n", "lib": "->bin"})
 	publish(t, prim.srv.Server)
 
@@ -281,8 +297,7 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.Run(t, "btrfs", "filesystem", "sync", prim.c.cfg.SnapshotDir)
-	prim.c.store.AddText(t, "four", "4\n")
-	publish(t, prim.srv.Server)
+	prim.add(t, "four", "4\n")
 	if plive := ids(prim.srv.Generations()); fmt.Sprint(plive) != "[2 3 4]" {
 		t.Fatalf("primary serves %v, want [2 3 4]", plive)
 	}
@@ -300,10 +315,8 @@ func TestReplicaFollowsPrimary(t *testing.T) {
 	if err := os.Remove(filepath.Join(re.cfg.StateDir, "generations", "4", "paths.jsonl.gz")); err != nil {
 		t.Fatal(err)
 	}
-	prim.c.store.AddText(t, "five", "5\n")
-	publish(t, prim.srv.Server)
-	prim.c.store.AddText(t, "six", "6\n")
-	publish(t, prim.srv.Server)
+	prim.add(t, "five", "5\n")
+	prim.add(t, "six", "6\n")
 	rs, p = re.start(t, "primary-token")
 	if a, b := rowsOf(t, prim.srv.Server, 4), rowsOf(t, rs.Server, 4); !bytes.Equal(a, b) {
 		t.Errorf("generation 4: rows written at the restart differ from the primary's")
@@ -370,8 +383,7 @@ func TestReplicaIncrementalProportional(t *testing.T) {
 	prim := newPrimary(t, 10)
 	addMany(t, prim.c.store, "base", 20000)
 	publish(t, prim.srv.Server)
-	re := newReplicaEnv(t, prim.api.URL)
-	_, p := re.start(t, "primary-token")
+	_, _, p := prim.replica(t)
 	res := syncOnce(t, p)
 	addMany(t, prim.c.store, "new", 1000)
 	publish(t, prim.srv.Server)
@@ -499,12 +511,9 @@ func rowsOf(t *testing.T, s *Server, id uint64) []byte {
 // destroys nothing, and keeps serving what it had, unchanged.
 func TestReplicaRefusesPrimaryStartedOver(t *testing.T) {
 	prim := newPrimary(t, 10)
-	prim.c.store.AddText(t, "one", "1\n")
-	publish(t, prim.srv.Server)
-	prim.c.store.AddText(t, "two", "2\n")
-	publish(t, prim.srv.Server)
-	re := newReplicaEnv(t, prim.api.URL)
-	rs, p := re.start(t, "primary-token")
+	prim.add(t, "one", "1\n")
+	prim.add(t, "two", "2\n")
+	re, rs, p := prim.replica(t)
 	syncOnce(t, p)
 	had := map[uint64]string{1: regSHA(t, rs.Server, 1), 2: regSHA(t, rs.Server, 2)}
 	walks := map[uint64]string{1: exportWalk(t, rs.nfsAddr, 1), 2: exportWalk(t, rs.nfsAddr, 2)}
