@@ -277,16 +277,20 @@ check "builder ready" waitready
 # ACL (NFSACL GETACL, answered by the server).
 check "a user who does not own them lists and reads generation files through the overlay" su -s /bin/sh nixbld1 -c "ls $DIRIN/sub > /dev/null && [ \$(cat $DIRIN/data.txt | wc -c) -eq 5000 ] && [ \$(wc -c < $BIG) -eq 16777216 ]"
 
-# A server whose nfs.allow leaves this builder out.
-mkdir -p /nix2/store /nix2/var/nix
+# A server whose nfs.allow leaves this builder out. The second builder on
+# this guest uses a chroot store (nix.store: /nix2), whose paths are named
+# in /nix/store as the server's are: a store.dir of /nix2/store would be
+# refused before any NFS call (generations of another store dir).
+mkdir -p /nix2/nix/store /nix2/nix/var/nix
 cat > /etc/strata/b2.yaml <<EOF2
 server:
   api: http://10.0.2.2:$API2
   nfs: 10.0.2.2:$NFS2
 store:
-  dir: /nix2/store
+  dir: /nix2/nix/store
 nix:
-  state_dir: /nix2/var/nix
+  store: /nix2
+  state_dir: /nix2/nix/var/nix
 state_dir: /var/lib/strata/b2
 swap:
   staging_dir: /run/strata/swap2
@@ -298,12 +302,12 @@ i=0; until strata status --api $S2 --json 2>/dev/null | grep -q 'refuses NFS' ||
 strata status --api $S2
 check "status names the refusal, the address the server sees and its nfs.allow" sh -c "strata status --api $S2 --json > /tmp/s2; grep -q 'refuses NFS connections from this builder' /tmp/s2 && grep -q 'as 127.0.0.1, which is not in its nfs.allow' /tmp/s2 && grep -q '10.99.0.0/16' /tmp/s2 && grep -q '\"ready\": false' /tmp/s2"
 check "the log says so" grep -q 'refuses NFS connections from this builder' /b2.log
-check "nothing mounted for the refused builder" sh -c "! grep -qE ' /nix2/store |/var/lib/strata/b2/' /proc/mounts"
+check "nothing mounted for the refused builder" sh -c "! grep -qE ' /nix2/nix/store |/var/lib/strata/b2/' /proc/mounts"
 kill $B2; wait $B2
 
 # A builder configured to mount with noacl (build users could not read
 # through its overlay) is refused before it mounts anything, naming noacl.
-mkdir -p /nix3/store /nix3/var/nix
+mkdir -p /nix3/nix/store /nix3/nix/var/nix
 cat > /etc/strata/b3.yaml <<EOF2
 server:
   api: http://10.0.2.2:$API
@@ -311,16 +315,17 @@ server:
 mount:
   options: [noacl]
 store:
-  dir: /nix3/store
+  dir: /nix3/nix/store
 nix:
-  state_dir: /nix3/var/nix
+  store: /nix3
+  state_dir: /nix3/nix/var/nix
 state_dir: /var/lib/strata/b3
 swap:
   staging_dir: /run/strata/swap3
 EOF2
 rc=0; strata builder --config /etc/strata/b3.yaml > /b3.log 2>&1 || rc=$?
 cat /b3.log
-check "a builder with mount.options noacl is refused (exit 2), naming the option and why; nothing mounted" sh -c "[ $rc = 2 ] && grep -q '\"noacl\"' /b3.log && grep -q 'Operation not supported' /b3.log && ! grep -qE ' /nix3/store |/var/lib/strata/b3/' /proc/mounts"
+check "a builder with mount.options noacl is refused (exit 2), naming the option and why; nothing mounted" sh -c "[ $rc = 2 ] && grep -q '\"noacl\"' /b3.log && grep -q 'Operation not supported' /b3.log && ! grep -qE ' /nix3/nix/store |/var/lib/strata/b3/' /proc/mounts"
 check "the main builder's mount answers POSIX ACL queries" sh -c "! grep -q 'POSIX ACL' /builder.log"
 
 # Sandboxed build on generation inputs, then optimise.
