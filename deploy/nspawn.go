@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/internal/testenv"
 )
 
@@ -112,6 +113,34 @@ func nspawnRuntime(t *testing.T) {
 	}
 	testenv.Run(t, "mount", "-t", "tmpfs", "-o", "mode=0755", "strata-nspawn", dir)
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+}
+
+// nspawnHost checks for root and the tools an nspawn deploy test runs,
+// then readies what every one needs: the cached rootfs (fs), the strata
+// binary (bin), nspawn's runtime dir, a bridge for the containers and an
+// SSH key pair for Ansible (key, pub).
+func nspawnHost(t *testing.T) (fs, bin string, br bridge, key, pub string) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	testenv.RequireCommands(t, "systemd-nspawn", "mmdebstrap", "ansible-playbook", "ssh", "ssh-keygen", "btrfs", "nix-store")
+	fs = rootfs(t)
+	bin = buildStrata(t)
+	nspawnRuntime(t)
+	br = newBridge(t)
+	key, pub = sshKey(t)
+	return fs, bin, br, key, pub
+}
+
+// centralStore makes a filled Nix store in a btrfs subvolume nix/ on its
+// own loop device mounted at mnt, for a container to bind as a server's
+// /srv/strata.
+func centralStore(t *testing.T) (mnt string, st nixtest.Store) {
+	t.Helper()
+	mnt = testenv.LoopBtrfs(t, "1G")
+	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
+	st = nixtest.New(t, mnt)
+	st.Fill(t)
+	return mnt, st
 }
 
 // container is one booted systemd-nspawn machine.

@@ -14,8 +14,6 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/internal/nfsraw"
-	"github.com/strata-nix/strata/internal/nixtest"
-	"github.com/strata-nix/strata/internal/testenv"
 )
 
 // play runs ansible-playbook testdata/site.yml against the containers with
@@ -122,18 +120,8 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, stri
 // (a cached mmdebstrap bookworm rootfs; the server's /nix is a real btrfs
 // subvolume holding a real Nix store), and checks what an operator would.
 func TestAnsibleNspawn(t *testing.T) {
-	testenv.RequireRoot(t)
-	testenv.RequireCommands(t, "systemd-nspawn", "mmdebstrap", "ansible-playbook", "ssh", "ssh-keygen", "btrfs", "nix-store")
-	fs := rootfs(t)
-	bin := buildStrata(t)
-	nspawnRuntime(t)
-	br := newBridge(t)
-	key, pub := sshKey(t)
-
-	mnt := testenv.LoopBtrfs(t, "1G")
-	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(mnt, "nix"))
-	st := nixtest.New(t, mnt)
-	st.Fill(t)
+	fs, bin, br, key, pub := nspawnHost(t)
+	mnt, _ := centralStore(t)
 
 	// nspawn's own seccomp filter refuses open_by_handle_at (a container
 	// escape); the NFS export needs it.

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/internal/nfsraw"
-	"github.com/strata-nix/strata/internal/nixtest"
 	"github.com/strata-nix/strata/internal/testenv"
 )
 
@@ -86,18 +85,8 @@ func exportWalk(t *testing.T, addr string, id int) string {
 // own. Before that, the role refuses a replica without its token, naming
 // strata_replica_token.
 func TestAnsibleReplicaNspawn(t *testing.T) {
-	testenv.RequireRoot(t)
-	testenv.RequireCommands(t, "systemd-nspawn", "mmdebstrap", "ansible-playbook", "ssh", "ssh-keygen", "btrfs", "nix-store")
-	fs := rootfs(t)
-	bin := buildStrata(t)
-	nspawnRuntime(t)
-	br := newBridge(t)
-	key, pub := sshKey(t)
-
-	pmnt := testenv.LoopBtrfs(t, "1G")
-	testenv.Run(t, "btrfs", "subvolume", "create", filepath.Join(pmnt, "nix"))
-	st := nixtest.New(t, pmnt)
-	st.Fill(t)
+	fs, bin, br, key, pub := nspawnHost(t)
+	pmnt, st := centralStore(t)
 	nixRoot := st.NixRoot()
 	testenv.Run(t, "chown", "0:30000", filepath.Join(nixRoot, "store"))
 	testenv.Run(t, "chmod", "1775", filepath.Join(nixRoot, "store"))
