@@ -220,8 +220,9 @@ func New(ctx context.Context, o Options) (*Server, error) {
 	s.storeID = p.storeWant
 	if err := p.storeMismatch(s.cfg); err != nil {
 		if !s.cfg.AdoptStore {
+			// Logged by each publish it refuses (the start's first), not
+			// here as well.
 			s.storeErr = err
-			s.log.Error("publishing refused", "err", err)
 		} else if err := s.adoptStore(p); err != nil {
 			return nil, err
 		}
@@ -557,7 +558,11 @@ func (s *Server) Publish(ctx context.Context) (res api.PublishResult, err error)
 	res, err = s.publishLocked(ctx)
 	s.metrics.observePublish(res, err, time.Since(start))
 	if err != nil {
-		s.log.Error("publish failed", "err", err)
+		msg := "publish failed"
+		if errors.Is(err, ErrOtherStore) {
+			msg = "publish refused" // by the configuration: store.root
+		}
+		s.log.Error(msg, "err", err)
 		return res, err
 	}
 	// A publish reads the whole registration of a generation into memory;

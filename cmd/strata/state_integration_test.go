@@ -587,7 +587,8 @@ func TestMistypedStoreDir(t *testing.T) {
 }
 
 // Must show: store.root pointed at another Nix store: publishing refused,
-// naming both identities; nothing published, nothing destroyed. With
+// naming both identities, in one ERROR line per refused publish; nothing
+// published, nothing destroyed. With
 // --adopt-store the other store is published from then on.
 func TestOtherStoreRefusesPublish(t *testing.T) {
 	s := newSite(t)
@@ -621,9 +622,34 @@ func TestOtherStoreRefusesPublish(t *testing.T) {
 		t.Errorf("check-config: exit %d, want 1 naming %s and %s:\n%s", code, wantA, wantB, out)
 	}
 	srv = start(t, cfg, s.state, nil)
+	// The start's own publish is refused too; wait for it (the metric),
+	// then the API's publish, which waits for the start's to be logged.
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(metrics(t, srv), `strata_publish_total{result="error"} 1`); {
+		if time.Now().After(deadline) {
+			t.Fatal("the start's publish was not counted as refused")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	out, code = runStrata(t, nil, "publish", "--api", srv.api)
 	if code == 0 || !strings.Contains(out, wantA) || !strings.Contains(out, wantB) || !strings.Contains(out, "--adopt-store") {
 		t.Errorf("publish of another store: exit %d %q; want a refusal naming both identities", code, out)
+	}
+	// One ERROR line per refused publish (the start's, the API's), each
+	// naming both identities and --adopt-store; the start logged its
+	// refusal twice, once from New and once from the publish.
+	var refusals []string
+	for _, l := range strings.Split(srv.logs.String(), "\n") {
+		if strings.Contains(l, "level=ERROR") && strings.Contains(l, "another Nix store") {
+			refusals = append(refusals, l)
+		}
+	}
+	if len(refusals) != 2 {
+		t.Errorf("%d ERROR lines about the refusal, want 2 (the start's publish, the API's):\n%s", len(refusals), strings.Join(refusals, "\n"))
+	}
+	for _, l := range refusals {
+		if !strings.Contains(l, wantA) || !strings.Contains(l, wantB) || !strings.Contains(l, "--adopt-store") {
+			t.Errorf("refusal line lacks an identity or --adopt-store: %s", l)
+		}
 	}
 	out, _ = runStrata(t, nil, "status", "--api", srv.api)
 	if !strings.Contains(out, wantB) {
