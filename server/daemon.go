@@ -617,12 +617,11 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			}, failing, log)
 			return
 		}
+		// Options.Published tells systemd of what it publishes, as of
+		// every later publish.
 		step.Begin()
-		_, err := srv.Publish(runCtx)
+		_, _ = srv.Publish(runCtx)
 		step.End()
-		if err == nil {
-			notifyStatus()
-		}
 		errc <- srv.Run(runCtx)
 	}()
 	go func() {

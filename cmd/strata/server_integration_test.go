@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -59,7 +60,27 @@ func TestServerDaemon(t *testing.T) {
 	}
 
 	cmd, ch := start()
-	waitFor(t, ch, "STATUS=serving generation 1")
+	// Every STATUS= the first run sends, in order: systemctl status shows
+	// the latest, and each publish should change it once.
+	var statuses []string
+	waitStatus := func(want string) {
+		t.Helper()
+		deadline := time.After(30 * time.Second)
+		for {
+			select {
+			case m := <-ch:
+				if strings.HasPrefix(m, "STATUS=") {
+					statuses = append(statuses, m)
+				}
+				if strings.Contains(m, want) {
+					return
+				}
+			case <-deadline:
+				t.Fatalf("no %q from sd_notify; STATUS= so far %q", want, statuses)
+			}
+		}
+	}
+	waitStatus("STATUS=serving generation 1")
 
 	apiAddr := "unix:" + filepath.Join(state, "api.sock")
 	// A second server on the same state dir fails clearly; the first one's
@@ -80,7 +101,7 @@ func TestServerDaemon(t *testing.T) {
 		t.Fatalf("publish: exit %d %q", code, out)
 	}
 	// systemctl status follows every publish, not only the first.
-	waitFor(t, ch, "STATUS=serving generation 2")
+	waitStatus("STATUS=serving generation 2")
 	// strata registration N prints the dump-db text nix-store prints;
 	// strata paths N --from M the added rows as JSON lines.
 	if out, code := runStrata(t, nil, "registration", "2", "--api", apiAddr); code != 0 || out != st.DumpDB(t) {
@@ -104,9 +125,13 @@ func TestServerDaemon(t *testing.T) {
 	}
 
 	cmd.Process.Signal(syscall.SIGTERM)
-	waitFor(t, ch, "STOPPING=1")
+	waitStatus("STOPPING=1")
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("server exit after SIGTERM: %v", err)
+	}
+	// Once per publish: the start's publish sent its STATUS= twice.
+	if want := []string{"STATUS=no generation yet", "STATUS=serving generation 1", "STATUS=serving generation 2"}; !slices.Equal(statuses, want) {
+		t.Errorf("STATUS= messages %q, want %q", statuses, want)
 	}
 
 	start()
