@@ -128,7 +128,10 @@ const maxScanned = 4 << 20
 // /proc/<pid>/mountinfo per distinct namespace), then each process's cwd,
 // root, exe, open files and mapped files (statx with AT_STATX_DONT_SYNC:
 // never a call to a server; /proc/<pid>/maps, and /proc/<pid>/map_files
-// for a mapping whose device is one of ds's).
+// for a mapping whose device is an overlay's, a listed lower's or that of
+// the filesystem of an overlay's workdir, which holds its upper: some
+// kernels, 6.1 among them, show a mapped file of an overlay with its
+// layer's device).
 //
 // An overlay is in use when a mount table has it (its device with its
 // workdir) or one of its lowers (device, type and source), or when a
@@ -167,8 +170,10 @@ const maxScanned = 4 << 20
 // with a process in it (a namespace kept only by a bind of its nsfs file,
 // a detached clone held by a descriptor), files in flight in a unix
 // socket, a loop device backed by a file on it, and threads with a cwd or file
-// table of their own (unshare CLONE_FS or CLONE_FILES). On kernels
-// before 6.8, a detached mount of another filesystem that got the
+// table of their own (unshare CLONE_FS or CLONE_FILES), and, on kernels
+// that show a mapped file with its layer's device (6.1), a mapping of a
+// file of an unlisted lower on another filesystem than the upper's. On
+// kernels before 6.8, a detached mount of another filesystem that got the
 // overlay's device (a new mount a process holds after it was unmounted)
 // counts as the overlay: a false hold, until it goes.
 // An error (no /proc, more than 4 Mi entries) means the answer is unknown:
@@ -360,11 +365,19 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 		wantUnique = wantUnique || byUnique[i]
 		wantLegacy = wantLegacy || !byUnique[i]
 	}
-	// Devices whose mappings are worth a map_files look.
+	// Devices whose mappings are worth a map_files look: the overlay's,
+	// its listed lowers', and its upper's. Some kernels (6.1; not 6.12)
+	// show a mapped file of an overlay in /proc/<pid>/maps with the device
+	// and inode of the layer's file (its map_files link still leads to
+	// the overlay's mount), so a file of the upper shows the upper's
+	// device.
 	mapDevs := map[Dev]bool{}
 	for i, d := range ds {
 		if !mks[i].dead {
 			mapDevs[d.Dev] = true
+			if dev, ok := filesystemOf(t, k, d.Work); ok {
+				mapDevs[dev] = true
+			}
 		}
 		for _, l := range d.Lowers {
 			mapDevs[l.Dev] = true
@@ -545,6 +558,23 @@ func inUse(proc string, ds []Detached, k kernel) ([]bool, int, error) {
 		}
 	}
 	return used, refused, nil
+}
+
+// filesystemOf returns the device /proc/<pid>/maps shows for files of
+// the filesystem holding dir (an overlay's workdir, which overlayfs wants
+// on its upper's filesystem): its mount's device in the tables, which is
+// the superblock's (a btrfs subvolume's st_dev is one of its own), or
+// dir's st_dev when the tables do not have its mount. ok is false when
+// dir cannot be looked up (removed): its mappings are then not looked at.
+func filesystemOf(t tables, k kernel, dir string) (Dev, bool) {
+	dev, mnt, ok, err := k.statx(dir, false)
+	if err != nil {
+		return Dev{}, false
+	}
+	if d, in := t.ids[int(mnt)]; ok && in {
+		return d, true
+	}
+	return dev, true
 }
 
 var errTooMany = fmt.Errorf("detached overlays in use: more than %d processes, open files and mappings to look at", maxScanned)

@@ -69,6 +69,25 @@ func testOverlay(t *testing.T, base string) (string, Detached) {
 	return mp, Detached{Dev: DevOf(m), MountID: m.ID, MountIDUnique: u, Work: filepath.Join(base, "w")}
 }
 
+// builderOverlay is testOverlay laid out as a builder's: its lower is a
+// filesystem of its own (a tmpfs standing in for the NFS mount of a
+// generation), listed in Lowers as the builder lists it; upper and
+// workdir are on base's filesystem, not listed (the builder's state_dir).
+// It returns the overlay's mountpoint, the lower's, and the record.
+func builderOverlay(t *testing.T, base string) (string, string, Detached) {
+	t.Helper()
+	lower := mountTmpfs(t, filepath.Join(base, "l"), fmt.Sprintf("strata-test-lower-%d", time.Now().UnixNano()))
+	lm, ok := mountinfo.Top(readMounts(t), lower)
+	if !ok {
+		t.Fatalf("no mount at %s", lower)
+	}
+	lu, err := IdentityOf(lower, lm)
+	must(t, err)
+	mp, d := testOverlay(t, base)
+	d.Lowers = []DetachedLower{{Dev: DevOf(lm), FSType: lm.FSType, Source: lm.Source, MountIDUnique: lu}}
+	return mp, lower, d
+}
+
 func inUseNow(t *testing.T, unique bool, ds ...Detached) []bool {
 	t.Helper()
 	k := realKernel()
@@ -180,15 +199,17 @@ func TestInUseBtrfsSnapshotGetsDeviceRealKernel(t *testing.T) {
 
 // A process that only maps a file of a detached overlay (no descriptor,
 // cwd elsewhere) keeps it in use, by unique id and without; once it exits
-// the overlay is free. Kernels differ in what maps and map_files show for
-// it (the overlay's file, or the layer's with the overlay's path): 6.12
-// passes this too; on 6.1 maps shows the layer's device, so only a
-// mapping of a listed (NFS) lower's file is looked at.
+// the overlay is free. The overlay is laid out as a builder's, and
+// detached as a rotation detaches it: the overlay, then its lower (the
+// builder releases the old generation's NFS mount). Kernels differ in
+// what maps shows for the file (6.12: the overlay's device; 6.1: the
+// layer's, the lower's or the upper's, with the overlay's path); its
+// map_files link leads to the overlay's mount on both.
 func TestInUseMappedOnlyRealKernel(t *testing.T) {
 	requireOverlay(t)
 	for _, f := range []string{"lowerfile", "upperfile"} {
 		t.Run(f, func(t *testing.T) {
-			mp, d := testOverlay(t, t.TempDir())
+			mp, lower, d := builderOverlay(t, t.TempDir())
 			if f == "upperfile" {
 				writeFile(t, filepath.Join(mp, f), strings.Repeat("y", 8192))
 			}
@@ -206,8 +227,9 @@ func TestInUseMappedOnlyRealKernel(t *testing.T) {
 				t.Fatalf("helper: %q %v", line, err)
 			}
 			must(t, unix.Unmount(mp, unix.MNT_DETACH))
+			must(t, unix.Unmount(lower, unix.MNT_DETACH))
 			maps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/maps", cmd.Process.Pid))
-			t.Logf("helper maps:\n%s", grepLines(string(maps), f))
+			t.Logf("overlay %s, lower %s; helper maps:\n%s", d.Dev, d.Lowers[0].Dev, grepLines(string(maps), f))
 			for _, unique := range []bool{true, false} {
 				if !inUseNow(t, unique, d)[0] {
 					t.Fatalf("unique ids %v: an overlay a process has a file of mapped is not in use", unique)

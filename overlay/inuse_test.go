@@ -222,7 +222,9 @@ func TestInUseNumbersReused(t *testing.T) {
 
 // A file mapped from the overlay (mmap, its descriptor closed) keeps it
 // in use; so does a mapping that map_files shows on the kernel's clone of
-// a lower. Other mappings are not looked at.
+// a lower, and one that maps shows with the upper's device (6.1) whose
+// map_files link leads to the overlay's mount. Other mappings are not
+// looked at.
 func TestInUseMappings(t *testing.T) {
 	d := Detached{Dev: Dev{0, 44}, MountID: 53, MountIDUnique: 1_000_053, Work: "/w",
 		Lowers: []DetachedLower{{Dev: Dev{0, 45}, FSType: "nfs", Source: "h:/gen/1", MountIDUnique: 1_000_054}}}
@@ -250,6 +252,32 @@ func TestInUseMappings(t *testing.T) {
 		f.write("100/map_files/7f13867c6000-7f13867c7000", "dev=0:45 mnt=700 unique=1000700")
 		if used, _ := f.inUse(true, d); !used[0] {
 			t.Fatal("a mapping on the kernel's clone of a lower does not count")
+		}
+	})
+	// 6.1: maps shows a mapped file of the upper with the upper's device
+	// (here a btrfs subvolume's directory: stat says 0:99, maps and the
+	// table the filesystem's 0:50), map_files leads to the overlay's
+	// mount (legacy id 53).
+	upper := func(t *testing.T, f *fakeProc, link string) Detached {
+		f.proc("100", "mnt:[1]", line(1, Dev{8, 1}, "/", "ext4", "/dev/root", "rw")+
+			line(20, Dev{0, 50}, "/var", "btrfs", "/dev/vdb", "rw,subvol=/var"), nil)
+		f.write("100/maps", maps("00:32"))
+		f.write("100/map_files/7f13867c6000-7f13867c7000", link)
+		f.write("work", "dev=0:99 mnt=20")
+		u := d
+		u.MountIDUnique, u.Work = 0, filepath.Join(f.dir, "work")
+		return u
+	}
+	t.Run("upper file, layer's device in maps", func(t *testing.T) {
+		f := newFakeProc(t)
+		if used, _ := f.inUse(false, upper(t, f, "dev=0:50 mnt=53")); !used[0] {
+			t.Fatal("a mapped file of the upper, shown with the upper's device, does not count")
+		}
+	})
+	t.Run("another file of the upper's filesystem", func(t *testing.T) {
+		f := newFakeProc(t)
+		if used, _ := f.inUse(false, upper(t, f, "dev=0:50 mnt=20")); used[0] {
+			t.Fatal("a mapping of another file on the upper's filesystem counts")
 		}
 	})
 	t.Run("another file", func(t *testing.T) {
