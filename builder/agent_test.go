@@ -398,6 +398,16 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 		{"STRATA_SWAP_METHOD", "sideways", "swap.method"},
 		{"STRATA_ROTATE_CHECK_INTERVAL", "1ms", "rotate.check_interval"},
 		{"STRATA_STATE_DIR", "/nix/store/strata", "state_dir"},
+		{"STRATA_SERVER_API", "", "server.api"},
+		{"STRATA_SERVER_PREFER", "a b", "server.prefer"},
+		{"STRATA_FAILOVER_AFTER", "1ms", "failover.after"},
+		{"STRATA_NIX_STATE_DIR", "var/nix", "nix.state_dir"},
+		{"STRATA_SWAP_STAGING_DIR", "staging", "swap.staging_dir"},
+		{"STRATA_NIX_BIN", "", "nix.bin"},
+		{"STRATA_MOUNT_OPTIONS", "vers=3", "mount.options"},
+		{"STRATA_ROTATE_MAX_WAIT", "-1s", "rotate.max_wait"},
+		{"STRATA_LOG_LEVEL", "loud", "log.level"},
+		{"STRATA_WATCHDOG_STALL_AFTER", "1s", "watchdog.stall_after"},
 	} {
 		t.Run(tc.key, func(t *testing.T) {
 			t.Setenv(tc.env, tc.val)
@@ -407,6 +417,10 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 			}
 			if err == nil || !strings.Contains(err.Error(), `"`+tc.key+`"`) {
 				t.Fatalf("%s=%s: error %v, want one naming %q", tc.env, tc.val, err, tc.key)
+			}
+			// Where the value came from: the file may look right.
+			if want := "(from env " + tc.env + ")"; !strings.Contains(err.Error(), want) {
+				t.Errorf("%s=%s: error %v, want it to name its source %s", tc.env, tc.val, err, want)
 			}
 			if strings.Contains(tc.val, "/v1") && !strings.Contains(err.Error(), "drop the /v1") {
 				t.Errorf("%s=%s: error %v, want it to say to drop the /v1", tc.env, tc.val, err)

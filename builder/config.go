@@ -126,9 +126,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		LogLevel:      v.String("log.level"),
 		StallAfter:    v.Duration("watchdog.stall_after"),
 	}
-	bad := func(key string, val any, want string) error {
-		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
-	}
+	bad := v.Bad // names the key's source: file, env or flag
 	cs, err := cluster.SettingsFrom(v)
 	if err != nil {
 		return c, err
@@ -145,7 +143,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 	}
 	if c.ServerAPI != "" {
 		if err := api.CheckBaseURL(c.ServerAPI, "http://central:7480"); err != nil {
-			return c, fmt.Errorf("config: key %q: value %q: %w", "server.api", c.ServerAPI, err)
+			return c, v.Invalid("server.api", c.ServerAPI, err)
 		}
 	}
 	if c.ServerNFS != "" {
@@ -159,7 +157,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		}
 		if strings.Contains(p, "://") {
 			if err := api.CheckBaseURL(p, "http://central:7480"); err != nil {
-				return c, fmt.Errorf("config: key %q: entry %q: %w", "server.prefer", p, err)
+				return c, fmt.Errorf("config: key %q%s: entry %q: %w", "server.prefer", v.From("server.prefer"), p, err)
 			}
 		}
 	}
@@ -182,7 +180,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 			return c, bad("mount.options", o, "NFS options without commas or spaces, one per list entry")
 		}
 		if err := overlay.CheckExtraNFSOption(o); err != nil {
-			return c, fmt.Errorf("config: key %q: %w; mount.options is for tuning only (rsize, wsize, timeo, retrans, actimeo, ...)", "mount.options", err)
+			return c, fmt.Errorf("config: key %q%s: %w; mount.options is for tuning only (rsize, wsize, timeo, retrans, actimeo, ...)", "mount.options", v.From("mount.options"), err)
 		}
 	}
 	if c.NConnect < 1 || c.NConnect > 16 {

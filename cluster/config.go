@@ -53,9 +53,7 @@ func SettingsFrom(v config.Values) (Settings, error) {
 		Insecure:    v.Bool("cluster.insecure"),
 		DeadGrace:   v.Duration("cluster.dead_grace"),
 	}
-	bad := func(key string, val any, want string) error {
-		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
-	}
+	bad := v.Bad // names the key's source: file, env or flag
 	s.Enabled = s.Bind != "" || len(s.Join) > 0
 	if s.Bind == "" && s.Enabled {
 		s.Bind = DefaultBind
@@ -82,7 +80,7 @@ func SettingsFrom(v config.Values) (Settings, error) {
 	if s.NodeName == "" {
 		h, err := os.Hostname()
 		if err != nil {
-			return s, fmt.Errorf("config: key %q: empty and the hostname is unknown: %w", "cluster.node_name", err)
+			return s, fmt.Errorf("config: key %q%s: empty and the hostname is unknown: %w", "cluster.node_name", v.From("cluster.node_name"), err)
 		}
 		s.NodeName = h
 	}
@@ -96,10 +94,10 @@ func SettingsFrom(v config.Values) (Settings, error) {
 		return s, nil
 	}
 	if s.KeyringFile == "" {
-		return s, fmt.Errorf("config: key %q: empty: gossip needs a keyring (or cluster.insecure: true on a trusted network)", "cluster.keyring_file")
+		return s, fmt.Errorf("config: key %q%s: empty: gossip needs a keyring (or cluster.insecure: true on a trusted network)", "cluster.keyring_file", v.From("cluster.keyring_file"))
 	}
 	if _, err := os.Stat(s.KeyringFile); os.IsNotExist(err) {
-		return s, fmt.Errorf("config: key %q: %s does not exist: gossip needs a keyring (one base64 32-byte key per line, e.g. `head -c32 /dev/urandom | base64`), or cluster.insecure: true", "cluster.keyring_file", s.KeyringFile)
+		return s, fmt.Errorf("config: key %q%s: %s does not exist: gossip needs a keyring (one base64 32-byte key per line, e.g. `head -c32 /dev/urandom | base64`), or cluster.insecure: true", "cluster.keyring_file", v.From("cluster.keyring_file"), s.KeyringFile)
 	}
 	kr, err := LoadKeyring("cluster.keyring_file", s.KeyringFile)
 	if err != nil {

@@ -350,6 +350,30 @@ func names(ks []Key) []string {
 	return out
 }
 
+// From names where key's value came from, for an error about it:
+// " (from file)", " (from env STRATA_…)" or " (from flag --…)"; "" for a
+// default or an unset key. An operator whose file looks right learns that
+// a variable or a flag set the value.
+func (v Values) From(key string) string {
+	switch src := v.Source[key]; src {
+	case "", "default":
+		return ""
+	default:
+		return " (from " + src + ")"
+	}
+}
+
+// Bad is the error for key's value val, loaded but not valid: it names the
+// key, where the value came from (From), the value and what is wanted.
+func (v Values) Bad(key string, val any, want string) error {
+	return fmt.Errorf("config: key %q%s: value %q: want %s", key, v.From(key), fmt.Sprint(val), want)
+}
+
+// Invalid is Bad with the check's own error in place of what is wanted.
+func (v Values) Invalid(key string, val any, err error) error {
+	return fmt.Errorf("config: key %q%s: value %q: %w", key, v.From(key), fmt.Sprint(val), err)
+}
+
 // String returns a string key's value ("" when unset).
 func (v Values) String(name string) string { s, _ := v.m[name].(string); return s }
 

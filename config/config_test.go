@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -107,5 +108,47 @@ func TestUnknownKeySuggests(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Load(%q): %v, want %q", yaml, err, want)
 		}
+	}
+}
+
+// An error about a loaded value says where the value came from, so that
+// an operator whose file looks right looks at the variable or the flag.
+func TestBadNamesTheSource(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(f, []byte("failover:\n  after: 1ms\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("STRATA_SERVER_API", "central")
+	l := New(testKeys)
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	l.BindFlags(fs)
+	if err := fs.Parse([]string{"--nfs-max-conns=0"}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := l.Load(f, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for key, want := range map[string]string{
+		"failover.after":   `config: key "failover.after" (from file): value "1ms": want more`,
+		"server.api":       `config: key "server.api" (from env STRATA_SERVER_API): value "central": want more`,
+		"nfs.max_conns":    `config: key "nfs.max_conns" (from flag --nfs-max-conns): value "0": want more`,
+		"overlay.metacopy": `config: key "overlay.metacopy": value "true": want more`, // the default
+	} {
+		val := any(v.String(key))
+		switch key {
+		case "failover.after":
+			val = v.Duration(key)
+		case "nfs.max_conns":
+			val = v.Int(key)
+		case "overlay.metacopy":
+			val = v.Bool(key)
+		}
+		if got := v.Bad(key, val, "more").Error(); got != want {
+			t.Errorf("Bad(%s) = %s, want %s", key, got, want)
+		}
+	}
+	if got := v.Invalid("server.api", "central", errors.New("no scheme")).Error(); got != `config: key "server.api" (from env STRATA_SERVER_API): value "central": no scheme` {
+		t.Errorf("Invalid = %s", got)
 	}
 }

@@ -134,9 +134,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 
 		ReplicaFromCluster: v.Bool("replica.from_cluster"),
 	}
-	bad := func(key string, val any, want string) error {
-		return fmt.Errorf("config: key %q: value %q: want %s", key, fmt.Sprint(val), want)
-	}
+	bad := v.Bad // names the key's source: file, env or flag
 	for key, p := range map[string]string{"store.root": c.StoreRoot, "store.dir": c.StoreDir, "state_dir": c.StateDir} {
 		if !filepath.IsAbs(p) {
 			return c, bad(key, p, "an absolute path")
@@ -148,7 +146,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		// store.root, is where snapshots must not go (every snapshot would
 		// hold the older ones), and a sibling may be another filesystem.
 		if c.SnapshotDir == "" {
-			return c, fmt.Errorf("config: missing required key %q: snapshot.backend is btrfs: set it to a directory on the central store's btrfs filesystem outside store.root %s (a replica: any directory on btrfs)", "snapshot.snapshot_dir", c.StoreRoot)
+			return c, fmt.Errorf("config: missing required key %q%s: snapshot.backend is btrfs: set it to a directory on the central store's btrfs filesystem outside store.root %s (a replica: any directory on btrfs)", "snapshot.snapshot_dir", v.From("snapshot.snapshot_dir"), c.StoreRoot)
 		}
 		if !filepath.IsAbs(c.SnapshotDir) {
 			return c, bad("snapshot.snapshot_dir", c.SnapshotDir, "an absolute path")
@@ -158,7 +156,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		}
 	case "zfs":
 		if c.Dataset == "" {
-			return c, fmt.Errorf("config: missing required key %q: snapshot.backend is zfs", "snapshot.dataset")
+			return c, fmt.Errorf("config: missing required key %q%s: snapshot.backend is zfs", "snapshot.dataset", v.From("snapshot.dataset"))
 		}
 		if strings.ContainsAny(c.Dataset, "@ ") || strings.HasPrefix(c.Dataset, "/") {
 			return c, bad("snapshot.dataset", c.Dataset, "a ZFS dataset name such as tank/nix")
@@ -194,7 +192,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 	case errors.As(err, &ae):
 		return c, bad("nfs.allow", ae.Entry, ae.Want)
 	case err != nil:
-		return c, fmt.Errorf("config: key %q (from %s): %w", "nfs.allow", v.Source["nfs.allow"], err)
+		return c, fmt.Errorf("config: key %q%s: %w", "nfs.allow", v.From("nfs.allow"), err)
 	}
 	c.NFSAllow = allow
 	if c.NFSMaxConns < 1 {
@@ -218,7 +216,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, bad("watchdog.stall_after", c.StallAfter, "0 (never) or at least 1m")
 	}
 	if c.ReplicaOf != "" && c.ReplicaFromCluster {
-		return c, fmt.Errorf("config: keys %q and %q: set one, not both", "replica.of", "replica.from_cluster")
+		return c, fmt.Errorf("config: keys %q%s and %q%s: set one, not both", "replica.of", v.From("replica.of"), "replica.from_cluster", v.From("replica.from_cluster"))
 	}
 	if c.Replica() && c.ReplicaInterval < time.Second {
 		return c, bad("replica.interval", c.ReplicaInterval, "at least 1s")
@@ -228,7 +226,7 @@ func ConfigFrom(v config.Values) (Config, error) {
 	}
 	if c.ReplicaOf != "" {
 		if err := api.CheckBaseURL(c.ReplicaOf, "http://primary:7480"); err != nil {
-			return c, fmt.Errorf("config: key %q: value %q: %w", "replica.of", c.ReplicaOf, err)
+			return c, v.Invalid("replica.of", c.ReplicaOf, err)
 		}
 	}
 	cs, err := cluster.SettingsFrom(v)
@@ -237,11 +235,11 @@ func ConfigFrom(v config.Values) (Config, error) {
 	}
 	c.Cluster = cs
 	if c.ReplicaFromCluster && !cs.Enabled {
-		return c, fmt.Errorf("config: key %q: gossip is off: set cluster.bind or cluster.join, or name the primary with replica.of", "replica.from_cluster")
+		return c, fmt.Errorf("config: key %q%s: gossip is off: set cluster.bind or cluster.join, or name the primary with replica.of", "replica.from_cluster", v.From("replica.from_cluster"))
 	}
 	if cs.Enabled {
 		if err := cluster.CheckMeta(c.ClusterMeta("")); err != nil {
-			return c, fmt.Errorf("config: api.listen %q and nfs.listen %q: %w", c.APIListen, c.NFSListen, err)
+			return c, fmt.Errorf("config: api.listen %q%s and nfs.listen %q%s: %w", c.APIListen, v.From("api.listen"), c.NFSListen, v.From("nfs.listen"), err)
 		}
 	}
 	return c, nil

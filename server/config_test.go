@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -96,6 +97,61 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q lacks %q", err, w)
 				}
+			}
+		})
+	}
+}
+
+// Every key ConfigFrom validates names where a refused value came from,
+// here the environment: an operator whose file looks right must learn that
+// a STRATA_* variable (a unit's Environment=, a shell's export) set it.
+func TestConfigErrorsNameTheirSource(t *testing.T) {
+	const p = "http://p:7480"
+	cases := []struct {
+		env  map[string]string
+		want string // the variable the error must name as the source
+	}{
+		{map[string]string{"STRATA_STORE_ROOT": "nix"}, "STRATA_STORE_ROOT"},
+		{map[string]string{"STRATA_STORE_DIR": "nix/store"}, "STRATA_STORE_DIR"},
+		{map[string]string{"STRATA_STATE_DIR": "state"}, "STRATA_STATE_DIR"},
+		{map[string]string{"STRATA_SNAPSHOT_SNAPSHOT_DIR": ""}, "STRATA_SNAPSHOT_SNAPSHOT_DIR"},
+		{map[string]string{"STRATA_SNAPSHOT_SNAPSHOT_DIR": "snaps"}, "STRATA_SNAPSHOT_SNAPSHOT_DIR"},
+		{map[string]string{"STRATA_SNAPSHOT_SNAPSHOT_DIR": "/nix/.strata"}, "STRATA_SNAPSHOT_SNAPSHOT_DIR"},
+		{map[string]string{"STRATA_SNAPSHOT_BACKEND": "ext4"}, "STRATA_SNAPSHOT_BACKEND"},
+		{map[string]string{"STRATA_SNAPSHOT_BACKEND": "zfs", "STRATA_SNAPSHOT_DATASET": ""}, "STRATA_SNAPSHOT_DATASET"},
+		{map[string]string{"STRATA_SNAPSHOT_BACKEND": "zfs", "STRATA_SNAPSHOT_DATASET": "/tank/nix"}, "STRATA_SNAPSHOT_DATASET"},
+		{map[string]string{"STRATA_PUBLISH_INTERVAL": "1ms"}, "STRATA_PUBLISH_INTERVAL"},
+		{map[string]string{"STRATA_RETENTION_KEEP": "0"}, "STRATA_RETENTION_KEEP"},
+		{map[string]string{"STRATA_API_LISTEN": "127.0.0.1:http"}, "STRATA_API_LISTEN"},
+		{map[string]string{"STRATA_NFS_LISTEN": "2049"}, "STRATA_NFS_LISTEN"},
+		{map[string]string{"STRATA_NFS_ALLOW": "10.0.0.0/33"}, "STRATA_NFS_ALLOW"},
+		{map[string]string{"STRATA_NFS_ALLOW": ","}, "STRATA_NFS_ALLOW"},
+		{map[string]string{"STRATA_NFS_MAX_CONNS": "0"}, "STRATA_NFS_MAX_CONNS"},
+		{map[string]string{"STRATA_NFS_MAX_CONNS_PER_CLIENT": "0"}, "STRATA_NFS_MAX_CONNS_PER_CLIENT"},
+		{map[string]string{"STRATA_NFS_IDLE_TIMEOUT": "1ms"}, "STRATA_NFS_IDLE_TIMEOUT"},
+		{map[string]string{"STRATA_NFS_BUSY_POLL": "5ms"}, "STRATA_NFS_BUSY_POLL"},
+		{map[string]string{"STRATA_LOG_LEVEL": "loud"}, "STRATA_LOG_LEVEL"},
+		{map[string]string{"STRATA_WATCHDOG_STALL_AFTER": "1s"}, "STRATA_WATCHDOG_STALL_AFTER"},
+		{map[string]string{"STRATA_REPLICA_OF": "primary:7480"}, "STRATA_REPLICA_OF"},
+		{map[string]string{"STRATA_REPLICA_OF": p, "STRATA_REPLICA_INTERVAL": "10ms"}, "STRATA_REPLICA_INTERVAL"},
+		{map[string]string{"STRATA_REPLICA_OF": p, "STRATA_REPLICA_STALL_TIMEOUT": "10ms"}, "STRATA_REPLICA_STALL_TIMEOUT"},
+		{map[string]string{"STRATA_REPLICA_OF": p, "STRATA_REPLICA_FROM_CLUSTER": "true"}, "STRATA_REPLICA_OF"},
+		{map[string]string{"STRATA_REPLICA_OF": p, "STRATA_REPLICA_FROM_CLUSTER": "true"}, "STRATA_REPLICA_FROM_CLUSTER"},
+		{map[string]string{"STRATA_REPLICA_FROM_CLUSTER": "true"}, "STRATA_REPLICA_FROM_CLUSTER"},
+		{map[string]string{"STRATA_CLUSTER_INSECURE": "true", "STRATA_CLUSTER_BIND": ":7946x"}, "STRATA_CLUSTER_BIND"},
+		{map[string]string{"STRATA_CLUSTER_INSECURE": "true", "STRATA_CLUSTER_ADVERTISE": "0.0.0.0:7946"}, "STRATA_CLUSTER_ADVERTISE"},
+		{map[string]string{"STRATA_CLUSTER_INSECURE": "true", "STRATA_CLUSTER_JOIN": "central:7946x"}, "STRATA_CLUSTER_JOIN"},
+		{map[string]string{"STRATA_CLUSTER_NAME": "a b"}, "STRATA_CLUSTER_NAME"},
+		{map[string]string{"STRATA_CLUSTER_NODE_NAME": "a b"}, "STRATA_CLUSTER_NODE_NAME"},
+		{map[string]string{"STRATA_CLUSTER_DEAD_GRACE": "0s"}, "STRATA_CLUSTER_DEAD_GRACE"},
+		{map[string]string{"STRATA_CLUSTER_JOIN": "central:7946", "STRATA_CLUSTER_KEYRING_FILE": ""}, "STRATA_CLUSTER_KEYRING_FILE"},
+		{map[string]string{"STRATA_CLUSTER_JOIN": "central:7946", "STRATA_CLUSTER_KEYRING_FILE": "/nonexistent/keys"}, "STRATA_CLUSTER_KEYRING_FILE"},
+	}
+	for _, tc := range cases {
+		t.Run(fmt.Sprint(tc.env), func(t *testing.T) {
+			_, err := load(t, "", tc.env)
+			if want := "(from env " + tc.want + ")"; err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("error %v, want one naming its source %s", err, want)
 			}
 		})
 	}

@@ -168,7 +168,7 @@ func TestServerDaemonLifecycle(t *testing.T) {
 	// A broken config on SIGHUP keeps the previous settings and serving.
 	writeCfg("not-a-cidr") // the whole config, only nfs.allow wrong
 	cmd.Process.Signal(syscall.SIGHUP)
-	if got := lifecycleMsgs(t, ch, "READY=1\nSTATUS=reload failed: config: key \"nfs.allow\": value \"not-a-cidr\": want a CIDR such as 10.0.0.0/8", &pings); len(got) != 2 {
+	if got := lifecycleMsgs(t, ch, "READY=1\nSTATUS=reload failed: config: key \"nfs.allow\" (from file): value \"not-a-cidr\": want a CIDR such as 10.0.0.0/8", &pings); len(got) != 2 {
 		t.Fatalf("failed reload: %q", got)
 	}
 	if code := publish("second"); code != http.StatusOK {

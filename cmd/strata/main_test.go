@@ -71,12 +71,12 @@ func TestServerRefusesBadConfigAndStartsNothing(t *testing.T) {
 		// btrfs has no default snapshot dir: the start and --check-config
 		// both name the key.
 		"no snapshot dir":     {"", []string{"STRATA_SNAPSHOT_SNAPSHOT_DIR="}, nil, `missing required key "snapshot.snapshot_dir"`},
-		"snapshot dir inside": {"", []string{"STRATA_SNAPSHOT_SNAPSHOT_DIR=/nix/.strata"}, nil, `key "snapshot.snapshot_dir": value "/nix/.strata": want a directory outside store.root /nix`},
+		"snapshot dir inside": {"", []string{"STRATA_SNAPSHOT_SNAPSHOT_DIR=/nix/.strata"}, nil, `key "snapshot.snapshot_dir" (from env STRATA_SNAPSHOT_SNAPSHOT_DIR): value "/nix/.strata": want a directory outside store.root /nix`},
 		// Review 19 #2: a port that is not a number was accepted until the
 		// listen at start.
-		"nfs.listen port":    {"", []string{"STRATA_NFS_LISTEN=:2049x"}, nil, `key "nfs.listen": value ":2049x": want host:port with a numeric port`},
-		"api.listen port":    {"", nil, []string{"--api-listen=127.0.0.1:7480x"}, `key "api.listen": value "127.0.0.1:7480x": want host:port with a numeric port`},
-		"replica.of with v1": {"replica:\n  of: http://primary:7480/v1\n", nil, nil, `key "replica.of": value "http://primary:7480/v1": want the API URL without the API's own /v1 path, such as http://primary:7480: drop the /v1`},
+		"nfs.listen port":    {"", []string{"STRATA_NFS_LISTEN=:2049x"}, nil, `key "nfs.listen" (from env STRATA_NFS_LISTEN): value ":2049x": want host:port with a numeric port`},
+		"api.listen port":    {"", nil, []string{"--api-listen=127.0.0.1:7480x"}, `key "api.listen" (from flag --api-listen): value "127.0.0.1:7480x": want host:port with a numeric port`},
+		"replica.of with v1": {"replica:\n  of: http://primary:7480/v1\n", nil, nil, `key "replica.of" (from file): value "http://primary:7480/v1": want the API URL without the API's own /v1 path, such as http://primary:7480: drop the /v1`},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
