@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/internal/nixtest"
+	"github.com/strata-nix/strata/internal/testenv"
 )
 
 // genDB builds generation gen's DB from central into a temporary file.
@@ -440,18 +441,6 @@ func TestHelperInstallDB(t *testing.T) {
 	t.Fatalf("not killed at %s: %v", a[7], err)
 }
 
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
-}
-
 type zeros struct{}
 
 func (zeros) Read(p []byte) (int, error) {
@@ -495,13 +484,13 @@ func TestIntegrationInstallDBOwnerAndSize(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer in.Close()
-	r := &countingReader{r: io.MultiReader(in, io.LimitReader(zeros{}, 256<<20))}
+	r := &testenv.CountingReader{R: io.MultiReader(in, io.LimitReader(zeros{}, 256<<20))}
 	err = InstallDB(context.Background(), dbDir(b), r, f, InstallOptions{})
 	if err == nil || !strings.Contains(err.Error(), "more than") {
 		t.Fatalf("a server sending 256 MiB more than it said: %v", err)
 	}
-	if r.n > f.Size+1 {
-		t.Errorf("read %d bytes of a DB said to be %d", r.n, f.Size)
+	if r.N > f.Size+1 {
+		t.Errorf("read %d bytes of a DB said to be %d", r.N, f.Size)
 	}
 	if d := strings.TrimSpace(b.DumpDB(t)); d != "" {
 		t.Fatalf("old DB changed: %s", d)

@@ -283,7 +283,7 @@ func btrfsStreamBytes(b *testing.B, from, to string) []kindBytes {
 	if err != nil {
 		b.Fatal(err)
 	}
-	cr := &countReader{r: pipe}
+	cr := &testenv.CountingReader{R: pipe}
 	dump.Stdin = cr
 	out, err := dump.StdoutPipe()
 	if err != nil {
@@ -323,7 +323,7 @@ func btrfsStreamBytes(b *testing.B, from, to string) []kindBytes {
 		}
 		data += sums[k]
 	}
-	return append(out2, kindBytes{"stream commands and metadata", cr.n - data})
+	return append(out2, kindBytes{"stream commands and metadata", cr.N - data})
 }
 
 func fileKind(p string) string {
@@ -341,17 +341,6 @@ func fileKind(p string) string {
 type kindBytes struct {
 	what  string
 	bytes int64
-}
-
-type countReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
 }
 
 // syncIncremental publishes generation id on the primary (dirty pages

@@ -31,3 +31,17 @@ func (b *Buffer) String() string {
 	defer b.mu.Unlock()
 	return b.b.String()
 }
+
+// CountingReader passes R's bytes on and counts them in N: how much a
+// reader under test took (a DB install that must stop at the size it was
+// told, a send stream's size). Read N once reading is done.
+type CountingReader struct {
+	R io.Reader
+	N int64
+}
+
+func (c *CountingReader) Read(p []byte) (int, error) {
+	n, err := c.R.Read(p)
+	c.N += int64(n)
+	return n, err
+}
