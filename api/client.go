@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -20,14 +21,15 @@ import (
 // Client calls a strata daemon's HTTP API over TCP or a unix socket.
 type Client struct {
 	base  string
-	token string
+	token atomic.Pointer[string]
 	hc    *http.Client
 }
 
 // NewClient returns a client for addr: "host:port", "http://host:port" or
 // "unix:/path/to/api.sock". token is sent as a bearer token when non-empty.
 func NewClient(addr, token string) *Client {
-	c := &Client{token: token, hc: &http.Client{Timeout: 10 * time.Minute}}
+	c := &Client{hc: &http.Client{Timeout: 10 * time.Minute}}
+	c.token.Store(&token)
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
 		c.base = "http://unix"
 		c.hc.Transport = &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -41,6 +43,18 @@ func NewClient(addr, token string) *Client {
 	}
 	c.base = strings.TrimRight(addr, "/")
 	return c
+}
+
+// SetToken replaces the bearer token of the requests sent from now on (a
+// replica's replica.token_file re-read on SIGHUP); requests already sent
+// keep theirs.
+func (c *Client) SetToken(token string) { c.token.Store(&token) }
+
+// authorize adds the bearer token, if any, to req.
+func (c *Client) authorize(req *http.Request) {
+	if t := *c.token.Load(); t != "" {
+		req.Header.Set("Authorization", "Bearer "+t)
+	}
 }
 
 // Do sends a request and decodes a JSON answer into out (nil: discard). A
@@ -66,9 +80,7 @@ func (c *Client) raw(ctx context.Context, method, path string) (io.ReadCloser, e
 	if err != nil {
 		return nil, err
 	}
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
+	c.authorize(req)
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w%s", method, path, err, noHTTP(err))
@@ -169,9 +181,7 @@ func (c *Client) NixDB(ctx context.Context, id uint64) (io.ReadCloser, NixDB, er
 	if err != nil {
 		return nil, NixDB{}, err
 	}
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
+	c.authorize(req)
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		return nil, NixDB{}, fmt.Errorf("GET %s: %w", path, err)
@@ -264,9 +274,7 @@ func (c *Client) Send(ctx context.Context, method, path string, in, out any) err
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
+	c.authorize(req)
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", method, path, err)

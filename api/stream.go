@@ -141,9 +141,7 @@ func (c *Client) Stream(ctx context.Context, r StreamRequest) (*Stream, error) {
 		cancel()
 		return nil, err
 	}
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
+	c.authorize(req)
 	hc := &http.Client{Transport: c.hc.Transport}
 	st.begin()
 	resp, err := hc.Do(req)

@@ -39,7 +39,7 @@ var Keys = []config.Key{
 	{Name: "nfs.max_conns_per_client", Kind: config.Int, Default: 128, Usage: "maximum concurrent NFS connections from one client address"},
 	{Name: "nfs.idle_timeout", Kind: config.Duration, Default: "15m", Usage: "close NFS connections idle this long"},
 	{Name: "nfs.busy_poll", Kind: config.Duration, Default: "50us", Usage: "how long an NFS connection waits for its next call spinning, while CPU is spare, before it sleeps (0 disables)"},
-	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it, nfs.allow, retention.keep and the API token)"},
+	{Name: "log.level", Kind: config.String, Default: "info", Usage: "log level: debug, info, warn or error (SIGHUP reloads it, nfs.allow, retention.keep, the API token and a replica's replica.token_file)"},
 	{Name: "watchdog.stall_after", Kind: config.Duration, Default: "30m", Usage: "a publish running longer than this (on a replica: a sync this long without stream bytes arriving) counts as wedged: systemd watchdog pings stop and systemd restarts the daemon (0: never)"},
 }
 
@@ -49,7 +49,7 @@ func init() { Keys = append(Keys, cluster.Keys...); Keys = append(Keys, replicaK
 // server/replica).
 var replicaKeys = []config.Key{
 	{Name: "replica.of", Kind: config.String, Default: "", Usage: "primary server's API URL (http://host:7480): this server publishes nothing and pulls the primary's generations (empty: a primary)"},
-	{Name: "replica.token_file", Kind: config.String, Default: "/etc/strata/replica-token", Usage: "file with the primary's API token (streams need it)"},
+	{Name: "replica.token_file", Kind: config.String, Default: "/etc/strata/replica-token", Usage: "file with the primary's API token (streams need it; SIGHUP re-reads it)"},
 	{Name: "replica.interval", Kind: config.Duration, Default: "10s", Usage: "how often a replica asks the primary for new generations"},
 	{Name: "replica.stall_timeout", Kind: config.Duration, Default: "2m", Usage: "a replica aborts a snapshot stream from which no byte arrived for this long (the next sync asks again)"},
 	{Name: "replica.from_cluster", Kind: config.Bool, Default: false, Usage: "be a replica of the cluster's primary server, found by gossip (cluster.*), instead of replica.of"},

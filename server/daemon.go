@@ -73,8 +73,8 @@ type DaemonOptions struct {
 	Watchdog time.Duration      // WATCHDOG=1 interval; 0: none (see lifecycle.WatchdogInterval)
 	Hup      <-chan os.Signal   // SIGHUP: reload
 	// Reload re-reads the configuration. nfs.allow, api.token_file,
-	// log.level and retention.keep take effect; other changed keys are
-	// logged, by key, as needing a restart.
+	// log.level, retention.keep and (a replica) replica.token_file take
+	// effect; other changed keys are logged, by key, as needing a restart.
 	Reload func() (Config, error)
 	Level  *slog.LevelVar // the logger's level; reload sets it
 	// StopTimeout bounds the graceful stop (default 20 s, below the unit's
@@ -350,7 +350,8 @@ func (emptyInspect) Destroy(context.Context, uint64) error             { return 
 //
 // While it runs, the main loop sends WATCHDOG=1 when the publish loop and
 // the NFS accept loop make progress (see package lifecycle), and reloads
-// nfs.allow, the API token and log.level on SIGHUP (RELOADING=1 … READY=1).
+// nfs.allow, the API token, log.level, retention.keep and a replica's
+// token for its primary on SIGHUP (RELOADING=1 … READY=1).
 //
 // Shutdown (ctx cancelled): STOPPING=1, stop publishing, close the API, close
 // the NFS listener, waiting at most StopTimeout. Snapshots stay: a restart
@@ -374,10 +375,13 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	if w := apiserve.TokenWarning(tokenText, cfg.TokenFile, "api.token_file", cfg.APIListen); w != "" {
 		log.Warn("no API token", "why", w)
 	}
+	var auth *replicaAuth // a replica's token for its primary
 	if cfg.Replica() {
-		if _, err := replicaToken(cfg); err != nil {
+		tok, err := replicaToken(cfg)
+		if err != nil {
 			return configError{err}
 		}
+		auth = &replicaAuth{token: tok}
 	}
 	// Everything that refuses a start is checked before anything is
 	// created (state_dir, snapshot dir, owner record, handle key) or any
@@ -531,10 +535,11 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	token := apiserve.NewToken(tokenText)
 	var puller *replica.Puller
 	if cfg.Replica() {
-		if puller, err = openPuller(cfg, me.ServerID, srv, node, syncLog, reg, step.Progress); err != nil {
+		if puller, err = openPuller(cfg, auth.token, me.ServerID, srv, node, syncLog, reg, step.Progress); err != nil {
 			ex.close()
 			return err
 		}
+		auth.puller = puller
 	}
 	var syncErr atomic.Pointer[string] // the replica's last sync failure, "" once one succeeds
 	status := func() any {
@@ -649,7 +654,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			if err != nil {
 				return err
 			}
-			return applyReload(cfg, next, ex, token, o.Level, srv, log)
+			return applyReload(cfg, next, ex, token, auth, o.Level, srv, log)
 		}}
 	runErr := main.Run(ctx, errc)
 
@@ -782,13 +787,9 @@ func replicaToken(cfg Config) (string, error) {
 	return tok, nil
 }
 
-// openPuller makes a replica's puller: the primary's API client with the
-// token from replica.token_file, which must be there (streams need it).
-func openPuller(cfg Config, self string, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry, progress func()) (*replica.Puller, error) {
-	tok, err := replicaToken(cfg)
-	if err != nil {
-		return nil, err
-	}
+// openPuller makes a replica's puller: the primary's API client with tok,
+// the token from replica.token_file (streams need it).
+func openPuller(cfg Config, tok, self string, srv *Server, node *cluster.Node, log *slog.Logger, reg *prometheus.Registry, progress func()) (*replica.Puller, error) {
 	b, ok := srv.Backend().(replica.Backend)
 	if !ok {
 		return nil, fmt.Errorf("the %s backend cannot receive snapshots", srv.Backend().Kind())
@@ -837,15 +838,31 @@ func runPuller(ctx context.Context, p *replica.Puller, interval time.Duration, s
 	}
 }
 
-// applyReload makes next's nfs.allow, token, log level and retention.keep
-// current (a lower retention.keep destroys what it no longer keeps at
-// once, see Server.SetKeep). It reads everything first, so a bad token file
-// changes nothing. Other changed keys are logged, by key, as needing a
-// restart.
-func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog.LevelVar, srv *Server, log *slog.Logger) error {
+// replicaAuth is a replica's token for its primary: what
+// replica.token_file held at the start or the last reload, and the puller
+// that sends it.
+type replicaAuth struct {
+	token  string
+	puller *replica.Puller
+}
+
+// applyReload makes next's nfs.allow, token, log level, retention.keep
+// and, on a replica (auth), the token in replica.token_file current (a
+// lower retention.keep destroys what it no longer keeps at once, see
+// Server.SetKeep; the next sync sends the new replica token). It reads
+// everything first, so a bad token file changes nothing: a replica's
+// replica.token_file that is missing, empty or unsafe keeps the token it
+// had. Other changed keys are logged, by key, as needing a restart.
+func applyReload(cur, next Config, ex export, token *apiserve.Token, auth *replicaAuth, level *slog.LevelVar, srv *Server, log *slog.Logger) error {
 	text, err := apiserve.ReadToken(next.TokenFile, "api.token_file")
 	if err != nil {
 		return fmt.Errorf("reload: %w", err)
+	}
+	var replicaTok string
+	if auth != nil && next.Replica() {
+		if replicaTok, err = replicaToken(next); err != nil {
+			return fmt.Errorf("reload: %w (the replica goes on with the token it had)", err)
+		}
 	}
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(next.LogLevel)); err != nil {
@@ -861,14 +878,25 @@ func applyReload(cur, next Config, ex export, token *apiserve.Token, level *slog
 	if level != nil {
 		level.Set(lv)
 	}
+	reloaded := []any{"nfs.allow", next.NFSAllow, "log.level", next.LogLevel, "api.token_file", next.TokenFile, "retention.keep", next.Keep}
+	if replicaTok != "" {
+		if replicaTok != auth.token {
+			auth.token = replicaTok
+			if auth.puller != nil {
+				auth.puller.SetToken(replicaTok)
+			}
+			log.Info("reload: replica.token_file holds a new token; the next sync sends it", "replica.token_file", next.ReplicaTokenFile)
+		}
+		reloaded = append(reloaded, "replica.token_file", next.ReplicaTokenFile)
+	}
 	// Everything else needs a restart: say which keys differ.
 	a, b := cur, next
-	a.NFSAllow, a.TokenFile, a.LogLevel, a.Keep = nil, "", "", 0
-	b.NFSAllow, b.TokenFile, b.LogLevel, b.Keep = nil, "", "", 0
+	a.NFSAllow, a.TokenFile, a.LogLevel, a.Keep, a.ReplicaTokenFile = nil, "", "", 0, ""
+	b.NFSAllow, b.TokenFile, b.LogLevel, b.Keep, b.ReplicaTokenFile = nil, "", "", 0, ""
 	if changed := config.Changed(a, b); len(changed) > 0 {
 		log.Warn("reload: some changed keys take effect only after a restart", "changed", changed)
 	}
-	log.Info("reloaded", "nfs.allow", next.NFSAllow, "log.level", next.LogLevel, "api.token_file", next.TokenFile, "retention.keep", next.Keep)
+	log.Info("reloaded", reloaded...)
 	if srv != nil {
 		srv.SetKeep(next.Keep)
 	}

@@ -200,6 +200,18 @@ func (s *daemonProc) waitLog(t *testing.T, want string) {
 	}
 }
 
+// waitLogCount waits until the server's stderr contains want n times.
+func (s *daemonProc) waitLogCount(t *testing.T, want string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for strings.Count(s.logs.String(), want) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("server logged %q %d times, want %d\n%s", want, strings.Count(s.logs.String(), want), n, s.logs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // refused runs `strata server` expecting it to exit non-zero by itself
 // (within a minute) and returns its output.
 func refused(t *testing.T, cfg string, args ...string) string {

@@ -21,11 +21,11 @@ func FromCluster(servers func() []cluster.Server, token string) Primary {
 
 type fromCluster struct {
 	servers func() []cluster.Server
-	token   string
 
-	mu  sync.Mutex
-	url string
-	c   *api.Client
+	mu    sync.Mutex
+	token string
+	url   string
+	c     *api.Client
 }
 
 func (f *fromCluster) pick() (*api.Client, error) {
@@ -90,6 +90,17 @@ func (f *fromCluster) CheckToken(ctx context.Context) error {
 		return nil // no primary known yet: the sync says so
 	}
 	return c.CheckToken(ctx)
+}
+
+// SetToken makes every later request, to this primary or the next one
+// gossip names, carry token.
+func (f *fromCluster) SetToken(token string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.token = token
+	if f.c != nil {
+		f.c.SetToken(token)
+	}
 }
 
 func (f *fromCluster) URL() string {

@@ -150,6 +150,15 @@ func New(o Options) *Puller {
 // Primary returns the primary's API URL ("" while none is known).
 func (p *Puller) Primary() string { return p.primary.URL() }
 
+// SetToken makes the requests to the primary carry token from now on
+// (replica.token_file re-read on SIGHUP): the next sync uses it, one under
+// way keeps the token it started with for the requests it has sent.
+func (p *Puller) SetToken(token string) {
+	if t, ok := p.primary.(interface{ SetToken(string) }); ok {
+		t.SetToken(token)
+	}
+}
+
 // Result says what one Sync did.
 type Result struct {
 	// Received are the generations made live, in order.
