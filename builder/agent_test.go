@@ -14,7 +14,6 @@ import (
 	"github.com/strata-nix/strata/mountinfo"
 
 	"github.com/strata-nix/strata/api"
-	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/nixstore"
 	"github.com/strata-nix/strata/overlay"
 )
@@ -410,11 +409,7 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 		{"STRATA_WATCHDOG_STALL_AFTER", "1s", "watchdog.stall_after"},
 	} {
 		t.Run(tc.key, func(t *testing.T) {
-			t.Setenv(tc.env, tc.val)
-			v, err := config.New(Keys).Load("", false)
-			if err == nil {
-				_, err = ConfigFrom(v)
-			}
+			_, err := loadConfig(t, "", map[string]string{tc.env: tc.val})
 			if err == nil || !strings.Contains(err.Error(), `"`+tc.key+`"`) {
 				t.Fatalf("%s=%s: error %v, want one naming %q", tc.env, tc.val, err, tc.key)
 			}
@@ -427,17 +422,10 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 			}
 		})
 	}
-	dir := t.TempDir()
-	f := filepath.Join(dir, "builder.yaml")
-	os.WriteFile(f, []byte("rotate:\n  polcy: idle\n"), 0o644)
-	if _, err := config.New(Keys).Load(f, true); err == nil || !strings.Contains(err.Error(), "rotate.polcy") {
+	if _, err := loadConfig(t, "rotate:\n  polcy: idle\n", nil); err == nil || !strings.Contains(err.Error(), "rotate.polcy") {
 		t.Fatalf("unknown key: %v", err)
 	}
-	v, err := config.New(Keys).Load("", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := ConfigFrom(v)
+	c, err := loadConfig(t, "", nil)
 	if err != nil {
 		t.Fatalf("defaults: %v", err)
 	}
@@ -661,16 +649,7 @@ func TestMetacopyRefusedFallsBack(t *testing.T) {
 // the last value given and an extra option would win over strata's.
 func TestMountOptionsRefuseWhatStrataDecides(t *testing.T) {
 	load := func(t *testing.T, opts string) (Config, error) {
-		t.Helper()
-		f := filepath.Join(t.TempDir(), "builder.yaml")
-		if err := os.WriteFile(f, []byte("mount:\n  options: ["+opts+"]\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		v, err := config.New(Keys).Load(f, true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ConfigFrom(v)
+		return loadConfig(t, "mount:\n  options: ["+opts+"]\n", nil)
 	}
 	for _, tc := range []struct{ opt, why string }{
 		{"soft", "hard"},

@@ -11,15 +11,7 @@ import (
 )
 
 func TestServerAPIMayBeEmptyOnlyWithJoin(t *testing.T) {
-	load := func(yaml string) (Config, error) {
-		f := filepath.Join(t.TempDir(), "builder.yaml")
-		os.WriteFile(f, []byte(yaml), 0o644)
-		v, err := config.New(Keys).Load(f, true)
-		if err != nil {
-			return Config{}, err
-		}
-		return ConfigFrom(v)
-	}
+	load := func(yaml string) (Config, error) { return loadConfig(t, yaml, nil) }
 	if _, err := load("server:\n  api: \"\"\n"); err == nil || !strings.Contains(err.Error(), "only with cluster.join") {
 		t.Fatalf("empty server.api without cluster.join: %v", err)
 	}
@@ -48,23 +40,8 @@ func TestReloadNamesChangedKeys(t *testing.T) {
 	if err := os.WriteFile(tok, []byte("t\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	load := func(env map[string]string) Config {
-		t.Helper()
-		for k, v := range env {
-			t.Setenv(k, v)
-		}
-		v, err := config.New(Keys).Load("", false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := ConfigFrom(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
-	cur := load(map[string]string{"STRATA_API_TOKEN_FILE": tok})
-	next := load(map[string]string{"STRATA_ROTATE_POLICY": "idle", "STRATA_MOUNT_NCONNECT": "8", "STRATA_OVERLAY_METACOPY": "false", "STRATA_LOG_LEVEL": "debug"})
+	cur := mustConfig(t, "", map[string]string{"STRATA_API_TOKEN_FILE": tok})
+	next := mustConfig(t, "", map[string]string{"STRATA_ROTATE_POLICY": "idle", "STRATA_MOUNT_NCONNECT": "8", "STRATA_OVERLAY_METACOPY": "false", "STRATA_LOG_LEVEL": "debug"})
 	var logs logBuffer
 	if err := applyReload(cur, next, apiserve.NewToken(""), nil, logs.logger()); err != nil {
 		t.Fatal(err)

@@ -4,17 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/strata-nix/strata/nixstore"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/nixstore"
 )
 
 // logBuffer collects an agent's log lines for a test.
@@ -101,22 +99,6 @@ func TestMonitorLogsOutageOnce(t *testing.T) {
 // server.api's default (this host) is no candidate when servers are found
 // by gossip or listed as URLs in server.prefer, unless it is set.
 func TestServerAPIDefaultWithJoin(t *testing.T) {
-	load := func(yaml string) Config {
-		t.Helper()
-		f := filepath.Join(t.TempDir(), "builder.yaml")
-		if err := os.WriteFile(f, []byte(yaml), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		v, err := config.New(Keys).Load(f, true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := ConfigFrom(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
 	for yaml, want := range map[string]string{
 		"cluster:\n  insecure: true\n  join: [\"central:7946\"]\n":                                        "",
 		"server:\n  prefer: [http://b:7480]\n":                                                            "",
@@ -124,7 +106,7 @@ func TestServerAPIDefaultWithJoin(t *testing.T) {
 		"cluster:\n  insecure: true\n  join: [\"central:7946\"]\nserver:\n  api: http://127.0.0.1:7480\n": "http://127.0.0.1:7480",
 		"server:\n  nfs: central:2049\n":                                                                  "http://127.0.0.1:7480",
 	} {
-		c := load(yaml)
+		c := mustConfig(t, yaml, nil)
 		if c.ServerAPI != want {
 			t.Errorf("%q: server.api %q, want %q", yaml, c.ServerAPI, want)
 		}

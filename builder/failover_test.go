@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -12,7 +11,6 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/cluster"
-	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/nixstore"
 )
 
@@ -405,15 +403,7 @@ func TestNextRotationReturnsToPreferred(t *testing.T) {
 }
 
 func TestFailoverConfig(t *testing.T) {
-	load := func(yaml string) (Config, error) {
-		f := filepath.Join(t.TempDir(), "builder.yaml")
-		os.WriteFile(f, []byte(yaml), 0o644)
-		v, err := config.New(Keys).Load(f, true)
-		if err != nil {
-			return Config{}, err
-		}
-		return ConfigFrom(v)
-	}
+	load := func(yaml string) (Config, error) { return loadConfig(t, yaml, nil) }
 	c, err := load("server:\n  api: http://a:7480\n  prefer: [replica-1, http://b:7480]\nfailover:\n  after: 5s\n")
 	if err != nil || c.FailoverAfter != 5*time.Second || !slices.Equal(c.Prefer, []string{"replica-1", "http://b:7480"}) {
 		t.Fatalf("config %+v, %v", c, err)
