@@ -407,6 +407,8 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 		{"STRATA_ROTATE_MAX_WAIT", "-1s", "rotate.max_wait"},
 		{"STRATA_LOG_LEVEL", "loud", "log.level"},
 		{"STRATA_WATCHDOG_STALL_AFTER", "1s", "watchdog.stall_after"},
+		{"STRATA_NIX_STORE", "nix2", "nix.store"},
+		{"STRATA_NIX_STORE", "./nix2", "nix.store"},
 	} {
 		t.Run(tc.key, func(t *testing.T) {
 			_, err := loadConfig(t, "", map[string]string{tc.env: tc.val})
@@ -424,6 +426,11 @@ func TestConfigErrorsNameKeys(t *testing.T) {
 	}
 	if _, err := loadConfig(t, "rotate:\n  polcy: idle\n", nil); err == nil || !strings.Contains(err.Error(), "rotate.polcy") {
 		t.Fatalf("unknown key: %v", err)
+	}
+	for _, store := range []string{"/nix2", "daemon", "local?root=/nix2", "ssh-ng://builder"} {
+		if _, err := loadConfig(t, "", map[string]string{"STRATA_NIX_STORE": store}); err != nil {
+			t.Errorf("nix.store %q refused: %v", store, err)
+		}
 	}
 	c, err := loadConfig(t, "", nil)
 	if err != nil {

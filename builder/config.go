@@ -169,8 +169,8 @@ func ConfigFrom(v config.Values) (Config, error) {
 			return c, bad(kv[0], kv[1], "an absolute path without ',', ':' or '\\'")
 		}
 	}
-	if c.NixStore != "" && strings.HasPrefix(c.NixStore, "/") && !filepath.IsAbs(c.NixStore) {
-		return c, bad("nix.store", c.NixStore, "a store URL or an absolute directory")
+	if c.NixStore != "" && !storeURL(c.NixStore) && !filepath.IsAbs(c.NixStore) {
+		return c, bad("nix.store", c.NixStore, "a store URL (auto, daemon, local, scheme://...) or an absolute directory")
 	}
 	if c.NixBin == "" {
 		return c, bad("nix.bin", c.NixBin, "the nix-store executable")
@@ -264,4 +264,15 @@ func (c Config) stateFile() string { return filepath.Join(c.StateDir, "state.jso
 func (c Config) localDir() string  { return filepath.Join(c.StateDir, "local") }
 func (c Config) lowerDir(g uint64) string {
 	return filepath.Join(c.lowerRoot(), fmt.Sprint(g))
+}
+
+// storeURL reports whether s names a Nix store the way --store takes it
+// other than as a directory: a scheme://... URL, or auto, daemon or local
+// with or without ?parameters.
+func storeURL(s string) bool {
+	if strings.Contains(s, "://") {
+		return true
+	}
+	name, _, _ := strings.Cut(s, "?")
+	return name == "auto" || name == "daemon" || name == "local"
 }
