@@ -38,6 +38,11 @@ type Generation struct {
 	RegistrationSHA256 string `json:"registration_sha256"`
 	Pinned             bool   `json:"pinned"`
 	PinName            string `json:"pin_name,omitempty"`
+	// PinFrom is, on a replica, "primary" for a pin of the primary's,
+	// which retention here keeps as if it were pinned here (empty:
+	// pinned here, which a pin of the primary's on the same generation
+	// does not change).
+	PinFrom string `json:"pin_from,omitempty"`
 	// MountPath is the NFS MOUNT path of the generation ("/gen/N").
 	MountPath string `json:"mount_path"`
 	// Origin is, on a replica, the primary's API URL the generation was

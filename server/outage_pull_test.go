@@ -54,8 +54,8 @@ func (oneGenTarget) DropPrepared(uint64)                                        
 func (oneGenTarget) AddReceived(context.Context, api.Generation, snapshot.Snapshot, string) (api.Generation, error) {
 	return api.Generation{}, fmt.Errorf("not used")
 }
-func (oneGenTarget) SetUpstreamPinned(map[uint64]bool) {}
-func (oneGenTarget) Retain(context.Context)            {}
+func (oneGenTarget) SetUpstreamPinned(map[uint64]string) {}
+func (oneGenTarget) Retain(context.Context)              {}
 
 // A replica whose disk is full syncs every few milliseconds against a
 // primary with a generation it cannot receive, then the primary drops the

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/strata-nix/strata/api"
@@ -368,12 +369,17 @@ func (s *Server) snapshotRows(ctx context.Context, path, sum string) (*nixstore.
 	return rows, nil
 }
 
-// SetUpstreamPinned tells a replica which generations its primary pins:
-// retention keeps them as if they were pinned here.
-func (s *Server) SetUpstreamPinned(ids map[uint64]bool) {
+// SetUpstreamPinned tells a replica which generations its primary pins,
+// with their pin names: retention keeps them as if they were pinned here,
+// and the live generations show them as pinned (PinFrom "primary").
+func (s *Server) SetUpstreamPinned(pins map[uint64]string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.upstreamPinned = ids
+	changed := s.upstreamPinned == nil || !maps.Equal(s.upstreamPinned, pins)
+	s.upstreamPinned = pins
+	if changed {
+		s.swap()
+	}
 }
 
 // maxRowsWrites is how many background rows writes (writeRowsLater) run at

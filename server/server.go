@@ -143,8 +143,9 @@ type Server struct {
 	pre     map[streamKey]*precomputed
 	askedAt time.Time
 	// upstreamPinned are, on a replica, the generations the primary pins
-	// (replica.go); retention keeps them. Guarded by mu.
-	upstreamPinned map[uint64]bool
+	// and their pin names (replica.go); retention keeps them, and the
+	// live generations show them. nil: not known yet. Guarded by mu.
+	upstreamPinned map[uint64]string
 }
 
 type generation struct {
@@ -340,6 +341,9 @@ func (s *Server) swap() {
 	for i, g := range gs {
 		l[i] = g.Generation
 		paths[g.ID] = g.path
+		if name, ok := s.upstreamPinned[g.ID]; ok && !g.Pinned {
+			l[i].Pinned, l[i].PinName, l[i].PinFrom = true, name, "primary"
+		}
 	}
 	s.livePaths.Store(&paths)
 	s.live.Store(&l)
@@ -936,7 +940,7 @@ func (s *Server) retainLocked(ctx context.Context) {
 	// destroyed generations the primary pins while the primary was down).
 	pinsUnknown := s.cfg.Replica() && s.upstreamPinned == nil
 	for _, g := range gs[:len(gs)-keep] {
-		if g.Pinned || s.upstreamPinned[g.ID] {
+		if g.Pinned || hasKey(s.upstreamPinned, g.ID) {
 			continue
 		}
 		if pinsUnknown {

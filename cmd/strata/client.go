@@ -201,6 +201,9 @@ func clientCommands() []*cobra.Command {
 				pin := "-"
 				if g.Pinned {
 					pin = "pinned"
+					if g.PinFrom != "" { // a replica keeps its primary's pins
+						pin += "(" + g.PinFrom + ")"
+					}
 					if g.PinName != "" {
 						pin += ":" + g.PinName
 					}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -43,7 +44,20 @@ func TestReplicaKeepsPrimaryPinsBeforeFirstSync(t *testing.T) {
 	f.Close()
 	repl := start(t, cfg, rstate, nil)
 	want := []uint64{1, g3}
-	repl.waitServes(t, want...)
+	l := repl.waitServes(t, want...)
+	// It shows the primary's pin, which its retention keeps (before, PIN
+	// said "-" on the replica).
+	if g := l.Generations[0]; !g.Pinned || g.PinName != "golden" || g.PinFrom != "primary" {
+		t.Errorf("replica's generation 1: pinned %v, pin_name %q, pin_from %q; want pinned, golden, primary", g.Pinned, g.PinName, g.PinFrom)
+	}
+	if g := l.Generations[1]; g.Pinned || g.PinFrom != "" {
+		t.Errorf("replica's generation %d: pinned %v, pin_from %q; the primary does not pin it", g.ID, g.Pinned, g.PinFrom)
+	}
+	out, code := runStrata(t, nil, "generations", "--api", repl.api)
+	if code != 0 || !regexp.MustCompile(`(?m)^1 .*\spinned\(primary\):golden\s+/gen/1\b`).MatchString(out) ||
+		!regexp.MustCompile(fmt.Sprintf(`(?m)^%d .*\s-\s+/gen/%d\b`, g3, g3)).MatchString(out) {
+		t.Errorf("strata generations on the replica: exit %d, want generation 1 pinned(primary):golden and %d not pinned\n%s", code, g3, out)
+	}
 	repl.stop(t)
 	prim.stop(t)
 
@@ -55,7 +69,7 @@ func TestReplicaKeepsPrimaryPinsBeforeFirstSync(t *testing.T) {
 			t.Fatalf("replica restarted while its primary is down serves %v, want %v (generation 1 is pinned on the primary)\n%s", got, want, repl.logs)
 		}
 	}
-	out, code := runStrata(t, nil, "status", "--api", repl.api)
+	out, code = runStrata(t, nil, "status", "--api", repl.api)
 	if code != 0 || !strings.Contains(out, "generation 1: the primary's pins not known yet") {
 		t.Errorf("replica's status while its primary is down: exit %d, want a retention wait for the primary's pins\n%s", code, out)
 	}

@@ -57,8 +57,9 @@ type Target interface {
 	// AddReceived makes a received snapshot live as generation g.ID, or
 	// refuses it (the puller then destroys it).
 	AddReceived(ctx context.Context, g api.Generation, snap snapshot.Snapshot, origin string) (api.Generation, error)
-	// SetUpstreamPinned names the generations the primary pins.
-	SetUpstreamPinned(ids map[uint64]bool)
+	// SetUpstreamPinned names the generations the primary pins, with
+	// their pin names.
+	SetUpstreamPinned(pins map[uint64]string)
 	// Retain applies retention.
 	Retain(ctx context.Context)
 }
@@ -202,10 +203,10 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		return res, err
 	}
 	p.m.diverged.Set(0)
-	pins := map[uint64]bool{}
+	pins := map[uint64]string{}
 	for _, g := range list.Generations {
 		if g.Pinned {
-			pins[g.ID] = true
+			pins[g.ID] = g.PinName
 		}
 	}
 	p.target.SetUpstreamPinned(pins)

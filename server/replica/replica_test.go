@@ -58,8 +58,8 @@ func (f *fakeTarget) DropPrepared(uint64)                                       
 func (f *fakeTarget) AddReceived(context.Context, api.Generation, snapshot.Snapshot, string) (api.Generation, error) {
 	return api.Generation{}, errors.New("not used")
 }
-func (f *fakeTarget) SetUpstreamPinned(map[uint64]bool) {}
-func (f *fakeTarget) Retain(context.Context)            { f.retained++ }
+func (f *fakeTarget) SetUpstreamPinned(map[uint64]string) {}
+func (f *fakeTarget) Retain(context.Context)              { f.retained++ }
 
 func gen(id uint64, sum string) api.Generation {
 	return api.Generation{ID: id, RegistrationSHA256: sum}
