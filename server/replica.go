@@ -198,6 +198,20 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	if s.storeID != "" && store != "" && store != s.storeID {
 		return api.Generation{}, fmt.Errorf("received generation %d comes from store %s, but this replica's generations come from store %s (a primary of another cluster?): not made live", g.ID, store, s.storeID)
 	}
+	// A generation whose snapshot was lost here (missing: its manifest
+	// kept) comes back, when the primary pins it, with the same content
+	// only; a pin it had here stays.
+	lost := s.missing[g.ID]
+	if lost != nil {
+		if lost.RegistrationSHA256 != g.RegistrationSHA256 {
+			return api.Generation{}, fmt.Errorf("received generation %d has registration sha256 %s, but the manifest kept here for its missing snapshot says %s: not made live (strata generations forget %d drops that manifest)",
+				g.ID, g.RegistrationSHA256, lost.RegistrationSHA256, g.ID)
+		}
+		ng.Pinned, ng.PinName = lost.Pinned, lost.PinName
+		if err := s.state.removeGeneration(g.ID); err != nil {
+			return api.Generation{}, err
+		}
+	}
 	end := phase.Begin(ctx, "live: write manifest and registration")
 	write := func() error { return s.state.writeGeneration(ng, text, nil) }
 	if staged {
@@ -246,6 +260,11 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 		}
 	}
 	end()
+	if lost != nil {
+		s.infoMu.Lock()
+		delete(s.missing, g.ID)
+		s.infoMu.Unlock()
+	}
 	s.gens[g.ID] = &generation{Generation: ng, path: snap.Path}
 	if reg.rows != nil {
 		s.writeRowsLater(g.ID, func() (*nixstore.Rows, error) { return reg.rows, nil })

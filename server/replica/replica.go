@@ -108,6 +108,9 @@ type Puller struct {
 	progress func()
 	self     string
 	storeDir string // Options.StoreDir
+	// lostLogged are the primary's pinned generations this replica's
+	// backend cannot receive back, logged once each (lostPins).
+	lostLogged map[uint64]bool
 }
 
 // Options are what a Puller is made of.
@@ -145,7 +148,7 @@ func New(o Options) *Puller {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Puller{primary: o.Primary, backend: o.Backend, target: o.Target,
-		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall, progress: o.Progress, self: o.Self, storeDir: o.StoreDir}
+		stateDir: o.StateDir, log: log.With("component", "replica"), m: newMetrics(o.Registry), pause: o.Pause, stall: o.Stall, progress: o.Progress, self: o.Self, storeDir: o.StoreDir, lostLogged: map[uint64]bool{}}
 }
 
 // Primary returns the primary's API URL ("" while none is known).
@@ -181,7 +184,8 @@ type Received struct {
 
 // Sync receives every generation the primary has that is newer than the
 // newest one here (all of the primary's, when there is none here), oldest
-// first, then applies retention. It stops at the first failure, and
+// first, then each older one the primary pins that is not live here
+// (lostPins), then applies retention. It stops at the first failure, and
 // applies retention then too (not when the primary did not answer or was
 // refused: nothing arrived, and its pins are not known).
 func (p *Puller) Sync(ctx context.Context) (Result, error) {
@@ -251,6 +255,16 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 			retain()
 			p.observeLag(list)
 			return res, err
+		}
+		res.Received = append(res.Received, r)
+	}
+	for _, g := range p.lostPins(list) {
+		r, err := p.pull(ctx, g, bases(p.target.Generations(), list.Generations, g.ID))
+		if err != nil {
+			p.m.syncs.WithLabelValues("error").Inc()
+			retain()
+			p.observeLag(list)
+			return res, fmt.Errorf("generation %d, which the primary pins: %w", g.ID, err)
 		}
 		res.Received = append(res.Received, r)
 	}
@@ -349,6 +363,40 @@ func (p *Puller) diverged(list api.GenerationList) error {
 			ErrDiverged, p.primary.URL(), what, mine, mine, mine)
 	}
 	return nil
+}
+
+// lostPins are the generations the primary pins, live there, that are
+// older than the newest here and not live here, oldest first: destroyed
+// here before the primary pinned them, or lost (a snapshot removed by
+// hand). Each is received as any other, incrementally from the nearest
+// older generation both have, else whole. Not on ZFS: its snapshots are
+// one line per dataset, and a receive of an older generation would roll
+// the newer ones back (zfs receive -F) or be refused; it is logged once.
+func (p *Puller) lostPins(list api.GenerationList) []api.Generation {
+	local := p.target.Generations()
+	if len(local) == 0 {
+		return nil
+	}
+	here := map[uint64]bool{}
+	for _, g := range local {
+		here[g.ID] = true
+	}
+	var out []api.Generation
+	for _, g := range list.Generations {
+		if !g.Pinned || here[g.ID] || g.ID > local[len(local)-1].ID {
+			continue
+		}
+		if p.backend.Kind() != "btrfs" {
+			if !p.lostLogged[g.ID] {
+				p.log.Warn("the primary pins a generation that is not here; a "+p.backend.Kind()+" replica cannot receive a generation older than its newest, so it stays missing here",
+					"generation", g.ID)
+				p.lostLogged[g.ID] = true
+			}
+			continue
+		}
+		out = append(out, g)
+	}
+	return out
 }
 
 // bases are the generations an incremental stream of id may start from,

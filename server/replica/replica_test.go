@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"strings"
 	"testing"
 
@@ -233,4 +234,35 @@ func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	t.Fatalf("no metric %s", name)
 	return 0
+}
+
+// A generation the primary pins that is older than the newest here and not
+// here is asked for (whole: no older generation both have) on btrfs; on
+// ZFS, whose receive cannot put an older snapshot under newer ones, it is
+// not asked for, the sync goes on, and the warning is logged once.
+func TestLostPinAskedForOnBtrfsOnly(t *testing.T) {
+	pinned := gen(1, "a")
+	pinned.Pinned = true
+	for _, kind := range []string{"btrfs", "zfs"} {
+		t.Run(kind, func(t *testing.T) {
+			pr := &fakePrimary{list: api.GenerationList{Backend: kind, Generations: []api.Generation{pinned, gen(2, "b"), gen(3, "c")}}}
+			var logs strings.Builder
+			p := New(Options{Primary: pr, Backend: fakeBackend{kind}, Target: &fakeTarget{gens: []api.Generation{gen(2, "b"), gen(3, "c")}},
+				Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+			_, err1 := p.Sync(context.Background())
+			_, err2 := p.Sync(context.Background())
+			if kind == "btrfs" {
+				if len(pr.streams) != 2 || pr.streams[0].ID != 1 || pr.streams[0].From != 0 || err1 == nil || !strings.Contains(err1.Error(), "generation 1, which the primary pins") {
+					t.Errorf("streams asked %+v, sync: %v; want generation 1 whole at each sync, and the failure naming it", pr.streams, err1)
+				}
+				return
+			}
+			if len(pr.streams) != 0 || err1 != nil || err2 != nil {
+				t.Errorf("streams asked %+v, syncs: %v, %v; want none asked and no failure", pr.streams, err1, err2)
+			}
+			if n := strings.Count(logs.String(), "the primary pins a generation that is not here"); n != 1 {
+				t.Errorf("warned %d times, want once:\n%s", n, logs.String())
+			}
+		})
+	}
 }
