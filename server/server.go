@@ -339,16 +339,24 @@ func (s *Server) swap() {
 	l := make([]api.Generation, len(gs))
 	paths := make(map[uint64]string, len(gs))
 	for i, g := range gs {
-		l[i] = g.Generation
+		l[i] = s.shown(g)
 		paths[g.ID] = g.path
-		if name, ok := s.upstreamPinned[g.ID]; ok && !g.Pinned {
-			l[i].Pinned, l[i].PinName, l[i].PinFrom = true, name, "primary"
-		}
 	}
 	s.livePaths.Store(&paths)
 	s.live.Store(&l)
 	id := s.storeID
 	s.liveStoreID.Store(&id)
+}
+
+// shown is g as readers see it: on a replica, a generation its primary
+// pins and this server does not shows the primary's pin (PinFrom
+// "primary"). Call it with mu held.
+func (s *Server) shown(g *generation) api.Generation {
+	out := g.Generation
+	if name, ok := s.upstreamPinned[g.ID]; ok && !g.Pinned {
+		out.Pinned, out.PinName, out.PinFrom = true, name, "primary"
+	}
+	return out
 }
 
 // snapshotPath returns live generation id's snapshot path, "" when it is
@@ -880,7 +888,10 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 	if !pinned {
 		s.retainLocked(context.Background())
 	}
-	return g.Generation, nil
+	// On a replica, an unpin leaves the primary's pin, which retention
+	// here still keeps: the answer says so (before, it said "pinned":
+	// false while the list said pinned(primary)).
+	return s.shown(g), nil
 }
 
 // Keep is retention.keep as retention applies it now.

@@ -269,6 +269,12 @@ func clientCommands() []*cobra.Command {
 			if err != nil {
 				return err
 			}
+			if g.Pinned && g.PinFrom == "primary" {
+				// A replica: its own pin (if any) is gone, the primary's
+				// stays and retention here keeps the generation for it.
+				fmt.Fprintf(cmd.OutOrStdout(), "generation %d is not pinned here, but its primary %s pins it, so retention here still keeps it: unpin it on the primary\n", g.ID, g.Origin)
+				return nil
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "unpinned generation %d\n", g.ID)
 			return nil
 		},

@@ -58,6 +58,31 @@ func TestReplicaKeepsPrimaryPinsBeforeFirstSync(t *testing.T) {
 		!regexp.MustCompile(fmt.Sprintf(`(?m)^%d .*\s-\s+/gen/%d\b`, g3, g3)).MatchString(out) {
 		t.Errorf("strata generations on the replica: exit %d, want generation 1 pinned(primary):golden and %d not pinned\n%s", code, g3, out)
 	}
+	// An unpin on the replica removes its own pin only and says the
+	// primary's stays (before, it said "unpinned generation 1" while the
+	// list still showed pinned(primary), and the API answered "pinned":
+	// false).
+	if out, code := runStrata(t, nil, "pin", "1", "--name", "here", "--api", repl.api); code != 0 {
+		t.Fatalf("pin 1 on the replica: exit %d\n%s", code, out)
+	}
+	if g := repl.generations(t).Generations[0]; !g.Pinned || g.PinName != "here" || g.PinFrom != "" {
+		t.Errorf("replica's generation 1 pinned here: pinned %v, pin_name %q, pin_from %q; want pinned, here, \"\"", g.Pinned, g.PinName, g.PinFrom)
+	}
+	for range 2 { // its own pin, then none left
+		out, code = runStrata(t, nil, "unpin", "1", "--api", repl.api)
+		if code != 0 || !strings.Contains(out, "generation 1 is not pinned here, but its primary http://"+prim.addr+" pins it, so retention here still keeps it") {
+			t.Errorf("unpin 1 on the replica (the primary pins it): exit %d, want it to say the primary's pin stays\n%s", code, out)
+		}
+		if g := repl.generations(t).Generations[0]; !g.Pinned || g.PinName != "golden" || g.PinFrom != "primary" {
+			t.Errorf("replica's generation 1 after unpin: pinned %v, pin_name %q, pin_from %q; want pinned, golden, primary", g.Pinned, g.PinName, g.PinFrom)
+		}
+	}
+	if out, code := runStrata(t, nil, "unpin", "1", "--api", prim.addr, "--token-file", prim.token); code != 0 || strings.TrimSpace(out) != "unpinned generation 1" {
+		t.Errorf("unpin 1 on the primary: exit %d, want \"unpinned generation 1\"\n%s", code, out)
+	}
+	if out, code := runStrata(t, nil, "pin", "1", "--name", "golden", "--api", prim.addr, "--token-file", prim.token); code != 0 {
+		t.Fatalf("pin 1 on the primary again: exit %d\n%s", code, out)
+	}
 	repl.stop(t)
 	prim.stop(t)
 
