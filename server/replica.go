@@ -208,14 +208,31 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 				g.ID, g.RegistrationSHA256, lost.RegistrationSHA256, g.ID)
 		}
 		ng.Pinned, ng.PinName = lost.Pinned, lost.PinName
-		if err := s.state.removeGeneration(g.ID); err != nil {
-			return api.Generation{}, err
-		}
 	}
 	end := phase.Begin(ctx, "live: write manifest and registration")
 	write := func() error { return s.state.writeGeneration(ng, text, nil) }
 	if staged {
 		write = func() error { return s.state.writeStagedGeneration(ng) }
+	}
+	// undo takes back what write stored when a later step fails: for a
+	// lost generation, the manifest kept for it is put back (it still
+	// names the generation missing, and a start keeps the pin made here
+	// only for a generation it knows).
+	undo := func() { s.state.removeGeneration(g.ID) }
+	replaced := func() {} // drops the manifest kept for a lost generation, once live
+	if lost != nil {
+		write = func() error {
+			restore, done, err := s.state.replaceGeneration(ng, text, staged)
+			if err == nil {
+				replaced = done
+				undo = func() {
+					if err := restore(); err != nil {
+						s.log.Error("put back the manifest kept for a missing generation", "generation", g.ID, "err", err)
+					}
+				}
+			}
+			return err
+		}
 	}
 	if err := write(); err != nil {
 		return api.Generation{}, err
@@ -243,7 +260,7 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	}()
 	if s.storeID == "" && store != "" {
 		if err := s.state.setStoreID(store); err != nil {
-			s.state.removeGeneration(g.ID)
+			undo()
 			return api.Generation{}, err
 		}
 		s.storeID = store
@@ -255,12 +272,13 @@ func (s *Server) AddReceived(ctx context.Context, g api.Generation, snap snapsho
 	}
 	if s.export != nil {
 		if err := s.export.Add(g.ID, PhysicalStore(snap.Path)); err != nil {
-			s.state.removeGeneration(g.ID)
+			undo()
 			return api.Generation{}, fmt.Errorf("received generation %d: export: %w", g.ID, err)
 		}
 	}
 	end()
 	if lost != nil {
+		replaced()
 		s.infoMu.Lock()
 		delete(s.missing, g.ID)
 		s.infoMu.Unlock()

@@ -3,11 +3,18 @@
 package server
 
 import (
+	"context"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/testenv"
+	"github.com/strata-nix/strata/server/replica"
+	"github.com/strata-nix/strata/snapshot/btrfs"
 )
 
 // A generation the primary pins that the replica does not have comes back
@@ -102,4 +109,76 @@ func TestReplicaReceivesLostPins(t *testing.T) {
 		t.Errorf("after 3 came back the replica still reports missing %v", ids(m))
 	}
 	same(3, "")
+}
+
+// failAdd is the replica's NFS export with Add of generation id failing.
+type failAdd struct {
+	Exporter
+	id uint64
+}
+
+func (f failAdd) Add(id uint64, dir string) error {
+	if id == f.id {
+		return fmt.Errorf("export of generation %d refused by the test", id)
+	}
+	return f.Exporter.Add(id, dir)
+}
+
+// A missing generation the primary pins whose receive fails after its
+// manifest kept here was replaced (here: the export refuses it) keeps that
+// manifest and the pin made here: after a restart it is still reported
+// missing, and once received it carries the replica's own pin (before, the
+// kept manifest was removed first and not put back, so the restart forgot
+// the generation and reconcile dropped the replica's pin with it).
+func TestReplicaLostPinFailureKeepsManifest(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.Fill(t)
+	publish(t, prim.srv.Server)
+	prim.add(t, "two", "2\n")
+	prim.add(t, "three", "3\n")
+
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, p := re.start(t, "primary-token")
+	syncOnce(t, p)
+	if _, err := rs.Pin(3, "mine"); err != nil {
+		t.Fatal(err)
+	}
+	rs.Shutdown()
+	testenv.Run(t, "btrfs", "subvolume", "delete", filepath.Join(re.snapDir, "strata-3"))
+	if _, err := prim.srv.Pin(3, "golden"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The receive of 3 fails at its export.
+	exp, _ := serveNFS(t, re.cfg.StateDir)
+	b, err := btrfs.NewReplica(re.snapDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(context.Background(), Options{Config: re.cfg, Backend: b, Export: failAdd{exp, 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := replica.New(replica.Options{Primary: replica.Fixed(api.NewClient(re.cfg.ReplicaOf, "primary-token"), re.cfg.ReplicaOf),
+		Backend: b, Target: s, StateDir: re.cfg.StateDir, Registry: prometheus.NewRegistry()})
+	if _, err := pl.Sync(context.Background()); err == nil || !strings.Contains(err.Error(), "refused by the test") {
+		t.Fatalf("sync with generation 3's export failing: %v, want that failure", err)
+	}
+	if got := fmt.Sprint(ids(s.Missing())); got != "[3]" {
+		t.Errorf("after the failed receive the replica reports missing %s, want [3]", got)
+	}
+	s.Shutdown()
+
+	rs, p = re.start(t, "primary-token")
+	if got := fmt.Sprint(ids(rs.Missing())); got != "[3]" {
+		t.Fatalf("restarted after the failed receive, the replica reports missing %s, want [3] (its manifest kept)", got)
+	}
+	syncOnce(t, p)
+	g, ok := rs.Generation(3)
+	if !ok || !g.Pinned || g.PinName != "mine" || g.PinFrom != "" {
+		t.Errorf("generation 3 received back: %+v (live %v), want the replica's own pin \"mine\"", g, ok)
+	}
+	if m := rs.Missing(); len(m) != 0 {
+		t.Errorf("after 3 came back the replica still reports missing %v", ids(m))
+	}
 }

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/atomicfile"
 )
@@ -162,16 +164,40 @@ func (s state) dropStaged() { os.Remove(s.stagedFile()) }
 // writeGeneration stores a generation's manifest, registration and path
 // rows (none when rows is nil: writeRows adds them later).
 func (s state) writeGeneration(g api.Generation, registration, rows []byte) error {
-	return s.writeGen(g, registration, rows, false)
+	return s.writeGen(g, registration, rows, false, false)
 }
 
 // writeStagedGeneration stores a generation's manifest with the
 // registration stageRegistration wrote, without path rows.
 func (s state) writeStagedGeneration(g api.Generation) error {
-	return s.writeGen(g, nil, nil, true)
+	return s.writeGen(g, nil, nil, true, false)
 }
 
-func (s state) writeGen(g api.Generation, registration, rows []byte, staged bool) error {
+// replaceGeneration stores g (its registration, or the staged one) in
+// place of what is stored under its id (a missing generation's kept
+// manifest), in one step: the two directories are exchanged, so a stop at
+// any point leaves one of them whole in place (the other, as a stage
+// directory, is removed by the next start). restore puts the replaced one
+// back, done drops it; one of them must be called.
+func (s state) replaceGeneration(g api.Generation, registration []byte, staged bool) (restore func() error, done func(), err error) {
+	if err := s.writeGen(g, registration, nil, staged, true); err != nil {
+		return nil, nil, err
+	}
+	old := s.stageDir(g.ID)
+	if _, err := os.Lstat(old); errors.Is(err, os.ErrNotExist) { // nothing was stored
+		return func() error { return s.removeGeneration(g.ID) }, func() {}, nil
+	}
+	restore = func() error {
+		if err := unix.Renameat2(unix.AT_FDCWD, old, unix.AT_FDCWD, s.genDir(g.ID), unix.RENAME_EXCHANGE); err != nil {
+			return fmt.Errorf("put back generation %d state: %w", g.ID, err)
+		}
+		os.RemoveAll(old)
+		return atomicfile.SyncDir(s.gensDir())
+	}
+	return restore, func() { os.RemoveAll(old) }, nil
+}
+
+func (s state) writeGen(g api.Generation, registration, rows []byte, staged, replace bool) error {
 	tmp := s.stageDir(g.ID)
 	os.RemoveAll(tmp)
 	if err := os.Mkdir(tmp, 0o755); err != nil {
@@ -196,6 +222,23 @@ func (s state) writeGen(g api.Generation, registration, rows []byte, staged bool
 			os.RemoveAll(tmp)
 			return fmt.Errorf("write generation %d: %w", g.ID, err)
 		}
+	}
+	if replace {
+		// tmp then holds what was in place.
+		err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, s.genDir(g.ID), unix.RENAME_EXCHANGE)
+		if errors.Is(err, unix.ENOENT) {
+			err = os.Rename(tmp, s.genDir(g.ID)) // nothing stored (removed by hand)
+		}
+		if err != nil {
+			os.RemoveAll(tmp)
+			return fmt.Errorf("write generation %d: in place of the stored one: %w", g.ID, err)
+		}
+		if err := atomicfile.SyncDir(s.gensDir()); err != nil {
+			unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, s.genDir(g.ID), unix.RENAME_EXCHANGE)
+			os.RemoveAll(tmp)
+			return fmt.Errorf("write generation %d: %w", g.ID, err)
+		}
+		return nil
 	}
 	if err := os.Rename(tmp, s.genDir(g.ID)); err != nil {
 		os.RemoveAll(tmp)
