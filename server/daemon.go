@@ -871,6 +871,11 @@ func applyReload(cur, next Config, ex export, token *apiserve.Token, auth *repli
 	if ex.guard != nil {
 		ex.guard.SetAllow(next.NFSAllow)
 	}
+	if srv != nil {
+		// GET /v1/nfs/access, which builders ask before mounting, answers
+		// with the guard's list (before, with the start's).
+		srv.SetNFSAllow(next.NFSAllow)
+	}
 	if w := apiserve.TokenWarning(text, next.TokenFile, "api.token_file", cur.APIListen); w != "" {
 		log.Warn("no API token", "why", w)
 	}

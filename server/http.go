@@ -216,8 +216,9 @@ func writeErr(w http.ResponseWriter, code int, err error) { apiserve.WriteError(
 // nfsAccess answers GET /v1/nfs/access for a caller at remote (the
 // request's RemoteAddr): the same allowlist check the NFS listener makes.
 func (s *Server) nfsAccess(remote string) api.NFSAccess {
+	allow := s.NFSAllow() // as reloaded, the guard's list
 	a := api.NFSAccess{NFS: s.cfg.NFSListen, Allow: []string{}}
-	for _, p := range s.cfg.NFSAllow {
+	for _, p := range allow {
 		a.Allow = append(a.Allow, p.String())
 	}
 	ap, err := netip.ParseAddrPort(remote)
@@ -229,6 +230,6 @@ func (s *Server) nfsAccess(remote string) api.NFSAccess {
 	if s.cfg.NFSListen == "" {
 		return a
 	}
-	a.Allowed = guard.Admits(s.cfg.NFSAllow, addr) // the guard's own check
+	a.Allowed = guard.Admits(allow, addr) // the guard's own check
 	return a
 }

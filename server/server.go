@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -102,6 +103,10 @@ type Server struct {
 	// keep is retention.keep: cfg.Keep at start, then what a reload set
 	// (SetKeep).
 	keep atomic.Int64
+	// nfsAllow is nfs.allow as the export's guard applies it now:
+	// cfg.NFSAllow at start, then what a reload set (SetNFSAllow). GET
+	// /v1/nfs/access answers with it.
+	nfsAllow atomic.Pointer[[]netip.Prefix]
 
 	// life bounds work that outlives the request that started it (a
 	// publish over the API); Shutdown cancels it and waits for that work.
@@ -199,6 +204,7 @@ func New(ctx context.Context, o Options) (*Server, error) {
 		pause: os.Getenv("STRATA_DEBUG_PUBLISH_PAUSE"), announce: o.Announce, published: o.Published, id: o.ServerID}
 	s.life, s.stopLife = context.WithCancel(context.WithoutCancel(ctx))
 	s.keep.Store(int64(o.Config.Keep))
+	s.SetNFSAllow(o.Config.NFSAllow)
 	s.swap()
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -892,6 +898,21 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 	// here still keeps: the answer says so (before, it said "pinned":
 	// false while the list said pinned(primary)).
 	return s.shown(g), nil
+}
+
+// SetNFSAllow makes allow the nfs.allow that GET /v1/nfs/access answers
+// with (a reload sets it when it gives the export's guard the same list).
+func (s *Server) SetNFSAllow(allow []netip.Prefix) {
+	a := append([]netip.Prefix(nil), allow...)
+	s.nfsAllow.Store(&a)
+}
+
+// NFSAllow is nfs.allow as the export applies it now.
+func (s *Server) NFSAllow() []netip.Prefix {
+	if a := s.nfsAllow.Load(); a != nil {
+		return *a
+	}
+	return s.cfg.NFSAllow
 }
 
 // Keep is retention.keep as retention applies it now.

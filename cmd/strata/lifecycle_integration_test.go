@@ -3,6 +3,8 @@
 package main
 
 import (
+	"context"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -12,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/internal/nfsraw"
 	"github.com/strata-nix/strata/internal/testenv"
 )
@@ -149,6 +152,17 @@ func TestServerDaemonLifecycle(t *testing.T) {
 		t.Fatalf("publish with the first token: HTTP %d", code)
 	}
 
+	access := func() string {
+		a, err := api.NewClient("http://"+apiAddr, "").NFSAccess(context.Background())
+		if err != nil {
+			t.Fatalf("GET /v1/nfs/access: %v", err)
+		}
+		return fmt.Sprintf("allowed=%v allow=%v", a.Allowed, a.Allow)
+	}
+	if got := access(); got != "allowed=true allow=[127.0.0.0/8]" {
+		t.Errorf("GET /v1/nfs/access from 127.0.0.1: %s, want allowed=true allow=[127.0.0.0/8]", got)
+	}
+
 	// SIGHUP: a new token and an allowlist without loopback.
 	os.WriteFile(tokenFile, []byte("second\n"), 0o600)
 	writeCfg("10.99.0.0/16")
@@ -165,6 +179,11 @@ func TestServerDaemonLifecycle(t *testing.T) {
 	if status, err := mountGen1(); err == nil {
 		t.Fatalf("MOUNT from 127.0.0.1 after nfs.allow dropped loopback: status %d, want the connection refused", status)
 	}
+	// GET /v1/nfs/access, which a builder asks before it mounts, says the
+	// same (before, it answered with the start's list: allowed).
+	if got := access(); got != "allowed=false allow=[10.99.0.0/16]" {
+		t.Errorf("GET /v1/nfs/access from 127.0.0.1 after nfs.allow dropped loopback: %s, want allowed=false allow=[10.99.0.0/16]", got)
+	}
 	// A broken config on SIGHUP keeps the previous settings and serving.
 	writeCfg("not-a-cidr") // the whole config, only nfs.allow wrong
 	cmd.Process.Signal(syscall.SIGHUP)
@@ -173,6 +192,9 @@ func TestServerDaemonLifecycle(t *testing.T) {
 	}
 	if code := publish("second"); code != http.StatusOK {
 		t.Fatalf("publish after a failed reload: HTTP %d, want 200 (token kept)", code)
+	}
+	if got := access(); got != "allowed=false allow=[10.99.0.0/16]" {
+		t.Errorf("GET /v1/nfs/access after a failed reload: %s, want the list kept: allowed=false allow=[10.99.0.0/16]", got)
 	}
 
 	cmd.Process.Signal(syscall.SIGTERM)
