@@ -149,6 +149,12 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 			// A replica's receive whose stream arrived but that never went
 			// live: the puller's first sync settles it (replica.settle).
 			p.received = id
+		case id == p.receiving && !live && haveManifest && cfg.Replica() && g.Arrived != nil && g.Arrived.Before(sn.Created):
+			// The same, of a missing generation (replica.lostPins): the
+			// manifest is the one kept for it, older than this snapshot,
+			// which nothing has checked. It stays missing until the
+			// first sync settles the receive.
+			p.received = id
 		case haveManifest:
 			p.serve = append(p.serve, id)
 			if st.isRetiring(id) {
@@ -176,7 +182,7 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 	}
 	for _, id := range slices.Sorted(maps.Keys(p.stored)) {
 		maxID = max(maxID, id)
-		if _, ok := p.snaps[id]; !ok {
+		if _, ok := p.snaps[id]; !ok || id == p.received {
 			if st.isRetiring(id) {
 				p.retired = append(p.retired, id)
 			} else {
@@ -205,6 +211,11 @@ func inspect(ctx context.Context, cfg Config, st state, b snapshot.Backend) (*pl
 
 // refusal is the error that stops a start, nil if it may go on.
 func (p *plan) refusal(cfg Config) error {
+	// A missing generation's unfinished receive is here (its manifest
+	// kept): the snapshot location is right.
+	if hasKey(p.stored, p.received) {
+		return nil
+	}
 	if len(p.stored) > len(p.retired) && len(p.serve) == 0 && len(p.rebuild) == 0 && p.destroy == 0 {
 		return fmt.Errorf("none of the %d generations recorded in state_dir %s (%v) has a snapshot in %s: "+
 			"is snapshot.snapshot_dir or snapshot.dataset wrong? Nothing was changed. "+
@@ -378,7 +389,11 @@ func (s *Server) apply(ctx context.Context, p *plan) error {
 	}
 	for _, id := range p.missing {
 		g := p.stored[id]
-		s.log.Error("generation has no snapshot; kept, not served, until `strata generations forget`", "generation", id, "where", where(s.cfg))
+		if id == p.received { // logPlan says what becomes of it
+			s.log.Warn("generation missing until the first sync checks the snapshot received for it", "generation", id)
+		} else {
+			s.log.Error("generation has no snapshot; kept, not served, until `strata generations forget`", "generation", id, "where", where(s.cfg))
+		}
 		s.missing[id] = &generation{Generation: g}
 	}
 	// Pins: pins.json and pin labels together, only for generations kept.

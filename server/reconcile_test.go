@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/strata-nix/strata/api"
 	"github.com/strata-nix/strata/snapshot"
@@ -210,5 +211,40 @@ func TestPlanStoreIdentity(t *testing.T) {
 	}
 	if err := f.plan(t).storeMismatch(f.cfg); err != nil {
 		t.Errorf("same store: %v", err)
+	}
+}
+
+// On a replica, a snapshot the receive record names that is newer than the
+// manifest stored under its id (the one kept for a missing generation) is
+// this replica's unfinished receive: the generation stays missing until
+// the first sync checks it, and the start is not refused even when no
+// other generation has its snapshot. A manifest written after the snapshot
+// (the receive went live, the record was not yet cleared) is served.
+func TestPlanLostGenerationReceive(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		name    string
+		arrived time.Time
+		want    string
+	}{
+		{"kept manifest older than the snapshot", now.Add(-time.Hour), "serve [] missing [3] received 3 refusal <nil>"},
+		{"manifest written after the snapshot", now.Add(time.Second), "serve [3] missing [] received 0 refusal <nil>"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			f.cfg.ReplicaOf = "http://primary:7480"
+			if err := f.st.writeGeneration(api.Generation{ID: 3, Snapshot: snapshot.Name(3), RegistrationSHA256: "s3", Arrived: &tc.arrived}, []byte("reg"), nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(f.st.dir, "replica-receiving"), []byte("3\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			sn := snap(3, snapshot.Labels{labelState: "publishing"})
+			sn.Created = now
+			p := f.plan(t, sn)
+			if got := fmt.Sprintf("serve %v missing %v received %d refusal %v", p.serve, p.missing, p.received, p.refusal(f.cfg)); got != tc.want {
+				t.Errorf("plan: %s, want %s", got, tc.want)
+			}
+		})
 	}
 }

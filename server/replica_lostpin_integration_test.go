@@ -5,6 +5,8 @@ package server
 import (
 	"context"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -180,5 +182,69 @@ func TestReplicaLostPinFailureKeepsManifest(t *testing.T) {
 	}
 	if m := rs.Missing(); len(m) != 0 {
 		t.Errorf("after 3 came back the replica still reports missing %v", ids(m))
+	}
+}
+
+// A missing generation's receive that the process did not live to check
+// (its stream arrived in full, the snapshot is here and the record names
+// it; killed before it went live) is not served at the next start on the
+// manifest kept for it: it stays missing until the first sync checks it as
+// this replica's own unfinished receive and makes it live (before, the
+// start served the unchecked snapshot under the kept manifest at once).
+func TestReplicaLostPinKilledBeforeLive(t *testing.T) {
+	prim := newPrimary(t, 10)
+	prim.c.store.Fill(t)
+	publish(t, prim.srv.Server)
+	prim.add(t, "two", "2\n")
+	prim.add(t, "three", "3\n")
+
+	re := newReplicaEnv(t, prim.api.URL)
+	rs, p := re.start(t, "primary-token")
+	syncOnce(t, p)
+	rs.Shutdown()
+	testenv.Run(t, "btrfs", "subvolume", "delete", filepath.Join(re.snapDir, "strata-3"))
+	rs, _ = re.start(t, "primary-token")
+	if got := fmt.Sprint(ids(rs.Missing())); got != "[3]" {
+		t.Fatalf("replica reports missing %s, want [3]", got)
+	}
+	if _, err := prim.srv.Pin(3, "golden"); err != nil {
+		t.Fatal(err)
+	}
+	// What a sync does up to the check, then the process ends: the
+	// record, the whole stream received, nothing made live.
+	if err := os.WriteFile(replica.ReceivingFile(re.cfg.StateDir), []byte("3\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	st, err := api.NewClient(prim.api.URL, "primary-token").Stream(ctx, api.StreamRequest{ID: 3, Backend: "btrfs"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rs.Backend().(replica.Backend).Receive(ctx, st, 3, 0); err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, st)
+	st.Close()
+	rs.Shutdown()
+
+	rs, p = re.start(t, "primary-token")
+	if g, ok := rs.Generation(3); ok {
+		t.Errorf("restarted, the replica serves generation 3 (%+v) before any check of the snapshot received for it", g)
+	}
+	if got := fmt.Sprint(ids(rs.Missing())); got != "[3]" {
+		t.Errorf("restarted, the replica reports missing %s, want [3] until the receive is checked", got)
+	}
+	res := syncOnce(t, p)
+	if len(res.Received) != 1 || res.Received[0].ID != 3 {
+		t.Errorf("first sync after the restart received %+v, want 3 (its own unfinished receive, checked)", res.Received)
+	}
+	if g, ok := rs.Generation(3); !ok || g.PinFrom != "primary" {
+		t.Errorf("after the sync generation 3 is %+v (live %v), want it live, pinned by the primary", g, ok)
+	}
+	if m := rs.Missing(); len(m) != 0 {
+		t.Errorf("after the sync the replica still reports missing %v", ids(m))
+	}
+	if a, b := regSHA(t, prim.srv.Server, 3), regSHA(t, rs.Server, 3); a != b {
+		t.Errorf("generation 3: registration sha256 %s here, %s on the primary", b, a)
 	}
 }
