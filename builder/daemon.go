@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/strata-nix/strata/api"
+	"github.com/strata-nix/strata/cluster"
 	"github.com/strata-nix/strata/config"
 	"github.com/strata-nix/strata/internal/apiserve"
 	"github.com/strata-nix/strata/internal/lifecycle"
@@ -113,13 +114,14 @@ func Serve(ctx context.Context, ag *Agent, cfg Config, log *slog.Logger, o Daemo
 		return err
 	}
 	token := apiserve.NewToken(text)
-	h := ag.Handler(token)
+	mux := http.NewServeMux()
 	if o.Gossip != nil {
-		mux := http.NewServeMux()
 		o.Gossip.Node().Routes(mux, token)
-		mux.Handle("/", h)
-		h = mux
+	} else {
+		cluster.OffRoutes(mux)
 	}
+	mux.Handle("/", ag.Handler(token))
+	var h http.Handler = mux
 	as, err := apiserve.Start(h, cfg.APIListen, cfg.Socket, log)
 	if err != nil {
 		return err

@@ -23,6 +23,22 @@ type KeyList struct {
 	Encrypted bool `json:"encrypted"`
 }
 
+// ErrGossipOff is the answer of the member API's paths on a daemon that
+// runs without gossip (OffRoutes).
+var ErrGossipOff = errors.New("gossip is off on this daemon: it has no members or keyring; set cluster.bind or cluster.join (README, Cluster) to turn it on")
+
+// OffRoutes adds the paths of Routes to mux for a daemon without gossip:
+// each answers 404 with ErrGossipOff, so strata members and strata cluster
+// keys say why there is nothing (before, "404 page not found").
+func OffRoutes(mux *http.ServeMux) {
+	off := func(w http.ResponseWriter, r *http.Request) {
+		apiserve.WriteError(w, http.StatusNotFound, ErrGossipOff)
+	}
+	mux.HandleFunc("GET /v1/members", off)
+	mux.HandleFunc("GET /v1/cluster/keys", off)
+	mux.HandleFunc("POST /v1/cluster/keys/{op}", off)
+}
+
 // Routes adds the member's API to mux (both daemons mount it):
 //
 //	GET  /v1/members                          -> []Member

@@ -93,3 +93,24 @@ func TestKeyRotationThroughAPI(t *testing.T) {
 		t.Error("a keyring change without the token was accepted")
 	}
 }
+
+// A daemon without gossip answers the member API's paths saying gossip is
+// off and how to turn it on (a new operator ran strata members on a server
+// without cluster.* and got "404 page not found", as for a wrong URL).
+func TestOffRoutesSayGossipIsOff(t *testing.T) {
+	mux := http.NewServeMux()
+	OffRoutes(mux)
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	c := api.NewClient(srv.URL, "")
+	for _, call := range []struct{ method, path string }{
+		{http.MethodGet, "/v1/members"},
+		{http.MethodGet, "/v1/cluster/keys"},
+		{http.MethodPost, "/v1/cluster/keys/install"},
+	} {
+		err := c.Do(t.Context(), call.method, call.path, nil)
+		if err == nil || !strings.Contains(err.Error(), "gossip is off on this daemon") || !strings.Contains(err.Error(), "set cluster.bind or cluster.join") || !strings.Contains(err.Error(), "404") {
+			t.Errorf("%s %s without gossip: %v, want 404 saying gossip is off and how to turn it on", call.method, call.path, err)
+		}
+	}
+}

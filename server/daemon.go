@@ -564,12 +564,14 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		return st
 	}
 	var h http.Handler = srv.Handler(token, reg, status)
+	mux := http.NewServeMux()
 	if node != nil {
-		mux := http.NewServeMux()
 		node.Routes(mux, token)
-		mux.Handle("/", h)
-		h = mux
+	} else {
+		cluster.OffRoutes(mux)
 	}
+	mux.Handle("/", h)
+	h = mux
 	as, err := apiserve.Start(h, cfg.APIListen, cfg.Socket, log)
 	if err != nil {
 		ex.close()

@@ -114,6 +114,13 @@ func TestServerDaemon(t *testing.T) {
 	if out, code := runStrata(t, nil, "paths", "9", "--api", apiAddr); code == 0 || !strings.Contains(out, "no such generation") {
 		t.Fatalf("paths 9: exit %d %q", code, out)
 	}
+	// Without cluster.*, strata members and strata cluster keys say gossip
+	// is off (before: "404 page not found").
+	for _, args := range [][]string{{"members"}, {"cluster", "keys"}} {
+		if out, code := runStrata(t, nil, append(args, "--api", apiAddr)...); code != 1 || !strings.Contains(out, "gossip is off on this daemon") {
+			t.Errorf("strata %s without gossip: exit %d %q, want exit 1 saying gossip is off", strings.Join(args, " "), code, out)
+		}
+	}
 	// Review 19 #8: a name a label cannot hold is bad input (400, the
 	// rule named), not a server error (was 500); the pin is not made.
 	if out, code := runStrata(t, nil, "pin", "1", "--name", "two\nlines", "--api", apiAddr); code == 0 ||
