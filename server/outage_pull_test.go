@@ -55,6 +55,7 @@ func (oneGenTarget) AddReceived(context.Context, api.Generation, snapshot.Snapsh
 	return api.Generation{}, fmt.Errorf("not used")
 }
 func (oneGenTarget) SetUpstreamPinned(map[uint64]string) {}
+func (oneGenTarget) Missing() []api.Generation           { return nil }
 func (oneGenTarget) Retain(context.Context)              {}
 
 // A replica whose disk is full syncs every few milliseconds against a

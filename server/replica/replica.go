@@ -57,6 +57,9 @@ type Target interface {
 	// AddReceived makes a received snapshot live as generation g.ID, or
 	// refuses it (the puller then destroys it).
 	AddReceived(ctx context.Context, g api.Generation, snap snapshot.Snapshot, origin string) (api.Generation, error)
+	// Missing are the generations whose manifest is kept here but whose
+	// snapshot is missing, oldest first.
+	Missing() []api.Generation
 	// SetUpstreamPinned names the generations the primary pins, with
 	// their pin names.
 	SetUpstreamPinned(pins map[uint64]string)
@@ -185,7 +188,8 @@ type Received struct {
 // Sync receives every generation the primary has that is newer than the
 // newest one here (all of the primary's, when there is none here), oldest
 // first, then each older one the primary pins that is not live here
-// (lostPins), then applies retention. It stops at the first failure, and
+// (lostPins; not one whose manifest kept here names other content), then
+// applies retention. It stops at the first failure, and
 // applies retention then too (not when the primary did not answer or was
 // refused: nothing arrived, and its pins are not known).
 func (p *Puller) Sync(ctx context.Context) (Result, error) {
@@ -258,17 +262,41 @@ func (p *Puller) Sync(ctx context.Context) (Result, error) {
 		}
 		res.Received = append(res.Received, r)
 	}
+	// A lost generation whose manifest kept here names other content
+	// would be refused after its whole stream, at every sync: it is not
+	// asked for, and the sync fails saying so.
+	kept := map[uint64]string{}
+	for _, g := range p.target.Missing() {
+		kept[g.ID] = g.RegistrationSHA256
+	}
+	var other error
 	for _, g := range p.lostPins(list) {
+		if sum, ok := kept[g.ID]; ok && sum != g.RegistrationSHA256 {
+			if other == nil {
+				other = fmt.Errorf("%w: generation %d, which the primary pins: its registration sha256 is %s on the primary, but the manifest kept here for its missing snapshot says %s: "+
+					"not received (strata generations forget %d drops that manifest)", errRefused, g.ID, g.RegistrationSHA256, sum, g.ID)
+			}
+			continue
+		}
 		r, err := p.pull(ctx, g, bases(p.target.Generations(), list.Generations, g.ID))
 		if err != nil {
 			p.m.syncs.WithLabelValues("error").Inc()
 			retain()
 			p.observeLag(list)
-			return res, fmt.Errorf("generation %d, which the primary pins: %w", g.ID, err)
+			err = fmt.Errorf("generation %d, which the primary pins: %w", g.ID, err)
+			if other != nil {
+				err = fmt.Errorf("%w; %w", err, other)
+			}
+			return res, err
 		}
 		res.Received = append(res.Received, r)
 	}
 	retain()
+	if other != nil {
+		p.m.syncs.WithLabelValues("refused").Inc()
+		p.observeLag(list)
+		return res, other
+	}
 	p.m.syncs.WithLabelValues("ok").Inc()
 	p.m.lastSync.SetToCurrentTime()
 	p.observeLag(list)

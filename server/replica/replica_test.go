@@ -48,9 +48,12 @@ func (f fakeBackend) List(context.Context) ([]snapshot.Snapshot, error) { return
 
 type fakeTarget struct {
 	gens     []api.Generation
+	missing  []api.Generation
 	store    string
 	retained int // Retain calls
 }
+
+func (f *fakeTarget) Missing() []api.Generation { return f.missing }
 
 func (f *fakeTarget) Generations() []api.Generation                              { return f.gens }
 func (f *fakeTarget) StoreID() string                                            { return f.store }
@@ -264,5 +267,30 @@ func TestLostPinAskedForOnBtrfsOnly(t *testing.T) {
 				t.Errorf("warned %d times, want once:\n%s", n, logs.String())
 			}
 		})
+	}
+}
+
+// A generation the primary pins whose manifest kept here for its missing
+// snapshot has another registration is not asked for (the target would
+// refuse it after the whole stream, at every sync): the sync fails naming
+// both sums and the way out, and goes on with the other lost pins and
+// retention (before, a whole stream of it was received and refused every
+// replica.interval).
+func TestLostPinOtherContentNotAskedFor(t *testing.T) {
+	one, two := gen(1, "a"), gen(2, "b")
+	one.Pinned, two.Pinned = true, true
+	pr := &fakePrimary{list: api.GenerationList{Backend: "btrfs", Generations: []api.Generation{one, two, gen(3, "c")}}}
+	tg := &fakeTarget{gens: []api.Generation{gen(3, "c")}, missing: []api.Generation{gen(1, "other")}}
+	p := New(Options{Primary: pr, Backend: fakeBackend{"btrfs"}, Target: tg})
+	_, err := p.Sync(context.Background())
+	if len(pr.streams) != 1 || pr.streams[0].ID != 2 {
+		t.Errorf("streams asked %+v, want only generation 2's", pr.streams)
+	}
+	if err == nil || !strings.Contains(err.Error(), "generation 1") || !strings.Contains(err.Error(), "other") ||
+		!strings.Contains(err.Error(), "strata generations forget 1") {
+		t.Errorf("sync: %v, want a failure naming generation 1, the kept manifest's sum and strata generations forget 1", err)
+	}
+	if tg.retained != 1 {
+		t.Errorf("retention ran %d times, want once", tg.retained)
 	}
 }
