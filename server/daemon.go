@@ -399,13 +399,18 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 		return err
 	}
 	var lock *os.File
+	// madeLock: this start made strata.owner.lock; goingAhead: every
+	// check passed. A start refused in between removes the file again:
+	// a refused start changes nothing (before, it left the file in a
+	// mistyped snapshot dir).
+	var madeLock, goingAhead bool
 	defer func() {
 		if lock != nil {
-			lock.Close()
+			releaseLock(lock, madeLock && !goingAhead)
 		}
 	}()
 	if _, err := os.Stat(cfg.SnapshotDir); cfg.Backend == "btrfs" && err == nil {
-		if lock, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
+		if lock, madeLock, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
 			return ownerError(err)
 		}
 	}
@@ -435,6 +440,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	if err := p.storeDirMismatch(cfg); err != nil {
 		return configError{err}
 	}
+	goingAhead = true
 
 	tightened, err := secretfile.PrivateDir(cfg.StateDir)
 	if err != nil {
@@ -459,7 +465,7 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 	}
 	if cfg.Backend == "btrfs" {
 		if lock == nil { // the dir was made just now by OpenBackend
-			if lock, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
+			if lock, _, err = lockSnapshotDir(cfg.SnapshotDir); err != nil {
 				return ownerError(err)
 			}
 			if rec, err = readOwner(cfg.SnapshotDir); err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -249,11 +250,18 @@ func decideOwner(cfg Config, rec *owner, me identity, p *plan) (claim, error) {
 // do not take it); it does not say who owns the dir (the owner record
 // does; this call only names it in the refusal); and it is this host's
 // only (a btrfs snapshot dir is mounted on one host).
-func lockSnapshotDir(dir string) (*os.File, error) {
+//
+// made says whether this call created the lock file: a start refused
+// before it goes ahead removes it again (releaseLock), so a mistyped
+// snapshot dir is left as it was.
+func lockSnapshotDir(dir string) (f *os.File, made bool, err error) {
 	name := filepath.Join(dir, ownerLockName)
-	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
+	if _, err := os.Lstat(name); errors.Is(err, fs.ErrNotExist) {
+		made = true
+	}
+	f, err = os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("lock snapshot dir: %w", err)
+		return nil, false, fmt.Errorf("lock snapshot dir: %w", err)
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()
@@ -263,10 +271,23 @@ func lockSnapshotDir(dir string) (*os.File, error) {
 			if rec != nil {
 				who = rec.String()
 			}
-			return nil, fmt.Errorf("%w: snapshot.snapshot_dir %s is in use by a running server (it holds %s; owner record: %s): give this server its own snapshot dir",
+			return nil, false, fmt.Errorf("%w: snapshot.snapshot_dir %s is in use by a running server (it holds %s; owner record: %s): give this server its own snapshot dir",
 				ErrOwnedByOther, dir, name, who)
 		}
-		return nil, fmt.Errorf("lock snapshot dir %s: %w", name, err)
+		if made {
+			os.Remove(name)
+		}
+		return nil, false, fmt.Errorf("lock snapshot dir %s: %w", name, err)
 	}
-	return f, nil
+	return f, made, nil
+}
+
+// releaseLock releases the lock lockSnapshotDir took; with remove (a
+// refused start whose lockSnapshotDir made the file) it removes the file
+// first, while still holding it.
+func releaseLock(f *os.File, remove bool) {
+	if remove {
+		os.Remove(f.Name())
+	}
+	f.Close()
 }

@@ -549,6 +549,11 @@ func TestMistypedSnapshotDir(t *testing.T) {
 	if !strings.Contains(out, "none of the 3 generations recorded in state_dir") || !strings.Contains(out, empty) {
 		t.Errorf("empty snapshot dir: %q", out)
 	}
+	// "Nothing was changed": the refused start leaves the mistyped dir as
+	// it found it (before, with the strata.owner.lock it had made).
+	if des, err := os.ReadDir(empty); err != nil || len(des) != 0 {
+		t.Errorf("the mistyped, empty snapshot dir after the refused start: %v %v, want it still empty", des, err)
+	}
 	if out, code := runStrata(t, nil, "server", "--config", cfg, "--check-config"); code != 1 || !strings.Contains(out, "none of the 3 generations") {
 		t.Errorf("check-config with an empty snapshot dir: exit %d\n%s", code, out)
 	}
