@@ -73,3 +73,46 @@ func TestReadmePlainSystemdConfigs(t *testing.T) {
 		t.Errorf("README's builder.yaml: server.api %s, but the server's api.listen is %s", bc.ServerAPI, sc.APIListen)
 	}
 }
+
+// TestAnsibleExamplesFindTheBinary checks the strata_binary of README's
+// Ansible recipe and of ansible/inventory.example.ini names the repository's
+// bin/strata as Ansible resolves it: the roles copy it with
+// ansible.builtin.copy, which looks for a relative src in the role's dirs
+// and the playbook's directory (ansible/playbooks), never in the shell's
+// working directory (both said bin/strata or ../bin/strata, which Ansible
+// could not find: "Could not find or access").
+func TestAnsibleExamplesFindTheBinary(t *testing.T) {
+	repo, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := filepath.Join(repo, "bin", "strata")
+	playbookDir := filepath.Join(repo, "ansible", "playbooks")
+	re := regexp.MustCompile(`(?m)^strata_binary=(.*)$`)
+	for _, f := range []struct{ file, pwd string }{
+		// README's recipe runs from the repository (make build, then
+		// ln -s "$PWD/ansible").
+		{"README.md", repo},
+		{"ansible/inventory.example.ini", ""},
+	} {
+		b, err := os.ReadFile(filepath.Join(repo, f.file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ms := re.FindAllStringSubmatch(string(b), -1)
+		if len(ms) != 1 {
+			t.Fatalf("%s: %d strata_binary= lines, want 1", f.file, len(ms))
+		}
+		v := strings.TrimSpace(ms[0][1])
+		if f.pwd != "" {
+			v = strings.ReplaceAll(v, "$PWD", f.pwd)
+		}
+		got := v
+		if !filepath.IsAbs(got) {
+			got = filepath.Join(playbookDir, got)
+		}
+		if got != want {
+			t.Errorf("%s: strata_binary=%s is %s for Ansible (relative to %s), want %s", f.file, ms[0][1], got, playbookDir, want)
+		}
+	}
+}
