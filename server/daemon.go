@@ -769,6 +769,11 @@ func askPrimary(ctx context.Context, cfg Config, token string) []string {
 		newest = fmt.Sprint(list.Generations[n-1].ID)
 	}
 	out := []string{fmt.Sprintf("primary %s answers: %d live generations, newest %s", cfg.ReplicaOf, len(list.Generations), newest)}
+	if list.StoreDir != "" && list.StoreDir != cfg.StoreDir {
+		// Every sync refuses such a primary, naming both (the start
+		// itself goes ahead and serves what it has).
+		out = append(out, fmt.Sprintf("WARNING: primary %s serves generations of store dir %s, but this replica's store.dir is %s: a start goes ahead, and every sync is refused until store.dir is the primary's", cfg.ReplicaOf, list.StoreDir, cfg.StoreDir))
+	}
 	var se *api.StatusError
 	switch err := c.CheckToken(ctx); {
 	case err == nil:
