@@ -42,6 +42,13 @@ func (f *clientFlags) add(cmd *cobra.Command, withJSON bool) {
 // (--token-file, STRATA_API_TOKEN_FILE) that cannot be read is an error
 // naming it; the default /etc/strata/api-token is read only if it can be.
 func (f *clientFlags) client() (*api.Client, error) {
+	// A mistyped STRATA_API or STRATA_API_TOKEN_FILE would be ignored
+	// without a word (the command then calls another daemon, or none, or
+	// sends no token): say so, as the daemons refuse it, but go on (a
+	// client's shell environment is not a daemon's configuration).
+	if err := checkEnv(); err != nil {
+		fmt.Fprintf(os.Stderr, "strata: warning: %s\n", strings.TrimPrefix(err.Error(), "config: "))
+	}
 	addr, from := f.api, "--api"
 	if addr == "" {
 		addr, from = os.Getenv("STRATA_API"), "STRATA_API"

@@ -247,6 +247,14 @@ func TestClientHint(t *testing.T) {
 		t.Errorf("publish with a token: exit %d, want no hint\n%s", code, out)
 	}
 
+	// A mistyped STRATA_API_TOKEN_FILE is named, with the name meant (before,
+	// it was ignored without a word and only "sent no token" showed).
+	typo := "STRATA_" + "API_TOKN_FILE" // split: TestEnvNamesKnown lists every name written whole
+	out, code = runStrata(t, []string{typo + "=" + tok}, "publish", "--api", srv.URL)
+	if code != 1 || !strings.Contains(out, "strata: warning: unknown environment variable "+typo+": did you mean STRATA_API_TOKEN_FILE") || !strings.Contains(out, "this command sent no token") {
+		t.Errorf("publish with %s set: exit %d, want a warning naming it and STRATA_API_TOKEN_FILE\n%s", typo, code, out)
+	}
+
 	unauth := &api.StatusError{Code: http.StatusUnauthorized, Status: "401 Unauthorized"}
 	if h := hint(fmt.Errorf("POST /v1/publish: %w", unauth), clientUse{addr: "h:1"}); !strings.Contains(h, "give --token-file FILE") {
 		t.Errorf("401 without a token: hint %q", h)
