@@ -244,10 +244,15 @@ func (c *Client) Publish(ctx context.Context) (PublishResult, error) {
 	return r, c.Do(ctx, http.MethodPost, "/v1/publish", &r)
 }
 
-// Pin protects generation id from retention.
+// Pin protects generation id from retention. Without a name it sends no
+// name parameter (the server keeps the name of a pin the generation has).
 func (c *Client) Pin(ctx context.Context, id uint64, name string) (Generation, error) {
 	var g Generation
-	return g, c.Do(ctx, http.MethodPost, fmt.Sprintf("/v1/generations/%d/pin?name=%s", id, url.QueryEscape(name)), &g)
+	path := fmt.Sprintf("/v1/generations/%d/pin", id)
+	if name != "" {
+		path += "?name=" + url.QueryEscape(name)
+	}
+	return g, c.Do(ctx, http.MethodPost, path, &g)
 }
 
 // Unpin removes generation id's pin.

@@ -3,6 +3,9 @@ package api
 import (
 	"context"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -40,5 +43,28 @@ func TestNoHTTPAnswerHint(t *testing.T) {
 	_, err = NewClient(addr, "").Generations(context.Background())
 	if err == nil || strings.Contains(err.Error(), "no HTTP answer") {
 		t.Errorf("nothing listening: %v, want an error without the hint", err)
+	}
+}
+
+// A new-user test: `strata pin 2` (no --name) sent ".../pin?name=", which
+// error messages showed. A pin without a name sends no name parameter; a
+// name is sent escaped.
+func TestPinQuery(t *testing.T) {
+	var got []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got = append(got, r.URL.RequestURI())
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"id": 2}`))
+	}))
+	defer srv.Close()
+	c := NewClient(srv.URL, "")
+	for _, name := range []string{"", "keep me"} {
+		if _, err := c.Pin(context.Background(), 2, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := []string{"/v1/generations/2/pin", "/v1/generations/2/pin?name=keep+me"}
+	if !slices.Equal(got, want) {
+		t.Errorf("pin requests %q, want %q", got, want)
 	}
 }

@@ -845,7 +845,9 @@ func registrationOf(infos []nixstore.PathInfo) (string, []byte, error) {
 	return hex.EncodeToString(sum[:]), buf.Bytes(), nil
 }
 
-// Pin protects generation id from retention, with an optional name.
+// Pin protects generation id from retention, with an optional name. A pin
+// without a name keeps the name of a pin the generation has (pinning it
+// again must not drop it); a pin with a name replaces it.
 func (s *Server) Pin(id uint64, name string) (api.Generation, error) {
 	return s.setPin(id, name, true)
 }
@@ -874,6 +876,9 @@ func (s *Server) setPin(id uint64, name string, pinned bool) (api.Generation, er
 		return api.Generation{}, err
 	}
 	if pinned {
+		if old, ok := pins[id]; ok && name == "" {
+			name = old
+		}
 		pins[id] = name
 	} else {
 		delete(pins, id)

@@ -238,7 +238,10 @@ func clientCommands() []*cobra.Command {
 	pin := &cobra.Command{
 		Use:   "pin N",
 		Short: "Protect generation N from retention",
-		Args:  cobra.ExactArgs(1),
+		Long: `Protect generation N from retention. --name gives the pin a name (it
+replaces the name it has); without --name a pinned generation keeps its name
+(unpin it to drop the name).`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := parseGen(args[0])
 			if err != nil {
@@ -256,7 +259,7 @@ func clientCommands() []*cobra.Command {
 			return nil
 		},
 	}
-	pin.Flags().StringVar(&pinName, "name", "", "a name for the pin")
+	pin.Flags().StringVar(&pinName, "name", "", "a name for the pin (replaces the name it has; without it, the name is kept)")
 	pinf.add(pin, false)
 
 	unpin := &cobra.Command{
