@@ -46,7 +46,7 @@ func openExport(_ context.Context, cfg Config, log *slog.Logger, reg *prometheus
 	raw, err := net.Listen("tcp", cfg.NFSListen)
 	if err != nil {
 		exp.Close()
-		return export{}, fmt.Errorf("listen nfs %s: %w", cfg.NFSListen, err)
+		return export{}, fmt.Errorf("bind nfs.listen %s: %w", cfg.NFSListen, err)
 	}
 	l := lifecycle.WatchListener(raw, "nfs accept loop", acceptStall)
 	gl, err := nfs.Listen(nfs.ListenOptions{Inner: l, BusyPoll: cfg.NFSBusyPoll, Guard: guard.Options{

@@ -286,7 +286,7 @@ func Start(h http.Handler, tcp, socket string, log *slog.Logger) (*Server, error
 	if tcp != "" {
 		l, err := net.Listen("tcp", tcp)
 		if err != nil {
-			return nil, fmt.Errorf("listen api %s: %w", tcp, err)
+			return nil, fmt.Errorf("bind api.listen %s: %w", tcp, err)
 		}
 		ls = append(ls, l)
 		s.servers = append(s.servers, newServer())

@@ -116,11 +116,23 @@ func TestStartRefusesLiveSocket(t *testing.T) {
 	}
 }
 
-// A TCP address that cannot be bound is an error naming it.
+// A TCP address that cannot be bound is an error naming the key that set
+// it, api.listen, and the address (a new-user test found "listen api ADDR").
 func TestStartNamesBadAddress(t *testing.T) {
 	_, err := Start(http.NotFoundHandler(), "256.0.0.1:1", filepath.Join(t.TempDir(), "s"), slog.New(slog.DiscardHandler))
-	if err == nil || !strings.Contains(err.Error(), "listen api 256.0.0.1:1") {
-		t.Fatalf("err = %v, want one naming the address", err)
+	if err == nil || !strings.Contains(err.Error(), "bind api.listen 256.0.0.1:1: ") {
+		t.Fatalf("err = %v, want one naming api.listen and the address", err)
+	}
+	// An address in use.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	addr := l.Addr().String()
+	_, err = Start(http.NotFoundHandler(), addr, filepath.Join(t.TempDir(), "s"), slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), "bind api.listen "+addr+": ") || !strings.Contains(err.Error(), "address already in use") {
+		t.Fatalf("err = %v, want one naming api.listen, the address and the cause", err)
 	}
 }
 
