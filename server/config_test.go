@@ -227,3 +227,29 @@ func TestConfigFieldsNameKeys(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// A new-user test: a state_dir that exists but is a file gave errors that
+// did not name state_dir ("read generations: open .../generations: not a
+// directory"). The load refuses it naming the key (start and
+// --check-config both load), and leaves the file as it was.
+func TestConfigStateDirNotADirectory(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "state")
+	if err := os.WriteFile(file, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{file, filepath.Join(file, "server")} {
+		_, err := load(t, "state_dir: "+p+"\n", nil)
+		if err == nil || !strings.Contains(err.Error(), `config: key "state_dir" (from file`) ||
+			!strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "not a directory") {
+			t.Errorf("state_dir %s: %v, want an error naming state_dir, the path and \"not a directory\"", p, err)
+		}
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "data" {
+		t.Errorf("the file state_dir named: %q %v, want it unchanged", b, err)
+	}
+	// A state_dir that does not exist yet is fine: a start makes it.
+	if _, err := load(t, "state_dir: "+filepath.Join(dir, "new")+"\n", nil); err != nil {
+		t.Errorf("state_dir that does not exist: %v", err)
+	}
+}
