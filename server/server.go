@@ -294,7 +294,7 @@ func (s *Server) Problems() []string {
 var ErrNotMissing = errors.New("generation has its snapshot")
 
 // Forget drops the manifest, registration and pin of a generation whose
-// snapshot is missing. confirm must repeat id: forgetting is explicit.
+// snapshot is missing, and its labels file beside the snapshots (btrfs). confirm must repeat id: forgetting is explicit.
 func (s *Server) Forget(id, confirm uint64) error {
 	if confirm != id {
 		return fmt.Errorf("forget generation %d: confirm with the same id (got %d)", id, confirm)
@@ -323,8 +323,21 @@ func (s *Server) Forget(id, confirm uint64) error {
 	s.infoMu.Lock()
 	delete(s.missing, id)
 	s.infoMu.Unlock()
+	if r, ok := s.backend.(labelsRemover); ok {
+		// Harmless when left (tied to the gone snapshot's subvolume),
+		// so a failure does not undo the forget.
+		if err := r.RemoveLabels(context.Background(), id); err != nil {
+			s.log.Warn("forget generation: labels file kept", "generation", id, "err", err)
+		}
+	}
 	s.log.Warn("forgot generation whose snapshot is missing", "generation", id)
 	return nil
+}
+
+// labelsRemover is a backend that keeps label changes beside the snapshots
+// (btrfs: strata-N.labels), which a forget removes with the generation.
+type labelsRemover interface {
+	RemoveLabels(ctx context.Context, id uint64) error
 }
 
 func hasKey[K comparable, V any](m map[K]V, k K) bool { _, ok := m[k]; return ok }

@@ -417,7 +417,7 @@ changed since generation M.`,
 		Short: "Drop the manifest of generation N, whose snapshot is missing",
 		Long: `Drop the manifest, registration and pin of generation N, whose snapshot is
 missing (strata status lists such generations; the server never drops them by
-itself). A generation whose snapshot exists is refused: unpin it and let
+itself), and on btrfs its strata-N.labels beside the snapshots. A generation whose snapshot exists is refused: unpin it and let
 retention destroy it. Repeat the id with --yes-forget to confirm.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -810,11 +811,38 @@ func TestMissingSnapshotReportedUntilForgotten(t *testing.T) {
 	if got := manifests(t, s.state); !slices.Equal(got, []string{"1", "2", "3"}) {
 		t.Fatalf("manifests before forget: %v", got)
 	}
+	// The label files beside the snapshots (pin, live state): strata-2's
+	// outlived its snapshot.
+	labelFiles := func() map[string]string {
+		out := map[string]string{}
+		names, err := filepath.Glob(filepath.Join(s.snaps, "strata-*.labels"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range names {
+			b, err := os.ReadFile(n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[filepath.Base(n)] = string(b)
+		}
+		return out
+	}
+	before := labelFiles()
+	if _, ok := before["strata-2.labels"]; !ok {
+		t.Fatalf("label files before forget: %v, want strata-2.labels among them", slices.Sorted(maps.Keys(before)))
+	}
 	if out, code := runStrata(t, nil, "generations", "forget", "2", "--yes-forget", "2", "--api", srv.api); code != 0 || !strings.Contains(out, "forgot generation 2") {
 		t.Errorf("forget 2: exit %d %q", code, out)
 	}
 	if got := manifests(t, s.state); !slices.Equal(got, []string{"1", "3"}) {
 		t.Errorf("manifests after forget: %v", got)
+	}
+	// A new-user test found strata-2.labels left behind: the forget
+	// removes it, and only it.
+	delete(before, "strata-2.labels")
+	if after := labelFiles(); !maps.Equal(after, before) {
+		t.Errorf("label files after forget: %v, want %v unchanged", slices.Sorted(maps.Keys(after)), slices.Sorted(maps.Keys(before)))
 	}
 	if m := metrics(t, srv); !strings.Contains(m, "strata_generations_missing 0\n") {
 		t.Errorf("metrics lack strata_generations_missing 0 after forget")

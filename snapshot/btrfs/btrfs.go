@@ -24,7 +24,8 @@
 // its changes to snapshotDir/strata-N.labels beside the snapshot (JSON,
 // written atomically), tied to the snapshot's subvolume UUID so that a
 // file left over from a snapshot of the same name deleted by hand is
-// ignored; Destroy removes it. A snapshot's labels are its xattrs with
+// ignored; Destroy removes it, and so does RemoveLabels for a snapshot
+// that is gone (the server forgets its generation). A snapshot's labels are its xattrs with
 // that file's changes on top.
 package btrfs
 
@@ -585,6 +586,41 @@ func (b *Backend) Destroy(ctx context.Context, id uint64) error {
 		b.log.Warn("remove labels file of destroyed snapshot", "path", sidecarPath(p), "err", err)
 	}
 	b.log.Info("snapshot destroyed", "id", id, "path", p)
+	return nil
+}
+
+// RemoveLabels removes strata-N.labels of generation id, whose snapshot is
+// gone (the server forgets the generation): nothing else reads it, and a
+// snapshot of that name made later has another subvolume UUID, which
+// ignores it. While a snapshot strata-N exists (one List skipped, or one
+// received since) its labels file is its own and is kept: an error.
+func (b *Backend) RemoveLabels(ctx context.Context, id uint64) error {
+	if err := snapshot.ValidID(id); err != nil {
+		return fmt.Errorf("btrfs remove labels: %w", err)
+	}
+	p := b.path(id)
+	if b.inspect {
+		return fmt.Errorf("btrfs remove labels %s: %w", sidecarPath(p), errInspect)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("btrfs remove labels %s: %w", sidecarPath(p), err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("btrfs remove labels %s: refusing: %s exists", sidecarPath(p), p)
+	}
+	err := os.Remove(sidecarPath(p))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("btrfs remove labels: %w", err)
+	}
+	if err := syncDir(b.snapDir); err != nil {
+		return fmt.Errorf("btrfs remove labels %s: %w", sidecarPath(p), err)
+	}
+	b.log.Info("labels file of a forgotten generation removed", "id", id, "path", sidecarPath(p))
 	return nil
 }
 

@@ -4,11 +4,13 @@ package btrfs
 
 import (
 	"errors"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -361,5 +363,46 @@ func TestInspectChangesNothing(t *testing.T) {
 	}
 	if l, _ := b.List(t.Context()); len(l) != 1 || l[0].Labels["state"] != "" {
 		t.Errorf("after refused changes: %+v", l)
+	}
+}
+
+// RemoveLabels (the server's forget of a generation whose snapshot is gone)
+// removes strata-N.labels and only it, and refuses while strata-N exists:
+// then the file is the snapshot's own.
+func TestRemoveLabels(t *testing.T) {
+	_, root, snaps := newStore(t)
+	b, err := New(root, snaps, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	for _, id := range []uint64{1, 2} {
+		if _, err := b.Create(ctx, id, snapshot.Labels{"generation": strconv.FormatUint(id, 10)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.SetLabels(ctx, id, snapshot.Labels{"pinned": "true"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.RemoveLabels(ctx, 2); err == nil || !strings.Contains(err.Error(), "strata-2 exists") {
+		t.Errorf("RemoveLabels of a snapshot that exists: %v, want a refusal", err)
+	}
+	if _, err := os.Stat(filepath.Join(snaps, "strata-2.labels")); err != nil {
+		t.Errorf("strata-2.labels after the refusal: %v", err)
+	}
+	// Gone by hand, as a missing generation's snapshot is.
+	testenv.Run(t, "btrfs", "subvolume", "delete", filepath.Join(snaps, "strata-2"))
+	if err := b.RemoveLabels(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(snaps, "strata-2.labels")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("strata-2.labels after RemoveLabels: %v, want gone", err)
+	}
+	if l, err := b.List(ctx); err != nil || len(l) != 1 || l[0].Labels["pinned"] != "true" {
+		t.Errorf("strata-1 after RemoveLabels(2): %+v %v, want its labels kept", l, err)
+	}
+	// Again: nothing to remove is not an error.
+	if err := b.RemoveLabels(ctx, 2); err != nil {
+		t.Errorf("RemoveLabels without a file: %v", err)
 	}
 }
