@@ -566,6 +566,13 @@ func Daemon(ctx context.Context, cfg Config, log *slog.Logger, o DaemonOptions) 
 			if e := syncErr.Load(); e != nil && *e != "" {
 				st["last_error"] = "replica sync: " + *e
 			}
+		} else if e := srv.LastPublishError(); e != nil {
+			msg := e.Err // most say "publish generation N: ..." already
+			if !strings.HasPrefix(msg, "publish") {
+				msg = "publish: " + msg
+			}
+			st["last_error"] = msg
+			st["last_error_at"] = e.At.UTC().Format(time.RFC3339)
 		}
 		return st
 	}

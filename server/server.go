@@ -58,6 +58,10 @@ type Server struct {
 	step    *lifecycle.Step
 	id      string // Options.ServerID
 
+	// lastPubErr is the last publish's failure, nil once one succeeds
+	// (strata status shows it).
+	lastPubErr atomic.Pointer[PublishError]
+
 	// mu serialises every change of the generations and of the state dir:
 	// publish, pin, unpin, forget, retention. Reads of the generation list
 	// never take it: they read live, the sorted list swapped in after each
@@ -566,6 +570,17 @@ func (s *Server) parsedDelta(from, to uint64) (api.Delta, error) {
 	return api.Delta{From: from, To: to, Added: buf.String(), Removed: removed}, nil
 }
 
+// PublishError is a publish's failure and when it happened.
+type PublishError struct {
+	Err string
+	At  time.Time
+}
+
+// LastPublishError returns the last publish's failure, nil when it
+// succeeded (or there was none yet): a failing publish shows in strata
+// status, not only in the log.
+func (s *Server) LastPublishError() *PublishError { return s.lastPubErr.Load() }
+
 // Publish takes a snapshot of the central store and makes it generation N
 // when its valid paths differ from the newest generation's. The snapshot's
 // own DB gives the registration; it is verified (every registered path
@@ -588,6 +603,11 @@ func (s *Server) Publish(ctx context.Context) (res api.PublishResult, err error)
 	start := time.Now()
 	res, err = s.publishLocked(ctx)
 	s.metrics.observePublish(res, err, time.Since(start))
+	if err != nil {
+		s.lastPubErr.Store(&PublishError{Err: err.Error(), At: time.Now()})
+	} else {
+		s.lastPubErr.Store(nil)
+	}
 	if err != nil {
 		msg := "publish failed"
 		if errors.Is(err, ErrOtherStore) {

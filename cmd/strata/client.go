@@ -456,7 +456,7 @@ func addedPaths(reg string) []string {
 
 func printStatus(w io.Writer, st map[string]any) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	for _, k := range []string{"role", "replica_of", "latest", "generation", "server", "server_name", "state", "nfs", "backend", "last_rotation", "last_error", "missing"} {
+	for _, k := range []string{"role", "replica_of", "latest", "generation", "server", "server_name", "state", "nfs", "backend", "last_rotation", "last_error", "last_error_at", "missing"} {
 		if v, ok := st[k]; ok && v != nil && v != "" {
 			fmt.Fprintf(tw, "%s:\t%v\n", k, v)
 		}

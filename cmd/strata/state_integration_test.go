@@ -863,3 +863,65 @@ func metrics(t *testing.T, srv *daemonProc) string {
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
 }
+
+// A new-user test: a failing publish showed only in the log and in
+// strata_publish_total{result="error"}. strata status shows the last
+// publish error and when it happened (text and --json) until a publish
+// succeeds.
+func TestStatusShowsLastPublishError(t *testing.T) {
+	s := newSite(t)
+	srv := start(t, s.config(t, nil), s.state, nil)
+	srv.waitLog(t, "published generation")
+	status := func() (string, map[string]any) {
+		t.Helper()
+		out, code := runStrata(t, nil, "status", "--api", srv.api)
+		if code != 0 {
+			t.Fatalf("strata status: exit %d\n%s", code, out)
+		}
+		js, code := runStrata(t, nil, "status", "--json", "--api", srv.api)
+		var m map[string]any
+		if code != 0 || json.Unmarshal([]byte(js), &m) != nil {
+			t.Fatalf("strata status --json: exit %d\n%s", code, js)
+		}
+		return out, m
+	}
+	if out, m := status(); strings.Contains(out, "last_error") || m["last_error"] != nil || m["last_error_at"] != nil {
+		t.Errorf("status before any failure shows an error:\n%s\n%v", out, m)
+	}
+
+	// A registered path gone from the store: the publish's verification
+	// refuses the snapshot.
+	p := s.store.AddText(t, "broken", "soon gone\n")
+	phys := filepath.Join(s.store.NixRoot(), "store", filepath.Base(p))
+	aside := filepath.Join(s.store.NixRoot(), "aside") // same subvolume: a rename
+	if err := os.Rename(phys, aside); err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now().UTC().Truncate(time.Second)
+	if out, code := runStrata(t, nil, "publish", "--api", srv.api); code == 0 || !strings.Contains(out, "1 registered path missing") {
+		t.Fatalf("publish with a registered path gone: exit %d %q, want a verification failure", code, out)
+	}
+	out, m := status()
+	want := "publish generation 2: verify registration: 1 registered path missing from snapshot: " + p
+	if !regexp.MustCompile(`(?m)^last_error:\s+`+regexp.QuoteMeta(want)+`$`).MatchString(out) ||
+		!regexp.MustCompile(`(?m)^last_error_at:\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$`).MatchString(out) {
+		t.Errorf("strata status after a failed publish lacks last_error %q and its time:\n%s", want, out)
+	}
+	at, _ := m["last_error_at"].(string)
+	when, err := time.Parse(time.RFC3339, at)
+	if m["last_error"] != want || err != nil || when.Before(before) || when.After(time.Now().Add(time.Second)) {
+		t.Errorf("strata status --json: last_error %q at %q, want %q at the publish's time", m["last_error"], at, want)
+	}
+
+	// Put back: the next publish succeeds and clears it.
+	if err := os.Rename(aside, phys); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := runStrata(t, nil, "publish", "--api", srv.api); code != 0 {
+		t.Fatalf("publish after the path is back: exit %d %q", code, out)
+	}
+	if out, m := status(); strings.Contains(out, "last_error") || m["last_error"] != nil || m["last_error_at"] != nil {
+		t.Errorf("status after a successful publish still shows the error:\n%s\n%v", out, m)
+	}
+	srv.stop(t)
+}
