@@ -32,11 +32,7 @@ import (
 // snapshot removed by hand here is missing after a restart and comes back
 // at the next sync, no longer missing.
 func TestReplicaReceivesLostPins(t *testing.T) {
-	prim := newPrimary(t, 10)
-	prim.c.store.Fill(t)
-	publish(t, prim.srv.Server)
-	prim.add(t, "two", "2\n")
-	prim.add(t, "three", "3\n")
+	prim := primaryOfThree(t)
 
 	re := newReplicaEnv(t, prim.api.URL)
 	re.cfg.Keep = 2
@@ -133,11 +129,7 @@ func (f failAdd) Add(id uint64, dir string) error {
 // kept manifest was removed first and not put back, so the restart forgot
 // the generation and reconcile dropped the replica's pin with it).
 func TestReplicaLostPinFailureKeepsManifest(t *testing.T) {
-	prim := newPrimary(t, 10)
-	prim.c.store.Fill(t)
-	publish(t, prim.srv.Server)
-	prim.add(t, "two", "2\n")
-	prim.add(t, "three", "3\n")
+	prim := primaryOfThree(t)
 
 	re := newReplicaEnv(t, prim.api.URL)
 	rs, p := re.start(t, "primary-token")
@@ -192,11 +184,7 @@ func TestReplicaLostPinFailureKeepsManifest(t *testing.T) {
 // this replica's own unfinished receive and makes it live (before, the
 // start served the unchecked snapshot under the kept manifest at once).
 func TestReplicaLostPinKilledBeforeLive(t *testing.T) {
-	prim := newPrimary(t, 10)
-	prim.c.store.Fill(t)
-	publish(t, prim.srv.Server)
-	prim.add(t, "two", "2\n")
-	prim.add(t, "three", "3\n")
+	prim := primaryOfThree(t)
 
 	re := newReplicaEnv(t, prim.api.URL)
 	rs, p := re.start(t, "primary-token")
@@ -247,4 +235,16 @@ func TestReplicaLostPinKilledBeforeLive(t *testing.T) {
 	if a, b := regSHA(t, prim.srv.Server, 3), regSHA(t, rs.Server, 3); a != b {
 		t.Errorf("generation 3: registration sha256 %s here, %s on the primary", b, a)
 	}
+}
+
+// primaryOfThree is a primary (retention.keep 10) that has published
+// generations 1 (a filled store), 2 and 3 (a path added each).
+func primaryOfThree(t *testing.T) *primaryEnv {
+	t.Helper()
+	prim := newPrimary(t, 10)
+	prim.c.store.Fill(t)
+	publish(t, prim.srv.Server)
+	prim.add(t, "two", "2\n")
+	prim.add(t, "three", "3\n")
+	return prim
 }
