@@ -804,3 +804,28 @@ func TestOtherStoreDirRefused(t *testing.T) {
 		})
 	}
 }
+
+// A state_dir that is a file, or lies under one, is refused at load naming
+// state_dir (before, the start failed later with "api socket ...: not a
+// directory"); the file is left as it was, and a state_dir that does not
+// exist yet is fine (the start makes it).
+func TestConfigStateDirNotADirectory(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "state")
+	if err := os.WriteFile(file, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{file, filepath.Join(file, "builder")} {
+		_, err := loadConfig(t, "", map[string]string{"STRATA_STATE_DIR": p})
+		if err == nil || !strings.Contains(err.Error(), `config: key "state_dir" (from env STRATA_STATE_DIR)`) ||
+			!strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "not a directory") {
+			t.Errorf("state_dir %s: %v, want an error naming state_dir, the path and \"not a directory\"", p, err)
+		}
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "data" {
+		t.Errorf("the file state_dir named: %q %v, want it unchanged", b, err)
+	}
+	if _, err := loadConfig(t, "", map[string]string{"STRATA_STATE_DIR": filepath.Join(dir, "new")}); err != nil {
+		t.Errorf("state_dir that does not exist: %v", err)
+	}
+}

@@ -205,6 +205,9 @@ func ConfigFrom(v config.Values) (Config, error) {
 		return c, bad("swap.method", v.String("swap.method"), "auto, beneath or propagation")
 	}
 	c.SwapMethod = m
+	if err := v.NotDir("state_dir", c.StateDir); err != nil {
+		return c, err
+	}
 	if rel, err := filepath.Rel(c.StoreDir, c.StateDir); err == nil && !strings.HasPrefix(rel, "..") {
 		return c, bad("state_dir", c.StateDir, "a directory outside store.dir")
 	}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cast"
@@ -367,6 +368,21 @@ func (v Values) From(key string) string {
 // key, where the value came from (From), the value and what is wanted.
 func (v Values) Bad(key string, val any, want string) error {
 	return fmt.Errorf("config: key %q%s: value %q: want %s", key, v.From(key), fmt.Sprint(val), want)
+}
+
+// NotDir is the error for a directory key whose path exists and is not a
+// directory, or lies under a file: later steps would fail with errors that
+// do not name the key ("open .../generations: not a directory"). A path
+// that does not exist is not an error (a start makes it).
+func (v Values) NotDir(key, path string) error {
+	fi, err := os.Stat(path)
+	switch {
+	case err == nil && !fi.IsDir():
+		return v.Bad(key, path, "a directory: it exists and is not a directory (a start makes one where nothing is)")
+	case errors.Is(err, syscall.ENOTDIR):
+		return v.Bad(key, path, "a directory: a path component above it is not a directory")
+	}
+	return nil
 }
 
 // Invalid is Bad with the check's own error in place of what is wanted.

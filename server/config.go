@@ -5,10 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/strata-nix/strata/api"
@@ -142,12 +140,8 @@ func ConfigFrom(v config.Values) (Config, error) {
 			return c, bad(key, p, "an absolute path")
 		}
 	}
-	// A state_dir that is a file (or under one) fails later with errors
-	// that do not name it ("read generations: ... not a directory").
-	if fi, err := os.Stat(c.StateDir); err == nil && !fi.IsDir() {
-		return c, bad("state_dir", c.StateDir, "a directory: it exists and is not a directory (a start makes one where nothing is)")
-	} else if errors.Is(err, syscall.ENOTDIR) {
-		return c, bad("state_dir", c.StateDir, "a directory: a path component above it is not a directory")
+	if err := v.NotDir("state_dir", c.StateDir); err != nil {
+		return c, err
 	}
 	switch c.Backend {
 	case "btrfs":
