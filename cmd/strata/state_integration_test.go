@@ -169,8 +169,17 @@ func start(t *testing.T, cfg, state string, env []string, args ...string) *daemo
 			t.Fatal("no READY=1 from the server")
 		}
 	}
-	if m := nfsAddrRE.FindStringSubmatch(logs.String()); m != nil {
-		s.nfs = m[1]
+	// The line was logged before READY=1, but stderr is a pipe copied into
+	// logs by another goroutine: READY=1 on the notify socket can arrive
+	// first (TestMissingHandleKeyRefusesStart once dialed "" for it).
+	for wait := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if m := nfsAddrRE.FindStringSubmatch(logs.String()); m != nil {
+			s.nfs = m[1]
+			break
+		}
+		if time.Now().After(wait) {
+			break // a server that logs no export address (none configured)
+		}
 	}
 	return s
 }
