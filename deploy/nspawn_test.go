@@ -67,6 +67,17 @@ func (p *play) run(what string, vars map[string]any) map[string]recap {
 	return r
 }
 
+// runUnchanged runs the play again with the same variables: an idempotent
+// role changes nothing on any host the second time.
+func (p *play) runUnchanged() {
+	p.t.Helper()
+	for h, c := range p.run("second apply, must be changed=0", nil) {
+		if c.changed != 0 {
+			p.t.Errorf("second run: %s changed=%d, want 0", h, c.changed)
+		}
+	}
+}
+
 // exec runs ansible-playbook, prints its recap, and returns its output,
 // each host's counts and its error.
 func (p *play) exec(what string, vars map[string]any) (string, map[string]recap, error) {
@@ -142,12 +153,7 @@ func TestAnsibleNspawn(t *testing.T) {
 	if first["server"].changed == 0 || first["builder"].changed == 0 {
 		t.Fatalf("first run changed nothing: %+v", first)
 	}
-	second := p.run("second apply, must be changed=0", nil)
-	for h, c := range second {
-		if c.changed != 0 {
-			t.Errorf("second run: %s changed=%d, want 0", h, c.changed)
-		}
-	}
+	p.runUnchanged()
 
 	const unit = "strata-server.service"
 	if s := server.prop(t, unit, "ActiveState"); s != "active" {
